@@ -1,0 +1,31 @@
+"""agenttensor: city-scale agent-based simulation as torch tensors.
+
+Public API (everything else is an implementation module):
+
+- state and parameters: `TensorState`, `Params`, `param`
+- randomness and events: `Randomness`, `Hard`, `StraightThrough`, `Relaxed`
+- transmission: `GroupLayer`, `message_passing`, `edges_from_networkx`, `edges_to_networkx`
+- models and runs: `Model`, `Substep`, `StepContext`, `simulate`, `Results`, `load_model`
+- populations: `Population`, `synthetic`
+"""
+
+__version__ = "0.1.0"
+
+from .errors import AgentTensorError, BackendError, ConfigError, InputError
+from .model import Model, StepContext, Substep
+from .params import Params, param
+from .population import Population, synthetic
+from .results import Results
+from .rng import Randomness
+from .sampling import Hard, Relaxed, Sampler, StraightThrough
+from .state import TensorState
+from .transmission import GroupLayer, edges_from_networkx, edges_to_networkx, message_passing
+from .run import simulate
+from .loading import load_model
+
+__all__ = [
+    "AgentTensorError", "BackendError", "ConfigError", "InputError", "Model", "StepContext", "Substep", "Params",
+    "param", "Population", "synthetic", "Results", "Randomness", "Hard", "Relaxed", "Sampler", "StraightThrough",
+    "TensorState", "GroupLayer", "edges_from_networkx", "edges_to_networkx", "message_passing", "simulate",
+    "load_model", "__version__",
+]

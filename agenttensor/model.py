@@ -1,0 +1,113 @@
+"""Models: an ordered set of pure, vectorised substeps over a typed state.
+
+A `Model` is built by composition (no subclassing):
+
+- ``setup(population, params, device) -> env``: static tensors derived once from the population
+  (group layers, ages, labels). Never changes during a run.
+- ``init(env, params, ctx) -> state``: the state at step 0, shaped [B, N].
+- ``substeps``: ordered `Substep` s, each a pure function ``(state, params, ctx) -> state``.
+- ``metrics(previous, state, params, ctx) -> {name: [B] or [B, G]}``: what is recorded each step;
+  [B, G] tensors are per group (labels in ``env.group_labels``).
+
+Step order (the one place it is defined; `Model.step` implements it):
+
+1. **observe** substeps read the state and environment (e.g. infection pressure per layer).
+2. **decide** substeps set behaviour (e.g. isolation, going to work) from observations.
+3. **transition** substeps apply events (infection, stage progression) using the pre-step state
+   for all flows, so results do not depend on the order agents are processed.
+4. ``metrics`` compares the previous and new state and records outputs.
+
+Randomness is an explicit input: substeps draw ``ctx.uniform("stream-name")``, keyed by
+(seed, step, stream, agent id).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .params import Params
+from .rng import Randomness
+from .sampling import Hard, Sampler
+from .state import TensorState
+
+SubstepKind = Literal["observe", "decide", "transition"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a substep may read besides state and params."""
+
+    step: int
+    env: Any
+    rng: Randomness
+    sampler: Sampler = Hard()
+    start_date: dt.date | None = None
+    scratch: dict = field(default_factory=dict)  # observations passed from observe to later substeps
+
+    @property
+    def date(self) -> dt.date | None:
+        return None if self.start_date is None else self.start_date + dt.timedelta(days=self.step)
+
+    def uniform(self, stream: str) -> Tensor:
+        """[B, N] uniforms for this step and stream."""
+        return self.rng.uniform(self.step, stream)
+
+    def bernoulli(self, p: Tensor, stream: str, where: Tensor | None = None) -> Tensor:
+        """Event indicators 1[u < p] in the run's sampling mode, [B, N]; p broadcastable to [B, N].
+
+        ``where`` [B, N] (0/1 membership) restricts events to those agents (``events * where``);
+        in hard mode only those agents' numbers are drawn, which is faster when they are few.
+        The draws are the same numbers either way (keyed by agent id).
+        """
+        if where is None:
+            return self.sampler.bernoulli(p, self.uniform(stream))
+        if self.sampler.differentiable:
+            return self.sampler.bernoulli(p, self.uniform(stream)) * where
+        b, i = where.nonzero(as_tuple=True)
+        if b.numel() * 4 > where.numel():  # dense is cheaper
+            return self.sampler.bernoulli(p, self.uniform(stream)) * where
+        u = self.rng.uniform_at(self.step, stream, b, i)
+        p_sel = p.expand(where.shape)[b, i] if isinstance(p, Tensor) and p.dim() > 0 else p
+        events = torch.zeros_like(where)
+        events[b, i] = (u < p_sel).to(where.dtype)
+        return events
+
+
+@dataclass(frozen=True)
+class Substep:
+    name: str
+    kind: SubstepKind
+    fn: Callable[[TensorState, Params, StepContext], TensorState]
+
+
+_ORDER = {"observe": 0, "decide": 1, "transition": 2}
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    params_type: type[Params]
+    setup: Callable[..., Any]
+    init: Callable[[Any, Params, StepContext], TensorState]
+    substeps: tuple[Substep, ...]
+    metrics: Callable[[TensorState, TensorState, Params, StepContext], dict[str, Tensor]]
+    default_population: Callable[..., Any] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        kinds = [_ORDER[s.kind] for s in self.substeps]
+        if kinds != sorted(kinds):
+            raise ValueError(f"model {self.name}: substeps must be ordered observe -> decide -> transition, got "
+                             f"{[s.kind for s in self.substeps]}")
+
+    def step(self, state: TensorState, params: Params, ctx: StepContext) -> tuple[TensorState, dict[str, Tensor]]:
+        """One step: substeps in order, then metrics of (previous, new)."""
+        previous = state
+        for substep in self.substeps:
+            state = substep.fn(state, params, ctx)
+        return state, self.metrics(previous, state, params, ctx)

@@ -1,0 +1,94 @@
+"""Discrete events with a hard mode and gradient-carrying modes.
+
+Every event is decided by comparing a uniform ``u`` (from `agenttensor.rng`) with a probability
+``p``: the event happens iff ``u < p``. All samplers make exactly that decision in the forward
+pass, so for the same random numbers every mode gives the same trajectory. They differ only in
+what flows backward:
+
+- `Hard` — exact sampling, no gradient; events are ``uint8`` (0/1), the cheapest representation.
+- `StraightThrough` — forward ``1[u < p]``, backward ``d event / d p = 1`` (Bengio et al. 2013;
+  the estimator GradABM/AgentTorch use). Unbiased for the expectation of any quantity that is
+  linear in a single event; biased (but low-variance) through chains of events, because the
+  downstream effect of an event is linearised along the sampled path.
+- `Relaxed(tau)` — forward ``1[u < p]``, backward through the binary-concrete surrogate
+  ``sigmoid((logit p - logit u) / tau)`` (Maddison et al. 2017; Jang et al. 2017) with the same
+  ``u``. Biased for ``tau > 0``; the bias shrinks and the variance grows as ``tau -> 0``.
+
+Events in the gradient modes are float32 tensors whose values are exactly 0.0 or 1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Base of the sampling strategies; pick one of `Hard`, `StraightThrough`, `Relaxed`."""
+
+    @property
+    def differentiable(self) -> bool:
+        return not isinstance(self, Hard)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of event and compartment-membership tensors in this mode."""
+        return torch.uint8 if isinstance(self, Hard) else torch.float32
+
+    def bernoulli(self, p: Tensor, u: Tensor) -> Tensor:
+        """Event indicator ``1[u < p]``, broadcast of p and u. Values exactly 0/1."""
+        raise NotImplementedError
+
+    def categorical(self, probs: Tensor, u: Tensor) -> Tensor:
+        """One-hot draw from ``probs`` [..., K] (rows sum to 1) by inverse CDF with u [...]. -> [..., K]."""
+        cdf = probs.detach().cumsum(-1)
+        index = (u.unsqueeze(-1) >= cdf).sum(-1).clamp_max(probs.shape[-1] - 1)
+        hard = torch.nn.functional.one_hot(index.long(), probs.shape[-1])
+        if not self.differentiable:
+            return hard.to(torch.uint8)
+        hard = hard.to(probs.dtype)
+        return hard + (probs - probs.detach())
+
+
+@dataclass(frozen=True)
+class Hard(Sampler):
+    """Exact sampling, no gradients (the default for forward runs)."""
+
+    def bernoulli(self, p: Tensor, u: Tensor) -> Tensor:
+        return (u < p).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class StraightThrough(Sampler):
+    """Forward exact; backward d event/d p = 1."""
+
+    def bernoulli(self, p: Tensor, u: Tensor) -> Tensor:
+        hard = (u < p.detach()).to(p.dtype)
+        return hard + (p - p.detach())
+
+
+@dataclass(frozen=True)
+class Relaxed(Sampler):
+    """Forward exact; backward through sigmoid((logit p - logit u)/tau) with the same u."""
+
+    tau: float = 0.1
+
+    def bernoulli(self, p: Tensor, u: Tensor) -> Tensor:
+        eps = 1e-6
+        pc = p.clamp(eps, 1 - eps)
+        soft = torch.sigmoid((torch.logit(pc) - torch.logit(u)) / self.tau)
+        hard = (u < p.detach()).to(p.dtype)
+        return hard + (soft - soft.detach())
+
+
+def sampler_named(name: str) -> Sampler:
+    """'hard' | 'straight-through' | 'relaxed' -> a sampler (CLI helper)."""
+    table = {"hard": Hard(), "straight-through": StraightThrough(), "st": StraightThrough(), "relaxed": Relaxed()}
+    if name not in table:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown sampling mode {name!r}; choose one of: hard, straight-through, relaxed")
+    return table[name]

@@ -1,0 +1,60 @@
+"""Typed containers of tensors for agent state.
+
+A model's state is a frozen dataclass subclassing `TensorState`: every field is a tensor with
+a leading batch dim (scenarios × seeds) and agents on the next dim, ``[B, N]`` (or ``[B, N, K]``).
+Static per-agent data (ages, group ids) lives in the population, not in the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import Tensor
+
+S = TypeVar("S", bound="TensorState")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorState:
+    """Base for model states: a frozen dataclass whose fields are tensors shaped [B, N, ...]."""
+
+    def replace(self: S, **changes: Any) -> S:
+        """New state with some fields replaced (the old one is unchanged)."""
+        return dataclasses.replace(self, **changes)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def map(self: S, fn: Callable[[Tensor], Tensor]) -> S:
+        """Apply fn to every tensor field."""
+        return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensors().items()})
+
+    def to(self: S, device: str | torch.device) -> S:
+        """The same state on another device (one call moves everything)."""
+        return self.map(lambda t: t.to(device))
+
+    def detach(self: S) -> S:
+        return self.map(lambda t: t.detach())
+
+    def select_batch(self: S, index: Tensor | slice) -> S:
+        """Sub-batch of the state along dim 0."""
+        return self.map(lambda t: t[index])
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.tensors().values())).shape[0])
+
+    @property
+    def num_agents(self) -> int:
+        return int(next(iter(self.tensors().values())).shape[1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @classmethod
+    def concat(cls: type[S], states: list[S]) -> S:
+        """Concatenate states along the batch dim."""
+        first = states[0]
+        return dataclasses.replace(first, **{k: torch.cat([getattr(s, k) for s in states], 0) for k in first.tensors()})

@@ -1,0 +1,3 @@
+from .model import MODEL, SEIRParams, SEIRState
+
+__all__ = ["MODEL", "SEIRParams", "SEIRState"]
