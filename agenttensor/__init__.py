@@ -20,6 +20,7 @@ from .rng import Randomness
 from .sampling import Hard, Relaxed, Sampler, StraightThrough
 from .state import TensorState
 from .transmission import GroupLayer, edges_from_networkx, edges_to_networkx, message_passing
+from .interventions import Intervention, LeverSpec
 from .run import simulate
 from .loading import load_model
 
@@ -27,5 +28,5 @@ __all__ = [
     "AgentTensorError", "BackendError", "ConfigError", "InputError", "Model", "StepContext", "Substep", "Params",
     "param", "Population", "synthetic", "Results", "Randomness", "Hard", "Relaxed", "Sampler", "StraightThrough",
     "TensorState", "GroupLayer", "edges_from_networkx", "edges_to_networkx", "message_passing", "simulate",
-    "load_model", "__version__",
+    "load_model", "Intervention", "LeverSpec", "__version__",
 ]

@@ -48,6 +48,11 @@ class StepContext:
     sampler: Sampler = Hard()
     start_date: dt.date | None = None
     scratch: dict = field(default_factory=dict)  # observations passed from observe to later substeps
+    schedule: Any = None  # compiled interventions (agenttensor.interventions.Schedule) or None
+
+    def lever(self, name: str, layer: str | None = None) -> Tensor | None:
+        """Intervention intensity at this step, [B, G, A] (borough group × age band), or None."""
+        return None if self.schedule is None else self.schedule.at(name, self.step, layer)
 
     @property
     def date(self) -> dt.date | None:
@@ -98,6 +103,8 @@ class Model:
     metrics: Callable[[TensorState, TensorState, Params, StepContext], dict[str, Tensor]]
     default_population: Callable[..., Any] | None = None
     description: str = ""
+    levers: tuple = ()  # LeverSpec s this model understands (see agenttensor.interventions)
+    age_band_edges: tuple[int, ...] = (0,)  # lower age edges of the bands interventions can target
 
     def __post_init__(self) -> None:
         kinds = [_ORDER[s.kind] for s in self.substeps]

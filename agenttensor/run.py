@@ -36,7 +36,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
              seeds: Sequence[int] = (0,), sampler: Sampler = Hard(), device: str | torch.device = "cpu",
              env: Any = None, start_date: dt.date | None = None, progress: bool | None = None,
              checkpoint_every: int | None = None, checkpoint_path: str | Path | None = None, resume: bool = False,
-             grad_checkpoint_every: int | None = None) -> Results:
+             grad_checkpoint_every: int | None = None, interventions: Sequence[Any] | None = None) -> Results:
     """Run ``model`` for ``steps`` steps on a batch of seeds (one pass, leading batch dim B).
 
     population: a `Population` (or None for the model's default); env: a prebuilt environment
@@ -45,6 +45,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     checkpoint_every/checkpoint_path/resume: save the state every k steps and continue from the
     last save. grad_checkpoint_every: in gradient modes, recompute each k-step segment during the
     backward pass instead of storing it (exact, because randomness is counter-based).
+    interventions: a list of `Intervention` (applied to every batch element) or one list per batch
+    element (then len == len(seeds)); compiled against ``model.levers``.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -61,9 +63,19 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
             population = model.default_population()
         env = model.setup(population, params, dev)
     rng = Randomness.for_agents(list(seeds), env.agent_ids).to(dev)
+    schedule = None
+    if interventions:
+        from .interventions import Intervention, compile_schedule
+
+        per_batch = [list(interventions)] * len(seeds) if isinstance(interventions[0], Intervention) else interventions
+        if len(per_batch) != len(seeds):
+            raise ConfigError(f"{len(per_batch)} intervention lists for a batch of {len(seeds)}")
+        schedule = compile_schedule(per_batch, levers=model.levers, steps=steps, start_date=start_date,
+                                    group_labels=getattr(env, "group_labels", []) or ["all"],
+                                    age_band_edges=model.age_band_edges).to(dev)
     setup_seconds = time.perf_counter() - t0
 
-    ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date)
+    ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
     state = model.init(env, params, ctx0)
     history: list[dict[str, torch.Tensor]] = []
     first = 0
@@ -81,7 +93,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     def run_steps(state, start: int, stop: int):
         records = []
         for t in range(start, stop):
-            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date)
+            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
             state, rec = model.step(state, params, ctx)
             records.append(rec)
         return state, records
