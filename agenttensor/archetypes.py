@@ -243,7 +243,8 @@ class ArchetypeEngine(torch.nn.Module):
     fallback: a `HeuristicBackend` (or a bare callable, wrapped) — required for ``"fallback"``.
     calibrate: apply the learnable map ``sigmoid(scale · logit(p) + shift)`` (``scale``, ``shift``
         are ``torch.nn.Parameter`` scalars initialised to 1 and 0).
-    chunk_size: prompts per backend call; each chunk's answers are cached before the next starts.
+    chunk_size: prompts per backend call (default 512: a step is usually one batch); each
+        chunk's answers are cached before the next starts, so a failure loses at most one chunk.
 
     ``stats`` accumulates calls, cache_hits, failures, fallbacks, llm_seconds, archetypes (last
     step), steps; ``last_step`` holds the same for the last step plus the time of each phase.
@@ -257,7 +258,7 @@ class ArchetypeEngine(torch.nn.Module):
         on_failure: str = "error",
         fallback: HeuristicBackend | Any = None,
         calibrate: bool = False,
-        chunk_size: int = 64,
+        chunk_size: int = 512,
         eps: float = 1e-6,
     ):
         super().__init__()
