@@ -1,0 +1,1 @@
+"""City population builders (census data -> `agenttensor.population.Population`)."""
