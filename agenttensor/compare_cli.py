@@ -1,0 +1,84 @@
+"""``agenttensor compare MODEL_DIR --population PATH --scenarios FILE.toml [--seeds N] [--days D] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _seeds(text: str | None, default: int | None) -> list[int]:
+    if text is None:
+        return list(range(default or 8))
+    try:
+        if ":" in text:
+            a, b = text.split(":")
+            seeds = list(range(int(a), int(b)))
+        elif "," in text:
+            seeds = [int(x) for x in text.split(",")]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise ConfigError(f"--seeds expects a count N, a list '0,1,2' or a range '0:8', got {text!r}") from None
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r} gives no seeds")
+    return seeds
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .cli import _parse_sets, load_population_arg
+    from .loading import load_model
+    from .run import resolve_device
+    from .sampling import sampler_named
+    from .scenarios import load_scenarios, run_scenarios
+
+    scenario_set = load_scenarios(args.scenarios)
+    model = load_model(args.model_dir)
+    device = resolve_device(args.device)
+    params = model.params_type().with_overrides(_parse_sets(args.set))
+    seeds = _seeds(args.seeds, scenario_set.seeds)
+    days = args.days if args.days is not None else scenario_set.days
+    if days is None or days <= 0:
+        raise ConfigError(f"--days must be a positive integer (or set [run].days in {args.scenarios}), got {days}")
+    start = dt.date.fromisoformat(args.start_date) if args.start_date else scenario_set.start_date
+    if args.memory_budget <= 0:
+        raise ConfigError(f"--memory-budget must be positive (GB), got {args.memory_budget}")
+    population = load_population_arg(args.population)
+    t0 = time.perf_counter()
+    results = run_scenarios(model, population, scenario_set, seeds=seeds, steps=days, start_date=start, params=params,
+                            sampler=sampler_named(args.mode), device=device, memory_budget=args.memory_budget * 1e9,
+                            max_batch=args.max_batch, progress=not args.no_progress)
+    out = Path(args.out)
+    paths = results.save(out)
+    table = results.compare()
+    head = table.filter(table["metric"].str.starts_with("total_new_")).select(
+        "scenario", "metric", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi")
+    print(f"{model.name}: {len(results.names)} scenarios × {len(seeds)} seeds, {days} days, "
+          f"{time.perf_counter() - t0:.1f} s ({len(results.info['chunks'])} chunk(s))")
+    if head.height:
+        print(head)
+    print(f"wrote {out}/" + ", ".join(sorted(p.name for p in paths.values())))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="run scenarios × seeds in one batch and compare them with the baseline")
+    p.add_argument("model_dir", help="model directory containing model.py (e.g. models/covid)")
+    p.add_argument("--population", help="population directory, or synthetic:N (default: the model's)")
+    p.add_argument("--scenarios", required=True, help="scenario TOML file ([run] + [[scenario]] tables)")
+    p.add_argument("--seeds", default=None, help="number of seeds N (seeds 0..N-1), a list '0,1,2' or a range '0:8' "
+                                                 "(default: [run].seeds or 8)")
+    p.add_argument("--days", type=int, default=None, help="days to simulate (default: [run].days)")
+    p.add_argument("--start-date", default=None, help="date of day 0, YYYY-MM-DD (default: [run].start_date)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a base parameter")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mode", default="hard", help="hard | straight-through | relaxed")
+    p.add_argument("--memory-budget", type=float, default=8.0, help="GB per batch chunk (default 8)")
+    p.add_argument("--max-batch", type=int, default=None, help="at most this many scenario×seed runs per chunk")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(func=cmd_compare)
+    return p

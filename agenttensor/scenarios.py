@@ -1,0 +1,620 @@
+"""Scenarios: a baseline plus named "what if" variants, run as one batch on common random numbers.
+
+A `Scenario` is a name, a list of typed `Intervention` s and parameter overrides. `run_scenarios`
+lays scenarios × seeds out along the leading batch dim (element ``b = scenario · S + seed_index``),
+so every scenario sees the same random numbers for the same seed (keyed by seed, step, stream and
+agent id) and differences between scenarios are *paired*. Scalar float overrides become ``[B, 1]``
+tensors, time-varying ones ``[B, T]``; overrides that cannot vary inside a batch (ints, strings,
+booleans — e.g. ``initial_infected``, ``mixing``) split the scenarios into separate passes. The
+batch is cut into chunks when the estimated memory (bytes per agent per batch element × N × B)
+exceeds ``memory_budget``; chunking never changes the numbers.
+
+`ScenarioResults.compare` gives, per scenario and outcome, the mean over seeds, a percentile
+interval across seeds and the paired difference to the baseline with a t-interval for its mean
+(method in `METHOD`). Scenario files are TOML::
+
+    [run]
+    days = 120
+    start_date = "2020-03-01"
+    seeds = 8
+
+    [[scenario]]
+    name = "baseline"
+
+    [[scenario]]
+    name = "schools open"
+    overrides = { R0 = 2.0 }
+    [[scenario.intervention]]
+    lever = "school_closure"
+    start = "2020-03-16"
+    end = "2020-06-26"
+    intensity = 1.0
+    boroughs = ["Brooklyn"]
+    ages = [5, 17]
+    layer = "school"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import polars as pl
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from .interventions import Intervention, compile_schedule
+from .model import Model
+from .params import Params
+from .sampling import Hard, Sampler
+
+DEFAULT_MEMORY_BUDGET = 8e9  # bytes
+INTERVENTION_FIELDS = ("lever", "start", "end", "intensity", "boroughs", "ages", "layer", "name")
+METHOD = ("mean over seeds; interval = {lo:g}–{hi:g} % percentiles across seeds (linear interpolation); "
+          "paired difference d_s = scenario_s − baseline_s on the same seed s (common random numbers); "
+          "its interval is a {level:g} % Student-t interval for the mean difference, mean(d) ± t·sd(d)/√S "
+          "(zero width when all seeds give the same difference)")
+
+
+# ---- scenario definitions ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named what-if: interventions in force and parameter overrides (name → value)."""
+
+    name: str
+    interventions: tuple[Intervention, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        if self.overrides:
+            out["overrides"] = {k: (v.tolist() if isinstance(v, Tensor) else list(v) if isinstance(v, tuple) else v)
+                                for k, v in self.overrides.items()}
+        if self.interventions:
+            out["intervention"] = [_intervention_to_dict(iv) for iv in self.interventions]
+        return out
+
+
+@dataclass(frozen=True)
+class ScenarioSet:
+    """Scenarios plus run settings. The first scenario (or the one named ``baseline``) is the baseline."""
+
+    scenarios: tuple[Scenario, ...]
+    days: int | None = None
+    start_date: dt.date | None = None
+    seeds: int | None = None
+    baseline: str | None = None
+    description: str = ""
+    source: str = "<python>"
+
+    @property
+    def baseline_name(self) -> str:
+        if self.baseline:
+            return self.baseline
+        names = [s.name for s in self.scenarios]
+        return "baseline" if "baseline" in names else names[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        run: dict[str, Any] = {}
+        for key in ("days", "start_date", "seeds", "baseline", "description"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                run[key] = value
+        return {"run": run, "scenario": [s.to_dict() for s in self.scenarios]}
+
+
+def _intervention_to_dict(iv: Intervention) -> dict[str, Any]:
+    out: dict[str, Any] = {"lever": iv.lever, "start": iv.start, "end": iv.end, "intensity": float(iv.intensity)}
+    if iv.boroughs is not None:
+        out["boroughs"] = list(iv.boroughs)
+    if iv.ages is not None:
+        out["ages"] = list(iv.ages)
+    if iv.layer is not None:
+        out["layer"] = iv.layer
+    if iv.name:
+        out["name"] = iv.name
+    return out
+
+
+def _date(value: Any, where: str) -> dt.date | int:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, bool):
+        raise InputError(f"{where}: expected a date YYYY-MM-DD or a step number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise InputError(f"{where}: expected a date YYYY-MM-DD or a step number, got {value!r}")
+
+
+def _intervention_from_dict(data: Mapping[str, Any], where: str) -> Intervention:
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where}: expected a table with keys {list(INTERVENTION_FIELDS)}, got {data!r}")
+    unknown = sorted(set(data) - set(INTERVENTION_FIELDS))
+    if unknown:
+        raise InputError(f"{where}: unknown field {unknown[0]!r}; allowed: {list(INTERVENTION_FIELDS)}")
+    for key in ("lever", "start", "end"):
+        if key not in data:
+            raise InputError(f"{where}.{key}: missing (every intervention needs lever, start and end)")
+    if not isinstance(data["lever"], str):
+        raise InputError(f"{where}.lever: expected a lever name, got {data['lever']!r}")
+    intensity = data.get("intensity", 1.0)
+    if isinstance(intensity, bool) or not isinstance(intensity, (int, float)):
+        raise InputError(f"{where}.intensity: expected a number in [0, 1], got {intensity!r}")
+    boroughs = data.get("boroughs")
+    if isinstance(boroughs, str):
+        boroughs = [boroughs]
+    if boroughs is not None and (not isinstance(boroughs, list) or not all(isinstance(b, str) for b in boroughs)):
+        raise InputError(f"{where}.boroughs: expected a list of borough names, got {boroughs!r}")
+    ages = data.get("ages")
+    if ages is not None:
+        if (not isinstance(ages, list) or len(ages) != 2 or not all(isinstance(a, int) and not isinstance(a, bool)
+                                                                    for a in ages)):
+            raise InputError(f"{where}.ages: expected [min_age, max_age] in whole years, got {ages!r}")
+    layer = data.get("layer")
+    if layer is not None and not isinstance(layer, str):
+        raise InputError(f"{where}.layer: expected a layer name, got {layer!r}")
+    return Intervention(lever=data["lever"], start=_date(data["start"], f"{where}.start"),
+                        end=_date(data["end"], f"{where}.end"), intensity=float(intensity),
+                        boroughs=tuple(boroughs) if boroughs is not None else None,
+                        ages=tuple(ages) if ages is not None else None, layer=layer, name=str(data.get("name", "")))
+
+
+def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ScenarioSet:
+    """Parse the TOML structure (``[run]`` + ``[[scenario]]``); errors name the scenario and field."""
+    unknown = sorted(set(data) - {"run", "scenario"})
+    if unknown:
+        raise InputError(f"{source}: unknown top-level key {unknown[0]!r}; expected [run] and [[scenario]]")
+    run = data.get("run", {})
+    if not isinstance(run, Mapping):
+        raise InputError(f"{source}: [run] must be a table")
+    allowed_run = {"days", "start_date", "seeds", "baseline", "description"}
+    bad = sorted(set(run) - allowed_run)
+    if bad:
+        raise InputError(f"{source}: [run].{bad[0]} is not a known setting; allowed: {sorted(allowed_run)}")
+    for key in ("days", "seeds"):
+        if key in run and (isinstance(run[key], bool) or not isinstance(run[key], int) or run[key] <= 0):
+            raise InputError(f"{source}: [run].{key} must be a positive integer, got {run[key]!r}")
+    start = run.get("start_date")
+    if start is not None:
+        start = _date(start, f"{source}: [run].start_date")
+        if isinstance(start, int):
+            raise InputError(f"{source}: [run].start_date must be a date YYYY-MM-DD, got {start!r}")
+    raw = data.get("scenario", [])
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"{source}: no scenarios; add at least one [[scenario]] table with a name")
+    scenarios = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping):
+            raise InputError(f"{source}: scenario #{i + 1} must be a table")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{source}: scenario #{i + 1}: field 'name' is missing or empty")
+        where = f"{source}: scenario {name!r}"
+        bad = sorted(set(entry) - {"name", "description", "overrides", "intervention"})
+        if bad:
+            raise InputError(f"{where}: unknown field {bad[0]!r}; allowed: name, description, overrides, intervention")
+        overrides = entry.get("overrides", {})
+        if not isinstance(overrides, Mapping):
+            raise InputError(f"{where}: overrides must be a table of parameter = value")
+        ivs = entry.get("intervention", [])
+        if isinstance(ivs, Mapping):
+            ivs = [ivs]
+        interventions = tuple(_intervention_from_dict(iv, f"{where} intervention[{k}]") for k, iv in enumerate(ivs))
+        scenarios.append(Scenario(name=name, interventions=interventions, overrides=dict(overrides),
+                                  description=str(entry.get("description", ""))))
+    names = [s.name for s in scenarios]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"{source}: scenario name {dup[0]!r} is used more than once; names must be unique")
+    baseline = run.get("baseline")
+    if baseline is not None and baseline not in names:
+        raise InputError(f"{source}: [run].baseline = {baseline!r} is not a scenario name; scenarios: {names}")
+    return ScenarioSet(tuple(scenarios), days=run.get("days"), start_date=start, seeds=run.get("seeds"),
+                       baseline=baseline, description=str(run.get("description", "")), source=source)
+
+
+def load_scenarios(path: str | Path) -> ScenarioSet:
+    """Read a scenario TOML file (see the module docstring for the schema)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"scenario file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+    return scenarios_from_dict(data, source=str(path))
+
+
+def save_scenarios(scenarios: ScenarioSet | Sequence[Scenario], path: str | Path) -> Path:
+    """Write scenarios as TOML (round-trips through `load_scenarios`)."""
+    import tomli_w
+
+    if not isinstance(scenarios, ScenarioSet):
+        scenarios = ScenarioSet(tuple(scenarios))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(scenarios.to_dict()))
+    return path
+
+
+# ---- validation against a model and a run -----------------------------------------------------
+
+def _override_value(params: Params, name: str, value: Any, where: str) -> Any:
+    spec = params.spec()
+    if name not in spec:
+        raise ConfigError(f"{where}: overrides.{name}: unknown parameter; known: {', '.join(spec)}")
+    current = getattr(params, name)
+    if isinstance(value, str) and not isinstance(current, str):
+        try:
+            return params._parse(name, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: overrides.{name}: {e}") from None
+    if isinstance(current, Tensor) or spec[name].metadata.get("time_varying"):
+        if isinstance(value, (list, tuple)):
+            return torch.tensor([float(x) for x in value], dtype=torch.float32)
+    return value
+
+
+def scenario_params(base: Params, scenario: Scenario, where: str = "") -> Params:
+    """``base`` with the scenario's overrides applied and validated (errors name scenario and field)."""
+    where = where or f"scenario {scenario.name!r}"
+    changes = {k: _override_value(base, k, v, where) for k, v in scenario.overrides.items()}
+    try:
+        return base.replace(**changes)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: overrides: {e}") from None
+
+
+def _field_of(message: str) -> str:
+    text = message.lower()
+    for needle, name in (("unknown lever", "lever"), ("intensity", "intensity"), ("layer", "layer"),
+                         ("borough", "boroughs"), ("age range", "ages"), ("is before start", "end"),
+                         ("outside the run", "start/end"), ("no start date", "start/end")):
+        if needle in text:
+            return name
+    return "intervention"
+
+
+def validate_scenarios(model: Model, scenarios: Sequence[Scenario], *, steps: int, start_date: dt.date | None,
+                       group_labels: Sequence[str], base_params: Params | None = None, source: str = "") -> None:
+    """Check every scenario against the model: levers, layers, dates inside the run, boroughs,
+    age ranges, parameter overrides. Raises ConfigError naming the scenario and the field."""
+    base = base_params if base_params is not None else model.params_type()
+    prefix = f"{source}: " if source else ""
+    for scenario in scenarios:
+        where = f"{prefix}scenario {scenario.name!r}"
+        scenario_params(base, scenario, where)
+        for k, iv in enumerate(scenario.interventions):
+            try:
+                compile_schedule([[iv]], levers=model.levers, steps=steps, start_date=start_date,
+                                 group_labels=list(group_labels) or ["all"], age_band_edges=model.age_band_edges,
+                                 context="")
+            except ConfigError as e:
+                field_name = _field_of(str(e))
+                detail = str(e).split(": ", 1)[-1]
+                raise ConfigError(f"{where} intervention[{k}] ({iv.label}) field {field_name!r}: {detail}") from None
+
+
+# ---- batched execution ------------------------------------------------------------------------
+
+def _batchable(params: Params, name: str) -> bool:
+    value = getattr(params, name)
+    if isinstance(value, (bool, str)) or value is None:
+        return False
+    if isinstance(value, int) and not params.spec()[name].metadata.get("time_varying"):
+        return False
+    return True
+
+
+def _structural_key(params: Params, base: Params) -> tuple:
+    """Overrides that cannot vary inside one batch (ints, strings, booleans): scenarios sharing
+    them run in the same pass."""
+    return tuple((n, repr(getattr(params, n))) for n in params.spec()
+                 if not _batchable(params, n) and getattr(params, n) != getattr(base, n))
+
+
+def batch_params(per_element: Sequence[Params]) -> Params:
+    """One `Params` for a batch: fields that differ between elements become ``[B, 1]`` tensors
+    (time-varying ones ``[B, T]``, shorter series padded with their last value); equal fields stay as they are."""
+    first = per_element[0]
+    changes: dict[str, Any] = {}
+    for name, f in first.spec().items():
+        values = [getattr(p, name) for p in per_element]
+        if all(_same(v, values[0]) for v in values[1:]):
+            continue
+        if not _batchable(first, name):
+            raise ConfigError(f"parameter {name} differs inside one batch but is not numeric-float; "
+                              "run these scenarios in separate passes")
+        if f.metadata.get("time_varying"):
+            series = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in values]
+            if any(s.numel() == 0 for s in series):
+                raise ConfigError(f"parameter {name}: an empty series cannot be batched")
+            length = max(s.numel() for s in series)
+            changes[name] = torch.stack([torch.cat([s, s[-1:].expand(length - s.numel())]) for s in series])
+        else:
+            changes[name] = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in values])[:, None]
+    return dataclasses.replace(first, **changes)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        return a.shape == b.shape and bool(torch.equal(a.float(), b.float()))
+    return a == b
+
+
+def estimate_bytes_per_element(model: Model, env: Any, params: Params, *, overhead: float = 4.0,
+                               sampler: Sampler = Hard(), device: str | torch.device = "cpu") -> float:
+    """Bytes per batch element: the initial state of one element × ``overhead`` (a working-set
+    allowance for per-step temporaries: uniforms, pressures, event masks). Measured values for
+    shipped models are in SCENARIOS.md."""
+    from .model import StepContext
+    from .rng import Randomness
+
+    rng = Randomness.for_agents([0], env.agent_ids).to(device)
+    ctx = StepContext(step=0, env=env, rng=rng, sampler=sampler)
+    state = model.init(env, params.as_tensors(device), ctx)
+    return float(state.nbytes()) * overhead
+
+
+@dataclass
+class ScenarioResults:
+    """Metrics of every scenario × seed: ``metrics[scenario][name]`` is [T, S] (totals) or [T, S, G]."""
+
+    scenarios: tuple[Scenario, ...]
+    seeds: list[int]
+    metrics: dict[str, dict[str, Tensor]]
+    baseline: str
+    model_name: str = ""
+    start_date: dt.date | None = None
+    group_labels: list[str] | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.scenarios]
+
+    @property
+    def steps(self) -> int:
+        first = next(iter(self.metrics.values()))
+        return next(iter(first.values())).shape[0]
+
+    def totals(self, scenario: str) -> dict[str, Tensor]:
+        return {k: v for k, v in self.metrics[scenario].items() if v.dim() == 2}
+
+    def to_polars(self) -> pl.DataFrame:
+        """Long table: one row per (scenario, seed, step) with every total metric."""
+        frames = []
+        T, S = self.steps, len(self.seeds)
+        for name in self.names:
+            cols: dict[str, Any] = {"scenario": [name] * (T * S),
+                                    "seed": torch.tensor(self.seeds).repeat(T).numpy(),
+                                    "step": torch.arange(T).repeat_interleave(S).numpy().astype("int32")}
+            if self.start_date is not None:
+                cols["date"] = [self.start_date + dt.timedelta(days=int(t)) for t in cols["step"]]
+            for k, v in self.totals(name).items():
+                cols[k] = v.detach().cpu().reshape(-1).to(torch.float64).numpy()
+            frames.append(pl.DataFrame(cols))
+        return pl.concat(frames)
+
+    def outcomes(self, scenario: str) -> dict[str, Tensor]:
+        """Scalar outcomes per seed, [S]: ``total_X`` (sum over the run) and ``peak_X`` for flows
+        named ``new_*``; ``peak_X`` and ``final_X`` for stocks."""
+        out = {}
+        for k, v in self.totals(scenario).items():
+            v = v.detach().to(torch.float64)
+            if k.startswith("new_"):
+                out[f"total_{k}"] = v.sum(0)
+                out[f"peak_{k}"] = v.max(0).values
+            else:
+                out[f"peak_{k}"] = v.max(0).values
+                out[f"final_{k}"] = v[-1]
+        return out
+
+    def compare(self, interval: tuple[float, float] = (5.0, 95.0), level: float = 90.0) -> pl.DataFrame:
+        """Per scenario × outcome: mean, percentile interval across seeds, paired difference to the
+        baseline (mean and Student-t interval), relative difference. Method: `METHOD`."""
+        base = self.outcomes(self.baseline)
+        S = len(self.seeds)
+        tq = t_quantile(0.5 + level / 200.0, S - 1) if S > 1 else float("nan")
+        rows = []
+        for name in self.names:
+            outcomes = self.outcomes(name)
+            for metric, x in outcomes.items():
+                d = x - base[metric]
+                lo, hi = torch.quantile(x, torch.tensor([interval[0] / 100, interval[1] / 100], dtype=x.dtype)).tolist()
+                dmean = float(d.mean())
+                half = tq * float(d.std(unbiased=True)) / math.sqrt(S) if S > 1 else float("nan")
+                bmean = float(base[metric].mean())
+                rows.append(dict(scenario=name, metric=metric, mean=float(x.mean()), lo=lo, hi=hi,
+                                 diff=dmean, diff_lo=dmean - half, diff_hi=dmean + half,
+                                 rel_diff=dmean / bmean if bmean else float("nan"),
+                                 seeds=S, is_baseline=name == self.baseline))
+        return pl.DataFrame(rows)
+
+    def save(self, directory: str | Path, *, plots: bool = True, report: bool = True,
+             interval: tuple[float, float] = (5.0, 95.0), level: float = 90.0) -> dict[str, Path]:
+        """Write compare.parquet + compare.csv (the comparison), trajectories.parquet (per scenario,
+        seed, step), scenarios.toml (what ran), summary.json, plots and report.html."""
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        table = self.compare(interval, level)
+        paths = {"compare.parquet": directory / "compare.parquet", "compare.csv": directory / "compare.csv",
+                 "trajectories.parquet": directory / "trajectories.parquet",
+                 "scenarios.toml": directory / "scenarios.toml", "summary.json": directory / "summary.json"}
+        table.write_parquet(paths["compare.parquet"])
+        table.write_csv(paths["compare.csv"])
+        self.to_polars().write_parquet(paths["trajectories.parquet"])
+        save_scenarios(ScenarioSet(self.scenarios, days=self.steps, start_date=self.start_date, seeds=len(self.seeds),
+                                   baseline=self.baseline), paths["scenarios.toml"])
+        summary = dict(model=self.model_name, scenarios=self.names, baseline=self.baseline, seeds=self.seeds,
+                       steps=self.steps, start_date=self.start_date, timing=self.timing, info=self.info,
+                       method=METHOD.format(lo=interval[0], hi=interval[1], level=level))
+        paths["summary.json"].write_text(json.dumps(summary, indent=2, default=str))
+        if plots or report:
+            from .report import write_plots, write_report
+
+            plot_paths = write_plots(self, table, directory, interval=interval)
+            paths.update(plot_paths)
+            if report:
+                paths["report.html"] = write_report(self, table, directory / "report.html", plot_paths,
+                                                    interval=interval, level=level)
+        return paths
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (bisection on a numerically integrated CDF)."""
+    if df <= 0:
+        return float("nan")
+    if df > 200:
+        return math.sqrt(2) * torch.special.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    x = torch.linspace(0, 60, 600_001, dtype=torch.float64)
+    pdf = torch.exp(log_norm - (df + 1) / 2 * torch.log1p(x * x / df))
+    cdf = 0.5 + torch.cumulative_trapezoid(pdf, x, dim=0)
+    i = int(torch.searchsorted(cdf, torch.tensor([p], dtype=torch.float64)))
+    return float(x[min(i + 1, x.numel() - 1)])
+
+
+def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] | ScenarioSet, *,
+                  seeds: Sequence[int] | int = 8, steps: int | None = None, start_date: dt.date | None = None,
+                  params: Params | None = None, sampler: Sampler = Hard(), device: str | torch.device = "cpu",
+                  memory_budget: float = DEFAULT_MEMORY_BUDGET, bytes_per_element: float | None = None,
+                  max_batch: int | None = None, baseline: str | None = None, progress: bool | None = None,
+                  env: Any = None, simulate_kwargs: Mapping[str, Any] | None = None) -> ScenarioResults:
+    """Run every scenario on every seed as one batch (element ``b = scenario · S + seed_index``).
+
+    seeds: a list, or an int S meaning seeds 0..S-1 (the same seeds for every scenario: common
+    random numbers). Chunks of at most ``memory_budget / (bytes_per_element)`` elements (or
+    ``max_batch``) run one after another; the environment is built once per distinct set of
+    structural overrides. Per batch element, the model sees its scenario's interventions through
+    ``ctx.lever`` and its parameters through ``[B, 1]``/``[B, T]`` tensors.
+    """
+    from .run import resolve_device, simulate
+
+    source = ""
+    if isinstance(scenarios, ScenarioSet):
+        sset = scenarios
+        steps = steps if steps is not None else sset.days
+        start_date = start_date if start_date is not None else sset.start_date
+        baseline = baseline or sset.baseline_name
+        source = sset.source
+        scenarios = sset.scenarios
+    scenarios = tuple(scenarios)
+    if not scenarios:
+        raise ConfigError("no scenarios to run")
+    if steps is None or steps <= 0:
+        raise ConfigError(f"the number of days must be a positive integer, got {steps}")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("at least one seed is required")
+    names = [s.name for s in scenarios]
+    baseline = baseline or ("baseline" if "baseline" in names else names[0])
+    if baseline not in names:
+        raise ConfigError(f"baseline {baseline!r} is not a scenario; scenarios: {names}")
+    dev = resolve_device(device)
+    base = (params if params is not None else model.params_type()).validate()
+    t0 = time.perf_counter()
+    per_scenario = {s.name: scenario_params(base, s, f"{source + ': ' if source else ''}scenario {s.name!r}")
+                    for s in scenarios}
+    # Passes: scenarios that share structural overrides (and so one environment).
+    passes: dict[tuple, list[Scenario]] = {}
+    for s in scenarios:
+        passes.setdefault(_structural_key(per_scenario[s.name], base), []).append(s)
+    if population is None and env is None:
+        if model.default_population is None:
+            raise ConfigError(f"model {model.name} needs a population (pass --population PATH)")
+        population = model.default_population()
+    S = len(seeds)
+    results: dict[str, dict[str, list[Tensor]]] = {s.name: {} for s in scenarios}
+    chunk_log = []
+    group_labels = None
+    total_elements = len(scenarios) * S
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_elements, desc=f"{model.name} scenarios×seeds", unit="run", position=0)
+    setup_seconds = 0.0
+    run_seconds = 0.0
+    for key, members in passes.items():
+        pass_params = per_scenario[members[0].name]
+        ts = time.perf_counter()
+        pass_env = env if (env is not None and not key) else model.setup(population, pass_params.as_tensors(dev), dev)
+        setup_seconds += time.perf_counter() - ts
+        group_labels = list(getattr(pass_env, "group_labels", []) or [])
+        validate_scenarios(model, members, steps=steps, start_date=start_date, group_labels=group_labels,
+                           base_params=base, source=source)
+        per_elem = bytes_per_element or estimate_bytes_per_element(model, pass_env, pass_params, sampler=sampler,
+                                                                   device=dev)
+        num_agents = int(getattr(pass_env, "num_agents", 0) or pass_env.agent_ids.numel())
+        limit = max(1, int(memory_budget // max(per_elem, 1.0)))
+        if max_batch:
+            limit = min(limit, max_batch)
+        elements = [(s, i) for s in members for i in range(S)]
+        for c in range(0, len(elements), limit):
+            chunk = elements[c: c + limit]
+            chunk_params = batch_params([per_scenario[s.name] for s, _ in chunk])
+            interventions = [list(s.interventions) for s, _ in chunk]
+            tr = time.perf_counter()
+            res = simulate(model, None, chunk_params, steps=steps, seeds=[seeds[i] for _, i in chunk],
+                           sampler=sampler, device=dev, env=pass_env, start_date=start_date,
+                           progress=show, interventions=interventions if any(interventions) else None,
+                           **dict(simulate_kwargs or {}))
+            run_seconds += time.perf_counter() - tr
+            chunk_log.append(dict(elements=len(chunk), seconds=time.perf_counter() - tr))
+            for b, (s, i) in enumerate(chunk):
+                for k, v in res.metrics.items():
+                    results[s.name].setdefault(k, [None] * S)[i] = v[:, b]
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    metrics = {name: {k: torch.stack(v, 1) for k, v in ms.items()} for name, ms in results.items()}
+    return ScenarioResults(scenarios, seeds, metrics, baseline, model_name=model.name, start_date=start_date,
+                           group_labels=group_labels,
+                           timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
+                                       wall_seconds=time.perf_counter() - t0),
+                           info=dict(passes=len(passes), chunks=chunk_log, bytes_per_element=per_elem,
+                                     num_agents=num_agents, memory_budget=memory_budget,
+                                     batch_layout="b = scenario_index * len(seeds) + seed_index"))
+
+
+def policy_in_force(ctx: Any, levers: Sequence[Any], batch_index: int) -> dict[str, float]:
+    """The policy context one batch element lives in at ``ctx.step``: {lever[/layer]: mean intensity
+    over boroughs and age bands} for every lever (0 when unused). For behaviour models (LLM
+    archetypes) that must see their own scenario's world: call per batch element."""
+    out = {}
+    for spec in levers:
+        for layer in (None, *getattr(spec, "layers", ())):
+            value = ctx.lever(spec.name, layer)
+            label = spec.name if layer is None else f"{spec.name}/{layer}"
+            out[label] = 0.0 if value is None else float(value[batch_index].float().mean())
+    return out
