@@ -1,0 +1,57 @@
+"""Behaviour sources: per-agent probabilities to isolate and to go to work, set every decision step.
+
+A behaviour source is any object with
+
+    decide(env, state, params, ctx, observations) -> {"isolate_prob": [B, N], "work_prob": [B, N]}
+
+called every ``params.decision_every`` days (weekly by default) by the model's ``decide`` substep.
+``observations`` holds the per-borough environment an agent reacts to:
+
+- ``cases_per_100k`` [B, G]: reported cases in the last 7 days per 100,000 residents, by borough;
+- ``unemployment_rate`` [B, G]: unemployed / labour force, by borough;
+- ``policies`` {lever name: [B, G, A]}: active intervention intensities (borough × age band);
+- ``date``: the calendar date of the decision.
+
+Per-agent attributes are on the env: ``env.age`` [N] (years), ``env.sex`` [N], ``env.borough`` [N]
+(group index of ``env.group_labels``), ``env.has_job`` [N] (employed at step 0), and the current
+employment in ``state.employed`` / ``state.unemployed``. An LLM archetype adapter maps these to
+archetypes, asks per archetype, and scatters the answers back to [B, N] — the same two outputs.
+
+`HeuristicBehavior` is the default: logistic in the agent's borough incidence and age, with
+parameters in `CovidParams` (differentiable, so calibratable):
+
+    isolate_prob_i = σ(a_iso + b_iso · log(1 + c_b(i)) + g_iso · (age_i − 40)/10)
+    work_prob_i    = σ(a_work − b_work · log(1 + c_b(i)) − g_work · (age_i − 40)/10 − s_work · stay_home_b(i))
+
+where c_b is last week's reported cases per 100k in agent i's borough and stay_home_b the active
+stay-at-home order intensity there (a policy the agent reads, as in the archetype prompts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class BehaviorSource(Protocol):
+    def decide(self, env: Any, state: Any, params: Any, ctx: Any, observations: dict[str, Any]) -> dict[str, Tensor]:
+        """-> {"isolate_prob": [B, N] in [0, 1], "work_prob": [B, N] in [0, 1]}."""
+        ...
+
+
+class HeuristicBehavior:
+    """Documented parametric heuristic (see module docstring)."""
+
+    def decide(self, env, state, params, ctx, observations) -> dict[str, Tensor]:
+        incidence = torch.log1p(observations["cases_per_100k"])  # [B, G]
+        local = incidence.index_select(1, env.borough)  # [B, N]
+        age = env.age_decades_centered  # [N] (age - 40) / 10
+        isolate_logit = params.isolate_intercept + params.isolate_incidence_slope * local + params.isolate_age_slope * age
+        work_logit = params.work_intercept - params.work_incidence_slope * local - params.work_age_slope * age
+        stay_home = observations["policies"].get("stay_at_home")
+        if stay_home is not None:  # [B, G, A] -> per agent
+            work_logit = work_logit - params.work_stay_home_slope * stay_home.flatten(1).index_select(1, env.cell)
+        return {"isolate_prob": torch.sigmoid(isolate_logit), "work_prob": torch.sigmoid(work_logit)}

@@ -1,0 +1,658 @@
+"""COVID-19 in New York City: age-structured SEIR-type disease on household, school, workplace and
+community layers, with behaviour, policy levers and employment. One step = one calendar day.
+
+States per agent (memberships 0/1; exactly one of S, E, I_asym, I_sym, H, R, D is 1):
+
+    S → E → I_asym → R
+          ↘ I_sym → R
+                  ↘ H → R
+                      ↘ D
+
+Force of infection on susceptible agent i on day t (all flows use the pre-step state):
+
+    λ_i(t) = β · m(t) · σ_a(i) · (1 − ε_V V_i) · Σ_l w_l · r_l(i, t) · π_l(i, t)
+    P(S→E) = 1 − exp(−λ_i(t))
+
+    π_household(i) = Σ_{j∈h(i), j≠i} ι_j / (n_h − 1)                        every day
+    π_school(i)    = κ_lev(i) p^s_i Σ_{j∈s(i), j≠i} p^s_j a_j ι_j / (n_s − 1)   school days
+    π_workplace(i) = p^w_i Σ_{j∈w(i), j≠i} p^w_j a_j ι_j / (n_w − 1)          work days
+    π_community(i) = p^c_i [(1 − ρ) C_{n(i)} + ρ Σ_b' M_{b(i) b'} C_b']        every day
+
+with ι_j = I_sym_j + α I_asym_j (infectiousness), a_j = 1 − η · isolating_j (isolation removes a
+share η of non-household contacts), presences p (school open share, on-site work today and not in
+a closed workplace, 1 − stay-at-home intensity), C_n / C_b the presence-weighted infectious share of
+NTA n / borough b, M the borough mixing matrix (rows normalised), r_l = 1 − transmission reduction
+(masks) and σ_a the relative susceptibility of age group a.
+
+Stage exits happen when a per-agent countdown (drawn at stage entry from a discretised lognormal,
+`disease.py`) runs out; the branch at each exit is a Bernoulli draw with age-specific probability:
+E → I_sym w.p. symptomatic_a, I_sym → H w.p. hosp_given_symptomatic_a (1 − ε_severe V), H → D w.p.
+death_given_hosp_a. At I entry an infection is reported w.p. detection (× asymptomatic ratio for
+I_asym; testing raises it), and aware agents (symptomatic or reported) isolate w.p. isolate_prob.
+
+Every `decision_every` days the behaviour source sets isolate_prob and work_prob per agent, the
+on-site work decision is drawn, and the labour market moves: employed agents lose their job with
+weekly probability base + closed·(1 − remote) + absent·(1 − on_site)(1 − remote), unemployed ones
+are rehired with weekly probability rehire · (1 − workplace closure).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import polars as pl
+import torch
+from torch import Tensor
+
+from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
+from agenttensor.interventions import LeverSpec
+from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
+
+from . import disease
+from .behavior import BehaviorSource, HeuristicBehavior
+from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
+
+log = logging.getLogger(__name__)
+
+LAYERS = ("household", "school", "workplace", "community")
+AGE_BAND_EDGES = (0, 5, 11, 14, 18, 25, 45, 65, 75)  # intervention targeting bands (lower edges)
+STAGES = ("S", "E", "I_asym", "I_sym", "H", "R", "D")
+_CLINICAL = disease.clinical_tables()
+_SEVERITY = disease.severity_tables()
+
+# Community mixing between boroughs (rows: where the susceptible lives; BX, BK, MN, QN, SI). Assumption:
+# 70 % of the borough-level community contacts are in one's own borough, Manhattan (the commuting hub)
+# receives half of the rest and the other boroughs share the remainder equally (see README).
+_MIXING = [[0.70 if r == c else (0.15 if c == 2 else 0.15 / 3) for c in range(5)] for r in range(5)]
+for _r in (2,):
+    _MIXING[_r] = [0.70 if c == 2 else 0.075 for c in range(5)]
+
+
+def _t(values) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class CovidParams(Params):
+    # ---- transmission ------------------------------------------------------------------------
+    transmission_scale: float = param(0.6, unit="per day per unit contact pressure", min=0.0,
+                                      doc="β: overall transmission scale (calibratable)")
+    transmission_multiplier: Tensor = param(torch.ones(1), min=0.0, time_varying=True, period=7,
+                                            doc="m(t): weekly multiplier of β (last value repeats; calibratable)")
+    household_weight: float = param(1.0, min=0.0, doc="w_household: contact intensity of the household layer")
+    school_weight: float = param(1.0, min=0.0, doc="w_school: contact intensity of the school layer")
+    workplace_weight: float = param(0.8, min=0.0, doc="w_workplace: contact intensity of the workplace layer")
+    community_weight: float = param(1.5, min=0.0, doc="w_community: contact intensity of the community layer")
+    school_level_weights: Tensor = param(_t([1.0, 0.9, 0.8]), min=0.0,
+                                         doc="κ: school contact intensity by level (elementary 5-10, middle 11-13, high 14+)")
+    community_borough_share: float = param(0.4, min=0.0, max=1.0,
+                                           doc="ρ: share of community contacts drawn borough-wide (rest: own NTA)")
+    borough_mixing: Tensor = param(_t(_MIXING), min=0.0,
+                                   doc="M [5, 5]: borough-to-borough community mixing (rows normalised; assumption)")
+    asymptomatic_infectiousness: float = param(0.35, min=0.0, max=1.0,
+                                               doc="α: relative infectiousness of asymptomatic infections "
+                                                   "(Buitrago-Garcia et al. 2020)")
+    isolation_effectiveness: float = param(0.8, min=0.0, max=1.0,
+                                           doc="η: share of non-household contacts removed while isolating")
+    # ---- natural history (age groups 0-4, 5-12, 13-17, 18-24, 25-34, 35-44, 45-54, 55-64, 65-74, 75+)
+    susceptibility: Tensor = param(_t(_CLINICAL["susceptibility"]), min=0.0,
+                                   doc="σ_a: relative susceptibility by age group (Davies et al. 2020)")
+    symptomatic_fraction: Tensor = param(_t(_CLINICAL["symptomatic"]), min=0.0, max=1.0,
+                                         doc="P(symptomatic | infected) by age group (Davies et al. 2020)")
+    hosp_given_symptomatic: Tensor = param(_t(_SEVERITY["hosp_given_symptomatic"]), min=0.0, max=1.0,
+                                           doc="P(H | symptomatic) by age group (NYC DOHMH totals, ascertainment 0.25)")
+    death_given_hosp: Tensor = param(_t(_SEVERITY["death_given_hosp"]), min=0.0, max=1.0,
+                                     doc="P(D | H) by age group (NYC DOHMH deaths / hospitalisations)")
+    incubation_median: float = param(5.1, unit="days", min=1.0, doc="incubation median (Lauer et al. 2020)")
+    incubation_sdlog: float = param(0.418, min=0.01, doc="incubation log-sd (Lauer et al. 2020)")
+    presymptomatic_days: float = param(2.0, unit="days", min=0.0,
+                                       doc="infectious days before symptom onset; latent = incubation − this (He et al. 2020)")
+    asymptomatic_days_mean: float = param(8.0, unit="days", min=1.0, doc="I_asym duration mean (Kerr et al. 2021)")
+    asymptomatic_days_sd: float = param(2.0, unit="days", min=0.1, doc="I_asym duration sd")
+    symptomatic_days_mean: float = param(7.0, unit="days", min=1.0,
+                                         doc="I_sym duration (to recovery or admission) mean (Kerr et al. 2021)")
+    symptomatic_days_sd: float = param(3.0, unit="days", min=0.1, doc="I_sym duration sd")
+    hospital_days_mean: float = param(10.0, unit="days", min=1.0, doc="H length of stay mean (Rees et al. 2020)")
+    hospital_days_sd: float = param(6.0, unit="days", min=0.1, doc="H length of stay sd")
+    initial_prevalence: float = param(2e-4, unit="share of agents", min=0.0, max=1.0, doc="agents in E at step 0")
+    # ---- surveillance ------------------------------------------------------------------------
+    detection_rate: float = param(0.3, min=0.0, max=1.0, doc="P(reported | symptomatic infection) (calibratable)")
+    asymptomatic_detection_ratio: float = param(0.2, min=0.0, max=1.0,
+                                                doc="detection of asymptomatic relative to symptomatic infections")
+    # ---- vaccination -------------------------------------------------------------------------
+    vaccine_efficacy_infection: float = param(0.7, min=0.0, max=1.0, doc="ε_V: reduction of susceptibility")
+    vaccine_efficacy_severe: float = param(0.9, min=0.0, max=1.0, doc="ε_severe: reduction of P(H | symptomatic)")
+    # ---- behaviour (HeuristicBehavior; logits) -----------------------------------------------
+    decision_every: int = param(7, unit="days", min=1, doc="days between behaviour decisions")
+    isolate_intercept: float = param(0.0, doc="isolate logit at 0 cases and age 40")
+    isolate_incidence_slope: float = param(0.3, doc="isolate logit per log(1 + weekly cases per 100k)")
+    isolate_age_slope: float = param(0.1, doc="isolate logit per decade of age above 40")
+    work_intercept: float = param(3.0, doc="go-to-work logit at 0 cases and age 40")
+    work_incidence_slope: float = param(0.35, doc="decrease of go-to-work logit per log(1 + weekly cases per 100k)")
+    work_age_slope: float = param(0.1, doc="decrease of go-to-work logit per decade of age above 40")
+    work_stay_home_slope: float = param(2.0, doc="decrease of go-to-work logit under a full stay-at-home order")
+    # ---- economy -----------------------------------------------------------------------------
+    remote_work_share: float = param(0.4, min=0.0, max=1.0,
+                                     doc="share of jobs that can be done at home (Dingel & Neiman 2020)")
+    job_loss_base: float = param(0.001, unit="per week", min=0.0, max=1.0, doc="baseline weekly job-loss probability")
+    job_loss_closed: float = param(0.08, unit="per week", min=0.0, max=1.0,
+                                   doc="extra weekly job-loss probability when one's workplace is closed (on-site jobs)")
+    job_loss_absent: float = param(0.01, unit="per week", min=0.0, max=1.0,
+                                   doc="extra weekly job-loss probability when not going to work (on-site jobs)")
+    rehire_rate: float = param(0.03, unit="per week", min=0.0, max=1.0, doc="weekly rehiring probability, no closures")
+
+
+# Parameters through which gradients flow (the rest shape discrete durations or are counts).
+CALIBRATABLE = ("transmission_scale", "transmission_multiplier", "household_weight", "school_weight",
+                "workplace_weight", "community_weight", "school_level_weights", "community_borough_share",
+                "borough_mixing", "asymptomatic_infectiousness", "isolation_effectiveness", "susceptibility",
+                "symptomatic_fraction", "hosp_given_symptomatic", "death_given_hosp", "detection_rate",
+                "asymptomatic_detection_ratio", "vaccine_efficacy_infection", "vaccine_efficacy_severe",
+                "isolate_intercept", "isolate_incidence_slope", "isolate_age_slope", "work_intercept",
+                "work_incidence_slope", "work_age_slope", "work_stay_home_slope", "remote_work_share",
+                "job_loss_base", "job_loss_closed", "job_loss_absent", "rehire_rate")
+
+
+@dataclass(frozen=True)
+class CovidState(TensorState):
+    """Memberships and flags are [B, N] 0/1 (uint8 in hard mode, float32 in gradient modes)."""
+
+    S: Tensor
+    E: Tensor
+    I_asym: Tensor
+    I_sym: Tensor
+    H: Tensor
+    R: Tensor
+    D: Tensor
+    vaccinated: Tensor
+    isolating: Tensor
+    employed: Tensor
+    unemployed: Tensor
+    remote: Tensor  # job can be done from home (drawn once)
+    on_site: Tensor  # goes to the workplace on work days this week
+    stage_end: Tensor  # [B, N] int16: step at which the current timed stage (E, I, H) ends; -1 none
+    isolate_prob: Tensor  # [B, N] float32, from the behaviour source
+    work_prob: Tensor  # [B, N] float32, from the behaviour source
+    reported_recent: Tensor  # [B, 7, G] float32: reported cases of the last 7 days by borough
+
+
+@dataclass
+class CovidEnv:
+    """Static tensors (agents sorted by borough, NTA, household so borough sums are slices)."""
+
+    agent_ids: Tensor  # [N] int32
+    num_agents: int
+    age: Tensor  # [N] int8 years
+    sex: Tensor  # [N] int8
+    borough: Tensor  # [N] int32 group index
+    age_group: Tensor  # [N] int32 DOHMH age group 0..9
+    age_decades_centered: Tensor  # [N] float32 (age − 40) / 10
+    cell: Tensor  # [N] int32 borough * A + age band (index into flattened [B, G, A] levers)
+    school_level: Tensor  # [N] int32 0 elementary, 1 middle, 2 high
+    has_job: Tensor  # [N] bool, employed in the population
+    was_unemployed: Tensor  # [N] bool, unemployed in the population
+    has_workplace: Tensor  # [N] bool
+    workplace_representative: Tensor  # [W] int64: one member agent per workplace (keys its closure draw)
+    workplace_of: Tensor  # [N] int64 workplace index (0 for none; mask with has_workplace)
+    household: GroupLayer
+    school: GroupLayer
+    workplace: GroupLayer
+    community: GroupLayer  # (borough, NTA) groups
+    community_borough: Tensor  # [C] int64
+    borough_slices: list[tuple[int, int]]
+    borough_size: Tensor  # [G] float32
+    group_labels: list[str]
+    durations: dict[str, Tensor]  # stage -> cumulative probability table [K]
+    behavior: Any
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def by_borough(env: CovidEnv, x: Tensor, dtype=None) -> Tensor:
+    """Per-borough sums of agent values: [B, N] -> [B, G] (contiguous slices; agents sorted by borough)."""
+    return torch.stack([x[:, a:b].sum(1, dtype=dtype) for a, b in env.borough_slices], 1)
+
+
+def lever_per_agent(ctx: StepContext, name: str, layer: str | None = None) -> Tensor | None:
+    """Intervention intensity per agent [B, N] (gathered from [B, G, A]), or None when unused."""
+    value = ctx.lever(name, layer)
+    return None if value is None else value.flatten(1).index_select(1, ctx.env.cell)
+
+
+class At:
+    """Read per-agent tensors densely ([B, N]) or at selected agents (b, i) only — the same numbers."""
+
+    def __init__(self, b: Tensor | None = None, i: Tensor | None = None):
+        self.b, self.i = b, i
+
+    def __call__(self, x: Tensor | float) -> Tensor | float:
+        if not isinstance(x, Tensor) or x.dim() == 0 or self.i is None:
+            return x
+        if x.dim() == 1:
+            return x[self.i]
+        if x.shape[0] == 1:
+            return x[0, self.i]
+        return x[self.b, self.i]
+
+    def table(self, values: Tensor, index: Tensor) -> Tensor:
+        """values[index] for an age/level table and a per-agent [N] index."""
+        return values[index if self.i is None else index[self.i]]
+
+
+def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[At], Tensor]) -> Tensor:
+    """Events 1[u < p] among agents in ``where`` [B, N]; ``probability(at)`` computes p elementwise.
+
+    Hard mode evaluates p only at the agents in ``where`` when they are few; gradient modes evaluate it
+    densely. The forward values are identical either way (same uniforms, same elementwise arithmetic).
+    """
+    if not ctx.sampler.differentiable and int(where.sum(dtype=torch.int64)) * 4 <= where.numel():
+        b, i = where.nonzero(as_tuple=True)
+        if True:
+            events = torch.zeros_like(where)
+            if b.numel():
+                p = probability(At(b, i))
+                u = ctx.rng.uniform_at(ctx.step, stream, b, i)
+                events[b, i] = (u < p).to(where.dtype)
+            return events
+    p = probability(At())
+    if not isinstance(p, Tensor):
+        p = torch.tensor(p, dtype=torch.float32, device=where.device)
+    return ctx.sampler.bernoulli(p, ctx.uniform(stream)) * where
+
+
+def enter_stage(stage_end: Tensor, entrants: Tensor, cdf: Tensor, ctx: StepContext, stream: str,
+                entry_step: int) -> Tensor:
+    """Set the countdown of agents entering a timed stage: stage_end = entry_step + duration."""
+    b, i = entrants.detach().nonzero(as_tuple=True)
+    if b.numel():
+        u = ctx.rng.uniform_at(ctx.step, stream, b, i)
+        stage_end[b, i] = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
+    return stage_end
+
+
+def group_layer(group_of: Tensor, device, num_groups: int | None = None) -> GroupLayer:
+    """A `GroupLayer` with int64 slots: on CPU, ``index_add_`` with an int32 index is ~25x slower (torch 2.x)."""
+    layer = GroupLayer(group_of, num_groups).to(device)
+    layer.slot = layer.slot.to(torch.int64)
+    return layer
+
+
+# ---- setup and init --------------------------------------------------------------------------
+
+def setup(population: Population | int, params: CovidParams, device, behavior: BehaviorSource | None = None) -> CovidEnv:
+    if isinstance(population, int):
+        population = synthetic(population, seed=0)
+    persons = population.persons.sort(["borough", "nta", "household_id"])
+    G = len(BOROUGHS)
+    if persons.height and int(persons["borough"].max()) >= G:
+        raise ValueError(f"population has borough codes up to {int(persons['borough'].max())}; the covid model "
+                         f"expects 0..{G - 1} ({', '.join(BOROUGHS)})")
+    col = {c: torch.from_numpy(persons[c].to_numpy().copy()) for c in persons.columns if persons[c].dtype.is_numeric()}
+    age = col["age"].to(torch.int64)
+    borough = col["borough"].to(torch.int64)
+    N = persons.height
+    if "school_level" in col:
+        level = col["school_level"].to(torch.int64).clamp(0, 2)
+    else:  # derived from age: elementary 5-10, middle 11-13, high 14+
+        level = torch.bucketize(age, torch.tensor([11, 14]), right=True)
+    school_id = col["school_id"].to(torch.int64)
+    school_group = dense_index(torch.where(school_id >= 0, school_id * 4 + level, torch.full_like(school_id, -1)))
+    workplace_index = dense_index(col["workplace_id"]).to(torch.int64)
+    has_workplace = workplace_index >= 0
+    W = int(workplace_index.max()) + 1 if has_workplace.any() else 0
+    representative = torch.full((W,), N, dtype=torch.int64)
+    representative.scatter_reduce_(0, workplace_index[has_workplace], torch.arange(N)[has_workplace], "amin")
+    community_group = dense_index(borough * 65_536 + col["nta"].to(torch.int64)).to(torch.int64)
+    C = int(community_group.max()) + 1 if N else 0
+    community_borough = torch.zeros(C, dtype=torch.int64).scatter_(0, community_group, borough)
+    counts = torch.bincount(borough, minlength=G)
+    ends = torch.cumsum(counts, 0).tolist()
+    slices = [(e - int(c), e) for e, c in zip(ends, counts.tolist())]
+    band = torch.bucketize(age, torch.tensor(AGE_BAND_EDGES[1:]), right=True)
+    d = disease
+    durations = {
+        "E": d.lognormal_cdf_table_median(float(params.incubation_median), float(params.incubation_sdlog),
+                                          shift=float(params.presymptomatic_days)),
+        "I_asym": d.lognormal_cdf_table(float(params.asymptomatic_days_mean), float(params.asymptomatic_days_sd)),
+        "I_sym": d.lognormal_cdf_table(float(params.symptomatic_days_mean), float(params.symptomatic_days_sd)),
+        "H": d.lognormal_cdf_table(float(params.hospital_days_mean), float(params.hospital_days_sd)),
+    }
+    dev = torch.device(device)
+    return CovidEnv(
+        agent_ids=col["agent_id"].to(torch.int32).to(dev), num_agents=N, age=col["age"].to(dev), sex=col["sex"].to(dev),
+        borough=borough.to(torch.int32).to(dev), age_group=disease.age_group_of(age).to(torch.int32).to(dev),
+        age_decades_centered=((age.to(torch.float32) - 40) / 10).to(dev),
+        cell=(borough * len(AGE_BAND_EDGES) + band).to(torch.int32).to(dev), school_level=level.to(torch.int32).to(dev),
+        has_job=(col["employment"] == 1).to(dev), was_unemployed=(col["employment"] == 2).to(dev), has_workplace=has_workplace.to(dev),
+        workplace_representative=representative.to(dev), workplace_of=workplace_index.clamp_min(0).to(dev),
+        household=group_layer(dense_index(col["household_id"]), dev), school=group_layer(school_group, dev),
+        workplace=group_layer(workplace_index, dev), community=group_layer(community_group, dev, C),
+        community_borough=community_borough.to(dev), borough_slices=slices,
+        borough_size=counts.to(torch.float32).to(dev), group_labels=list(BOROUGHS),
+        durations={k: v.to(dev) for k, v in durations.items()}, behavior=behavior or HeuristicBehavior(),
+    )
+
+
+def init(env: CovidEnv, params: CovidParams, ctx: StepContext) -> CovidState:
+    """A share `initial_prevalence` of agents (smallest "seeding" uniforms) start in E; employment from
+    the population; remote-capable jobs drawn once."""
+    u = ctx.uniform("seeding")  # [B, N]
+    B, N = u.shape
+    dtype = ctx.sampler.dtype
+    k = min(int(round(float(params.initial_prevalence) * N)), N)
+    E = torch.zeros(B, N, dtype=dtype, device=u.device)
+    if k:
+        E.scatter_(1, torch.topk(u, k, dim=1, largest=False).indices, 1)
+    stage_end = enter_stage(torch.full((B, N), -1, dtype=torch.int16, device=u.device), E, env.durations["E"], ctx,
+                            "duration-E", entry_step=-1)
+    zeros = torch.zeros_like(E)
+    employed = env.has_job.to(dtype).expand(B, N).clone()
+    remote = event(ctx, employed, "remote", lambda at: at(params.remote_work_share))
+    G = len(env.group_labels)
+    return CovidState(S=1 - E, E=E, I_asym=zeros, I_sym=zeros.clone(), H=zeros.clone(), R=zeros.clone(), D=zeros.clone(),
+                      vaccinated=zeros.clone(), isolating=zeros.clone(), employed=employed,
+                      unemployed=env.was_unemployed.to(dtype).expand(B, N).clone(), remote=remote,
+                      on_site=employed * env.has_workplace.to(dtype), stage_end=stage_end,
+                      isolate_prob=torch.zeros(B, N, device=u.device), work_prob=torch.ones(B, N, device=u.device),
+                      reported_recent=torch.zeros(B, 7, G, device=u.device))
+
+
+# ---- substeps --------------------------------------------------------------------------------
+
+def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
+    """observe: per-layer contact pressure π_l and the force of infection λ (into ctx.scratch)."""
+    env: CovidEnv = ctx.env
+    date = date_of(ctx.start_date, ctx.step)
+    infectious = state.I_sym.to(torch.float32) + params.asymptomatic_infectiousness * state.I_asym.to(torch.float32)
+    away = 1 - params.isolation_effectiveness * state.isolating.to(torch.float32)  # a_j
+    infectious_away = infectious * away
+    pressure: dict[str, Tensor] = {"household": env.household.pressure(infectious)}
+    if is_school_day(date):
+        presence = 1.0
+        closure = lever_per_agent(ctx, "school_closure")
+        if closure is not None:
+            presence = 1 - closure
+        level_weight = params.school_level_weights[env.school_level]
+        pressure["school"] = level_weight * presence * env.school.pressure(infectious_away * presence)
+    if is_work_day(date):
+        presence = state.on_site.to(torch.float32)
+        closed = closed_workplaces(ctx)
+        if closed is not None:
+            presence = presence * (1 - closed)
+        pressure["workplace"] = presence * env.workplace.pressure(infectious_away * presence)
+    presence = 1.0
+    stay_home = lever_per_agent(ctx, "stay_at_home")
+    if stay_home is not None:
+        presence = 1 - stay_home
+    totals = env.community.totals(infectious_away * presence)  # [B, C]
+    sizes = env.community.group_size[:-1].clamp_min(1)
+    borough_share = torch.zeros(totals.shape[0], len(env.group_labels), device=totals.device)
+    borough_share = borough_share.index_add(1, env.community_borough, totals) / env.borough_size.clamp_min(1)
+    mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
+    mixed = borough_share @ mixing.T  # [B, G]
+    rho = params.community_borough_share
+    per_community = (1 - rho) * totals / sizes + rho * mixed.index_select(1, env.community_borough)
+    pressure["community"] = presence * env.community.broadcast(per_community)
+
+    reduction_all = lever_per_agent(ctx, "transmission_reduction")
+    weighted = {}
+    for name, value in pressure.items():
+        value = getattr(params, f"{name}_weight") * value
+        reduction = lever_per_agent(ctx, "transmission_reduction", name)
+        if reduction is not None:
+            value = value * (1 - reduction)
+        if reduction_all is not None:
+            value = value * (1 - reduction_all)
+        weighted[name] = value
+    beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
+    susceptibility = params.susceptibility[env.age_group]
+    if ctx.lever("vaccination") is not None:
+        susceptibility = susceptibility * (1 - params.vaccine_efficacy_infection * state.vaccinated.to(torch.float32))
+    force = beta * susceptibility * sum(weighted.values())
+    ctx.scratch.update(force=force, layer_pressure=weighted)
+    return state
+
+
+def closed_workplaces(ctx: StepContext) -> Tensor | None:
+    """[B, N] 1 if the agent's workplace is closed today: workplace w closes when u_w < closure intensity
+    (u_w drawn once per seed for w's representative member), so the intensity is the closed share."""
+    env: CovidEnv = ctx.env
+    closure = lever_per_agent(ctx, "workplace_closure")
+    if closure is None:
+        return None
+    B = closure.shape[0]
+    W = env.workplace_representative.shape[0]
+    b = torch.arange(B, device=closure.device).repeat_interleave(W)
+    u_workplace = ctx.rng.uniform_at(0, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
+    u_agent = u_workplace.index_select(1, env.workplace_of)
+    return ((u_agent < closure) & env.has_workplace).to(torch.float32)
+
+
+def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
+    """decide (every `decision_every` days): isolate_prob and work_prob from the behaviour source,
+    then this week's on-site work decision."""
+    if ctx.step % int(params.decision_every):
+        return state
+    env: CovidEnv = ctx.env
+    labour_force = by_borough(env, state.employed.to(torch.float32) + state.unemployed.to(torch.float32))
+    observations = dict(
+        cases_per_100k=state.reported_recent.sum(1) / env.borough_size.clamp_min(1) * 1e5,
+        unemployment_rate=by_borough(env, state.unemployed.to(torch.float32)) / labour_force.clamp_min(1),
+        policies={lever.name: ctx.lever(lever.name) for lever in LEVERS if ctx.lever(lever.name) is not None},
+        date=date_of(ctx.start_date, ctx.step),
+    )
+    decided = env.behavior.decide(env, state, params, ctx, observations)
+    isolate_prob, work_prob = decided["isolate_prob"], decided["work_prob"]
+    can_go = state.employed * env.has_workplace.to(state.employed.dtype)
+    on_site = event(ctx, can_go, "work", lambda at: at(work_prob))
+    return state.replace(isolate_prob=isolate_prob, work_prob=work_prob, on_site=on_site)
+
+
+def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
+    """transition: infection (S→E), stage exits when countdowns end (E→I, I→R/H, H→R/D), reporting and
+    isolation at I entry, vaccination.
+
+    Stage exits are evaluated only at the agents whose countdown ends today, ``(b, i)``, in every
+    sampling mode: values there are gathered (differentiably) and written back with ``index_put``.
+    """
+    env: CovidEnv = ctx.env
+    t = ctx.step
+    S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
+    V = state.vaccinated
+    # S → E, dense (most agents are susceptible); same numbers as ctx.bernoulli(p, "infection", where=S)
+    new_E = ctx.sampler.bernoulli(1 - torch.exp(-ctx.scratch["force"]), ctx.uniform("infection")) * S
+
+    b, i = (state.stage_end == t).nonzero(as_tuple=True)  # agents whose timed stage ends today
+    at = At(b, i)
+    group = env.age_group[i]
+
+    def draw(p: Tensor, stream: str) -> Tensor:
+        return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), ctx.rng.uniform_at(t, stream, b, i))
+
+    leave_E, leave_Ia, leave_Is, leave_H = E[b, i], Ia[b, i], Is[b, i], H[b, i]
+    to_Is = draw(params.symptomatic_fraction[group], "symptoms").to(E.dtype) * leave_E
+    to_Ia = leave_E - to_Is
+    p_hosp = params.hosp_given_symptomatic[group]
+    if ctx.lever("vaccination") is not None:
+        p_hosp = p_hosp * (1 - params.vaccine_efficacy_severe * at(V).to(torch.float32))
+    to_H = draw(p_hosp, "hospitalisation").to(E.dtype) * leave_Is
+    to_D = draw(params.death_given_hosp[group], "death").to(E.dtype) * leave_H
+    to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
+
+    # surveillance and isolation at I entry (the new I agents are among today's E exits)
+    p_detect = params.detection_rate * (to_Is.to(torch.float32) + params.asymptomatic_detection_ratio * to_Ia.to(torch.float32))
+    testing = lever_per_agent(ctx, "testing_isolation")
+    if testing is not None:
+        p_detect = p_detect + at(testing) * (1 - p_detect)
+    reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
+    aware = to_Is + reported - to_Is * reported
+    isolate = draw(at(state.isolate_prob), "isolation").to(E.dtype) * aware
+    leave_I = leave_Ia + leave_Is
+    isolating_here = state.isolating[b, i] * (1 - leave_I) + isolate
+
+    # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
+    stage_end = state.stage_end.clone()
+    stage_end = enter_stage(stage_end, new_E, env.durations["E"], ctx, "duration-E", entry_step=t)
+    if b.numel():
+        u = ctx.rng.uniform_at(t, "duration-exit", b, i)
+        new_end = torch.full_like(stage_end[b, i], -1)
+        for entered, stage in ((to_Ia, "I_asym"), (to_Is, "I_sym"), (to_H, "H")):
+            duration = (t + disease.draw_duration(env.durations[stage], u).to(torch.int32)).to(torch.int16)
+            new_end = torch.where(entered.detach() > 0, duration, new_end)
+        stage_end[b, i] = new_end
+
+    # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
+    rate = lever_per_agent(ctx, "vaccination")
+    if rate is not None:
+        eligible = (1 - V) * (S + E + Ia + R)
+        V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
+
+    reported_by_borough = by_borough_at(env, b, i, reported, S.shape[0])
+    recent = state.reported_recent.clone()
+    recent[:, t % 7] = reported_by_borough
+    ctx.scratch.update(new_infections=by_borough(env, new_E.to(torch.float32)), reported=reported_by_borough,
+                       admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
+                       deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(new_E, ctx))
+
+    def put(x: Tensor, values: Tensor) -> Tensor:
+        return x.index_put((b, i), values) if b.numel() else x
+
+    E_plus = E + new_E
+    return state.replace(
+        S=S - new_E, E=put(E_plus, E_plus[b, i] - leave_E), I_asym=put(Ia, Ia[b, i] + to_Ia - leave_Ia),
+        I_sym=put(Is, Is[b, i] + to_Is - leave_Is), H=put(H, H[b, i] + to_H - leave_H), R=put(R, R[b, i] + to_R),
+        D=put(D, D[b, i] + to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
+        reported_recent=recent)
+
+
+def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:
+    """Per-borough sums of values at agents (b, i): [M] -> [B, G] float32."""
+    G = len(env.group_labels)
+    out = torch.zeros(batch * G, dtype=torch.float32, device=values.device)
+    return out.index_add(0, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(batch, G)
+
+
+def layer_attribution(new_E: Tensor, ctx: StepContext) -> dict[str, Tensor]:
+    """Expected split of today's infections by layer: Σ_new-infected λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32)."""
+    b, i = new_E.detach().nonzero(as_tuple=True)
+    weighted = ctx.scratch["layer_pressure"]
+    B = new_E.shape[0]
+    parts = {name: (v.detach() if v.dim() == 2 else v.detach().expand(B, -1))[b, i] for name, v in weighted.items()}
+    total = sum(parts.values()).clamp_min(1e-30)
+    return {name: torch.zeros(B, device=new_E.device).index_add(0, b, parts[name] / total) if name in parts else
+            torch.zeros(B, device=new_E.device) for name in LAYERS}
+
+
+def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
+    """transition (every `decision_every` days): job loss and rehiring; the dead leave the labour force."""
+    if ctx.step % int(params.decision_every):
+        return state
+    env: CovidEnv = ctx.env
+    employed, unemployed = state.employed, state.unemployed
+    closed = closed_workplaces(ctx)
+    on_site_job = (1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32)
+
+    def job_loss(at: At):
+        p = params.job_loss_base + params.job_loss_absent * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
+        if closed is not None:
+            p = p + params.job_loss_closed * at(closed) * at(on_site_job)
+        return p
+
+    closure = lever_per_agent(ctx, "workplace_closure")
+
+    def rehire(at: At):
+        return params.rehire_rate if closure is None else params.rehire_rate * (1 - at(closure))
+
+    lost = event(ctx, employed, "job-loss", job_loss)
+    hired = event(ctx, unemployed, "rehire", rehire)
+    alive = 1 - state.D
+    return state.replace(employed=(employed - lost + hired) * alive, unemployed=(unemployed + lost - hired) * alive)
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: StepContext) -> dict[str, Tensor]:
+    """Per day: totals [B] and per-borough [B, G] of flows, stage prevalence, isolating share and
+    unemployment rate; plus the expected split of new infections by layer."""
+    env: CovidEnv = ctx.env
+    count = torch.float32 if ctx.sampler.differentiable else torch.int64
+    out: dict[str, Tensor] = {}
+    flows = dict(new_infections="new_infections", reported_cases="reported", hospital_admissions="admissions",
+                 deaths="deaths")
+    for name, key in flows.items():
+        per_borough = ctx.scratch[key].to(count)
+        out[name] = per_borough.sum(1)
+        out[f"{name}_by_borough"] = per_borough
+    for stage in STAGES:
+        per_borough = by_borough(env, getattr(state, stage), dtype=count)
+        out[stage] = per_borough.sum(1)
+        out[f"{stage}_by_borough"] = per_borough
+    isolating = by_borough(env, state.isolating, dtype=count).to(torch.float32)
+    employed = by_borough(env, state.employed, dtype=count).to(torch.float32)
+    unemployed = by_borough(env, state.unemployed, dtype=count).to(torch.float32)
+    out["isolating_share"] = isolating.sum(1) / env.num_agents
+    out["isolating_share_by_borough"] = isolating / env.borough_size.clamp_min(1)
+    out["unemployment_rate"] = unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1)
+    out["unemployment_rate_by_borough"] = unemployed / (employed + unemployed).clamp_min(1)
+    for name, value in ctx.scratch["attributed"].items():
+        out[f"infections_{name}"] = value
+    return out
+
+
+# ---- population and model --------------------------------------------------------------------
+
+DEFAULT_POPULATION_PATH = "populations/built/nyc_scale0.05"
+
+
+def default_population() -> Population:
+    """The NYC synthetic population at 5 % scale (built on first use), or a generated stand-in with a
+    logged warning while the NYC builder (`populations.nyc`) is not installed."""
+    try:
+        from populations.nyc import load_or_build
+    except ImportError as e:
+        log.warning("populations.nyc is not importable (%s); using a generated 425,000-agent stand-in population "
+                    "(agenttensor.synthetic), not the NYC census population", e)
+        import sys
+
+        print(f"note: NYC population builder not available ({e}); using synthetic:425000", file=sys.stderr)
+        return synthetic(425_000, seed=0)
+    return load_or_build(DEFAULT_POPULATION_PATH, scale=0.05, boroughs=None, seed=0)
+
+
+LEVERS = (
+    LeverSpec("school_closure", "share of school contacts removed (1 = schools closed)"),
+    LeverSpec("workplace_closure", "share of workplaces closed (on-site work removed; closed on-site jobs risk loss)"),
+    LeverSpec("stay_at_home", "share of community contacts removed; also lowers the go-to-work logit"),
+    LeverSpec("transmission_reduction", "share of per-contact transmission removed (masks, distancing)",
+              layers=LAYERS),
+    LeverSpec("testing_isolation", "extra probability that a new infection is detected (then isolates w.p. isolate_prob)"),
+    LeverSpec("vaccination", "daily probability that an eligible unvaccinated agent is vaccinated (target ages for priority)"),
+)
+
+
+def make_model(behavior: BehaviorSource | None = None) -> Model:
+    """The covid model with a behaviour source (default `HeuristicBehavior`)."""
+    return Model(
+        name="covid",
+        params_type=CovidParams,
+        setup=functools.partial(setup, behavior=behavior),
+        init=init,
+        substeps=(
+            Substep("infection_pressure", "observe", infection_pressure),
+            Substep("behaviour", "decide", behaviour),
+            Substep("progress", "transition", progress),
+            Substep("labour_market", "transition", labour_market),
+        ),
+        metrics=metrics,
+        default_population=default_population,
+        description=__doc__.splitlines()[0],
+        levers=LEVERS,
+        age_band_edges=AGE_BAND_EDGES,
+    )
+
+
+MODEL = make_model()
