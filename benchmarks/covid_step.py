@@ -1,0 +1,109 @@
+"""Seconds per simulated day of the NYC COVID-19 model (models/covid), forward (hard mode) and
+forward+backward (StraightThrough, gradients to β and the weekly multiplier), at 0.1M and 1M
+synthetic agents and at full NYC when the population builder is available.
+
+    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads N]
+
+Prints a table and writes benchmarks/results/covid_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import agenttensor as at
+from agenttensor import Intervention, StraightThrough
+from models.covid.model import MODEL, CovidParams
+
+START = dt.date(2020, 3, 2)  # a Monday: every layer is active on the first days
+SCENARIO = [Intervention("school_closure", dt.date(2020, 3, 16), dt.date(2020, 6, 26), 1.0),
+            Intervention("workplace_closure", dt.date(2020, 3, 22), dt.date(2020, 6, 8), 0.5),
+            Intervention("transmission_reduction", dt.date(2020, 4, 17), dt.date(2020, 12, 31), 0.3)]
+
+
+def env_bytes(env) -> int:
+    total = 0
+    for value in vars(env).values():
+        tensors = [value] if isinstance(value, torch.Tensor) else \
+            [getattr(value, k) for k in ("slot", "group_size", "inv_others")] if isinstance(value, at.GroupLayer) else []
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
+    t0 = time.perf_counter()
+    env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
+    setup_s = time.perf_counter() - t0
+    params = CovidParams(initial_prevalence=1e-3)
+    at.simulate(MODEL, env=env, params=params, steps=2, start_date=START, progress=False, interventions=SCENARIO)
+    hard = at.simulate(MODEL, env=env, params=params, steps=fwd_steps, start_date=START, progress=False,
+                       interventions=SCENARIO)
+    forward = hard.timing["seconds_per_step"]
+    row = dict(population=name, agents=env.num_agents, setup_s=round(setup_s, 2), fwd_steps=fwd_steps,
+               forward_s_per_day=round(forward, 4),
+               state_bytes_per_agent=round(hard.final_state.nbytes() / env.num_agents, 2),
+               env_bytes_per_agent=round(env_bytes(env) / env.num_agents, 2))
+    if bwd_steps:
+        learn = params.replace(transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
+        learn = learn.as_tensors(learn=("transmission_scale", "transmission_multiplier", "household_weight",
+                                        "community_weight", "detection_rate"))
+        t1 = time.perf_counter()
+        soft = at.simulate(MODEL, env=env, params=learn, steps=bwd_steps, start_date=START, progress=False,
+                           sampler=StraightThrough(), interventions=SCENARIO)
+        loss = soft["new_infections"].sum() + soft["reported_cases"].sum() + soft["hospital_admissions"].sum()
+        loss.backward()
+        both = (time.perf_counter() - t1) / bwd_steps
+        row.update(bwd_steps=bwd_steps, forward_backward_s_per_day=round(both, 4),
+                   ratio_to_forward=round(both / forward, 2),
+                   grad_transmission_scale=float(soft.params.transmission_scale.grad))
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--nyc", action="store_true", help="also full NYC (builds populations/built/nyc_scale1 once)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fwd-steps", type=int, default=14)
+    parser.add_argument("--bwd-steps", type=int, default=7)
+    parser.add_argument("--out", default="benchmarks/results/covid_step.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for n in [int(float(x)) for x in args.sizes.split(",") if x]:
+        rows.append(measure(f"synthetic:{n}", at.synthetic(n, seed=0), args.fwd_steps, args.bwd_steps))
+        print(rows[-1], flush=True)
+    if args.nyc:
+        from populations.nyc import load_or_build
+
+        population = load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)
+        rows.append(measure("NYC full (populations.nyc, scale 1)", population, args.fwd_steps, max(args.bwd_steps // 2, 2)))
+        print(rows[-1], flush=True)
+    header = ("population", "agents", "forward_s_per_day", "forward_backward_s_per_day", "ratio_to_forward",
+              "state_bytes_per_agent", "env_bytes_per_agent", "peak_rss_gb")
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(str(row.get(k, "")) for k in header))
+    out = dict(benchmark="covid_step", rows=rows, threads=torch.get_num_threads(), torch=torch.__version__,
+               python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
+               date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               note="hard-mode forward and StraightThrough forward+backward (gradients to 5 parameters incl. the "
+                    "weekly multiplier); scenario with school/workplace closures and masks; shared machine, see load")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
