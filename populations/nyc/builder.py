@@ -245,13 +245,13 @@ def _round_scaled(values: np.ndarray, scale: float) -> np.ndarray:
 
 def _top_k_per_group(group: np.ndarray, keys: np.ndarray, k_per_group: np.ndarray) -> np.ndarray:
     """Boolean mask: in each group g, the ``k_per_group[g]`` items with the largest keys (keys = -inf never)."""
-    order = np.lexsort((-keys, group))
+    eligible = np.flatnonzero(np.isfinite(keys))
+    order = eligible[np.lexsort((-keys[eligible], group[eligible]))]
     g_sorted = group[order]
     starts = np.searchsorted(g_sorted, np.arange(len(k_per_group)))
     rank = np.arange(len(order)) - starts[g_sorted]
-    chosen_sorted = (rank < k_per_group[g_sorted]) & np.isfinite(keys[order])
     mask = np.zeros(len(keys), dtype=bool)
-    mask[order[chosen_sorted]] = True
+    mask[order[rank < k_per_group[g_sorted]]] = True
     return mask
 
 
