@@ -54,7 +54,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     paths = results.save(out)
     table = results.compare()
-    head = table.filter(table["metric"].str.starts_with("total_new_")).select(
+    head = table.filter(table["metric"].str.starts_with("total_")).select(
         "scenario", "metric", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi")
     print(f"{model.name}: {len(results.names)} scenarios × {len(seeds)} seeds, {days} days, "
           f"{time.perf_counter() - t0:.1f} s ({len(results.info['chunks'])} chunk(s))")

@@ -32,7 +32,7 @@ def _pyplot():
 
 def _default_metrics(results: "ScenarioResults") -> list[str]:
     names = list(results.totals(results.baseline))
-    preferred = [m for m in ("new_infections", "I", "infectious", "hospitalised", "deaths", "new_deaths") if m in names]
+    preferred = [m for m in ("new_infections", "I", "hospital_admissions", "H", "deaths") if m in names]
     return preferred or names[:2]
 
 
@@ -111,7 +111,8 @@ def write_plots(results: "ScenarioResults", table: pl.DataFrame, directory: str 
 
 def _headline_outcomes(table: pl.DataFrame) -> list[str]:
     metrics = table["metric"].unique(maintain_order=True).to_list()
-    head = [m for m in metrics if m.startswith("total_new_")][:3]
+    preferred = ["total_new_infections", "total_hospital_admissions", "total_deaths"]
+    head = [m for m in preferred if m in metrics] or [m for m in metrics if m.startswith("total_")][:3]
     return head or metrics[:1]
 
 

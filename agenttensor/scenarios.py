@@ -422,12 +422,12 @@ class ScenarioResults:
         return pl.concat(frames)
 
     def outcomes(self, scenario: str) -> dict[str, Tensor]:
-        """Scalar outcomes per seed, [S]: ``total_X`` (sum over the run) and ``peak_X`` for flows
-        named ``new_*``; ``peak_X`` and ``final_X`` for stocks."""
+        """Scalar outcomes per seed, [S]: ``total_X`` (sum over the run) and ``peak_X`` for daily
+        flows (``new_*``, ``*cases``, ``*admissions``, ``*deaths``, ``*infections``); ``peak_X`` and ``final_X`` for stocks."""
         out = {}
         for k, v in self.totals(scenario).items():
             v = v.detach().to(torch.float64)
-            if k.startswith("new_"):
+            if _is_flow(k):
                 out[f"total_{k}"] = v.sum(0)
                 out[f"peak_{k}"] = v.max(0).values
             else:
@@ -486,6 +486,14 @@ class ScenarioResults:
                 paths["report.html"] = write_report(self, table, directory / "report.html", plot_paths,
                                                     interval=interval, level=level)
         return paths
+
+
+FLOW_SUFFIXES = ("cases", "admissions", "deaths", "infections")
+
+
+def _is_flow(name: str) -> bool:
+    """Daily counts (summed into ``total_*``): ``new_*`` and names ending in cases/admissions/deaths/infections."""
+    return name.startswith("new_") or name.endswith(FLOW_SUFFIXES)
 
 
 def t_quantile(p: float, df: int) -> float:
