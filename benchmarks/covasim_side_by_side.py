@@ -29,7 +29,7 @@ we use incubation_days = 4.5 and infectious_days = 8 (same means, wider spread).
 SEIR an infector only exerts the weight of the layers it belongs to (a non-worker adult has no
 school/workplace term; a single-person household has no household term) and households saturate,
 so the realised reproduction number is below the `R0` parameter; `R0` was therefore calibrated
-(default 3.4, see benchmarks/README.md) so that the final attack rate over DAYS days is close to
+(default 5.0; calibration runs are listed in benchmarks/README.md) so that the final attack rate over DAYS days is close to
 Covasim's default. Epidemic *shapes* still differ (geometric vs lognormal stage durations,
 different contact structures): the comparison is about throughput at a comparable epidemic, not
 about equivalent epidemiology.
@@ -82,13 +82,15 @@ def worker_covasim(n: int, days: int, seed: int) -> dict:
     sim.initialize()
     setup_seconds = time.perf_counter() - t0
     rss_before = _rss_now()
-    t1 = time.perf_counter()
+    load_before, c1, t1 = os.getloadavg()[0], time.process_time(), time.perf_counter()
     sim.run()
     run_seconds = time.perf_counter() - t1
+    run_cpu_seconds = time.process_time() - c1
     new = np.asarray(sim.results["new_infections"].values)
     return dict(
         engine="covasim", version=cv.__version__, numba=numba.__version__, numpy=np.__version__,
         n=n, days=days, seed=seed, setup_seconds=setup_seconds, run_seconds=run_seconds,
+        run_cpu_seconds=run_cpu_seconds, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0],
         rss_before_run_bytes=rss_before, peak_rss_bytes=_peak_rss(),
         attack_rate=float(sim.results["cum_infections"].values[-1]) / n,  # counts reinfections (waning is on)
         ever_infected=float(np.isfinite(sim.people.date_exposed).sum()) / n,
@@ -120,12 +122,15 @@ def worker_agenttensor(n: int, days: int, seed: int, r0: float, incubation: floa
     del pop
     setup_seconds = time.perf_counter() - t0
     rss_before = _rss_now()
+    load_before, c1 = os.getloadavg()[0], time.process_time()
     res = agenttensor.simulate(seir.MODEL, None, params, env=env, steps=days, seeds=(seed,), progress=False)
+    run_cpu_seconds = time.process_time() - c1  # includes building the Results (negligible)
     new = res["new_infections"][:, 0].to(torch.int64)
     S_final = int(res["S"][-1, 0])
     return dict(
         engine="agenttensor", version=agenttensor.__version__, torch=torch.__version__, n=n, days=days, seed=seed,
-        setup_seconds=setup_seconds, run_seconds=float(res.timing["run_seconds"]),
+        setup_seconds=setup_seconds, run_seconds=float(res.timing["run_seconds"]), run_cpu_seconds=run_cpu_seconds,
+        loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0],
         rss_before_run_bytes=rss_before, peak_rss_bytes=_peak_rss(),
         attack_rate=(n - S_final) / n, ever_infected=(n - S_final) / n, peak_day=int(torch.argmax(new)), peak_new_infections=int(new.max()),
         pars=dict(R0=r0, incubation_days=incubation, infectious_days=infectious, initial_infected=initial_infected,
@@ -161,18 +166,20 @@ def run_worker(python: str, args: list[str]) -> dict:
 def derived(r: dict) -> dict:
     agent_days = r["n"] * r["days"]
     return dict(agent_days_per_second=agent_days / r["run_seconds"], seconds_per_day=r["run_seconds"] / r["days"],
+                agent_days_per_cpu_second=agent_days / r["run_cpu_seconds"],
                 peak_mb=r["peak_rss_bytes"] / 2**20, bytes_per_agent=r["peak_rss_bytes"] / r["n"])
 
 
 def table(cov: dict | None, at: dict) -> str:
-    rows = [("engine", "agent-days/s", "s/day", "run s", "setup s", "peak MB", "bytes/agent", "attack rate",
+    rows = [("engine", "agent-days/s", "s/day", "run s", "run CPU s", "load", "setup s", "peak MB", "bytes/agent", "attack rate",
              "ever infected", "peak day")]
     for r in (cov, at):
         if r is None:
             continue
         d = derived(r)
         rows.append((f"{r['engine']} {r['version']}", f"{d['agent_days_per_second']:,.0f}",
-                     f"{d['seconds_per_day']:.4f}", f"{r['run_seconds']:.1f}", f"{r['setup_seconds']:.1f}",
+                     f"{d['seconds_per_day']:.4f}", f"{r['run_seconds']:.1f}", f"{r['run_cpu_seconds']:.1f}",
+                     f"{r['loadavg_1m_before']:.1f}", f"{r['setup_seconds']:.1f}",
                      f"{d['peak_mb']:,.0f}", f"{d['bytes_per_agent']:,.0f}", f"{r['attack_rate']:.3f}",
                      f"{r['ever_infected']:.3f}",
                      str(r["peak_day"])))
@@ -187,7 +194,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000, help="agents (default 1,000,000)")
     ap.add_argument("--days", type=int, default=120)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--r0", type=float, default=3.4, help="agenttensor SEIR R0 parameter (calibrated, see docstring)")
+    ap.add_argument("--r0", type=float, default=5.0, help="agenttensor SEIR R0 parameter (calibrated, see docstring)")
     ap.add_argument("--incubation-days", type=float, default=4.5)
     ap.add_argument("--infectious-days", type=float, default=8.0)
     ap.add_argument("--initial-infected", type=int, default=20, help="Covasim default pop_infected is 20")
