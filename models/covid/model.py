@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import polars as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
@@ -203,6 +204,10 @@ class CovidEnv:
     workplace: GroupLayer
     community: GroupLayer  # (borough, NTA) groups
     community_borough: Tensor  # [C] int64
+    household_inv_others: Tensor  # [H + 1] float32: 1 / (n_g − 1) per group, 0 for groups of one and the empty slot
+    school_inv_others: Tensor  # [S + 1]
+    workplace_inv_others: Tensor  # [W + 1]
+    school_group_level: Tensor  # [S] int64 level of each (school, level) group
     borough_slices: list[tuple[int, int]]
     borough_size: Tensor  # [G] float32
     group_labels: list[str]
@@ -238,6 +243,12 @@ class At:
             return x[0, self.i]
         return x[self.b, self.i]
 
+    def group(self, per_slot: Tensor, slot: Tensor) -> Tensor:
+        """Each agent's group value: per_slot [B, G + 1] gathered at the agent's slot [N]."""
+        if self.i is None:
+            return per_slot.index_select(1, slot)
+        return per_slot[0 if per_slot.shape[0] == 1 else self.b, slot[self.i]]
+
     def table(self, values: Tensor, index: Tensor) -> Tensor:
         """values[index] for an age/level table and a per-agent [N] index."""
         return values[index if self.i is None else index[self.i]]
@@ -272,6 +283,12 @@ def enter_stage(stage_end: Tensor, entrants: Tensor, cdf: Tensor, ctx: StepConte
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
         stage_end[b, i] = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
     return stage_end
+
+
+def inv_others(layer: GroupLayer) -> Tensor:
+    """[G + 1]: 1 / (members − 1) per group; 0 for groups of one and for the non-member slot."""
+    others = layer.group_size - 1
+    return torch.where(others > 0, 1 / others.clamp_min(1), torch.zeros_like(others))
 
 
 def group_layer(group_of: Tensor, device, num_groups: int | None = None) -> GroupLayer:
@@ -322,6 +339,12 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
         "H": d.lognormal_cdf_table(float(params.hospital_days_mean), float(params.hospital_days_sd)),
     }
     dev = torch.device(device)
+    household = group_layer(dense_index(col["household_id"]), dev)
+    school = group_layer(school_group, dev)
+    workplace = group_layer(workplace_index, dev)
+    school_group_level = torch.zeros(school.num_groups, dtype=torch.int64)
+    in_school = school_group >= 0
+    school_group_level[school_group[in_school].to(torch.int64)] = level[in_school]
     return CovidEnv(
         agent_ids=col["agent_id"].to(torch.int32).to(dev), num_agents=N, age=col["age"].to(dev), sex=col["sex"].to(dev),
         borough=borough.to(torch.int32).to(dev), age_group=disease.age_group_of(age).to(torch.int32).to(dev),
@@ -329,8 +352,9 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
         cell=(borough * len(AGE_BAND_EDGES) + band).to(torch.int32).to(dev), school_level=level.to(torch.int32).to(dev),
         has_job=(col["employment"] == 1).to(dev), was_unemployed=(col["employment"] == 2).to(dev), has_workplace=has_workplace.to(dev),
         workplace_representative=representative.to(dev), workplace_of=workplace_index.clamp_min(0).to(dev),
-        household=group_layer(dense_index(col["household_id"]), dev), school=group_layer(school_group, dev),
-        workplace=group_layer(workplace_index, dev), community=group_layer(community_group, dev, C),
+        household=household, school=school, workplace=workplace, community=group_layer(community_group, dev, C),
+        household_inv_others=inv_others(household), school_inv_others=inv_others(school),
+        workplace_inv_others=inv_others(workplace), school_group_level=school_group_level.to(dev),
         community_borough=community_borough.to(dev), borough_slices=slices,
         borough_size=counts.to(torch.float32).to(dev), group_labels=list(BOROUGHS),
         durations={k: v.to(dev) for k, v in durations.items()}, behavior=behavior or HeuristicBehavior(),
@@ -364,56 +388,97 @@ def init(env: CovidEnv, params: CovidParams, ctx: StepContext) -> CovidState:
 # ---- substeps --------------------------------------------------------------------------------
 
 def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
-    """observe: per-layer contact pressure π_l and the force of infection λ (into ctx.scratch)."""
+    """observe: λ_i = β m(t) σ_a(i) (1 − ε_V V_i) Σ_l w_l r_l(i) π_l(i), into ``ctx.scratch["force"]`` [B, N].
+
+    Infectious agents are few, so each layer's group sums Σ_j p_j a_j ι_j run over the infectious agents
+    only and are scaled per group (by β m w_l / (n_g − 1)); each agent then reads its group's value with
+    one gather. The self term of π is left out: λ only matters for susceptible agents, who contribute
+    nothing. In gradient modes a zero-valued dense term ``x − x.detach()`` carries the gradient of the
+    dense group sum, so forward values are the same in every mode.
+    """
     env: CovidEnv = ctx.env
     date = date_of(ctx.start_date, ctx.step)
-    infectious = state.I_sym.to(torch.float32) + params.asymptomatic_infectiousness * state.I_asym.to(torch.float32)
-    away = 1 - params.isolation_effectiveness * state.isolating.to(torch.float32)  # a_j
-    infectious_away = infectious * away
-    pressure: dict[str, Tensor] = {"household": env.household.pressure(infectious)}
+    B = state.S.shape[0]
+    device = state.S.device
+    b, j = (state.I_sym + state.I_asym).detach().nonzero(as_tuple=True)  # infectious agents
+    sources = At(b, j)
+    beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
+
+    def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
+        return at(state.I_sym).to(torch.float32) + params.asymptomatic_infectiousness * at(state.I_asym).to(torch.float32)
+
+    def away(at: At) -> Tensor:  # a = 1 − η isolating
+        return 1 - params.isolation_effectiveness * at(state.isolating).to(torch.float32)
+
+    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor]) -> Tensor:
+        """Σ over each group's infectious members: [B, G + 1] (last slot: non-members)."""
+        slots = layer.num_groups + 1
+        totals = torch.zeros(B * slots, device=device)
+        totals = totals.index_add(0, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
+        if ctx.sampler.differentiable:
+            dense = torch.zeros(B, slots, device=device).index_add(1, layer.slot, contribution(At()).expand(B, -1))
+            totals = totals + (dense - dense.detach())
+        return totals
+
+    def presence_of(lever: str) -> Callable[[At], Tensor] | None:
+        value = lever_per_agent(ctx, lever)
+        return None if value is None else (lambda at: 1 - at(value))
+
+    # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
+    layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
+    household = group_totals(env.household, infectiousness)
+    layers["household"] = (beta * params.household_weight * household * env.household_inv_others, env.household.slot, None)
     if is_school_day(date):
-        presence = 1.0
-        closure = lever_per_agent(ctx, "school_closure")
-        if closure is not None:
-            presence = 1 - closure
-        level_weight = params.school_level_weights[env.school_level]
-        pressure["school"] = level_weight * presence * env.school.pressure(infectious_away * presence)
+        p_school = presence_of("school_closure")
+        school = group_totals(env.school, lambda at: infectiousness(at) * away(at) * (p_school(at) if p_school else 1))
+        level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
+        layers["school"] = (beta * params.school_weight * school * env.school_inv_others * level_weight, env.school.slot,
+                            p_school)
     if is_work_day(date):
-        presence = state.on_site.to(torch.float32)
         closed = closed_workplaces(ctx)
-        if closed is not None:
-            presence = presence * (1 - closed)
-        pressure["workplace"] = presence * env.workplace.pressure(infectious_away * presence)
-    presence = 1.0
-    stay_home = lever_per_agent(ctx, "stay_at_home")
-    if stay_home is not None:
-        presence = 1 - stay_home
-    totals = env.community.totals(infectious_away * presence)  # [B, C]
-    sizes = env.community.group_size[:-1].clamp_min(1)
-    borough_share = torch.zeros(totals.shape[0], len(env.group_labels), device=totals.device)
-    borough_share = borough_share.index_add(1, env.community_borough, totals) / env.borough_size.clamp_min(1)
+
+        def p_work(at: At) -> Tensor:
+            on_site = at(state.on_site).to(torch.float32)
+            return on_site if closed is None else on_site * (1 - at(closed))
+
+        work = group_totals(env.workplace, lambda at: infectiousness(at) * away(at) * p_work(at))
+        layers["workplace"] = (beta * params.workplace_weight * work * env.workplace_inv_others, env.workplace.slot, p_work)
+    p_community = presence_of("stay_at_home")
+    community = group_totals(env.community, lambda at: infectiousness(at) * away(at) * (p_community(at) if p_community else 1))
+    community = community[:, :-1]  # [B, C]
+    per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough, community)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
-    mixed = borough_share @ mixing.T  # [B, G]
+    mixed = (per_borough / env.borough_size.clamp_min(1)) @ mixing.T  # [B, G]: Σ_b' M_bb' C_b'
     rho = params.community_borough_share
-    per_community = (1 - rho) * totals / sizes + rho * mixed.index_select(1, env.community_borough)
-    pressure["community"] = presence * env.community.broadcast(per_community)
+    per_community = (1 - rho) * community / env.community.group_size[:-1].clamp_min(1) \
+        + rho * mixed.index_select(1, env.community_borough)
+    layers["community"] = (F.pad(beta * params.community_weight * per_community, (0, 1)), env.community.slot, p_community)
 
     reduction_all = lever_per_agent(ctx, "transmission_reduction")
-    weighted = {}
-    for name, value in pressure.items():
-        value = getattr(params, f"{name}_weight") * value
-        reduction = lever_per_agent(ctx, "transmission_reduction", name)
-        if reduction is not None:
-            value = value * (1 - reduction)
+    reductions = {name: lever_per_agent(ctx, "transmission_reduction", name) for name in layers}
+    vaccinated = ctx.lever("vaccination") is not None
+
+    def layer_term(name: str, at: At) -> Tensor:
+        """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at``."""
+        per_slot, slot, presence = layers[name]
+        value = at.group(per_slot, slot)
+        if presence is not None:
+            value = value * presence(at)
+        if reductions[name] is not None:
+            value = value * (1 - at(reductions[name]))
         if reduction_all is not None:
-            value = value * (1 - reduction_all)
-        weighted[name] = value
-    beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
-    susceptibility = params.susceptibility[env.age_group]
-    if ctx.lever("vaccination") is not None:
-        susceptibility = susceptibility * (1 - params.vaccine_efficacy_infection * state.vaccinated.to(torch.float32))
-    force = beta * susceptibility * sum(weighted.values())
-    ctx.scratch.update(force=force, layer_pressure=weighted)
+            value = value * (1 - at(reduction_all))
+        return value
+
+    def susceptibility(at: At) -> Tensor:
+        sigma = at.table(params.susceptibility, env.age_group)
+        if vaccinated:
+            sigma = sigma * (1 - params.vaccine_efficacy_infection * at(state.vaccinated).to(torch.float32))
+        return sigma
+
+    dense = At()
+    force = susceptibility(dense) * sum(layer_term(name, dense) for name in layers)
+    ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     return state
 
 
@@ -539,10 +604,10 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
 def layer_attribution(new_E: Tensor, ctx: StepContext) -> dict[str, Tensor]:
     """Expected split of today's infections by layer: Σ_new-infected λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32)."""
     b, i = new_E.detach().nonzero(as_tuple=True)
-    weighted = ctx.scratch["layer_pressure"]
     B = new_E.shape[0]
-    parts = {name: (v.detach() if v.dim() == 2 else v.detach().expand(B, -1))[b, i] for name, v in weighted.items()}
-    total = sum(parts.values()).clamp_min(1e-30)
+    at = At(b, i)
+    parts = {name: ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in ctx.scratch["layer_names"]}
+    total = sum(parts.values()).clamp_min(1e-30) if parts else None
     return {name: torch.zeros(B, device=new_E.device).index_add(0, b, parts[name] / total) if name in parts else
             torch.zeros(B, device=new_E.device) for name in LAYERS}
 
