@@ -186,7 +186,7 @@ class Archetypes:
             if key is not None and codes.shape != key.shape:
                 raise ConfigError(f"attribute {attr.name!r} has {codes.numel()} agents, others have {key.numel()}")
             if validate and codes.numel():
-                low, high = int(codes.min()), int(codes.max())
+                low, high = (int(v) for v in torch.aminmax(codes))
                 if low < 0 or high >= attr.radix:
                     raise ConfigError(
                         f"attribute {attr.name!r} has codes in [{low}, {high}] but only {attr.radix} labels {attr.labels}"
@@ -294,6 +294,7 @@ class ArchetypeEngine(torch.nn.Module):
         self.last_step: dict[str, Any] = {}
         self.last_prompts: list[str] = []
         self.last_option_probabilities: Tensor | None = None
+        self._grouping: tuple[Any, ...] | None = None
 
     # -- context and prompts ------------------------------------------------------------------
 
@@ -420,6 +421,21 @@ class ArchetypeEngine(torch.nn.Module):
         p = p.clamp(self.eps, 1 - self.eps)
         return torch.sigmoid(self.scale * torch.logit(p) + self.shift)
 
+    def _assign(self, agent_attrs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, bool]:
+        """Grouping, reused while the very same attribute tensors are passed unmodified
+        (same objects, same storage, same in-place version counter)."""
+        names = [a.name for a in self.spec.attributes]
+        try:
+            token = tuple((id(agent_attrs[n]), agent_attrs[n].data_ptr(), agent_attrs[n]._version) for n in names)
+        except (KeyError, AttributeError):
+            token = None
+        if token is not None and self._grouping is not None and self._grouping[0] == token:
+            return self._grouping[1], self._grouping[2], True
+        archetype_of, keys = self.archetypes.assign(agent_attrs)
+        # keep references so the ids above cannot be reused by new tensors while cached
+        self._grouping = (token, archetype_of, keys, tuple(agent_attrs[n] for n in names)) if token else None  # type: ignore[assignment]
+        return archetype_of, keys, False
+
     def decide(self, agent_attrs: Mapping[str, Tensor], environment: Mapping[str, Any], step: int = 0) -> Tensor:
         """Behaviour probability of every agent: [N] float32 in [0, 1].
 
@@ -427,7 +443,7 @@ class ArchetypeEngine(torch.nn.Module):
         """
         step_stats: dict[str, Any] = {}
         t0 = time.perf_counter()
-        archetype_of, keys = self.archetypes.assign(agent_attrs)
+        archetype_of, keys, step_stats["grouping_reused"] = self._assign(agent_attrs)
         t1 = time.perf_counter()
         option_probs = self.archetype_probabilities(keys, environment, step, step_stats)
         t2 = time.perf_counter()

@@ -276,3 +276,20 @@ def test_rows_that_do_not_sum_to_one_are_failures():
     engine = ArchetypeEngine(example_spec(), backend=Broken(), cache=False)
     with pytest.raises(BackendError, match="unusable probabilities"):
         engine.decide(random_attrs(100), ENV)
+
+
+def test_grouping_is_reused_only_for_unchanged_attribute_tensors():
+    backend = CountingBackend()
+    engine = ArchetypeEngine(example_spec(), backend=backend, cache=False)
+    attrs = random_attrs(1000)
+    p1 = engine.decide(attrs, ENV)
+    assert engine.last_step["grouping_reused"] is False
+    p2 = engine.decide(attrs, ENV)
+    assert engine.last_step["grouping_reused"] is True and torch.equal(p1, p2)
+    attrs["employment"][:500] = 1  # in-place change → regroup
+    p3 = engine.decide(attrs, ENV)
+    assert engine.last_step["grouping_reused"] is False
+    fresh = ArchetypeEngine(example_spec(), backend=CountingBackend(), cache=False).decide(attrs, ENV)
+    assert torch.equal(p3, fresh)
+    engine.decide({**attrs, "sex": attrs["sex"].clone()}, ENV)  # a new tensor → regroup
+    assert engine.last_step["grouping_reused"] is False
