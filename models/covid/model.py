@@ -275,10 +275,11 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
     return ctx.sampler.bernoulli(p, ctx.uniform(stream)) * where
 
 
-def enter_stage(stage_end: Tensor, entrants: Tensor, cdf: Tensor, ctx: StepContext, stream: str,
+def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf: Tensor, ctx: StepContext, stream: str,
                 entry_step: int) -> Tensor:
-    """Set the countdown of agents entering a timed stage: stage_end = entry_step + duration."""
-    b, i = entrants.detach().nonzero(as_tuple=True)
+    """Set the countdown of agents entering a timed stage (a [B, N] mask or its (b, i) indices):
+    stage_end = entry_step + duration."""
+    b, i = entrants if isinstance(entrants, tuple) else entrants.detach().nonzero(as_tuple=True)
     if b.numel():
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
         stage_end[b, i] = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
@@ -561,7 +562,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
     stage_end = state.stage_end.clone()
-    stage_end = enter_stage(stage_end, new_E, env.durations["E"], ctx, "duration-E", entry_step=t)
+    infected_b, infected_i = new_E.detach().nonzero(as_tuple=True)
+    stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
     if b.numel():
         u = ctx.rng.uniform_at(t, "duration-exit", b, i)
         new_end = torch.full_like(stage_end[b, i], -1)
@@ -579,9 +581,13 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     reported_by_borough = by_borough_at(env, b, i, reported, S.shape[0])
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
-    ctx.scratch.update(new_infections=by_borough(env, new_E.to(torch.float32)), reported=reported_by_borough,
+    if ctx.sampler.differentiable:  # dense: d/dp of every susceptible agent's draw (straight-through)
+        new_infections = by_borough(env, new_E.to(torch.float32))
+    else:  # the same integer counts from the infected agents only
+        new_infections = by_borough_at(env, infected_b, infected_i, new_E[infected_b, infected_i], S.shape[0])
+    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough,
                        admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
-                       deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(new_E, ctx))
+                       deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
     def put(x: Tensor, values: Tensor) -> Tensor:
         return x.index_put((b, i), values) if b.numel() else x
@@ -601,15 +607,13 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     return out.index_add(0, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(batch, G)
 
 
-def layer_attribution(new_E: Tensor, ctx: StepContext) -> dict[str, Tensor]:
-    """Expected split of today's infections by layer: Σ_new-infected λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32)."""
-    b, i = new_E.detach().nonzero(as_tuple=True)
-    B = new_E.shape[0]
+def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
+    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32)."""
     at = At(b, i)
     parts = {name: ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in ctx.scratch["layer_names"]}
     total = sum(parts.values()).clamp_min(1e-30) if parts else None
-    return {name: torch.zeros(B, device=new_E.device).index_add(0, b, parts[name] / total) if name in parts else
-            torch.zeros(B, device=new_E.device) for name in LAYERS}
+    return {name: torch.zeros(B, device=b.device).index_add(0, b, parts[name] / total) if name in parts else
+            torch.zeros(B, device=b.device) for name in LAYERS}
 
 
 def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
