@@ -183,3 +183,9 @@ def test_cli_run_writes_results(tmp_path):
                  "2020-03-01", "--out", str(out), "--no-progress"])
     assert code == 0
     assert (out / "results.parquet").exists() and (out / "results_by_group.parquet").exists()
+    from models.covid.report import write_report
+
+    table = write_report(out)
+    assert table["group"].to_list() == ["Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island", "NYC"]
+    assert table.filter(table["group"] == "NYC")["residents"].item() == 20_000
+    assert (out / "covid_report.png").exists() and (out / "weekly_by_borough.parquet").exists()
