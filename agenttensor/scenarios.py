@@ -366,11 +366,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def estimate_bytes_per_element(model: Model, env: Any, params: Params, *, overhead: float = 4.0,
+def estimate_bytes_per_element(model: Model, env: Any, params: Params, *, overhead: float = 6.0,
                                sampler: Sampler = Hard(), device: str | torch.device = "cpu") -> float:
     """Bytes per batch element: the initial state of one element × ``overhead`` (a working-set
-    allowance for per-step temporaries: uniforms, pressures, event masks). Measured values for
-    shipped models are in SCENARIOS.md."""
+    allowance for per-step temporaries: uniforms, pressures, event masks). Measured: layered SEIR
+    holds 8 B/agent of state and peaks at ~44 B/agent per element (SCENARIOS.md), hence 6×."""
     from .model import StepContext
     from .rng import Randomness
 
@@ -575,6 +575,9 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
     for key, members in passes.items():
         pass_params = per_scenario[members[0].name]
         ts = time.perf_counter()
+        if env is not None and key and population is None:
+            raise ConfigError(f"scenarios {[m.name for m in members]} override {[k for k, _ in key]}, which change the "
+                              "model's environment; pass the population (not only a prebuilt env)")
         pass_env = env if (env is not None and not key) else model.setup(population, pass_params.as_tensors(dev), dev)
         setup_seconds += time.perf_counter() - ts
         group_labels = list(getattr(pass_env, "group_labels", []) or [])

@@ -16,7 +16,7 @@ from agenttensor.scenarios import (Scenario, ScenarioSet, batch_params, load_sce
 from models.seir import model as seir
 
 START = dt.date(2020, 3, 1)
-DAYS = 45
+DAYS = 40
 LEVER_MODEL_SOURCE = '''
 import dataclasses
 from agenttensor import LeverSpec, Substep
