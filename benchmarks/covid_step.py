@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 import agenttensor as at
-from agenttensor import Intervention, StraightThrough
+from agenttensor import Hard, Intervention, Randomness, StraightThrough
+from agenttensor.interventions import compile_schedule
+from agenttensor.model import StepContext
 from models.covid.model import MODEL, CovidParams
 
 START = dt.date(2020, 3, 2)  # a Monday: every layer is active on the first days
@@ -39,36 +41,48 @@ def env_bytes(env) -> int:
     return total
 
 
+def timed_steps(env, params, sampler, steps: int) -> tuple[float, float, object]:
+    """Init, then time `steps` model steps (wall and process CPU seconds, init excluded). -> (wall, cpu, records)."""
+    rng = Randomness.for_agents([0], env.agent_ids)
+    schedule = compile_schedule([SCENARIO], levers=MODEL.levers, steps=steps, start_date=START,
+                                group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges)
+    state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=START,
+                                                schedule=schedule))
+    records = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for t in range(steps):
+        ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule)
+        state, record = MODEL.step(state, params, ctx)
+        records.append(record)
+    return time.perf_counter() - wall, time.process_time() - cpu, (state, records)
+
+
 def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
     t0 = time.perf_counter()
     env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
     setup_s = time.perf_counter() - t0
-    params = CovidParams(initial_prevalence=1e-3)
-    at.simulate(MODEL, env=env, params=params, steps=2, start_date=START, progress=False, interventions=SCENARIO)
-    cpu0 = time.process_time()
-    hard = at.simulate(MODEL, env=env, params=params, steps=fwd_steps, start_date=START, progress=False,
-                       interventions=SCENARIO)
-    forward_cpu = (time.process_time() - cpu0) / fwd_steps
-    forward = hard.timing["seconds_per_step"]
+    params = CovidParams(initial_prevalence=1e-3).as_tensors()
+    timed_steps(env, params, Hard(), 2)  # warm-up
+    wall, cpu, (state, _) = timed_steps(env, params, Hard(), fwd_steps)
+    forward, forward_cpu = wall / fwd_steps, cpu / fwd_steps
     row = dict(population=name, agents=env.num_agents, setup_s=round(setup_s, 2), fwd_steps=fwd_steps,
                forward_s_per_day=round(forward, 4), forward_cpu_s_per_day=round(forward_cpu, 4),
-               state_bytes_per_agent=round(hard.final_state.nbytes() / env.num_agents, 2),
+               state_bytes_per_agent=round(state.nbytes() / env.num_agents, 2),
                env_bytes_per_agent=round(env_bytes(env) / env.num_agents, 2))
     if bwd_steps:
-        learn = params.replace(transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
+        learn = CovidParams(initial_prevalence=1e-3, transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
         learn = learn.as_tensors(learn=("transmission_scale", "transmission_multiplier", "household_weight",
                                         "community_weight", "detection_rate"))
+        wall, cpu, (_, records) = timed_steps(env, learn, StraightThrough(), bwd_steps)
         t1, cpu1 = time.perf_counter(), time.process_time()
-        soft = at.simulate(MODEL, env=env, params=learn, steps=bwd_steps, start_date=START, progress=False,
-                           sampler=StraightThrough(), interventions=SCENARIO)
-        loss = soft["new_infections"].sum() + soft["reported_cases"].sum() + soft["hospital_admissions"].sum()
+        loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum() for r in records)
         loss.backward()
-        both = (time.perf_counter() - t1) / bwd_steps
-        both_cpu = (time.process_time() - cpu1) / bwd_steps
+        both = (wall + time.perf_counter() - t1) / bwd_steps
+        both_cpu = (cpu + time.process_time() - cpu1) / bwd_steps
         row.update(bwd_steps=bwd_steps, forward_backward_s_per_day=round(both, 4),
                    forward_backward_cpu_s_per_day=round(both_cpu, 4), ratio_to_forward=round(both / forward, 2),
                    cpu_ratio_to_forward=round(both_cpu / forward_cpu, 2),
-                   grad_transmission_scale=float(soft.params.transmission_scale.grad))
+                   grad_transmission_scale=float(learn.transmission_scale.grad))
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
 
@@ -92,7 +106,7 @@ def main() -> None:
         from populations.nyc import load_or_build
 
         population = load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)
-        rows.append(measure("NYC full (populations.nyc, scale 1)", population, args.fwd_steps, max(args.bwd_steps // 2, 2)))
+        rows.append(measure("NYC full (populations.nyc, scale 1)", population, args.fwd_steps, args.bwd_steps))
         print(rows[-1], flush=True)
     header = ("population", "agents", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day",
               "forward_backward_cpu_s_per_day", "cpu_ratio_to_forward",
@@ -101,10 +115,11 @@ def main() -> None:
     for row in rows:
         print(" | ".join(str(row.get(k, "")) for k in header))
     out = dict(benchmark="covid_step", rows=rows, threads=torch.get_num_threads(), torch=torch.__version__,
+               malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                date=time.strftime("%Y-%m-%dT%H:%M:%S"),
                note="*_s_per_day: wall clock; *_cpu_s_per_day: process CPU time (robust on a shared machine; equals wall "
-                    "time on an idle machine with --threads 1). hard-mode forward and StraightThrough forward+backward (gradients to 5 parameters incl. the "
+                    "time on an idle machine with --threads 1); init excluded. hard-mode forward and StraightThrough forward+backward (gradients to 5 parameters incl. the "
                     "weekly multiplier); scenario with school/workplace closures and masks; shared machine, see load")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -12,7 +12,7 @@ called every ``params.decision_every`` days (weekly by default) by the model's `
 - ``policies`` {lever name: [B, G, A]}: active intervention intensities (borough × age band);
 - ``date``: the calendar date of the decision.
 
-Per-agent attributes are on the env: ``env.age`` [N] (years), ``env.sex`` [N], ``env.borough`` [N]
+Per-agent attributes are on the env: ``env.age`` [N] (years), ``env.sex`` [N], ``env.race`` [N], ``env.borough`` [N]
 (group index of ``env.group_labels``), ``env.has_job`` [N] (employed at step 0), and the current
 employment in ``state.employed`` / ``state.unemployed``. An LLM archetype adapter maps these to
 archetypes, asks per archetype, and scatters the answers back to [B, N] — the same two outputs.

@@ -189,6 +189,7 @@ class CovidEnv:
     num_agents: int
     age: Tensor  # [N] int8 years
     sex: Tensor  # [N] int8
+    race: Tensor  # [N] int8 (codes in agenttensor.population.CODES)
     borough: Tensor  # [N] int32 group index
     age_group: Tensor  # [N] int32 DOHMH age group 0..9
     age_decades_centered: Tensor  # [N] float32 (age − 40) / 10
@@ -347,7 +348,7 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
     in_school = school_group >= 0
     school_group_level[school_group[in_school].to(torch.int64)] = level[in_school]
     return CovidEnv(
-        agent_ids=col["agent_id"].to(torch.int32).to(dev), num_agents=N, age=col["age"].to(dev), sex=col["sex"].to(dev),
+        agent_ids=col["agent_id"].to(torch.int32).to(dev), num_agents=N, age=col["age"].to(dev), sex=col["sex"].to(dev), race=col["race"].to(dev),
         borough=borough.to(torch.int32).to(dev), age_group=disease.age_group_of(age).to(torch.int32).to(dev),
         age_decades_centered=((age.to(torch.float32) - 40) / 10).to(dev),
         cell=(borough * len(AGE_BAND_EDGES) + band).to(torch.int32).to(dev), school_level=level.to(torch.int32).to(dev),
@@ -405,11 +406,22 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
 
-    def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
-        return at(state.I_sym).to(torch.float32) + params.asymptomatic_infectiousness * at(state.I_asym).to(torch.float32)
+    dense_cache: dict[str, Tensor] = {}  # dense values are needed only in gradient modes; compute them once
 
-    def away(at: At) -> Tensor:  # a = 1 − η isolating
-        return 1 - params.isolation_effectiveness * at(state.isolating).to(torch.float32)
+    def once(key: str, at: At, fn: Callable[[], Tensor]) -> Tensor:
+        if at.i is not None:
+            return fn()
+        if key not in dense_cache:
+            dense_cache[key] = fn()
+        return dense_cache[key]
+
+    def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
+        return once("iota", at, lambda: at(state.I_sym).to(torch.float32)
+                    + params.asymptomatic_infectiousness * at(state.I_asym).to(torch.float32))
+
+    def infectious_away(at: At) -> Tensor:  # ι a, with a = 1 − η isolating
+        return once("iota_away", at, lambda: infectiousness(at)
+                    * (1 - params.isolation_effectiveness * at(state.isolating).to(torch.float32)))
 
     def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor]) -> Tensor:
         """Σ over each group's infectious members: [B, G + 1] (last slot: non-members)."""
@@ -431,7 +443,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     layers["household"] = (beta * params.household_weight * household * env.household_inv_others, env.household.slot, None)
     if is_school_day(date):
         p_school = presence_of("school_closure")
-        school = group_totals(env.school, lambda at: infectiousness(at) * away(at) * (p_school(at) if p_school else 1))
+        school = group_totals(env.school, lambda at: infectious_away(at) * (p_school(at) if p_school else 1))
         level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
         layers["school"] = (beta * params.school_weight * school * env.school_inv_others * level_weight, env.school.slot,
                             p_school)
@@ -442,10 +454,10 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             on_site = at(state.on_site).to(torch.float32)
             return on_site if closed is None else on_site * (1 - at(closed))
 
-        work = group_totals(env.workplace, lambda at: infectiousness(at) * away(at) * p_work(at))
+        work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at))
         layers["workplace"] = (beta * params.workplace_weight * work * env.workplace_inv_others, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community = group_totals(env.community, lambda at: infectiousness(at) * away(at) * (p_community(at) if p_community else 1))
+    community = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1))
     community = community[:, :-1]  # [B, C]
     per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough, community)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
