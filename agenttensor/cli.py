@@ -62,9 +62,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seed)
     if args.steps <= 0:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-    extra_kwargs = {}
-    if getattr(model, "cli_options", None):
-        extra_kwargs = model.cli_options(args)
+    options = {k: getattr(args, k) for k in ("behavior", "llm_url", "llm_model", "scale")}
+    if any(v is not None for v in options.values()):
+        if model.configure is None:
+            given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+            raise ConfigError(f"model {model.name} does not take {', '.join(given)}")
+        model = model.configure(options)
     population = load_population_arg(args.population)
     start = dt.date.fromisoformat(args.start_date) if args.start_date else None
     t0 = time.perf_counter()
@@ -72,10 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                        device=device, start_date=start, progress=not args.no_progress,
                        checkpoint_every=args.checkpoint_every,
                        checkpoint_path=(Path(args.out) / "checkpoint.pt") if args.checkpoint_every or args.resume else None,
-                       resume=args.resume, **extra_kwargs)
+                       resume=args.resume)
     out = Path(args.out)
-    results.save(out, extra_summary=dict(population=args.population or "model default", seeds=seeds,
-                                         wall_seconds=time.perf_counter() - t0, command=" ".join(sys.argv)))
+    extra = dict(population=args.population or "model default", seeds=seeds,
+                 wall_seconds=time.perf_counter() - t0, command=" ".join(sys.argv))
+    if model.run_info is not None:
+        extra.update(model.run_info())
+    results.save(out, extra_summary=extra)
     _print_summary(results, out)
     return 0
 

@@ -105,6 +105,8 @@ class Model:
     description: str = ""
     levers: tuple = ()  # LeverSpec s this model understands (see agenttensor.interventions)
     age_band_edges: tuple[int, ...] = (0,)  # lower age edges of the bands interventions can target
+    configure: Callable[[dict], "Model"] | None = None  # CLI options (behavior, llm_url, ...) -> configured model
+    run_info: Callable[[], dict] | None = None  # extra facts for summary.json (e.g. LLM call statistics)
 
     def __post_init__(self) -> None:
         kinds = [_ORDER[s.kind] for s in self.substeps]
