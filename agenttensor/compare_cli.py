@@ -59,7 +59,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{model.name}: {len(results.names)} scenarios × {len(seeds)} seeds, {days} days, "
           f"{time.perf_counter() - t0:.1f} s ({len(results.info['chunks'])} chunk(s))")
     if head.height:
-        print(head)
+        import polars as pl
+
+        with pl.Config(tbl_width_chars=140, fmt_str_lengths=40, tbl_rows=60, tbl_hide_dataframe_shape=True):
+            print(head.with_columns(pl.col(pl.Float64).round(2)))
     print(f"wrote {out}/" + ", ".join(sorted(p.name for p in paths.values())))
     return 0
 

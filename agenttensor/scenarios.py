@@ -581,8 +581,9 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
         pass_env = env if (env is not None and not key) else model.setup(population, pass_params.as_tensors(dev), dev)
         setup_seconds += time.perf_counter() - ts
         group_labels = list(getattr(pass_env, "group_labels", []) or [])
-        validate_scenarios(model, members, steps=steps, start_date=start_date, group_labels=group_labels,
-                           base_params=base, source=source)
+        if not chunk_log:  # before any work: every scenario, so a bad one fails fast
+            validate_scenarios(model, scenarios, steps=steps, start_date=start_date, group_labels=group_labels,
+                               base_params=base, source=source)
         per_elem = bytes_per_element or estimate_bytes_per_element(model, pass_env, pass_params, sampler=sampler,
                                                                    device=dev)
         num_agents = int(getattr(pass_env, "num_agents", 0) or pass_env.agent_ids.numel())
