@@ -324,16 +324,19 @@ def _batchable(params: Params, name: str) -> bool:
     value = getattr(params, name)
     if isinstance(value, (bool, str)) or value is None:
         return False
-    if isinstance(value, int) and not params.spec()[name].metadata.get("time_varying"):
+    time_varying = params.spec()[name].metadata.get("time_varying")
+    if isinstance(value, int) and not time_varying:
         return False
+    if not time_varying and (isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.numel() > 1)):
+        return False  # vector/matrix parameters (per age group, mixing matrices): one value per pass
     return True
 
 
 def _structural_key(params: Params, base: Params) -> tuple:
-    """Overrides that cannot vary inside one batch (ints, strings, booleans): scenarios sharing
-    them run in the same pass."""
+    """Overrides that cannot vary inside one batch (ints, strings, booleans, vector/matrix
+    parameters): scenarios sharing them run in the same pass."""
     return tuple((n, repr(getattr(params, n))) for n in params.spec()
-                 if not _batchable(params, n) and getattr(params, n) != getattr(base, n))
+                 if not _batchable(params, n) and not _same(getattr(params, n), getattr(base, n)))
 
 
 def batch_params(per_element: Sequence[Params]) -> Params:
