@@ -249,3 +249,22 @@ def test_cli_compare_writes_table_plots_and_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "'lockdown'" in err and "curfew" in err
     assert err.count("\n") == 1
+
+
+def test_covid_scenarios_batched_equal_single_runs():
+    """The NYC covid model with targeted levers: each batch element equals its own run (counts)."""
+    covid = pytest.importorskip("models.covid.model").MODEL
+    population = at.synthetic(4_000, seed=1)
+    closure = at.Intervention("school_closure", dt.date(2020, 3, 3), dt.date(2020, 3, 20), 1.0, boroughs=("Brooklyn",),
+                              ages=(5, 17))
+    scenarios = [Scenario("baseline"), Scenario("schools closed in Brooklyn", (closure,)),
+                 Scenario("less transmission", overrides={"transmission_scale": 0.4})]
+    base = covid.params_type().replace(initial_prevalence=0.01)
+    res = run_scenarios(covid, population, scenarios, seeds=[0, 1], steps=14, start_date=START, params=base,
+                        progress=False)
+    for scenario, params, interventions in ((scenarios[1], base, [closure]),
+                                            (scenarios[2], base.replace(transmission_scale=0.4), None)):
+        alone = at.simulate(covid, population, params, steps=14, seeds=[1], start_date=START, progress=False,
+                            interventions=interventions)
+        for k in ("new_infections", "reported_cases", "I_sym", "E", "R"):
+            assert torch.equal(alone[k][:, 0], res.metrics[scenario.name][k][:, 1]), (scenario.name, k)
