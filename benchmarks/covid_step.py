@@ -2,7 +2,9 @@
 forward+backward (StraightThrough, gradients to β and the weekly multiplier), at 0.1M and 1M
 synthetic agents and at full NYC when the population builder is available.
 
-    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads N]
+    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2]
+
+On glibc, MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ (see README) avoid page-fault churn at 8.7M agents.
 
 Prints a table and writes benchmarks/results/covid_step.json.
 """
@@ -91,30 +93,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--nyc", action="store_true", help="also full NYC (builds populations/built/nyc_scale1 once)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to measure, e.g. 1,2")
     parser.add_argument("--fwd-steps", type=int, default=14)
     parser.add_argument("--bwd-steps", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/covid_step.json")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = []
-    for n in [int(float(x)) for x in args.sizes.split(",") if x]:
-        rows.append(measure(f"synthetic:{n}", at.synthetic(n, seed=0), args.fwd_steps, args.bwd_steps))
-        print(rows[-1], flush=True)
+    populations = [(f"synthetic:{n}", lambda n=n: at.synthetic(n, seed=0)) for n in
+                   [int(float(x)) for x in args.sizes.split(",") if x]]
     if args.nyc:
         from populations.nyc import load_or_build
 
-        population = load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)
-        rows.append(measure("NYC full (populations.nyc, scale 1)", population, args.fwd_steps, args.bwd_steps))
-        print(rows[-1], flush=True)
-    header = ("population", "agents", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day",
+        populations.append(("NYC full (populations.nyc, scale 1)",
+                            lambda: load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)))
+    for name, make in populations:
+        population = make()
+        for threads in [int(x) for x in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps), threads=threads))
+            print(rows[-1], flush=True)
+        del population
+    header = ("population", "agents", "threads", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day",
               "forward_backward_cpu_s_per_day", "cpu_ratio_to_forward",
               "state_bytes_per_agent", "env_bytes_per_agent", "peak_rss_gb")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(k, "")) for k in header))
-    out = dict(benchmark="covid_step", rows=rows, threads=torch.get_num_threads(), torch=torch.__version__,
+    out = dict(benchmark="covid_step", rows=rows, torch=torch.__version__,
                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                date=time.strftime("%Y-%m-%dT%H:%M:%S"),
