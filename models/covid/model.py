@@ -261,15 +261,14 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
     Hard mode evaluates p only at the agents in ``where`` when they are few; gradient modes evaluate it
     densely. The forward values are identical either way (same uniforms, same elementwise arithmetic).
     """
-    if not ctx.sampler.differentiable and int(where.sum(dtype=torch.int64)) * 4 <= where.numel():
+    if not ctx.sampler.differentiable and float(where.sum(dtype=torch.float32)) * 4 <= where.numel():
         b, i = where.nonzero(as_tuple=True)
-        if True:
-            events = torch.zeros_like(where)
-            if b.numel():
-                p = probability(At(b, i))
-                u = ctx.rng.uniform_at(ctx.step, stream, b, i)
-                events[b, i] = (u < p).to(where.dtype)
-            return events
+        events = torch.zeros_like(where)
+        if b.numel():
+            p = probability(At(b, i))
+            u = ctx.rng.uniform_at(ctx.step, stream, b, i)
+            events[b, i] = (u < p).to(where.dtype)
+        return events
     p = probability(At())
     if not isinstance(p, Tensor):
         p = torch.tensor(p, dtype=torch.float32, device=where.device)
@@ -541,8 +540,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     t = ctx.step
     S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
     V = state.vaccinated
-    # S → E, dense (most agents are susceptible); same numbers as ctx.bernoulli(p, "infection", where=S)
-    new_E = ctx.sampler.bernoulli(1 - torch.exp(-ctx.scratch["force"]), ctx.uniform("infection")) * S
+    # S → E; the same numbers as ctx.bernoulli(p, "infection", where=S): dense while most agents are
+    # susceptible, drawn at the susceptible agents only (hard mode) once they are few
+    p_infection = 1 - torch.exp(-ctx.scratch["force"])
+    new_E = event(ctx, S, "infection", lambda at: at(p_infection))
 
     b, i = (state.stage_end == t).nonzero(as_tuple=True)  # agents whose timed stage ends today
     at = At(b, i)
