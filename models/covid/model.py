@@ -690,9 +690,10 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
 DEFAULT_POPULATION_PATH = "populations/built/nyc_scale0.05"
 
 
-def default_population() -> Population:
-    """The NYC synthetic population at 5 % scale (built on first use), or a generated stand-in with a
-    logged warning while the NYC builder (`populations.nyc`) is not installed."""
+def default_population(scale: float = 0.05) -> Population:
+    """The NYC synthetic population at `scale` (default 5 %, built on first use under
+    populations/built/), or a generated stand-in with a logged warning while the NYC builder
+    (`populations.nyc`) is not installed."""
     try:
         from populations.nyc import load_or_build
     except ImportError as e:
@@ -702,7 +703,8 @@ def default_population() -> Population:
 
         print(f"note: NYC population builder not available ({e}); using synthetic:425000", file=sys.stderr)
         return synthetic(425_000, seed=0)
-    return load_or_build(DEFAULT_POPULATION_PATH, scale=0.05, boroughs=None, seed=0)
+    path = DEFAULT_POPULATION_PATH if scale == 0.05 else f"populations/built/nyc_scale{scale:g}"
+    return load_or_build(path, scale=scale, boroughs=None, seed=0)
 
 
 LEVERS = (
@@ -716,8 +718,35 @@ LEVERS = (
 )
 
 
-def make_model(behavior: BehaviorSource | None = None) -> Model:
-    """The covid model with a behaviour source (default `HeuristicBehavior`)."""
+def make_model(behavior: BehaviorSource | None = None, scale: float = 0.05) -> Model:
+    """The covid model with a behaviour source (default `HeuristicBehavior`) and the scale of its
+    default NYC population."""
+    behavior = behavior or HeuristicBehavior()
+
+    def configure(options: dict) -> Model:
+        """CLI: --behavior embedded|openai|vllm|heuristic, --llm-url, --llm-model, --scale."""
+        from .archetype_behavior import make_behavior
+
+        chosen = behavior
+        if options.get("behavior"):
+            chosen = make_behavior(options["behavior"], options.get("llm_url"), options.get("llm_model"))
+        elif options.get("llm_url") or options.get("llm_model"):
+            from agenttensor.errors import ConfigError
+
+            raise ConfigError("--llm-url/--llm-model need --behavior openai or vllm")
+        new_scale = options.get("scale") or scale
+        if not 0 < new_scale <= 1:
+            from agenttensor.errors import ConfigError
+
+            raise ConfigError(f"--scale must be in (0, 1], got {new_scale}")
+        return make_model(chosen, new_scale)
+
+    def run_info() -> dict:
+        info = {"behavior": type(behavior).__name__}
+        if hasattr(behavior, "stats"):
+            info["llm"] = behavior.stats
+        return info
+
     return Model(
         name="covid",
         params_type=CovidParams,
@@ -730,10 +759,12 @@ def make_model(behavior: BehaviorSource | None = None) -> Model:
             Substep("labour_market", "transition", labour_market),
         ),
         metrics=metrics,
-        default_population=default_population,
+        default_population=functools.partial(default_population, scale),
         description=__doc__.splitlines()[0],
         levers=LEVERS,
         age_band_edges=AGE_BAND_EDGES,
+        configure=configure,
+        run_info=run_info,
     )
 
 
