@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m models.covid.report RUN_DIR", file=sys.stderr)
         return 2
-    table = write_report(argv[0])
+    try:
+        table = write_report(argv[0])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with pl.Config(tbl_cols=-1, tbl_width_chars=200):
         print(table)
     print(f"wrote {argv[0]}/weekly.parquet, weekly_by_borough.parquet, covid_report.png, summary_table.csv")
