@@ -146,3 +146,22 @@ def test_cli_calibrate(tmp_path, capsys):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"params.json", "loss.png", "fit.png", "fit.parquet"}
     assert main(["calibrate", "models/seir", "--targets", str(targets), "--window", "2020-13-01:x"]) == 2
     assert "error: --window" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="recovery within 5 % not yet reached in the test's epoch budget (see CALIBRATION.md)",
+                   strict=False)
+def test_recovers_known_parameters_within_5_percent():
+    """Targets = the model's own daily detected cases at R0 2.5, multipliers [1, .8, .6, .7], detection 0.4
+    (10,000 agents, seeds 0-3, common random numbers); fit from R0 1.8, multipliers 1, detection 0.25."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from calibration_checks import recover, recovery_errors, recovery_setup
+
+    seeds = [0, 1, 2, 3]
+    env, truth, targets = recovery_setup(10_000, seeds)
+    result = recover(env, truth, targets, seeds, epochs=150, lr=0.5, lr_decay=0.98)
+    errors = recovery_errors(result)
+    assert max(e["rel_error"] for e in errors.values()) < 0.05, errors
