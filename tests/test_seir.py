@@ -98,7 +98,8 @@ def test_gradient_mode_forward_equals_hard(small_population):
 
 def attack_rate(env, R0, sampler, seeds, N):
     params = SEIRParams(mixing="well-mixed", initial_infected=100).as_tensors().replace(R0=R0)
-    r = at.simulate(MODEL, None, params, steps=250, seeds=seeds, sampler=sampler, env=env, progress=False)
+    r = at.simulate(MODEL, None, params, steps=250, seeds=seeds, sampler=sampler, env=env, progress=False,
+                    grad_checkpoint_every=25)
     return (N - r["S"][-1].float()) / N
 
 
