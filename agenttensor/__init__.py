@@ -11,6 +11,10 @@ Public API (everything else is an implementation module):
 
 __version__ = "0.1.0"
 
+from ._malloc import tune as _tune_malloc
+
+_tune_malloc()
+
 from .errors import AgentTensorError, BackendError, ConfigError, InputError
 from .model import Model, StepContext, Substep
 from .params import Params, param
