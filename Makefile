@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python -m models.covid.report runs/demo
 
 test: $(STAMP)
-	MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q
+	AGENTTENSOR_MALLOC_TUNING=0 MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
