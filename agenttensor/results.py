@@ -34,9 +34,12 @@ class Results:
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_history(cls, history: list[dict[str, Tensor]], *, model_name: str, params: Any, seeds: list[int], env: Any,
+    def from_history(cls, history: list[dict[str, Tensor]] | dict[str, Tensor], *, model_name: str, params: Any, seeds: list[int], env: Any,
                      final_state: Any, start_date: dt.date | None, timing: dict[str, float], **info) -> "Results":
-        metrics = {k: torch.stack([h[k] for h in history]) for k in (history[0] if history else {})}
+        if isinstance(history, dict):  # already stacked: {name: [T, ...]}
+            metrics = dict(history)
+        else:
+            metrics = {k: torch.stack([h[k] for h in history]) for k in (history[0] if history else {})}
         return cls(metrics, model_name, params, seeds, getattr(env, "group_labels", None), final_state, start_date,
                    timing, info)
 

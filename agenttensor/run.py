@@ -77,7 +77,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
 
     ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
     state = model.init(env, params, ctx0)
-    history: list[dict[str, torch.Tensor]] = []
+    keep_graph = sampler.differentiable or bool(params.learnable())
+    history = _Recorder(steps, keep_graph)
     first = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if resume:
@@ -87,7 +88,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         if list(saved["seeds"]) != list(seeds) or saved["model"] != model.name:
             raise InputError(f"checkpoint {ckpt} is for model {saved['model']} seeds {saved['seeds']}, not this run")
         state = state.replace(**saved["state"])
-        history = [dict(h) for h in saved["history"]]
+        history.extend(dict(h) for h in saved["history"])
         first = int(saved["step"])
 
     def run_steps(state, start: int, stop: int):
@@ -138,11 +139,55 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     if dev.type == "cuda":
         torch.cuda.synchronize()
     run_seconds = time.perf_counter() - t1
-    return Results.from_history(history, model_name=model.name, params=params, seeds=list(seeds), env=env,
+    return Results.from_history(history.stacked(), model_name=model.name, params=params, seeds=list(seeds), env=env,
                                 final_state=state, start_date=start_date,
                                 timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
                                             seconds_per_step=run_seconds / max(steps - first, 1)),
                                 sampler=type(sampler).__name__, device=str(dev))
+
+
+class _Recorder:
+    """Per-step metrics. Without gradients they are copied into buffers preallocated for the whole
+    run ([T, ...] per metric), so a long run keeps no per-step allocations alive (thousands of small
+    long-lived tensors fragment glibc's heap: a 500-step 1M-agent run grew by ~30 MB per step).
+    With gradients the step tensors are kept as they are (they carry the graph)."""
+
+    def __init__(self, steps: int, keep_graph: bool):
+        self.steps, self.keep_graph = steps, keep_graph
+        self.records: list[dict[str, torch.Tensor]] = []
+        self.buffers: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def append(self, record: dict[str, torch.Tensor]) -> None:
+        if self.keep_graph:
+            self.records.append(record)
+        else:
+            if self.buffers is None:
+                self.buffers = {k: torch.empty((self.steps, *v.shape), dtype=v.dtype, device=v.device)
+                                for k, v in record.items()}
+            for k, v in record.items():
+                self.buffers[k][self.count].copy_(v)
+        self.count += 1
+
+    def extend(self, records) -> None:
+        for r in records:
+            self.append(r)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.keep_graph:
+            return self.records[i]
+        return {k: v[i] for k, v in (self.buffers or {}).items()}
+
+    def __iter__(self):
+        return (self[i] for i in range(self.count))
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        if self.keep_graph:
+            return {k: torch.stack([r[k] for r in self.records]) for k in (self.records[0] if self.records else {})}
+        return {k: v[: self.count] for k, v in (self.buffers or {}).items()}
 
 
 def _save_checkpoint(path: Path, model: Model, seeds, step: int, state, history) -> None:
