@@ -102,19 +102,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m populations.nyc.cli population build nyc ...``) for use without the main CLI."""
-    import sys
+    """Stand-alone entry (``python -m populations.nyc.cli population build nyc ...``): the main CLI,
+    so errors are reported the same way."""
+    from agenttensor.cli import main as agenttensor_main
 
-    from agenttensor.errors import AgentTensorError
-
-    parser = argparse.ArgumentParser(prog="populations.nyc.cli")
-    add_population_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except AgentTensorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return agenttensor_main(argv)
 
 
 if __name__ == "__main__":
