@@ -193,3 +193,16 @@ def test_cli_run_writes_results(tmp_path):
     assert table["group"].to_list() == ["Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island", "NYC"]
     assert table.filter(table["group"] == "NYC")["residents"].item() == 20_000
     assert (out / "covid_report.png").exists() and (out / "weekly_by_borough.parquet").exists()
+
+
+def test_initial_immunity_puts_exact_share_in_R_disjoint_from_E(env):
+    params = busy_params(initial_immunity=0.25)
+    N = env.num_agents
+    first = at.simulate(MODEL, env=env, params=params, steps=0, seeds=[0], start_date=START, progress=False).final_state
+    assert int(first.R.sum()) == round(0.25 * N) and int(first.E.sum()) == round(0.01 * N)
+    assert int((first.R * first.E).sum()) == 0
+    assert int((first.S + first.E + first.R).min()) == 1 and int((first.S + first.E + first.R).max()) == 1
+    # the same E agents as without immunity (the next-lowest seeding uniforms become immune)
+    plain = at.simulate(MODEL, env=env, params=busy_params(), steps=0, seeds=[0], start_date=START,
+                        progress=False).final_state
+    assert torch.equal(plain.E, first.E)

@@ -120,6 +120,9 @@ class CovidParams(Params):
     hospital_days_mean: float = param(10.0, unit="days", min=1.0, doc="H length of stay mean (Rees et al. 2020)")
     hospital_days_sd: float = param(6.0, unit="days", min=0.1, doc="H length of stay sd")
     initial_prevalence: float = param(2e-4, unit="share of agents", min=0.0, max=1.0, doc="agents in E at step 0")
+    initial_immunity: float = param(0.0, unit="share of agents", min=0.0, max=1.0,
+                                    doc="agents in R at step 0 (e.g. 0.227: NYC seroprevalence late April 2020, "
+                                        "Rosenberg et al. 2020)")
     # ---- surveillance ------------------------------------------------------------------------
     detection_rate: float = param(0.3, min=0.0, max=1.0, doc="P(reported | symptomatic infection) (calibratable)")
     asymptomatic_detection_ratio: float = param(0.2, min=0.0, max=1.0,
@@ -363,22 +366,26 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
 
 
 def init(env: CovidEnv, params: CovidParams, ctx: StepContext) -> CovidState:
-    """A share `initial_prevalence` of agents (smallest "seeding" uniforms) start in E; employment from
-    the population; remote-capable jobs drawn once."""
+    """A share `initial_prevalence` of agents (smallest "seeding" uniforms) start in E and the next
+    `initial_immunity` share in R; employment from the population; remote-capable jobs drawn once."""
     u = ctx.uniform("seeding")  # [B, N]
     B, N = u.shape
     dtype = ctx.sampler.dtype
     k = min(int(round(float(params.initial_prevalence) * N)), N)
+    k_immune = min(int(round(float(params.initial_immunity) * N)), N - k)
     E = torch.zeros(B, N, dtype=dtype, device=u.device)
-    if k:
-        E.scatter_(1, torch.topk(u, k, dim=1, largest=False).indices, 1)
+    R = torch.zeros(B, N, dtype=dtype, device=u.device)
+    if k + k_immune:
+        lowest = torch.topk(u, k + k_immune, dim=1, largest=False, sorted=True).indices
+        E.scatter_(1, lowest[:, :k], 1)
+        R.scatter_(1, lowest[:, k:], 1)
     stage_end = enter_stage(torch.full((B, N), -1, dtype=torch.int16, device=u.device), E, env.durations["E"], ctx,
                             "duration-E", entry_step=-1)
     zeros = torch.zeros_like(E)
     employed = env.has_job.to(dtype).expand(B, N).clone()
     remote = event(ctx, employed, "remote", lambda at: at(params.remote_work_share))
     G = len(env.group_labels)
-    return CovidState(S=1 - E, E=E, I_asym=zeros, I_sym=zeros.clone(), H=zeros.clone(), R=zeros.clone(), D=zeros.clone(),
+    return CovidState(S=1 - E - R, E=E, I_asym=zeros, I_sym=zeros.clone(), H=zeros.clone(), R=R, D=zeros.clone(),
                       vaccinated=zeros.clone(), isolating=zeros.clone(), employed=employed,
                       unemployed=env.was_unemployed.to(dtype).expand(B, N).clone(), remote=remote,
                       on_site=employed * env.has_workplace.to(dtype), stage_end=stage_end,
