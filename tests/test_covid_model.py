@@ -48,6 +48,7 @@ ALL_LEVERS = [
     Intervention("transmission_reduction", dt.date(2020, 3, 18), dt.date(2020, 4, 10), 0.1),
     Intervention("testing_isolation", dt.date(2020, 3, 10), dt.date(2020, 4, 10), 0.3),
     Intervention("vaccination", dt.date(2020, 3, 5), dt.date(2020, 4, 10), 0.02, ages=(65, 120)),
+    Intervention("stimulus", dt.date(2020, 3, 8), dt.date(2020, 4, 10), 0.8, boroughs=("Bronx", "Brooklyn", "Queens")),
 ]
 
 
@@ -206,3 +207,118 @@ def test_initial_immunity_puts_exact_share_in_R_disjoint_from_E(env):
     plain = at.simulate(MODEL, env=env, params=busy_params(), steps=0, seeds=[0], start_date=START,
                         progress=False).final_state
     assert torch.equal(plain.E, first.E)
+
+
+# ---- stimulus lever -----------------------------------------------------------------------------
+
+def stimulus(intensity=1.0, days=35, **kw):
+    return Intervention("stimulus", START, START + dt.timedelta(days=days), intensity, **kw)
+
+
+def closure(intensity=1.0, days=35):
+    return Intervention("workplace_closure", START, START + dt.timedelta(days=days), intensity)
+
+
+def test_zero_stimulus_is_bit_identical_to_none(env):
+    """Intensity 0 (alone, and on top of a workplace closure so the job-loss relief path runs) changes nothing."""
+    for base in ([], [closure(0.6)]):
+        plain = run(env, steps=22, seeds=(0, 1), interventions=base or None)
+        zero = run(env, steps=22, seeds=(0, 1), interventions=base + [stimulus(0.0)])
+        for name, value in plain.metrics.items():
+            assert torch.equal(value, zero[name]), name
+        assert torch.equal(plain.final_state.work_prob, zero.final_state.work_prob)
+
+
+def test_stimulus_lowers_go_to_work_logit_and_on_site_work(env):
+    """At the first decision (same observations in both runs) the go-to-work logit falls by exactly
+    work_stimulus_slope · s, only where the stimulus is paid; on common random numbers nobody goes on
+    site who would not have without it."""
+    params = busy_params(work_stimulus_slope=0.8)
+    none = run(env, params, steps=1, seeds=(0, 1))
+    paid = run(env, params, steps=1, seeds=(0, 1), interventions=[stimulus(0.5, boroughs=("Bronx", "Queens"))])
+    drop = torch.logit(none.final_state.work_prob.double()) - torch.logit(paid.final_state.work_prob.double())
+    in_paid = torch.isin(env.borough, torch.tensor([0, 3], dtype=env.borough.dtype))
+    assert torch.allclose(drop[:, in_paid], torch.tensor(0.4, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(drop[:, ~in_paid], torch.zeros_like(drop[:, ~in_paid]))
+    assert (paid.final_state.on_site <= none.final_state.on_site).all()
+    assert (paid["on_site_share"] < none["on_site_share"]).all()
+    # over five weeks of decisions and several seeds: lower on-site share in expectation
+    none = run(env, params, steps=35, seeds=range(3))
+    paid = run(env, params, steps=35, seeds=range(3), interventions=[stimulus(1.0)])
+    assert paid["on_site_share"].mean() < none["on_site_share"].mean() - 0.02
+
+
+def test_stimulus_relieves_job_loss(env):
+    """Relief channel alone (work_stimulus_slope = 0): job-loss probabilities fall by the factor
+    (1 − relief · s), so on common random numbers nobody loses a job at the first labour-market step
+    who kept it without the payment; under a workplace closure unemployment is lower in expectation
+    with both channels on."""
+    params = busy_params(work_stimulus_slope=0.0, stimulus_job_loss_relief=0.5)
+    none = run(env, params, steps=1, seeds=(0, 1, 2), interventions=[closure()])
+    paid = run(env, params, steps=1, seeds=(0, 1, 2), interventions=[closure(), stimulus(1.0)])
+    assert (paid.final_state.employed >= none.final_state.employed).all()
+    assert paid.final_state.employed.sum() > none.final_state.employed.sum()
+    assert torch.equal(paid.final_state.on_site, none.final_state.on_site)
+    params = busy_params(initial_prevalence=0.003)  # default slopes: both channels
+    none = run(env, params, steps=36, seeds=range(3), interventions=[closure()])
+    paid = run(env, params, steps=36, seeds=range(3), interventions=[closure(), stimulus(1.0)])
+    assert paid["unemployment_rate"][-1].mean() < none["unemployment_rate"][-1].mean() - 0.005
+
+
+def test_gradient_flows_to_stimulus_intensity(env):
+    """d(outcome)/d(stimulus intensity) through the [B, G, A] schedule in straight-through mode:
+    negative for on-site work, and non-zero for unemployment and infections."""
+    from agenttensor.calibration import sensitivities
+
+    table = sensitivities(MODEL, None, busy_params(), env=env, steps=15, start_date=START, fd_check=False,
+                          interventions=[closure(0.8, days=14), stimulus(1.0, days=14)],
+                          outcomes={"on_site": "on_site_share", "unemployment": "unemployment_rate",
+                                    "infections": "new_infections"})
+    grad = {r["outcome"]: r["gradient"] for r in table.iter_rows(named=True) if r["wrt"] == "stimulus.intensity"}
+    assert grad["on_site"] < 0 and grad["unemployment"] < 0
+    assert grad["infections"] != 0 and all(torch.isfinite(torch.tensor(g)) for g in grad.values())
+
+
+def test_llm_archetypes_see_their_own_scenarios_stimulus(population):
+    """In a scenario batch each element is asked with its own policy context: the stimulus world's
+    prompts state the payment ($1,200 × s), the others' prompts are unchanged; prompts identical
+    across scenarios (before the payment starts) are asked once and then read from the cache."""
+    import numpy as np
+
+    from agenttensor.llm.cache import AnswerCache
+    from agenttensor.scenarios import Scenario, run_scenarios
+    from models.covid.archetype_behavior import ArchetypeBehavior
+
+    class FakeLLM:
+        """P(Yes) 0.2 when the prompt mentions a stimulus payment, else 0.9; records prompts."""
+
+        model_id, settings, last_errors = "fake:stimulus", {}, []
+
+        def __init__(self):
+            self.prompts = []
+
+        def option_probabilities(self, prompts, options):
+            self.prompts += prompts
+            yes = np.array([0.2 if "stimulus payment" in p else 0.9 for p in prompts])
+            return np.stack([yes, 1 - yes] + [np.zeros_like(yes)] * (len(options) - 2), 1)
+
+    llm = FakeLLM()
+    behaviour = ArchetypeBehavior(llm, cache=AnswerCache(":memory:"))
+    model = make_model(behavior=behaviour)
+    paid_from = START + dt.timedelta(days=7)
+    scenarios = [Scenario("baseline"),
+                 Scenario("stimulus", (Intervention("stimulus", paid_from, START + dt.timedelta(days=13), 0.5),))]
+    res = run_scenarios(model, population, scenarios, seeds=[0, 1], steps=14, start_date=START,
+                        params=busy_params(), progress=False)
+    with_payment = [p for p in llm.prompts if "stimulus payment" in p]
+    assert with_payment and all("$600" in p for p in with_payment)
+    assert any("Will you go to your workplace" in p for p in with_payment)
+    assert any("would you stay at home and isolate" in p for p in with_payment)
+    stats = behaviour.stats
+    assert stats["calls"] == len(llm.prompts) and stats["cache_hits"] > 0
+    assert stats["work+stimulus"]["calls"] > 0 and stats["isolate+stimulus"]["calls"] > 0
+    # day 0-6: same prompts in both worlds, identical on-site work; from the payment on, less on-site work
+    first_week = slice(0, 7)
+    assert torch.equal(res.metrics["baseline"]["on_site_share"][first_week],
+                       res.metrics["stimulus"]["on_site_share"][first_week])
+    assert (res.metrics["stimulus"]["on_site_share"][7:] < res.metrics["baseline"]["on_site_share"][7:]).all()

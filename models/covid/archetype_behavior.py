@@ -1,6 +1,6 @@
 """LLM archetype behaviour for the covid model: isolation and on-site work decided per archetype.
 
-`ArchetypeBehavior` implements the model's `BehaviorSource` hook with two
+`ArchetypeBehavior` implements the model's `BehaviorSource` hook with
 `agenttensor.archetypes.ArchetypeEngine` s:
 
 - **isolate** — archetypes = age band × borough × employment status (≤ 60 occupied); asked
@@ -10,7 +10,10 @@
 
 Each prompt carries the agent's own world: last week's reported cases per 100,000 in its borough
 (rounded to two significant digits so nearby weeks and scenarios share cached answers), the
-borough's unemployment rate and the stay-at-home order in force there. In a batch of scenarios
+borough's unemployment rate and the stay-at-home order in force there; when the ``stimulus`` lever
+is in force in a batch element, its prompts also say that adults there received a federal economic
+impact payment of s × $1,200 (CARES Act) — asked by a second pair of engines, so prompts without a
+stimulus stay exactly as before (and keep their cached answers). In a batch of scenarios
 every batch element is asked with its own context, so behaviour responds to the counterfactual
 world; identical prompts are answered once (SQLite cache shared across runs and scenarios).
 LLM calls per decision step ≤ 80, whatever the number of agents.
@@ -31,6 +34,7 @@ AGE_BAND_EDGES = (0, 18, 45, 65)
 AGE_BANDS = ("0-17", "18-44", "45-64", "65+")
 BOROUGH_NAMES = ("the Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
 EMPLOYMENT = ("employed", "unemployed", "not working and not looking for work")
+FULL_PAYMENT_USD = 1200.0  # CARES Act Economic Impact Payment per adult (paid from 2020-04-10): stimulus lever = 1
 
 CONTEXT = (
     "In the last 7 days there were {cases:,.0f} new reported COVID-19 cases per 100,000 residents in {borough}. "
@@ -38,23 +42,38 @@ CONTEXT = (
     "A stay-at-home order is in force at {stay_home:.0f}% strength. "
 )
 
-ISOLATE_SPEC = ArchetypeSpec(
-    name="isolate",
-    attributes=(Attribute("age_band", AGE_BANDS), Attribute("borough", BOROUGH_NAMES), Attribute("employment", EMPLOYMENT)),
-    template="You are a {age_band} year old person living in {borough}, New York City; you are {employment}. "
-             + CONTEXT + "If you had COVID-19 symptoms, would you stay at home and isolate? Answer Yes or No.",
-    environment=(EnvironmentField("cases", "borough"), EnvironmentField("unemployment", "borough"),
-                 EnvironmentField("stay_home", "borough")),
-)
+STIMULUS_CONTEXT = "Every adult in {borough} has received a federal stimulus payment of ${stimulus_usd:,.0f}. "
+ENVIRONMENT = (EnvironmentField("cases", "borough"), EnvironmentField("unemployment", "borough"),
+               EnvironmentField("stay_home", "borough"))
 
-WORK_SPEC = ArchetypeSpec(
-    name="work",
-    attributes=(Attribute("age_band", AGE_BANDS), Attribute("borough", BOROUGH_NAMES)),
-    template="You are a {age_band} year old employed person living in {borough}, New York City. "
-             + CONTEXT + "Will you go to your workplace in person this week? Answer Yes or No.",
-    environment=(EnvironmentField("cases", "borough"), EnvironmentField("unemployment", "borough"),
-                 EnvironmentField("stay_home", "borough")),
-)
+
+def isolate_spec(stimulus: bool = False) -> ArchetypeSpec:
+    """Isolation archetypes; ``stimulus=True`` adds the payment sentence (and the ``stimulus_usd`` field)."""
+    return ArchetypeSpec(
+        name="isolate" + ("+stimulus" if stimulus else ""),
+        attributes=(Attribute("age_band", AGE_BANDS), Attribute("borough", BOROUGH_NAMES),
+                    Attribute("employment", EMPLOYMENT)),
+        template="You are a {age_band} year old person living in {borough}, New York City; you are {employment}. "
+                 + CONTEXT + (STIMULUS_CONTEXT if stimulus else "")
+                 + "If you had COVID-19 symptoms, would you stay at home and isolate? Answer Yes or No.",
+        environment=ENVIRONMENT + ((EnvironmentField("stimulus_usd", "borough"),) if stimulus else ()),
+    )
+
+
+def work_spec(stimulus: bool = False) -> ArchetypeSpec:
+    """On-site work archetypes; ``stimulus=True`` adds the payment sentence."""
+    return ArchetypeSpec(
+        name="work" + ("+stimulus" if stimulus else ""),
+        attributes=(Attribute("age_band", AGE_BANDS), Attribute("borough", BOROUGH_NAMES)),
+        template="You are a {age_band} year old employed person living in {borough}, New York City. "
+                 + CONTEXT + (STIMULUS_CONTEXT if stimulus else "")
+                 + "Will you go to your workplace in person this week? Answer Yes or No.",
+        environment=ENVIRONMENT + ((EnvironmentField("stimulus_usd", "borough"),) if stimulus else ()),
+    )
+
+
+ISOLATE_SPEC = isolate_spec()
+WORK_SPEC = work_spec()
 
 
 def _two_significant(x: Tensor) -> Tensor:
@@ -75,9 +94,12 @@ def heuristic_isolate(codes: dict[str, Tensor], env: dict[str, Tensor]) -> Tenso
 
 
 def heuristic_work(codes: dict[str, Tensor], env: dict[str, Tensor]) -> Tensor:
-    """Fallback: σ(3 − 0.35·log(1 + cases) − 0.1·(age − 40)/10 − 2·stay_home)."""
-    return torch.sigmoid(3.0 - 0.35 * torch.log1p(env["cases"].double()) - 0.1 * (_age_mid(codes["age_band"]) - 40) / 10
-                         - 2.0 * env["stay_home"].double() / 100)
+    """Fallback: σ(3 − 0.35·log(1 + cases) − 0.1·(age − 40)/10 − 2·stay_home − 0.5·stimulus)."""
+    logit = (3.0 - 0.35 * torch.log1p(env["cases"].double()) - 0.1 * (_age_mid(codes["age_band"]) - 40) / 10
+             - 2.0 * env["stay_home"].double() / 100)
+    if "stimulus_usd" in env:
+        logit = logit - 0.5 * env["stimulus_usd"].double() / FULL_PAYMENT_USD
+    return torch.sigmoid(logit)
 
 
 class ArchetypeBehavior:
@@ -88,21 +110,29 @@ class ArchetypeBehavior:
     """
 
     def __init__(self, backend: Any, cache: Any = None, on_failure: str = "fallback", calibrate: bool = False):
-        self.isolate = ArchetypeEngine(ISOLATE_SPEC, backend, cache=cache, on_failure=on_failure,
-                                       fallback=HeuristicBackend(heuristic_isolate, "heuristic-isolate"),
-                                       calibrate=calibrate)
-        self.work = ArchetypeEngine(WORK_SPEC, backend, cache=cache, on_failure=on_failure,
-                                    fallback=HeuristicBackend(heuristic_work, "heuristic-work"), calibrate=calibrate)
+        def engine(spec: ArchetypeSpec, fallback) -> ArchetypeEngine:
+            return ArchetypeEngine(spec, backend, cache=cache, on_failure=on_failure,
+                                   fallback=HeuristicBackend(fallback, f"heuristic-{spec.name}"), calibrate=calibrate)
+
+        self.isolate = engine(ISOLATE_SPEC, heuristic_isolate)
+        self.work = engine(WORK_SPEC, heuristic_work)
+        # batch elements with a stimulus in force are asked with the payment sentence (own engines; calibrate
+        # maps are per engine)
+        self.isolate_stimulus = engine(isolate_spec(stimulus=True), heuristic_isolate)
+        self.work_stimulus = engine(work_spec(stimulus=True), heuristic_work)
         self._age_band: Tensor | None = None
 
     @property
+    def engines(self) -> dict[str, ArchetypeEngine]:
+        return {"isolate": self.isolate, "work": self.work, "isolate+stimulus": self.isolate_stimulus,
+                "work+stimulus": self.work_stimulus}
+
+    @property
     def stats(self) -> dict[str, Any]:
-        return {"isolate": dict(self.isolate.stats), "work": dict(self.work.stats),
-                "calls": self.isolate.stats["calls"] + self.work.stats["calls"],
-                "cache_hits": self.isolate.stats["cache_hits"] + self.work.stats["cache_hits"],
-                "failures": self.isolate.stats["failures"] + self.work.stats["failures"],
-                "fallbacks": self.isolate.stats["fallbacks"] + self.work.stats["fallbacks"],
-                "llm_seconds": self.isolate.stats["llm_seconds"] + self.work.stats["llm_seconds"]}
+        out: dict[str, Any] = {name: dict(e.stats) for name, e in self.engines.items()}
+        for key in ("calls", "cache_hits", "failures", "fallbacks", "llm_seconds"):
+            out[key] = sum(e.stats[key] for e in self.engines.values())
+        return out
 
     def decide(self, env, state, params, ctx, observations) -> dict[str, Tensor]:
         if self._age_band is None or self._age_band.shape[0] != env.num_agents:
@@ -114,13 +144,19 @@ class ArchetypeBehavior:
         stay = observations["policies"].get("stay_at_home")  # [B, G, A] or None
         stay_home = (stay.detach().amax(-1).double() * 100).round() if stay is not None \
             else torch.zeros_like(cases)
+        stimulus = observations["policies"].get("stimulus")  # [B, G, A] share of a full payment, or None
+        stimulus_usd = None if stimulus is None else (stimulus.detach().amax(-1).double() * FULL_PAYMENT_USD).round()
         isolate, work = [], []
         for b in range(cases.shape[0]):  # one decision per batch element (its own scenario context)
             employment = torch.where(state.employed[b] > 0.5, 0, torch.where(state.unemployed[b] > 0.5, 1, 2))
             context = {"cases": cases[b].cpu(), "unemployment": unemployment[b].cpu(), "stay_home": stay_home[b].cpu()}
-            isolate.append(self.isolate.decide({"age_band": self._age_band, "borough": borough,
-                                                "employment": employment.to(torch.int32)}, context, ctx.step))
-            work.append(self.work.decide({"age_band": self._age_band, "borough": borough}, context, ctx.step))
+            isolate_engine, work_engine = self.isolate, self.work
+            if stimulus_usd is not None and bool(stimulus_usd[b].max() > 0):
+                context["stimulus_usd"] = stimulus_usd[b].cpu()
+                isolate_engine, work_engine = self.isolate_stimulus, self.work_stimulus
+            isolate.append(isolate_engine.decide({"age_band": self._age_band, "borough": borough,
+                                                  "employment": employment.to(torch.int32)}, context, ctx.step))
+            work.append(work_engine.decide({"age_band": self._age_band, "borough": borough}, context, ctx.step))
         return {"isolate_prob": torch.stack(isolate), "work_prob": torch.stack(work)}
 
 

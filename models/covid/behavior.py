@@ -21,10 +21,12 @@ archetypes, asks per archetype, and scatters the answers back to [B, N] — the 
 parameters in `CovidParams` (differentiable, so calibratable):
 
     isolate_prob_i = σ(a_iso + b_iso · log(1 + c_b(i)) + g_iso · (age_i − 40)/10)
-    work_prob_i    = σ(a_work − b_work · log(1 + c_b(i)) − g_work · (age_i − 40)/10 − s_work · stay_home_b(i))
+    work_prob_i    = σ(a_work − b_work · log(1 + c_b(i)) − g_work · (age_i − 40)/10 − s_work · stay_home_b(i)
+                       − m_work · stimulus_b(i))
 
-where c_b is last week's reported cases per 100k in agent i's borough and stay_home_b the active
-stay-at-home order intensity there (a policy the agent reads, as in the archetype prompts).
+where c_b is last week's reported cases per 100k in agent i's borough, stay_home_b the active
+stay-at-home order intensity there and stimulus_b the share of a full economic impact payment paid
+there (policies the agent reads, as in the archetype prompts); m_work = ``work_stimulus_slope``.
 """
 
 from __future__ import annotations
@@ -54,4 +56,7 @@ class HeuristicBehavior:
         stay_home = observations["policies"].get("stay_at_home")
         if stay_home is not None:  # [B, G, A] -> per agent
             work_logit = work_logit - params.work_stay_home_slope * stay_home.flatten(1).index_select(1, env.cell)
+        stimulus = observations["policies"].get("stimulus")
+        if stimulus is not None:  # a cash cushion makes staying home affordable
+            work_logit = work_logit - params.work_stimulus_slope * stimulus.flatten(1).index_select(1, env.cell)
         return {"isolate_prob": torch.sigmoid(isolate_logit), "work_prob": torch.sigmoid(work_logit)}

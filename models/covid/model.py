@@ -32,8 +32,10 @@ I_asym; testing raises it), and aware agents (symptomatic or reported) isolate w
 
 Every `decision_every` days the behaviour source sets isolate_prob and work_prob per agent, the
 on-site work decision is drawn, and the labour market moves: employed agents lose their job with
-weekly probability base + closed·(1 − remote) + absent·(1 − on_site)(1 − remote), unemployed ones
-are rehired with weekly probability rehire · (1 − workplace closure).
+weekly probability base + [closed·(1 − remote) + absent·(1 − on_site)(1 − remote)]·(1 − relief·s),
+unemployed ones are rehired with weekly probability rehire · (1 − workplace closure). s ∈ [0, 1] is
+the `stimulus` lever (the share of a full economic impact payment, $1,200 per adult under the CARES
+Act, April 2020): it also lowers the go-to-work logit by work_stimulus_slope · s.
 """
 
 from __future__ import annotations
@@ -139,6 +141,12 @@ class CovidParams(Params):
     work_incidence_slope: float = param(0.35, doc="decrease of go-to-work logit per log(1 + weekly cases per 100k)")
     work_age_slope: float = param(0.1, doc="decrease of go-to-work logit per decade of age above 40")
     work_stay_home_slope: float = param(2.0, doc="decrease of go-to-work logit under a full stay-at-home order")
+    work_stimulus_slope: float = param(0.5, min=0.0,
+                                       doc="decrease of go-to-work logit under a full stimulus payment (stimulus "
+                                           "lever at 1 = $1,200 per adult, CARES Act EIP): a cash cushion makes "
+                                           "staying home affordable. Size is an assumption; direction from Wright "
+                                           "et al. 2020 (J. Econ. Behav. Organ. 180:544: poorer areas complied less "
+                                           "with shelter-in-place, CARES Act transfers increased distancing)")
     # ---- economy -----------------------------------------------------------------------------
     remote_work_share: float = param(0.4, min=0.0, max=1.0,
                                      doc="share of jobs that can be done at home (Dingel & Neiman 2020)")
@@ -148,6 +156,12 @@ class CovidParams(Params):
     job_loss_absent: float = param(0.01, unit="per week", min=0.0, max=1.0,
                                    doc="extra weekly job-loss probability when not going to work (on-site jobs)")
     rehire_rate: float = param(0.03, unit="per week", min=0.0, max=1.0, doc="weekly rehiring probability, no closures")
+    stimulus_job_loss_relief: float = param(0.1, unit="share of pandemic job-loss probability", min=0.0, max=1.0,
+                                            doc="relief r: a full stimulus payment multiplies the pandemic job-loss "
+                                                "terms (closed workplace, absence) by (1 − r); demand support. "
+                                                "Assumption; small because the April 2020 payments raised spending "
+                                                "but little of it reached the firms shedding jobs (Chetty et al. "
+                                                "2024, Q. J. Econ. 139:829)")
 
 
 # Parameters through which gradients flow (the rest shape discrete durations or are counts).
@@ -157,8 +171,9 @@ CALIBRATABLE = ("transmission_scale", "transmission_multiplier", "household_weig
                 "symptomatic_fraction", "hosp_given_symptomatic", "death_given_hosp", "detection_rate",
                 "asymptomatic_detection_ratio", "vaccine_efficacy_infection", "vaccine_efficacy_severe",
                 "isolate_intercept", "isolate_incidence_slope", "isolate_age_slope", "work_intercept",
-                "work_incidence_slope", "work_age_slope", "work_stay_home_slope", "remote_work_share",
-                "job_loss_base", "job_loss_closed", "job_loss_absent", "rehire_rate")
+                "work_incidence_slope", "work_age_slope", "work_stay_home_slope", "work_stimulus_slope",
+                "remote_work_share", "job_loss_base", "job_loss_closed", "job_loss_absent", "rehire_rate",
+                "stimulus_job_loss_relief")
 
 
 @dataclass(frozen=True)
@@ -644,11 +659,17 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
     employed, unemployed = state.employed, state.unemployed
     closed = closed_workplaces(ctx)
     on_site_job = (1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32)
+    stimulus = lever_per_agent(ctx, "stimulus")
 
     def job_loss(at: At):
-        p = params.job_loss_base + params.job_loss_absent * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
+        """base + [absent (1 − on_site) o + closed · closed_i · o] · (1 − relief · s): a stimulus payment
+        relieves the pandemic terms (demand support), not the baseline churn."""
+        relief = None if stimulus is None else 1 - params.stimulus_job_loss_relief * at(stimulus)
+        absent = params.job_loss_absent * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
+        p = params.job_loss_base + (absent if relief is None else absent * relief)
         if closed is not None:
-            p = p + params.job_loss_closed * at(closed) * at(on_site_job)
+            shut = params.job_loss_closed * at(closed) * at(on_site_job)
+            p = p + (shut if relief is None else shut * relief)
         return p
 
     closure = lever_per_agent(ctx, "workplace_closure")
@@ -665,8 +686,8 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
 # ---- metrics ---------------------------------------------------------------------------------
 
 def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: StepContext) -> dict[str, Tensor]:
-    """Per day: totals [B] and per-borough [B, G] of flows, stage prevalence, isolating share and
-    unemployment rate; plus the expected split of new infections by layer."""
+    """Per day: totals [B] and per-borough [B, G] of flows, stage prevalence, isolating share,
+    unemployment rate and on-site work share; plus the expected split of new infections by layer."""
     env: CovidEnv = ctx.env
     count = torch.float32 if ctx.sampler.differentiable else torch.int64
     out: dict[str, Tensor] = {}
@@ -687,6 +708,11 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
     out["isolating_share_by_borough"] = isolating / env.borough_size.clamp_min(1)
     out["unemployment_rate"] = unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1)
     out["unemployment_rate_by_borough"] = unemployed / (employed + unemployed).clamp_min(1)
+    # on-site work this week: share of employed agents with a workplace who go to it
+    with_workplace = by_borough(env, state.employed * env.has_workplace.to(state.employed.dtype), dtype=torch.float32)
+    on_site = by_borough(env, state.on_site * state.employed, dtype=torch.float32)
+    out["on_site_share"] = on_site.sum(1) / with_workplace.sum(1).clamp_min(1)
+    out["on_site_share_by_borough"] = on_site / with_workplace.clamp_min(1)
     for name, value in ctx.scratch["attributed"].items():
         out[f"infections_{name}"] = value
     return out
@@ -722,6 +748,8 @@ LEVERS = (
               layers=LAYERS),
     LeverSpec("testing_isolation", "extra probability that a new infection is detected (then isolates w.p. isolate_prob)"),
     LeverSpec("vaccination", "daily probability that an eligible unvaccinated agent is vaccinated (target ages for priority)"),
+    LeverSpec("stimulus", "share of a full economic impact payment in force ($1,200 per adult, CARES Act, paid from "
+                          "2020-04-10): lowers the go-to-work logit and relieves pandemic job loss"),
 )
 
 

@@ -19,7 +19,7 @@ import polars as pl
 
 FLOWS = ("new_infections", "reported_cases", "hospital_admissions", "deaths")
 STOCKS = ("S", "E", "I_asym", "I_sym", "H", "R", "D")
-RATES = ("isolating_share", "unemployment_rate")
+RATES = ("isolating_share", "unemployment_rate", "on_site_share")
 LAYERS = ("infections_household", "infections_school", "infections_workplace", "infections_community")
 BOROUGH_PREFIX = {"Bronx": "BX", "Brooklyn": "BK", "Manhattan": "MN", "Queens": "QN", "Staten Island": "SI"}
 
