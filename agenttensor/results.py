@@ -19,6 +19,8 @@ from torch import Tensor
 class Results:
     """Recorded metrics: ``metrics[name]`` is [T, B] (totals) or [T, B, G] (per group).
 
+    Row k is step ``first_step + k`` (``first_step`` > 0 for a run started from a given state);
+    ``start_date`` is the date of step 0, so row k is dated ``start_date + first_step + k`` days.
     Tensors keep their autograd graph in gradient modes, so ``results["new_infections"].sum()``
     can be differentiated w.r.t. learnable parameters.
     """
@@ -32,16 +34,18 @@ class Results:
     start_date: dt.date | None = None
     timing: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    first_step: int = 0
 
     @classmethod
     def from_history(cls, history: list[dict[str, Tensor]] | dict[str, Tensor], *, model_name: str, params: Any, seeds: list[int], env: Any,
-                     final_state: Any, start_date: dt.date | None, timing: dict[str, float], **info) -> "Results":
+                     final_state: Any, start_date: dt.date | None, timing: dict[str, float], first_step: int = 0,
+                     **info) -> "Results":
         if isinstance(history, dict):  # already stacked: {name: [T, ...]}
             metrics = dict(history)
         else:
             metrics = {k: torch.stack([h[k] for h in history]) for k in (history[0] if history else {})}
         return cls(metrics, model_name, params, seeds, getattr(env, "group_labels", None), final_state, start_date,
-                   timing, info)
+                   timing, info, first_step)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.metrics[name]
@@ -57,7 +61,7 @@ class Results:
         return {k: v for k, v in self.metrics.items() if v.dim() == 3}
 
     def _index_columns(self, steps: int, batch: int) -> dict[str, Any]:
-        step = torch.arange(steps).repeat_interleave(batch)
+        step = torch.arange(self.first_step, self.first_step + steps).repeat_interleave(batch)
         cols: dict[str, Any] = {"step": step.numpy().astype("int32"),
                                 "seed": torch.tensor(self.seeds * steps).numpy() if len(self.seeds) == batch else
                                 torch.arange(batch).repeat(steps).numpy()}
@@ -88,6 +92,8 @@ class Results:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model_name, "seeds": self.seeds, "steps": self.steps}
+        if self.first_step:
+            out["first_step"] = self.first_step
         for k, v in self.totals().items():
             out[f"final_{k}_mean"] = float(v[-1].detach().float().mean()) if self.steps else None
         return out
@@ -102,7 +108,7 @@ class Results:
         totals = self.totals()
         names = metrics or list(totals)
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        x = torch.arange(self.steps).numpy()
+        x = torch.arange(self.first_step, self.first_step + self.steps).numpy()
         for name in names:
             v = totals[name].detach().float().cpu()
             ax.plot(x, v.mean(1).numpy(), label=name)

@@ -36,7 +36,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
              seeds: Sequence[int] = (0,), sampler: Sampler = Hard(), device: str | torch.device = "cpu",
              env: Any = None, start_date: dt.date | None = None, progress: bool | None = None,
              checkpoint_every: int | None = None, checkpoint_path: str | Path | None = None, resume: bool = False,
-             grad_checkpoint_every: int | None = None, interventions: Sequence[Any] | None = None) -> Results:
+             grad_checkpoint_every: int | None = None, interventions: Sequence[Any] | Any = None,
+             initial_state: Any = None, first_step: int = 0) -> Results:
     """Run ``model`` for ``steps`` steps on a batch of seeds (one pass, leading batch dim B).
 
     population: a `Population` (or None for the model's default); env: a prebuilt environment
@@ -45,13 +46,25 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     checkpoint_every/checkpoint_path/resume: save the state every k steps and continue from the
     last save. grad_checkpoint_every: in gradient modes, recompute each k-step segment during the
     backward pass instead of storing it (exact, because randomness is counter-based).
-    interventions: a list of `Intervention` (applied to every batch element) or one list per batch
-    element (then len == len(seeds)); compiled against ``model.levers``.
+    interventions: a list of `Intervention` (applied to every batch element), one list per batch
+    element (then len == len(seeds)), or a compiled `Schedule` ([B, T, G, A] per lever); compiled
+    against ``model.levers`` for steps 0..steps-1.
+
+    initial_state / first_step: start from a model state at step ``first_step`` (e.g.
+    ``Results.final_state`` of an earlier run, [B, N] with B = len(seeds), or B = 1 broadcast to
+    every seed) and run steps first_step..steps-1 only. ``model.init`` is not used. Random numbers
+    are keyed by (seed, step, stream, agent), so with the same seeds the continuation is
+    bit-identical (hard mode) to steps first_step.. of one run from step 0. Steps keep their
+    calendar: ``start_date`` is the date of step 0, interventions and time-varying parameters are
+    indexed by absolute step, and ``Results.metrics[name][k]`` is step ``first_step + k``
+    (``Results.first_step``). State tensors of the right batch are used as they are (models never
+    write into a state in place); a 0/1 state from a hard run is cast to float for gradient modes.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
     if not seeds:
         raise ConfigError("at least one seed is required")
+    first_step = _check_first_step(first_step, steps, initial_state)
     dev = resolve_device(device)
     params = (params if params is not None else model.params_type()).validate()
     params = params.as_tensors(dev, learn=tuple(params.learnable()))
@@ -64,7 +77,11 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         env = model.setup(population, params, dev)
     rng = Randomness.for_agents(list(seeds), env.agent_ids).to(dev)
     schedule = None
-    if interventions:
+    if interventions is not None and not _is_intervention_list(interventions):
+        schedule = interventions.to(dev)  # a compiled Schedule
+        if schedule.batch != len(seeds):
+            raise ConfigError(f"the intervention schedule has batch {schedule.batch}, the run {len(seeds)} seeds")
+    elif interventions:
         from .interventions import Intervention, compile_schedule
 
         per_batch = [list(interventions)] * len(seeds) if isinstance(interventions[0], Intervention) else interventions
@@ -76,10 +93,13 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     setup_seconds = time.perf_counter() - t0
 
     ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
-    state = model.init(env, params, ctx0)
+    if initial_state is None:
+        state = model.init(env, params, ctx0)
+    else:
+        state = _given_state(model, env, params, sampler, start_date, initial_state, list(seeds), dev)
     keep_graph = sampler.differentiable or bool(params.learnable())
-    history = _Recorder(steps, keep_graph)
-    first = 0
+    history = _Recorder(steps - first_step, keep_graph)
+    first = first_step
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if resume:
         if ckpt is None or not ckpt.exists():
@@ -87,6 +107,9 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         saved = torch.load(ckpt, map_location=dev, weights_only=True)
         if list(saved["seeds"]) != list(seeds) or saved["model"] != model.name:
             raise InputError(f"checkpoint {ckpt} is for model {saved['model']} seeds {saved['seeds']}, not this run")
+        if int(saved.get("first_step", 0)) != first_step:
+            raise InputError(f"checkpoint {ckpt} is of a run that started at step {saved.get('first_step', 0)}, "
+                             f"not {first_step}")
         state = state.replace(**saved["state"])
         history.extend(dict(h) for h in saved["history"])
         first = int(saved["step"])
@@ -104,7 +127,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=first, desc=model.name, unit="step", leave=False)
+        bar = tqdm(total=steps - first_step, initial=first - first_step, desc=model.name, unit="step", leave=False)
     t1 = time.perf_counter()
     t = first
     segment = grad_checkpoint_every if (grad_checkpoint_every and sampler.differentiable) else 1
@@ -131,9 +154,9 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
             history.extend(recs)
         t = stop
         if bar is not None:
-            bar.update(stop - bar.n)
+            bar.update(stop - first_step - bar.n)
         if ckpt is not None and checkpoint_every and (t % checkpoint_every == 0 or t == steps):
-            _save_checkpoint(ckpt, model, seeds, t, state, history)
+            _save_checkpoint(ckpt, model, seeds, t, state, history, first_step)
     if bar is not None:
         bar.close()
     if dev.type == "cuda":
@@ -143,7 +166,60 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
                                 final_state=state, start_date=start_date,
                                 timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
                                             seconds_per_step=run_seconds / max(steps - first, 1)),
-                                sampler=type(sampler).__name__, device=str(dev))
+                                sampler=type(sampler).__name__, device=str(dev), first_step=first_step)
+
+
+def _check_first_step(first_step: Any, steps: int, initial_state: Any) -> int:
+    if isinstance(first_step, bool) or not isinstance(first_step, int):
+        raise ConfigError(f"first_step must be a whole number of steps, got {first_step!r}")
+    if initial_state is None and first_step != 0:
+        raise ConfigError(f"first_step={first_step} needs initial_state= (the model state at that step)")
+    if not 0 <= first_step <= steps:
+        raise ConfigError(f"first_step={first_step} is outside the run: it must be in 0..{steps} (steps={steps})")
+    return first_step
+
+
+def _is_intervention_list(interventions: Any) -> bool:
+    return isinstance(interventions, (list, tuple))
+
+
+def _given_state(model: Model, env: Any, params: Params, sampler: Sampler, start_date: dt.date | None,
+                 given: Any, seeds: list[int], dev: torch.device) -> Any:
+    """Check ``given`` against the state ``model.init`` makes (type, fields, per-element shapes, dtypes)
+    and return it as a [B, ...] state on ``dev`` (B = 1 is broadcast to B = len(seeds))."""
+    from .state import TensorState
+
+    if isinstance(given, Results):
+        raise ConfigError("initial_state is a Results; pass its .final_state")
+    if not isinstance(given, TensorState):
+        raise ConfigError(f"initial_state must be a model state (a TensorState), got {type(given).__name__}")
+    ctx = StepContext(step=0, env=env, rng=Randomness.for_agents(seeds[:1], env.agent_ids).to(dev), sampler=sampler,
+                      start_date=start_date)
+    reference = model.init(env, params, ctx)  # B = 1: names, shapes and dtypes of this model's state
+    if type(given) is not type(reference):
+        raise ConfigError(f"initial_state is a {type(given).__name__}, but model {model.name} has states of type "
+                          f"{type(reference).__name__}")
+    B, batch = given.batch_size, len(seeds)
+    if B not in (1, batch):
+        raise ConfigError(f"initial_state has batch size {B}, but the run has {batch} seed(s); pass one state per "
+                          "seed (in the order of seeds) or a batch of 1 (used for every seed)")
+    out = {}
+    for name, ref in reference.tensors().items():
+        t = getattr(given, name)
+        if tuple(t.shape[1:]) != tuple(ref.shape[1:]):
+            raise ConfigError(f"initial_state.{name} has shape {list(t.shape)}, but this run needs "
+                              f"[{batch}, {', '.join(map(str, ref.shape[1:]))}] (a state of another population?)")
+        if t.dtype != ref.dtype:
+            if ref.dtype.is_floating_point and not t.dtype.is_floating_point:
+                t = t.to(ref.dtype)  # 0/1 memberships of a hard run, continued in a gradient mode
+            else:
+                raise ConfigError(f"initial_state.{name} has dtype {t.dtype}, but this run ({type(sampler).__name__}) "
+                                  f"uses {ref.dtype}")
+        t = t.to(dev)
+        if B != batch:
+            t = t.expand(batch, *t.shape[1:]).contiguous()
+        out[name] = t
+    return given.replace(**out)
 
 
 class _Recorder:
@@ -190,10 +266,10 @@ class _Recorder:
         return {k: v[: self.count] for k, v in (self.buffers or {}).items()}
 
 
-def _save_checkpoint(path: Path, model: Model, seeds, step: int, state, history) -> None:
+def _save_checkpoint(path: Path, model: Model, seeds, step: int, state, history, first_step: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(dict(model=model.name, seeds=list(seeds), step=step,
+    torch.save(dict(model=model.name, seeds=list(seeds), step=step, first_step=first_step,
                     state={k: v.detach().cpu() for k, v in state.tensors().items()},
                     history=[{k: v.detach().cpu() for k, v in h.items()} for h in history]), tmp)
     tmp.replace(path)
