@@ -32,6 +32,11 @@ interval across seeds and the paired difference to the baseline with a t-interva
     boroughs = ["Brooklyn"]
     ages = [5, 17]
     layer = "school"
+
+    [[scenario]]
+    name = "schools open, masks"
+    extends = "schools open"        # its interventions and overrides, then this scenario's own
+    remove = ["school_closure"]     # drop inherited interventions by name (unnamed: by lever)
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from .sampling import Hard, Sampler
 
 DEFAULT_MEMORY_BUDGET = 8e9  # bytes
 INTERVENTION_FIELDS = ("lever", "start", "end", "intensity", "boroughs", "ages", "layer", "name")
+SCENARIO_FIELDS = ("name", "description", "extends", "remove", "overrides", "intervention")
 METHOD = ("mean over seeds; interval = {lo:g}–{hi:g} % percentiles across seeds (linear interpolation); "
           "paired difference d_s = scenario_s − baseline_s on the same seed s (common random numbers); "
           "its interval is a {level:g} % Student-t interval for the mean difference, mean(d) ± t·sd(d)/√S "
@@ -205,7 +211,7 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
     raw = data.get("scenario", [])
     if not isinstance(raw, list) or not raw:
         raise InputError(f"{source}: no scenarios; add at least one [[scenario]] table with a name")
-    scenarios = []
+    own: list[tuple[Scenario, str | None, tuple[str, ...]]] = []  # (as written, extends, remove)
     for i, entry in enumerate(raw):
         if not isinstance(entry, Mapping):
             raise InputError(f"{source}: scenario #{i + 1} must be a table")
@@ -213,9 +219,9 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{source}: scenario #{i + 1}: field 'name' is missing or empty")
         where = f"{source}: scenario {name!r}"
-        bad = sorted(set(entry) - {"name", "description", "overrides", "intervention"})
+        bad = sorted(set(entry) - set(SCENARIO_FIELDS))
         if bad:
-            raise InputError(f"{where}: unknown field {bad[0]!r}; allowed: name, description, overrides, intervention")
+            raise InputError(f"{where}: unknown field {bad[0]!r}; allowed: {', '.join(SCENARIO_FIELDS)}")
         overrides = entry.get("overrides", {})
         if not isinstance(overrides, Mapping):
             raise InputError(f"{where}: overrides must be a table of parameter = value")
@@ -223,17 +229,65 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
         if isinstance(ivs, Mapping):
             ivs = [ivs]
         interventions = tuple(_intervention_from_dict(iv, f"{where} intervention[{k}]") for k, iv in enumerate(ivs))
-        scenarios.append(Scenario(name=name, interventions=interventions, overrides=dict(overrides),
-                                  description=str(entry.get("description", ""))))
-    names = [s.name for s in scenarios]
+        extends = entry.get("extends")
+        if extends is not None and (not isinstance(extends, str) or not extends.strip()):
+            raise InputError(f"{where} field 'extends': expected the name of another scenario, got {extends!r}")
+        remove = entry.get("remove", [])
+        if isinstance(remove, str):
+            remove = [remove]
+        if not isinstance(remove, list) or not all(isinstance(r, str) for r in remove):
+            raise InputError(f"{where} field 'remove': expected a list of intervention names, got {remove!r}")
+        if remove and extends is None:
+            raise InputError(f"{where} field 'remove': only a scenario that extends another can remove "
+                             "inherited interventions; add extends = \"<scenario name>\"")
+        own.append((Scenario(name=name, interventions=interventions, overrides=dict(overrides),
+                             description=str(entry.get("description", ""))), extends, tuple(remove)))
+    names = [s.name for s, _, _ in own]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"{source}: scenario name {dup[0]!r} is used more than once; names must be unique")
+    scenarios = _resolve_extends(own, source)
     baseline = run.get("baseline")
     if baseline is not None and baseline not in names:
         raise InputError(f"{source}: [run].baseline = {baseline!r} is not a scenario name; scenarios: {names}")
     return ScenarioSet(tuple(scenarios), days=run.get("days"), start_date=start, seeds=run.get("seeds"),
                        baseline=baseline, description=str(run.get("description", "")), source=source)
+
+
+def _resolve_extends(own: Sequence[tuple[Scenario, str | None, tuple[str, ...]]], source: str) -> list[Scenario]:
+    """Scenarios with ``extends``: the parent's (resolved) interventions minus those named in
+    ``remove``, then the scenario's own; overrides merged, the scenario's own winning. Parents may
+    come later in the file and extend others in turn; unknown parents, cycles and removal names that
+    match no inherited intervention are errors naming the scenario and the field."""
+    by_name = {s.name: (s, extends, remove) for s, extends, remove in own}
+    resolved: dict[str, Scenario] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Scenario:
+        if name in resolved:
+            return resolved[name]
+        scenario, parent, remove = by_name[name]
+        where = f"{source}: scenario {name!r}"
+        if parent is None:
+            resolved[name] = scenario
+            return scenario
+        if parent not in by_name:
+            raise InputError(f"{where} field 'extends': unknown scenario {parent!r}; scenarios: {list(by_name)}")
+        if parent == name or parent in chain:
+            cycle = " -> ".join((*chain[chain.index(parent):], name, parent) if parent in chain else (name, name))
+            raise InputError(f"{where} field 'extends': scenarios extend each other in a cycle ({cycle})")
+        base = resolve(parent, (*chain, name))
+        inherited = base.interventions
+        labels = [iv.label for iv in inherited]
+        for r in remove:
+            if r not in labels:
+                raise InputError(f"{where} field 'remove': {parent!r} has no intervention named {r!r}; "
+                                 f"inherited: {list(dict.fromkeys(labels))}")
+        kept = tuple(iv for iv in inherited if iv.label not in set(remove))
+        resolved[name] = dataclasses.replace(scenario, interventions=kept + scenario.interventions,
+                                             overrides={**base.overrides, **scenario.overrides})
+        return resolved[name]
+
+    return [resolve(s.name, ()) for s, _, _ in own]
 
 
 def load_scenarios(path: str | Path) -> ScenarioSet:

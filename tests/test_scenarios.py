@@ -268,3 +268,159 @@ def test_covid_scenarios_batched_equal_single_runs():
                             interventions=interventions)
         for k in ("new_infections", "reported_cases", "I_sym", "E", "R"):
             assert torch.equal(alone[k][:, 0], res.metrics[scenario.name][k][:, 1]), (scenario.name, k)
+
+
+# ---- extends / remove -------------------------------------------------------------------------
+
+EXTENDS = textwrap.dedent("""
+    [run]
+    days = 45
+    start_date = "2020-03-01"
+
+    [[scenario]]
+    name = "stricter"
+    extends = "lockdown"             # the parent may come later in the file
+    remove = ["early lockdown"]
+    overrides = { R0 = 2.5 }
+    [[scenario.intervention]]
+    name = "late lockdown"
+    lever = "lockdown"
+    start = "2020-03-20"
+    end = "2020-04-10"
+    intensity = 1.0
+
+    [[scenario]]
+    name = "lockdown"
+    overrides = { R0 = 2.8, incubation_days = 4.0 }
+    [[scenario.intervention]]
+    name = "early lockdown"
+    lever = "lockdown"
+    start = "2020-03-10"
+    end = "2020-03-20"
+    intensity = 0.5
+    [[scenario.intervention]]
+    lever = "lockdown"
+    start = "2020-04-01"
+    end = "2020-04-14"
+    intensity = 0.2
+
+    [[scenario]]
+    name = "stricter still"
+    description = "a chain: extends a scenario that extends another"
+    extends = "stricter"
+    remove = "lockdown"              # an unnamed intervention is removed by its lever
+""")
+
+
+def test_extends_inherits_removes_and_overrides():
+    sset = scenarios_from_dict(tomllib_loads(EXTENDS), source="x.toml")
+    by = {s.name: s for s in sset.scenarios}
+    assert [s.name for s in sset.scenarios] == ["stricter", "lockdown", "stricter still"]  # file order kept
+    parent = by["lockdown"]
+    assert [iv.label for iv in parent.interventions] == ["early lockdown", "lockdown"]
+    # inherited (minus removed) first, then its own; overrides merged, its own winning
+    assert by["stricter"].interventions == (parent.interventions[1], by["stricter"].interventions[-1])
+    assert by["stricter"].interventions[-1].name == "late lockdown"
+    assert dict(by["stricter"].overrides) == {"R0": 2.5, "incubation_days": 4.0}
+    assert [iv.label for iv in by["stricter still"].interventions] == ["late lockdown"]
+    assert dict(by["stricter still"].overrides) == dict(by["stricter"].overrides)
+    assert by["stricter still"].description.startswith("a chain") and by["stricter"].description == ""
+    # the resolved set round-trips (files written by save_scenarios need no extends)
+    assert scenarios_from_dict(sset.to_dict()).scenarios == sset.scenarios
+
+
+def tomllib_loads(text):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize("replace, by, expected", [
+    ('extends = "lockdown"', 'extends = "lockdwn"', ["'stricter'", "field 'extends'", "unknown scenario 'lockdwn'"]),
+    ('extends = "lockdown"', 'extends = "stricter"', ["'stricter'", "field 'extends'", "cycle", "stricter -> stricter"]),
+    ('name = "lockdown"\noverrides', 'name = "lockdown"\nextends = "stricter still"\noverrides',
+     ["field 'extends'", "cycle", "lockdown -> stricter"]),
+    ('remove = ["early lockdown"]', 'remove = ["earl lockdown"]',
+     ["'stricter'", "field 'remove'", "'lockdown' has no intervention named 'earl lockdown'", "early lockdown"]),
+    ('remove = "lockdown"', 'remove = "late lockdown"\nremove_typo = 1', ["'stricter still'", "'remove_typo'"]),
+    ('extends = "stricter"\nremove = "lockdown"', 'remove = "lockdown"', ["'stricter still'", "field 'remove'",
+                                                                        "extends"]),
+    ('extends = "lockdown"', 'extends = 3', ["'stricter'", "field 'extends'"]),
+    ('remove = ["early lockdown"]', 'remove = [1]', ["'stricter'", "field 'remove'"]),
+])
+def test_extends_errors_name_the_scenario_and_field(replace, by, expected):
+    assert replace in EXTENDS
+    with pytest.raises(InputError) as info:
+        scenarios_from_dict(tomllib_loads(EXTENDS.replace(replace, by)), source="x.toml")
+    message = str(info.value)
+    assert message.startswith("x.toml: ")
+    for text in expected:
+        assert text in message, (text, message)
+
+
+def _shipped(name: str) -> ScenarioSet:
+    from pathlib import Path
+
+    return load_scenarios(Path(__file__).resolve().parents[1] / "models" / "covid" / "scenarios" / f"{name}.toml")
+
+
+def _key(iv):
+    return (iv.name, iv.lever, iv.start, iv.end, iv.intensity, iv.boroughs, iv.ages, iv.layer)
+
+
+def test_shipped_scenario_files_compile_to_their_timelines():
+    """The shipped files use `extends`; each scenario resolves to the intervention lists the files
+    spelled out in full before (counts as then), and derived scenarios are their parent's list with
+    exactly the stated differences. Every file validates against the covid model."""
+    from agenttensor.population import BOROUGHS
+    from agenttensor.scenarios import validate_scenarios
+    from models.covid.model import MODEL as COVID
+
+    day = dt.timedelta(days=1)
+    counts = {"counterfactual_spring_2020": {"actual": 10, "closures two weeks earlier": 10,
+                                             "closures one week earlier": 10, "closures one week later": 10,
+                                             "closures two weeks later": 10, "schools open": 9,
+                                             "higher isolation compliance": 10, "testing and isolation": 11,
+                                             "stimulus paid in April": 11},
+              "retrospective_2020": {"no policy": 0, "actual 2020": 25, "actual spring only": 10},
+              "prospective_winter_2021": {"status quo": 25, "vaccination": 27, "vaccination twice as fast": 27,
+                                          "schools fully closed": 26, "winter PAUSE": 27}}
+    for file, expected in counts.items():
+        sset = _shipped(file)
+        assert {s.name: len(s.interventions) for s in sset.scenarios} == expected, file
+        validate_scenarios(COVID, sset.scenarios, steps=sset.days, start_date=sset.start_date,
+                           group_labels=BOROUGHS, source=file)
+
+    spring = {s.name: s for s in _shipped("counterfactual_spring_2020").scenarios}
+    actual = spring["actual"].interventions
+    closures = {"NYC public schools closed", "bars, restaurants, gyms, theatres closed", "NY on PAUSE",
+                "PAUSE: non-essential workplaces closed"}
+    for name, shift in (("closures two weeks earlier", -14), ("closures one week earlier", -7),
+                        ("closures one week later", 7), ("closures two weeks later", 14)):
+        moved = []
+        for iv in actual:  # the four closures start `shift` days off (dining closure: whole window), rest as is
+            if iv.name in closures:
+                end = iv.end + shift * day if iv.name.startswith("bars") else iv.end
+                iv = dataclasses.replace(iv, start=iv.start + shift * day, end=end)
+            moved.append(_key(iv))
+        assert sorted(map(_key, spring[name].interventions)) == sorted(moved), name
+    assert spring["schools open"].interventions == tuple(iv for iv in actual if iv.lever != "school_closure")
+    for name in ("higher isolation compliance", "testing and isolation", "stimulus paid in April"):
+        assert spring[name].interventions[:len(actual)] == actual, name
+    assert dict(spring["higher isolation compliance"].overrides) == {"isolate_intercept": 1.5,
+                                                                     "isolation_effectiveness": 0.95}
+    (stimulus,) = spring["stimulus paid in April"].interventions[len(actual):]
+    assert (stimulus.lever, stimulus.start, stimulus.intensity) == ("stimulus", dt.date(2020, 4, 10), 1.0)
+
+    winter = {s.name: s for s in _shipped("prospective_winter_2021").scenarios}
+    status_quo = winter["status quo"].interventions
+    for name, scenario in winter.items():
+        assert scenario.interventions[:len(status_quo)] == status_quo, name
+
+    retro = {s.name: s for s in _shipped("retrospective_2020").scenarios}
+    spring_only = retro["actual spring only"].interventions
+    assert [_key(iv) for iv in spring_only[:6]] == [_key(iv) for iv in actual[:6]]  # spring as in the spring file
+    assert all(iv.start <= dt.date(2020, 6, 22) for iv in spring_only)
+    assert {iv.end for iv in spring_only[6:]} == {dt.date(2020, 12, 31)}
