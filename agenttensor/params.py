@@ -191,3 +191,38 @@ class Params:
             rows.append(dict(name=name, value=self.to_dict()[name], unit=m.get("unit", ""), min=m.get("min"),
                              max=m.get("max"), doc=m.get("doc", "")))
         return rows
+
+
+PARAMS_FILE_META = ("provenance", "start_date", "description")
+
+
+def load_params_file(params_type: type[Params], path: Any) -> tuple[Params, dict[str, Any]]:
+    """Parameters from JSON: ``agenttensor calibrate``'s params.json (``{"params": {...}, "learned": ...,
+    "info": {"start_date": ...}}``) or a plain ``{name: value}`` object (`Params.to_json`); names not
+    in the file keep their defaults. Optional top-level keys: ``provenance``, ``description`` and
+    ``start_date`` (the date of step 0 of the calendar the file's time-varying series follow; for a
+    calibrate file, ``info.start_date``). Returns (params, meta) with meta = {path, start_date or None}.
+    """
+    from pathlib import Path
+
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"parameter file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object of parameters (or calibrate's params.json)")
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    start = data.get("start_date") or (info.get("start_date") if "params" in data else None)
+    values = data["params"] if "params" in data else {k: v for k, v in data.items() if k not in PARAMS_FILE_META}
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: 'params' must be an object of name: value")
+    try:
+        params = params_type.from_dict(values)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return params, {"path": str(path), "start_date": start}

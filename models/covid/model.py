@@ -482,7 +482,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     community = community[:, :-1]  # [B, C]
     per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough, community)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
-    mixed = (per_borough / env.borough_size.clamp_min(1)) @ mixing.T  # [B, G]: Σ_b' M_bb' C_b'
+    # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
+    # which would make a batch element's numbers depend on the batch it runs in)
+    mixed = ((per_borough / env.borough_size.clamp_min(1))[:, None, :] * mixing[None]).sum(-1)
     rho = params.community_borough_share
     per_community = (1 - rho) * community / env.community.group_size[:-1].clamp_min(1) \
         + rho * mixed.index_select(1, env.community_borough)
