@@ -6,6 +6,8 @@ Public API (everything else is an implementation module):
 - randomness and events: `Randomness`, `Hard`, `StraightThrough`, `Relaxed`
 - transmission: `GroupLayer`, `message_passing`, `edges_from_networkx`, `edges_to_networkx`
 - models and runs: `Model`, `Substep`, `StepContext`, `simulate`, `Results`, `load_model`
+- interventions and scenarios: `Intervention`, `LeverSpec`, `Scenario`, `ScenarioSet`, `run_scenarios`,
+  `load_scenarios`, `ScenarioResults`
 - populations: `Population`, `synthetic`
 """
 
@@ -27,10 +29,12 @@ from .transmission import GroupLayer, edges_from_networkx, edges_to_networkx, me
 from .interventions import Intervention, LeverSpec
 from .run import simulate
 from .loading import load_model
+from .scenarios import Scenario, ScenarioResults, ScenarioSet, load_scenarios, run_scenarios
 
 __all__ = [
     "AgentTensorError", "BackendError", "ConfigError", "InputError", "Model", "StepContext", "Substep", "Params",
     "param", "Population", "synthetic", "Results", "Randomness", "Hard", "Relaxed", "Sampler", "StraightThrough",
     "TensorState", "GroupLayer", "edges_from_networkx", "edges_to_networkx", "message_passing", "simulate",
-    "load_model", "Intervention", "LeverSpec", "__version__",
+    "load_model", "Intervention", "LeverSpec", "Scenario", "ScenarioSet", "ScenarioResults", "run_scenarios",
+    "load_scenarios", "__version__",
 ]

@@ -424,3 +424,13 @@ def test_shipped_scenario_files_compile_to_their_timelines():
     assert [_key(iv) for iv in spring_only[:6]] == [_key(iv) for iv in actual[:6]]  # spring as in the spring file
     assert all(iv.start <= dt.date(2020, 6, 22) for iv in spring_only)
     assert {iv.end for iv in spring_only[6:]} == {dt.date(2020, 12, 31)}
+
+
+def test_scenario_api_is_exported_at_top_level():
+    import agenttensor
+    from agenttensor import scenarios
+
+    for name in ("Scenario", "ScenarioSet", "ScenarioResults", "run_scenarios", "load_scenarios"):
+        assert getattr(agenttensor, name) is getattr(scenarios, name), name
+        assert name in agenttensor.__all__, name
+    assert at.run_scenarios is run_scenarios
