@@ -109,6 +109,11 @@ class ArchetypeBehavior:
     counted in `stats`) or "error"; calibrate: learnable logit-affine maps on both behaviours.
     """
 
+    # Answers are a function of the prompt (each element's own context, asked per element every decision
+    # step); between steps the engines keep only a grouping memo keyed by tensor identity, statistics and
+    # last-step diagnostics — nothing per batch element — so scenario runs may share a prefix.
+    stateless = True
+
     def __init__(self, backend: Any, cache: Any = None, on_failure: str = "fallback", calibrate: bool = False):
         def engine(spec: ArchetypeSpec, fallback) -> ArchetypeEngine:
             return ArchetypeEngine(spec, backend, cache=cache, on_failure=on_failure,

@@ -5,6 +5,9 @@ A behaviour source is any object with
     decide(env, state, params, ctx, observations) -> {"isolate_prob": [B, N], "work_prob": [B, N]}
 
 called every ``params.decision_every`` days (weekly by default) by the model's ``decide`` substep.
+A source that keeps no per-batch-element state between calls sets the class attribute
+``stateless = True``; scenario runs share the steps on which all scenarios agree only then
+(`agenttensor.prefix`), since the batch grows from seeds to scenarios × seeds after that prefix.
 ``observations`` holds the per-borough environment an agent reacts to:
 
 - ``cases_per_100k`` [B, G]: reported cases in the last 7 days per 100,000 residents, by borough;
@@ -46,6 +49,8 @@ class BehaviorSource(Protocol):
 
 class HeuristicBehavior:
     """Documented parametric heuristic (see module docstring)."""
+
+    stateless = True  # a pure function of its inputs (scenario runs may share a prefix; agenttensor.prefix)
 
     def decide(self, env, state, params, ctx, observations) -> dict[str, Tensor]:
         incidence = torch.log1p(observations["cases_per_100k"])  # [B, G]
