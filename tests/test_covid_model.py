@@ -322,3 +322,31 @@ def test_llm_archetypes_see_their_own_scenarios_stimulus(population):
     assert torch.equal(res.metrics["baseline"]["on_site_share"][first_week],
                        res.metrics["stimulus"]["on_site_share"][first_week])
     assert (res.metrics["stimulus"]["on_site_share"][7:] < res.metrics["baseline"]["on_site_share"][7:]).all()
+
+
+def test_batched_parameter_overrides_equal_single_runs():
+    """Scenario batches put a per-scenario parameter in a [B, 1] tensor; the sparse code paths
+    (infectious agents only, stage exits, rehiring among the few unemployed) must read each
+    element's own value: every count equals the same run done alone with that value."""
+    from agenttensor.scenarios import Scenario, run_scenarios
+
+    population = at.synthetic(4_000, seed=2)
+    changes = dict(isolation_effectiveness=0.95, asymptomatic_infectiousness=0.6, detection_rate=0.7,
+                   asymptomatic_detection_ratio=0.5, vaccine_efficacy_infection=0.3, vaccine_efficacy_severe=0.0,
+                   rehire_rate=0.2, job_loss_base=0.01, job_loss_closed=0.3, job_loss_absent=0.05,
+                   stimulus_job_loss_relief=0.6, work_stimulus_slope=2.0, remote_work_share=0.7,
+                   isolate_intercept=1.5, transmission_scale=0.9, community_borough_share=0.8)
+    base = busy_params(initial_prevalence=0.02)
+    scenarios = [Scenario("baseline", tuple(ALL_LEVERS))] + [
+        Scenario(name, tuple(ALL_LEVERS), overrides={name: value}) for name, value in changes.items()]
+    res = run_scenarios(MODEL, population, scenarios, seeds=[0, 1], steps=22, start_date=START, params=base,
+                        progress=False)
+    assert res.info["passes"] == 1  # one batch: every override is a [B, 1] tensor
+    for name, value in changes.items():
+        alone = at.simulate(MODEL, population, base.replace(**{name: value}), steps=22, seeds=[0, 1],
+                            start_date=START, progress=False, interventions=ALL_LEVERS)
+        for k in ("new_infections", "reported_cases", "hospital_admissions", "deaths", "I_sym", "R",
+                  "isolating_share", "unemployment_rate", "on_site_share"):
+            assert torch.equal(alone[k], res.metrics[name][k]), (name, k)
+        assert any(not torch.equal(v, res.metrics["baseline"][k]) for k, v in res.metrics[name].items()), \
+            f"overriding {name} changed nothing; the test does not exercise it"

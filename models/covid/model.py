@@ -254,10 +254,14 @@ class At:
         self.b, self.i = b, i
 
     def __call__(self, x: Tensor | float) -> Tensor | float:
+        """x: a number or 0-dim tensor (as is), [N] per agent, [B, N] or [1, N] per element and agent,
+        or a [B, 1] parameter batched over scenarios (one value per element)."""
         if not isinstance(x, Tensor) or x.dim() == 0 or self.i is None:
             return x
         if x.dim() == 1:
             return x[self.i]
+        if x.shape[1] == 1:  # [B, 1]: each selected agent reads its element's value
+            return x[0, 0] if x.shape[0] == 1 else x[self.b, 0]
         if x.shape[0] == 1:
             return x[0, self.i]
         return x[self.b, self.i]
@@ -438,11 +442,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
         return once("iota", at, lambda: at(state.I_sym).to(torch.float32)
-                    + params.asymptomatic_infectiousness * at(state.I_asym).to(torch.float32))
+                    + at(params.asymptomatic_infectiousness) * at(state.I_asym).to(torch.float32))
 
     def infectious_away(at: At) -> Tensor:  # ι a, with a = 1 − η isolating
         return once("iota_away", at, lambda: infectiousness(at)
-                    * (1 - params.isolation_effectiveness * at(state.isolating).to(torch.float32)))
+                    * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32)))
 
     def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor]) -> Tensor:
         """Σ over each group's infectious members: [B, G + 1] (last slot: non-members)."""
@@ -509,7 +513,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def susceptibility(at: At) -> Tensor:
         sigma = at.table(params.susceptibility, env.age_group)
         if vaccinated:
-            sigma = sigma * (1 - params.vaccine_efficacy_infection * at(state.vaccinated).to(torch.float32))
+            sigma = sigma * (1 - at(params.vaccine_efficacy_infection) * at(state.vaccinated).to(torch.float32))
         return sigma
 
     dense = At()
@@ -581,13 +585,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     to_Ia = leave_E - to_Is
     p_hosp = params.hosp_given_symptomatic[group]
     if ctx.lever("vaccination") is not None:
-        p_hosp = p_hosp * (1 - params.vaccine_efficacy_severe * at(V).to(torch.float32))
+        p_hosp = p_hosp * (1 - at(params.vaccine_efficacy_severe) * at(V).to(torch.float32))
     to_H = draw(p_hosp, "hospitalisation").to(E.dtype) * leave_Is
     to_D = draw(params.death_given_hosp[group], "death").to(E.dtype) * leave_H
     to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
 
     # surveillance and isolation at I entry (the new I agents are among today's E exits)
-    p_detect = params.detection_rate * (to_Is.to(torch.float32) + params.asymptomatic_detection_ratio * to_Ia.to(torch.float32))
+    p_detect = at(params.detection_rate) * (to_Is.to(torch.float32)
+                                            + at(params.asymptomatic_detection_ratio) * to_Ia.to(torch.float32))
     testing = lever_per_agent(ctx, "testing_isolation")
     if testing is not None:
         p_detect = p_detect + at(testing) * (1 - p_detect)
@@ -666,18 +671,18 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
     def job_loss(at: At):
         """base + [absent (1 − on_site) o + closed · closed_i · o] · (1 − relief · s): a stimulus payment
         relieves the pandemic terms (demand support), not the baseline churn."""
-        relief = None if stimulus is None else 1 - params.stimulus_job_loss_relief * at(stimulus)
-        absent = params.job_loss_absent * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
-        p = params.job_loss_base + (absent if relief is None else absent * relief)
+        relief = None if stimulus is None else 1 - at(params.stimulus_job_loss_relief) * at(stimulus)
+        absent = at(params.job_loss_absent) * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
+        p = at(params.job_loss_base) + (absent if relief is None else absent * relief)
         if closed is not None:
-            shut = params.job_loss_closed * at(closed) * at(on_site_job)
+            shut = at(params.job_loss_closed) * at(closed) * at(on_site_job)
             p = p + (shut if relief is None else shut * relief)
         return p
 
     closure = lever_per_agent(ctx, "workplace_closure")
 
     def rehire(at: At):
-        return params.rehire_rate if closure is None else params.rehire_rate * (1 - at(closure))
+        return at(params.rehire_rate) if closure is None else at(params.rehire_rate) * (1 - at(closure))
 
     lost = event(ctx, employed, "job-loss", job_loss)
     hired = event(ctx, unemployed, "rehire", rehire)
