@@ -41,11 +41,11 @@ def plot_trajectories(results: "ScenarioResults", metric: str, path: str | Path,
     """Mean over seeds (line) and the ``interval`` percentile band across seeds, one colour per scenario."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
-    T = results.steps
+    T, first = results.steps, getattr(results, "first_step", 0)
     if results.start_date is not None:
-        x = [results.start_date + dt.timedelta(days=t) for t in range(T)]
+        x = [results.start_date + dt.timedelta(days=first + t) for t in range(T)]
     else:
-        x = list(range(T))
+        x = list(range(first, first + T))
     q = torch.tensor([interval[0] / 100, interval[1] / 100], dtype=torch.float64)
     for name in results.names:
         v = results.metrics[name][metric].detach().to(torch.float64).cpu()  # [T, S]
@@ -66,6 +66,18 @@ def plot_trajectories(results: "ScenarioResults", metric: str, path: str | Path,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _prefix_note(results: "ScenarioResults") -> str:
+    """Report text: the comparison period and the shared prefix, when they apply."""
+    notes = []
+    if results.first_step and "report_from" in results.info:
+        notes.append(f"compared from {results.info['report_from']} (the projection period; earlier steps ran but are "
+                     "not compared)")
+    steps = results.info.get("prefix_steps", 0)
+    if steps:
+        notes.append(f"the first {steps} simulated days were identical in every scenario and ran once per seed")
+    return "".join(f" ({html.escape(n)})" for n in notes)
 
 
 def plot_differences(table: pl.DataFrame, outcome: str, path: str | Path, baseline: str | None = None) -> Path:
@@ -171,7 +183,7 @@ td:first-child,td:nth-child(2),th{{text-align:left}}tr.base{{background:#f3f3f3}
 .small{{color:#555;font-size:12px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{len(results.names)} scenarios × {len(results.seeds)} seeds (seeds {results.seeds[0]}…{results.seeds[-1]}, shared by every
-scenario: common random numbers), {results.steps} days{f' from {results.start_date}' if results.start_date else ''};
+scenario: common random numbers), {results.steps} days{f' from {results.start_date + dt.timedelta(days=results.first_step)}' if results.start_date else ''}{_prefix_note(results)};
 baseline <b>{html.escape(results.baseline)}</b>; {info.get('num_agents', '?'):,} agents.
 Run time {timing.get('wall_seconds', 0):.1f} s in {len(info.get('chunks', []))} batch chunk(s).</p>
 <p class="small">Method: {html.escape(METHOD.format(lo=interval[0], hi=interval[1], level=level))}.</p>

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import sys
 import time
@@ -65,6 +66,7 @@ from .model import Model
 from .params import Params
 from .sampling import Hard, Sampler
 
+log = logging.getLogger(__name__)
 DEFAULT_MEMORY_BUDGET = 8e9  # bytes
 INTERVENTION_FIELDS = ("lever", "start", "end", "intensity", "boroughs", "ages", "layer", "name")
 SCENARIO_FIELDS = ("name", "description", "extends", "remove", "overrides", "intervention")
@@ -108,6 +110,8 @@ class ScenarioSet:
     baseline: str | None = None
     description: str = ""
     source: str = "<python>"
+    params: str | None = None  # [run].params: a parameter JSON file (resolved against the TOML's folder)
+    report_from: dt.date | int | None = None  # [run].report_from: compare/plot only from this date (or step)
 
     @property
     def baseline_name(self) -> str:
@@ -118,7 +122,7 @@ class ScenarioSet:
 
     def to_dict(self) -> dict[str, Any]:
         run: dict[str, Any] = {}
-        for key in ("days", "start_date", "seeds", "baseline", "description"):
+        for key in ("days", "start_date", "seeds", "baseline", "description", "params", "report_from"):
             value = getattr(self, key)
             if value not in (None, ""):
                 run[key] = value
@@ -196,7 +200,7 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
     run = data.get("run", {})
     if not isinstance(run, Mapping):
         raise InputError(f"{source}: [run] must be a table")
-    allowed_run = {"days", "start_date", "seeds", "baseline", "description"}
+    allowed_run = {"days", "start_date", "seeds", "baseline", "description", "params", "report_from"}
     bad = sorted(set(run) - allowed_run)
     if bad:
         raise InputError(f"{source}: [run].{bad[0]} is not a known setting; allowed: {sorted(allowed_run)}")
@@ -208,6 +212,12 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
         start = _date(start, f"{source}: [run].start_date")
         if isinstance(start, int):
             raise InputError(f"{source}: [run].start_date must be a date YYYY-MM-DD, got {start!r}")
+    params_file = run.get("params")
+    if params_file is not None and (not isinstance(params_file, str) or not params_file.strip()):
+        raise InputError(f"{source}: [run].params must be the path of a parameter JSON file, got {params_file!r}")
+    report_from = run.get("report_from")
+    if report_from is not None:
+        report_from = _date(report_from, f"{source}: [run].report_from")
     raw = data.get("scenario", [])
     if not isinstance(raw, list) or not raw:
         raise InputError(f"{source}: no scenarios; add at least one [[scenario]] table with a name")
@@ -251,7 +261,8 @@ def scenarios_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scen
     if baseline is not None and baseline not in names:
         raise InputError(f"{source}: [run].baseline = {baseline!r} is not a scenario name; scenarios: {names}")
     return ScenarioSet(tuple(scenarios), days=run.get("days"), start_date=start, seeds=run.get("seeds"),
-                       baseline=baseline, description=str(run.get("description", "")), source=source)
+                       baseline=baseline, description=str(run.get("description", "")), source=source,
+                       params=params_file, report_from=report_from)
 
 
 def _resolve_extends(own: Sequence[tuple[Scenario, str | None, tuple[str, ...]]], source: str) -> list[Scenario]:
@@ -299,7 +310,29 @@ def load_scenarios(path: str | Path) -> ScenarioSet:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
-    return scenarios_from_dict(data, source=str(path))
+    sset = scenarios_from_dict(data, source=str(path))
+    if sset.params and not Path(sset.params).is_absolute():  # relative to the scenario file
+        sset = dataclasses.replace(sset, params=str(path.parent / sset.params))
+    return sset
+
+
+def load_run_params(model: Model, path: str | Path, start_date: dt.date | None = None, source: str = "") -> Params:
+    """The model's parameters from a JSON file (`agenttensor.params.load_params_file`: calibrate's
+    params.json or a plain object). If the file records the start date of its calendar and a
+    time-varying series in it has more than one value, the run must start on that date (weekly
+    multipliers are indexed from step 0)."""
+    from .params import load_params_file
+
+    params, meta = load_params_file(model.params_type, path)
+    aligned = meta.get("start_date")
+    if aligned and start_date is not None and str(start_date) != str(aligned):
+        series = [n for n, f in params.spec().items() if f.metadata.get("time_varying")
+                  and torch.as_tensor(getattr(params, n)).numel() > 1]
+        if series:
+            raise ConfigError(f"{source + ': ' if source else ''}{path}: time-varying parameter {series[0]} follows "
+                              f"a calendar starting {aligned} (step 0), but the run starts {start_date}; "
+                              f"set the start date to {aligned}")
+    return params
 
 
 def save_scenarios(scenarios: ScenarioSet | Sequence[Scenario], path: str | Path) -> Path:
@@ -439,7 +472,11 @@ def estimate_bytes_per_element(model: Model, env: Any, params: Params, *, overhe
 
 @dataclass
 class ScenarioResults:
-    """Metrics of every scenario × seed: ``metrics[scenario][name]`` is [T, S] (totals) or [T, S, G]."""
+    """Metrics of every scenario × seed: ``metrics[scenario][name]`` is [T, S] (totals) or [T, S, G].
+
+    Row k is step ``first_step + k`` (``first_step`` > 0 after `since` / ``report_from`` or a run
+    started from a given state); ``start_date`` is the date of step 0. ``params``: the base parameters.
+    """
 
     scenarios: tuple[Scenario, ...]
     seeds: list[int]
@@ -450,6 +487,8 @@ class ScenarioResults:
     group_labels: list[str] | None = None
     timing: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    first_step: int = 0
+    params: Any = None
 
     @property
     def names(self) -> list[str]:
@@ -470,13 +509,36 @@ class ScenarioResults:
         for name in self.names:
             cols: dict[str, Any] = {"scenario": [name] * (T * S),
                                     "seed": torch.tensor(self.seeds).repeat(T).numpy(),
-                                    "step": torch.arange(T).repeat_interleave(S).numpy().astype("int32")}
+                                    "step": torch.arange(self.first_step, self.first_step + T)
+                                    .repeat_interleave(S).numpy().astype("int32")}
             if self.start_date is not None:
                 cols["date"] = [self.start_date + dt.timedelta(days=int(t)) for t in cols["step"]]
             for k, v in self.totals(name).items():
                 cols[k] = v.detach().cpu().reshape(-1).to(torch.float64).numpy()
             frames.append(pl.DataFrame(cols))
         return pl.concat(frames)
+
+    def step_of(self, when: dt.date | int) -> int:
+        """A date (or a step number) as a step index (step 0 = ``start_date``)."""
+        if isinstance(when, dt.date):
+            if self.start_date is None:
+                raise ConfigError(f"report_from {when} is a date but the run has no start date")
+            return (when - self.start_date).days
+        return int(when)
+
+    def since(self, when: dt.date | int) -> "ScenarioResults":
+        """The same results restricted to steps from ``when`` (a date or step) to the end: the
+        comparison, outcomes (totals, peaks), trajectories and plots then cover that period only."""
+        k = self.step_of(when)
+        last = self.first_step + self.steps - 1
+        if not self.first_step <= k <= last:
+            span = (f"{self.start_date + dt.timedelta(days=self.first_step)}..{self.start_date + dt.timedelta(days=last)}"
+                    if self.start_date else f"steps {self.first_step}..{last}")
+            raise ConfigError(f"report_from {when} is outside the results ({span})")
+        cut = k - self.first_step
+        metrics = {name: {m: v[cut:] for m, v in ms.items()} for name, ms in self.metrics.items()}
+        info = dict(self.info, report_from=str(when), report_from_step=k)
+        return dataclasses.replace(self, metrics=metrics, first_step=k, info=info)
 
     def outcomes(self, scenario: str) -> dict[str, Tensor]:
         """Scalar outcomes per seed, [S]: ``total_X`` (sum over the run) and ``peak_X`` for daily
@@ -528,10 +590,20 @@ class ScenarioResults:
         table.write_parquet(paths["compare.parquet"])
         table.write_csv(paths["compare.csv"])
         self.to_polars().write_parquet(paths["trajectories.parquet"])
-        save_scenarios(ScenarioSet(self.scenarios, days=self.steps, start_date=self.start_date, seeds=len(self.seeds),
-                                   baseline=self.baseline), paths["scenarios.toml"])
+        params_file = None
+        if self.params is not None and hasattr(self.params, "to_json"):
+            params_file = "params.json"
+            paths["params.json"] = directory / params_file
+            paths["params.json"].write_text(self.params.to_json())
+        report_from = self.info.get("report_from_step") if "report_from" in self.info else None
+        if report_from is not None and self.start_date is not None:
+            report_from = self.start_date + dt.timedelta(days=int(report_from))
+        save_scenarios(ScenarioSet(self.scenarios, days=self.first_step + self.steps, start_date=self.start_date,
+                                   seeds=len(self.seeds), baseline=self.baseline, params=params_file,
+                                   report_from=report_from), paths["scenarios.toml"])
         summary = dict(model=self.model_name, scenarios=self.names, baseline=self.baseline, seeds=self.seeds,
-                       steps=self.steps, start_date=self.start_date, timing=self.timing, info=self.info,
+                       steps=self.steps, first_step=self.first_step, start_date=self.start_date,
+                       timing=self.timing, info=self.info,
                        method=METHOD.format(lo=interval[0], hi=interval[1], level=level))
         paths["summary.json"].write_text(json.dumps(summary, indent=2, default=str))
         if plots or report:
@@ -568,34 +640,54 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] | ScenarioSet, *,
-                  seeds: Sequence[int] | int = 8, steps: int | None = None, start_date: dt.date | None = None,
-                  params: Params | None = None, sampler: Sampler = Hard(), device: str | torch.device = "cpu",
-                  memory_budget: float = DEFAULT_MEMORY_BUDGET, bytes_per_element: float | None = None,
-                  max_batch: int | None = None, baseline: str | None = None, progress: bool | None = None,
-                  env: Any = None, simulate_kwargs: Mapping[str, Any] | None = None) -> ScenarioResults:
+                  seeds: Sequence[int] | int | None = None, steps: int | None = None,
+                  start_date: dt.date | None = None, params: Params | None = None, sampler: Sampler = Hard(),
+                  device: str | torch.device = "cpu", memory_budget: float = DEFAULT_MEMORY_BUDGET,
+                  bytes_per_element: float | None = None, max_batch: int | None = None, baseline: str | None = None,
+                  progress: bool | None = None, env: Any = None, simulate_kwargs: Mapping[str, Any] | None = None,
+                  share_prefix: bool = True,
+                  initial_state: Any = None, first_step: int = 0,
+                  report_from: dt.date | int | None = None) -> ScenarioResults:
     """Run every scenario on every seed as one batch (element ``b = scenario · S + seed_index``).
 
     seeds: a list, or an int S meaning seeds 0..S-1 (the same seeds for every scenario: common
-    random numbers). Chunks of at most ``memory_budget / (bytes_per_element)`` elements (or
+    random numbers); default ``[run].seeds`` of a ScenarioSet, else 8. Chunks of at most ``memory_budget / (bytes_per_element)`` elements (or
     ``max_batch``) run one after another; the environment is built once per distinct set of
     structural overrides. Per batch element, the model sees its scenario's interventions through
     ``ctx.lever`` and its parameters through ``[B, 1]``/``[B, T]`` tensors.
+
+    share_prefix (default on): the steps on which all scenarios of a pass have identical inputs
+    (`agenttensor.prefix.shared_prefix_steps`: parameters, time-varying ``[T]`` values and compiled
+    ``[B, T, G, A]`` lever schedules) run once per seed (batch S); the state is then expanded to
+    scenarios × seeds and continued — bit-identical to running every element from the start.
+    Turned off, with the reason in ``info["prefix"]`` and the log, where it cannot be exact
+    (`agenttensor.prefix.sharing_blocker`: gradients, checkpointing, a behaviour source not declared
+    ``stateless``). initial_state / first_step: start every scenario from this state at step
+    ``first_step`` ([S, N], one row per seed, or [1, N]; see `simulate`). report_from: keep only the
+    steps from this date (or step) on — the comparison period (default: ``[run].report_from``).
+    params: base parameters (default: ``[run].params`` of a ScenarioSet, else the model's defaults).
     """
+    from .prefix import select_schedule, shared_prefix_steps, sharing_blocker
     from .run import resolve_device, simulate
 
     source = ""
+    params_file = None
     if isinstance(scenarios, ScenarioSet):
         sset = scenarios
         steps = steps if steps is not None else sset.days
         start_date = start_date if start_date is not None else sset.start_date
         baseline = baseline or sset.baseline_name
         source = sset.source
+        report_from = report_from if report_from is not None else sset.report_from
+        params_file = sset.params
+        seeds = seeds if seeds is not None else sset.seeds
         scenarios = sset.scenarios
     scenarios = tuple(scenarios)
     if not scenarios:
         raise ConfigError("no scenarios to run")
     if steps is None or steps <= 0:
         raise ConfigError(f"the number of days must be a positive integer, got {steps}")
+    seeds = 8 if seeds is None else seeds
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("at least one seed is required")
@@ -603,7 +695,20 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
     baseline = baseline or ("baseline" if "baseline" in names else names[0])
     if baseline not in names:
         raise ConfigError(f"baseline {baseline!r} is not a scenario; scenarios: {names}")
+    S = len(seeds)
+    extra = dict(simulate_kwargs or {})
+    if "initial_state" in extra or "first_step" in extra:
+        raise ConfigError("pass initial_state/first_step to run_scenarios itself, not in simulate_kwargs")
+    if isinstance(first_step, bool) or not isinstance(first_step, int) or not 0 <= first_step < steps:
+        raise ConfigError(f"first_step must be a step in 0..{steps - 1}, got {first_step!r}")
+    if initial_state is not None and getattr(initial_state, "batch_size", None) not in (1, S):
+        raise ConfigError(f"initial_state has batch size {getattr(initial_state, 'batch_size', '?')}; expected {S} "
+                          "(one row per seed, in the order of seeds) or 1")
+    if initial_state is None and first_step:
+        raise ConfigError(f"first_step={first_step} needs initial_state= (the model state at that step)")
     dev = resolve_device(device)
+    if params is None and params_file:
+        params = load_run_params(model, params_file, start_date, source)
     base = (params if params is not None else model.params_type()).validate()
     t0 = time.perf_counter()
     per_scenario = {s.name: scenario_params(base, s, f"{source + ': ' if source else ''}scenario {s.name!r}")
@@ -616,9 +721,9 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
         if model.default_population is None:
             raise ConfigError(f"model {model.name} needs a population (pass --population PATH)")
         population = model.default_population()
-    S = len(seeds)
     results: dict[str, dict[str, list[Tensor]]] = {s.name: {} for s in scenarios}
-    chunk_log = []
+    chunk_log: list[dict[str, Any]] = []
+    prefix_log: list[dict[str, Any]] = []
     group_labels = None
     total_elements = len(scenarios) * S
     show = sys.stderr.isatty() if progress is None else progress
@@ -629,6 +734,13 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
         bar = tqdm(total=total_elements, desc=f"{model.name} scenarios×seeds", unit="run", position=0)
     setup_seconds = 0.0
     run_seconds = 0.0
+
+    def start_rows(rows: list[int]) -> Any:
+        """initial_state for the seeds at ``rows`` (None, the [1, N] state, or its rows)."""
+        if initial_state is None or initial_state.batch_size == 1:
+            return initial_state
+        return initial_state.select_batch(torch.tensor(rows, dtype=torch.int64, device=_state_device(initial_state)))
+
     for key, members in passes.items():
         pass_params = per_scenario[members[0].name]
         ts = time.perf_counter()
@@ -638,7 +750,7 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
         pass_env = env if (env is not None and not key) else model.setup(population, pass_params.as_tensors(dev), dev)
         setup_seconds += time.perf_counter() - ts
         group_labels = list(getattr(pass_env, "group_labels", []) or [])
-        if not chunk_log:  # before any work: every scenario, so a bad one fails fast
+        if not chunk_log and not prefix_log:  # before any work: every scenario, so a bad one fails fast
             validate_scenarios(model, scenarios, steps=steps, start_date=start_date, group_labels=group_labels,
                                base_params=base, source=source)
         per_elem = bytes_per_element or estimate_bytes_per_element(model, pass_env, pass_params, sampler=sampler,
@@ -647,33 +759,104 @@ def run_scenarios(model: Model, population: Any, scenarios: Sequence[Scenario] |
         limit = max(1, int(memory_budget // max(per_elem, 1.0)))
         if max_batch:
             limit = min(limit, max_batch)
+        # One schedule row per scenario of the pass ([n, T, G, A] per lever); chunks select their rows.
+        member_params = [per_scenario[s.name] for s in members]
+        row_of = {s.name: r for r, s in enumerate(members)}
+        schedule = None
+        if any(s.interventions for s in members):
+            schedule = compile_schedule([list(s.interventions) for s in members], levers=model.levers, steps=steps,
+                                        start_date=start_date, group_labels=group_labels or ["all"],
+                                        age_band_edges=model.age_band_edges)
+        # Shared prefix: steps first_step..d-1 once per seed.
+        d, what = shared_prefix_steps(member_params, schedule, steps)
+        reason = None
+        if not share_prefix:
+            reason = "share_prefix=False"
+        elif len(members) == 1:
+            reason = "one scenario in this pass"
+        elif d <= first_step:
+            reason = f"scenarios differ from step {d} ({what})" + (f", not after the first step {first_step}"
+                                                                    if first_step else "")
+        else:
+            reason = sharing_blocker(env=pass_env, sampler=sampler, per_scenario=member_params, schedule=schedule,
+                                     simulate_kwargs=extra)
+            if reason is not None:
+                log.info("%s: shared-prefix execution off for scenarios %s: %s", model.name,
+                         [m.name for m in members], reason)
+        prefix_metrics: dict[str, Tensor] = {}
+        prefix_state = None
+        prefix_entry: dict[str, Any] = dict(scenarios=[m.name for m in members], identical_until_step=d,
+                                            limited_by=what or None, shared=reason is None, reason=reason)
+        if reason is None:
+            tr = time.perf_counter()
+            states, parts = [], []
+            for c in range(0, S, limit):  # the prefix: batch = seeds (chunked by the same memory limit)
+                rows = list(range(c, min(S, c + limit)))
+                res = simulate(model, None, member_params[0], steps=d, seeds=[seeds[i] for i in rows],
+                               sampler=sampler, device=dev, env=pass_env, start_date=start_date, progress=show,
+                               interventions=select_schedule(schedule, [0] * len(rows)),
+                               initial_state=start_rows(rows), first_step=first_step, **extra)
+                states.append(res.final_state)
+                parts.append(res.metrics)
+            prefix_state = states[0] if len(states) == 1 else type(states[0]).concat(states)
+            prefix_metrics = {k: torch.cat([p[k] for p in parts], 1) for k in parts[0]}  # [d - first_step, S, ...]
+            seconds = time.perf_counter() - tr
+            run_seconds += seconds
+            prefix_entry.update(steps=d - first_step, from_step=first_step, to_step=d, seconds=seconds,
+                                estimated_seconds_saved=seconds * (len(members) - 1),
+                                saved_element_steps=(d - first_step) * (len(members) - 1) * S)
+            log.info("%s: %d scenarios share steps %d..%d (%s); ran once per seed in %.1f s", model.name,
+                     len(members), first_step, d - 1, f"then {what}" if what else "the whole run", seconds)
+        prefix_log.append(prefix_entry)
+        start = d if reason is None else first_step
         elements = [(s, i) for s in members for i in range(S)]
         for c in range(0, len(elements), limit):
             chunk = elements[c: c + limit]
-            chunk_params = batch_params([per_scenario[s.name] for s, _ in chunk])
-            interventions = [list(s.interventions) for s, _ in chunk]
             tr = time.perf_counter()
-            res = simulate(model, None, chunk_params, steps=steps, seeds=[seeds[i] for _, i in chunk],
-                           sampler=sampler, device=dev, env=pass_env, start_date=start_date,
-                           progress=show, interventions=interventions if any(interventions) else None,
-                           **dict(simulate_kwargs or {}))
+            res = None
+            if start < steps:
+                rows = [i for _, i in chunk]
+                if prefix_state is not None:
+                    begin = prefix_state.select_batch(torch.tensor(rows, dtype=torch.int64,
+                                                                   device=_state_device(prefix_state)))
+                else:
+                    begin = start_rows(rows)
+                res = simulate(model, None, batch_params([per_scenario[s.name] for s, _ in chunk]), steps=steps,
+                               seeds=[seeds[i] for i in rows], sampler=sampler, device=dev, env=pass_env,
+                               start_date=start_date, progress=show,
+                               interventions=select_schedule(schedule, [row_of[s.name] for s, _ in chunk]),
+                               initial_state=begin, first_step=start, **extra)
             run_seconds += time.perf_counter() - tr
-            chunk_log.append(dict(elements=len(chunk), seconds=time.perf_counter() - tr))
+            chunk_log.append(dict(elements=len(chunk), seconds=time.perf_counter() - tr, first_step=start))
+            keys = list(res.metrics) if res is not None else list(prefix_metrics)
             for b, (s, i) in enumerate(chunk):
-                for k, v in res.metrics.items():
-                    results[s.name].setdefault(k, [None] * S)[i] = v[:, b]
+                for k in keys:
+                    pieces = ([prefix_metrics[k][:, i]] if prefix_metrics else []) + \
+                        ([res.metrics[k][:, b]] if res is not None else [])
+                    results[s.name].setdefault(k, [None] * S)[i] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
     metrics = {name: {k: torch.stack(v, 1) for k, v in ms.items()} for name, ms in results.items()}
-    return ScenarioResults(scenarios, seeds, metrics, baseline, model_name=model.name, start_date=start_date,
-                           group_labels=group_labels,
-                           timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
-                                       wall_seconds=time.perf_counter() - t0),
-                           info=dict(passes=len(passes), chunks=chunk_log, bytes_per_element=per_elem,
-                                     num_agents=num_agents, memory_budget=memory_budget,
-                                     batch_layout="b = scenario_index * len(seeds) + seed_index"))
+    shared = [p for p in prefix_log if p["shared"]]
+    out = ScenarioResults(scenarios, seeds, metrics, baseline, model_name=model.name, start_date=start_date,
+                          group_labels=group_labels,
+                          timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
+                                      wall_seconds=time.perf_counter() - t0,
+                                      prefix_seconds=sum(p["seconds"] for p in shared),
+                                      estimated_seconds_saved=sum(p["estimated_seconds_saved"] for p in shared)),
+                          info=dict(passes=len(passes), chunks=chunk_log, bytes_per_element=per_elem,
+                                    num_agents=num_agents, memory_budget=memory_budget,
+                                    batch_layout="b = scenario_index * len(seeds) + seed_index",
+                                    prefix=prefix_log, prefix_steps=max((p["steps"] for p in shared), default=0),
+                                    params_file=params_file),
+                          first_step=first_step, params=base)
+    return out.since(report_from) if report_from is not None else out
+
+
+def _state_device(state: Any) -> torch.device:
+    return next(iter(state.tensors().values())).device
 
 
 def policy_in_force(ctx: Any, levers: Sequence[Any], batch_index: int) -> dict[str, float]:
