@@ -62,12 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seed)
     if args.steps <= 0:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-    options = {k: getattr(args, k) for k in ("behavior", "llm_url", "llm_model", "scale")}
-    if any(v is not None for v in options.values()):
-        if model.configure is None:
-            given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
-            raise ConfigError(f"model {model.name} does not take {', '.join(given)}")
-        model = model.configure(options)
+    model = configure_model(model, args)
     population = load_population_arg(args.population)
     start = dt.date.fromisoformat(args.start_date) if args.start_date else None
     t0 = time.perf_counter()
@@ -84,6 +79,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     results.save(out, extra_summary=extra)
     _print_summary(results, out)
     return 0
+
+
+def configure_model(model, args: argparse.Namespace):
+    """Apply the model-specific options (--behavior, --llm-url, --llm-model, --scale) through
+    ``model.configure``; an error names the options a model without ``configure`` cannot take."""
+    options = {k: getattr(args, k, None) for k in ("behavior", "llm_url", "llm_model", "scale")}
+    if not any(v is not None for v in options.values()):
+        return model
+    if model.configure is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+        raise ConfigError(f"model {model.name} does not take {', '.join(given)}")
+    return model.configure(options)
 
 
 def _print_summary(results, out: Path) -> None:

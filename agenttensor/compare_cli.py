@@ -29,14 +29,14 @@ def _seeds(text: str | None, default: int | None) -> list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .cli import _parse_sets, load_population_arg
+    from .cli import _parse_sets, configure_model, load_population_arg
     from .loading import load_model
     from .run import resolve_device
     from .sampling import sampler_named
     from .scenarios import load_scenarios, run_scenarios
 
     scenario_set = load_scenarios(args.scenarios)
-    model = load_model(args.model_dir)
+    model = configure_model(load_model(args.model_dir), args)
     device = resolve_device(args.device)
     params = model.params_type().with_overrides(_parse_sets(args.set))
     seeds = _seeds(args.seeds, scenario_set.seeds)
@@ -51,6 +51,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results = run_scenarios(model, population, scenario_set, seeds=seeds, steps=days, start_date=start, params=params,
                             sampler=sampler_named(args.mode), device=device, memory_budget=args.memory_budget * 1e9,
                             max_batch=args.max_batch, progress=not args.no_progress)
+    if model.run_info is not None:  # e.g. the behaviour source and its LLM call statistics
+        results.info.update(model.run_info())
     out = Path(args.out)
     paths = results.save(out)
     table = results.compare()
@@ -63,6 +65,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         with pl.Config(tbl_width_chars=140, fmt_str_lengths=40, tbl_rows=60, tbl_hide_dataframe_shape=True):
             print(head.with_columns(pl.col(pl.Float64).round(2)))
+    llm = results.info.get("llm")
+    if llm:
+        print(f"LLM behaviour: {llm['calls']:,} calls, {llm['cache_hits']:,} cache hits, {llm['failures']} failures, "
+              f"{llm['fallbacks']} fallbacks, {llm['llm_seconds']:.0f} s in the LLM")
     print(f"wrote {out}/" + ", ".join(sorted(p.name for p in paths.values())))
     return 0
 
@@ -83,5 +89,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="at most this many scenario×seed runs per chunk")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="runs/compare")
+    from .cli import _add_model_specific_options
+
+    _add_model_specific_options(p)  # --behavior, --llm-url, --llm-model, --scale (models with a configure hook)
     p.set_defaults(func=cmd_compare)
     return p

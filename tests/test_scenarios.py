@@ -434,3 +434,40 @@ def test_scenario_api_is_exported_at_top_level():
         assert getattr(agenttensor, name) is getattr(scenarios, name), name
         assert name in agenttensor.__all__, name
     assert at.run_scenarios is run_scenarios
+
+
+def test_cli_compare_takes_model_options(tmp_path, capsys):
+    """`compare --behavior ...` configures the model like `run`; summary.json records the behaviour
+    source. A model without a configure hook rejects the option in one line."""
+    import json
+
+    from agenttensor.cli import main
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(textwrap.dedent("""
+        [run]
+        days = 10
+        start_date = "2020-03-01"
+        [[scenario]]
+        name = "baseline"
+        [[scenario]]
+        name = "stimulus"
+        [[scenario.intervention]]
+        lever = "stimulus"
+        start = "2020-03-02"
+        end = "2020-03-10"
+    """))
+    out = tmp_path / "out"
+    rc = main(["compare", "models/covid", "--population", "synthetic:3000", "--scenarios", str(scen), "--seeds", "2",
+               "--behavior", "heuristic", "--out", str(out), "--no-progress", "--set", "initial_prevalence=0.01"])
+    assert rc == 0
+    assert json.loads((out / "summary.json").read_text())["info"]["behavior"] == "HeuristicBehavior"
+    model_dir = tmp_path / "lockmodel"
+    model_dir.mkdir()
+    (model_dir / "model.py").write_text(LEVER_MODEL_SOURCE)
+    scen.write_text(TOML)
+    capsys.readouterr()
+    rc = main(["compare", str(model_dir), "--population", "synthetic:2000", "--scenarios", str(scen), "--behavior",
+               "embedded", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not take --behavior" in err and err.count("\n") == 1
