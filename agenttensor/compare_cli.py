@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if days is None or days <= 0:
         raise ConfigError(f"--days must be a positive integer (or set [run].days in {args.scenarios}), got {days}")
     start = dt.date.fromisoformat(args.start_date) if args.start_date else scenario_set.start_date
+    if scenario_set.days and days < scenario_set.days:  # a shorter window: interventions starting later cannot act
+        file_days = scenario_set.days
+        scenario_set, dropped = scenario_set.shortened(days, start)
+        if dropped:
+            print(f"note: --days {days} is shorter than [run].days = {file_days}; left out "
+                  f"{len(dropped)} intervention(s) starting after the run: " + "; ".join(dropped[:6])
+                  + (" ..." if len(dropped) > 6 else ""), file=sys.stderr)
     params_file = args.params or scenario_set.params
     base = load_run_params(model, params_file, start, args.scenarios) if params_file else model.params_type()
     params = base.with_overrides(_parse_sets(args.set))

@@ -120,6 +120,30 @@ class ScenarioSet:
         names = [s.name for s in self.scenarios]
         return "baseline" if "baseline" in names else names[0]
 
+    def shortened(self, days: int, start_date: dt.date | None = None) -> tuple["ScenarioSet", list[str]]:
+        """The set for a shorter run of ``days`` days from ``start_date`` (default ``self.start_date``):
+        interventions that start after its last day are left out, so a file can be run over its first
+        weeks (those that only extend past the end are clipped as usual). Returns the set and the
+        left-out interventions as ``"scenario: label (start)"``."""
+        start_date = start_date or self.start_date
+        dropped: list[str] = []
+
+        def inside(scenario: Scenario, iv: Intervention) -> bool:
+            if isinstance(iv.start, dt.date):
+                if start_date is None:
+                    return True  # validation reports the missing start date
+                first = (iv.start - start_date).days
+            else:
+                first = int(iv.start)
+            if first < days:
+                return True
+            dropped.append(f"{scenario.name}: {iv.label} ({iv.start})")
+            return False
+
+        scenarios = tuple(dataclasses.replace(s, interventions=tuple(iv for iv in s.interventions if inside(s, iv)))
+                          for s in self.scenarios)
+        return dataclasses.replace(self, scenarios=scenarios, days=days), dropped
+
     def to_dict(self) -> dict[str, Any]:
         run: dict[str, Any] = {}
         for key in ("days", "start_date", "seeds", "baseline", "description", "params", "report_from"):

@@ -472,3 +472,19 @@ def test_cli_compare_takes_model_options(tmp_path, capsys):
                "embedded", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not take --behavior" in err and err.count("\n") == 1
+
+
+def test_shorter_run_leaves_out_interventions_that_start_after_it():
+    """`--days` shorter than [run].days: interventions starting after the last day cannot act and are
+    left out (listed); the others are kept as they are (those running past the end are clipped later)."""
+    sset = _shipped("counterfactual_spring_2020")
+    short, dropped = sset.shortened(46)
+    assert short.days == 46 and [s.name for s in short.scenarios] == [s.name for s in sset.scenarios]
+    last = sset.start_date + dt.timedelta(days=45)
+    for before, after in zip(sset.scenarios, short.scenarios):
+        assert after.interventions == tuple(iv for iv in before.interventions if iv.start <= last)
+        assert dict(after.overrides) == dict(before.overrides)
+    assert "actual: Phase 1 reopening (2020-06-08)" in dropped
+    assert "actual: face coverings (community) (2020-04-17)" in dropped  # day 47
+    assert not any("CARES Act" in d for d in dropped)  # the payment starts 2020-04-10, day 40
+    assert sset.shortened(sset.days)[1] == []
