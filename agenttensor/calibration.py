@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .model import Model, Substep
+from .observed import parse_date
 from .params import Params
 from .population import BOROUGH_CODES, BOROUGHS
 from .results import Results
@@ -136,6 +137,9 @@ class Learn:
     time-varying model parameter (7 = weekly); the values are expanded to the parameter's own period.
     anchor: keep the first value fixed at its init (a reference week, so that a learned scale such as
     R0 and the weekly multipliers are jointly identifiable).
+    hold: for a time-varying model parameter, the value used after the learned ones (e.g. in a
+    forecast) is the mean of the last ``hold`` learned values; None (default): the parameter's own
+    rule, the last learned value repeats.
     """
 
     name: str
@@ -144,6 +148,7 @@ class Learn:
     size: int | None = None
     period: int | None = None
     anchor: bool = False
+    hold: int | None = None
 
     def value(self, raw: Tensor, anchor_value: Tensor | None = None) -> Tensor:
         """Parameter value(s) from the raw tensor (with the anchored first value prepended)."""
@@ -220,6 +225,30 @@ def loss_named(name: str | Callable) -> Callable[[Tensor, Tensor], Tensor]:
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)} (or negative_binomial:R)")
     return LOSSES[name]
+
+
+def random_walk_penalty(name: str, weight: float, *, log: bool = True,
+                        skip_first: int = 0) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """A smoothness penalty for `calibrate(penalty=...)`: ``weight · Σ_k (x_{k+1} − x_k)²`` over the
+    learned values ``x`` of ``name`` (their logs when ``log``, i.e. relative week-to-week changes),
+    starting at index ``skip_first``.
+
+    As a prior: a Gaussian random walk with step sd σ on log values, combined with a data loss that
+    is the mean of n squared log errors with noise sd s (``mse_log``), gives ``weight = s² / (n σ²)``
+    (both sides divided by the data term's n / (2 s²)).
+    """
+    if weight < 0:
+        raise ConfigError(f"random_walk_penalty({name}): weight must be >= 0, got {weight}")
+
+    def penalty(values: Mapping[str, Tensor]) -> Tensor:
+        if name not in values:
+            raise ConfigError(f"random_walk_penalty: {name!r} is not learned; learned: {sorted(values)}")
+        x = values[name].reshape(-1)[skip_first:]
+        x = torch.log(x.clamp_min(1e-12)) if log else x
+        return weight * ((x[1:] - x[:-1]) ** 2).sum()
+
+    penalty.__name__ = f"random_walk_penalty({name}, {weight:g})"
+    return penalty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +471,11 @@ def _model_value(spec: Learn, value: Tensor, params: Params) -> Tensor:
         own = meta.get("period", 1) or 1
         if spec.period % own:
             raise ConfigError(f"learn {spec.name}: period {spec.period} is not a multiple of the parameter's period {own}")
+        if spec.hold:
+            value = torch.cat([value, value[-spec.hold:].mean().reshape(1)])
         value = value.repeat_interleave(spec.period // own)
+    elif meta.get("time_varying") and spec.hold:
+        value = torch.cat([value.reshape(-1), value.reshape(-1)[-spec.hold:].mean().reshape(1)])
     return value
 
 
@@ -466,6 +499,7 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
               grad_checkpoint_every: int | None = None, target_scale: float | Mapping[str, float] = 1.0,
               networks: Mapping[str, tuple[nn.Module, Tensor, int]] | None = None, env: Any = None,
               lr_decay: float = 1.0, clip: float | None = 10.0,
+              penalty: Callable[[Mapping[str, Tensor]], Tensor] | None = None,
               callback: Callable[[int, float, dict], None] | None = None) -> Calibration:
     """Fit ``learn`` (and ``networks``) so the model's metrics match ``targets`` in ``window``.
 
@@ -477,12 +511,18 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
     networks: {param_name: (module, covariates [W, K], period)}: the module's output [W] becomes
     the time-varying model parameter (each value covering ``period`` steps).
     seeds: several seeds average the simulated metrics (lower-variance gradients).
+    penalty: a regulariser ``fn(values) -> scalar`` on the learned values ({name: tensor in the
+    parameter's own units}, the same dict `Calibration.values` reports, network outputs included),
+    added to the data loss every epoch (e.g. `random_walk_penalty` for smooth weekly multipliers,
+    i.e. a prior). ``loss_history`` is the total (data + penalty), ``info["penalty_history"]`` the
+    penalty part; ``info["final_loss"]`` is the data loss of the final hard run.
     """
     params = (params if params is not None else model.params_type()).validate()
-    window = (_as_date(window[0]), _as_date(window[1]))
+    window = (parse_date(window[0], error=ConfigError, what="window start"),
+              parse_date(window[1], error=ConfigError, what="window end"))
     if window[1] < window[0]:
         raise ConfigError(f"window end {window[1]} is before its start {window[0]}")
-    start = _as_date(start_date) if start_date is not None else window[0]
+    start = parse_date(start_date, error=ConfigError, what="start_date") if start_date is not None else window[0]
     if start > window[0]:
         raise ConfigError(f"start_date {start} is after the window start {window[0]}")
     steps = (window[1] - start).days + 1 + int(forecast_days)
@@ -495,6 +535,16 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
         if spec.name not in params.spec() and spec.name not in observation_names:
             raise ConfigError(f"learn {spec.name!r}: not a parameter of {model.name} and not used as an Observe scale; "
                               f"model parameters: {', '.join(params.spec())}")
+    for spec in learn:
+        if spec.hold is not None:
+            meta = params.spec()[spec.name].metadata if spec.name in params.spec() else {}
+            size = spec.size or 1
+            if not meta.get("time_varying"):
+                raise ConfigError(f"learn {spec.name!r}: hold= applies to time-varying model parameters only")
+            if not 1 <= spec.hold <= size:
+                raise ConfigError(f"learn {spec.name!r}: hold={spec.hold} must be between 1 and size={size}")
+    if penalty is not None and not callable(penalty):
+        raise ConfigError(f"penalty must be a callable fn(values) -> scalar tensor, got {type(penalty).__name__}")
     for name in observation_names:
         if name not in {s.name for s in learn}:
             raise ConfigError(f"observation parameter {name!r} is used by an Observe but not learned; add Learn({name!r})")
@@ -539,11 +589,23 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
             total = total + loss_fn(pred[block.train], obs[block.train])
         return total, results, run_params, observation, values
 
+    def regulariser(values: Mapping[str, Tensor]) -> Tensor:
+        if penalty is None:
+            return torch.zeros((), device=dev)
+        value = penalty(values)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ConfigError("penalty must return a scalar tensor")
+        return value.reshape(()).to(dev)
+
     history: list[float] = []
+    penalty_history: list[float] = []
     t0 = time.perf_counter()
     for epoch in range(epochs):
         opt.zero_grad(set_to_none=True)
         total, _, _, _, values = forward(sampler)
+        reg = regulariser(values)
+        total = total + reg
+        penalty_history.append(float(reg.detach()))
         total.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(trainable, clip)
@@ -555,12 +617,14 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
     train_seconds = time.perf_counter() - t0
     with torch.no_grad():
         final_loss, results, run_params, observation, values = forward(Hard())
+        final_penalty = float(regulariser(values))
     fit = _fit_table(blocks, results, observation, window)
     learned = {k: (v.detach().cpu().reshape(-1).tolist() if v.numel() > 1 else float(v.detach().reshape(())))
                for k, v in values.items()}
     info = dict(model=model.name, window=[str(window[0]), str(window[1])], start_date=str(start), steps=steps,
                 forecast_days=forecast_days, epochs=epochs, lr=lr, seeds=list(seeds), sampler=type(sampler).__name__,
                 loss=getattr(loss_fn, "__name__", str(loss)), final_loss=float(final_loss),
+                final_penalty=final_penalty, penalty_history=penalty_history,
                 train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs, 1),
                 num_agents=int(getattr(env, "num_agents", 0)), grad_checkpoint_every=grad_checkpoint_every)
     return Calibration(learned, _detached(run_params), {k: v.detach() for k, v in observation.items()}, history, fit,
@@ -591,15 +655,6 @@ def _detached(params: Params) -> Params:
         if isinstance(v, Tensor) and v.grad_fn is not None:
             changes[name] = v.detach()
     return dataclasses.replace(params, **changes) if changes else params
-
-
-def _as_date(value: dt.date | str) -> dt.date:
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise ConfigError(f"not a date: {value!r} (use YYYY-MM-DD)") from None
 
 
 def persistence_forecast(fit: pl.DataFrame) -> pl.DataFrame:
@@ -693,30 +748,42 @@ def sensitivities(model: Model, population: Any, params: Params | None = None, *
                   outcomes: Mapping[str, str | Callable[[Results], Tensor]], wrt: Sequence[str] = (),
                   interventions: Sequence[Any] = (), steps: int, seeds: Sequence[int] = (0,),
                   sampler: Sampler = StraightThrough(), start_date: dt.date | None = None,
-                  fd_check: Sequence[str] | bool = True, fd_rel_step: float = 0.05, env: Any = None,
+                  fd_check: Sequence[str] | bool = True, fd_rel_step: float = 0.05,
+                  fd_steps: Mapping[str, float] | None = None, fd_length_days: float = 3.5, env: Any = None,
                   device: str = "cpu", grad_checkpoint_every: int | None = None) -> pl.DataFrame:
-    """d(outcome)/d(parameter or lever) from one backward pass per outcome.
+    """d(outcome)/d(parameter or lever) from one forward pass and one backward pass per outcome.
 
     outcomes: {name: metric name (summed over steps, mean over seeds) or fn(Results) -> scalar}.
-    wrt: model parameter names (scalars; time-varying ones give the derivative w.r.t. a uniform
-    scaling, i.e. Σ_t ∂/∂m_t · m_t / m̄). interventions: `Intervention` s; each yields two rows,
-    ``<label>.intensity`` (all its cells scaled together) and ``<label>.length`` (one more day at
-    its intensity, derivative per day).
-    fd_check: names to spot-check (True = all) by a central finite difference of ±fd_rel_step
-    (relative) with the same seeds (common random numbers) in hard mode; lengths use +1 day.
+    wrt: model parameter names. A scalar gives d/d(value); a vector or time-varying one gives the
+    derivative w.r.t. a uniform scaling, per unit of its mean (Σ_t ∂/∂m_t · m_t / m̄).
+    interventions: `Intervention` s; each yields two rows. ``<label>.intensity``: d/d(intensity)
+    (its intensity is a tensor that requires grad). ``<label>.length``: per day of length; with
+    ``ramp > 0`` it is d/d(end) of the smooth fade-out (the end is a tensor that requires grad: the
+    effect of shifting the end by a day, averaged over the ramp's days), with ``ramp = 0`` the
+    linearised effect of one more day at its intensity (the gradient at the day after its end).
+    fd_check: names to spot-check (True = all) by finite differences in hard mode with the same
+    seeds (common random numbers; the outcome is the mean over ``seeds``): central ±h with h =
+    ``fd_steps[name]`` if given, else ``fd_rel_step`` relative to the value (absolute for a value of
+    0; intensities: min(fd_rel_step, intensity, 1 − intensity)); lengths ±``fd_length_days`` with a
+    ramp, +1 day without.
 
-    Returns polars: outcome, wrt, value, outcome_value, gradient, elasticity, fd_gradient, rel_diff.
+    Returns polars: outcome, wrt, value, outcome_value, gradient, elasticity, fd_step, fd_gradient,
+    rel_diff (|gradient − fd| / |fd|).
     """
     from .interventions import compile_schedule
 
     params = (params if params is not None else model.params_type()).validate()
     dev = torch.device(device)
+    fd_steps = dict(fd_steps or {})
     if env is None:
         env = model.setup(population if population is not None else model.default_population(), params.as_tensors(dev), dev)
     for name in wrt:
         if name not in params.spec():
             raise ConfigError(f"sensitivity w.r.t. {name!r}: not a parameter of {model.name}")
     labels = list(getattr(env, "group_labels", []) or ["all"])
+    interventions = list(interventions)
+    if len({iv.label for iv in interventions}) != len(interventions):
+        raise ConfigError("sensitivities: interventions need distinct labels (set name=...)")
 
     def schedule_for(ivs):
         if not ivs:
@@ -744,80 +811,112 @@ def sensitivities(model: Model, population: Any, params: Params | None = None, *
                        grad_checkpoint_every=grad_checkpoint_every if differentiable else None)
         return outcome_values(res)
 
-    # one forward with everything requiring grad
-    leaves = {}
+    # one forward with every parameter, intensity and (ramped) end requiring grad
+    leaves: dict[str, Tensor] = {}
     changes = {}
     for name in wrt:
         base = torch.as_tensor(getattr(params, name), dtype=torch.float32).to(dev)
-        scale = torch.ones((), device=dev, requires_grad=True)  # d/d(scale) · value / mean = d/d(value)
-        leaves[name] = (scale, base)
-        changes[name] = base * scale
+        if base.numel() == 1:  # additive shift: d/d(shift) = d/d(value), also at a value of 0
+            leaves[name] = torch.zeros((), device=dev, requires_grad=True)
+            changes[name] = base + leaves[name]
+        else:  # uniform scaling: d/d(scale) / mean = derivative per unit of the mean
+            leaves[name] = torch.ones((), device=dev, requires_grad=True)
+            changes[name] = base * leaves[name]
     grad_params = params.replace(**changes) if changes else params
-    schedule = schedule_for(interventions)
-    lever_cells = []
-    if schedule is not None:
-        schedule.values = {k: v.clone().requires_grad_(True) for k, v in schedule.values.items()}
-        for iv in interventions:
-            a, e = iv.step_range(start_date, steps)
-            lever_cells.append((iv, a, e))
-    values = run(grad_params, interventions, True, schedule)
-    grad_leaves = [s for s, _ in leaves.values()] + (list(schedule.values.values()) if schedule is not None else [])
+    differentiable_ivs = []
+    for iv in interventions:
+        change = dict(intensity=torch.tensor(float(iv.intensity), device=dev, requires_grad=True))
+        leaves[f"{iv.label}.intensity"] = change["intensity"]
+        if iv.ramp > 0:
+            change["end"] = torch.tensor(float(iv.end_position(start_date)), device=dev, requires_grad=True)
+            leaves[f"{iv.label}.length"] = change["end"]
+        differentiable_ivs.append(dataclasses.replace(iv, **change))
+    schedule = schedule_for(differentiable_ivs)
+    cells = dict(schedule.values) if schedule is not None else {}  # non-leaf [B, T, G, A], for ramp-free lengths
+    values = run(grad_params, None, True, schedule)
+    inputs = list(leaves.values()) + list(cells.values())
     rows = []
-    check = set(wrt) | {f"{iv.label}.{k}" for iv in interventions for k in ("intensity", "length")} if fd_check is True \
-        else set(fd_check or ())
     for out_name, value in values.items():
-        grads = torch.autograd.grad(value, grad_leaves, retain_graph=True, allow_unused=True)
-        for i, name in enumerate(wrt):
-            scale, base = leaves[name]
-            mean_value = float(base.mean())
-            g = float(grads[i]) / mean_value if grads[i] is not None and mean_value else 0.0
-            rows.append(dict(outcome=out_name, wrt=name, value=mean_value, outcome_value=float(value), gradient=g))
-        if schedule is not None:
-            by_key = dict(zip(schedule.values.keys(), grads[len(wrt):]))
-            for iv, a, e in lever_cells:
-                g = by_key[(iv.lever, iv.layer)]
-                g = torch.zeros_like(schedule.values[(iv.lever, iv.layer)]) if g is None else g
-                cells = schedule.values[(iv.lever, iv.layer)].detach()
-                active = (cells[:, a: e + 1] > 0).to(g.dtype)
-                d_intensity = float((g[:, a: e + 1] * active).sum() / max(iv.intensity, 1e-12)) * iv.intensity
-                rows.append(dict(outcome=out_name, wrt=f"{iv.label}.intensity", value=float(iv.intensity),
-                                 outcome_value=float(value), gradient=float((g[:, a: e + 1] * active).sum())))
-                if e + 1 < steps:
-                    nxt = (cells[:, a: a + 1] > 0).to(g.dtype)  # the cells it covers, on the day after its end
-                    d_length = float((g[:, e + 1: e + 2] * nxt).sum()) * float(iv.intensity)
-                else:
-                    d_length = float("nan")
-                rows.append(dict(outcome=out_name, wrt=f"{iv.label}.length", value=float(e - a + 1),
-                                 outcome_value=float(value), gradient=d_length))
-    table = pl.DataFrame(rows)
-    fd = {}
-    for name in wrt:
-        if name in check:
+        if not value.requires_grad:
+            raise ConfigError(f"outcome {out_name} does not depend on anything differentiable")
+        grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+        outcome_value = float(value.detach())
+        g = {k: (0.0 if x is None else x) for k, x in zip(list(leaves) + list(cells), grads)}
+        for name in wrt:
             base = torch.as_tensor(getattr(params, name), dtype=torch.float32)
-            h = fd_rel_step * float(base.abs().mean()) or fd_rel_step
-            up = run(params.replace(**{name: base * (1 + h / float(base.mean()))}), interventions, False)
-            down = run(params.replace(**{name: base * (1 - h / float(base.mean()))}), interventions, False)
-            for out_name in outcomes:
-                fd[(out_name, name)] = float(up[out_name] - down[out_name]) / (2 * h)
-    for k, iv in enumerate(interventions):
-        if f"{iv.label}.intensity" in check:
-            step = min(fd_rel_step, iv.intensity, 1 - iv.intensity) or fd_rel_step
-            lo = [dataclasses.replace(x, intensity=x.intensity - step) if j == k else x for j, x in enumerate(interventions)]
-            hi = [dataclasses.replace(x, intensity=min(x.intensity + step, 1.0)) if j == k else x
-                  for j, x in enumerate(interventions)]
-            up, down = run(params, hi, False), run(params, lo, False)
-            width = min(iv.intensity + step, 1.0) - (iv.intensity - step)
-            for out_name in outcomes:
-                fd[(out_name, f"{iv.label}.intensity")] = float(up[out_name] - down[out_name]) / width
-        if f"{iv.label}.length" in check:
-            end = iv.end + dt.timedelta(days=1) if isinstance(iv.end, dt.date) else iv.end + 1
-            longer = [dataclasses.replace(x, end=end) if j == k else x for j, x in enumerate(interventions)]
-            up, base_run = run(params, longer, False), run(params, interventions, False)
-            for out_name in outcomes:
-                fd[(out_name, f"{iv.label}.length")] = float(up[out_name] - base_run[out_name])
+            mean_value = float(base.mean())
+            grad = float(g[name])
+            if base.numel() > 1:
+                grad = grad / mean_value if mean_value else float("nan")
+            rows.append(dict(outcome=out_name, wrt=name, value=mean_value, outcome_value=outcome_value, gradient=grad))
+        for iv in interventions:
+            rows.append(dict(outcome=out_name, wrt=f"{iv.label}.intensity", value=float(iv.intensity),
+                             outcome_value=outcome_value, gradient=float(g[f"{iv.label}.intensity"])))
+            a, e = iv.step_range(start_date, steps)
+            if iv.ramp > 0:
+                d_length = float(g[f"{iv.label}.length"])
+            elif e + 1 < steps:
+                cell_grad = g[(iv.lever, iv.layer)]
+                cell_grad = torch.zeros_like(cells[(iv.lever, iv.layer)]) if isinstance(cell_grad, float) else cell_grad
+                covered = (cells[(iv.lever, iv.layer)].detach()[:, a: a + 1] > 0).to(cell_grad.dtype)
+                d_length = float((cell_grad[:, e + 1: e + 2] * covered).sum()) * float(iv.intensity)
+            else:
+                d_length = float("nan")
+            rows.append(dict(outcome=out_name, wrt=f"{iv.label}.length", value=float(e - a + 1),
+                             outcome_value=outcome_value, gradient=d_length))
+    table = pl.DataFrame(rows)
+    check = (set(wrt) | {f"{iv.label}.{k}" for iv in interventions for k in ("intensity", "length")}
+             if fd_check is True else set(fd_check or ()))
+    fd, fd_step = {}, {}
+
+    def central(key: str, up: dict, down: dict, width: float) -> None:
+        fd_step[key] = width / 2
+        for out_name in outcomes:
+            fd[(out_name, key)] = float(up[out_name] - down[out_name]) / width
+
+    with torch.no_grad():
+        for name in wrt:
+            if name not in check:
+                continue
+            base = torch.as_tensor(getattr(params, name), dtype=torch.float32)
+            mean_value = float(base.mean())
+            if base.numel() == 1:
+                h = fd_steps.get(name) or (fd_rel_step * abs(mean_value) or fd_rel_step)
+                up, down = (run(params.replace(**{name: base + s * h}), interventions, False) for s in (1, -1))
+            else:
+                h = fd_steps.get(name) or fd_rel_step * abs(mean_value)
+                up, down = (run(params.replace(**{name: base * (1 + s * h / mean_value)}), interventions, False)
+                            for s in (1, -1))
+            central(name, up, down, 2 * h)
+        for k, iv in enumerate(interventions):
+            key = f"{iv.label}.intensity"
+            if key in check:
+                I = float(iv.intensity)
+                step = fd_steps.get(key) or min(fd_rel_step, I, 1 - I) or fd_rel_step
+                hi, lo = min(I + step, 1.0), max(I - step, 0.0)
+                up, down = (run(params, [dataclasses.replace(x, intensity=v) if j == k else x
+                                         for j, x in enumerate(interventions)], False) for v in (hi, lo))
+                central(key, up, down, hi - lo)
+            key = f"{iv.label}.length"
+            if key in check:
+                if iv.ramp > 0:
+                    h = fd_steps.get(key) or fd_length_days
+                    end = iv.end_position(start_date)
+                    up, down = (run(params, [dataclasses.replace(x, end=end + s * h) if j == k else x
+                                             for j, x in enumerate(interventions)], False) for s in (1, -1))
+                    central(key, up, down, 2 * h)
+                elif iv.step_range(start_date, steps)[1] + 1 >= steps:  # already lasts to the end of the run
+                    fd[(next(iter(outcomes)), key)] = None
+                else:
+                    end = iv.end + dt.timedelta(days=1) if isinstance(iv.end, dt.date) else iv.end + 1
+                    longer = [dataclasses.replace(x, end=end) if j == k else x for j, x in enumerate(interventions)]
+                    up, base_run = run(params, longer, False), run(params, interventions, False)
+                    central(key, up, base_run, 1.0)
+                    fd_step[key] = 1.0
     fd_col = [fd.get((r["outcome"], r["wrt"])) for r in table.iter_rows(named=True)]
+    step_col = [fd_step.get(r["wrt"]) for r in table.iter_rows(named=True)]
     table = table.with_columns(
         (pl.col("gradient") * pl.col("value") / pl.col("outcome_value")).alias("elasticity"),
-        pl.Series("fd_gradient", fd_col, dtype=pl.Float64))
+        pl.Series("fd_step", step_col, dtype=pl.Float64), pl.Series("fd_gradient", fd_col, dtype=pl.Float64))
     return table.with_columns(((pl.col("gradient") - pl.col("fd_gradient")).abs()
                                / pl.col("fd_gradient").abs()).alias("rel_diff"))

@@ -6,11 +6,19 @@ contact layer. `compile_schedule` turns one list of interventions per batch elem
 (lever, layer), a tensor ``[B, T, G, A]`` (batch, step, borough group, age band); overlapping
 interventions on the same lever take the maximum intensity. Models read the value at the current
 step with ``ctx.lever(name, layer)`` → ``[B, G, A]`` and gather it per agent.
+
+Differentiable levers: ``intensity`` may be a 0-dim tensor that requires grad (the compiled
+schedule then carries its graph, so d(outcome)/d(intensity) comes from one backward pass), and an
+intervention with ``ramp > 0`` fades out smoothly around its end, ``intensity · σ((end + ½ − t) /
+ramp)`` on day t ≥ start, so that its end (a step number that may be a float or a tensor requiring
+grad) — i.e. its length — is differentiable too. The ramp keeps the intensity-days of the hard
+version (Σ_t σ(·) ≈ end − start + 1 away from the run's ends); ``ramp=0`` is the hard window.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,6 +47,7 @@ class Intervention:
     ages: tuple[int, int] | None = None  # inclusive age range in years; None = all ages
     layer: str | None = None
     name: str = ""
+    ramp: float = 0.0  # days; > 0: logistic fade-out around `end` (differentiable end), see module docs
 
     def step_range(self, start_date: dt.date | None, steps: int) -> tuple[int, int]:
         def to_step(x, what):
@@ -46,7 +55,7 @@ class Intervention:
                 if start_date is None:
                     raise ConfigError(f"intervention {self.label}: {what} is a date but the run has no start date")
                 return (x - start_date).days
-            return int(x)
+            return int(math.floor(float(x.detach() if isinstance(x, Tensor) else x)))
 
         a, b = to_step(self.start, "start"), to_step(self.end, "end")
         if b < a:
@@ -56,6 +65,26 @@ class Intervention:
                               f"(steps 0..{steps - 1}" + (f", {start_date}..{start_date + dt.timedelta(days=steps - 1)}"
                                                           if start_date else "") + ")")
         return max(a, 0), min(b, steps - 1)
+
+    def end_position(self, start_date: dt.date | None) -> Tensor | float:
+        """The end as a step number, kept differentiable when ``end`` is a tensor."""
+        if isinstance(self.end, dt.date):
+            if start_date is None:
+                raise ConfigError(f"intervention {self.label}: end is a date but the run has no start date")
+            return float((self.end - start_date).days)
+        return self.end if isinstance(self.end, Tensor) else float(self.end)
+
+    def profile(self, start_date: dt.date | None, steps: int) -> tuple[int, int, Tensor]:
+        """(first step, last step, intensity per step [last − first + 1]) — differentiable in
+        ``intensity`` and, with a ramp, in ``end``."""
+        a, e = self.step_range(start_date, steps)
+        intensity = self.intensity if isinstance(self.intensity, Tensor) else torch.tensor(float(self.intensity))
+        intensity = intensity.to(torch.float32).reshape(())
+        if self.ramp and self.ramp > 0:
+            end = self.end_position(start_date)
+            t = torch.arange(a, steps, dtype=torch.float32)
+            return a, steps - 1, intensity * torch.sigmoid((end + 0.5 - t) / float(self.ramp))
+        return a, e, intensity.expand(e - a + 1)
 
     @property
     def label(self) -> str:
@@ -101,12 +130,17 @@ def compile_schedule(per_batch: Sequence[Sequence[Intervention]], *, levers: Seq
             where = f"{context} intervention {iv.label!r}"
             if iv.lever not in spec:
                 raise ConfigError(f"{where}: unknown lever {iv.lever!r}; known levers: {sorted(spec)}")
-            if not (0.0 <= float(iv.intensity) <= 1.0):
+            if isinstance(iv.intensity, Tensor) and iv.intensity.numel() != 1:
+                raise ConfigError(f"{where}: intensity must be a number (or a one-element tensor), "
+                                  f"got a tensor of shape {tuple(iv.intensity.shape)}")
+            if float(iv.ramp) < 0 or not math.isfinite(float(iv.ramp)):
+                raise ConfigError(f"{where}: ramp {iv.ramp} must be a finite number of days >= 0")
+            if not (0.0 <= float(torch.as_tensor(iv.intensity).detach()) <= 1.0):
                 raise ConfigError(f"{where}: intensity {iv.intensity} must be in [0, 1]")
             if iv.layer is not None and iv.layer not in spec[iv.lever].layers:
                 raise ConfigError(f"{where}: lever {iv.lever} cannot target layer {iv.layer!r}; "
                                   f"allowed: {list(spec[iv.lever].layers) or 'none'}")
-            a, e = iv.step_range(start_date, steps)
+            a, e, profile = iv.profile(start_date, steps)
             gmask = torch.ones(G, dtype=torch.bool)
             if iv.boroughs is not None:
                 gmask = torch.zeros(G, dtype=torch.bool)
@@ -123,7 +157,8 @@ def compile_schedule(per_batch: Sequence[Sequence[Intervention]], *, levers: Seq
             key = (iv.lever, iv.layer)
             if key not in values:
                 values[key] = torch.zeros(B, steps, G, A)
-            block = values[key][b, a: e + 1]
-            sel = gmask[:, None] & amask[None, :]
-            block[:, sel] = torch.clamp_min(block[:, sel], float(iv.intensity))
+            sel = (gmask[:, None] & amask[None, :]).to(torch.float32)  # [G, A]
+            block = values[key][b, a: e + 1].clone()  # [L, G, A]; overlapping interventions: the maximum
+            merged = torch.maximum(block, profile[:, None, None].to(block.dtype))
+            values[key][b, a: e + 1] = torch.where(sel > 0, merged, block)
     return Schedule(values, B, G, A)

@@ -125,19 +125,26 @@ def weekly(daily: pl.DataFrame, *, start_date: dt.date | None = None, week_endin
 
 def window(table: pl.DataFrame, start: dt.date | str, end: dt.date | str) -> pl.DataFrame:
     """Rows with start <= date <= end (dates inclusive)."""
-    start, end = _date(start), _date(end)
+    start, end = parse_date(start, what="window start"), parse_date(end, what="window end")
     if end < start:
         raise InputError(f"window end {end} is before its start {start}")
     return table.filter(pl.col("date").is_between(start, end))
 
 
-def _date(value: dt.date | str) -> dt.date:
+def parse_date(value: dt.date | str, *, error: type[Exception] = InputError, what: str = "date") -> dt.date:
+    """A `datetime.date` from a date or a YYYY-MM-DD string; anything else raises ``error``.
+
+    The one date parser of the calibration code: dates read from target files and tables are input
+    errors (`InputError`, the default), dates of a calibration window or start date are configuration
+    errors (``error=ConfigError``). ``what`` names the value in the message."""
+    if isinstance(value, dt.datetime):
+        return value.date()
     if isinstance(value, dt.date):
         return value
     try:
-        return dt.date.fromisoformat(str(value))
+        return dt.date.fromisoformat(str(value).strip())
     except ValueError:
-        raise InputError(f"not a date: {value!r} (use YYYY-MM-DD)") from None
+        raise error(f"{what} {value!r} is not a date (use YYYY-MM-DD)") from None
 
 
 def load_covariates(start_date: dt.date | str, weeks: int, *, names: tuple[str, ...] = ("subway", "cli")) -> torch.Tensor:
@@ -147,7 +154,7 @@ def load_covariates(start_date: dt.date | str, weeks: int, *, names: tuple[str, 
     ``cli``: log of COVID-like-illness ED visits per 100,000 (five columns, one per borough).
     Weeks beyond a series' end repeat its last value (stated so, not hidden: see `covariate_coverage`).
     """
-    start = _date(start_date)
+    start = parse_date(start_date, what="start_date")
     days = [start + dt.timedelta(days=d) for d in range(7 * weeks)]
     columns = []
     for name in names:

@@ -1,5 +1,6 @@
 import datetime as dt
 import json
+import math
 
 import polars as pl
 import pytest
@@ -163,3 +164,83 @@ def test_recovers_known_parameters_within_5_percent():
     result = recover(env, truth, targets, seeds, epochs=150, lr=0.5, lr_decay=0.98)
     errors = recovery_errors(result)
     assert max(e["rel_error"] for e in errors.values()) < 0.05, errors
+
+
+def test_random_walk_penalty_known_value():
+    from agenttensor.calibration import random_walk_penalty
+
+    values = {"transmission_multiplier": torch.tensor([1.0, 2.0, 1.0, 1.0])}
+    log2 = torch.log(torch.tensor(2.0)).item()
+    assert random_walk_penalty("transmission_multiplier", 0.5)(values).item() == pytest.approx(0.5 * 2 * log2 ** 2)
+    assert random_walk_penalty("transmission_multiplier", 0.5, log=False)(values).item() == pytest.approx(1.0)
+    assert random_walk_penalty("transmission_multiplier", 1.0, skip_first=2)(values).item() == 0.0
+    with pytest.raises(ConfigError, match="not learned"):
+        random_walk_penalty("R0", 1.0)(values)
+
+
+def test_penalty_is_added_to_the_loss_and_smooths(setup):
+    """loss = data loss + penalty (same forward at epoch 0); starting at the true, unequal multipliers,
+    a strong random-walk prior pulls them together while the data alone keep them apart."""
+    from agenttensor.calibration import random_walk_penalty
+
+    env, truth, targets = setup
+    obs = [Observe("cases", "new_infections_by_borough", "detection_rate")]
+
+    def fit(penalty):
+        learn = [Learn("transmission_multiplier", init=[1.0, 1.3, 0.8], size=3, period=7, transform=Exp()),
+                 Learn("detection_rate", init=0.4, transform=Sigmoid(0.0, 1.0))]
+        return calibrate(MODEL, None, targets, learn, observe=obs, window=(START, START + dt.timedelta(days=20)),
+                         loss="mse_sqrt", epochs=4, lr=0.1, params=truth, seeds=[0], env=env, penalty=penalty)
+
+    plain, smooth = fit(None), fit(random_walk_penalty("transmission_multiplier", 100.0))
+    expected = 100.0 * (math.log(1.3) ** 2 + math.log(0.8 / 1.3) ** 2)
+    assert smooth.info["penalty_history"][0] == pytest.approx(expected, rel=1e-5)
+    assert smooth.loss_history[0] - smooth.info["penalty_history"][0] == pytest.approx(plain.loss_history[0], rel=1e-5)
+    assert plain.info["penalty_history"] == [0.0] * 4
+
+    def spread(result):
+        m = torch.log(torch.tensor(result.values["transmission_multiplier"]))
+        return float(m.max() - m.min())
+
+    assert spread(plain) > 0.3 and spread(smooth) < 0.5 * spread(plain)
+    with pytest.raises(ConfigError, match="penalty must"):
+        fit(lambda values: torch.ones(2))
+
+
+def test_learn_hold_uses_mean_of_last_values_after_the_learned_weeks(setup):
+    env, truth, targets = setup
+    obs = [Observe("cases", "new_infections_by_borough", "detection_rate")]
+    learn = [Learn("transmission_multiplier", init=[1.0, 1.4], size=2, period=7, hold=2, transform=Exp()),
+             Learn("detection_rate", init=0.4, transform=Sigmoid(0.0, 1.0))]
+    result = calibrate(MODEL, None, targets, learn, observe=obs, window=(START, START + dt.timedelta(days=13)),
+                       forecast_days=7, epochs=1, lr=0.05, params=truth, seeds=[0], env=env)
+    m = result.params.transmission_multiplier
+    learned = result.values["transmission_multiplier"]
+    assert m.shape == (21,)
+    assert torch.allclose(m[:7], torch.tensor(learned[0])) and torch.allclose(m[7:14], torch.tensor(learned[1]))
+    assert torch.allclose(m[14:], torch.tensor((learned[0] + learned[1]) / 2))
+    with pytest.raises(ConfigError, match="time-varying"):
+        calibrate(MODEL, None, targets, [Learn("R0", hold=1)], observe=[Observe("cases", "new_infections_by_borough")],
+                  window=(START, START + dt.timedelta(days=13)), epochs=0, params=truth, env=env)
+    with pytest.raises(ConfigError, match="between 1 and size"):
+        calibrate(MODEL, None, targets, [Learn("transmission_multiplier", size=2, period=7, hold=3)],
+                  observe=[Observe("cases", "new_infections_by_borough")],
+                  window=(START, START + dt.timedelta(days=13)), epochs=0, params=truth, env=env)
+
+
+def test_one_date_parser_with_config_and_input_errors(setup):
+    """Bad dates in a calibration window are configuration errors; bad dates in target tables are input errors."""
+    from agenttensor.observed import parse_date, window
+
+    assert parse_date("2020-10-04") == START and parse_date(START) == START
+    assert parse_date(dt.datetime(2020, 10, 4, 12)) == START
+    with pytest.raises(InputError, match="not a date"):
+        parse_date("2020-13-01")
+    with pytest.raises(ConfigError, match="window start '2020-10-4x' is not a date"):
+        parse_date("2020-10-4x", error=ConfigError, what="window start")
+    env, truth, targets = setup
+    with pytest.raises(ConfigError, match="window end 'soon' is not a date"):
+        calibrate(MODEL, None, targets, [Learn("R0")], observe=[Observe("cases", "new_infections_by_borough")],
+                  window=(START, "soon"), params=truth, env=env)
+    with pytest.raises(InputError, match="window start"):
+        window(targets, "yesterday", "2020-10-10")
