@@ -8,7 +8,9 @@ ceiling of batching on this machine, and memory per batch element.
         --out benchmarks/results/scenario_batch_prospective.json
 
 Timing runs in one process, interleaved (every arm once, three times over; the minimum of each arm
-is reported), so all arms see the same machine load; the load average is recorded. Cases:
+is reported), so all arms see the same machine load; the load average is recorded. Wall-clock and
+process CPU time are both recorded: with one torch thread (default) CPU time is what the run costs,
+unaffected by other jobs taking turns on the cores (the wall clock is not). Cases:
 
 - ``day0``: 4 scenarios that differ from step 0 (transmission × 0.8 / × 1.2, distancing from day 7
   as a time-varying override) × B/4 seeds. Arms: ``batched`` = `run_scenarios` (one pass; nothing to
@@ -102,35 +104,46 @@ def timing_case(model, env, base, scenarios, seeds, days, start_date, repeats: i
     from agenttensor import simulate
     from agenttensor.scenarios import run_scenarios, scenario_params
 
-    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}  # wall clock
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}  # process CPU time (robust to other jobs' load)
     identical, prefix = True, None
     kw = dict(seeds=seeds, steps=days, start_date=start_date, params=base, env=env, progress=False)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = run_scenarios(model, None, scenarios, **kw)
-        seconds[arms[0]].append(time.perf_counter() - t0)
-        prefix = res.info["prefix"][0]
-        if "unshared" in arms:
-            t0 = time.perf_counter()
-            plain = run_scenarios(model, None, scenarios, share_prefix=False, **kw)
-            seconds["unshared"].append(time.perf_counter() - t0)
-            identical &= all(bool((plain.metrics[s.name][k] == v).all())
-                             for s in scenarios for k, v in res.metrics[s.name].items())
-        t0 = time.perf_counter()
+
+    def timed(arm: str, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        value = fn()
+        seconds[arm].append(time.perf_counter() - t0)
+        cpu[arm].append(time.process_time() - c0)
+        return value
+
+    def separate():
+        ok = True
         for s in scenarios:
             p = scenario_params(base, s)
             for k, seed in enumerate(seeds):
                 r = simulate(model, None, p, steps=days, seeds=[seed], env=env, progress=False, start_date=start_date,
                              interventions=list(s.interventions) or None)
-                identical &= all(bool((r[m][:, 0] == res.metrics[s.name][m][:, k]).all()) for m in r.metrics)
-        seconds["separate"].append(time.perf_counter() - t0)
+                ok &= all(bool((r[m][:, 0] == res.metrics[s.name][m][:, k]).all()) for m in r.metrics)
+        return ok
+
+    for _ in range(repeats):
+        res = timed(arms[0], lambda: run_scenarios(model, None, scenarios, **kw))
+        prefix = res.info["prefix"][0]
+        if "unshared" in arms:
+            plain = timed("unshared", lambda: run_scenarios(model, None, scenarios, share_prefix=False, **kw))
+            identical &= all(bool((plain.metrics[s.name][k] == v).all())
+                             for s in scenarios for k, v in res.metrics[s.name].items())
+        identical &= timed("separate", separate)
     out = {f"{arm}_seconds": min(v) for arm, v in seconds.items()}
+    out.update({f"{arm}_cpu_seconds": min(v) for arm, v in cpu.items()})
     out.update({f"{arm}_seconds_all": v for arm, v in seconds.items()})
+    out.update({f"{arm}_cpu_seconds_all": v for arm, v in cpu.items()})
     out.update(bit_identical=identical, scenarios=len(scenarios), seeds=len(seeds), batch=len(scenarios) * len(seeds),
                days=days, prefix_steps=prefix["steps"] if prefix and prefix["shared"] else 0,
                prefix_reason=prefix["reason"] if prefix else None)
     for arm in arms[1:]:
         out[f"speedup_{arms[0]}_vs_{arm}"] = out[f"{arm}_seconds"] / out[f"{arms[0]}_seconds"]
+        out[f"cpu_speedup_{arms[0]}_vs_{arm}"] = out[f"{arm}_cpu_seconds"] / out[f"{arms[0]}_cpu_seconds"]
     return out
 
 
@@ -178,13 +191,17 @@ def worker_ceiling(cfg: dict) -> dict:
         for b in (1, cfg["batch"]):
             steps = 10 if n >= 1_000_000 else 20
             simulate(model, None, params, steps=2, seeds=list(range(b)), env=env, progress=False)  # warm-up
-            times = []
+            times, cpu = [], []
             for _ in range(3):
+                c0 = time.process_time()
                 r = simulate(model, None, params, steps=steps, seeds=list(range(b)), env=env, progress=False)
+                cpu.append((time.process_time() - c0) / steps)
                 times.append(r.timing["run_seconds"] / steps)
-            rows.append(dict(agents=n, batch=b, seconds_per_step=min(times), seconds_per_step_all=times,
-                             seconds_per_element_step=min(times) / b))
+            rows.append(dict(agents=n, batch=b, wall_seconds_per_step=min(times), wall_seconds_per_step_all=times,
+                             seconds_per_step=min(cpu), seconds_per_step_all=cpu,
+                             seconds_per_element_step=min(cpu) / b))
         del env
+    # CPU time per step (one torch thread; wall-clock in the rows too): robust to the other jobs on the machine
     t = {(r["agents"], r["batch"]): r["seconds_per_step"] for r in rows}
     n, B = max(sizes), cfg["batch"]
     overhead = t[(min(sizes), 1)]
@@ -282,19 +299,21 @@ def main() -> None:
         first = "batched" if case == "day0" else "shared"
         rows.append((f"[{case}] {label}", f"B = {c['batch']} ({c['scenarios']} scenarios × {c['seeds']} seeds), "
                                            f"{c['days']} days, shared prefix {c['prefix_steps']} days"))
-        rows.append((f"[{case}] one pass ({first}) s", f"{c[first + '_seconds']:.2f}"))
+        rows.append((f"[{case}] one pass ({first}): wall / CPU s",
+                     f"{c[first + '_seconds']:.2f} / {c[first + '_cpu_seconds']:.2f}"))
         for arm in ("unshared", "separate"):
             if f"{arm}_seconds" in c:
                 label_arm = "one pass, share_prefix=False" if arm == "unshared" else f"{c['batch']} separate runs"
-                rows.append((f"[{case}] {label_arm} s", f"{c[arm + '_seconds']:.2f}  "
-                                                       f"(one pass is {c[f'speedup_{first}_vs_{arm}']:.2f}× faster)"))
+                rows.append((f"[{case}] {label_arm}: wall / CPU s",
+                             f"{c[arm + '_seconds']:.2f} / {c[arm + '_cpu_seconds']:.2f}  (one pass is "
+                             f"{c[f'speedup_{first}_vs_{arm}']:.2f}× / {c[f'cpu_speedup_{first}_vs_{arm}']:.2f}× faster)"))
         rows.append((f"[{case}] bit-identical", c["bit_identical"]))
     if "ceiling" in result:
         ce = result["ceiling"]
         for r in ce["rows"]:
             rows.append((f"[ceiling] N = {r['agents']:,}, B = {r['batch']}",
-                         f"{r['seconds_per_step'] * 1e3:.2f} ms/step, {r['seconds_per_element_step'] * 1e3:.2f} ms per "
-                         "element-step"))
+                         f"{r['seconds_per_step'] * 1e3:.2f} CPU ms/step, {r['seconds_per_element_step'] * 1e3:.2f} ms "
+                         f"per element-step (wall {r['wall_seconds_per_step'] * 1e3:.2f} ms/step)"))
         rows.append(("[ceiling] fixed cost per step (N = 1,000, B = 1)", f"{ce['overhead_seconds_per_step'] * 1e3:.2f} ms"))
         rows.append((f"[ceiling] overhead share at N = {ce['agents']:,}", f"{ce['overhead_share']:.1%}"))
         rows.append(("[ceiling] max batching gain 1/(1 − share)", f"{ce['max_batching_gain']:.3f}×"))
