@@ -32,6 +32,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _heap_only_without_gradients(fn):
+    """Run ``fn`` (simulate) with large allocations served from the heap when no gradient is kept
+    (see `agenttensor._malloc.heap_only`: removes per-step page faults at city scale)."""
+    import functools
+
+    from ._malloc import heap_only
+
+    @functools.wraps(fn)
+    def wrapper(model, population=None, params=None, *args, **kwargs):
+        sampler = kwargs.get("sampler", Hard())
+        learnable = params is not None and hasattr(params, "learnable") and bool(params.learnable())
+        if getattr(sampler, "differentiable", False) or learnable:
+            return fn(model, population, params, *args, **kwargs)
+        with heap_only():
+            return fn(model, population, params, *args, **kwargs)
+
+    return wrapper
+
+
+@_heap_only_without_gradients
 def simulate(model: Model, population: Any = None, params: Params | None = None, *, steps: int,
              seeds: Sequence[int] = (0,), sampler: Sampler = Hard(), device: str | torch.device = "cpu",
              env: Any = None, start_date: dt.date | None = None, progress: bool | None = None,
