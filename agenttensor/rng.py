@@ -11,6 +11,9 @@ bit-for-bit against a NumPy uint32 reference.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -71,6 +74,40 @@ def bits_to_uniform(h: Tensor) -> Tensor:
     return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)
 
 
+def _uniform_eager(base: Tensor, keys: Tensor) -> Tensor:
+    """Uniforms of hashed (base ^ key) pairs (broadcasting): ~13 elementwise passes in eager mode."""
+    return bits_to_uniform(mix32(base ^ keys))
+
+
+_uniform_kernel = _uniform_eager
+log = logging.getLogger(__name__)
+
+
+def use_compiled_kernels(enabled: bool = True) -> bool:
+    """Fuse the hash-to-uniform chain into one kernel with ``torch.compile`` (opt-in, also by
+    ``AGENTTENSOR_COMPILE=1``): the same bits, one pass over memory instead of ~13 (measured at
+    8.7M agents, 1 thread: 216 → 73 ms on a loaded machine), at a one-off compile cost of
+    ~20-30 s per process. Returns whether compiled kernels are now in use."""
+    global _uniform_kernel
+    if not enabled:
+        _uniform_kernel = _uniform_eager
+        return False
+    try:
+        compiled = torch.compile(_uniform_eager, dynamic=True)
+        t0 = time.perf_counter()
+        probe = torch.arange(-5, 5, dtype=torch.int32)
+        keys = torch.tensor([[7], [-3]], dtype=torch.int32)
+        if not torch.equal(compiled(probe, keys), _uniform_eager(probe, keys)):
+            raise RuntimeError("compiled hash differs from the eager one")
+        log.info("compiled the random-number kernel in %.1f s", time.perf_counter() - t0)
+    except Exception as e:  # no C++ compiler, unsupported platform, ...
+        log.warning("torch.compile unavailable for the random-number kernel (%s); using eager kernels", e)
+        _uniform_kernel = _uniform_eager
+        return False
+    _uniform_kernel = compiled
+    return True
+
+
 @dataclass(frozen=True)
 class Randomness:
     """Random numbers for a batch of seeds over a fixed set of agents.
@@ -95,9 +132,13 @@ class Randomness:
 
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""
-        return bits_to_uniform(mix32(self.agent_base.unsqueeze(0) ^ self._keys(step, stream)))
+        return _uniform_kernel(self.agent_base.unsqueeze(0), self._keys(step, stream))
 
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""
         keys = self._keys(step, stream).squeeze(1)[batch_index]
-        return bits_to_uniform(mix32(self.agent_base[agent_index] ^ keys))
+        return _uniform_kernel(self.agent_base[agent_index], keys)
+
+
+if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1":
+    use_compiled_kernels(True)

@@ -12,6 +12,7 @@ Prints a table and writes benchmarks/results/covid_step.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 
 import agenttensor as at
 from agenttensor import Hard, Intervention, Randomness, StraightThrough
+from agenttensor._malloc import heap_only
 from agenttensor.interventions import compile_schedule
 from agenttensor.model import StepContext
 from models.covid.model import MODEL, CovidParams
@@ -52,10 +54,11 @@ def timed_steps(env, params, sampler, steps: int) -> tuple[float, float, object]
                                                 schedule=schedule))
     records = []
     wall, cpu = time.perf_counter(), time.process_time()
-    for t in range(steps):
-        ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule)
-        state, record = MODEL.step(state, params, ctx)
-        records.append(record)
+    with contextlib.nullcontext() if sampler.differentiable else heap_only():  # as `simulate` does
+        for t in range(steps):
+            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule)
+            state, record = MODEL.step(state, params, ctx)
+            records.append(record)
     return time.perf_counter() - wall, time.process_time() - cpu, (state, records)
 
 
@@ -93,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--nyc", action="store_true", help="also full NYC (builds populations/built/nyc_scale1 once)")
+    parser.add_argument("--agenttorch", action="store_true",
+                        help="also the sizes of AgentTorch's reference figures (37,518 agents; Brooklyn, 2.7M) and the ratios")
     parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to measure, e.g. 1,2")
     parser.add_argument("--fwd-steps", type=int, default=14)
     parser.add_argument("--bwd-steps", type=int, default=7)
@@ -106,6 +111,12 @@ def main() -> None:
 
         populations.append(("NYC full (populations.nyc, scale 1)",
                             lambda: load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)))
+    if args.agenttorch:
+        from populations.nyc import load_or_build
+
+        populations.insert(0, ("synthetic:37518", lambda: at.synthetic(37_518, seed=0)))
+        populations.append(("NYC Brooklyn (populations.nyc, scale 1)",
+                            lambda: load_or_build("populations/built/nyc_brooklyn", scale=1.0, boroughs="BK", seed=0)))
     for name, make in populations:
         population = make()
         for threads in [int(x) for x in args.threads.split(",")]:
@@ -119,7 +130,16 @@ def main() -> None:
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row.get(k, "")) for k in header))
-    out = dict(benchmark="covid_step", rows=rows, torch=torch.__version__,
+    reference = {37_518: 0.047, "Brooklyn": 11.2}  # AgentTorch 0.6.0 s/day, from issue #8 (not rerun here)
+    agenttorch = []
+    for row in rows:
+        ref = reference.get(row["agents"]) or (reference["Brooklyn"] if "Brooklyn" in row["population"] else None)
+        if ref:
+            agenttorch.append(dict(population=row["population"], agents=row["agents"], threads=row["threads"],
+                                   agenttorch_s_per_day=ref, agenttensor_s_per_day=row["forward_s_per_day"],
+                                   speedup=round(ref / row["forward_s_per_day"], 1)))
+            print(f"vs AgentTorch at {row['agents']:,} agents ({row['threads']} threads): {agenttorch[-1]['speedup']}x")
+    out = dict(benchmark="covid_step", rows=rows, agenttorch_reference=agenttorch, torch=torch.__version__,
                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                date=time.strftime("%Y-%m-%dT%H:%M:%S"),

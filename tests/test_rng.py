@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from agenttensor.rng import Randomness, mix32, step_key
@@ -55,3 +56,20 @@ def test_uniform_statistics():
 def test_step_key_distinct():
     keys = {step_key(s, t, k) for s in range(4) for t in range(50) for k in range(3)}
     assert len(keys) == 4 * 50 * 3
+
+
+def test_compiled_kernel_gives_the_same_bits():
+    """The opt-in torch.compile kernel (AGENTTENSOR_COMPILE=1) must draw exactly the eager numbers."""
+    from agenttensor import rng
+
+    agents = torch.arange(10_000, dtype=torch.int32) * 7919
+    eager = rng.Randomness.for_agents([0, 5], agents)
+    expected = eager.uniform(3, "infection"), eager.uniform_at(3, "infection", torch.tensor([1, 0]), torch.tensor([9, 4]))
+    try:
+        if not rng.use_compiled_kernels(True):
+            pytest.skip("torch.compile is not available here")
+        got = eager.uniform(3, "infection"), eager.uniform_at(3, "infection", torch.tensor([1, 0]), torch.tensor([9, 4]))
+    finally:
+        rng.use_compiled_kernels(False)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert rng._uniform_kernel is rng._uniform_eager
