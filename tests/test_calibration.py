@@ -244,3 +244,28 @@ def test_one_date_parser_with_config_and_input_errors(setup):
                   window=(START, "soon"), params=truth, env=env)
     with pytest.raises(InputError, match="window start"):
         window(targets, "yesterday", "2020-10-10")
+
+
+def test_checkpointed_gradient_runs_release_their_tensors():
+    """simulate(grad_checkpoint_every=k) in a gradient mode leaves nothing alive after backward (the
+    recompute function used to close over the final state: a cycle through autograd that leaked every
+    run's state tensors, ~300 MB per calibration epoch at 175k agents)."""
+    import gc
+
+    pop = synthetic(3_000, seed=0)
+    p = SEIRParams(mixing="well-mixed", initial_infected=30)
+    env = MODEL.setup(pop, p.as_tensors(), "cpu")
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    counts = []
+    for _ in range(3):
+        r0 = torch.tensor(2.0, requires_grad=True)
+        res = simulate(MODEL, None, p.replace(R0=r0), steps=12, seeds=[0], env=env, sampler=StraightThrough(),
+                       grad_checkpoint_every=4)
+        res["new_infections"].sum().backward()
+        del res, r0
+        counts.append(live())
+    assert counts[2] == counts[1], counts
