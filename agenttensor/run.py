@@ -230,12 +230,16 @@ def _given_state(model: Model, env: Any, params: Params, sampler: Sampler, start
     out = {}
     for name, ref in reference.tensors().items():
         t = getattr(given, name)
+        if name in type(reference).gradient_only and t.shape[1:] != ref.shape[1:]:
+            t = torch.zeros((B, *ref.shape[1:]), dtype=ref.dtype)  # from a run in the other sampling mode
         if tuple(t.shape[1:]) != tuple(ref.shape[1:]):
             raise ConfigError(f"initial_state.{name} has shape {list(t.shape)}, but this run needs "
                               f"[{batch}, {', '.join(map(str, ref.shape[1:]))}] (a state of another population?)")
         if t.dtype != ref.dtype:
             if ref.dtype.is_floating_point and not t.dtype.is_floating_point:
                 t = t.to(ref.dtype)  # 0/1 memberships of a hard run, continued in a gradient mode
+            elif ref.dtype == torch.uint8 and t.dtype.is_floating_point and bool(((t == 0) | (t == 1)).all()):
+                t = t.detach().to(ref.dtype)  # a gradient-mode state (values exactly 0/1), continued in hard mode
             else:
                 raise ConfigError(f"initial_state.{name} has dtype {t.dtype}, but this run ({type(sampler).__name__}) "
                                   f"uses {ref.dtype}")

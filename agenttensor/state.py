@@ -8,7 +8,7 @@ Static per-agent data (ages, group ids) lives in the population, not in the stat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -18,7 +18,14 @@ S = TypeVar("S", bound="TensorState")
 
 @dataclasses.dataclass(frozen=True)
 class TensorState:
-    """Base for model states: a frozen dataclass whose fields are tensors shaped [B, N, ...]."""
+    """Base for model states: a frozen dataclass whose fields are tensors shaped [B, N, ...].
+
+    ``gradient_only``: names of fields that only carry derivatives in the gradient-carrying sampling
+    modes (zero-valued [B, N] there, [B, 0] in hard mode); a state handed from one mode to the other
+    gets them afresh from ``model.init`` (`agenttensor.simulate`'s ``initial_state``).
+    """
+
+    gradient_only: ClassVar[tuple[str, ...]] = ()
 
     def replace(self: S, **changes: Any) -> S:
         """New state with some fields replaced (the old one is unchanged)."""

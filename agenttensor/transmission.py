@@ -22,11 +22,30 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 - 1 else torch.int64
 
 
+class _GroupSum(torch.autograd.Function):
+    """Segment sum whose backward keeps only the index: autograd's own ``index_add`` saves its source
+    ([B, N], 4 bytes per agent per call) although the derivative is a gather of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
+        ctx.save_for_backward(group_of)
+        ctx.values_shape = values.shape
+        out = torch.zeros(values.shape[0], num_groups, dtype=values.dtype, device=values.device)
+        return out.index_add_(1, group_of, values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (group_of,) = ctx.saved_tensors
+        return grad.index_select(1, group_of).expand(ctx.values_shape), None, None
+
+
 def group_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
     """Sum of agent values per group. values [B, N], group_of [N] (ids in [0, G)) -> [B, G].
 
     Agents with a negative group id (no group) must be filtered by the caller (use `GroupLayer`).
     """
+    if values.requires_grad:
+        return _GroupSum.apply(values, group_of, num_groups)
     out = torch.zeros(values.shape[0], num_groups, dtype=values.dtype, device=values.device)
     return out.index_add_(1, group_of, values)
 

@@ -133,3 +133,22 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(population, tmp_path):
     with pytest.raises(InputError, match="started at step 4"):
         at.simulate(SEIR, population, SEIR_PARAMS, steps=12, seeds=[0, 1], progress=False, checkpoint_path=path2,
                     resume=True)
+
+
+def test_covid_state_changes_sampling_mode(population):
+    """The covid state's gradient-only fields ([B, 0] in hard mode, [B, N] in gradient modes) are rebuilt when a
+    state moves between modes; the forward path is unchanged either way."""
+    kw = dict(seeds=[0, 1], progress=False, start_date=START)
+    head = at.simulate(COVID, population, COVID_PARAMS, steps=6, **kw)
+    assert head.final_state.household_exposure.shape == (2, 0)
+    hard = at.simulate(COVID, population, COVID_PARAMS, steps=20, initial_state=head.final_state, first_step=6, **kw)
+    beta = torch.tensor(float(COVID_PARAMS.transmission_scale), requires_grad=True)
+    soft = at.simulate(COVID, population, COVID_PARAMS.replace(transmission_scale=beta), steps=20,
+                       initial_state=head.final_state, first_step=6, sampler=at.StraightThrough(), **kw)
+    assert soft.final_state.household_exposure.shape == (2, len(population))
+    assert torch.equal(soft["new_infections"].detach().to(torch.int64), hard["new_infections"])
+    soft["reported_cases"].sum().backward()
+    assert beta.grad > 0
+    back = at.simulate(COVID, population, COVID_PARAMS, steps=30, initial_state=soft.final_state.detach(),
+                       first_step=20, **kw)
+    assert back.final_state.household_latent.shape == (2, 0)

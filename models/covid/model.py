@@ -53,6 +53,7 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
+from agenttensor.transmission import group_sum
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
@@ -197,6 +198,12 @@ class CovidState(TensorState):
     isolate_prob: Tensor  # [B, N] float32, from the behaviour source
     work_prob: Tensor  # [B, N] float32, from the behaviour source
     reported_recent: Tensor  # [B, 7, G] float32: reported cases of the last 7 days by borough
+    # gradient modes (`household_spread`): derivative mass of infections by household members' untaken infections,
+    # before infection and in the latent period; zero-valued [B, N] float32 ([B, 0] in hard mode)
+    household_exposure: Tensor
+    household_latent: Tensor
+
+    gradient_only = ("household_exposure", "household_latent")
 
 
 @dataclass
@@ -409,7 +416,9 @@ def init(env: CovidEnv, params: CovidParams, ctx: StepContext) -> CovidState:
                       unemployed=env.was_unemployed.to(dtype).expand(B, N).clone(), remote=remote,
                       on_site=employed * env.has_workplace.to(dtype), stage_end=stage_end,
                       isolate_prob=torch.zeros(B, N, device=u.device), work_prob=torch.ones(B, N, device=u.device),
-                      reported_recent=torch.zeros(B, 7, G, device=u.device))
+                      reported_recent=torch.zeros(B, 7, G, device=u.device),
+                      household_exposure=torch.zeros(B, N if ctx.sampler.differentiable else 0, device=u.device),
+                      household_latent=torch.zeros(B, N if ctx.sampler.differentiable else 0, device=u.device))
 
 
 # ---- substeps --------------------------------------------------------------------------------
@@ -465,22 +474,31 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             * state.I_asym.to(torch.float32)
         return params.isolation_effectiveness * free * state.isolate_prob * iota
 
-    # gradient modes: each agent's own zero-valued contribution per layer, left out of its own π (see layer_term)
-    own_gradient: dict[str, Tensor] = {}
+    # gradient modes: every agent's dense contribution per layer [B, N], whose derivative reaches the other
+    # members of its group through `others_gradient` (see layer_term), and the per-group scale it gets there
+    own_contribution: dict[str, Tensor] = {}
     own_scale: dict[str, Tensor] = {}
 
-    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor], name: str) -> Tensor:
-        """Σ over each group's infectious members: [B, G + 1] (last slot: non-members)."""
+    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor], name: str,
+                     real_sources_only: bool = False, dense_gradient: bool = False) -> Tensor:
+        """Σ over each group's infectious members: [B, G + 1] (last slot: non-members), summed over the
+        infectious agents only. Gradient modes: the sum carries no derivative of the memberships; the dense
+        contribution of every agent is kept for `others_gradient` instead, and with ``dense_gradient`` the
+        totals also carry it (for the borough-wide community mixing). With ``real_sources_only`` the derivative
+        mass of untaken infections (agents without a running countdown) is left out; `household_spread`
+        carries its effect instead."""
         slots = layer.num_groups + 1
         totals = torch.zeros(B * slots, device=device)
         totals = totals.index_add(0, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
         if ctx.sampler.differentiable:
             own = contribution(At()).expand(B, -1)
-            dense = torch.zeros(B, slots, device=device).index_add(1, layer.slot, own)
-            # the dense term alone carries the gradient (it covers the sources too; a gradient through the
-            # sparse sum as well would count every source's derivative twice)
-            totals = totals.detach() + (dense - dense.detach())
-            own_gradient[name] = own - own.detach()
+            if real_sources_only:
+                own = own * (state.stage_end >= 0).to(torch.float32)
+            totals = totals.detach()
+            own_contribution[name] = own
+            if dense_gradient:
+                dense = group_sum(own, layer.slot, slots)
+                totals = totals + (dense - dense.detach())
         return totals
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
@@ -489,7 +507,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
-    household = group_totals(env.household, infectiousness, "household")
+    household = group_totals(env.household, infectiousness, "household", real_sources_only=True)
     own_scale["household"] = beta * params.household_weight * env.household_inv_others
     layers["household"] = (own_scale["household"] * household, env.household.slot, None)
     if is_school_day(date):
@@ -509,10 +527,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
         layers["workplace"] = (own_scale["workplace"] * work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
-                             "community")
-    community = community[:, :-1]  # [B, C]
-    per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough, community)
+    community_all = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
+                                 "community", dense_gradient=True)[:, :-1]  # [B, C]
+    community = community_all.detach()  # the NTA part's derivative comes from `others_gradient`
+    per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough,
+                                                                                 community_all)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
     # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
     # which would make a batch element's numbers depend on the batch it runs in)
@@ -529,16 +548,17 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     reductions = {name: lever_per_agent(ctx, "transmission_reduction", name) for name in layers}
     vaccinated = ctx.lever("vaccination") is not None
 
-    def layer_term(name: str, at: At) -> Tensor:
-        """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at``."""
-        per_slot, slot, presence = layers[name]
-        value = at.group(per_slot, slot)
-        if at.i is None and name in own_gradient:
-            # gradient modes: π_l(i) sums over i's *other* group members. The agent's own term is zero in the
-            # forward pass (susceptible agents are not infectious) but not in the backward pass once derivative
-            # mass of untaken infections sits in its I stages (`shadow_flows`): leave it out, or an agent would
-            # "infect itself" in the linearisation.
-            value = value - at.group(torch.atleast_2d(own_scale[name]), slot) * own_gradient[name]
+    def layer_term(name: str, at: At, per_slot: Tensor | None = None) -> Tensor:
+        """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at``; with ``per_slot`` [B | 1, G + 1] in place
+        of the group values (e.g. the hazard per unit of one other member's infectiousness)."""
+        group_values, slot, presence = layers[name]
+        value = at.group(group_values if per_slot is None else per_slot, slot)
+        if at.i is None and name in own_contribution and per_slot is None:
+            # gradient modes: the derivative of π_l(i) w.r.t. the memberships of i's *other* group members. The
+            # agent's own term is zero in the forward pass (susceptible agents are not infectious) but not in the
+            # backward pass once derivative mass of untaken infections sits in its I stages (`shadow_flows`): it
+            # is left out, or an agent would "infect itself" in the linearisation.
+            value = value + others_gradient(own_contribution[name], torch.atleast_2d(own_scale[name]).detach(), slot)
         if presence is not None:
             value = value * presence(at)
         if reductions[name] is not None:
@@ -554,9 +574,39 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return sigma
 
     dense = At()
-    force = susceptibility(dense) * sum(layer_term(name, dense) for name in layers)
+    sigma = susceptibility(dense)
+    force = sigma * sum(layer_term(name, dense) for name in layers)
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
+    if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`household_spread`)
+        with torch.no_grad():
+            unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
+        ctx.scratch["household_unit_hazard"] = unit
     return state
+
+
+class _OthersGradient(torch.autograd.Function):
+    """Zero in the forward pass; backward: d/d(own_j) = scale_g Σ_{i ∈ g, i ≠ j} grad_i (j's group g).
+
+    The derivative of "scale × Σ over the *other* members of my group" without the graph autograd would keep
+    for it (a gathered per-agent scale and the own term, 8 bytes per agent per layer and step): only the
+    per-group scale [B | 1, G + 1] and the slot index [N] are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
+        ctx.save_for_backward(scale, slot)
+        return torch.zeros(own.shape, dtype=own.dtype, device=own.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        scale, slot = ctx.saved_tensors
+        totals = torch.zeros(grad.shape[0], scale.shape[1], dtype=grad.dtype, device=grad.device).index_add_(1, slot, grad)
+        return (totals * scale).index_select(1, slot) - scale.index_select(1, slot) * grad, None, None
+
+
+def others_gradient(own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
+    """[B, N] zeros whose derivative w.r.t. own [B, N] is that of scale[g(i)] Σ_{j ∈ g(i), j ≠ i} own_j."""
+    return _OthersGradient.apply(own, scale, slot)
 
 
 def closed_workplaces(ctx: StepContext) -> Tensor | None:
@@ -700,6 +750,10 @@ def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx
     in the forward pass, so trajectories and metrics stay bit-identical to hard mode and only the backward
     pass changes (an expected-value linearisation of the untaken paths with geometric stage durations of
     the right means). Isolation along the untaken paths is neglected.
+
+    In households the mass does not act through the (linearised) household force; `household_spread`
+    hands it to the other members with the household's secondary attack probabilities instead, and that
+    mass joins I through ``household_exposure`` → ``household_latent``.
     """
     env: CovidEnv = ctx.env
     free = (before.stage_end < 0).to(torch.float32)
@@ -711,8 +765,17 @@ def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx
     rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
     group = env.age_group
     out_E = mass(before.E) * rate["E"]
-    to_Is = out_E * params.symptomatic_fraction[group]
-    to_Ia = out_E - to_Is
+    symptomatic = params.symptomatic_fraction[group]  # [N]
+    spread = household_spread(env, before, out_E, symptomatic.detach(), params, ctx)
+    # household infections happen half the source's infectious period after it enters I (on average), then pass
+    # a latent period (kept apart from E so that they are not spread again)
+    f_mean = float(symptomatic.detach().mean()) if group.numel() else 0.0
+    half_infectious = 0.5 * (f_mean * mean_duration(env.durations["I_sym"])
+                             + (1 - f_mean) * mean_duration(env.durations["I_asym"]))
+    infected = before.household_exposure * (1 / half_infectious)
+    out_latent = before.household_latent * rate["E"]
+    to_Is = (out_E + out_latent) * symptomatic
+    to_Ia = out_E + out_latent - to_Is
     out_Is = mass(before.I_sym) * rate["I_sym"]
     out_Ia = mass(before.I_asym) * rate["I_asym"]
     out_H = mass(before.H) * rate["H"]
@@ -730,12 +793,65 @@ def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx
     reported = by_borough(env, to_Is * detect_sym + to_Ia * detect_asym)
     recent = after.reported_recent.clone()
     recent[:, ctx.step % 7] = recent[:, ctx.step % 7] + reported
-    ctx.scratch.update(reported=ctx.scratch["reported"] + reported,
+    ctx.scratch.update(new_infections=ctx.scratch["new_infections"] + by_borough(env, infected),
+                       reported=ctx.scratch["reported"] + reported,
                        admissions=ctx.scratch["admissions"] + by_borough(env, to_H),
                        deaths=ctx.scratch["deaths"] + by_borough(env, to_D))
-    return after.replace(E=after.E - out_E, I_sym=after.I_sym + to_Is - out_Is, I_asym=after.I_asym + to_Ia - out_Ia,
-                         H=after.H + to_H - out_H, R=after.R + (out_Is - to_H) + out_Ia + (out_H - to_D),
-                         D=after.D + to_D, reported_recent=recent)
+    return after.replace(S=after.S - infected, E=after.E - out_E, I_sym=after.I_sym + to_Is - out_Is,
+                         I_asym=after.I_asym + to_Ia - out_Ia, H=after.H + to_H - out_H,
+                         R=after.R + (out_Is - to_H) + out_Ia + (out_H - to_D), D=after.D + to_D,
+                         reported_recent=recent, household_exposure=before.household_exposure - infected + spread,
+                         household_latent=before.household_latent - out_latent + infected)
+
+
+def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Tensor, params: CovidParams,
+                     ctx: StepContext) -> Tensor:
+    """Gradient modes: derivative mass that untaken infections hand to the other members of their households.
+
+    f [N]: each agent's symptomatic share. entering [B, N]: the zero-valued derivative mass of untaken infections entering I today from E (the E exits
+    of `shadow_flows`). Returns the mass handed to each susceptible member k [B, N] (zero-valued; it goes to
+    ``household_exposure``):
+
+        Σ_{j ∈ h(k), j ≠ k} [q^sym_k f_j + q^asym_k (1 − f_j)] entering_j,
+        q_k = 1 − (1 − T_k) (1 − T_k T̄_k)^{s_k},   T^sym_k = 1 − exp(−u_k D_sym),   T^asym_k = 1 − exp(−u_k α D_asym)
+
+    with u_k the household hazard on k per unit of one other member's infectiousness today (β m w_h σ_k r_k /
+    (n_h − 1)), D the mean I durations, f_j the symptomatic share of j's age group, s_k the other susceptible
+    members besides k and the source, and T̄ = f̄ T^sym + (1 − f̄) T^asym (chains through one intermediate).
+
+    Why: an untaken infection of j changes the outcome by the *finite* jump f(1) − f(0), which in a household
+    saturates — member k is infected w.p. T = 1 − e^(−Λ), not Λ, and cannot infect j back. The pathwise
+    derivative through the household force instead propagates it as an infinitesimal infectiousness acting on
+    members who stay susceptible along the sampled path: each member receives Λ (the linearised hazard; ≈ 1.9
+    for a pair at the fitted NYC fall-2020 transmission) and echoes part of it back to j, a chain with a
+    reproduction number above 1 inside the household, which made gradients 1.1–1.2× the finite difference at
+    4 weeks and 3.4–3.7× at 16 (`benchmarks/gradient_horizon.py`). So that mass is kept out of the household
+    force (`infection_pressure`) and handed to the members here, once, with the household's attack
+    probabilities. It waits in ``household_exposure`` (still susceptible) for half the source's mean
+    infectious period — when a household infection happens on average — is then infected (counted in
+    new_infections) and passes a latent period in ``household_latent`` before it joins the I stages, apart
+    from E so that it is not handed on again (the chains are in q).
+    """
+    unit = ctx.scratch["household_unit_hazard"]  # [B | 1, N]
+    alpha = params.asymptomatic_infectiousness
+    alpha = alpha.detach() if isinstance(alpha, Tensor) else alpha
+    T_sym = 1 - torch.exp(-unit * mean_duration(env.durations["I_sym"]))
+    T_asym = 1 - torch.exp(-unit * alpha * mean_duration(env.durations["I_asym"]))
+    f_mean = float(f.mean()) if f.numel() else 0.0
+    T_mid = f_mean * T_sym + (1 - f_mean) * T_asym
+    household = env.household
+
+    def others(x: Tensor) -> Tensor:  # Σ over the other members of each agent's household: [B, N] -> [B, N]
+        return household.totals(x).index_select(1, household.slot) - x
+
+    susceptible = before.S.detach().to(torch.float32)
+    chain = (others(susceptible) - 1).clamp_min(0)  # other susceptible members besides k and the source
+    entering_sym = entering * f
+    from_sym = others(entering_sym)
+    from_asym = others(entering - entering_sym)
+    q_sym = 1 - (1 - T_sym) * (1 - T_sym * T_mid) ** chain
+    q_asym = 1 - (1 - T_asym) * (1 - T_asym * T_mid) ** chain
+    return susceptible * (q_sym * from_sym + q_asym * from_asym)
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:
