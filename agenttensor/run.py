@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .errors import ConfigError, InputError
@@ -162,13 +163,17 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
             # would tie the checkpoint's recompute function to the final state, whose graph holds the
             # function: a reference cycle through autograd that Python cannot collect (every gradient run
             # leaked its state tensors: ~300 MB per calibration epoch at 175k agents × 2 seeds).
-            def segment_fn(*tensors, _start=t, _stop=stop, _keys=key_holder, _template=state):
+            carriers, values = _compact_inputs(list(state.tensors().values()))
+
+            def segment_fn(*tensors, _start=t, _stop=stop, _keys=key_holder, _template=state, _values=values):
+                tensors = [c if v is None else v.to(c.dtype) + c for c, v in zip(tensors, _values)]
                 s, recs = run_steps(_template.replace(**dict(zip(names, tensors))), _start, _stop)
                 keys = list(recs[0])
                 _keys[:] = keys
                 return tuple(s.tensors().values()) + tuple(torch.stack([r[k] for r in recs]) for k in keys)
 
-            out = grad_checkpoint(segment_fn, *state.tensors().values(), use_reentrant=False)
+            out = grad_checkpoint(segment_fn, *carriers, use_reentrant=False)
+            del carriers, values
             new_tensors, stacked = out[:len(names)], out[len(names):]
             state = state.replace(**dict(zip(names, new_tensors)))
             for i in range(stop - t):
@@ -201,6 +206,34 @@ def _check_first_step(first_step: Any, steps: int, initial_state: Any) -> int:
     if not 0 <= first_step <= steps:
         raise ConfigError(f"first_step={first_step} is outside the run: it must be in 0..{steps} (steps={steps})")
     return first_step
+
+
+class _DerivativeCarrier(torch.autograd.Function):
+    """Zeros shaped like x without x's storage (an expanded scalar); the gradient passes to x unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.new_zeros(()).expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _compact_inputs(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """A checkpointed segment's input state, compacted: float tensors whose values are all 0 or 1 (memberships
+    in the gradient modes) are kept as uint8 values plus a storage-free carrier of their derivative, rebuilt
+    as ``values + carrier`` when the segment is recomputed (4 → 1 byte per agent and field). -> (segment
+    inputs, uint8 values or None per input)."""
+    carriers, values = [], []
+    for x in tensors:
+        if x.requires_grad and x.dtype.is_floating_point and x.numel() and bool(((x == 0) | (x == 1)).all()):
+            carriers.append(_DerivativeCarrier.apply(x))
+            values.append(x.detach().to(torch.uint8))
+        else:
+            carriers.append(x)
+            values.append(None)
+    return carriers, values
 
 
 def _is_intervention_list(interventions: Any) -> bool:

@@ -15,9 +15,9 @@ world, three policy levers (`agenttensor.interventions`), at assumed intensities
 and the behaviour parameter ``isolate_intercept`` (logit of isolating when aware; 0 → 50 % at age 40
 and no incidence). Outcomes: deaths and new infections over the 16 weeks (agents; the JSON also gives
 NYC-scale values, ÷ scale) and the unemployment rate on the last day (percentage points). The levers act
-from November, so their effects pass through at most ~9 weeks of transmission chains: straight-through
-gradients of the covid model drift above finite differences as chains lengthen (agenttensor/CALIBRATION.md:
-×1.0 at 4 weeks, ×1.3 at 8, ×2 at 12, ×3.4 at 16 in this calibrated setting).
+from November, so their effects pass through at most ~9 weeks of transmission chains (straight-through
+gradients of the covid model are 0.92–0.99 of finite differences up to 8 weeks and 0.87–0.94 at 16 in this
+calibrated setting, `benchmarks/gradient_horizon.py`; agenttensor/CALIBRATION.md).
 
 What the derivatives mean:
 
