@@ -595,7 +595,7 @@ class _OthersGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
         ctx.save_for_backward(scale, slot)
-        return torch.zeros(own.shape, dtype=own.dtype, device=own.device)
+        return own.new_zeros(()).expand(own.shape)  # no [B, N] storage (it is only ever added to)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -824,8 +824,8 @@ def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Ten
     derivative through the household force instead propagates it as an infinitesimal infectiousness acting on
     members who stay susceptible along the sampled path: each member receives Λ (the linearised hazard; ≈ 1.9
     for a pair at the fitted NYC fall-2020 transmission) and echoes part of it back to j, a chain with a
-    reproduction number above 1 inside the household, which made gradients 1.1–1.2× the finite difference at
-    4 weeks and 3.4–3.7× at 16 (`benchmarks/gradient_horizon.py`). So that mass is kept out of the household
+    reproduction number above 1 inside the household, which made gradients 1.2–1.3× the finite difference at
+    8 weeks and 3.2–3.5× at 16 (`benchmarks/gradient_horizon.py`; 0.87–0.96× with this). So that mass is kept out of the household
     force (`infection_pressure`) and handed to the members here, once, with the household's attack
     probabilities. It waits in ``household_exposure`` (still susceptible) for half the source's mean
     infectious period — when a household infection happens on average — is then infected (counted in
@@ -834,24 +834,30 @@ def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Ten
     """
     unit = ctx.scratch["household_unit_hazard"]  # [B | 1, N]
     alpha = params.asymptomatic_infectiousness
-    alpha = alpha.detach() if isinstance(alpha, Tensor) else alpha
-    T_sym = 1 - torch.exp(-unit * mean_duration(env.durations["I_sym"]))
-    T_asym = 1 - torch.exp(-unit * alpha * mean_duration(env.durations["I_asym"]))
+    alpha = float(alpha) if not isinstance(alpha, Tensor) or alpha.numel() == 1 else alpha.detach()
     f_mean = float(f.mean()) if f.numel() else 0.0
-    T_mid = f_mean * T_sym + (1 - f_mean) * T_asym
     household = env.household
 
     def others(x: Tensor) -> Tensor:  # Σ over the other members of each agent's household: [B, N] -> [B, N]
         return household.totals(x).index_select(1, household.slot) - x
 
     susceptible = before.S.detach().to(torch.float32)
-    chain = (others(susceptible) - 1).clamp_min(0)  # other susceptible members besides k and the source
+    with torch.no_grad():  # attack probabilities, in place (at city scale every [B, N] temporary is ~35 MB of page faults)
+        T_sym = (unit * -mean_duration(env.durations["I_sym"])).exp_().neg_().add_(1)  # 1 − exp(−u D_sym)
+        T_asym = (unit * (-alpha * mean_duration(env.durations["I_asym"]))).exp_().neg_().add_(1)
+        T_mid = torch.add(T_sym * f_mean, T_asym, alpha=1 - f_mean)
+        chain = others(susceptible).sub_(1).clamp_min_(0)  # other susceptible members besides k and the source
+
+        def attack(T: Tensor) -> Tensor:  # S_k q_k = S_k [1 − (1 − T)(1 − T T̄)^s]
+            escape = torch.pow((T * T_mid).neg_().add_(1), chain)  # [B, N]
+            return escape.mul_(T.neg().add_(1)).neg_().add_(1).mul_(susceptible)
+
+        q_sym, q_asym = attack(T_sym), attack(T_asym)
+        del T_sym, T_asym, T_mid, chain
     entering_sym = entering * f
     from_sym = others(entering_sym)
     from_asym = others(entering - entering_sym)
-    q_sym = 1 - (1 - T_sym) * (1 - T_sym * T_mid) ** chain
-    q_asym = 1 - (1 - T_asym) * (1 - T_asym * T_mid) ** chain
-    return susceptible * (q_sym * from_sym + q_asym * from_asym)
+    return q_sym * from_sym + q_asym * from_asym
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:
