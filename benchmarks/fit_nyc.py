@@ -99,6 +99,21 @@ def initial_conditions(env, params, targets: pl.DataFrame) -> dict:
                 detection_init=reports_per_symptomatic)
 
 
+def nyc_world(scale: float):
+    """The covid model's env on the NYC population at ``scale`` with this fit's derived initial conditions.
+    -> (env, default params, initial_conditions(...), weekly case targets, number of agents)."""
+    from models.covid.model import MODEL
+    from populations.nyc import load_or_build
+
+    population = load_or_build(ROOT / f"populations/built/nyc_scale{scale:g}", scale=scale)
+    agents = len(population)
+    base = MODEL.params_type()
+    env = MODEL.setup(population, base.as_tensors("cpu"), "cpu")
+    del population
+    targets = load_targets("nyc-cases-weekly", metrics=["cases"])
+    return env, base, initial_conditions(env, base, targets), targets, agents
+
+
 def split_errors(table: pl.DataFrame):
     """(fit rows, persistence rows, errors {train, forecast, persistence}, per-borough normalised deviations)."""
     fit = table.filter(pl.col("split") != "before")
@@ -150,17 +165,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from models.covid.model import MODEL
-    from populations.nyc import load_or_build
 
     t0 = time.perf_counter()
-    population = load_or_build(ROOT / f"populations/built/nyc_scale{args.scale:g}", scale=args.scale)
-    agents = len(population)
-    base = MODEL.params_type()
-    env = MODEL.setup(population, base.as_tensors("cpu"), "cpu")
-    del population
+    env, base, init, targets, agents = nyc_world(args.scale)
     setup_seconds = time.perf_counter() - t0
-    targets = load_targets("nyc-cases-weekly", metrics=["cases"])
-    init = initial_conditions(env, base, targets)
     params = base.replace(initial_prevalence=init["initial_prevalence"], initial_immunity=SEROPREVALENCE)
 
     steps = (WINDOW[1] - BURN_IN_START).days + 1 + FORECAST_DAYS

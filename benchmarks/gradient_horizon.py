@@ -43,27 +43,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from fit_nyc import SEROPREVALENCE, initial_conditions
-    from sensitivities_covid import calibrated_multipliers
+    from fit_nyc import nyc_world
+    from sensitivities_covid import calibrated_params
 
     from agenttensor.calibration import sensitivities
-    from agenttensor.observed import load_targets
     from models.covid.model import MODEL
-    from populations.nyc import load_or_build
 
     horizons = [int(h) for h in args.horizons.split(",")]
-    population = load_or_build(ROOT / f"populations/built/nyc_scale{args.scale:g}", scale=args.scale)
-    agents = len(population)
-    base = MODEL.params_type()
-    env = MODEL.setup(population, base.as_tensors("cpu"), "cpu")
-    del population
-    init = initial_conditions(env, base, load_targets("nyc-cases-weekly", metrics=["cases"]))
-    multipliers, source = calibrated_multipliers(ROOT / "benchmarks" / "results" / "fit_nyc.json")
-    changes = dict(initial_prevalence=init["initial_prevalence"], initial_immunity=SEROPREVALENCE,
-                   detection_rate=init["detection_init"])
-    if multipliers is not None:
-        changes["transmission_multiplier"] = torch.tensor(multipliers, dtype=torch.float32).repeat_interleave(7)
-    params = base.replace(**changes)
+    env, base, init, _, agents = nyc_world(args.scale)
+    params, source = calibrated_params(base, init, ROOT / "benchmarks" / "results" / "fit_nyc.json")
 
     def summed(metric: str, h: int):
         return lambda r: r[metric][:h].to(torch.float32).sum(0).mean()

@@ -56,7 +56,6 @@ import torch
 
 from agenttensor import Intervention
 from agenttensor.calibration import sensitivities
-from agenttensor.observed import load_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 START = dt.date(2020, 9, 13)
@@ -74,6 +73,19 @@ def calibrated_multipliers(path: Path) -> tuple[list[float] | None, str]:
     return weekly + ([held] if held is not None else []), f"{name} ({fit.get('agents')} agents)"
 
 
+def calibrated_params(base, init: dict, fit: Path):
+    """The fit's world: derived initial conditions and detection rate, plus the learned weekly multipliers
+    (daily values) when ``fit`` exists. -> (params, description of the multipliers' source)."""
+    from fit_nyc import SEROPREVALENCE
+
+    multipliers, source = calibrated_multipliers(fit)
+    changes = dict(initial_prevalence=init["initial_prevalence"], initial_immunity=SEROPREVALENCE,
+                   detection_rate=init["detection_init"])
+    if multipliers is not None:
+        changes["transmission_multiplier"] = torch.tensor(multipliers, dtype=torch.float32).repeat_interleave(7)
+    return base.replace(**changes), source
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=0.01)
@@ -89,23 +101,12 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from fit_nyc import SEROPREVALENCE, initial_conditions
+    from fit_nyc import SEROPREVALENCE, nyc_world
     from models.covid.model import MODEL
-    from populations.nyc import load_or_build
 
     t0 = time.perf_counter()
-    population = load_or_build(ROOT / f"populations/built/nyc_scale{args.scale:g}", scale=args.scale)
-    agents = len(population)
-    base = MODEL.params_type()
-    env = MODEL.setup(population, base.as_tensors("cpu"), "cpu")
-    del population
-    init = initial_conditions(env, base, load_targets("nyc-cases-weekly", metrics=["cases"]))
-    multipliers, source = calibrated_multipliers(Path(args.fit))
-    changes = dict(initial_prevalence=init["initial_prevalence"], initial_immunity=SEROPREVALENCE,
-                   detection_rate=init["detection_init"])
-    if multipliers is not None:
-        changes["transmission_multiplier"] = torch.tensor(multipliers, dtype=torch.float32).repeat_interleave(7)
-    params = base.replace(**changes)
+    env, base, init, _, agents = nyc_world(args.scale)
+    params, source = calibrated_params(base, init, Path(args.fit))
     end = START + dt.timedelta(days=DAYS - 1)
     interventions = [
         Intervention("school_closure", dt.date(2020, 11, 19), dt.date(2020, 12, 6), 1.0, ramp=3.0, name="schools"),
