@@ -11,3 +11,13 @@ def small_population():
     import agenttensor as at
 
     return at.synthetic(20_000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small runs: one torch thread avoids oversubscription on a shared 2-core machine (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

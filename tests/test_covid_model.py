@@ -16,13 +16,7 @@ from models.covid.model import CALIBRATABLE, MODEL, STAGES, CovidParams, make_mo
 START = dt.date(2020, 3, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs are small; one thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
