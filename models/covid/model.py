@@ -834,7 +834,8 @@ def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Ten
     """
     unit = ctx.scratch["household_unit_hazard"]  # [B | 1, N]
     alpha = params.asymptomatic_infectiousness
-    alpha = float(alpha) if not isinstance(alpha, Tensor) or alpha.numel() == 1 else alpha.detach()
+    if isinstance(alpha, Tensor):
+        alpha = float(alpha.detach()) if alpha.numel() == 1 else alpha.detach()
     f_mean = float(f.mean()) if f.numel() else 0.0
     household = env.household
 
