@@ -220,6 +220,10 @@ class _DerivativeCarrier(torch.autograd.Function):
         return grad
 
 
+def _all_zero_or_one(x: Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
 def _compact_inputs(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
     """A checkpointed segment's input state, compacted: float tensors whose values are all 0 or 1 (memberships
     in the gradient modes) are kept as uint8 values plus a storage-free carrier of their derivative, rebuilt
@@ -227,7 +231,7 @@ def _compact_inputs(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor | 
     inputs, uint8 values or None per input)."""
     carriers, values = [], []
     for x in tensors:
-        if x.requires_grad and x.dtype.is_floating_point and x.numel() and bool(((x == 0) | (x == 1)).all()):
+        if x.requires_grad and x.dtype.is_floating_point and x.numel() and _all_zero_or_one(x):
             carriers.append(_DerivativeCarrier.apply(x))
             values.append(x.detach().to(torch.uint8))
         else:
@@ -271,7 +275,7 @@ def _given_state(model: Model, env: Any, params: Params, sampler: Sampler, start
         if t.dtype != ref.dtype:
             if ref.dtype.is_floating_point and not t.dtype.is_floating_point:
                 t = t.to(ref.dtype)  # 0/1 memberships of a hard run, continued in a gradient mode
-            elif ref.dtype == torch.uint8 and t.dtype.is_floating_point and bool(((t == 0) | (t == 1)).all()):
+            elif ref.dtype == torch.uint8 and t.dtype.is_floating_point and _all_zero_or_one(t):
                 t = t.detach().to(ref.dtype)  # a gradient-mode state (values exactly 0/1), continued in hard mode
             else:
                 raise ConfigError(f"initial_state.{name} has dtype {t.dtype}, but this run ({type(sampler).__name__}) "

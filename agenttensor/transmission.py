@@ -88,13 +88,17 @@ class GroupLayer:
         padded = torch.nn.functional.pad(per_group, (0, 1))
         return padded.index_select(1, self.slot)
 
+    def others_sum(self, values: Tensor) -> Tensor:
+        """Sum of the values of the *other* members of each agent's group: [B, N] -> [B, N]
+        (``sum_group(values) - values_self``)."""
+        return group_sum(values, self.slot, self.num_groups + 1).index_select(1, self.slot) - values
+
     def pressure(self, infectious: Tensor) -> Tensor:
         """Mean infectiousness of the *other* members of each agent's group: [B, N] -> [B, N].
 
         ``(sum_group(inf) - inf_self) / (size - 1)``; zero for groups of one and non-members.
         """
-        totals = group_sum(infectious, self.slot, self.num_groups + 1)
-        return (totals.index_select(1, self.slot) - infectious) * self.inv_others
+        return self.others_sum(infectious) * self.inv_others
 
 
 def message_passing(values: Tensor, edge_index: Tensor, num_nodes: int, edge_weight: Tensor | None = None) -> Tensor:

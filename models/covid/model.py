@@ -600,7 +600,7 @@ class _OthersGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         scale, slot = ctx.saved_tensors
-        totals = torch.zeros(grad.shape[0], scale.shape[1], dtype=grad.dtype, device=grad.device).index_add_(1, slot, grad)
+        totals = group_sum(grad, slot, scale.shape[1])
         return (totals * scale).index_select(1, slot) - scale.index_select(1, slot) * grad, None, None
 
 
@@ -766,10 +766,10 @@ def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx
     group = env.age_group
     out_E = mass(before.E) * rate["E"]
     symptomatic = params.symptomatic_fraction[group]  # [N]
-    spread = household_spread(env, before, out_E, symptomatic.detach(), params, ctx)
+    f_mean = float(symptomatic.detach().mean()) if group.numel() else 0.0
+    spread = household_spread(env, before, out_E, symptomatic.detach(), f_mean, params, ctx)
     # household infections happen half the source's infectious period after it enters I (on average), then pass
     # a latent period (kept apart from E so that they are not spread again)
-    f_mean = float(symptomatic.detach().mean()) if group.numel() else 0.0
     half_infectious = 0.5 * (f_mean * mean_duration(env.durations["I_sym"])
                              + (1 - f_mean) * mean_duration(env.durations["I_asym"]))
     infected = before.household_exposure * (1 / half_infectious)
@@ -804,12 +804,12 @@ def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx
                          household_latent=before.household_latent - out_latent + infected)
 
 
-def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Tensor, params: CovidParams,
-                     ctx: StepContext) -> Tensor:
+def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Tensor, f_mean: float,
+                     params: CovidParams, ctx: StepContext) -> Tensor:
     """Gradient modes: derivative mass that untaken infections hand to the other members of their households.
 
-    f [N]: each agent's symptomatic share. entering [B, N]: the zero-valued derivative mass of untaken infections entering I today from E (the E exits
-    of `shadow_flows`). Returns the mass handed to each susceptible member k [B, N] (zero-valued; it goes to
+    f [N]: each agent's symptomatic share (f_mean: its mean). entering [B, N]: the zero-valued derivative mass
+    of untaken infections entering I today from E (the E exits of `shadow_flows`). Returns the mass handed to each susceptible member k [B, N] (zero-valued; it goes to
     ``household_exposure``):
 
         Σ_{j ∈ h(k), j ≠ k} [q^sym_k f_j + q^asym_k (1 − f_j)] entering_j,
@@ -825,8 +825,8 @@ def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Ten
     members who stay susceptible along the sampled path: each member receives Λ (the linearised hazard; ≈ 1.9
     for a pair at the fitted NYC fall-2020 transmission) and echoes part of it back to j, a chain with a
     reproduction number above 1 inside the household, which made gradients 1.2–1.3× the finite difference at
-    8 weeks and 3.2–3.5× at 16 (`benchmarks/gradient_horizon.py`; 0.87–0.96× with this). So that mass is kept out of the household
-    force (`infection_pressure`) and handed to the members here, once, with the household's attack
+    8 weeks and 3.2–3.5× at 16 (`benchmarks/gradient_horizon.py`; 0.87–0.96× with this). So that mass is
+    kept out of the household force (`infection_pressure`) and handed to the members here, once, with the household's attack
     probabilities. It waits in ``household_exposure`` (still susceptible) for half the source's mean
     infectious period — when a household infection happens on average — is then infected (counted in
     new_infections) and passes a latent period in ``household_latent`` before it joins the I stages, apart
@@ -836,12 +836,7 @@ def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Ten
     alpha = params.asymptomatic_infectiousness
     if isinstance(alpha, Tensor):
         alpha = float(alpha.detach()) if alpha.numel() == 1 else alpha.detach()
-    f_mean = float(f.mean()) if f.numel() else 0.0
-    household = env.household
-
-    def others(x: Tensor) -> Tensor:  # Σ over the other members of each agent's household: [B, N] -> [B, N]
-        return household.totals(x).index_select(1, household.slot) - x
-
+    others = env.household.others_sum  # Σ over the other members of each agent's household: [B, N] -> [B, N]
     susceptible = before.S.detach().to(torch.float32)
     with torch.no_grad():  # attack probabilities, in place (at city scale every [B, N] temporary is ~35 MB of page faults)
         T_sym = (unit * -mean_duration(env.durations["I_sym"])).exp_().neg_().add_(1)  # 1 − exp(−u D_sym)
