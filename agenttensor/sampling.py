@@ -66,8 +66,23 @@ class StraightThrough(Sampler):
     """Forward exact; backward d event/d p = 1."""
 
     def bernoulli(self, p: Tensor, u: Tensor) -> Tensor:
-        hard = (u < p.detach()).to(p.dtype)
-        return hard + (p - p.detach())
+        if not isinstance(p, Tensor):
+            return (u < p).to(torch.float32)
+        return _StraightThroughEvent.apply(p, u) if p.requires_grad else (u < p).to(p.dtype)
+
+
+class _StraightThroughEvent(torch.autograd.Function):
+    """``1[u < p]`` forward, identity backward: what ``hard + (p - p.detach())`` computes, without its two
+    extra [B, N] temporaries."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, u: Tensor) -> Tensor:
+        ctx.p_shape = p.shape
+        return (u < p).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad if grad.shape == ctx.p_shape else grad.sum_to_size(ctx.p_shape)), None
 
 
 @dataclass(frozen=True)

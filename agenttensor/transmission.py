@@ -50,6 +50,35 @@ def group_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
     return out.index_add_(1, group_of, values)
 
 
+def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None) -> Tensor:
+    """Sums over contiguous agent ranges (e.g. boroughs of agents sorted by borough): [B, N] -> [B, G].
+
+    Slices, not a segment sum: the cheapest reduction for a few large groups. The backward spreads each
+    range's gradient over its agents in one op (`range_broadcast`); autograd's own would build a [B, N]
+    zero buffer per range and add them up.
+    """
+    if values.requires_grad:
+        return _RangeSums.apply(values, ranges, dtype)
+    return torch.stack([values[:, a:b].sum(1, dtype=dtype) for a, b in ranges], 1)
+
+
+def range_broadcast(per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
+    """Each agent's range value: [B, G] -> [B, N] (the adjoint of `range_sums`; ranges cover 0..N in order)."""
+    counts = torch.tensor([b - a for a, b in ranges], device=per_range.device)
+    return per_range.repeat_interleave(counts, dim=1, output_size=ranges[-1][1] if ranges else 0)
+
+
+class _RangeSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
+        ctx.ranges, ctx.values_dtype = ranges, values.dtype
+        return torch.stack([values[:, a:b].sum(1, dtype=dtype) for a, b in ranges], 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return range_broadcast(grad, ctx.ranges).to(ctx.values_dtype), None, None
+
+
 class GroupLayer:
     """A contact layer made of disjoint groups (e.g. households).
 

@@ -103,3 +103,76 @@ def test_checkpointed_gradients_equal_the_full_graph(population):
         grads.append((beta.grad.item(), eta.grad.item()))
     assert grads[0][0] > 0 and grads[0][1] < 0
     assert grads[1] == pytest.approx(grads[0], rel=1e-5)
+
+
+def explicit_shadow_flows(before, after, params, ctx):
+    """Reference for `models.covid.shadow`: the shadow flows written as zero-valued tensors ``x − x.detach()``
+    times their coefficients, differentiated by autograd (how they were computed before the hand-written
+    backward)."""
+    from models.covid.shadow import attack_probabilities, mean_duration
+
+    env = ctx.env
+    free = (before.stage_end < 0).float()
+
+    def mass(x):
+        return free * (x - x.detach())
+
+    rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
+    f = params.symptomatic_fraction[env.age_group]
+    f_mean = float(f.detach().mean())
+    d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
+    out_E = mass(before.E) * rate["E"]
+    others = env.household.others_sum
+    q_sym, q_asym = attack_probabilities(ctx.scratch["household_unit_hazard"], before.S.detach(), others,
+                                         float(params.asymptomatic_infectiousness), f_mean, d_sym, d_asym)
+    spread = q_sym * others(out_E * f.detach()) + q_asym * others(out_E * (1 - f.detach()))
+    infected = before.household_exposure / (0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym))
+    out_latent = before.household_latent * rate["E"]
+    to_Is = (out_E + out_latent) * f
+    to_Ia = out_E + out_latent - to_Is
+    out_Is, out_Ia, out_H = mass(before.I_sym) * rate["I_sym"], mass(before.I_asym) * rate["I_asym"], mass(before.H) * rate["H"]
+    p_hosp = params.hosp_given_symptomatic[env.age_group]
+    if ctx.lever("vaccination") is not None:
+        p_hosp = p_hosp * (1 - params.vaccine_efficacy_severe * before.vaccinated)
+    to_H, to_D = out_Is * p_hosp, out_H * params.death_given_hosp[env.age_group]
+    detect_sym = params.detection_rate
+    detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
+    testing = covid.lever_per_agent(ctx, "testing_isolation")
+    if testing is not None:
+        detect_sym, detect_asym = detect_sym + testing * (1 - detect_sym), detect_asym + testing * (1 - detect_asym)
+    reported = covid.by_borough(env, to_Is * detect_sym + to_Ia * detect_asym)
+    recent = after.reported_recent.clone()
+    recent[:, ctx.step % 7] = recent[:, ctx.step % 7] + reported
+    ctx.scratch.update(new_infections=ctx.scratch["new_infections"] + covid.by_borough(env, infected),
+                       reported=ctx.scratch["reported"] + reported,
+                       admissions=ctx.scratch["admissions"] + covid.by_borough(env, to_H),
+                       deaths=ctx.scratch["deaths"] + covid.by_borough(env, to_D))
+    return after.replace(S=after.S - infected, E=after.E - out_E, I_sym=after.I_sym + to_Is - out_Is,
+                         I_asym=after.I_asym + to_Ia - out_Ia, H=after.H + to_H - out_H,
+                         R=after.R + (out_Is - to_H) + out_Ia + (out_H - to_D), D=after.D + to_D,
+                         reported_recent=recent, household_exposure=before.household_exposure - infected + spread,
+                         household_latent=before.household_latent - out_latent + infected)
+
+
+def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(population, monkeypatch):
+    """`_ShadowFlows` (forward: identity; backward: the transposed flows) gives the gradients autograd computes
+    from the explicit zero-valued flows, with the testing and vaccination levers on (their branches)."""
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
+    names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "household_weight")
+
+    def gradients() -> list[torch.Tensor]:
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=28, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 30 * res["deaths"].sum() + 0.1 * res["I_sym"].sum() + 0.1 * res["H"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    fast = gradients()
+    monkeypatch.setattr(covid, "shadow_flows", explicit_shadow_flows)
+    reference = gradients()
+    assert fast[0].item() > 0 and fast[2].abs().sum() > 0
+    for name, a, b in zip(names, fast, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), name

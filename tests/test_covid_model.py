@@ -344,3 +344,31 @@ def test_batched_parameter_overrides_equal_single_runs():
             assert torch.equal(alone[k], res.metrics[name][k]), (name, k)
         assert any(not torch.equal(v, res.metrics["baseline"][k]) for k, v in res.metrics[name].items()), \
             f"overriding {name} changed nothing; the test does not exercise it"
+
+
+def test_memoised_per_agent_values_follow_lever_and_labour_changes(population, monkeypatch):
+    """`CovidEnv.memo` (per-agent lever values, workplace closures and labour metrics reused while their inputs
+    are unchanged) gives the numbers of recomputing them every step, through lever switches on and off, a
+    closure intensity change and weekly labour-market moves; a second run on the same env (new random
+    streams, same closure intensity) does not reuse the first run's closed workplaces."""
+    interventions = [Intervention("workplace_closure", 4, 12, 0.3), Intervention("workplace_closure", 12, 20, 0.7),
+                     Intervention("transmission_reduction", 6, 15, 0.4, layer="community"),
+                     Intervention("school_closure", 2, 9, 1.0)]
+    env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
+
+    def run(seeds, levers):
+        return at.simulate(MODEL, None, busy_params(), steps=24, seeds=seeds, env=env, start_date=START,
+                           progress=False, interventions=levers)
+
+    # the second run starts with the closure intensity the first ended with, on other seeds
+    runs = [([0, 1], interventions + [Intervention("workplace_closure", 20, 30, 0.7)]),
+            ([2, 3], [Intervention("workplace_closure", 0, 30, 0.7)])]
+    cached = [run(*args) for args in runs]
+    assert {key[0] if isinstance(key, tuple) else key for key in env.cache} >= {"lever", "closed_workplaces",
+                                                                               "labour_metrics"}
+    monkeypatch.setattr(type(env), "memo", lambda self, key, inputs, compute: compute())
+    fresh = [run(*args) for args in runs]
+    for a, b in zip(cached, fresh):
+        for name in ("new_infections_by_borough", "on_site_share_by_borough", "unemployment_rate_by_borough",
+                     "infections_workplace", "infections_community", "infections_school"):
+            assert torch.equal(a[name], b[name]), name

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from agenttensor.rng import Randomness, mix32, step_key
+from agenttensor.rng import Randomness, agent_hash, mix32, step_key
 
 
 def _mix_numpy(y: np.ndarray) -> np.ndarray:
@@ -18,6 +18,17 @@ def test_mix32_matches_uint32_reference():
     ours = mix32(x).numpy().view(np.uint32)
     ref = _mix_numpy(x.numpy().view(np.uint32))
     assert np.array_equal(ours, ref)
+
+
+def test_in_place_kernel_equals_the_definition():
+    """The eager kernel (in place, two buffers) draws the bits of bits_to_uniform(mix32(base ^ key))."""
+    from agenttensor.rng import _uniform_eager, uniform_of_hash
+
+    base = agent_hash(torch.arange(5_000, dtype=torch.int32))
+    keys = torch.tensor([[7], [-123_456_789], [2**31 - 1]], dtype=torch.int32)
+    assert torch.equal(_uniform_eager(base.unsqueeze(0), keys), uniform_of_hash(base.unsqueeze(0), keys))
+    selected = torch.tensor([3, 4_999, 0])
+    assert torch.equal(_uniform_eager(base[selected], keys[:, 0]), uniform_of_hash(base[selected], keys[:, 0]))
 
 
 def test_draws_depend_only_on_key():

@@ -23,6 +23,16 @@ def test_straight_through_gradient_is_one():
     assert torch.equal(p.grad, torch.ones(5))
 
 
+def test_straight_through_gradient_reduces_over_broadcast_dimensions():
+    """p [N] drawn against u [B, N]: d(events)/dp sums the B draws of each agent, as `hard + (p - p.detach())` does."""
+    p = torch.rand(50, requires_grad=True)
+    u = torch.rand(3, 50)
+    weights = torch.rand(3, 50)
+    (StraightThrough().bernoulli(p, u) * weights).sum().backward()
+    assert torch.allclose(p.grad, weights.sum(0))
+    assert torch.equal(StraightThrough().bernoulli(p.detach(), u), (u < p.detach()).float())
+
+
 def test_categorical_forward_and_gradient():
     probs = torch.tensor([[0.2, 0.5, 0.3]]).repeat(30_000, 1)
     u = torch.rand(30_000)

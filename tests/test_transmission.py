@@ -2,6 +2,7 @@ import networkx as nx
 import torch
 
 from agenttensor import GroupLayer, edges_from_networkx, edges_to_networkx, message_passing
+from agenttensor.transmission import range_broadcast, range_sums
 
 
 def test_group_pressure_matches_bruteforce():
@@ -26,6 +27,21 @@ def test_group_totals_and_broadcast():
     assert torch.equal(layer.totals(v), torch.tensor([[1.0, 2.0, 15.0]]))
     assert torch.equal(layer.broadcast(torch.tensor([[10.0, 20.0, 30.0]])),
                        torch.tensor([[10.0, 10.0, 20.0, 0.0, 30.0, 30.0, 30.0]]))
+
+
+def test_range_sums_and_their_gradient():
+    """Sums over contiguous ranges; the backward spreads each range's gradient over its agents."""
+    ranges = [(0, 3), (3, 3), (3, 10)]  # an empty range too
+    x = torch.rand(2, 10, requires_grad=True)
+    sums = range_sums(x, ranges)
+    expect = torch.stack([x[:, :3].sum(1), torch.zeros(2), x[:, 3:].sum(1)], 1)
+    assert torch.allclose(sums, expect)
+    weights = torch.rand(2, 3)
+    (sums * weights).sum().backward()
+    assert torch.equal(x.grad, torch.cat([weights[:, :1].expand(2, 3), weights[:, 2:].expand(2, 7)], 1))
+    assert torch.equal(range_broadcast(weights, ranges), x.grad)
+    as_float = range_sums(torch.ones(1, 10, dtype=torch.uint8), ranges, dtype=torch.float32)
+    assert torch.equal(as_float, torch.tensor([[3.0, 0.0, 7.0]]))
 
 
 def test_message_passing_and_networkx_roundtrip():

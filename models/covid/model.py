@@ -43,7 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import polars as pl
@@ -53,12 +53,13 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import group_sum
+from agenttensor.transmission import group_sum, range_sums
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
+from .shadow import shadow_flows
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class CovidState(TensorState):
     isolate_prob: Tensor  # [B, N] float32, from the behaviour source
     work_prob: Tensor  # [B, N] float32, from the behaviour source
     reported_recent: Tensor  # [B, 7, G] float32: reported cases of the last 7 days by borough
-    # gradient modes (`household_spread`): derivative mass of infections by household members' untaken infections,
+    # gradient modes (`shadow.py`): derivative mass of infections by household members' untaken infections,
     # before infection and in the latent period; zero-valued [B, N] float32 ([B, 0] in hard mode)
     household_exposure: Tensor
     household_latent: Tensor
@@ -239,19 +240,47 @@ class CovidEnv:
     group_labels: list[str]
     durations: dict[str, Tensor]  # stage -> cumulative probability table [K]
     behavior: Any
+    cache: dict = field(default_factory=dict, repr=False)  # see `memo`
+
+    def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
+        by value, anything else (state tensors, random streams) by identity. Only on CPU and without gradients.
+        Interventions change a few times per run and the labour market once a week, but their per-agent values
+        cost a [B, N] pass per step (a 35 MB gather at full NYC). The cache holds one result per key."""
+        tensors = [x for x in inputs if isinstance(x, Tensor)]
+        if any(x.requires_grad or x.device.type != "cpu" for x in tensors):
+            return compute()
+        hit = self.cache.get(key)
+        if hit is not None and len(hit[0]) == len(inputs) and all(map(_same_input, hit[0], inputs)):
+            return hit[1]
+        result = compute()
+        self.cache[key] = (tuple(x.clone() if _small(x) else x for x in inputs), result)
+        return result
+
+
+def _small(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.numel() <= 4096
+
+
+def _same_input(cached: Any, x: Any) -> bool:
+    if _small(x):
+        return _small(cached) and cached.shape == x.shape and cached.dtype == x.dtype and torch.equal(cached, x)
+    return cached is x
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
 def by_borough(env: CovidEnv, x: Tensor, dtype=None) -> Tensor:
     """Per-borough sums of agent values: [B, N] -> [B, G] (contiguous slices; agents sorted by borough)."""
-    return torch.stack([x[:, a:b].sum(1, dtype=dtype) for a, b in env.borough_slices], 1)
+    return range_sums(x, env.borough_slices, dtype)
 
 
 def lever_per_agent(ctx: StepContext, name: str, layer: str | None = None) -> Tensor | None:
     """Intervention intensity per agent [B, N] (gathered from [B, G, A]), or None when unused."""
     value = ctx.lever(name, layer)
-    return None if value is None else value.flatten(1).index_select(1, ctx.env.cell)
+    if value is None:
+        return None
+    return ctx.env.memo(("lever", name, layer), (value,), lambda: value.flatten(1).index_select(1, ctx.env.cell))
 
 
 class At:
@@ -475,7 +504,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return params.isolation_effectiveness * free * state.isolate_prob * iota
 
     # gradient modes: every agent's dense contribution per layer [B, N], whose derivative reaches the other
-    # members of its group through `others_gradient` (see layer_term), and the per-group scale it gets there
+    # members of its group through `with_others_gradient` (see layer_term), and the per-group scale it gets there
     own_contribution: dict[str, Tensor] = {}
     own_scale: dict[str, Tensor] = {}
 
@@ -483,9 +512,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                      real_sources_only: bool = False, dense_gradient: bool = False) -> Tensor:
         """Σ over each group's infectious members: [B, G + 1] (last slot: non-members), summed over the
         infectious agents only. Gradient modes: the sum carries no derivative of the memberships; the dense
-        contribution of every agent is kept for `others_gradient` instead, and with ``dense_gradient`` the
+        contribution of every agent is kept for `with_others_gradient` instead, and with ``dense_gradient`` the
         totals also carry it (for the borough-wide community mixing). With ``real_sources_only`` the derivative
-        mass of untaken infections (agents without a running countdown) is left out; `household_spread`
+        mass of untaken infections (agents without a running countdown) is left out; `shadow.py`
         carries its effect instead."""
         slots = layer.num_groups + 1
         totals = torch.zeros(B * slots, device=device)
@@ -529,7 +558,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     p_community = presence_of("stay_at_home")
     community_all = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
                                  "community", dense_gradient=True)[:, :-1]  # [B, C]
-    community = community_all.detach()  # the NTA part's derivative comes from `others_gradient`
+    community = community_all.detach()  # the NTA part's derivative comes from `with_others_gradient`
     per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough,
                                                                                  community_all)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
@@ -558,7 +587,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             # agent's own term is zero in the forward pass (susceptible agents are not infectious) but not in the
             # backward pass once derivative mass of untaken infections sits in its I stages (`shadow_flows`): it
             # is left out, or an agent would "infect itself" in the linearisation.
-            value = value + others_gradient(own_contribution[name], torch.atleast_2d(own_scale[name]).detach(), slot)
+            value = with_others_gradient(value, own_contribution[name], torch.atleast_2d(own_scale[name]).detach(), slot)
         if presence is not None:
             value = value * presence(at)
         if reductions[name] is not None:
@@ -577,7 +606,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     sigma = susceptibility(dense)
     force = sigma * sum(layer_term(name, dense) for name in layers)
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
-    if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`household_spread`)
+    if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)
         with torch.no_grad():
             unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
         ctx.scratch["household_unit_hazard"] = unit
@@ -585,43 +614,51 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
 
 class _OthersGradient(torch.autograd.Function):
-    """Zero in the forward pass; backward: d/d(own_j) = scale_g Σ_{i ∈ g, i ≠ j} grad_i (j's group g).
+    """Forward: x unchanged. Backward: x's gradient passes through, and d/d(own_j) = scale_g Σ_{i ∈ g, i ≠ j} grad_i
+    (j's group g) is added.
 
-    The derivative of "scale × Σ over the *other* members of my group" without the graph autograd would keep
-    for it (a gathered per-agent scale and the own term, 8 bytes per agent per layer and step): only the
-    per-group scale [B | 1, G + 1] and the slot index [N] are saved.
+    The derivative of "x + scale × Σ over the *other* members of my group" (a zero-valued sum in the forward
+    pass) without the graph autograd would keep for it (a gathered per-agent scale and the own term, 8 bytes
+    per agent per layer and step) or the [B, N] additions of zeros: only the per-group scale [B | 1, G + 1]
+    and the slot index [N] are saved.
     """
 
     @staticmethod
-    def forward(ctx, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
         ctx.save_for_backward(scale, slot)
-        return own.new_zeros(()).expand(own.shape)  # no [B, N] storage (it is only ever added to)
+        return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         scale, slot = ctx.saved_tensors
-        totals = group_sum(grad, slot, scale.shape[1])
-        return (totals * scale).index_select(1, slot) - scale.index_select(1, slot) * grad, None, None
+        others = group_sum(grad, slot, scale.shape[1]).index_select(1, slot).sub_(grad)
+        return grad, others.mul_(scale.index_select(1, slot)), None, None
 
 
-def others_gradient(own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
-    """[B, N] zeros whose derivative w.r.t. own [B, N] is that of scale[g(i)] Σ_{j ∈ g(i), j ≠ i} own_j."""
-    return _OthersGradient.apply(own, scale, slot)
+def with_others_gradient(x: Tensor, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
+    """x [B, N], whose derivative gains that of scale[g(i)] Σ_{j ∈ g(i), j ≠ i} own_j w.r.t. own [B, N]
+    (the forward values are x's)."""
+    return _OthersGradient.apply(x.expand(own.shape), own, scale, slot)
 
 
 def closed_workplaces(ctx: StepContext) -> Tensor | None:
     """[B, N] 1 if the agent's workplace is closed today: workplace w closes when u_w < closure intensity
     (u_w drawn once per seed for w's representative member), so the intensity is the closed share."""
     env: CovidEnv = ctx.env
-    closure = lever_per_agent(ctx, "workplace_closure")
-    if closure is None:
+    lever = ctx.lever("workplace_closure")
+    if lever is None:
         return None
-    B = closure.shape[0]
-    W = env.workplace_representative.shape[0]
-    b = torch.arange(B, device=closure.device).repeat_interleave(W)
-    u_workplace = ctx.rng.uniform_at(0, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
-    u_agent = u_workplace.index_select(1, env.workplace_of)
-    return ((u_agent < closure) & env.has_workplace).to(torch.float32)
+
+    def closed() -> Tensor:
+        closure = lever_per_agent(ctx, "workplace_closure")
+        B = closure.shape[0]
+        W = env.workplace_representative.shape[0]
+        b = torch.arange(B, device=closure.device).repeat_interleave(W)
+        u_workplace = ctx.rng.uniform_at(0, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
+        u_agent = u_workplace.index_select(1, env.workplace_of)
+        return ((u_agent < closure) & env.has_workplace).to(torch.float32)
+
+    return env.memo("closed_workplaces", (lever, ctx.rng), closed)
 
 
 def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
@@ -687,7 +724,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     aware = to_Is + reported - to_Is * reported
     isolate = draw(at(state.isolate_prob), "isolation").to(E.dtype) * aware
     leave_I = leave_Ia + leave_Is
-    isolating_here = state.isolating[b, i] * (1 - leave_I) + isolate
+    isolating_before = state.isolating[b, i]
+    isolating_here = isolating_before * (1 - leave_I) + isolate
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
     stage_end = state.stage_end.clone()
@@ -718,142 +756,29 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                        admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
                        deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
+    E_plus = E + new_E
+    if ctx.sampler.differentiable and b.numel():
+        def add_at(x: Tensor, change: Tensor, in_place: bool = False) -> Tensor:
+            """x + change at the exiting agents (b, i). Accumulating: the backward passes x's gradient through,
+            where writing x[b, i] + change would copy it to zero the entries at (b, i)."""
+            return (x.index_put_ if in_place else x.index_put)((b, i), change, accumulate=True)
+
+        after = state.replace(
+            S=S - new_E, E=add_at(E_plus, -leave_E, in_place=True), I_asym=add_at(Ia, to_Ia - leave_Ia),
+            I_sym=add_at(Is, to_Is - leave_Is), H=add_at(H, to_H - leave_H), R=add_at(R, to_R), D=add_at(D, to_D),
+            vaccinated=V, isolating=add_at(state.isolating, isolating_here - isolating_before),
+            stage_end=stage_end, reported_recent=recent)
+        return shadow_flows(state, after, params, ctx)
+
     def put(x: Tensor, values: Tensor) -> Tensor:
         return x.index_put((b, i), values) if b.numel() else x
 
-    E_plus = E + new_E
     after = state.replace(
         S=S - new_E, E=put(E_plus, E_plus[b, i] - leave_E), I_asym=put(Ia, Ia[b, i] + to_Ia - leave_Ia),
         I_sym=put(Is, Is[b, i] + to_Is - leave_Is), H=put(H, H[b, i] + to_H - leave_H), R=put(R, R[b, i] + to_R),
         D=put(D, D[b, i] + to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
         reported_recent=recent)
     return shadow_flows(state, after, params, ctx) if ctx.sampler.differentiable else after
-
-
-def mean_duration(cdf: Tensor) -> float:
-    """Mean of a duration table's draws d = 1 + #{k : u ≥ F_k} (days): 1 + Σ_k (1 − F_k)."""
-    return 1.0 + float((1 - cdf.double()).clamp_min(0).sum())
-
-
-def shadow_flows(before: CovidState, after: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
-    """Gradient modes only: carry the derivative of the infections that did *not* happen through the stages.
-
-    A straight-through (or relaxed) infection draw gives every susceptible agent d(event)/dp = 1, but only
-    the agents actually infected get a countdown to their next stage, so the derivative held by the others
-    would stay in E for ever and a parameter's effect on later generations, reports, admissions and deaths
-    would be lost (measured on 20,000 agents over 60 days: d(deaths)/dβ at 3 % of the finite difference,
-    d(reported cases)/dβ at 14 %). Here the derivative mass held by agents without a running countdown
-    (``stage_end < 0`` before the step) leaves E, I_sym, I_asym and H at the rate 1 / (mean of the model's
-    own duration table) and branches with the same age-specific probabilities as real exits (symptomatic;
-    hospitalised, with vaccine protection under the vaccination lever; died), and is reported at I entry
-    with the detection and testing probabilities. Every flow is ``(x − x.detach())`` times constants: zero
-    in the forward pass, so trajectories and metrics stay bit-identical to hard mode and only the backward
-    pass changes (an expected-value linearisation of the untaken paths with geometric stage durations of
-    the right means). Isolation along the untaken paths is neglected.
-
-    In households the mass does not act through the (linearised) household force; `household_spread`
-    hands it to the other members with the household's secondary attack probabilities instead, and that
-    mass joins I through ``household_exposure`` → ``household_latent``.
-    """
-    env: CovidEnv = ctx.env
-    free = (before.stage_end < 0).to(torch.float32)
-
-    def mass(x: Tensor) -> Tensor:
-        x = x.to(torch.float32)
-        return free * (x - x.detach())
-
-    rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
-    group = env.age_group
-    out_E = mass(before.E) * rate["E"]
-    symptomatic = params.symptomatic_fraction[group]  # [N]
-    f_mean = float(symptomatic.detach().mean()) if group.numel() else 0.0
-    spread = household_spread(env, before, out_E, symptomatic.detach(), f_mean, params, ctx)
-    # household infections happen half the source's infectious period after it enters I (on average), then pass
-    # a latent period (kept apart from E so that they are not spread again)
-    half_infectious = 0.5 * (f_mean * mean_duration(env.durations["I_sym"])
-                             + (1 - f_mean) * mean_duration(env.durations["I_asym"]))
-    infected = before.household_exposure * (1 / half_infectious)
-    out_latent = before.household_latent * rate["E"]
-    to_Is = (out_E + out_latent) * symptomatic
-    to_Ia = out_E + out_latent - to_Is
-    out_Is = mass(before.I_sym) * rate["I_sym"]
-    out_Ia = mass(before.I_asym) * rate["I_asym"]
-    out_H = mass(before.H) * rate["H"]
-    p_hosp = params.hosp_given_symptomatic[group]
-    if ctx.lever("vaccination") is not None:
-        p_hosp = p_hosp * (1 - params.vaccine_efficacy_severe * before.vaccinated.to(torch.float32))
-    to_H = out_Is * p_hosp
-    to_D = out_H * params.death_given_hosp[group]
-    detect_sym = params.detection_rate
-    detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
-    testing = lever_per_agent(ctx, "testing_isolation")
-    if testing is not None:
-        detect_sym = detect_sym + testing * (1 - detect_sym)
-        detect_asym = detect_asym + testing * (1 - detect_asym)
-    reported = by_borough(env, to_Is * detect_sym + to_Ia * detect_asym)
-    recent = after.reported_recent.clone()
-    recent[:, ctx.step % 7] = recent[:, ctx.step % 7] + reported
-    ctx.scratch.update(new_infections=ctx.scratch["new_infections"] + by_borough(env, infected),
-                       reported=ctx.scratch["reported"] + reported,
-                       admissions=ctx.scratch["admissions"] + by_borough(env, to_H),
-                       deaths=ctx.scratch["deaths"] + by_borough(env, to_D))
-    return after.replace(S=after.S - infected, E=after.E - out_E, I_sym=after.I_sym + to_Is - out_Is,
-                         I_asym=after.I_asym + to_Ia - out_Ia, H=after.H + to_H - out_H,
-                         R=after.R + (out_Is - to_H) + out_Ia + (out_H - to_D), D=after.D + to_D,
-                         reported_recent=recent, household_exposure=before.household_exposure - infected + spread,
-                         household_latent=before.household_latent - out_latent + infected)
-
-
-def household_spread(env: CovidEnv, before: CovidState, entering: Tensor, f: Tensor, f_mean: float,
-                     params: CovidParams, ctx: StepContext) -> Tensor:
-    """Gradient modes: derivative mass that untaken infections hand to the other members of their households.
-
-    f [N]: each agent's symptomatic share (f_mean: its mean). entering [B, N]: the zero-valued derivative mass
-    of untaken infections entering I today from E (the E exits of `shadow_flows`). Returns the mass handed to each susceptible member k [B, N] (zero-valued; it goes to
-    ``household_exposure``):
-
-        Σ_{j ∈ h(k), j ≠ k} [q^sym_k f_j + q^asym_k (1 − f_j)] entering_j,
-        q_k = 1 − (1 − T_k) (1 − T_k T̄_k)^{s_k},   T^sym_k = 1 − exp(−u_k D_sym),   T^asym_k = 1 − exp(−u_k α D_asym)
-
-    with u_k the household hazard on k per unit of one other member's infectiousness today (β m w_h σ_k r_k /
-    (n_h − 1)), D the mean I durations, f_j the symptomatic share of j's age group, s_k the other susceptible
-    members besides k and the source, and T̄ = f̄ T^sym + (1 − f̄) T^asym (chains through one intermediate).
-
-    Why: an untaken infection of j changes the outcome by the *finite* jump f(1) − f(0), which in a household
-    saturates — member k is infected w.p. T = 1 − e^(−Λ), not Λ, and cannot infect j back. The pathwise
-    derivative through the household force instead propagates it as an infinitesimal infectiousness acting on
-    members who stay susceptible along the sampled path: each member receives Λ (the linearised hazard; ≈ 1.9
-    for a pair at the fitted NYC fall-2020 transmission) and echoes part of it back to j, a chain with a
-    reproduction number above 1 inside the household, which made gradients 1.2–1.3× the finite difference at
-    8 weeks and 3.2–3.5× at 16 (`benchmarks/gradient_horizon.py`; 0.87–0.96× with this). So that mass is
-    kept out of the household force (`infection_pressure`) and handed to the members here, once, with the household's attack
-    probabilities. It waits in ``household_exposure`` (still susceptible) for half the source's mean
-    infectious period — when a household infection happens on average — is then infected (counted in
-    new_infections) and passes a latent period in ``household_latent`` before it joins the I stages, apart
-    from E so that it is not handed on again (the chains are in q).
-    """
-    unit = ctx.scratch["household_unit_hazard"]  # [B | 1, N]
-    alpha = params.asymptomatic_infectiousness
-    if isinstance(alpha, Tensor):
-        alpha = float(alpha.detach()) if alpha.numel() == 1 else alpha.detach()
-    others = env.household.others_sum  # Σ over the other members of each agent's household: [B, N] -> [B, N]
-    susceptible = before.S.detach().to(torch.float32)
-    with torch.no_grad():  # attack probabilities, in place (at city scale every [B, N] temporary is ~35 MB of page faults)
-        T_sym = (unit * -mean_duration(env.durations["I_sym"])).exp_().neg_().add_(1)  # 1 − exp(−u D_sym)
-        T_asym = (unit * (-alpha * mean_duration(env.durations["I_asym"]))).exp_().neg_().add_(1)
-        T_mid = torch.add(T_sym * f_mean, T_asym, alpha=1 - f_mean)
-        chain = others(susceptible).sub_(1).clamp_min_(0)  # other susceptible members besides k and the source
-
-        def attack(T: Tensor) -> Tensor:  # S_k q_k = S_k [1 − (1 − T)(1 − T T̄)^s]
-            escape = torch.pow((T * T_mid).neg_().add_(1), chain)  # [B, N]
-            return escape.mul_(T.neg().add_(1)).neg_().add_(1).mul_(susceptible)
-
-        q_sym, q_asym = attack(T_sym), attack(T_asym)
-        del T_sym, T_asym, T_mid, chain
-    entering_sym = entering * f
-    from_sym = others(entering_sym)
-    from_asym = others(entering - entering_sym)
-    return q_sym * from_sym + q_asym * from_asym
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:
@@ -923,15 +848,21 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         out[stage] = per_borough.sum(1)
         out[f"{stage}_by_borough"] = per_borough
     isolating = by_borough(env, state.isolating, dtype=torch.float32)
-    employed = by_borough(env, state.employed, dtype=torch.float32)
-    unemployed = by_borough(env, state.unemployed, dtype=torch.float32)
+
+    def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # changes once a week
+        employed = by_borough(env, state.employed, dtype=torch.float32)
+        unemployed = by_borough(env, state.unemployed, dtype=torch.float32)
+        with_workplace = by_borough(env, state.employed * env.has_workplace.to(state.employed.dtype), dtype=torch.float32)
+        on_site = by_borough(env, state.on_site * state.employed, dtype=torch.float32)
+        return employed, unemployed, with_workplace, on_site
+
+    employed, unemployed, with_workplace, on_site = env.memo("labour_metrics", (state.employed, state.unemployed,
+                                                                               state.on_site), labour)
     out["isolating_share"] = isolating.sum(1) / env.num_agents
     out["isolating_share_by_borough"] = isolating / env.borough_size.clamp_min(1)
     out["unemployment_rate"] = unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1)
     out["unemployment_rate_by_borough"] = unemployed / (employed + unemployed).clamp_min(1)
     # on-site work this week: share of employed agents with a workplace who go to it
-    with_workplace = by_borough(env, state.employed * env.has_workplace.to(state.employed.dtype), dtype=torch.float32)
-    on_site = by_borough(env, state.on_site * state.employed, dtype=torch.float32)
     out["on_site_share"] = on_site.sum(1) / with_workplace.sum(1).clamp_min(1)
     out["on_site_share_by_borough"] = on_site / with_workplace.clamp_min(1)
     for name, value in ctx.scratch["attributed"].items():

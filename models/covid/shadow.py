@@ -1,0 +1,225 @@
+"""Gradient modes: the derivative of the infections that did *not* happen, carried through the stages.
+
+A straight-through (or relaxed) infection draw gives every susceptible agent d(event)/dp = 1, but only
+the agents actually infected get a countdown to their next stage, so the derivative held by the others
+would stay in E for ever and a parameter's effect on later generations, reports, admissions and deaths
+would be lost (measured on 20,000 agents over 60 days: d(deaths)/dβ at 3 % of the finite difference,
+d(reported cases)/dβ at 14 %). The *shadow flows* move that derivative mass, held by agents without a
+running countdown (``stage_end < 0`` before the step; ``free`` below), out of E, I_sym, I_asym and H at
+the rate r = 1 / (mean of the model's own duration table) and branch it with the same age-specific
+probabilities as real exits (f symptomatic; hospitalised, with vaccine protection under the vaccination
+lever; died); it is reported at I entry with the detection and testing probabilities:
+
+    out_E = free ∂E r_E,   out_Is = free ∂I_sym r_Is,   out_Ia = free ∂I_asym r_Ia,   out_H = free ∂H r_H
+    to_Is = f (out_E + out_latent),   to_Ia = (1 − f)(out_E + out_latent)
+    to_H = p_hosp out_Is,   to_D = p_death out_H,   reported = d_sym to_Is + d_asym to_Ia
+
+(∂x: the derivative carried by x, whose value is 0 for these agents). An expected-value linearisation of
+the untaken paths with geometric stage durations of the right means; isolation along them is neglected.
+
+In households the mass does not act through the (linearised) household force: it is handed to the other
+members once, with the household's attack probabilities (`attack_probabilities`), waits in
+``household_exposure`` for half the source's mean infectious period, is then infected (counted in
+new_infections) and passes a latent period in ``household_latent`` before it joins I (apart from E, so
+that it is not handed on again: the chains are in q):
+
+    spread_k = Σ_{j ∈ h(k), j ≠ k} [q^sym_k f_j + q^asym_k (1 − f_j)] out_E,j
+    infected = household_exposure / (D̄ / 2),   out_latent = household_latent r_E
+
+Every flow is zero-valued, so forward values are untouched; the flows are linear in the carried
+derivatives with coefficients that do not depend on the parameters' derivatives (a zero value times
+anything has no derivative w.r.t. that anything). So the whole step is one autograd node, `_ShadowFlows`:
+its forward returns the state unchanged (no [B, N] work at all) and its backward applies the transposed
+linear map, about 30 [B, N] operations instead of the ~100 of the same arithmetic written as zero-valued
+tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def mean_duration(cdf: Tensor) -> float:
+    """Mean of a duration table's draws d = 1 + #{k : u ≥ F_k} (days): 1 + Σ_k (1 − F_k)."""
+    return 1.0 + float((1 - cdf.double()).clamp_min(0).sum())
+
+
+def attack_probabilities(unit: Tensor, susceptible: Tensor, others, alpha, f_mean: float, d_sym: float,
+                         d_asym: float) -> tuple[Tensor, Tensor]:
+    """S_k q_k for a symptomatic and an asymptomatic source in k's household: ([B, N], [B, N]).
+
+        q_k = 1 − (1 − T_k)(1 − T_k T̄_k)^{s_k},   T^sym_k = 1 − exp(−u_k D_sym),   T^asym_k = 1 − exp(−u_k α D_asym)
+
+    unit [B | 1, N]: u_k, the household hazard on k per unit of one other member's infectiousness today
+    (β m w_h σ_k r_k / (n_h − 1)); D the mean I durations; s_k the other susceptible members besides k and
+    the source; T̄ = f̄ T^sym + (1 − f̄) T^asym (chains through one intermediate). ``others``: Σ over the
+    other members of each agent's household, [B, N] -> [B, N].
+
+    Why: an untaken infection of j changes the outcome by the *finite* jump f(1) − f(0), which in a household
+    saturates — member k is infected w.p. T = 1 − e^(−Λ), not Λ, and cannot infect j back. The pathwise
+    derivative through the household force instead propagated it as an infinitesimal infectiousness acting on
+    members who stay susceptible along the sampled path: each member received Λ (≈ 1.9 for a pair at the
+    fitted NYC fall-2020 transmission) and echoed part of it back to j, a chain with a reproduction number
+    above 1 inside the household, which made gradients 1.2–1.3× the finite difference at 8 weeks and 3.2–3.5×
+    at 16 (`benchmarks/gradient_horizon.py`; 0.87–0.96× with this).
+    """
+    with torch.no_grad():  # in place: at city scale every [B, N] temporary is ~35 MB of page faults
+        T_sym = (unit * -d_sym).exp_().neg_().add_(1)  # 1 − exp(−u D_sym)
+        T_asym = (unit * (-alpha * d_asym)).exp_().neg_().add_(1)
+        T_mid = torch.add(T_sym * f_mean, T_asym, alpha=1 - f_mean)
+        chain = others(susceptible).sub_(1).clamp_min_(0)  # other susceptible members besides k and the source
+
+        def attack(T: Tensor) -> Tensor:  # S_k q_k = S_k [1 − (1 − T)(1 − T T̄)^s]
+            escape = torch.pow((T * T_mid).neg_().add_(1), chain)  # [B, N]
+            return escape.mul_(T.neg().add_(1)).neg_().add_(1).mul_(susceptible)
+
+        return attack(T_sym), attack(T_asym)
+
+
+@dataclass
+class ShadowConstants:
+    """Everything the backward pass needs besides the saved [B, N] tensors (small tables, detached)."""
+
+    env: Any  # CovidEnv
+    slot: int  # today's column of reported_recent (step % 7)
+    symptomatic: Tensor  # [A] P(symptomatic | infected) by age group
+    hosp_given_symptomatic: Tensor  # [A]
+    death_given_hosp: Tensor  # [A]
+    detection_rate: Tensor | float  # scalar or [B, 1]
+    asymptomatic_detection_ratio: Tensor | float
+    vaccine_efficacy_severe: Tensor | float
+    asymptomatic_infectiousness: Tensor | float
+
+
+def _detached(x):
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def _combine(*terms: tuple[float | Tensor, Tensor | None]) -> Tensor | None:
+    """Σ c · x over the terms whose x is not None (None: no gradient reached that output); None if all are."""
+    out = None
+    for c, x in terms:
+        if x is None:
+            continue
+        if out is None:
+            out = x * c
+        elif isinstance(c, (int, float)):
+            out.add_(x, alpha=c)
+        else:
+            out.add_(x * c)
+    return out
+
+
+class _ShadowFlows(torch.autograd.Function):
+    """Forward: the after-state and counters unchanged (the flows are zero-valued). Backward: the transpose of
+    the shadow flows' linear map (module docstring) added to the identity."""
+
+    @staticmethod
+    def forward(ctx, k: ShadowConstants, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
+                vaccinated: Tensor | None, testing: Tensor | None, E0: Tensor, Is0: Tensor, Ia0: Tensor, H0: Tensor,
+                exposure0: Tensor, latent0: Tensor, *after: Tensor):
+        ctx.k = k
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(unit, susceptible, stage_end, vaccinated, testing)
+        return (*after[:7], exposure0, latent0, *after[7:])
+
+    @staticmethod
+    def backward(ctx, gS, gE, gIs, gIa, gH, gR, gD, g_exposure, g_latent, g_infections, g_reported, g_admissions,
+                 g_deaths, g_recent):
+        k: ShadowConstants = ctx.k
+        env = k.env
+        unit, susceptible, stage_end, vaccinated, testing = ctx.saved_tensors
+        counts = torch.tensor([b - a for a, b in env.borough_slices], device=stage_end.device)
+
+        def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
+            return None if g is None else g.repeat_interleave(counts, dim=1, output_size=env.num_agents)
+
+        g_report = _combine((1.0, g_reported), (1.0, None if g_recent is None else g_recent[:, k.slot]))
+        f = k.symptomatic[env.age_group]  # [N]
+        f_mean = float(f.mean()) if f.numel() else 0.0
+        d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
+        rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
+        half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
+        free = (stage_end < 0).to(unit.dtype)
+
+        # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
+        g_infected = _combine((-1.0, gS), (1.0, per_agent(g_infections)), (-1.0, g_exposure), (1.0, g_latent))
+        g_exposure0 = _combine((1.0, g_exposure), (1 / half_infectious, g_infected))
+        # entering I (out_E + out_latent), split by f; reported with the detection probabilities
+        g_to_Is, g_to_Ia = gIs, gIa
+        if g_report is not None:
+            detect_sym = k.detection_rate
+            detect_asym = k.detection_rate * k.asymptomatic_detection_ratio
+            if testing is not None:
+                extra = testing.flatten(1).index_select(1, env.cell)  # [B, N]
+                detect_sym = detect_sym + extra * (1 - detect_sym)
+                detect_asym = detect_asym + extra * (1 - detect_asym)
+            report = per_agent(g_report)
+            g_to_Is = _combine((1.0, gIs), (detect_sym, report))
+            g_to_Ia = _combine((1.0, gIa), (detect_asym, report))
+        if g_to_Is is None and g_to_Ia is None:
+            g_enter = None
+        elif g_to_Ia is None:
+            g_enter = g_to_Is * f
+        elif g_to_Is is None:
+            g_enter = g_to_Ia * (1 - f)
+        else:
+            g_enter = (g_to_Is - g_to_Ia).mul_(f).add_(g_to_Ia)
+        g_latent0 = _combine((1 - rate["E"], g_latent), (rate["E"], g_enter))
+        # E exits: into I, minus out of E, plus the mass handed to household members
+        g_spread = None
+        if g_exposure is not None:
+            others = env.household.others_sum
+            q_sym, q_asym = attack_probabilities(unit, susceptible, others, k.asymptomatic_infectiousness, f_mean,
+                                                 d_sym, d_asym)
+            from_sym = others(q_sym.mul_(g_exposure))
+            g_spread = others(q_asym.mul_(g_exposure))
+            g_spread = (from_sym - g_spread).mul_(f).add_(g_spread)  # f others(q_sym g) + (1 − f) others(q_asym g)
+            del q_sym, q_asym, from_sym
+        g_out_E = _combine((1.0, g_enter), (-1.0, gE), (1.0, g_spread))
+        # I_sym exits: to H (admissions) w.p. p_hosp, else to R
+        group = env.age_group
+        g_to_H = _combine((1.0, gH), (-1.0, gR), (1.0, per_agent(g_admissions)))
+        p_hosp = k.hosp_given_symptomatic[group]
+        if vaccinated is not None:
+            p_hosp = p_hosp * (1 - k.vaccine_efficacy_severe * vaccinated)
+        g_out_Is = _combine((1.0, gR), (-1.0, gIs), (p_hosp, g_to_H))
+        g_out_Ia = _combine((1.0, gR), (-1.0, gIa))
+        g_to_D = _combine((1.0, gD), (-1.0, gR), (1.0, per_agent(g_deaths)))
+        g_out_H = _combine((1.0, gR), (-1.0, gH), (k.death_given_hosp[group], g_to_D))
+
+        def through(g: Tensor | None, r: float) -> Tensor | None:  # d/d(carried x) of free · x · r
+            return None if g is None else g.mul_(free).mul_(r)
+
+        return (None, None, None, None, None, None,
+                through(g_out_E, rate["E"]), through(g_out_Is, rate["I_sym"]), through(g_out_Ia, rate["I_asym"]),
+                through(g_out_H, rate["H"]), g_exposure0, g_latent0,
+                gS, gE, gIs, gIa, gH, gR, gD, g_infections, g_reported, g_admissions, g_deaths, g_recent)
+
+
+def shadow_flows(before, after, params, ctx):
+    """Gradient modes only: the after-state (``CovidState``) with the shadow flows attached (module docstring).
+    Needs ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``."""
+    k = ShadowConstants(
+        env=ctx.env, slot=ctx.step % 7, symptomatic=params.symptomatic_fraction.detach(),
+        hosp_given_symptomatic=params.hosp_given_symptomatic.detach(), death_given_hosp=params.death_given_hosp.detach(),
+        detection_rate=_detached(params.detection_rate),
+        asymptomatic_detection_ratio=_detached(params.asymptomatic_detection_ratio),
+        vaccine_efficacy_severe=_detached(params.vaccine_efficacy_severe),
+        asymptomatic_infectiousness=_detached(params.asymptomatic_infectiousness))
+    vaccinated = before.vaccinated.detach().to(torch.float32) if ctx.lever("vaccination") is not None else None
+    testing = ctx.lever("testing_isolation")
+    out = _ShadowFlows.apply(
+        k, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end, vaccinated,
+        None if testing is None else testing.detach(), before.E, before.I_sym, before.I_asym, before.H,
+        before.household_exposure, before.household_latent, after.S, after.E, after.I_sym, after.I_asym, after.H,
+        after.R, after.D, ctx.scratch["new_infections"], ctx.scratch["reported"], ctx.scratch["admissions"],
+        ctx.scratch["deaths"], after.reported_recent)
+    S, E, I_sym, I_asym, H, R, D, exposure, latent, infections, reported, admissions, deaths, recent = out
+    ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
+    return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, reported_recent=recent,
+                         household_exposure=exposure, household_latent=latent)
