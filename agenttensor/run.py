@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from . import _cpu_cache
 from .errors import ConfigError, InputError
 from .model import Model, StepContext
 from .params import Params
@@ -119,6 +120,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     else:
         state = _given_state(model, env, params, sampler, start_date, initial_state, list(seeds), dev)
     keep_graph = sampler.differentiable or bool(params.learnable())
+    if keep_graph:  # city-scale gradient runs: reuse freed [B, N] blocks instead of faulting in fresh pages
+        _cpu_cache.enable_for(len(seeds) * int(rng.agent_base.numel()), dev)
     history = _Recorder(steps - first_step, keep_graph)
     first = first_step
     ckpt = Path(checkpoint_path) if checkpoint_path else None

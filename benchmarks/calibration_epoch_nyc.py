@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from agenttensor import _cpu_cache
 from agenttensor.calibration import Learn, Observe, Sigmoid, calibrate
 from agenttensor.calibration_cli import auto_target_scale
 from agenttensor.observed import load_targets
@@ -82,7 +83,7 @@ def main() -> None:
                seconds_per_day=min(epoch_times) / args.days, population_and_setup_seconds=setup_s,
                peak_rss_gb=peak / 1e9, epoch_extra_bytes=peak - base,
                bytes_per_agent_step=(peak - base) / (N * args.days), final_loss=result.info["final_loss"],
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), cpu_cache=_cpu_cache.stats())
     out = dict(row=row, machine=dict(cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                                      load_average_1_5_15=os.getloadavg()))
     path = ROOT / "benchmarks" / "results" / "calibration_epoch_nyc.json"

@@ -4,7 +4,8 @@ synthetic agents and at full NYC when the population builder is available.
 
     python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2]
 
-On glibc, MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ (see README) avoid page-fault churn at 8.7M agents.
+Gradient runs of 1M+ agents use the caching CPU allocator as `simulate` does (agenttensor/_cpu_cache.py;
+AGENTTENSOR_CPU_CACHE=0 turns it off for a comparison).
 
 Prints a table and writes benchmarks/results/covid_step.json.
 """
@@ -25,6 +26,7 @@ import torch
 
 import agenttensor as at
 from agenttensor import Hard, Intervention, Randomness, StraightThrough
+from agenttensor import _cpu_cache
 from agenttensor._malloc import heap_only
 from agenttensor.interventions import compile_schedule
 from agenttensor.model import StepContext
@@ -76,8 +78,14 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
                env_bytes_per_agent=round(env_bytes(env) / env.num_agents, 2))
     if bwd_steps:
         learn = CovidParams(initial_prevalence=1e-3, transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
-        learn = learn.as_tensors(learn=("transmission_scale", "transmission_multiplier", "household_weight",
-                                        "community_weight", "detection_rate"))
+        names = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
+        learn = learn.as_tensors(learn=names)
+        _cpu_cache.enable_for(env.num_agents)  # as `simulate` does for gradient runs (AGENTTENSOR_CPU_CACHE=0: off)
+        _, _, (_, warm) = timed_steps(env, learn, StraightThrough(), bwd_steps)  # warm-up: steady state, as in a calibration
+        sum(r["new_infections"].sum() for r in warm).backward()
+        for name in names:
+            getattr(learn, name).grad = None
+        del warm
         wall, cpu, (_, records) = timed_steps(env, learn, StraightThrough(), bwd_steps)
         t1, cpu1 = time.perf_counter(), time.process_time()
         loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum() for r in records)
@@ -87,7 +95,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
         row.update(bwd_steps=bwd_steps, forward_backward_s_per_day=round(both, 4),
                    forward_backward_cpu_s_per_day=round(both_cpu, 4), ratio_to_forward=round(both / forward, 2),
                    cpu_ratio_to_forward=round(both_cpu / forward_cpu, 2),
-                   grad_transmission_scale=float(learn.transmission_scale.grad))
+                   grad_transmission_scale=float(learn.transmission_scale.grad), cpu_cache=_cpu_cache.stats())
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
 

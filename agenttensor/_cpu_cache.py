@@ -1,0 +1,121 @@
+"""A caching CPU allocator for city-scale runs (agenttensor/csrc/caching_allocator.cpp, built on first use).
+
+A step allocates and frees the same few large sizes ([B, N] tensors of 1, 2, 4 and 8 bytes) many times.
+glibc serves blocks above its mmap threshold (capped at 32 MB; a float32 [8.7M] tensor is 35 MB) as fresh
+mappings that the kernel faults in and zeroes on first write, and `_malloc.heap_only` cannot help gradient
+runs: autograd's interleaved lifetimes fragment an mmap-free heap (a checkpointed 1M-agent run kept 3.4 GB of
+heap for 0.5 GB in use; a full-NYC calibration epoch outgrew 24 GB). This allocator keeps freed blocks of at
+least 1 MB in exact-size free lists, up to a cap, and hands them out again: no fragmentation (a block only
+serves its own size) and no page faults in the steady state. Measured at full NYC (covid, straight-through,
+7 days, 2 threads): forward+backward 3.3 → 1.5 s per day, peak RSS 6.6 → 6.8 GB.
+
+`simulate` enables it for gradient runs of at least `MIN_AGENTS` agents on CPU. ``AGENTTENSOR_CPU_CACHE=<GB>``
+sets the cap (default `DEFAULT_CAP_GB`), ``AGENTTENSOR_CPU_CACHE=0`` turns it off. Building needs a C++
+compiler (``c++``) and torch's headers; without them the run goes on with glibc's allocator (logged once).
+The library is cached under ``~/.cache/agenttensor`` (or ``$AGENTTENSOR_CACHE_DIR``) per torch version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MIN_AGENTS = 1_000_000  # below this, every [B, N] block is under glibc's own heap threshold
+DEFAULT_CAP_GB = 2.0
+MIN_BLOCK_BYTES = 1 << 20
+SOURCE = Path(__file__).with_name("csrc") / "caching_allocator.cpp"
+
+_library: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def cap_bytes() -> int:
+    """The cap from ``AGENTTENSOR_CPU_CACHE`` (GB; 0 = off), else `DEFAULT_CAP_GB`."""
+    raw = os.environ.get("AGENTTENSOR_CPU_CACHE", "")
+    try:
+        gb = float(raw) if raw.strip() else DEFAULT_CAP_GB
+    except ValueError:
+        log.warning("AGENTTENSOR_CPU_CACHE=%r is not a number of GB; using %s", raw, DEFAULT_CAP_GB)
+        gb = DEFAULT_CAP_GB
+    return max(0, int(gb * 2**30))
+
+
+def _build() -> Path:
+    """Compile the allocator against the running torch (once per source and torch version)."""
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{abi}|{torch_dir}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("AGENTTENSOR_CACHE_DIR", Path.home() / ".cache" / "agenttensor"))
+    target = cache / f"libagenttensor_cpu_cache_{key}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+               f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-lc10",
+               f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-800:]}")
+        os.replace(out, target)  # atomic: concurrent processes build the same file
+    return target
+
+
+def enable(cap: int | None = None) -> bool:
+    """Install the caching allocator for this process (idempotent; a later call sets a new cap and empties
+    the cache). Returns False, with one logged warning, where it cannot be built or loaded."""
+    global _library, _failed
+    cap = cap_bytes() if cap is None else int(cap)
+    if cap <= 0 or _failed is not None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _library is None:
+            library = ctypes.CDLL(str(_build()))
+            library.agenttensor_cache_install.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+            library.agenttensor_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
+            _library = library
+        _library.agenttensor_cache_install(MIN_BLOCK_BYTES, cap)
+    except Exception as e:  # no compiler, no headers, unexpected platform
+        _failed = str(e)
+        log.warning("caching CPU allocator unavailable (%s); using the system allocator", e)
+        return False
+    return True
+
+
+def enable_for(num_agents: int, device: torch.device | str = "cpu") -> bool:
+    """`enable` for CPU runs of at least `MIN_AGENTS` agents (what `simulate` calls for gradient runs)."""
+    if _library is not None:
+        return True
+    if num_agents < MIN_AGENTS or torch.device(device).type != "cpu":
+        return False
+    return enable()
+
+
+def stats() -> dict[str, int] | None:
+    """{hits, misses, cached_bytes, cap_bytes, min_block_bytes} since installation, or None if not installed."""
+    if _library is None:
+        return None
+    out = (ctypes.c_size_t * 5)()
+    _library.agenttensor_cache_stats(out)
+    return dict(zip(("hits", "misses", "cached_bytes", "cap_bytes", "min_block_bytes"), out))
+
+
+def empty() -> None:
+    """Hand every cached block back to the system (the allocator stays installed)."""
+    if _library is not None:
+        _library.agenttensor_cache_empty()

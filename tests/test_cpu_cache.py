@@ -1,0 +1,71 @@
+"""The caching CPU allocator (agenttensor/_cpu_cache.py): blocks reused by exact size, capped with
+least-recently-used eviction of other sizes, values intact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    from agenttensor import _cpu_cache
+
+    MB = 1 << 20
+    assert _cpu_cache.stats() is None
+    assert _cpu_cache.enable(cap=64 * MB)
+    for k in range(6):  # the same 4 MB size again and again: served from the cache after the first free
+        x = torch.full((MB,), float(k))
+        assert float(x.sum()) == k * MB
+        del x
+    s = _cpu_cache.stats()
+    assert s["hits"] >= 5 and s["cap_bytes"] == 64 * MB, s
+    big = torch.ones(40 * MB, dtype=torch.uint8)
+    del big
+    assert _cpu_cache.stats()["cached_bytes"] >= 40 * MB
+    hits = _cpu_cache.stats()["hits"]
+    again = torch.zeros(40 * MB, dtype=torch.uint8)  # same size: a cached block, written afresh
+    assert _cpu_cache.stats()["hits"] == hits + 1 and int(again.sum()) == 0
+    del again
+    huge = torch.ones(100 * MB, dtype=torch.uint8)  # above the cap: never cached
+    del huge
+    assert _cpu_cache.stats()["cached_bytes"] <= 64 * MB
+    _cpu_cache.empty()
+    three = [torch.ones(4 * MB) for _ in range(3)]  # 16 MB each: 48 MB cached once freed
+    del three
+    assert _cpu_cache.stats()["cached_bytes"] == 48 * MB
+    other = torch.ones(40 * MB, dtype=torch.uint8)
+    del other  # does not fit next to them: the least recently used other size is released to make room
+    assert _cpu_cache.stats()["cached_bytes"] == 40 * MB
+    small = [torch.ones(1000) for _ in range(100)]  # below 1 MB: the system allocator
+    assert sum(float(t.sum()) for t in small) == 100_000
+    _cpu_cache.empty()
+    assert _cpu_cache.stats()["cached_bytes"] == 0
+    y = torch.arange(3 * MB, dtype=torch.float32)
+    assert float(y[-1]) == 3 * MB - 1
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not (shutil.which("c++") or shutil.which("g++")),
+                    reason="needs Linux and a C++ compiler")
+def test_caching_allocator_reuses_blocks_by_size_under_its_cap(tmp_path):
+    env = {**os.environ, "AGENTTENSOR_CACHE_DIR": str(tmp_path)}  # built afresh: the build itself is tested
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_cap_setting_is_read_from_the_environment(monkeypatch):
+    from agenttensor import _cpu_cache
+
+    monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "0.5")
+    assert _cpu_cache.cap_bytes() == 2**29
+    monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "0")
+    assert _cpu_cache.cap_bytes() == 0
+    monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "lots")
+    assert _cpu_cache.cap_bytes() == int(_cpu_cache.DEFAULT_CAP_GB * 2**30)
+    assert not _cpu_cache.enable_for(10_000)  # small runs keep the system allocator
