@@ -154,13 +154,24 @@ def explicit_shadow_flows(before, after, params, ctx):
                          household_latent=before.household_latent - out_latent + infected)
 
 
+def explicit_expected_isolation(x, state, params, testing):
+    """Reference for `with_expected_isolation`: the zero-valued isolation term written out."""
+    detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
+    if testing is not None:
+        detect_asym = detect_asym + testing * (1 - detect_asym)
+    iota = state.I_sym + params.asymptomatic_infectiousness * detect_asym * state.I_asym
+    return x - params.isolation_effectiveness * (state.stage_end < 0).float() * state.isolate_prob * iota
+
+
 def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(population, monkeypatch):
-    """`_ShadowFlows` (forward: identity; backward: the transposed flows) gives the gradients autograd computes
-    from the explicit zero-valued flows, with the testing and vaccination levers on (their branches)."""
+    """`_ShadowFlows` and `_ExpectedIsolation` (forward: identity; backward: the transposed flows) give the
+    gradients autograd computes from the explicit zero-valued terms, with the testing and vaccination levers on
+    (their branches)."""
     params = moderate(initial_prevalence=0.01)
     env = MODEL.setup(population, params.as_tensors(), "cpu")
     interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
-    names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "household_weight")
+    names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "household_weight",
+             "isolation_effectiveness")
 
     def gradients() -> list[torch.Tensor]:
         learn = params.as_tensors(learn=names)
@@ -172,6 +183,7 @@ def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(popu
 
     fast = gradients()
     monkeypatch.setattr(covid, "shadow_flows", explicit_shadow_flows)
+    monkeypatch.setattr(covid, "with_expected_isolation", explicit_expected_isolation)
     reference = gradients()
     assert fast[0].item() > 0 and fast[2].abs().sum() > 0
     for name, a, b in zip(names, fast, reference):

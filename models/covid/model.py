@@ -483,25 +483,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                     + at(params.asymptomatic_infectiousness) * at(state.I_asym).to(torch.float32))
 
     def infectious_away(at: At) -> Tensor:  # ι a, with a = 1 − η isolating
-        return once("iota_away", at, lambda: infectiousness(at)
-                    * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32))
-                    - expected_isolation(at))
+        def value() -> Tensor:
+            away = infectiousness(at) * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32))
+            if at.i is not None or not ctx.sampler.differentiable:
+                return away
+            return with_expected_isolation(away, state, params, lever_per_agent(ctx, "testing_isolation"))
 
-    def expected_isolation(at: At) -> Tensor | float:
-        """Gradient modes, dense: η ι isolating for the derivative mass of untaken infections (`shadow_flows`),
-        which sits in the I stages of agents without a running countdown and would isolate as real infections
-        do: symptomatic ones w.p. isolate_prob, asymptomatic ones if reported. Zero in the forward pass (those
-        agents are not infectious)."""
-        if at.i is not None or not ctx.sampler.differentiable:
-            return 0.0
-        free = (state.stage_end < 0).to(torch.float32)
-        detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
-        testing = lever_per_agent(ctx, "testing_isolation")
-        if testing is not None:
-            detect_asym = detect_asym + testing * (1 - detect_asym)
-        iota = state.I_sym.to(torch.float32) + params.asymptomatic_infectiousness * detect_asym \
-            * state.I_asym.to(torch.float32)
-        return params.isolation_effectiveness * free * state.isolate_prob * iota
+        return once("iota_away", at, value)
 
     # gradient modes: every agent's dense contribution per layer [B, N], whose derivative reaches the other
     # members of its group through `with_others_gradient` (see layer_term), and the per-group scale it gets there
@@ -611,6 +599,42 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
         ctx.scratch["household_unit_hazard"] = unit
     return state
+
+
+class _ExpectedIsolation(torch.autograd.Function):
+    """Forward: x unchanged. Backward: x's gradient passes through, and −η free isolate_prob × it reaches I_sym
+    (× α d_asym: I_asym). The derivative of x − η free isolate_prob (I_sym + α d_asym I_asym), whose value is
+    zero (see `with_expected_isolation`), without its seven [B, N] temporaries in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, I_sym: Tensor, I_asym: Tensor, stage_end: Tensor, isolate_prob: Tensor,
+                testing: Tensor | None, eta, alpha, detect_asym) -> Tensor:
+        ctx.save_for_backward(stage_end, isolate_prob, testing)
+        ctx.constants = (eta, alpha, detect_asym)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        stage_end, isolate_prob, testing = ctx.saved_tensors
+        eta, alpha, detect_asym = ctx.constants
+        g_sym = (stage_end < 0).to(grad.dtype).mul_(isolate_prob).mul_(grad).mul_(-eta)
+        if testing is not None:
+            detect_asym = detect_asym + testing * (1 - detect_asym)
+        return grad, g_sym, g_sym * (alpha * detect_asym), None, None, None, None, None, None
+
+
+def with_expected_isolation(x: Tensor, state: CovidState, params: CovidParams, testing: Tensor | None) -> Tensor:
+    """Gradient modes: x [B, N] (ι a), whose derivative loses that of η ι isolating for the derivative mass of
+    untaken infections (`shadow.py`), which sits in the I stages of agents without a running countdown and
+    would isolate as real infections do: symptomatic ones w.p. isolate_prob, asymptomatic ones if reported
+    (d_asym, raised by the testing lever [B, N]). Zero in the forward pass (those agents are not infectious)."""
+    def detached(v):
+        return v.detach() if isinstance(v, Tensor) else v
+
+    detect_asym = detached(params.detection_rate) * detached(params.asymptomatic_detection_ratio)
+    return _ExpectedIsolation.apply(x, state.I_sym, state.I_asym, state.stage_end, state.isolate_prob.detach(),
+                                    None if testing is None else testing.detach(), detached(params.isolation_effectiveness),
+                                    detached(params.asymptomatic_infectiousness), detect_asym)
 
 
 class _OthersGradient(torch.autograd.Function):
