@@ -585,7 +585,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return value
 
     def susceptibility(at: At) -> Tensor:
-        sigma = at.table(params.susceptibility, env.age_group)
+        sigma = at.table(params.susceptibility, env.age_group) if at.i is not None else \
+            env.memo("susceptibility", (params.susceptibility, env.age_group),
+                     lambda: at.table(params.susceptibility, env.age_group))
         if vaccinated:
             sigma = sigma * (1 - at(params.vaccine_efficacy_infection) * at(state.vaccinated).to(torch.float32))
         return sigma

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agenttensor.transmission import range_broadcast
+
 
 def mean_duration(cdf: Tensor) -> float:
     """Mean of a duration table's draws d = 1 + #{k : u ≥ F_k} (days): 1 + Σ_k (1 − F_k)."""
@@ -133,10 +135,8 @@ class _ShadowFlows(torch.autograd.Function):
         k: ShadowConstants = ctx.k
         env = k.env
         unit, susceptible, stage_end, vaccinated, testing = ctx.saved_tensors
-        counts = torch.tensor([b - a for a, b in env.borough_slices], device=stage_end.device)
-
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
-            return None if g is None else g.repeat_interleave(counts, dim=1, output_size=env.num_agents)
+            return None if g is None else range_broadcast(g, env.borough_slices)
 
         g_report = _combine((1.0, g_reported), (1.0, None if g_recent is None else g_recent[:, k.slot]))
         f = k.symptomatic[env.age_group]  # [N]
