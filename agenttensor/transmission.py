@@ -59,6 +59,10 @@ def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype
     """
     if values.requires_grad:
         return _RangeSums.apply(values, ranges, dtype)
+    return _stacked_range_sums(values, ranges, dtype)
+
+
+def _stacked_range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
     return torch.stack([values[:, a:b].sum(1, dtype=dtype) for a, b in ranges], 1)
 
 
@@ -75,7 +79,7 @@ class _RangeSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
         ctx.ranges, ctx.values_dtype = ranges, values.dtype
-        return torch.stack([values[:, a:b].sum(1, dtype=dtype) for a, b in ranges], 1)
+        return _stacked_range_sums(values, ranges, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

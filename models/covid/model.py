@@ -59,7 +59,7 @@ from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 from . import disease
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
-from .shadow import shadow_flows
+from .shadow import shadow_flows, with_expected_isolation
 
 log = logging.getLogger(__name__)
 
@@ -601,42 +601,6 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
         ctx.scratch["household_unit_hazard"] = unit
     return state
-
-
-class _ExpectedIsolation(torch.autograd.Function):
-    """Forward: x unchanged. Backward: x's gradient passes through, and −η free isolate_prob × it reaches I_sym
-    (× α d_asym: I_asym). The derivative of x − η free isolate_prob (I_sym + α d_asym I_asym), whose value is
-    zero (see `with_expected_isolation`), without its seven [B, N] temporaries in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, I_sym: Tensor, I_asym: Tensor, stage_end: Tensor, isolate_prob: Tensor,
-                testing: Tensor | None, eta, alpha, detect_asym) -> Tensor:
-        ctx.save_for_backward(stage_end, isolate_prob, testing)
-        ctx.constants = (eta, alpha, detect_asym)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        stage_end, isolate_prob, testing = ctx.saved_tensors
-        eta, alpha, detect_asym = ctx.constants
-        g_sym = (stage_end < 0).to(grad.dtype).mul_(isolate_prob).mul_(grad).mul_(-eta)
-        if testing is not None:
-            detect_asym = detect_asym + testing * (1 - detect_asym)
-        return grad, g_sym, g_sym * (alpha * detect_asym), None, None, None, None, None, None
-
-
-def with_expected_isolation(x: Tensor, state: CovidState, params: CovidParams, testing: Tensor | None) -> Tensor:
-    """Gradient modes: x [B, N] (ι a), whose derivative loses that of η ι isolating for the derivative mass of
-    untaken infections (`shadow.py`), which sits in the I stages of agents without a running countdown and
-    would isolate as real infections do: symptomatic ones w.p. isolate_prob, asymptomatic ones if reported
-    (d_asym, raised by the testing lever [B, N]). Zero in the forward pass (those agents are not infectious)."""
-    def detached(v):
-        return v.detach() if isinstance(v, Tensor) else v
-
-    detect_asym = detached(params.detection_rate) * detached(params.asymptomatic_detection_ratio)
-    return _ExpectedIsolation.apply(x, state.I_sym, state.I_asym, state.stage_end, state.isolate_prob.detach(),
-                                    None if testing is None else testing.detach(), detached(params.isolation_effectiveness),
-                                    detached(params.asymptomatic_infectiousness), detect_asym)
 
 
 class _OthersGradient(torch.autograd.Function):
