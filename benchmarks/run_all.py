@@ -19,7 +19,9 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {
     "engine_seir": ["--sizes", "1000000,8500000"],
-    "covid_step": ["--sizes", "1000000", "--nyc", "--threads", "2"],
+    "covid_step": ["--sizes", "1000000", "--nyc", "--agenttorch", "--threads", "2"],
+    "compiled_kernels": [],
+    "calibration_epoch_nyc": [],
     "archetype_step": [],
     "population_build": [],
     "scenario_batch": [],
