@@ -594,7 +594,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     dense = At()
     sigma = susceptibility(dense)
-    force = sigma * sum(layer_term(name, dense) for name in layers)
+    terms = [layer_term(name, dense) for name in layers]
+    force = sigma * functools.reduce(torch.add, terms)  # not sum(): its 0 + first term is one more [B, N] pass
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)
         with torch.no_grad():
