@@ -138,6 +138,7 @@ class _ShadowFlows(torch.autograd.Function):
         k: ShadowConstants = ctx.k
         env = k.env
         unit, susceptible, stage_end, vaccinated, testing = ctx.saved_tensors
+
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
             return None if g is None else range_broadcast(g, env.borough_slices)
 
