@@ -41,11 +41,16 @@ SCENARIO = [Intervention("school_closure", 0, 400, 1.0, ages=(11, 17)),  # step 
 
 
 def env_bytes(env) -> int:
+    """Bytes of the environment's tensors, its group layers and what `CovidEnv.memo` holds (per-agent lever
+    values, closed workplaces, susceptibility: filled during the run)."""
     total = 0
     for value in vars(env).values():
         tensors = [value] if isinstance(value, torch.Tensor) else \
             [getattr(value, k) for k in ("slot", "group_size", "inv_others")] if isinstance(value, at.GroupLayer) else []
         total += sum(t.numel() * t.element_size() for t in tensors)
+    for _, result in getattr(env, "cache", {}).values():
+        results = result if isinstance(result, tuple) else (result,)
+        total += sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor))
     return total
 
 
@@ -74,6 +79,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
     timed_steps(env, params, Hard(), 2)  # warm-up
     wall, cpu, (state, _) = timed_steps(env, params, Hard(), fwd_steps)
     forward, forward_cpu = wall / fwd_steps, cpu / fwd_steps
+    env_size = env_bytes(env)  # one seed's memoised values included (before the batch below replaces them)
     batch = {}
     if env.num_agents == AGENTTORCH_SMALL:  # a day's fixed cost (Python, dispatch) shared by a batch of seeds
         timed_steps(env, params, Hard(), 2, seeds=range(BATCH))
@@ -82,7 +88,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
     row = dict(population=name, agents=env.num_agents, setup_s=round(setup_s, 2), fwd_steps=fwd_steps,
                forward_s_per_day=round(forward, 4), forward_cpu_s_per_day=round(forward_cpu, 4),
                state_bytes_per_agent=round(state.nbytes() / env.num_agents, 2),
-               env_bytes_per_agent=round(env_bytes(env) / env.num_agents, 2), **batch)
+               env_bytes_per_agent=round(env_size / env.num_agents, 2), **batch)
     if bwd_steps:
         learn = CovidParams(initial_prevalence=1e-3, transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
         names = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
