@@ -69,3 +69,20 @@ def test_cap_setting_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "lots")
     assert _cpu_cache.cap_bytes() == int(_cpu_cache.DEFAULT_CAP_GB * 2**30)
     assert not _cpu_cache.enable_for(10_000)  # small runs keep the system allocator
+
+
+def test_without_a_compiler_runs_go_on_with_the_system_allocator(tmp_path):
+    """No C++ compiler: `enable` returns False with one logged warning, and tensors still work."""
+    script = textwrap.dedent("""
+        import logging, torch
+        from agenttensor import _cpu_cache
+        records = []
+        logging.getLogger("agenttensor._cpu_cache").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+        assert _cpu_cache.enable() is False and _cpu_cache.enable() is False and _cpu_cache.stats() is None
+        assert len(records) == 1 and "unavailable" in records[0].getMessage()
+        assert float(torch.ones(3_000_000).sum()) == 3_000_000
+        print("ok")
+    """)
+    env = {**os.environ, "AGENTTENSOR_CACHE_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
