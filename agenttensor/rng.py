@@ -11,6 +11,8 @@ bit-for-bit against a NumPy uint32 reference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import logging
 import os
 import time
@@ -147,6 +149,14 @@ class Randomness:
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""
         return _uniform_kernel(self.agent_base.unsqueeze(0), self._keys(step, stream))
+
+    def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
+        """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
+        stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""
+        ids = [stream_id(s) if isinstance(s, str) else int(s) for s in streams]
+        keys = torch.tensor([[step_key(seed, step, sid) for seed in self.seeds] for sid in ids], dtype=torch.int32,
+                            device=self.agent_base.device)  # [S, B]
+        return _uniform_kernel(self.agent_base[agent_index].unsqueeze(0), keys[:, batch_index])
 
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""

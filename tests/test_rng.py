@@ -31,6 +31,17 @@ def test_in_place_kernel_equals_the_definition():
     assert torch.equal(_uniform_eager(base[selected], keys[:, 0]), uniform_of_hash(base[selected], keys[:, 0]))
 
 
+def test_several_streams_at_selected_agents_in_one_pass():
+    """uniforms_at(streams) row k equals uniform_at(stream k) at the same (batch, agent) pairs."""
+    r = Randomness.for_agents([5, 6, 9], torch.arange(2_000, dtype=torch.int32))
+    b, i = torch.tensor([0, 2, 2, 1]), torch.tensor([7, 7, 1_999, 0])
+    rows = r.uniforms_at(11, ("symptoms", "death", 42), b, i)
+    assert rows.shape == (3, 4)
+    for k, stream in enumerate(("symptoms", "death", 42)):
+        assert torch.equal(rows[k], r.uniform_at(11, stream, b, i))
+    assert r.uniforms_at(11, ("death",), b[:0], i[:0]).shape == (1, 0)
+
+
 def test_draws_depend_only_on_key():
     ids = torch.arange(1000, dtype=torch.int32)
     r = Randomness.for_agents([5, 6], ids)

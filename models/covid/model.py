@@ -692,8 +692,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     at = At(b, i)
     group = env.age_group[i]
 
+    exit_streams = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit")
+    u_exit = dict(zip(exit_streams, ctx.rng.uniforms_at(t, exit_streams, b, i)))  # one hash pass: [M] per stream
+
     def draw(p: Tensor, stream: str) -> Tensor:
-        return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), ctx.rng.uniform_at(t, stream, b, i))
+        return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
 
     leave_E, leave_Ia, leave_Is, leave_H = E[b, i], Ia[b, i], Is[b, i], H[b, i]
     to_Is = draw(params.symptomatic_fraction[group], "symptoms").to(E.dtype) * leave_E
@@ -723,7 +726,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     infected_b, infected_i = new_E.detach().nonzero(as_tuple=True)
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
     if b.numel():
-        u = ctx.rng.uniform_at(t, "duration-exit", b, i)
+        u = u_exit["duration-exit"]
         new_end = torch.full_like(stage_end[b, i], -1)
         for entered, stage in ((to_Ia, "I_asym"), (to_Is, "I_sym"), (to_H, "H")):
             duration = (t + disease.draw_duration(env.durations[stage], u).to(torch.int32)).to(torch.int16)
