@@ -18,23 +18,20 @@ The library is cached under ``~/.cache/agenttensor`` (or ``$AGENTTENSOR_CACHE_DI
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
+
+from . import _native
 
 log = logging.getLogger(__name__)
 
 MIN_AGENTS = 1_000_000  # below this, every [B, N] block is under glibc's own heap threshold
 DEFAULT_CAP_GB = 2.0
 MIN_BLOCK_BYTES = 1 << 20
-SOURCE = Path(__file__).with_name("csrc") / "caching_allocator.cpp"
+SOURCE = _native.CSRC / "caching_allocator.cpp"
 
 _library: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -51,31 +48,6 @@ def cap_bytes() -> int:
     return max(0, int(gb * 2**30))
 
 
-def _build() -> Path:
-    """Compile the allocator against the running torch (once per source and torch version)."""
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch.compiled_with_cxx11_abi())
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{abi}|{torch_dir}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("AGENTTENSOR_CACHE_DIR", Path.home() / ".cache" / "agenttensor"))
-    target = cache / f"libagenttensor_cpu_cache_{key}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               f"-I{torch_dir / 'include'}", str(SOURCE), f"-L{torch_dir / 'lib'}", "-lc10",
-               f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-800:]}")
-        os.replace(out, target)  # atomic: concurrent processes build the same file
-    return target
-
-
 def enable(cap: int | None = None) -> bool:
     """Install the caching allocator for this process (idempotent; a later call sets a new cap and empties
     the cache). Returns False, with one logged warning, where it cannot be built or loaded."""
@@ -85,7 +57,7 @@ def enable(cap: int | None = None) -> bool:
         return False
     try:
         if _library is None:
-            library = ctypes.CDLL(str(_build()))
+            library = ctypes.CDLL(str(_native.build(SOURCE, "agenttensor_cpu_cache", with_torch=True)))
             library.agenttensor_cache_install.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
             library.agenttensor_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
             _library = library

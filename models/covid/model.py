@@ -53,7 +53,7 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import group_sum, range_sums
+from agenttensor.transmission import group_gather, group_sum, range_sums, scaled_others_sum
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
@@ -305,7 +305,7 @@ class At:
     def group(self, per_slot: Tensor, slot: Tensor) -> Tensor:
         """Each agent's group value: per_slot [B, G + 1] gathered at the agent's slot [N]."""
         if self.i is None:
-            return per_slot.index_select(1, slot)
+            return group_gather(per_slot, slot)
         return per_slot[0 if per_slot.shape[0] == 1 else self.b, slot[self.i]]
 
     def table(self, values: Tensor, index: Tensor) -> Tensor:
@@ -622,8 +622,7 @@ class _OthersGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         scale, slot = ctx.saved_tensors
-        others = group_sum(grad, slot, scale.shape[1]).index_select(1, slot).sub_(grad)
-        return grad, others.mul_(scale.index_select(1, slot)), None, None
+        return grad, scaled_others_sum(grad, scale, slot), None, None
 
 
 def with_others_gradient(x: Tensor, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:

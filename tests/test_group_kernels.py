@@ -1,0 +1,124 @@
+"""Native group kernels (agenttensor/_group_kernels.py): the same sums and gathers as torch's index ops, the
+same numbers whatever the thread count or batch, and a torch fallback wherever they do not apply."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from agenttensor import _group_kernels
+from agenttensor.transmission import GroupLayer, group_gather, group_sum, scaled_others_sum
+
+pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="needs a C++ compiler")
+
+
+def slots(kind: str, n: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    if kind == "sorted":  # agents sorted by place: long runs of one slot (the register path)
+        return torch.sort(torch.randint(0, groups, (n,), generator=generator)).values
+    if kind == "members":  # 3 in 4 agents in no group: the last slot (the spread path)
+        s = torch.randint(0, groups - 1, (n,), generator=generator)
+        return torch.where(torch.rand(n, generator=generator) < 0.75, groups - 1, s)
+    return torch.randint(0, groups, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("kind", ["random", "sorted", "members"])
+@pytest.mark.parametrize("n", [1000, 300_000])  # one part / two halves
+def test_kernels_match_torch_index_ops(kind, n):
+    g = torch.Generator().manual_seed(n)
+    groups = 517
+    slot = slots(kind, n, groups, g)
+    values = torch.rand(3, n, generator=g)
+    assert _group_kernels.enabled()
+    sums = _group_kernels.segment_sum(values, slot, groups)
+    expected = torch.zeros(3, groups, dtype=torch.float64).index_add_(1, slot, values.double())
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-3)
+    table = torch.rand(3, groups, generator=g)
+    assert torch.equal(_group_kernels.gather(table, slot), table.index_select(1, slot))
+    assert torch.equal(_group_kernels.gather(table[:1], slot), table[:1].index_select(1, slot))
+    scale = torch.rand(1, groups, generator=g)
+    others = (expected.float().index_select(1, slot) - values) * scale.index_select(1, slot)
+    torch.testing.assert_close(_group_kernels.others_scaled(values, scale, slot), others, rtol=1e-4, atol=1e-2)
+
+
+def test_results_do_not_depend_on_threads_or_batch():
+    g = torch.Generator().manual_seed(0)
+    n, groups = 400_000, 3000
+    slot, values = slots("random", n, groups, g), torch.rand(4, n, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _group_kernels.segment_sum(values, slot, groups)
+        torch.set_num_threads(2)
+        two = _group_kernels.segment_sum(values, slot, groups)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(_group_kernels.segment_sum(values[2:3], slot, groups), two[2:3])
+    broadcast = values[:1].expand(4, n)  # a row broadcast over the batch (stride 0)
+    assert torch.equal(_group_kernels.segment_sum(broadcast, slot, groups), two[:1].expand(4, groups))
+
+
+def test_where_the_kernels_do_not_apply_torch_ops_run():
+    slot = torch.tensor([0, 2, 1, 2])
+    values = torch.arange(8.0).view(2, 4)
+    assert _group_kernels.segment_sum(values, slot, 2) is None  # slot 2 is out of range: not for the kernel
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        group_sum(values, slot, 2)  # torch's own bounds check
+    assert _group_kernels.segment_sum(values.double(), slot, 3) is None
+    assert _group_kernels.segment_sum(values, slot.to(torch.int32), 3) is None
+    assert _group_kernels.gather(values.t(), slot) is None
+    assert torch.equal(group_sum(values.double(), slot, 3), torch.tensor([[0.0, 2, 4], [4, 6, 12]], dtype=torch.float64))
+    slot[1], slot[3] = 1, 0  # modified in place: checked again
+    assert torch.equal(_group_kernels.segment_sum(values, slot, 2), torch.tensor([[3.0, 3], [11, 11]]))
+
+
+def test_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("AGENTTENSOR_GROUP_KERNELS", "0")
+    assert _group_kernels.segment_sum(torch.ones(1, 3), torch.tensor([0, 0, 1]), 2) is None
+    assert torch.equal(group_sum(torch.ones(1, 3), torch.tensor([0, 0, 1]), 2), torch.tensor([[2.0, 1.0]]))
+
+
+def test_gradients_of_group_sum_and_gather_match_autograd_of_torch_ops():
+    g = torch.Generator().manual_seed(3)
+    n, groups = 5000, 40
+    layer = GroupLayer(torch.where(torch.rand(n, generator=g) < 0.3, -1, torch.randint(0, groups, (n,), generator=g)))
+    values = torch.rand(2, n, generator=g, requires_grad=True)
+    table = torch.rand(2, groups + 1, generator=g, requires_grad=True)
+    weights = torch.rand(2, n, generator=g)
+    loss = (group_gather(table, layer.slot) * weights).sum() + (group_sum(values, layer.slot, groups + 1) ** 2).sum()
+    loss.backward()
+    ref_values, ref_table = values.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    ref = (ref_table.index_select(1, layer.slot) * weights).sum() \
+        + (torch.zeros(2, groups + 1).index_add(1, layer.slot, ref_values) ** 2).sum()
+    ref.backward()
+    torch.testing.assert_close(values.grad, ref_values.grad)
+    torch.testing.assert_close(table.grad, ref_table.grad)
+    scale = torch.rand(1, groups + 1, generator=g)
+    expected = (group_sum(weights, layer.slot, groups + 1).index_select(1, layer.slot) - weights) * scale[:, layer.slot]
+    torch.testing.assert_close(scaled_others_sum(weights, scale, layer.slot), expected)
+
+
+def test_without_a_compiler_the_torch_ops_run(tmp_path):
+    """No C++ compiler: one logged warning, and group sums and gathers still work (torch's index ops)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import logging, torch
+        from agenttensor import _group_kernels
+        from agenttensor.transmission import group_gather, group_sum
+        records = []
+        logging.getLogger("agenttensor._group_kernels").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+        slot = torch.tensor([0, 1, 1])
+        assert torch.equal(group_sum(torch.ones(1, 3), slot, 2), torch.tensor([[1.0, 2.0]]))
+        assert torch.equal(group_gather(torch.tensor([[5.0, 7.0]]), slot), torch.tensor([[5.0, 7.0, 7.0]]))
+        assert not _group_kernels.enabled() and len(records) == 1 and "unavailable" in records[0].getMessage()
+        print("ok")
+    """)
+    env = {**os.environ, "AGENTTENSOR_CACHE_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
