@@ -24,14 +24,14 @@ import sys
 
 import torch
 
-from . import _native
+from . import native
 
 log = logging.getLogger(__name__)
 
 MIN_AGENTS = 1_000_000  # below this, every [B, N] block is under glibc's own heap threshold
 DEFAULT_CAP_GB = 2.0
 MIN_BLOCK_BYTES = 1 << 20
-SOURCE = _native.CSRC / "caching_allocator.cpp"
+SOURCE = native.CSRC / "caching_allocator.cpp"
 
 _library: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -57,7 +57,7 @@ def enable(cap: int | None = None) -> bool:
         return False
     try:
         if _library is None:
-            library = ctypes.CDLL(str(_native.build(SOURCE, "agenttensor_cpu_cache", with_torch=True)))
+            library = ctypes.CDLL(str(native.build(SOURCE, "agenttensor_cpu_cache", with_torch=True)))
             library.agenttensor_cache_install.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
             library.agenttensor_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
             _library = library

@@ -4,62 +4,63 @@
 torch's CPU ``index_add_`` / ``index_select`` along dim 1 take 10-30 ms at 8.7M agents, where a plain loop
 takes 3-10 ms (``benchmarks/group_kernels.py``). Each row is summed in agent order over two fixed halves, so
 results do not depend on the thread count or on the batch a row runs in. Slots are bounds-checked once per
-slot tensor (and again if it is modified in place). ``AGENTTENSOR_GROUP_KERNELS=0`` turns the kernels off;
-without a C++ compiler the torch ops are used (logged once).
+slot tensor (and again if it is modified in place). ``AGENTTENSOR_NATIVE_KERNELS=0`` turns the kernels off;
+without a C++ compiler the torch ops are used (logged once; `agenttensor.native`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 import weakref
 
 import torch
 from torch import Tensor
 
-from . import _native
+from . import native
 
-log = logging.getLogger(__name__)
-
-SOURCE = _native.CSRC / "group_kernels.cpp"
+SOURCE = native.CSRC / "group_kernels.cpp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
-_library: ctypes.CDLL | None = None
-_failed: str | None = None
-_checked: dict[int, tuple[weakref.ref, int, int]] = {}  # id(slot) -> (slot, its version, its max + 1)
+_checked: dict[int, tuple[weakref.ref, int, int, bool]] = {}  # id(slot) -> (slot, version, max + 1, contiguous)
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.agenttensor_segment_sum.argtypes = [_P, _I, _P, _I, _I, _I, _P, _I, _I]
+    library.agenttensor_contiguous_groups.argtypes = [_P, _I, _I]
+    library.agenttensor_contiguous_groups.restype = _I
+    library.agenttensor_gather.argtypes = [_P, _I, _P, _I, _I, _P, _I]
+    library.agenttensor_others_scaled.argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
+
+
+def _library() -> ctypes.CDLL | None:
+    return native.load(SOURCE, "agenttensor_group_kernels", _declare)
 
 
 def enabled() -> bool:
-    """Whether the kernels are on (``AGENTTENSOR_GROUP_KERNELS`` is not 0) and built."""
-    global _library, _failed
-    if os.environ.get("AGENTTENSOR_GROUP_KERNELS", "1").strip() == "0":
-        return False
-    if _library is None and _failed is None:
-        try:
-            library = ctypes.CDLL(str(_native.build(SOURCE, "agenttensor_group_kernels", flags=("-O3",))))
-            library.agenttensor_segment_sum.argtypes = [_P, _I, _P, _I, _I, _I, _P, _I]
-            library.agenttensor_gather.argtypes = [_P, _I, _P, _I, _I, _P, _I]
-            library.agenttensor_others_scaled.argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
-            _library = library
-        except Exception as e:  # no compiler, unexpected platform
-            _failed = str(e)
-            log.warning("native group kernels unavailable (%s); using torch's index_add_ / index_select", e)
-    return _library is not None
+    """Whether the kernels are on (``AGENTTENSOR_NATIVE_KERNELS`` is not 0) and built."""
+    return _library() is not None
 
 
-def _slot_ok(slot: Tensor, num_groups: int) -> bool:
-    """slot: a CPU int64 contiguous [N] with every value in [0, num_groups) (checked once per tensor version)."""
-    if slot.device.type != "cpu" or slot.dtype != torch.int64 or slot.dim() != 1 or not slot.is_contiguous():
-        return False
+def _slot_facts(slot: Tensor) -> tuple[int, bool]:
+    """(max slot + 1, or -1 if any is negative; whether each group is one contiguous run), computed once per
+    slot tensor and again if it is modified in place."""
     seen = _checked.get(id(slot))
     if seen is None or seen[0]() is not slot or seen[1] != slot._version:
         if len(_checked) > 256:
             _checked.clear()
-        bound = int(slot.max()) + 1 if slot.numel() and int(slot.min()) >= 0 else (0 if not slot.numel() else -1)
-        seen = (weakref.ref(slot), slot._version, bound)
+        n = slot.numel()
+        bound = (int(slot.max()) + 1 if int(slot.min()) >= 0 else -1) if n else 0
+        contiguous = bound > 0 and bool(_library().agenttensor_contiguous_groups(slot.data_ptr(), n, bound))
+        seen = (weakref.ref(slot), slot._version, bound, contiguous)
         _checked[id(slot)] = seen
-    return 0 <= seen[2] <= num_groups
+    return seen[2], seen[3]
+
+
+def _slot_ok(slot: Tensor, num_groups: int) -> bool:
+    """slot: a CPU int64 contiguous [N] with every value in [0, num_groups)."""
+    if slot.device.type != "cpu" or slot.dtype != torch.int64 or slot.dim() != 1 or not slot.is_contiguous():
+        return False
+    return 0 <= _slot_facts(slot)[0] <= num_groups
 
 
 def _rows(x: Tensor, n: int) -> int | None:
@@ -78,8 +79,8 @@ def segment_sum(values: Tensor, slot: Tensor, num_groups: int) -> Tensor | None:
         return None
     B, N = values.shape
     out = torch.empty(B, num_groups, dtype=torch.float32)
-    _library.agenttensor_segment_sum(values.data_ptr(), stride, slot.data_ptr(), B, N, num_groups, out.data_ptr(),
-                                     torch.get_num_threads())
+    _library().agenttensor_segment_sum(values.data_ptr(), stride, slot.data_ptr(), B, N, num_groups, out.data_ptr(),
+                                       torch.get_num_threads(), int(_slot_facts(slot)[1]))
     return out
 
 
@@ -92,7 +93,7 @@ def gather(table: Tensor, slot: Tensor) -> Tensor | None:
         return None
     B, N = table.shape[0], slot.shape[0]
     out = torch.empty(B, N, dtype=torch.float32)
-    _library.agenttensor_gather(table.data_ptr(), stride, slot.data_ptr(), B, N, out.data_ptr(),
+    _library().agenttensor_gather(table.data_ptr(), stride, slot.data_ptr(), B, N, out.data_ptr(),
                                 torch.get_num_threads())
     return out
 
@@ -108,7 +109,7 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor) -> Tensor | None:
         return None
     B, N = grad.shape
     out = torch.empty(B, N, dtype=torch.float32)
-    _library.agenttensor_others_scaled(grad.data_ptr(), sums.data_ptr(), G, scale.data_ptr(),
+    _library().agenttensor_others_scaled(grad.data_ptr(), sums.data_ptr(), G, scale.data_ptr(),
                                        G if scale.shape[0] > 1 else 0, slot.data_ptr(), B, N, out.data_ptr(),
                                        torch.get_num_threads())
     return out

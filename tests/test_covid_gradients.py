@@ -188,3 +188,71 @@ def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(popu
     assert fast[0].item() > 0 and fast[2].abs().sum() > 0
     for name, a, b in zip(names, fast, reference):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), name
+
+
+@pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
+def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler):
+    """models/covid/csrc/shadow_kernel.cpp (two fused passes, used on CPU) computes the map `_ShadowFlows` writes
+    in torch ops (used elsewhere): the same gradients, with the testing and vaccination levers on, and with the
+    relaxed sampler's fractional susceptibility (non-integer powers in the attack probabilities)."""
+    from models.covid import shadow_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
+    names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "death_given_hosp", "household_weight",
+             "asymptomatic_infectiousness", "vaccine_efficacy_severe")
+    calls = []
+    native_backward = shadow_native.backward
+
+    def counted(*args, **kwargs):
+        out = native_backward(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def gradients() -> list[torch.Tensor]:
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=24, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=sampler, interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 30 * res["deaths"].sum() + 0.1 * res["I_sym"].sum() + 0.1 * res["H"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    monkeypatch.setattr(shadow_native, "backward", counted)
+    fast = gradients()
+    assert calls and all(calls)  # the native kernel ran at every step
+    monkeypatch.setattr(shadow_native, "backward", lambda *args, **kwargs: None)
+    reference = gradients()
+    assert fast[0].item() > 0 and fast[3].abs().sum() > 0
+    for name, a, b in zip(names, fast, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (name, a, b)
+
+
+def test_native_attack_probabilities_match_the_torch_formula():
+    """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
+    hazards from 0 to saturation, whole and fractional numbers of other susceptible members."""
+    from agenttensor import native
+    from agenttensor.transmission import GroupLayer, group_sum
+    from models.covid import shadow_native
+    from models.covid.shadow import attack_probabilities
+
+    library = native.load(shadow_native.SOURCE, "agenttensor_covid_shadow", shadow_native._declare, shadow_native.FLAGS)
+    if library is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(0)
+    n = 50_000
+    layer = GroupLayer(torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values)  # households of ~5.5
+    slots = layer.num_groups + 1
+    unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
+    susceptible = torch.where(torch.rand(1, n, generator=g) < 0.5, 1.0, torch.rand(1, n, generator=g))
+    exposure = torch.randn(1, n, generator=g)
+    q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
+    sums = group_sum(susceptible, layer.slot, slots)
+    alpha = torch.tensor([0.55])
+    library.agenttensor_covid_attack(1, n, unit.data_ptr(), n, susceptible.data_ptr(), sums.data_ptr(),
+                                     layer.slot.data_ptr(), slots, alpha.data_ptr(), 5.3, 4.1, 0.6, exposure.data_ptr(),
+                                     q_sym.data_ptr(), q_asym.data_ptr(), 1)
+    others = lambda x: group_sum(x, layer.slot, slots).index_select(1, layer.slot) - x  # noqa: E731
+    ref_sym, ref_asym = attack_probabilities(unit.double(), susceptible.double(), others, 0.55, 0.6, 5.3, 4.1)
+    for got, ref in ((q_sym, ref_sym * exposure), (q_asym, ref_asym * exposure)):
+        assert (got.double() - ref).abs().max() < 2e-6 * exposure.abs().max()

@@ -75,7 +75,7 @@ def test_where_the_kernels_do_not_apply_torch_ops_run():
 
 
 def test_switch_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setenv("AGENTTENSOR_GROUP_KERNELS", "0")
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     assert _group_kernels.segment_sum(torch.ones(1, 3), torch.tensor([0, 0, 1]), 2) is None
     assert torch.equal(group_sum(torch.ones(1, 3), torch.tensor([0, 0, 1]), 2), torch.tensor([[2.0, 1.0]]))
 
@@ -112,7 +112,7 @@ def test_without_a_compiler_the_torch_ops_run(tmp_path):
         from agenttensor import _group_kernels
         from agenttensor.transmission import group_gather, group_sum
         records = []
-        logging.getLogger("agenttensor._group_kernels").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+        logging.getLogger("agenttensor.native").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
         slot = torch.tensor([0, 1, 1])
         assert torch.equal(group_sum(torch.ones(1, 3), slot, 2), torch.tensor([[1.0, 2.0]]))
         assert torch.equal(group_gather(torch.tensor([[5.0, 7.0]]), slot), torch.tensor([[5.0, 7.0, 7.0]]))

@@ -47,6 +47,8 @@ from torch import Tensor
 
 from agenttensor.transmission import range_broadcast
 
+from . import shadow_native
+
 
 def mean_duration(cdf: Tensor) -> float:
     """Mean of a duration table's draws d = 1 + #{k : u ≥ F_k} (days): 1 + Σ_k (1 − F_k)."""
@@ -148,6 +150,14 @@ class _ShadowFlows(torch.autograd.Function):
         d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
         rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
         half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
+        passed = (gS, gE, gIs, gIa, gH, gR, gD, g_infections, g_reported, g_admissions, g_deaths, g_recent)
+        fused = shadow_native.backward(
+            k, unit, susceptible, stage_end, vaccinated, testing, dict(
+                gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
+                g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths),
+            f_mean, d_sym, d_asym, half_infectious, rate)
+        if fused is not None:  # the same map in two native passes (CPU)
+            return (None,) * 6 + fused + passed
         free = (stage_end < 0).to(unit.dtype)
 
         # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
@@ -201,8 +211,7 @@ class _ShadowFlows(torch.autograd.Function):
 
         return (None, None, None, None, None, None,
                 through(g_out_E, rate["E"]), through(g_out_Is, rate["I_sym"]), through(g_out_Ia, rate["I_asym"]),
-                through(g_out_H, rate["H"]), g_exposure0, g_latent0,
-                gS, gE, gIs, gIa, gH, gR, gD, g_infections, g_reported, g_admissions, g_deaths, g_recent)
+                through(g_out_H, rate["H"]), g_exposure0, g_latent0, *passed)
 
 
 def shadow_flows(before, after, params, ctx):

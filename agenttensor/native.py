@@ -1,0 +1,93 @@
+"""Native CPU kernels: C++ sources built into shared libraries on first use and called through ctypes.
+
+`build` compiles a source once per source, flags and torch version; `load` adds the switch and the fallback:
+``AGENTTENSOR_NATIVE_KERNELS=0`` turns compute kernels off, and without a C++ compiler (``$CXX``, ``c++`` or
+``g++``) they are skipped with one logged warning, so callers keep a torch-ops path for both cases (and for
+other devices). Users: `_group_kernels` (group sums and gathers), the covid model's shadow-flow backward
+(models/covid/csrc) and `_cpu_cache` (the caching allocator, which links against torch's c10). Libraries are
+cached under ``$AGENTTENSOR_CACHE_DIR`` (default ``~/.cache/agenttensor``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+
+
+def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, ...] = ("-O2",)) -> Path:
+    """Compile ``source`` into ``lib<name>_<hash>.so`` (the hash covers the source, flags and torch build)
+    and return its path; an existing build is reused. Raises RuntimeError without a compiler or on errors."""
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    key = hashlib.sha256(source.read_bytes() + f"{flags}|{with_torch}|{torch.__version__}|{abi}|{torch_dir}".encode())
+    cache = Path(os.environ.get("AGENTTENSOR_CACHE_DIR", Path.home() / ".cache" / "agenttensor"))
+    target = cache / f"lib{name}_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        if with_torch:
+            cmd += [f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
+                    f"-Wl,-rpath,{torch_dir / 'lib'}"]
+        else:
+            cmd += [str(source), "-pthread"]
+        done = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {source.name} failed: {done.stderr.strip()[-800:]}")
+        os.replace(out, target)  # atomic: concurrent processes build the same file
+    return target
+
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def kernels_enabled() -> bool:
+    """False where ``AGENTTENSOR_NATIVE_KERNELS=0`` (read at every call: tests and benchmarks switch it)."""
+    return os.environ.get("AGENTTENSOR_NATIVE_KERNELS", "1").strip() != "0"
+
+
+def vector_flags() -> tuple[str, ...]:
+    """``-mavx2 -mfma`` where this CPU has them (from /proc/cpuinfo), else nothing (SSE2 code). The flags are
+    part of a build's cache key, so a machine without them never loads a build made with them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return ("-mavx2", "-mfma") if "avx2" in flags and "fma" in flags else ()
+
+
+def load(source: Path, name: str, declare: Callable[[ctypes.CDLL], None],
+         flags: tuple[str, ...] = ("-O3",)) -> ctypes.CDLL | None:
+    """The built library of a compute-kernel source (with `vector_flags`) with its functions declared
+    (``declare(library)`` sets argtypes), or None where kernels are switched off or cannot be built (one
+    warning per source)."""
+    if not kernels_enabled():
+        return None
+    if name not in _loaded:
+        try:
+            library = ctypes.CDLL(str(build(source, name, flags=(*flags, *vector_flags()))))
+            declare(library)
+            _loaded[name] = library
+        except Exception as e:  # no compiler, unexpected platform
+            _loaded[name] = None
+            log.warning("native kernels %s unavailable (%s); using torch ops", source.name, e)
+    return _loaded[name]

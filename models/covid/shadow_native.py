@@ -1,0 +1,118 @@
+"""The shadow flows' backward (`shadow._ShadowFlows`) as two native passes over the agents on CPU
+(models/covid/csrc/shadow_kernel.cpp): ~30 [B, N] torch ops become 2 fused loops and 3 household sums.
+shadow.py keeps the same map in torch ops (the reference, used on other devices, without a compiler and with
+``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from agenttensor import native
+from agenttensor.transmission import group_sum
+
+SOURCE = Path(__file__).with_name("csrc") / "shadow_kernel.cpp"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+FLAGS = ("-O3", "-fno-trapping-math")  # lets the attack-probability loop (exp, log as polynomials) vectorise
+
+
+class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for field
+    _fields_ = [(n, _I) for n in ("B", "N", "G", "threads")] \
+        + [(n, _P) for n in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD", "g_exposure", "g_latent", "g_infections",
+                             "g_report", "g_admissions", "g_deaths", "borough", "age_group", "symptomatic", "hosp",
+                             "death", "detect_sym", "detect_asym", "testing", "cell")] \
+        + [("cells", _I)] + [(n, _P) for n in ("vaccinated", "efficacy_severe", "stage_end", "from_sym_sums",
+                                               "from_asym_sums", "q_sym", "q_asym", "household")] \
+        + [("households", _I)] + [(n, _F) for n in ("half_infectious", "rate_E", "rate_Is", "rate_Ia", "rate_H")] \
+        + [(n, _P) for n in ("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0")]
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.agenttensor_covid_attack.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _P, _F, _F, _F, _P, _P, _P, _I]
+    library.agenttensor_covid_shadow_backward.argtypes = [ctypes.POINTER(_Args)]
+
+
+def _ptr(x: Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
+             testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
+             half_infectious: float, rate: dict[str, float]) -> tuple[Tensor, ...] | None:
+    """(d out_E, d out_Is, d out_Ia, d out_H, d exposure0, d latent0), each [B, N], or None where the kernel does
+    not apply (not CPU float32, kernels off or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants;
+    ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
+    g_admissions, g_deaths) gradients, None where none arrived."""
+    if unit.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
+        return None
+    library = native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
+    if library is None:
+        return None
+    env = k.env
+    B, N = stage_end.shape
+    G = len(env.group_labels)
+    keep = []  # every tensor whose pointer the kernel reads, alive until it returns
+
+    def dense(x: Tensor | None, dtype=torch.float32) -> Tensor | None:
+        if x is None:
+            return None
+        x = x.to(dtype).expand(B, -1).contiguous()
+        keep.append(x)
+        return x
+
+    def per_element(x) -> Tensor:  # scalar or [B, 1] -> [B]
+        x = torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1).expand(B).contiguous()
+        keep.append(x)
+        return x
+
+    def table(x: Tensor, dtype=torch.float32) -> Tensor:  # per-age-group probabilities, per-agent indices
+        x = x.detach().to(dtype).contiguous()
+        keep.append(x)
+        return x
+
+    g = {name: dense(value) for name, value in grads.items()}
+    args = _Args(B=B, N=N, G=G, threads=torch.get_num_threads(), half_infectious=half_infectious,
+                 rate_E=rate["E"], rate_Is=rate["I_sym"], rate_Ia=rate["I_asym"], rate_H=rate["H"])
+    for name, value in g.items():
+        setattr(args, name, _ptr(value))
+    detect_sym = per_element(k.detection_rate)
+    detect_asym = per_element(torch.as_tensor(k.detection_rate) * torch.as_tensor(k.asymptomatic_detection_ratio))
+    args.detect_sym, args.detect_asym = _ptr(detect_sym), _ptr(detect_asym)
+    if testing is not None:
+        cells = dense(testing.flatten(1))
+        args.testing, args.cells = _ptr(cells), cells.shape[1]
+    for name in ("borough", "age_group", "cell"):
+        setattr(args, name, _ptr(table(getattr(env, name), torch.int32)))
+    for name, values in (("symptomatic", k.symptomatic), ("hosp", k.hosp_given_symptomatic), ("death", k.death_given_hosp)):
+        setattr(args, name, _ptr(table(values)))
+    if vaccinated is not None:
+        args.vaccinated, args.efficacy_severe = _ptr(dense(vaccinated)), _ptr(per_element(k.vaccine_efficacy_severe))
+    stage = stage_end.contiguous()
+    keep.append(stage)
+    args.stage_end = _ptr(stage)
+    if g["g_exposure"] is not None:
+        layer = env.household
+        slots = layer.num_groups + 1
+        S = dense(susceptible)
+        u = unit.detach().to(torch.float32).contiguous()
+        keep.append(u)
+        q_sym, q_asym = torch.empty(B, N), torch.empty(B, N)
+        S_sums = group_sum(S, layer.slot, slots)
+        keep.append(S_sums)
+        library.agenttensor_covid_attack(B, N, u.data_ptr(), 0 if u.shape[0] == 1 else N, S.data_ptr(),
+                                         S_sums.data_ptr(), layer.slot.data_ptr(), slots,
+                                         per_element(k.asymptomatic_infectiousness).data_ptr(), d_sym, d_asym, f_mean,
+                                         g["g_exposure"].data_ptr(), q_sym.data_ptr(), q_asym.data_ptr(),
+                                         torch.get_num_threads())
+        from_sym, from_asym = group_sum(q_sym, layer.slot, slots), group_sum(q_asym, layer.slot, slots)
+        keep += [q_sym, q_asym, from_sym, from_asym]
+        args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym, from_asym))
+        args.household, args.households = layer.slot.data_ptr(), slots
+    out = tuple(torch.empty(B, N) for _ in range(6))
+    for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0"), out):
+        setattr(args, name, value.data_ptr())
+    library.agenttensor_covid_shadow_backward(ctypes.byref(args))
+    return out
