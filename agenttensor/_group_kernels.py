@@ -30,10 +30,18 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_contiguous_groups.restype = _I
     library.agenttensor_gather.argtypes = [_P, _I, _P, _I, _I, _P, _I]
     library.agenttensor_others_scaled.argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
+    library.agenttensor_layered_force.argtypes = [_I, _I, _I, ctypes.POINTER(ForceLayer), _P, _I, _P, _P, _P, _I]
+
+
+class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
+    _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("presence", _P), ("presence_stride", _I),
+                ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
+                ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P)]
 
 
 def _library() -> ctypes.CDLL | None:
-    return native.load(SOURCE, "agenttensor_group_kernels", _declare)
+    # no floating-point contraction: the layered force must give the numbers torch's elementwise ops give
+    return native.load(SOURCE, "agenttensor_group_kernels", _declare, flags=("-O3", "-ffp-contract=off"))
 
 
 def enabled() -> bool:
@@ -98,11 +106,13 @@ def gather(table: Tensor, slot: Tensor) -> Tensor | None:
     return out
 
 
-def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor) -> Tensor | None:
-    """(Σ_{j in g(i)} grad_j − grad_i) scale[g(i)]: grad [B, N], scale [B | 1, G] -> [B, N], or None."""
+def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None = None) -> Tensor | None:
+    """(Σ_{j in g(i)} grad_j − grad_i) scale[g(i)]: grad [B, N], scale [B | 1, G] -> [B, N], or None. ``sums``:
+    the group sums of grad [B, G] where the caller has them."""
     G = scale.shape[-1] if scale.dim() == 2 else -1
-    sums = segment_sum(grad, slot, G) if G > 0 else None
     if sums is None:
+        sums = segment_sum(grad, slot, G) if G > 0 else None
+    if sums is None or sums.shape != (grad.shape[0], G) or _rows(sums, G) != (G if grad.shape[0] > 1 else 0):
         return None
     grad, scale = grad.contiguous(), scale.contiguous()
     if _rows(scale, G) is None or scale.shape[0] not in (1, grad.shape[0]):
@@ -113,3 +123,56 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor) -> Tensor | None:
                                        G if scale.shape[0] > 1 else 0, slot.data_ptr(), B, N, out.data_ptr(),
                                        torch.get_num_threads())
     return out
+
+
+def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None, want_sigma: bool = False,
+                  want: tuple[tuple[bool, bool, bool], ...] = ()) -> tuple | Tensor | None:
+    """Forward (grad None): σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l -> [B, N]. Backward: (per-layer
+    weights grad σ presence factors [B, N], per-layer (d_presence, d_factor, d_factor_all) with None where not in
+    ``want[l]``, d_sigma or None). ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the
+    last three [B | 1, N] or None. None where the kernel does not apply."""
+    if sigma.dim() == 1:  # one value per agent
+        sigma = sigma[None]
+    if not enabled() or sigma.dim() != 2:
+        return None
+    B = max([sigma.shape[0]] + [x.shape[0] for layer in layers for x in (layer[0], *layer[2:]) if x is not None])
+    N = sigma.shape[1]
+    if grad is not None and (grad.shape != (B, N) or _rows(grad, N) is None):
+        return None
+    keep, structs = [sigma], []
+
+    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:
+        if x is None:
+            return None, 0
+        stride = _rows(x, n)
+        if stride is None or x.shape[0] not in (1, B):
+            return None
+        keep.append(x)
+        return x.data_ptr(), stride
+
+    def out(wanted: bool) -> Tensor | None:
+        return torch.empty(B, N) if grad is not None and wanted else None
+
+    sigma_rows = rows(sigma, N)
+    if sigma_rows is None:
+        return None
+    weights, derivatives = [], []
+    for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
+        parts = [rows(table, table.shape[-1]), rows(presence, N), rows(factor, N), rows(factor_all, N)]
+        if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
+            return None
+        asked = want[index] if index < len(want) else (False, False, False)
+        weight = out(True)
+        d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
+        weights.append(weight)
+        derivatives.append(d)
+        structs.append(ForceLayer(parts[0][0], parts[0][1], slot.data_ptr(), *parts[1], *parts[2], *parts[3],
+                                  *(None if x is None else x.data_ptr() for x in (weight, *d))))
+    array = (ForceLayer * len(structs))(*structs)
+    force = torch.empty(B, N) if grad is None else None
+    d_sigma = out(want_sigma)
+    _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1],
+                                         None if grad is None else grad.data_ptr(),
+                                         None if force is None else force.data_ptr(),
+                                         None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
+    return force if grad is None else (weights, derivatives, d_sigma)

@@ -47,8 +47,8 @@ def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, .
         if with_torch:
             cmd += [f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
                     f"-Wl,-rpath,{torch_dir / 'lib'}"]
-        else:
-            cmd += [str(source), "-pthread"]
+        else:  # OpenMP: the libgomp torch ships and has loaded (same soname), so torch's thread pool runs the loops
+            cmd += [str(source), "-fopenmp", f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}"]
         done = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {source.name} failed: {done.stderr.strip()[-800:]}")

@@ -13,6 +13,9 @@ Shapes: values are [B, N] (batch, agents); group ids [N]; edge_index [2, E].
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import networkx as nx
 import torch
 from torch import Tensor
@@ -88,14 +91,120 @@ def group_gather(table: Tensor, group_of: Tensor) -> Tensor:
     return _gather(table, group_of)
 
 
-def scaled_others_sum(values: Tensor, scale: Tensor, group_of: Tensor) -> Tensor:
+def scaled_others_sum(values: Tensor, scale: Tensor, group_of: Tensor, sums: Tensor | None = None) -> Tensor:
     """scale[g(i)] Σ_{j ∈ g(i), j ≠ i} values_j: values [B, N], scale [B | 1, G], group_of [N] -> [B, N]
-    (no autograd; one native pass after the group sums on CPU)."""
-    out = _group_kernels.others_scaled(values, scale, group_of)
+    (no autograd; one native pass after the group sums on CPU). ``sums``: `group_sum` of values, if at hand."""
+    out = _group_kernels.others_scaled(values, scale, group_of, sums)
     if out is None:
-        sums = _segment_sum(values, group_of, scale.shape[1])
-        out = sums.index_select(1, group_of).sub_(values).mul_(scale.index_select(1, group_of))
+        sums = _segment_sum(values, group_of, scale.shape[1]) if sums is None else sums
+        out = sums.index_select(1, group_of).sub(values).mul_(scale.index_select(1, group_of))
     return out
+
+
+@dataclass
+class ForceTerm:
+    """One contact layer of `layered_force`: each agent reads ``table[b, slot[i]]`` (its group's value), times its
+    presence and the layer's factors (both [B | 1, N] or None). ``own`` [B, N] (optional) is each agent's own
+    contribution to the group values, whose derivative the sum over the *other* members carries:
+    d/d own_j = own_scale[g] Σ_{i ∈ g, i ≠ j} d/d value_i (`scaled_others_sum`); its value is not used."""
+
+    table: Tensor  # [B | 1, S]
+    slot: Tensor  # [N]
+    presence: Tensor | None = None
+    factor: Tensor | None = None  # e.g. a policy's reduction of this layer
+    factor_all: Tensor | None = None  # a second one, applied after ``factor`` (e.g. one for every layer)
+    own: Tensor | None = None
+    own_scale: Tensor | None = None  # [B | 1, S]
+
+
+def _reduce_to(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """Sum a [B, ...] gradient over the batch where its input was one broadcast row (or had no batch dim)."""
+    if grad is None or like is None:
+        return None
+    while grad.dim() > like.dim():
+        grad = grad.sum(0)
+    return grad.sum(0, keepdim=True) if like.shape[0] == 1 and grad.shape[0] > 1 else grad
+
+
+def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
+    values = []
+    for term in terms:
+        value = _gather(term.table, term.slot)
+        for x in (term.presence, term.factor, term.factor_all):
+            if x is not None:
+                value = value * x
+        values.append(value)
+    return sigma * functools.reduce(torch.add, values)
+
+
+class _LayeredForce(torch.autograd.Function):
+    """Forward: one native pass over the agents on CPU (torch ops elsewhere). Backward: per layer the weight
+    w = grad σ presence factors, its group sums (the tables' derivative) and the others-sums (the own
+    contributions'); those of presence, the factors and σ from the same pass. Saves only inputs."""
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor, *flat):
+        terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
+        ctx.terms = len(terms)
+        ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all, t.own_scale)])
+        ctx.slots = [t.slot for t in terms]
+        ctx.has_own = [t.own is not None for t in terms]
+        layers = [(t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms]
+        force = _group_kernels.layered_force(sigma, layers)
+        return _force_torch(sigma, terms) if force is None else force
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sigma, *saved = ctx.saved_tensors
+        terms = [ForceTerm(saved[5 * k], ctx.slots[k], *saved[5 * k + 1:5 * k + 4], None, saved[5 * k + 4])
+                 for k in range(ctx.terms)]
+        wants = ctx.needs_input_grad
+        want_sigma = wants[0]
+        want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))
+        grad = grad.contiguous()
+        fused = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
+                                                     for t in terms], grad, want_sigma, want)
+        if fused is None:  # the same derivatives in torch ops
+            gs = grad * sigma
+            weights, derivatives, total = [], [], 0
+            for t, asked in zip(terms, want):
+                value = _gather(t.table, t.slot)
+                parts = (t.presence, t.factor, t.factor_all)
+                product = functools.reduce(torch.mul, [x for x in parts if x is not None], 1.0)
+                weights.append((gs * product).expand_as(grad))
+
+                def without(k: int) -> Tensor:  # grad σ value × the other parts
+                    return gs * functools.reduce(torch.mul, [x for j, x in enumerate(parts) if j != k and x is not None], value)
+
+                derivatives.append(tuple(without(k) if asked[k] and parts[k] is not None else None for k in range(3)))
+                total = total + value * product
+            fused = (weights, derivatives, grad * total if want_sigma else None)
+        weights, derivatives, d_sigma = fused
+        out = [_reduce_to(d_sigma, sigma)]
+        for t, w, (d_presence, d_factor, d_factor_all), has_own in zip(terms, weights, derivatives, ctx.has_own):
+            sums = _segment_sum(w, t.slot, t.table.shape[-1]) if wants[len(out)] or has_own else None
+            d_table = _reduce_to(sums, t.table) if wants[len(out)] else None
+            d_own = scaled_others_sum(w, t.own_scale, t.slot, sums) if has_own else None
+            out += [d_table, None, _reduce_to(d_presence, t.presence), _reduce_to(d_factor, t.factor),
+                    _reduce_to(d_factor_all, t.factor_all), d_own, None]
+        return tuple(out)
+
+
+def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
+    """λ = σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l: [B, N] (σ [B | 1, N]), the force of infection
+    of group layers, with the others-sum derivative of each layer's own contributions (`ForceTerm`).
+
+    Under autograd it is one node (saving its inputs only) instead of ~5 elementwise nodes per layer with their
+    [B, N] intermediates; on CPU forward and backward are single native passes. Values are those of the same
+    arithmetic in torch ops, bit for bit (same order, no fused multiply-adds)."""
+    if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for t in terms
+                                              for x in (sigma, t.table, t.presence, t.factor, t.factor_all, t.own)):
+        force = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
+                                                     for t in terms])
+        return _force_torch(sigma, terms) if force is None else force
+    flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.own,
+                                       None if t.own_scale is None else t.own_scale.detach())]
+    return _LayeredForce.apply(sigma, *flat)
 
 
 def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None) -> Tensor:

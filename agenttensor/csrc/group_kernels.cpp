@@ -9,12 +9,16 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
+#include <omp.h>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 // body(begin, end) over [0, n) in `threads` contiguous chunks (at least `grain` items each).
+// body(begin, end) over [0, n) in contiguous chunks, one per thread of torch's own OpenMP pool (this library
+// links the libgomp torch has loaded: its threads are already running, and no second pool competes with them
+// for the cores). Results never depend on the number of threads.
 template <class F>
 void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(grain, 1)));
@@ -22,12 +26,12 @@ void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
     body(0, n);
     return;
   }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t w = 1; w < threads; ++w)
-    pool.emplace_back([&, w] { body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk)); });
-  body(0, std::min(n, chunk));
-  for (auto& t : pool) t.join();
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t count = omp_get_num_threads(), w = omp_get_thread_num();
+    const int64_t chunk = (n + count - 1) / count;
+    body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
+  }
 }
 
 constexpr int64_t kSpread = 8;  // extra cells for the last slot (a layer's non-members)
@@ -223,6 +227,149 @@ void agenttensor_others_scaled(const float* grad, const float* sums, int64_t G, 
       const float* g = grad + b * N;
       float* o = out + b * N;
       for (int64_t i = i0; i < i1; ++i) o[i] = (s[slot[i]] - g[i]) * c[slot[i]];
+    }
+  });
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// One contact layer of a layered force (agenttensor.transmission.layered_force). Row strides are 0 for a row
+// broadcast over the batch; a null presence or factor reads as 1.
+struct ForceLayer {
+  const float* table;  // [B | 1, S] value per slot
+  int64_t table_stride;
+  const int64_t* slot;  // [N]
+  const float* presence;  // [B | 1, N] or null
+  int64_t presence_stride;
+  const float* factor;  // [B | 1, N] or null
+  int64_t factor_stride;
+  const float* factor_all;  // [B | 1, N] or null: a second factor, applied after `factor`
+  int64_t factor_all_stride;
+  float* weight;        // backward: [B, N] out, grad σ presence factors (the derivative reaching table and sources)
+  float* d_presence;    // backward: [B, N] out or null, grad σ table[slot] factors
+  float* d_factor;      // backward: [B, N] out or null, grad σ table[slot] presence factor_all
+  float* d_factor_all;  // backward: [B, N] out or null, grad σ table[slot] presence factor
+};
+
+}  // extern "C"
+
+// Layer-by-layer loops over tiles of agents (a tile's accumulator stays in cache), specialised on which of
+// presence / factor / factor_all exist so that the loops carry no branches.
+namespace force_detail {
+
+constexpr int64_t kTile = 8192;
+
+template <bool P, bool F, bool A>
+void forward_layer(const ForceLayer& layer, int64_t b, int64_t i0, int64_t i1, bool first, float* __restrict total) {
+  const float* __restrict t = layer.table + b * layer.table_stride;
+  const int64_t* __restrict slot = layer.slot;
+  const float* __restrict p = P ? layer.presence + b * layer.presence_stride : nullptr;
+  const float* __restrict f = F ? layer.factor + b * layer.factor_stride : nullptr;
+  const float* __restrict a = A ? layer.factor_all + b * layer.factor_all_stride : nullptr;
+  for (int64_t i = i0; i < i1; ++i) {
+    float term = t[slot[i]];
+    if (P) term *= p[i];
+    if (F) term *= f[i];
+    if (A) term *= a[i];
+    total[i - i0] = first ? term : total[i - i0] + term;
+  }
+}
+
+// weight = grad σ (p f a); with V (the group's value is needed): d_presence = grad σ (value f a), d_factor =
+// grad σ (value p a), d_factor_all = grad σ (value p f) where asked for, and total += value p f a (for dσ)
+template <bool P, bool F, bool A, bool V>
+void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* __restrict gs,
+                    float* __restrict total) {
+  const float* __restrict t = layer.table + b * layer.table_stride;
+  const int64_t* __restrict slot = layer.slot;
+  const float* __restrict p = P ? layer.presence + b * layer.presence_stride : nullptr;
+  const float* __restrict f = F ? layer.factor + b * layer.factor_stride : nullptr;
+  const float* __restrict a = A ? layer.factor_all + b * layer.factor_all_stride : nullptr;
+  float* __restrict w = layer.weight + b * N;
+  float* __restrict dp = layer.d_presence ? layer.d_presence + b * N : nullptr;
+  float* __restrict df = layer.d_factor ? layer.d_factor + b * N : nullptr;
+  float* __restrict da = layer.d_factor_all ? layer.d_factor_all + b * N : nullptr;
+  for (int64_t i = i0; i < i1; ++i) {
+    float fa = 1.f;
+    if (F) fa *= f[i];
+    if (A) fa *= a[i];
+    const float pfa = P ? p[i] * fa : fa;
+    const float g = gs[i - i0];
+    w[i] = g * pfa;
+    if (V) {
+      const float value = t[slot[i]];
+      const float vp = P ? value * p[i] : value;
+      if (P && dp) dp[i] = g * (value * fa);
+      if (F && df) df[i] = g * (A ? vp * a[i] : vp);
+      if (A && da) da[i] = g * (F ? vp * f[i] : vp);
+      total[i - i0] += value * pfa;
+    }
+  }
+}
+
+template <class Fn>
+void dispatch(const ForceLayer& layer, Fn&& fn) {
+  const int key = (layer.presence ? 1 : 0) | (layer.factor ? 2 : 0) | (layer.factor_all ? 4 : 0);
+  switch (key) {
+    case 0: fn(std::integral_constant<int, 0>()); break;
+    case 1: fn(std::integral_constant<int, 1>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    case 4: fn(std::integral_constant<int, 4>()); break;
+    case 5: fn(std::integral_constant<int, 5>()); break;
+    case 6: fn(std::integral_constant<int, 6>()); break;
+    default: fn(std::integral_constant<int, 7>()); break;
+  }
+}
+
+}  // namespace force_detail
+
+extern "C" {
+
+// grad null (forward): force[b, i] = σ[b, i] Σ_l ((table_l[b, slot_l(i)] presence_l[b, i]) factor_l[b, i]) factor_all_l[b, i],
+// multiplied and summed in that order (built without floating-point contraction: the same numbers as torch's
+// elementwise ops). grad given (backward): each layer's weight, d_presence, d_factor and d_factor_all (where not
+// null), and d_sigma = grad Σ_l (...).
+void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer* layers, const float* sigma,
+                               int64_t sigma_stride, const float* grad, float* force, float* d_sigma,
+                               int64_t threads) {
+  using namespace force_detail;
+  parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+    float total[kTile], gs[kTile];
+    for (int64_t b = lo / N; b * N < hi; ++b) {
+      const int64_t r0 = std::max(lo, b * N) - b * N, r1 = std::min(hi, (b + 1) * N) - b * N;
+      const float* s = sigma + b * sigma_stride;
+      for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
+        const int64_t i1 = std::min(r1, i0 + kTile), n = i1 - i0;
+        if (grad == nullptr) {
+          if (L == 0) std::fill(total, total + n, 0.f);
+          for (int64_t l = 0; l < L; ++l)
+            dispatch(layers[l], [&](auto key) {
+              constexpr int k = decltype(key)::value;
+              forward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0>(layers[l], b, i0, i1, l == 0, total);
+            });
+          float* out = force + b * N;
+          for (int64_t i = i0; i < i1; ++i) out[i] = s[i] * total[i - i0];
+        } else {
+          const float* g = grad + b * N;
+          for (int64_t i = i0; i < i1; ++i) gs[i - i0] = g[i] * s[i];
+          std::fill(total, total + n, 0.f);
+          for (int64_t l = 0; l < L; ++l)
+            dispatch(layers[l], [&](auto key) {
+              constexpr int k = decltype(key)::value;
+              const ForceLayer& layer = layers[l];
+              if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
+                  layer.d_factor_all != nullptr)
+                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true>(layers[l], b, N, i0, i1, gs, total);
+              else
+                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false>(layers[l], b, N, i0, i1, gs, total);
+            });
+          if (d_sigma != nullptr)
+            for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];
+        }
+      }
     }
   });
 }

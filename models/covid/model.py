@@ -53,7 +53,7 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import group_gather, group_sum, range_sums, scaled_others_sum
+from agenttensor.transmission import ForceTerm, group_gather, group_sum, layered_force, range_sums
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
@@ -458,8 +458,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     Infectious agents are few, so each layer's group sums Σ_j p_j a_j ι_j run over the infectious agents
     only and are scaled per group (by β m w_l / (n_g − 1)); each agent then reads its group's value with
     one gather. The self term of π is left out: λ only matters for susceptible agents, who contribute
-    nothing. In gradient modes a zero-valued dense term ``x − x.detach()`` carries the gradient of the
-    dense group sum, so forward values are the same in every mode.
+    nothing. In gradient modes the derivative of the dense group sums rides on `layered_force` (the others-sum of
+    each layer's own contributions), so forward values are the same in every mode.
     """
     env: CovidEnv = ctx.env
     date = date_of(ctx.start_date, ctx.step)
@@ -492,7 +492,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return once("iota_away", at, value)
 
     # gradient modes: every agent's dense contribution per layer [B, N], whose derivative reaches the other
-    # members of its group through `with_others_gradient` (see layer_term), and the per-group scale it gets there
+    # members of its group through `layered_force` (``ForceTerm.own``), and the per-group scale it gets there
     own_contribution: dict[str, Tensor] = {}
     own_scale: dict[str, Tensor] = {}
 
@@ -500,7 +500,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                      real_sources_only: bool = False, dense_gradient: bool = False) -> Tensor:
         """Σ over each group's infectious members: [B, G + 1] (last slot: non-members), summed over the
         infectious agents only. Gradient modes: the sum carries no derivative of the memberships; the dense
-        contribution of every agent is kept for `with_others_gradient` instead, and with ``dense_gradient`` the
+        contribution of every agent is kept for `layered_force` instead, and with ``dense_gradient`` the
         totals also carry it (for the borough-wide community mixing). With ``real_sources_only`` the derivative
         mass of untaken infections (agents without a running countdown) is left out; `shadow.py`
         carries its effect instead."""
@@ -520,7 +520,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
         value = lever_per_agent(ctx, lever)
-        return None if value is None else (lambda at: 1 - at(value))
+        return None if value is None else (lambda at: once(f"presence_{lever}", at, lambda: 1 - at(value)))
 
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
@@ -537,8 +537,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         closed = closed_workplaces(ctx)
 
         def p_work(at: At) -> Tensor:
-            on_site = at(state.on_site).to(torch.float32)
-            return on_site if closed is None else on_site * (1 - at(closed))
+            def value() -> Tensor:
+                on_site = at(state.on_site).to(torch.float32)
+                return on_site if closed is None else on_site * (1 - at(closed))
+
+            return once("presence_work", at, value)
 
         work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at), "workplace")
         own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
@@ -546,7 +549,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     p_community = presence_of("stay_at_home")
     community_all = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
                                  "community", dense_gradient=True)[:, :-1]  # [B, C]
-    community = community_all.detach()  # the NTA part's derivative comes from `with_others_gradient`
+    community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s own terms
     per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough,
                                                                                  community_all)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
@@ -566,16 +569,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     vaccinated = ctx.lever("vaccination") is not None
 
     def layer_term(name: str, at: At, per_slot: Tensor | None = None) -> Tensor:
-        """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at``; with ``per_slot`` [B | 1, G + 1] in place
-        of the group values (e.g. the hazard per unit of one other member's infectiousness)."""
+        """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at`` (no derivative of the group members: the
+        dense force below carries it); with ``per_slot`` [B | 1, G + 1] in place of the group values (e.g. the
+        hazard per unit of one other member's infectiousness)."""
         group_values, slot, presence = layers[name]
         value = at.group(group_values if per_slot is None else per_slot, slot)
-        if at.i is None and name in own_contribution and per_slot is None:
-            # gradient modes: the derivative of π_l(i) w.r.t. the memberships of i's *other* group members. The
-            # agent's own term is zero in the forward pass (susceptible agents are not infectious) but not in the
-            # backward pass once derivative mass of untaken infections sits in its I stages (`shadow_flows`): it
-            # is left out, or an agent would "infect itself" in the linearisation.
-            value = with_others_gradient(value, own_contribution[name], torch.atleast_2d(own_scale[name]).detach(), slot)
         if presence is not None:
             value = value * presence(at)
         if reductions[name] is not None:
@@ -594,41 +592,23 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     dense = At()
     sigma = susceptibility(dense)
-    terms = [layer_term(name, dense) for name in layers]
-    force = sigma * functools.reduce(torch.add, terms)  # not sum(): its 0 + first term is one more [B, N] pass
+    # every agent: one pass over the layers (`layered_force`: the arithmetic of layer_term, one autograd node). In
+    # gradient modes each layer also carries the derivative of π_l(i) w.r.t. the memberships of i's *other* group
+    # members (``own``). The agent's own term is zero in the forward pass (susceptible agents are not infectious)
+    # but not in the backward pass once derivative mass of untaken infections sits in its I stages
+    # (`shadow_flows`): it is left out, or an agent would "infect itself" in the linearisation.
+    force = layered_force(sigma, [ForceTerm(
+        table=group_values, slot=slot, presence=None if presence is None else presence(dense),
+        factor=None if reductions[name] is None else 1 - reductions[name],
+        factor_all=None if reduction_all is None else 1 - reduction_all,
+        own=own_contribution.get(name), own_scale=torch.atleast_2d(own_scale[name]) if name in own_contribution else None)
+        for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)
         with torch.no_grad():
             unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
         ctx.scratch["household_unit_hazard"] = unit
     return state
-
-
-class _OthersGradient(torch.autograd.Function):
-    """Forward: x unchanged. Backward: x's gradient passes through, and d/d(own_j) = scale_g Σ_{i ∈ g, i ≠ j} grad_i
-    (j's group g) is added.
-
-    The derivative of "x + scale × Σ over the *other* members of my group" (a zero-valued sum in the forward
-    pass) without the graph autograd would keep for it (a gathered per-agent scale and the own term, 8 bytes
-    per agent per layer and step) or the [B, N] additions of zeros: only the per-group scale [B | 1, G + 1]
-    and the slot index [N] are saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
-        ctx.save_for_backward(scale, slot)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        scale, slot = ctx.saved_tensors
-        return grad, scaled_others_sum(grad, scale, slot), None, None
-
-
-def with_others_gradient(x: Tensor, own: Tensor, scale: Tensor, slot: Tensor) -> Tensor:
-    """x [B, N], whose derivative gains that of scale[g(i)] Σ_{j ∈ g(i), j ≠ i} own_j w.r.t. own [B, N]
-    (the forward values are x's)."""
-    return _OthersGradient.apply(x.expand(own.shape), own, scale, slot)
 
 
 def closed_workplaces(ctx: StepContext) -> Tensor | None:

@@ -9,24 +9,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
+#include <omp.h>
 #include <vector>
 
 namespace {
 
+// body(begin, end) over [0, n) in contiguous chunks, one per thread of torch's own OpenMP pool (this library
+// links the libgomp torch has loaded: its threads are already running, and no second pool competes with them
+// for the cores). Results never depend on the number of threads.
 template <class F>
-void parallel(int64_t threads, int64_t n, F&& body) {  // body(begin, end) over [0, n)
+void parallel(int64_t threads, int64_t n, F&& body) {
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / (int64_t(1) << 16)));
   if (threads <= 1) {
     body(0, n);
     return;
   }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t w = 1; w < threads; ++w)
-    pool.emplace_back([&, w] { body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk)); });
-  body(0, std::min(n, chunk));
-  for (auto& t : pool) t.join();
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t count = omp_get_num_threads(), w = omp_get_thread_num();
+    const int64_t chunk = (n + count - 1) / count;
+    body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
+  }
 }
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
