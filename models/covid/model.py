@@ -590,6 +590,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             sigma = sigma * (1 - at(params.vaccine_efficacy_infection) * at(state.vaccinated).to(torch.float32))
         return sigma
 
+    def kept_share(layer: str, reduction: Tensor | None) -> Tensor | None:  # 1 − r, recomputed when the lever changes
+        return None if reduction is None else env.memo(("kept", layer), (reduction,), lambda: 1 - reduction)
+
     dense = At()
     sigma = susceptibility(dense)
     # every agent: one pass over the layers (`layered_force`: the arithmetic of layer_term, one autograd node). In
@@ -599,8 +602,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # (`shadow_flows`): it is left out, or an agent would "infect itself" in the linearisation.
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
-        factor=None if reductions[name] is None else 1 - reductions[name],
-        factor_all=None if reduction_all is None else 1 - reduction_all,
+        factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
         own=own_contribution.get(name), own_scale=torch.atleast_2d(own_scale[name]) if name in own_contribution else None)
         for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))

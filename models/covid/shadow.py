@@ -145,8 +145,9 @@ class _ShadowFlows(torch.autograd.Function):
             return None if g is None else range_broadcast(g, env.borough_slices)
 
         g_report = _combine((1.0, g_reported), (1.0, None if g_recent is None else g_recent[:, k.slot]))
-        f = k.symptomatic[env.age_group]  # [N]
-        f_mean = float(f.mean()) if f.numel() else 0.0
+        counts = env.memo("age_group_counts", (env.age_group,),  # agents per age group [A]: f̄ without an [N] pass
+                          lambda: torch.bincount(env.age_group.long(), minlength=k.symptomatic.numel()).double())
+        f_mean = float((counts * k.symptomatic.double()).sum() / counts.sum()) if env.age_group.numel() else 0.0
         d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
         rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
         half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
@@ -158,6 +159,7 @@ class _ShadowFlows(torch.autograd.Function):
             f_mean, d_sym, d_asym, half_infectious, rate)
         if fused is not None:  # the same map in two native passes (CPU)
             return (None,) * 6 + fused + passed
+        f = k.symptomatic[env.age_group]  # [N]
         free = (stage_end < 0).to(unit.dtype)
 
         # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
