@@ -110,6 +110,8 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
     """(Σ_{j in g(i)} grad_j − grad_i) scale[g(i)]: grad [B, N], scale [B | 1, G] -> [B, N], or None. ``sums``:
     the group sums of grad [B, G] where the caller has them."""
     G = scale.shape[-1] if scale.dim() == 2 else -1
+    if not enabled() or not _slot_ok(slot, G):
+        return None
     if sums is None:
         sums = segment_sum(grad, slot, G) if G > 0 else None
     if sums is None or sums.shape != (grad.shape[0], G) or _rows(sums, G) != (G if grad.shape[0] > 1 else 0):

@@ -2,10 +2,11 @@
 forward+backward (StraightThrough, gradients to β and the weekly multiplier), at 0.1M and 1M
 synthetic agents and at full NYC when the population builder is available.
 
-    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2]
+    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2] [--without-native]
 
 Gradient runs of 1M+ agents use the caching CPU allocator as `simulate` does (agenttensor/_cpu_cache.py;
-AGENTTENSOR_CPU_CACHE=0 turns it off for a comparison).
+AGENTTENSOR_CPU_CACHE=0 turns it off for a comparison). --without-native measures every size a second time
+with the native CPU kernels off (agenttensor/native.py), in the same process, right after.
 
 Prints a table and writes benchmarks/results/covid_step.json.
 """
@@ -38,6 +39,13 @@ START = dt.date(2020, 3, 2)  # a Monday: every layer is active on the first days
 SCENARIO = [Intervention("school_closure", 0, 400, 1.0, ages=(11, 17)),  # step numbers: active from day 0
             Intervention("workplace_closure", 0, 400, 0.3),
             Intervention("transmission_reduction", 0, 400, 0.2, layer="community")]
+
+
+def native_kernels_built() -> bool:
+    """Whether the native CPU kernels (agenttensor/native.py) are on and built in this process."""
+    from agenttensor import _group_kernels
+
+    return _group_kernels.enabled()
 
 
 def env_bytes(env) -> int:
@@ -123,6 +131,9 @@ def main() -> None:
     parser.add_argument("--fwd-steps", type=int, default=14)
     parser.add_argument("--bwd-steps", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/covid_step.json")
+    parser.add_argument("--without-native", action="store_true",
+                        help="also measure each size with the native CPU kernels off (AGENTTENSOR_NATIVE_KERNELS=0), "
+                             "right after the measurement with them on")
     args = parser.parse_args()
     rows = []
     populations = [(f"synthetic:{n}", lambda n=n: at.synthetic(n, seed=0)) for n in
@@ -142,10 +153,14 @@ def main() -> None:
         population = make()
         for threads in [int(x) for x in args.threads.split(",")]:
             torch.set_num_threads(threads)
-            rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps), threads=threads))
-            print(rows[-1], flush=True)
+            for native in (True, False) if args.without_native else (True,):
+                os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1" if native else "0"  # read at every kernel call
+                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps), threads=threads,
+                                 native_kernels=native and native_kernels_built()))
+                print(rows[-1], flush=True)
+            os.environ.pop("AGENTTENSOR_NATIVE_KERNELS", None)
         del population
-    header = ("population", "agents", "threads", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day",
+    header = ("population", "agents", "threads", "native_kernels", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day", "ratio_to_forward",
               "forward_backward_cpu_s_per_day", "cpu_ratio_to_forward",
               "state_bytes_per_agent", "env_bytes_per_agent", "peak_rss_gb")
     print(" | ".join(header))
@@ -154,6 +169,8 @@ def main() -> None:
     reference = {AGENTTORCH_SMALL: 0.047, "Brooklyn": 11.2}  # AgentTorch 0.6.0 s/day, from issue #8 (not rerun here)
     agenttorch = []
     for row in rows:
+        if not row["native_kernels"] and args.without_native:
+            continue
         ref = reference.get(row["agents"]) or (reference["Brooklyn"] if "Brooklyn" in row["population"] else None)
         if ref:
             agenttorch.append(dict(population=row["population"], agents=row["agents"], threads=row["threads"],
