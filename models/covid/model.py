@@ -509,8 +509,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         totals = totals.index_add(0, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
         if ctx.sampler.differentiable:
             own = contribution(At()).expand(B, -1)
-            if real_sources_only:
-                own = own * (state.stage_end >= 0).to(torch.float32)
+            if real_sources_only:  # (`where` keeps a 1-byte mask for the backward pass, a product a 4-byte one)
+                own = torch.where(state.stage_end >= 0, own, 0.0)
             totals = totals.detach()
             own_contribution[name] = own
             if dense_gradient:
@@ -520,7 +520,10 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
         value = lever_per_agent(ctx, lever)
-        return None if value is None else (lambda at: once(f"presence_{lever}", at, lambda: 1 - at(value)))
+        if value is None:
+            return None
+        dense_presence = lambda: env.memo(("presence", lever), (value,), lambda: 1 - value)  # noqa: E731
+        return lambda at: 1 - at(value) if at.i is not None else once(f"presence_{lever}", at, dense_presence)
 
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
@@ -827,7 +830,9 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # changes once a week
         employed = by_borough(env, state.employed, dtype=torch.float32)
         unemployed = by_borough(env, state.unemployed, dtype=torch.float32)
-        with_workplace = by_borough(env, state.employed * env.has_workplace.to(state.employed.dtype), dtype=torch.float32)
+        has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
+                                 lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step
+        with_workplace = by_borough(env, state.employed * has_workplace, dtype=torch.float32)
         on_site = by_borough(env, state.on_site * state.employed, dtype=torch.float32)
         return employed, unemployed, with_workplace, on_site
 
