@@ -32,7 +32,9 @@ def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, .
     and return its path; an existing build is reused. Raises RuntimeError without a compiler or on errors."""
     torch_dir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    key = hashlib.sha256(source.read_bytes() + f"{flags}|{with_torch}|{torch.__version__}|{abi}|{torch_dir}".encode())
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # shared headers (-I CSRC)
+    key = hashlib.sha256(source.read_bytes() + headers
+                         + f"{flags}|{with_torch}|{torch.__version__}|{abi}|{torch_dir}".encode())
     cache = Path(os.environ.get("AGENTTENSOR_CACHE_DIR", Path.home() / ".cache" / "agenttensor"))
     target = cache / f"lib{name}_{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -43,7 +45,7 @@ def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, .
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        cmd = [compiler, *flags, "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{CSRC}"]
         if with_torch:
             cmd += [f"-I{torch_dir / 'include'}", str(source), f"-L{torch_dir / 'lib'}", "-lc10",
                     f"-Wl,-rpath,{torch_dir / 'lib'}"]

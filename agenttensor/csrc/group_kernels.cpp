@@ -9,30 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
 #include <type_traits>
 #include <vector>
 
-namespace {
+#include "parallel.h"
 
-// body(begin, end) over [0, n) in `threads` contiguous chunks (at least `grain` items each).
-// body(begin, end) over [0, n) in contiguous chunks, one per thread of torch's own OpenMP pool (this library
-// links the libgomp torch has loaded: its threads are already running, and no second pool competes with them
-// for the cores). Results never depend on the number of threads.
-template <class F>
-void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(grain, 1)));
-  if (threads <= 1) {
-    body(0, n);
-    return;
-  }
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t count = omp_get_num_threads(), w = omp_get_thread_num();
-    const int64_t chunk = (n + count - 1) / count;
-    body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
-  }
-}
+namespace {
 
 constexpr int64_t kSpread = 8;  // extra cells for the last slot (a layer's non-members)
 
@@ -114,7 +96,7 @@ void contiguous_sum(const float* values, int64_t row_stride, const int64_t* slot
     cut[p] = p == pieces ? N : std::max(p ? cut[p - 1] : 0, group_boundary(slot, N, p * (N / pieces)));
   const int64_t parts = pieces == 1 ? 1 : 2;
   const int64_t streams = pieces / parts;
-  parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, first = (k % parts) * streams;
       const float* v = values + b * row_stride;
@@ -180,7 +162,7 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
   if (partial.size() < static_cast<size_t>(B * parts * W)) partial.resize(B * parts * W);
   float* scratch = partial.data();  // thread_local: the workers must not name it
   std::fill(scratch, scratch + B * parts * W, 0.f);
-  parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, part = k % parts;
       const int64_t a = part * (N / parts), e = part == parts - 1 ? N : (part + 1) * (N / parts);
@@ -204,7 +186,7 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
 // out[b, i] = table[b * table_stride + slot[i]]; out [B, N] contiguous (table_stride 0: one row for every b).
 void agenttensor_gather(const float* table, int64_t table_stride, const int64_t* slot, int64_t B, int64_t N,
                         float* out, int64_t threads) {
-  parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo / N; b * N < hi; ++b) {
       const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
       const float* t = table + b * table_stride;
@@ -219,7 +201,7 @@ void agenttensor_gather(const float* table, int64_t table_stride, const int64_t*
 void agenttensor_others_scaled(const float* grad, const float* sums, int64_t G, const float* scale,
                                int64_t scale_stride, const int64_t* slot, int64_t B, int64_t N, float* out,
                                int64_t threads) {
-  parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo / N; b * N < hi; ++b) {
       const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
       const float* s = sums + b * G;
@@ -336,7 +318,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
                                int64_t sigma_stride, const float* grad, float* force, float* d_sigma,
                                int64_t threads) {
   using namespace force_detail;
-  parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
     for (int64_t b = lo / N; b * N < hi; ++b) {
       const int64_t r0 = std::max(lo, b * N) - b * N, r1 = std::min(hi, (b + 1) * N) - b * N;

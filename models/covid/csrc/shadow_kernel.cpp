@@ -9,28 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
 #include <vector>
 
-namespace {
+#include "parallel.h"
 
-// body(begin, end) over [0, n) in contiguous chunks, one per thread of torch's own OpenMP pool (this library
-// links the libgomp torch has loaded: its threads are already running, and no second pool competes with them
-// for the cores). Results never depend on the number of threads.
-template <class F>
-void parallel(int64_t threads, int64_t n, F&& body) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / (int64_t(1) << 16)));
-  if (threads <= 1) {
-    body(0, n);
-    return;
-  }
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t count = omp_get_num_threads(), w = omp_get_thread_num();
-    const int64_t chunk = (n + count - 1) / count;
-    body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
-  }
-}
+namespace {
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
 
@@ -125,7 +108,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
                               const float* susceptible_sums, const int64_t* household, int64_t households,
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
                               float* q_sym, float* q_asym, int64_t threads) {
-  parallel(threads, B * N, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo / N; b * N < hi; ++b) {
       const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
       const float* __restrict S = susceptible + b * N;
@@ -153,7 +136,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
 
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N, G = a->G;
-  parallel(a->threads, a->B * N, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     each(lo, hi, N, [&](int64_t b, int64_t i, int64_t k) {
       const int64_t bo = b * G + a->borough[i];
       const int32_t age = a->age_group[i];

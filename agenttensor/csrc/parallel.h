@@ -1,0 +1,29 @@
+// Shared by agenttensor's native compute kernels (built by agenttensor/native.py with -I agenttensor/csrc).
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace agenttensor {
+
+// body(begin, end) over [0, n) in contiguous chunks of at least `grain` items, one per thread of torch's own
+// OpenMP pool (the kernels link the libgomp torch has loaded: its threads are already running, and no second
+// pool competes with them for the cores). Callers make results independent of the number of threads.
+template <class F>
+void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(grain, 1)));
+  if (threads <= 1) {
+    body(0, n);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t count = omp_get_num_threads(), w = omp_get_thread_num();
+    const int64_t chunk = (n + count - 1) / count;
+    body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
+  }
+}
+
+}  // namespace agenttensor
