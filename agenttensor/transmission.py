@@ -197,6 +197,9 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
     Under autograd it is one node (saving its inputs only) instead of ~5 elementwise nodes per layer with their
     [B, N] intermediates; on CPU forward and backward are single native passes. Values are those of the same
     arithmetic in torch ops, bit for bit (same order, no fused multiply-adds)."""
+    if any(t.own is not None and t.own_scale is None for t in terms):
+        raise ValueError("layered_force: a ForceTerm with `own` contributions needs `own_scale` (the per-group "
+                         "scale of the others-sum, [B | 1, S])")
     if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for t in terms
                                               for x in (sigma, t.table, t.presence, t.factor, t.factor_all, t.own)):
         force = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)

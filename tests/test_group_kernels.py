@@ -160,3 +160,10 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
     assert torch.equal(fast, ref)
     for name in leaves:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_layered_force_needs_the_scale_of_own_contributions():
+    from agenttensor.transmission import ForceTerm, layered_force
+
+    with pytest.raises(ValueError, match="own_scale"):
+        layered_force(torch.ones(4), [ForceTerm(torch.ones(1, 2), torch.tensor([0, 1, 1, 0]), own=torch.ones(1, 4))])
