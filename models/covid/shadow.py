@@ -34,7 +34,9 @@ derivatives with coefficients that do not depend on the parameters' derivatives 
 anything has no derivative w.r.t. that anything). So the whole step is one autograd node, `_ShadowFlows`:
 its forward returns the state unchanged (no [B, N] work at all) and its backward applies the transposed
 linear map, about 30 [B, N] operations instead of the ~100 of the same arithmetic written as zero-valued
-tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC).
+tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC). On CPU those 30 operations run as two
+fused native passes (`shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
+whole full-NYC backward); the torch ops below stay the reference and the path elsewhere.
 """
 
 from __future__ import annotations
