@@ -1,11 +1,13 @@
-"""Native CPU kernels for group sums and gathers (agenttensor/csrc/group_kernels.cpp), used by
-`agenttensor.transmission` where they apply: float32 values on CPU, int64 slots.
+"""Native CPU kernels for group sums, gathers and the layered force of infection
+(agenttensor/csrc/group_kernels.cpp), used by `agenttensor.transmission` where they apply: float32 values on
+CPU, int64 slots; every function returns None elsewhere and the caller runs torch ops.
 
-torch's CPU ``index_add_`` / ``index_select`` along dim 1 take 10-30 ms at 8.7M agents, where a plain loop
-takes 3-10 ms (``benchmarks/group_kernels.py``). Each row is summed in agent order over two fixed halves, so
-results do not depend on the thread count or on the batch a row runs in. Slots are bounds-checked once per
-slot tensor (and again if it is modified in place). ``AGENTTENSOR_NATIVE_KERNELS=0`` turns the kernels off;
-without a C++ compiler the torch ops are used (logged once; `agenttensor.native`).
+torch's CPU ``index_add_`` / ``index_select`` along dim 1 take 10-30 ms at 8.7M agents (the full-NYC layers),
+these loops 3-10 ms; `benchmarks/covid_step.py --without-native` measures the whole step both ways. Each row is
+summed in agent order over two fixed halves (or, where every group is one contiguous run of agents, each group
+by one thread), so results do not depend on the thread count or on the batch a row runs in. Slots are
+bounds-checked once per slot tensor (and again if it is modified in place). ``AGENTTENSOR_NATIVE_KERNELS=0``
+turns the kernels off; without a C++ compiler the torch ops are used (logged once; `agenttensor.native`).
 """
 
 from __future__ import annotations
