@@ -143,15 +143,14 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     N = sigma.shape[1]
     if grad is not None and (grad.shape != (B, N) or _rows(grad, N) is None):
         return None
-    keep, structs = [sigma], []
+    structs = []
 
-    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:
+    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:  # (pointer, row stride) or None
         if x is None:
             return None, 0
         stride = _rows(x, n)
         if stride is None or x.shape[0] not in (1, B):
             return None
-        keep.append(x)
         return x.data_ptr(), stride
 
     def out(wanted: bool) -> Tensor | None:

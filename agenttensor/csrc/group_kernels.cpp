@@ -18,40 +18,15 @@ namespace {
 
 constexpr int64_t kSpread = 8;  // extra cells for the last slot (a layer's non-members)
 
-// o[0, G + kSpread) += v[i] at slot[i] for agents [lo, hi).
-// `runs` (slots mostly equal to their predecessor, e.g. neighbourhoods of agents sorted by place): each run is
-// summed in a register. Otherwise one add per agent, with the last slot (non-members: a long chain of adds into
-// one cell) spread over kSpread cells.
-void accumulate(const float* v, const int64_t* slot, int64_t lo, int64_t hi, int64_t G, bool runs, float* o) {
-  if (lo >= hi) return;
-  if (runs) {
-    int64_t g = slot[lo];
-    float acc = 0.f;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t s = slot[i];
-      if (s != g) {
-        o[g] += acc;
-        g = s;
-        acc = 0.f;
-      }
-      acc += v[i];
-    }
-    o[g] += acc;
-    return;
-  }
+// o[0, G + kSpread) += v[i] at slot[i] for agents [lo, hi), with the last slot (non-members: a long chain of
+// dependent adds into one cell otherwise) spread over kSpread cells.
+void accumulate(const float* v, const int64_t* slot, int64_t lo, int64_t hi, int64_t G, float* o) {
   const int64_t last = G - 1;
   for (int64_t i = lo; i < hi; ++i) {
     int64_t s = slot[i];
     s += static_cast<int64_t>(s == last) * (G - last + (i & (kSpread - 1)));
     o[s] += v[i];
   }
-}
-
-bool mostly_runs(const int64_t* slot, int64_t N) {  // from the first 4096 agents
-  const int64_t n = std::min<int64_t>(N, 4096);
-  int64_t same = 0;
-  for (int64_t i = 1; i < n; ++i) same += slot[i] == slot[i - 1];
-  return n > 1 && same * 10 >= (n - 1) * 9;
 }
 
 // Index after `i` where a new group starts (N if none): a split point that keeps every group in one piece.
@@ -157,7 +132,6 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
   }
   const int64_t parts = N >= (int64_t(1) << 18) ? 2 : 1;
   const int64_t W = G + kSpread;
-  const bool runs = mostly_runs(slot, N);
   thread_local std::vector<float> partial;
   if (partial.size() < static_cast<size_t>(B * parts * W)) partial.resize(B * parts * W);
   float* scratch = partial.data();  // thread_local: the workers must not name it
@@ -166,7 +140,7 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, part = k % parts;
       const int64_t a = part * (N / parts), e = part == parts - 1 ? N : (part + 1) * (N / parts);
-      accumulate(values + b * row_stride, slot, a, e, G, runs, scratch + k * W);
+      accumulate(values + b * row_stride, slot, a, e, G, scratch + k * W);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -187,12 +161,11 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
 void agenttensor_gather(const float* table, int64_t table_stride, const int64_t* slot, int64_t B, int64_t N,
                         float* out, int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo / N; b * N < hi; ++b) {
-      const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const float* t = table + b * table_stride;
       float* o = out + b * N;
       for (int64_t i = i0; i < i1; ++i) o[i] = t[slot[i]];
-    }
+    });
   });
 }
 
@@ -202,20 +175,16 @@ void agenttensor_others_scaled(const float* grad, const float* sums, int64_t G, 
                                int64_t scale_stride, const int64_t* slot, int64_t B, int64_t N, float* out,
                                int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo / N; b * N < hi; ++b) {
-      const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const float* s = sums + b * G;
       const float* c = scale + b * scale_stride;
       const float* g = grad + b * N;
       float* o = out + b * N;
       for (int64_t i = i0; i < i1; ++i) o[i] = (s[slot[i]] - g[i]) * c[slot[i]];
-    }
+    });
   });
 }
 
-}  // extern "C"
-
-extern "C" {
 
 // One contact layer of a layered force (agenttensor.transmission.layered_force). Row strides are 0 for a row
 // broadcast over the batch; a null presence or factor reads as 1.
@@ -320,8 +289,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
   using namespace force_detail;
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
-    for (int64_t b = lo / N; b * N < hi; ++b) {
-      const int64_t r0 = std::max(lo, b * N) - b * N, r1 = std::min(hi, (b + 1) * N) - b * N;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       const float* s = sigma + b * sigma_stride;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
         const int64_t i1 = std::min(r1, i0 + kTile), n = i1 - i0;
@@ -352,7 +320,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
             for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];
         }
       }
-    }
+    });
   });
 }
 

@@ -26,4 +26,11 @@ void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
   }
 }
 
+// body(b, i0, i1) for each row b of a [B, N] array that the flat range [lo, hi) touches, with its agents [i0, i1):
+// how the kernels walk a thread's chunk without a division per agent.
+template <class F>
+void for_rows(int64_t lo, int64_t hi, int64_t N, F&& body) {
+  for (int64_t b = lo / N; b * N < hi; ++b) body(b, std::max(lo, b * N) - b * N, std::min(hi, (b + 1) * N) - b * N);
+}
+
 }  // namespace agenttensor

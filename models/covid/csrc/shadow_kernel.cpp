@@ -64,10 +64,9 @@ inline float power_unit(float x, float n) {
 // body(b, i, k = b * N + i) for the flat range [lo, hi) of a [B, N] array, without a division per agent.
 template <class F>
 void each(int64_t lo, int64_t hi, int64_t N, F&& body) {
-  for (int64_t b = lo / N; b * N < hi; ++b) {
-    const int64_t i1 = std::min(hi, (b + 1) * N) - b * N;
-    for (int64_t i = std::max(lo, b * N) - b * N; i < i1; ++i) body(b, i, b * N + i);
-  }
+  agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) body(b, i, b * N + i);
+  });
 }
 
 }  // namespace
@@ -109,8 +108,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
                               float* q_sym, float* q_asym, int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo / N; b * N < hi; ++b) {
-      const int64_t i0 = std::max(lo, b * N) - b * N, i1 = std::min(hi, (b + 1) * N) - b * N;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const float* __restrict S = susceptible + b * N;
       const float* __restrict sums = susceptible_sums + b * households;
       float* __restrict chain = q_asym + b * N;
@@ -130,7 +128,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
         qs[i] = (1.f - power_unit(1.f - T_sym * T_mid, n) * (1.f - T_sym)) * sg;
         chain[i] = (1.f - power_unit(1.f - T_asym * T_mid, n) * (1.f - T_asym)) * sg;
       }
-    }
+    });
   });
 }
 
