@@ -79,12 +79,12 @@ def enable_for(num_agents: int, device: torch.device | str = "cpu") -> bool:
 
 
 def stats() -> dict[str, int] | None:
-    """{hits, misses, cached_bytes, cap_bytes, min_block_bytes} since installation, or None if not installed."""
+    """{hits, misses, cached_bytes, cap_bytes, min_block_bytes, evicted_blocks} since installation, or None if not installed."""
     if _library is None:
         return None
-    out = (ctypes.c_size_t * 5)()
+    out = (ctypes.c_size_t * 6)()
     _library.agenttensor_cache_stats(out)
-    return dict(zip(("hits", "misses", "cached_bytes", "cap_bytes", "min_block_bytes"), out))
+    return dict(zip(("hits", "misses", "cached_bytes", "cap_bytes", "min_block_bytes", "evicted_blocks"), out))
 
 
 def empty() -> None:

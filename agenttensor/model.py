@@ -83,6 +83,14 @@ class StepContext:
         return events
 
 
+    def hazard_event(self, hazard: Tensor, stream: str, where: Tensor) -> Tensor:
+        """Events at rate ``hazard`` [B, N] over this step among ``where`` (0/1): ``bernoulli(1 − exp(−hazard),
+        stream, where)``, the same numbers; in gradient modes one fused node (`Sampler.hazard_event`)."""
+        if self.sampler.differentiable:
+            return self.sampler.hazard_event(hazard, self.uniform(stream), where)
+        return self.bernoulli(1 - torch.exp(-hazard), stream, where)
+
+
 @dataclass(frozen=True)
 class Substep:
     name: str

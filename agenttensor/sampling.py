@@ -42,6 +42,12 @@ class Sampler:
         """Event indicator ``1[u < p]``, broadcast of p and u. Values exactly 0/1."""
         raise NotImplementedError
 
+    def hazard_event(self, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+        """``1[u < 1 − exp(−hazard)] · where`` (an event at rate ``hazard`` over one step, among the 0/1
+        members ``where``), all broadcastable to [B, N]; the same numbers as ``bernoulli(1 − exp(−hazard), u)
+        · where``."""
+        return self.bernoulli(1 - torch.exp(-hazard), u) * where
+
     def categorical(self, probs: Tensor, u: Tensor) -> Tensor:
         """One-hot draw from ``probs`` [..., K] (rows sum to 1) by inverse CDF with u [...]. -> [..., K]."""
         cdf = probs.detach().cumsum(-1)
@@ -69,6 +75,40 @@ class StraightThrough(Sampler):
         if not isinstance(p, Tensor):
             return (u < p).to(torch.float32)
         return _StraightThroughEvent.apply(p, u) if p.requires_grad else (u < p).to(p.dtype)
+
+
+    def hazard_event(self, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+        if not (isinstance(hazard, Tensor) and hazard.requires_grad) and not where.requires_grad:
+            return super().hazard_event(hazard, u, where)
+        return _StraightThroughHazardEvent.apply(hazard, u, where)
+
+
+class _StraightThroughHazardEvent(torch.autograd.Function):
+    """``1[u < 1 − exp(−h)] · where`` forward (the numbers of ``1 − exp(−h)``, the comparison and the product
+    in torch ops); backward d/dh = grad · where · exp(−h) (d event/d p = 1), d/dwhere = grad · event. One node
+    keeping exp(−h) and a 1-byte event mask, where the composition keeps exp(−h) and the float32 event
+    and runs ~5 elementwise nodes each way."""
+
+    @staticmethod
+    def forward(ctx, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+        survival = torch.exp(-hazard)
+        happened = u < 1 - survival
+        ctx.shapes = hazard.shape, where.shape
+        ctx.save_for_backward(survival if ctx.needs_input_grad[0] else None,
+                              where if ctx.needs_input_grad[0] else None,
+                              happened if ctx.needs_input_grad[2] else None)
+        return happened.to(where.dtype) * where
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        survival, where, happened = ctx.saved_tensors
+        hazard_shape, where_shape = ctx.shapes
+        d_hazard = d_where = None
+        if ctx.needs_input_grad[0]:
+            d_hazard = (grad * where * survival).sum_to_size(hazard_shape)
+        if ctx.needs_input_grad[2]:
+            d_where = torch.where(happened, grad, 0.0).sum_to_size(where_shape)
+        return d_hazard, None, d_where
 
 
 class _StraightThroughEvent(torch.autograd.Function):

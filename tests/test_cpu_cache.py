@@ -1,5 +1,5 @@
 """The caching CPU allocator (agenttensor/_cpu_cache.py): blocks reused by exact size, capped with
-least-recently-used eviction of other sizes, values intact."""
+least-recently-used eviction of other sizes , values intact."""
 
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ SCRIPT = textwrap.dedent("""
     three = [torch.ones(4 * MB) for _ in range(3)]  # 16 MB each: 48 MB cached once freed
     del three
     assert _cpu_cache.stats()["cached_bytes"] == 48 * MB
+    evicted = _cpu_cache.stats()["evicted_blocks"]
     other = torch.ones(40 * MB, dtype=torch.uint8)
     del other  # does not fit next to them: the least recently used other size is released to make room
-    assert _cpu_cache.stats()["cached_bytes"] == 40 * MB
+    s = _cpu_cache.stats()
+    assert s["cached_bytes"] == 40 * MB and s["evicted_blocks"] == evicted + 3, s
     small = [torch.ones(1000) for _ in range(100)]  # below 1 MB: the system allocator
     assert sum(float(t.sum()) for t in small) == 100_000
     _cpu_cache.empty()

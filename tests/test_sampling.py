@@ -45,3 +45,35 @@ def test_categorical_forward_and_gradient():
     assert torch.equal(st.detach(), hard.float())
     (st[:, 1]).sum().backward()
     assert q.grad[:, 1].eq(1).all()
+
+
+def test_hazard_event_matches_its_composition_in_values_and_gradients():
+    """`hazard_event` = bernoulli(1 − exp(−h), u) · where: the fused straight-through node gives the same events
+    and the same derivatives for h (incl. broadcast [1, N] and [B, 1] rates) and for the members `where`."""
+    torch.manual_seed(0)
+    B, N = 3, 4000
+    u = torch.rand(B, N)
+    where_values = (torch.rand(B, N) < 0.7).float()
+    for shape in ((B, N), (1, N), (B, 1)):
+        hazard_values = torch.rand(shape) * 0.8
+        weights = torch.rand(B, N)
+        grads = []
+        for fused in (True, False):
+            hazard = hazard_values.clone().requires_grad_(True)
+            where = where_values.clone().requires_grad_(True)
+            sampler = StraightThrough()
+            events = (sampler.hazard_event(hazard, u, where) if fused else
+                      sampler.bernoulli(1 - torch.exp(-hazard), u) * where)
+            (events * weights).sum().backward()
+            grads.append((events.detach(), hazard.grad, where.grad))
+        (e1, h1, w1), (e2, h2, w2) = grads
+        assert torch.equal(e1, e2) and 0 < e1.sum() < where_values.sum()
+        assert h1.shape == hazard_values.shape and torch.allclose(h1, h2, rtol=1e-5, atol=1e-6)
+        assert torch.equal(w1, w2) and torch.equal(w1, weights * (u < 1 - torch.exp(-hazard_values)).float())
+    # gradients to `where` only (a fixed rate), and none at all: plain events
+    where = where_values.clone().requires_grad_(True)
+    StraightThrough().hazard_event(torch.full((B, N), 0.3), u, where).sum().backward()
+    assert torch.equal(where.grad, (u < 1 - torch.exp(torch.tensor(-0.3))).float())
+    plain = StraightThrough().hazard_event(torch.full((B, N), 0.3), u, where_values)
+    assert not plain.requires_grad and torch.equal(plain, (u < 1 - torch.exp(torch.tensor(-0.3))).float() * where_values)
+    assert torch.equal(Hard().hazard_event(torch.full((B, N), 0.3), u, where_values.to(torch.uint8)), plain.to(torch.uint8))

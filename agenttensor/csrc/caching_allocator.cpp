@@ -66,8 +66,10 @@ class CachingCPUAllocator final : public c10::Allocator {
       if (it != sizes_.end()) {
         size_t nbytes = it->second;
         sizes_.erase(it);
+        const size_t before = evicted.size();
         while (cached_ + nbytes > max_cached_ && evict_least_recent(nbytes, evicted)) {
         }
+        evictions_ += evicted.size() - before;
         if (cached_ + nbytes <= max_cached_) {
           SizeClass& size_class = free_[nbytes];
           size_class.blocks.push_back(ptr);
@@ -99,6 +101,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     out[2] = cached_;
     out[3] = max_cached_;
     out[4] = min_bytes_;
+    out[5] = evictions_;
   }
 
   void set_limit(size_t max_cached) {
@@ -142,6 +145,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   size_t cached_ = 0;
   size_t hits_ = 0;
   size_t misses_ = 0;
+  size_t evictions_ = 0;
   size_t clock_ = 0;
 };
 
@@ -163,7 +167,7 @@ int agenttensor_cache_install(size_t min_bytes, size_t max_cached) {
   return 1;
 }
 
-// hits, misses, cached bytes, cap, minimum block size
+// hits, misses, cached bytes, cap, minimum block size, blocks evicted
 void agenttensor_cache_stats(size_t* out) {
   if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->stats(out);
 }

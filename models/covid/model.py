@@ -667,10 +667,13 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     t = ctx.step
     S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
     V = state.vaccinated
-    # S → E; the same numbers as ctx.bernoulli(p, "infection", where=S): dense while most agents are
-    # susceptible, drawn at the susceptible agents only (hard mode) once they are few
-    p_infection = 1 - torch.exp(-ctx.scratch["force"])
-    new_E = event(ctx, S, "infection", lambda at: at(p_infection))
+    # S → E; the same numbers as ctx.bernoulli(1 − exp(−λ), "infection", where=S): in hard mode dense while most
+    # agents are susceptible, drawn at the susceptible agents only once they are few
+    if ctx.sampler.differentiable:
+        new_E = ctx.hazard_event(ctx.scratch["force"], "infection", S)
+    else:
+        p_infection = 1 - torch.exp(-ctx.scratch["force"])
+        new_E = event(ctx, S, "infection", lambda at: at(p_infection))
 
     b, i = (state.stage_end == t).nonzero(as_tuple=True)  # agents whose timed stage ends today
     at = At(b, i)

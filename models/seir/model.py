@@ -108,7 +108,7 @@ def infection_pressure(state: SEIRState, params: SEIRParams, ctx: StepContext) -
 def progress(state: SEIRState, params: SEIRParams, ctx: StepContext) -> SEIRState:
     """transition: S→E, E→I, I→R from the pre-step state."""
     S, E, I, R = state.S, state.E, state.I, state.R
-    new_E = ctx.bernoulli(1 - torch.exp(-state.force), "infection", where=S)
+    new_E = ctx.hazard_event(state.force, "infection", where=S)
     new_I = ctx.bernoulli(1 / params.incubation_days, "incubation", where=E)
     new_R = ctx.bernoulli(1 / params.infectious_days, "recovery", where=I)
     return state.replace(S=S - new_E, E=E + new_E - new_I, I=I + new_I - new_R, R=R + new_R)
