@@ -2,7 +2,9 @@
 forward+backward (StraightThrough, gradients to β and the weekly multiplier), at 0.1M and 1M
 synthetic agents and at full NYC when the population builder is available.
 
-    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2] [--without-native]
+    python benchmarks/covid_step.py [--sizes 100000,1000000] [--nyc] [--threads 1,2] [--without-native] [--repeats 2]
+
+Each figure is the fastest of --repeats timed runs after a warm-up run (every run is in the JSON).
 
 Gradient runs of 1M+ agents use the caching CPU allocator as `simulate` does (agenttensor/_cpu_cache.py;
 AGENTTENSOR_CPU_CACHE=0 turns it off for a comparison). --without-native measures every size a second time
@@ -79,14 +81,19 @@ def timed_steps(env, params, sampler, steps: int, seeds=(0,)) -> tuple[float, fl
     return time.perf_counter() - wall, time.process_time() - cpu, (state, records)
 
 
-def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
+def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int = 2) -> dict:
+    """One population's row: forward and forward+backward seconds per day, each the fastest of `repeats`
+    timed runs (after a warm-up run), and memory."""
     t0 = time.perf_counter()
     env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
     setup_s = time.perf_counter() - t0
     params = CovidParams(initial_prevalence=1e-3).as_tensors()
     timed_steps(env, params, Hard(), 2)  # warm-up
-    wall, cpu, (state, _) = timed_steps(env, params, Hard(), fwd_steps)
+    runs = [timed_steps(env, params, Hard(), fwd_steps) for _ in range(repeats)]
+    wall, cpu, (state, _) = min(runs, key=lambda run: run[0])
     forward, forward_cpu = wall / fwd_steps, cpu / fwd_steps
+    forward_runs = [round(run[0] / fwd_steps, 4) for run in runs]
+    del runs
     env_size = env_bytes(env)  # one seed's memoised values included (before the batch below replaces them)
     batch = {}
     if env.num_agents == AGENTTORCH_SMALL:  # a day's fixed cost (Python, dispatch) shared by a batch of seeds
@@ -95,6 +102,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
         batch = dict(batch_seeds=BATCH, forward_s_per_day_per_run_in_batch=round(batch_wall / fwd_steps / BATCH, 5))
     row = dict(population=name, agents=env.num_agents, setup_s=round(setup_s, 2), fwd_steps=fwd_steps,
                forward_s_per_day=round(forward, 4), forward_cpu_s_per_day=round(forward_cpu, 4),
+               forward_runs_s_per_day=forward_runs,
                state_bytes_per_agent=round(state.nbytes() / env.num_agents, 2),
                env_bytes_per_agent=round(env_size / env.num_agents, 2), **batch)
     if bwd_steps:
@@ -107,13 +115,22 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int) -> dict:
         for name in names:
             getattr(learn, name).grad = None
         del warm
-        wall, cpu, (_, records) = timed_steps(env, learn, StraightThrough(), bwd_steps)
-        t1, cpu1 = time.perf_counter(), time.process_time()
-        loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum() for r in records)
-        loss.backward()
-        both = (wall + time.perf_counter() - t1) / bwd_steps
-        both_cpu = (cpu + time.process_time() - cpu1) / bwd_steps
+        runs = []
+        for _ in range(repeats):
+            for name in names:
+                getattr(learn, name).grad = None
+            wall, cpu, (_, records) = timed_steps(env, learn, StraightThrough(), bwd_steps)
+            t1, cpu1 = time.perf_counter(), time.process_time()
+            loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum()
+                       for r in records)
+            loss.backward()
+            del records, loss
+            runs.append(((wall + time.perf_counter() - t1) / bwd_steps, (cpu + time.process_time() - cpu1) / bwd_steps,
+                         wall / bwd_steps))
+        both, both_cpu, gradient_forward = min(runs)
         row.update(bwd_steps=bwd_steps, forward_backward_s_per_day=round(both, 4),
+                   forward_backward_runs_s_per_day=[round(run[0], 4) for run in runs],
+                   gradient_forward_s_per_day=round(gradient_forward, 4),
                    forward_backward_cpu_s_per_day=round(both_cpu, 4), ratio_to_forward=round(both / forward, 2),
                    cpu_ratio_to_forward=round(both_cpu / forward_cpu, 2),
                    grad_transmission_scale=float(learn.transmission_scale.grad), cpu_cache=_cpu_cache.stats())
@@ -130,6 +147,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to measure, e.g. 1,2")
     parser.add_argument("--fwd-steps", type=int, default=14)
     parser.add_argument("--bwd-steps", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per measurement after the warm-up; the fastest is reported (all are in the JSON)")
     parser.add_argument("--out", default="benchmarks/results/covid_step.json")
     parser.add_argument("--without-native", action="store_true",
                         help="also measure each size with the native CPU kernels off (AGENTTENSOR_NATIVE_KERNELS=0), "
@@ -155,12 +174,13 @@ def main() -> None:
             torch.set_num_threads(threads)
             for native in (True, False) if args.without_native else (True,):
                 os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1" if native else "0"  # read at every kernel call
-                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps), threads=threads,
+                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps, args.repeats), threads=threads,
                                  native_kernels=native and native_kernels_built()))
                 print(rows[-1], flush=True)
             os.environ.pop("AGENTTENSOR_NATIVE_KERNELS", None)
         del population
-    header = ("population", "agents", "threads", "native_kernels", "forward_s_per_day", "forward_cpu_s_per_day", "forward_backward_s_per_day", "ratio_to_forward",
+    header = ("population", "agents", "threads", "native_kernels", "forward_s_per_day", "forward_cpu_s_per_day",
+              "gradient_forward_s_per_day", "forward_backward_s_per_day", "ratio_to_forward",
               "forward_backward_cpu_s_per_day", "cpu_ratio_to_forward",
               "state_bytes_per_agent", "env_bytes_per_agent", "peak_rss_gb")
     print(" | ".join(header))
@@ -186,7 +206,8 @@ def main() -> None:
                python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                date=time.strftime("%Y-%m-%dT%H:%M:%S"),
                note="*_s_per_day: wall clock; *_cpu_s_per_day: process CPU time (robust on a shared machine; equals wall "
-                    "time on an idle machine with --threads 1); init excluded. hard-mode forward and StraightThrough forward+backward (gradients to 5 parameters incl. the "
+                    "time on an idle machine with --threads 1); init excluded; each the fastest of --repeats timed runs after a warm-up run "
+                    "(all runs in *_runs_s_per_day). hard-mode forward and StraightThrough forward+backward (gradients to 5 parameters incl. the "
                     "weekly multiplier); scenario with school/workplace closures and masks; shared machine, see load")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
