@@ -61,6 +61,40 @@ def test_caching_allocator_reuses_blocks_by_size_under_its_cap(tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+FOOTPRINT_SCRIPT = textwrap.dedent("""
+    import torch
+    from agenttensor import _cpu_cache
+
+    MB = 1 << 20
+    assert _cpu_cache.enable(cap=256 * MB, slack=8 * MB)
+    three = [torch.ones(4 * MB) for _ in range(3)]  # 48 MB in use: the highest so far
+    del three  # 48 MB cached, none in use
+    s = _cpu_cache.stats()
+    assert (s["live_bytes"], s["peak_live_bytes"], s["cached_bytes"]) == (0, 48 * MB, 48 * MB), s
+    y = torch.ones(5 * MB)  # a 20 MB miss: 0 + 48 + 20 > 48 + 8, so the 16 MB size is handed back first
+    s = _cpu_cache.stats()
+    assert s["cached_bytes"] == 0 and s["evicted_blocks"] == 3 and s["live_bytes"] == 20 * MB, s
+    z = [torch.ones(4 * MB) for _ in range(3)]  # in use 68 MB: a new high-water mark
+    del z
+    w = torch.ones(MB // 2)  # a 2 MB miss: 20 + 48 + 2 <= 68 + 8, nothing is evicted
+    s = _cpu_cache.stats()
+    assert s["cached_bytes"] == 48 * MB and s["evicted_blocks"] == 3 and s["peak_live_bytes"] == 68 * MB, s
+    assert float(y.sum()) == 5 * MB and float(w.sum()) == MB // 2
+    _cpu_cache.empty()  # the high-water mark restarts from what is in use
+    assert _cpu_cache.stats()["peak_live_bytes"] == 22 * MB
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not (shutil.which("c++") or shutil.which("g++")),
+                    reason="needs Linux and a C++ compiler")
+def test_a_miss_hands_back_other_sizes_only_above_the_highest_use_seen(tmp_path):
+    """Footprint bound: cached blocks never push in-use + cached past the highest in-use total (+ slack)."""
+    env = {**os.environ, "AGENTTENSOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", FOOTPRINT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_cap_setting_is_read_from_the_environment(monkeypatch):
     from agenttensor import _cpu_cache
 
@@ -69,7 +103,10 @@ def test_cap_setting_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "0")
     assert _cpu_cache.cap_bytes() == 0
     monkeypatch.setenv("AGENTTENSOR_CPU_CACHE", "lots")
-    assert _cpu_cache.cap_bytes() == int(_cpu_cache.DEFAULT_CAP_GB * 2**30)
+    default = int(_cpu_cache.default_cap_gb() * 2**30)
+    assert _cpu_cache.cap_bytes() == default and 2 * 2**30 <= default <= 16 * 2**30
+    monkeypatch.delenv("AGENTTENSOR_CPU_CACHE")
+    assert _cpu_cache.cap_bytes() == default
     assert not _cpu_cache.enable_for(10_000)  # small runs keep the system allocator
 
 

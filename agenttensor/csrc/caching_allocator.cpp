@@ -6,12 +6,15 @@
 // tensor) the gradient step spent over half its time there. This allocator keeps freed blocks of at least
 // `min_bytes` in exact-size free lists, up to `max_cached` bytes in all, and hands them out again. When a
 // freed block does not fit under the cap, blocks of the least recently used other sizes are released to
-// make room (a run at another population size does not inherit a cache full of useless sizes); smaller
-// blocks go straight to c10's alloc_cpu / free_cpu.
+// make room (a run at another population size does not inherit a cache full of useless sizes). A miss, which
+// takes new memory, first hands back least recently used other sizes while in-use + cached bytes would pass
+// the highest in-use total seen (+ `slack`): the cache can hold what a backward pass frees for the next forward
+// pass without raising the run's peak. Smaller blocks go straight to c10's alloc_cpu / free_cpu.
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <mutex>
 #include <unordered_map>
@@ -21,10 +24,12 @@ namespace {
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
-  CachingCPUAllocator(size_t min_bytes, size_t max_cached) : min_bytes_(min_bytes), max_cached_(max_cached) {}
+  CachingCPUAllocator(size_t min_bytes, size_t max_cached, size_t slack)
+      : min_bytes_(min_bytes), max_cached_(max_cached), slack_(slack) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
     void* ptr = nullptr;
+    std::vector<void*> evicted;
     if (nbytes >= min_bytes_) {
       std::lock_guard<std::mutex> guard(mutex_);
       SizeClass& size_class = free_[nbytes];
@@ -36,8 +41,18 @@ class CachingCPUAllocator final : public c10::Allocator {
         ++hits_;
       } else {
         ++misses_;
+        // Footprint bound: a miss takes new memory, so while in-use + cached + new would pass the highest in-use
+        // total seen (+ slack), blocks of the least recently used other sizes are handed back first. Cached
+        // blocks then never add to a run's peak beyond the slack, whatever the cap.
+        const size_t before = evicted.size();
+        while (live_ + cached_ + nbytes > peak_live_ + slack_ && evict_least_recent(nbytes, evicted)) {
+        }
+        evictions_ += evicted.size() - before;
       }
+      live_ += nbytes;
+      peak_live_ = std::max(peak_live_, live_);
     }
+    for (void* block : evicted) c10::free_cpu(block);
     if (ptr == nullptr) {
       ptr = c10::alloc_cpu(nbytes);
     }
@@ -66,6 +81,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       if (it != sizes_.end()) {
         size_t nbytes = it->second;
         sizes_.erase(it);
+        live_ -= nbytes;
         const size_t before = evicted.size();
         while (cached_ + nbytes > max_cached_ && evict_least_recent(nbytes, evicted)) {
         }
@@ -90,6 +106,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       for (auto& entry : free_) blocks.insert(blocks.end(), entry.second.blocks.begin(), entry.second.blocks.end());
       free_.clear();
       cached_ = 0;
+      peak_live_ = live_;  // a new high-water mark from here on
     }
     for (void* ptr : blocks) c10::free_cpu(ptr);
   }
@@ -102,6 +119,8 @@ class CachingCPUAllocator final : public c10::Allocator {
     out[3] = max_cached_;
     out[4] = min_bytes_;
     out[5] = evictions_;
+    out[6] = live_;
+    out[7] = peak_live_;
   }
 
   void set_limit(size_t max_cached) {
@@ -142,6 +161,9 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::unordered_map<void*, size_t> sizes_;
   size_t min_bytes_;
   size_t max_cached_;
+  size_t slack_;
+  size_t live_ = 0;       // bytes of blocks >= min_bytes_ handed out and not yet released
+  size_t peak_live_ = 0;  // highest live_ since installation or the last empty()
   size_t cached_ = 0;
   size_t hits_ = 0;
   size_t misses_ = 0;
@@ -156,10 +178,10 @@ CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
 extern "C" {
 
 // Install once per process (later calls only change the cap). Returns 1.
-int agenttensor_cache_install(size_t min_bytes, size_t max_cached) {
+int agenttensor_cache_install(size_t min_bytes, size_t max_cached, size_t slack) {
   if (CachingCPUAllocator::instance == nullptr) {
     // never destroyed: tensors allocated here may be freed at interpreter exit
-    CachingCPUAllocator::instance = new CachingCPUAllocator(min_bytes, max_cached);
+    CachingCPUAllocator::instance = new CachingCPUAllocator(min_bytes, max_cached, slack);
     c10::SetCPUAllocator(CachingCPUAllocator::instance, /*priority=*/100);
   } else {
     CachingCPUAllocator::instance->set_limit(max_cached);
@@ -167,7 +189,7 @@ int agenttensor_cache_install(size_t min_bytes, size_t max_cached) {
   return 1;
 }
 
-// hits, misses, cached bytes, cap, minimum block size, blocks evicted
+// hits, misses, cached bytes, cap, minimum block size, blocks evicted, bytes in use, highest bytes in use
 void agenttensor_cache_stats(size_t* out) {
   if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->stats(out);
 }
