@@ -465,7 +465,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
     device = state.S.device
-    b, j = (state.I_sym + state.I_asym).detach().nonzero(as_tuple=True)  # infectious agents
+    b, j = torch.logical_or(state.I_sym.detach(), state.I_asym.detach()).nonzero(as_tuple=True)  # infectious agents
     sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
 
