@@ -1,6 +1,6 @@
 """Native CPU kernels for group sums, gathers and the layered force of infection
 (agenttensor/csrc/group_kernels.cpp), used by `agenttensor.transmission` where they apply: float32 values on
-CPU, int64 slots; every function returns None elsewhere and the caller runs torch ops.
+CPU, int32 or int64 slots; every function returns None elsewhere and the caller runs torch ops.
 
 torch's CPU ``index_add_`` / ``index_select`` along dim 1 take 10-30 ms at 8.7M agents (the full-NYC layers),
 these loops 3-10 ms; `benchmarks/covid_step.py --without-native` measures the whole step both ways. Each row is
@@ -27,16 +27,17 @@ _checked: dict[int, tuple[weakref.ref, int, int, bool]] = {}  # id(slot) -> (slo
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    library.agenttensor_segment_sum.argtypes = [_P, _I, _P, _I, _I, _I, _P, _I, _I]
-    library.agenttensor_contiguous_groups.argtypes = [_P, _I, _I]
-    library.agenttensor_contiguous_groups.restype = _I
-    library.agenttensor_gather.argtypes = [_P, _I, _P, _I, _I, _P, _I]
-    library.agenttensor_others_scaled.argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
+    for suffix in ("", "_i32"):  # int64 slots, int32 slots
+        getattr(library, f"agenttensor_segment_sum{suffix}").argtypes = [_P, _I, _P, _I, _I, _I, _P, _I, _I]
+        getattr(library, f"agenttensor_contiguous_groups{suffix}").argtypes = [_P, _I, _I]
+        getattr(library, f"agenttensor_contiguous_groups{suffix}").restype = _I
+        getattr(library, f"agenttensor_gather{suffix}").argtypes = [_P, _I, _P, _I, _I, _P, _I]
+        getattr(library, f"agenttensor_others_scaled{suffix}").argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
     library.agenttensor_layered_force.argtypes = [_I, _I, _I, ctypes.POINTER(ForceLayer), _P, _I, _P, _P, _P, _I]
 
 
 class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
-    _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("presence", _P), ("presence_stride", _I),
+    _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P), ("presence_stride", _I),
                 ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
                 ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P)]
 
@@ -44,6 +45,11 @@ class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
 def _library() -> ctypes.CDLL | None:
     # no floating-point contraction: the layered force must give the numbers torch's elementwise ops give
     return native.load(SOURCE, "agenttensor_group_kernels", _declare, flags=("-O3", "-ffp-contract=off"))
+
+
+def _kernel(name: str, slot: Tensor):
+    """The entry point `name` for the slot tensor's index type (int64, or the ``_i32`` twin)."""
+    return getattr(_library(), name + ("_i32" if slot.dtype == torch.int32 else ""))
 
 
 def enabled() -> bool:
@@ -60,15 +66,16 @@ def _slot_facts(slot: Tensor) -> tuple[int, bool]:
             _checked.clear()
         n = slot.numel()
         bound = (int(slot.max()) + 1 if int(slot.min()) >= 0 else -1) if n else 0
-        contiguous = bound > 0 and bool(_library().agenttensor_contiguous_groups(slot.data_ptr(), n, bound))
+        contiguous = bound > 0 and bool(_kernel("agenttensor_contiguous_groups", slot)(slot.data_ptr(), n, bound))
         seen = (weakref.ref(slot), slot._version, bound, contiguous)
         _checked[id(slot)] = seen
     return seen[2], seen[3]
 
 
 def _slot_ok(slot: Tensor, num_groups: int) -> bool:
-    """slot: a CPU int64 contiguous [N] with every value in [0, num_groups)."""
-    if slot.device.type != "cpu" or slot.dtype != torch.int64 or slot.dim() != 1 or not slot.is_contiguous():
+    """slot: a CPU int32 or int64 contiguous [N] with every value in [0, num_groups)."""
+    if (slot.device.type != "cpu" or slot.dtype not in (torch.int32, torch.int64) or slot.dim() != 1
+            or not slot.is_contiguous()):
         return False
     return 0 <= _slot_facts(slot)[0] <= num_groups
 
@@ -89,8 +96,8 @@ def segment_sum(values: Tensor, slot: Tensor, num_groups: int) -> Tensor | None:
         return None
     B, N = values.shape
     out = torch.empty(B, num_groups, dtype=torch.float32)
-    _library().agenttensor_segment_sum(values.data_ptr(), stride, slot.data_ptr(), B, N, num_groups, out.data_ptr(),
-                                       torch.get_num_threads(), int(_slot_facts(slot)[1]))
+    _kernel("agenttensor_segment_sum", slot)(values.data_ptr(), stride, slot.data_ptr(), B, N, num_groups,
+                                            out.data_ptr(), torch.get_num_threads(), int(_slot_facts(slot)[1]))
     return out
 
 
@@ -103,8 +110,8 @@ def gather(table: Tensor, slot: Tensor) -> Tensor | None:
         return None
     B, N = table.shape[0], slot.shape[0]
     out = torch.empty(B, N, dtype=torch.float32)
-    _library().agenttensor_gather(table.data_ptr(), stride, slot.data_ptr(), B, N, out.data_ptr(),
-                                torch.get_num_threads())
+    _kernel("agenttensor_gather", slot)(table.data_ptr(), stride, slot.data_ptr(), B, N, out.data_ptr(),
+                                       torch.get_num_threads())
     return out
 
 
@@ -123,9 +130,9 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
         return None
     B, N = grad.shape
     out = torch.empty(B, N, dtype=torch.float32)
-    _library().agenttensor_others_scaled(grad.data_ptr(), sums.data_ptr(), G, scale.data_ptr(),
-                                       G if scale.shape[0] > 1 else 0, slot.data_ptr(), B, N, out.data_ptr(),
-                                       torch.get_num_threads())
+    _kernel("agenttensor_others_scaled", slot)(grad.data_ptr(), sums.data_ptr(), G, scale.data_ptr(),
+                                              G if scale.shape[0] > 1 else 0, slot.data_ptr(), B, N, out.data_ptr(),
+                                              torch.get_num_threads())
     return out
 
 
@@ -169,7 +176,8 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
         weights.append(weight)
         derivatives.append(d)
-        structs.append(ForceLayer(parts[0][0], parts[0][1], slot.data_ptr(), *parts[1], *parts[2], *parts[3],
+        structs.append(ForceLayer(parts[0][0], parts[0][1], slot.data_ptr(), int(slot.dtype == torch.int32),
+                                  *parts[1], *parts[2], *parts[3],
                                   *(None if x is None else x.data_ptr() for x in (weight, *d))))
     array = (ForceLayer * len(structs))(*structs)
     force = torch.empty(B, N) if grad is None else None

@@ -14,9 +14,11 @@ Shapes: values are [B, N] (batch, agents); group ids [N]; edge_index [2, E].
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import networkx as nx
+
 import torch
 from torch import Tensor
 
@@ -28,11 +30,28 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 - 1 else torch.int64
 
 
+_wide_indices: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def _index_add_index(group_of: Tensor) -> Tensor:
+    """group_of as torch's CPU ``index_add_`` wants it: int64 (it is ~13x slower with int32 indices, torch 2.13).
+    The int64 copy of an int32 index is made once per tensor version (only where the native kernels do not run)."""
+    if group_of.dtype == torch.int64 or group_of.device.type != "cpu":
+        return group_of
+    seen = _wide_indices.get(id(group_of))
+    if seen is None or seen[0]() is not group_of or seen[1] != group_of._version:
+        if len(_wide_indices) > 64:
+            _wide_indices.clear()
+        seen = (weakref.ref(group_of), group_of._version, group_of.to(torch.int64))
+        _wide_indices[id(group_of)] = seen
+    return seen[2]
+
+
 def _segment_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
     out = _group_kernels.segment_sum(values, group_of, num_groups)
     if out is None:
         out = torch.zeros(values.shape[0], num_groups, dtype=values.dtype, device=values.device)
-        out.index_add_(1, group_of, values)
+        out.index_add_(1, _index_add_index(group_of), values)
     return out
 
 
@@ -261,9 +280,11 @@ class GroupLayer:
         self.num_groups = int(num_groups if num_groups is not None else (int(group_of.max()) + 1 if member.any() else 0))
         self.all_members = bool(member.all())
         slot = torch.where(member, group_of, torch.full_like(group_of, self.num_groups))
-        # int64: torch's CPU index_add_ along dim 1 is ~13x slower with int32 indices (torch 2.13)
-        self.slot = slot  # [N] int64
         sizes = torch.bincount(slot, minlength=self.num_groups + 1).to(torch.float32)
+        # int32 (4 bytes less per agent for every pass that reads it; the native kernels take it as it is, and
+        # torch's CPU index_add_, slow with int32, gets a one-time int64 copy where they do not run)
+        slot = slot.to(index_dtype(max(self.num_agents, self.num_groups + 1)))
+        self.slot = slot  # [N] int32 (int64 beyond 2^31 agents or groups)
         sizes[self.num_groups] = 0.0
         self.group_size = sizes  # [G + 1], last slot empty
         # 1 / (others in my group), 0 for non-members and groups of one: [N]

@@ -23,12 +23,13 @@ def slots(kind: str, n: int, groups: int, generator: torch.Generator) -> torch.T
     return torch.randint(0, groups, (n,), generator=generator)
 
 
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
 @pytest.mark.parametrize("kind", ["random", "sorted", "members"])
 @pytest.mark.parametrize("n", [1000, 300_000])  # one part / two halves
-def test_kernels_match_torch_index_ops(kind, n):
+def test_kernels_match_torch_index_ops(kind, n, index):
     g = torch.Generator().manual_seed(n)
     groups = 517
-    slot = slots(kind, n, groups, g)
+    slot = slots(kind, n, groups, g).to(index)
     values = torch.rand(3, n, generator=g)
     assert _group_kernels.enabled()
     sums = _group_kernels.segment_sum(values, slot, groups)
@@ -67,7 +68,9 @@ def test_where_the_kernels_do_not_apply_torch_ops_run():
     with pytest.raises(RuntimeError, match="out of bounds"):
         group_sum(values, slot, 2)  # torch's own bounds check
     assert _group_kernels.segment_sum(values.double(), slot, 3) is None
-    assert _group_kernels.segment_sum(values, slot.to(torch.int32), 3) is None
+    assert _group_kernels.segment_sum(values, slot.to(torch.int16), 3) is None
+    assert torch.equal(_group_kernels.segment_sum(values, slot.to(torch.int32), 3),
+                       _group_kernels.segment_sum(values, slot, 3))  # int32 slots: the `_i32` kernels
     assert _group_kernels.gather(values.t(), slot) is None
     assert torch.equal(group_sum(values.double(), slot, 3), torch.tensor([[0.0, 2, 4], [4, 6, 12]], dtype=torch.float64))
     slot[1], slot[3] = 1, 0  # modified in place: checked again
@@ -127,12 +130,13 @@ def test_without_a_compiler_the_torch_ops_run(tmp_path):
 def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatch):
     """`layered_force` (one native pass each way on CPU) against the same function on torch ops: forward values
     bit for bit (no contraction, same order), and the derivatives of σ, the tables, a presence, the factors and
-    the own contributions (others-sums); a batch of 3 with broadcast rows, a layer without presence."""
+    the own contributions (others-sums); a batch of 3 with broadcast rows, a layer without presence, one layer
+    with int32 slots and one with int64."""
     from agenttensor.transmission import ForceTerm, layered_force
 
     g = torch.Generator().manual_seed(5)
     B, n = 3, 300_000
-    households = torch.sort(torch.randint(0, 90_000, (n,), generator=g)).values
+    households = torch.sort(torch.randint(0, 90_000, (n,), generator=g)).values.to(torch.int32)  # int32 and int64 slots
     schools = torch.where(torch.rand(n, generator=g) < 0.7, 400, torch.randint(0, 400, (n,), generator=g))
     leaves = {
         "sigma": torch.rand(n, generator=g), "t_h": torch.rand(1, 90_000, generator=g),

@@ -1,6 +1,7 @@
 // Group kernels for agenttensor on CPU (loaded by agenttensor/_group_kernels.py; plain C, no torch headers).
 //
-// Float32 [B, N] agent values, int64 group slots [N] in [0, G). torch's CPU `index_add_` / `index_select`
+// Float32 [B, N] agent values, group slots [N] in [0, G), int32 (what GroupLayer keeps) or int64: every entry point
+// below has an `_i32` twin (the slot type is a template parameter). torch's CPU `index_add_` / `index_select`
 // along dim 1 take 10-30 ms for 8.7M agents (the full-NYC population), several times a memory pass; these
 // loops take 3-10 ms. Results do not depend on the thread count or on the batch: each row is summed in
 // agent order over two fixed halves of the agents (one below 2^18 agents), added in order, or, where groups
@@ -20,7 +21,8 @@ constexpr int64_t kSpread = 8;  // extra cells for the last slot (a layer's non-
 
 // o[0, G + kSpread) += v[i] at slot[i] for agents [lo, hi), with the last slot (non-members: a long chain of
 // dependent adds into one cell otherwise) spread over kSpread cells.
-void accumulate(const float* v, const int64_t* slot, int64_t lo, int64_t hi, int64_t G, float* o) {
+template <class Index>
+void accumulate(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o) {
   const int64_t last = G - 1;
   for (int64_t i = lo; i < hi; ++i) {
     int64_t s = slot[i];
@@ -30,7 +32,8 @@ void accumulate(const float* v, const int64_t* slot, int64_t lo, int64_t hi, int
 }
 
 // Index after `i` where a new group starts (N if none): a split point that keeps every group in one piece.
-int64_t group_boundary(const int64_t* slot, int64_t N, int64_t i) {
+template <class Index>
+int64_t group_boundary(const Index* slot, int64_t N, int64_t i) {
   if (i <= 0) return 0;
   while (i < N && slot[i] == slot[i - 1]) ++i;
   return std::min(i, N);
@@ -52,7 +55,8 @@ inline float keep(float x, bool same) {
 }
 
 // o[s] = sum of the run of slot s for agents [a, e), continuing a run of `previous` summed so far to `acc`.
-void run_sums(const float* v, const int64_t* slot, int64_t a, int64_t e, float* o, int64_t previous = -1,
+template <class Index>
+void run_sums(const float* v, const Index* slot, int64_t a, int64_t e, float* o, int64_t previous = -1,
               float acc = 0.f) {
   for (int64_t i = a; i < e; ++i) {
     const int64_t s = slot[i];
@@ -62,7 +66,8 @@ void run_sums(const float* v, const int64_t* slot, int64_t a, int64_t e, float* 
   }
 }
 
-void contiguous_sum(const float* values, int64_t row_stride, const int64_t* slot, int64_t B, int64_t N, int64_t G,
+template <class Index>
+void contiguous_sum(const float* values, int64_t row_stride, const Index* slot, int64_t B, int64_t N, int64_t G,
                     float* out, int64_t threads) {
   std::fill(out, out + B * G, 0.f);  // groups without members
   const int64_t pieces = N >= (int64_t(1) << 18) ? 2 * kStreams : 1;
@@ -106,13 +111,10 @@ void contiguous_sum(const float* values, int64_t row_stride, const int64_t* slot
   });
 }
 
-}  // namespace
-
-extern "C" {
-
-// 1 if every group's agents form one contiguous run of `slot` (then `agenttensor_segment_sum` with contiguous=1
+// 1 if every group's agents form one contiguous run of `slot` (then `segment_sum` with contiguous=1
 // applies), else 0. `seen`: [G] bytes of scratch.
-int64_t agenttensor_contiguous_groups(const int64_t* slot, int64_t N, int64_t G) {
+template <class Index>
+int64_t contiguous_groups(const Index* slot, int64_t N, int64_t G) {
   std::vector<uint8_t> seen(G, 0);
   for (int64_t i = 0; i < N; ++i) {
     if (i > 0 && slot[i] == slot[i - 1]) continue;
@@ -123,9 +125,10 @@ int64_t agenttensor_contiguous_groups(const int64_t* slot, int64_t N, int64_t G)
 }
 
 // out[b, g] = sum of values[b * row_stride + i] over agents i with slot[i] == g; out [B, G] contiguous,
-// overwritten. row_stride 0: one row of values for every b. contiguous: see agenttensor_contiguous_groups.
-void agenttensor_segment_sum(const float* values, int64_t row_stride, const int64_t* slot, int64_t B, int64_t N,
-                             int64_t G, float* out, int64_t threads, int64_t contiguous) {
+// overwritten. row_stride 0: one row of values for every b. contiguous: see contiguous_groups.
+template <class Index>
+void segment_sum(const float* values, int64_t row_stride, const Index* slot, int64_t B, int64_t N, int64_t G,
+                 float* out, int64_t threads, int64_t contiguous) {
   if (contiguous) {
     contiguous_sum(values, row_stride, slot, B, N, G, out, threads);
     return;
@@ -158,8 +161,9 @@ void agenttensor_segment_sum(const float* values, int64_t row_stride, const int6
 }
 
 // out[b, i] = table[b * table_stride + slot[i]]; out [B, N] contiguous (table_stride 0: one row for every b).
-void agenttensor_gather(const float* table, int64_t table_stride, const int64_t* slot, int64_t B, int64_t N,
-                        float* out, int64_t threads) {
+template <class Index>
+void gather(const float* table, int64_t table_stride, const Index* slot, int64_t B, int64_t N, float* out,
+            int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const float* t = table + b * table_stride;
@@ -171,9 +175,9 @@ void agenttensor_gather(const float* table, int64_t table_stride, const int64_t*
 
 // out[b, i] = (sums[b, slot[i]] - grad[b, i]) * scale[b * scale_stride + slot[i]]: the derivative that reaches
 // agent i through the *other* members of its group (sums [B, G] = per-group sums of grad). All contiguous.
-void agenttensor_others_scaled(const float* grad, const float* sums, int64_t G, const float* scale,
-                               int64_t scale_stride, const int64_t* slot, int64_t B, int64_t N, float* out,
-                               int64_t threads) {
+template <class Index>
+void others_scaled(const float* grad, const float* sums, int64_t G, const float* scale, int64_t scale_stride,
+                   const Index* slot, int64_t B, int64_t N, float* out, int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       const float* s = sums + b * G;
@@ -185,13 +189,38 @@ void agenttensor_others_scaled(const float* grad, const float* sums, int64_t G, 
   });
 }
 
+}  // namespace
+
+// The C entry points: int64 slots, and `_i32` twins for int32 slots.
+#define AGENTTENSOR_GROUP_KERNELS(SUFFIX, Index)                                                                 \
+  int64_t agenttensor_contiguous_groups##SUFFIX(const Index* slot, int64_t N, int64_t G) {                       \
+    return contiguous_groups(slot, N, G);                                                                     \
+  }                                                                                                           \
+  void agenttensor_segment_sum##SUFFIX(const float* values, int64_t row_stride, const Index* slot, int64_t B,   \
+                                       int64_t N, int64_t G, float* out, int64_t threads, int64_t contiguous) { \
+    segment_sum(values, row_stride, slot, B, N, G, out, threads, contiguous);                                 \
+  }                                                                                                           \
+  void agenttensor_gather##SUFFIX(const float* table, int64_t table_stride, const Index* slot, int64_t B,       \
+                                  int64_t N, float* out, int64_t threads) {                                    \
+    gather(table, table_stride, slot, B, N, out, threads);                                                    \
+  }                                                                                                           \
+  void agenttensor_others_scaled##SUFFIX(const float* grad, const float* sums, int64_t G, const float* scale,    \
+                                         int64_t scale_stride, const Index* slot, int64_t B, int64_t N,         \
+                                         float* out, int64_t threads) {                                        \
+    others_scaled(grad, sums, G, scale, scale_stride, slot, B, N, out, threads);                              \
+  }
+
+extern "C" {
+AGENTTENSOR_GROUP_KERNELS(, int64_t)
+AGENTTENSOR_GROUP_KERNELS(_i32, int32_t)
 
 // One contact layer of a layered force (agenttensor.transmission.layered_force). Row strides are 0 for a row
 // broadcast over the batch; a null presence or factor reads as 1.
 struct ForceLayer {
   const float* table;  // [B | 1, S] value per slot
   int64_t table_stride;
-  const int64_t* slot;  // [N]
+  const void* slot;  // [N]: int64, or int32 where slot_i32 is 1
+  int64_t slot_i32;
   const float* presence;  // [B | 1, N] or null
   int64_t presence_stride;
   const float* factor;  // [B | 1, N] or null
@@ -212,10 +241,10 @@ namespace force_detail {
 
 constexpr int64_t kTile = 8192;
 
-template <bool P, bool F, bool A>
+template <bool P, bool F, bool A, class Index>
 void forward_layer(const ForceLayer& layer, int64_t b, int64_t i0, int64_t i1, bool first, float* __restrict total) {
   const float* __restrict t = layer.table + b * layer.table_stride;
-  const int64_t* __restrict slot = layer.slot;
+  const Index* __restrict slot = static_cast<const Index*>(layer.slot);
   const float* __restrict p = P ? layer.presence + b * layer.presence_stride : nullptr;
   const float* __restrict f = F ? layer.factor + b * layer.factor_stride : nullptr;
   const float* __restrict a = A ? layer.factor_all + b * layer.factor_all_stride : nullptr;
@@ -230,11 +259,11 @@ void forward_layer(const ForceLayer& layer, int64_t b, int64_t i0, int64_t i1, b
 
 // weight = grad σ (p f a); with V (the group's value is needed): d_presence = grad σ (value f a), d_factor =
 // grad σ (value p a), d_factor_all = grad σ (value p f) where asked for, and total += value p f a (for dσ)
-template <bool P, bool F, bool A, bool V>
+template <bool P, bool F, bool A, bool V, class Index>
 void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* __restrict gs,
                     float* __restrict total) {
   const float* __restrict t = layer.table + b * layer.table_stride;
-  const int64_t* __restrict slot = layer.slot;
+  const Index* __restrict slot = static_cast<const Index*>(layer.slot);
   const float* __restrict p = P ? layer.presence + b * layer.presence_stride : nullptr;
   const float* __restrict f = F ? layer.factor + b * layer.factor_stride : nullptr;
   const float* __restrict a = A ? layer.factor_all + b * layer.factor_all_stride : nullptr;
@@ -260,19 +289,29 @@ void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, i
   }
 }
 
-template <class Fn>
-void dispatch(const ForceLayer& layer, Fn&& fn) {
+// fn(key, index): key says which of presence / factor / factor_all exist (bits 1, 2, 4), index is a value of the
+// layer's slot type
+template <class Index, class Fn>
+void dispatch_parts(const ForceLayer& layer, Fn&& fn) {
   const int key = (layer.presence ? 1 : 0) | (layer.factor ? 2 : 0) | (layer.factor_all ? 4 : 0);
   switch (key) {
-    case 0: fn(std::integral_constant<int, 0>()); break;
-    case 1: fn(std::integral_constant<int, 1>()); break;
-    case 2: fn(std::integral_constant<int, 2>()); break;
-    case 3: fn(std::integral_constant<int, 3>()); break;
-    case 4: fn(std::integral_constant<int, 4>()); break;
-    case 5: fn(std::integral_constant<int, 5>()); break;
-    case 6: fn(std::integral_constant<int, 6>()); break;
-    default: fn(std::integral_constant<int, 7>()); break;
+    case 0: fn(std::integral_constant<int, 0>(), Index()); break;
+    case 1: fn(std::integral_constant<int, 1>(), Index()); break;
+    case 2: fn(std::integral_constant<int, 2>(), Index()); break;
+    case 3: fn(std::integral_constant<int, 3>(), Index()); break;
+    case 4: fn(std::integral_constant<int, 4>(), Index()); break;
+    case 5: fn(std::integral_constant<int, 5>(), Index()); break;
+    case 6: fn(std::integral_constant<int, 6>(), Index()); break;
+    default: fn(std::integral_constant<int, 7>(), Index()); break;
   }
+}
+
+template <class Fn>
+void dispatch(const ForceLayer& layer, Fn&& fn) {
+  if (layer.slot_i32)
+    dispatch_parts<int32_t>(layer, fn);
+  else
+    dispatch_parts<int64_t>(layer, fn);
 }
 
 }  // namespace force_detail
@@ -296,9 +335,10 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
         if (grad == nullptr) {
           if (L == 0) std::fill(total, total + n, 0.f);
           for (int64_t l = 0; l < L; ++l)
-            dispatch(layers[l], [&](auto key) {
+            dispatch(layers[l], [&](auto key, auto index) {
               constexpr int k = decltype(key)::value;
-              forward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0>(layers[l], b, i0, i1, l == 0, total);
+              using Index = decltype(index);
+              forward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, Index>(layers[l], b, i0, i1, l == 0, total);
             });
           float* out = force + b * N;
           for (int64_t i = i0; i < i1; ++i) out[i] = s[i] * total[i - i0];
@@ -307,14 +347,17 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
           for (int64_t i = i0; i < i1; ++i) gs[i - i0] = g[i] * s[i];
           std::fill(total, total + n, 0.f);
           for (int64_t l = 0; l < L; ++l)
-            dispatch(layers[l], [&](auto key) {
+            dispatch(layers[l], [&](auto key, auto index) {
               constexpr int k = decltype(key)::value;
+              using Index = decltype(index);
               const ForceLayer& layer = layers[l];
               if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
                   layer.d_factor_all != nullptr)
-                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true>(layers[l], b, N, i0, i1, gs, total);
+                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layers[l], b, N, i0, i1, gs,
+                                                                                      total);
               else
-                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false>(layers[l], b, N, i0, i1, gs, total);
+                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layers[l], b, N, i0, i1, gs,
+                                                                                       total);
             });
           if (d_sigma != nullptr)
             for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];

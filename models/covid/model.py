@@ -351,10 +351,8 @@ def inv_others(layer: GroupLayer) -> Tensor:
 
 
 def group_layer(group_of: Tensor, device, num_groups: int | None = None) -> GroupLayer:
-    """A `GroupLayer` with int64 slots: on CPU, ``index_add_`` with an int32 index is ~25x slower (torch 2.x)."""
-    layer = GroupLayer(group_of, num_groups).to(device)
-    layer.slot = layer.slot.to(torch.int64)
-    return layer
+    """A `GroupLayer` (int32 slots) on `device`."""
+    return GroupLayer(group_of, num_groups).to(device)
 
 
 # ---- setup and init --------------------------------------------------------------------------

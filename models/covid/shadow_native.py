@@ -96,6 +96,7 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
     if g["g_exposure"] is not None:
         layer = env.household
         slots = layer.num_groups + 1
+        household = table(layer.slot, torch.int32)  # GroupLayer's own int32 slots: no copy
         S = dense(susceptible)
         u = unit.detach().to(torch.float32).contiguous()
         keep.append(u)
@@ -103,14 +104,14 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
         S_sums = group_sum(S, layer.slot, slots)
         keep.append(S_sums)
         library.agenttensor_covid_attack(B, N, u.data_ptr(), 0 if u.shape[0] == 1 else N, S.data_ptr(),
-                                         S_sums.data_ptr(), layer.slot.data_ptr(), slots,
+                                         S_sums.data_ptr(), household.data_ptr(), slots,
                                          per_element(k.asymptomatic_infectiousness).data_ptr(), d_sym, d_asym, f_mean,
                                          g["g_exposure"].data_ptr(), q_sym.data_ptr(), q_asym.data_ptr(),
                                          torch.get_num_threads())
         from_sym, from_asym = group_sum(q_sym, layer.slot, slots), group_sum(q_asym, layer.slot, slots)
         keep += [q_sym, q_asym, from_sym, from_asym]
         args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym, from_asym))
-        args.household, args.households = layer.slot.data_ptr(), slots
+        args.household, args.households = household.data_ptr(), slots
     out = tuple(torch.empty(B, N) for _ in range(6))
     for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0"), out):
         setattr(args, name, value.data_ptr())

@@ -93,7 +93,7 @@ struct ShadowArgs {
   // household hand-off: sums over each agent's household of q_sym g_exposure and q_asym g_exposure ([B, H]),
   // the agent's own values [B, N] and its household slot [N] (all null without g_exposure)
   const float *from_sym_sums, *from_asym_sums, *q_sym, *q_asym;
-  const int64_t* household;
+  const int32_t* household;
   int64_t households;
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
   // outputs [B, N]
@@ -104,7 +104,7 @@ struct ShadowArgs {
 // unit [B | 1, N] (unit_stride 0: one row), susceptible [B, N], sums of susceptible per household [B, H].
 // Two passes: s (a gather per agent, into q_asym) and then the arithmetic (contiguous: vectorised).
 void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t unit_stride, const float* susceptible,
-                              const float* susceptible_sums, const int64_t* household, int64_t households,
+                              const float* susceptible_sums, const int32_t* household, int64_t households,
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
                               float* q_sym, float* q_asym, int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
