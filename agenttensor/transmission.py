@@ -229,16 +229,18 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
     return _LayeredForce.apply(sigma, *flat)
 
 
-def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None) -> Tensor:
+def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None,
+               known: Tensor | None = None) -> Tensor:
     """Sums over contiguous agent ranges (e.g. boroughs of agents sorted by borough): [B, N] -> [B, G].
 
     Slices, not a segment sum: the cheapest reduction for a few large groups. The backward spreads each
     range's gradient over its agents in one op (`range_broadcast`); autograd's own would build a [B, N]
-    zero buffer per range and add them up.
+    zero buffer per range and add them up. ``known`` [B, G]: the sums, where the caller has them another way
+    (values are then not read; the derivative is the same).
     """
     if values.requires_grad:
-        return _RangeSums.apply(values, ranges, dtype)
-    return _stacked_range_sums(values, ranges, dtype)
+        return _RangeSums.apply(values, ranges, dtype, known)
+    return _stacked_range_sums(values, ranges, dtype) if known is None else known.to(dtype or known.dtype)
 
 
 def _stacked_range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
@@ -256,13 +258,16 @@ def range_broadcast(per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
 
 class _RangeSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
+    def forward(ctx, values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None,
+                known: Tensor | None) -> Tensor:
         ctx.ranges, ctx.values_dtype = ranges, values.dtype
+        if known is not None:
+            return known.detach().to(dtype or known.dtype, copy=True)
         return _stacked_range_sums(values, ranges, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return range_broadcast(grad, ctx.ranges).to(ctx.values_dtype), None, None
+        return range_broadcast(grad, ctx.ranges).to(ctx.values_dtype), None, None, None
 
 
 class GroupLayer:

@@ -74,6 +74,45 @@ def test_invariants_every_day(env):
     assert ((rate >= 0) & (rate <= 1)).all()
 
 
+@pytest.mark.parametrize("sampler", [at.Hard(), StraightThrough()], ids=["hard", "straight-through"])
+def test_stage_counts_rolled_by_the_days_flows_equal_sums_over_agents(env, sampler, monkeypatch):
+    """The metrics' per-borough stage counts (and isolating share) are yesterday's counts plus today's changes
+    (`CovidEnv.rolled_counts`): the same numbers as summing every agent, and the same derivative."""
+    from models.covid.model import CovidEnv
+
+    def stage_run():
+        learn = busy_params().as_tensors(learn=("transmission_scale", "hosp_given_symptomatic"))
+        params = learn if sampler.differentiable else busy_params()
+        res = run(env, params, steps=35, seeds=(0, 1), interventions=ALL_LEVERS, sampler=sampler)
+        names = [f"{s}_by_borough" for s in STAGES] + ["isolating_share_by_borough"]
+        values = {name: res[name].detach().clone() for name in names}
+        grads = None
+        if sampler.differentiable:
+            (res["I_sym"].sum() + 3 * res["H"].sum() + res["isolating_share"].sum() * 1e3).backward()
+            grads = [learn.transmission_scale.grad.clone(), learn.hosp_given_symptomatic.grad.clone()]
+        return values, grads
+
+    rolled_used = []
+    rolled = CovidEnv.rolled_counts
+
+    def counting(*args):
+        counts = rolled(*args)
+        rolled_used.append(counts is not None)
+        return counts
+
+    monkeypatch.setattr(CovidEnv, "rolled_counts", counting)
+    fast, fast_grads = stage_run()
+    monkeypatch.setattr(CovidEnv, "rolled_counts", lambda *a: None)  # every count summed over the agents
+    slow, slow_grads = stage_run()
+    assert len(rolled_used) == 8 * 35 and sum(rolled_used) == 8 * 34  # all but the first day rolled forward
+    assert fast["H_by_borough"].sum() > 0 and fast["isolating_share_by_borough"].sum() > 0
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
+    if sampler.differentiable:
+        for a, b in zip(fast_grads, slow_grads):
+            assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5), (a, b)
+
+
 @pytest.mark.parametrize("params", [busy_params(), busy_params(transmission_scale=3.0)], ids=["busy", "explosive"])
 def test_hard_and_gradient_modes_same_trajectory(env, params):
     """Also once most agents are infected (hard mode then draws infections at susceptible agents only)."""

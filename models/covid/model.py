@@ -43,10 +43,12 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import polars as pl
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -256,6 +258,18 @@ class CovidEnv:
         result = compute()
         self.cache[key] = (tuple(x.clone() if _small(x) else x for x in inputs), result)
         return result
+
+    def rolled_counts(self, key: str, before: Tensor, after: Tensor, change: Tensor | None) -> Tensor | None:
+        """Per-borough sums of `after` [B, N] as those of `before` plus `change` [B, G], where `before`'s sums
+        were recorded (`record_counts`) and neither tensor changed since: no [B, N] pass. None otherwise."""
+        hit = self.cache.get(("counts", key))
+        if change is None or hit is None or hit[0]() is not before or hit[1] != before._version:
+            return None
+        return hit[2] + change
+
+    def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
+        """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
+        self.cache[("counts", key)] = (weakref.ref(x), x._version, counts.detach())
 
 
 def _small(x: Any) -> bool:
@@ -725,13 +739,20 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
 
     reported_by_borough = by_borough_at(env, b, i, reported, S.shape[0])
+    f = functools.partial(torch.Tensor.to, dtype=torch.float32)  # differences in float: hard-mode values are uint8
+    exit_changes = stage_count_changes(env, b, i, S.shape[0], E=-f(leave_E), I_asym=f(to_Ia) - f(leave_Ia),
+                                       I_sym=f(to_Is) - f(leave_Is), H=f(to_H) - f(leave_H), R=f(to_R), D=f(to_D),
+                                       isolating=f(isolating_here) - f(isolating_before))
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
     if ctx.sampler.differentiable:  # dense: d/dp of every susceptible agent's draw (straight-through)
         new_infections = by_borough(env, new_E.to(torch.float32))
     else:  # the same integer counts from the infected agents only
         new_infections = by_borough_at(env, infected_b, infected_i, new_E[infected_b, infected_i], S.shape[0])
-    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough,
+    infected_per_borough = new_infections.detach().to(torch.float32)
+    exit_changes["S"] = -infected_per_borough
+    exit_changes["E"] = exit_changes["E"] + infected_per_borough
+    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, stage_count_change=exit_changes,
                        admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
                        deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
@@ -765,6 +786,17 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     G = len(env.group_labels)
     out = torch.zeros(batch * G, dtype=torch.float32, device=values.device)
     return out.index_add(0, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(batch, G)
+
+
+def stage_count_changes(env: CovidEnv, b: Tensor, i: Tensor, batch: int, **changes: Tensor) -> dict[str, Tensor]:
+    """Per-borough sums of today's changes at the exiting agents (b, i), one [M] tensor per stage: {stage: [B, G]}
+    float32 (detached), in one index_add."""
+    G = len(env.group_labels)
+    rows = torch.stack([x.detach().to(torch.float32) for x in changes.values()]) if b.numel() else None
+    out = torch.zeros(len(changes), batch * G, dtype=torch.float32, device=b.device)
+    if rows is not None:
+        out.index_add_(1, b * G + env.borough[i].to(torch.int64), rows)
+    return dict(zip(changes, out.view(len(changes), batch, G).unbind(0)))
 
 
 def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
@@ -822,11 +854,21 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         per_borough = ctx.scratch[key].to(count)
         out[name] = per_borough.sum(1)
         out[f"{name}_by_borough"] = per_borough
-    for stage in STAGES:  # float32 sums of 0/1 are exact below 2^24 agents per borough, and fastest
-        per_borough = by_borough(env, getattr(state, stage), dtype=torch.float32).to(count)
+    change = ctx.scratch.get("stage_count_change")
+    for stage in (*STAGES, "isolating"):
+        # float32 counts of 0/1 are exact below 2^24 agents per borough; rolled forward from yesterday's counts
+        # by today's changes where those were recorded (the derivative is that of the sum over agents)
+        x = getattr(state, stage)
+        counts = range_sums(x, env.borough_slices, torch.float32,
+                            known=env.rolled_counts(stage, getattr(previous, stage), x,
+                                                    None if change is None else change.get(stage)))
+        env.record_counts(stage, x, counts)
+        if stage == "isolating":
+            isolating = counts
+            break
+        per_borough = counts.to(count)
         out[stage] = per_borough.sum(1)
         out[f"{stage}_by_borough"] = per_borough
-    isolating = by_borough(env, state.isolating, dtype=torch.float32)
 
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # changes once a week
         employed = by_borough(env, state.employed, dtype=torch.float32)
