@@ -243,6 +243,7 @@ class CovidEnv:
     durations: dict[str, Tensor]  # stage -> cumulative probability table [K]
     behavior: Any
     cache: dict = field(default_factory=dict, repr=False)  # see `memo`
+    counts: dict = field(default_factory=dict, repr=False)  # see `rolled_counts`
 
     def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
@@ -262,14 +263,14 @@ class CovidEnv:
     def rolled_counts(self, key: str, before: Tensor, after: Tensor, change: Tensor | None) -> Tensor | None:
         """Per-borough sums of `after` [B, N] as those of `before` plus `change` [B, G], where `before`'s sums
         were recorded (`record_counts`) and neither tensor changed since: no [B, N] pass. None otherwise."""
-        hit = self.cache.get(("counts", key))
+        hit = self.counts.get(key)
         if change is None or hit is None or hit[0]() is not before or hit[1] != before._version:
             return None
         return hit[2] + change
 
     def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
         """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
-        self.cache[("counts", key)] = (weakref.ref(x), x._version, counts.detach())
+        self.counts[key] = (weakref.ref(x), x._version, counts.detach())
 
 
 def _small(x: Any) -> bool:
