@@ -16,8 +16,8 @@ had cost 4.9 GB of peak).
 
 `simulate` enables it for gradient runs of at least `MIN_AGENTS` agents on CPU. ``AGENTTENSOR_CPU_CACHE=<GB>``
 sets the cap (default `default_cap_gb`: a quarter of physical memory, 2–16 GB), ``AGENTTENSOR_CPU_CACHE=0``
-turns it off. Building needs a C++
-compiler (``c++``) and torch's headers; without them the run goes on with glibc's allocator (logged once).
+turns it off. Building needs a C++ compiler (``c++``) and torch's headers; without them the run goes on with
+glibc's allocator (logged once).
 The library is cached under ``~/.cache/agenttensor`` (or ``$AGENTTENSOR_CACHE_DIR``) per torch version.
 """
 
@@ -47,8 +47,8 @@ _failed: str | None = None
 
 
 def default_cap_gb() -> float:
-    """A quarter of physical memory, at least `DEFAULT_CAP_GB` and at most `MAX_DEFAULT_CAP_GB` (6 GB on a 24 GB
-    machine: what a 7-day full-NYC gradient window frees for the next one)."""
+    """A quarter of physical memory, at least `DEFAULT_CAP_GB` and at most `MAX_DEFAULT_CAP_GB` (5.9 GB on this
+    project's 24 GB machine: more than a 7-day full-NYC gradient window frees for the next one)."""
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (ValueError, OSError, AttributeError):

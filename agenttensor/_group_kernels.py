@@ -37,8 +37,8 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
-    _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P), ("presence_stride", _I),
-                ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
+    _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P),
+                ("presence_stride", _I), ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
                 ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P)]
 
 

@@ -260,9 +260,10 @@ class CovidEnv:
         self.cache[key] = (tuple(x.clone() if _small(x) else x for x in inputs), result)
         return result
 
-    def rolled_counts(self, key: str, before: Tensor, after: Tensor, change: Tensor | None) -> Tensor | None:
-        """Per-borough sums of `after` [B, N] as those of `before` plus `change` [B, G], where `before`'s sums
-        were recorded (`record_counts`) and neither tensor changed since: no [B, N] pass. None otherwise."""
+    def rolled_counts(self, key: str, before: Tensor, change: Tensor | None) -> Tensor | None:
+        """Today's per-borough sums of a [B, N] state field as those of yesterday's tensor `before` plus today's
+        `change` [B, G], where `before`'s sums were recorded (`record_counts`) and it has not changed since: no
+        [B, N] pass. None otherwise."""
         hit = self.counts.get(key)
         if change is None or hit is None or hit[0]() is not before or hit[1] != before._version:
             return None
@@ -855,21 +856,22 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         per_borough = ctx.scratch[key].to(count)
         out[name] = per_borough.sum(1)
         out[f"{name}_by_borough"] = per_borough
-    change = ctx.scratch.get("stage_count_change")
-    for stage in (*STAGES, "isolating"):
-        # float32 counts of 0/1 are exact below 2^24 agents per borough; rolled forward from yesterday's counts
-        # by today's changes where those were recorded (the derivative is that of the sum over agents)
-        x = getattr(state, stage)
+    change = ctx.scratch.get("stage_count_change", {})
+
+    def counts_of(name: str) -> Tensor:
+        """[B, G] float32 per-borough count of a 0/1 field (exact below 2^24 agents per borough): yesterday's counts
+        rolled forward by today's changes where recorded; the derivative is that of the sum over agents."""
+        x = getattr(state, name)
         counts = range_sums(x, env.borough_slices, torch.float32,
-                            known=env.rolled_counts(stage, getattr(previous, stage), x,
-                                                    None if change is None else change.get(stage)))
-        env.record_counts(stage, x, counts)
-        if stage == "isolating":
-            isolating = counts
-            break
-        per_borough = counts.to(count)
+                            known=env.rolled_counts(name, getattr(previous, name), change.get(name)))
+        env.record_counts(name, x, counts)
+        return counts
+
+    for stage in STAGES:
+        per_borough = counts_of(stage).to(count)
         out[stage] = per_borough.sum(1)
         out[f"{stage}_by_borough"] = per_borough
+    isolating = counts_of("isolating")
 
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # changes once a week
         employed = by_borough(env, state.employed, dtype=torch.float32)
