@@ -741,20 +741,20 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
 
     reported_by_borough = by_borough_at(env, b, i, reported, S.shape[0])
-    f = functools.partial(torch.Tensor.to, dtype=torch.float32)  # differences in float: hard-mode values are uint8
-    exit_changes = stage_count_changes(env, b, i, S.shape[0], E=-f(leave_E), I_asym=f(to_Ia) - f(leave_Ia),
-                                       I_sym=f(to_Is) - f(leave_Is), H=f(to_H) - f(leave_H), R=f(to_R), D=f(to_D),
-                                       isolating=f(isolating_here) - f(isolating_before))
+    # today's per-borough flows at the exiting agents, in one index_add: the metrics roll stage counts forward by them
+    exits = by_borough_at(env, b, i, torch.stack([leave_E, to_Ia, leave_Ia, to_Is, leave_Is, to_H, leave_H, to_R, to_D,
+                                                  isolating_here, isolating_before]).detach(), S.shape[0])
+    out_E, in_Ia, out_Ia, in_Is, out_Is, in_H, out_H, in_R, in_D, isolating_after, isolating_prior = exits.unbind(0)
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
     if ctx.sampler.differentiable:  # dense: d/dp of every susceptible agent's draw (straight-through)
         new_infections = by_borough(env, new_E.to(torch.float32))
     else:  # the same integer counts from the infected agents only
         new_infections = by_borough_at(env, infected_b, infected_i, new_E[infected_b, infected_i], S.shape[0])
-    infected_per_borough = new_infections.detach().to(torch.float32)
-    exit_changes["S"] = -infected_per_borough
-    exit_changes["E"] = exit_changes["E"] + infected_per_borough
-    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, stage_count_change=exit_changes,
+    infected = new_infections.detach().to(torch.float32)
+    stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
+                              H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
+    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, stage_count_change=stage_count_change,
                        admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
                        deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
@@ -784,21 +784,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:
-    """Per-borough sums of values at agents (b, i): [M] -> [B, G] float32."""
+    """Per-borough sums of values at agents (b, i): [..., M] -> [..., B, G] float32."""
     G = len(env.group_labels)
-    out = torch.zeros(batch * G, dtype=torch.float32, device=values.device)
-    return out.index_add(0, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(batch, G)
-
-
-def stage_count_changes(env: CovidEnv, b: Tensor, i: Tensor, batch: int, **changes: Tensor) -> dict[str, Tensor]:
-    """Per-borough sums of today's changes at the exiting agents (b, i), one [M] tensor per stage: {stage: [B, G]}
-    float32 (detached), in one index_add."""
-    G = len(env.group_labels)
-    rows = torch.stack([x.detach().to(torch.float32) for x in changes.values()]) if b.numel() else None
-    out = torch.zeros(len(changes), batch * G, dtype=torch.float32, device=b.device)
-    if rows is not None:
-        out.index_add_(1, b * G + env.borough[i].to(torch.int64), rows)
-    return dict(zip(changes, out.view(len(changes), batch, G).unbind(0)))
+    lead = values.shape[:-1]
+    out = torch.zeros(*lead, batch * G, dtype=torch.float32, device=values.device)
+    return out.index_add(-1, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(*lead, batch, G)
 
 
 def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
