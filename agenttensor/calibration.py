@@ -634,7 +634,7 @@ def calibrate(model: Model, population: Any, targets: pl.DataFrame, learn: Seque
 def _fit_table(blocks: list[_Block], results: Results, observation, window) -> pl.DataFrame:
     frames = []
     for block in blocks:
-        pred = (_predict(block, results, observation) / block.scale).cpu()
+        pred = _predict(block, results, observation).cpu() / block.scale
         D, G = block.observed.shape
         frames.append(pl.DataFrame({
             "date": [d for d in block.dates for _ in range(G)],

@@ -64,30 +64,43 @@ def env_bytes(env) -> int:
     return total
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a timer must not stop before them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_steps(env, params, sampler, steps: int, seeds=(0,)) -> tuple[float, float, object]:
     """Init, then time `steps` model steps (wall and process CPU seconds, init excluded). -> (wall, cpu, records)."""
-    rng = Randomness.for_agents(list(seeds), env.agent_ids)
+    device = env.agent_ids.device
+    rng = Randomness.for_agents(list(seeds), env.agent_ids).to(device)
     schedule = compile_schedule([SCENARIO] * len(seeds), levers=MODEL.levers, steps=steps, start_date=START,
-                                group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges)
+                                group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges).to(device)
     state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=START,
                                                 schedule=schedule))
     records = []
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
-    with contextlib.nullcontext() if sampler.differentiable else heap_only():  # as `simulate` does
+    with contextlib.nullcontext() if sampler.differentiable or device.type != "cpu" else heap_only():  # as `simulate` does
         for t in range(steps):
             ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule)
             state, record = MODEL.step(state, params, ctx)
             records.append(record)
+    synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu, (state, records)
 
 
-def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int = 2) -> dict:
+def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int = 2, device: str = "cpu") -> dict:
     """One population's row: forward and forward+backward seconds per day, each the fastest of `repeats`
-    timed runs (after a warm-up run), and memory."""
+    timed runs (after a warm-up run), and memory (on CUDA: the peak of torch's allocator)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
+    env = MODEL.setup(population, CovidParams().as_tensors(device), device)
+    synchronize(device)
     setup_s = time.perf_counter() - t0
-    params = CovidParams(initial_prevalence=1e-3).as_tensors()
+    params = CovidParams(initial_prevalence=1e-3).as_tensors(device)
     timed_steps(env, params, Hard(), 2)  # warm-up
     runs = [timed_steps(env, params, Hard(), fwd_steps) for _ in range(repeats)]
     wall, cpu, (state, _) = min(runs, key=lambda run: run[0])
@@ -96,8 +109,8 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
     del runs
     env_size = env_bytes(env)  # one seed's memoised values included (before the batch below replaces them)
     batch = {}
-    if env.num_agents == AGENTTORCH_SMALL:  # a day's fixed cost (Python, dispatch) shared by a batch of seeds
-        timed_steps(env, params, Hard(), 2, seeds=range(BATCH))
+    if env.num_agents == AGENTTORCH_SMALL or device.type == "cuda":  # a day's fixed cost (Python, kernel launches)
+        timed_steps(env, params, Hard(), 2, seeds=range(BATCH))          # shared by a batch of seeds
         batch_wall, _, _ = timed_steps(env, params, Hard(), fwd_steps, seeds=range(BATCH))
         batch = dict(batch_seeds=BATCH, forward_s_per_day_per_run_in_batch=round(batch_wall / fwd_steps / BATCH, 5))
     row = dict(population=name, agents=env.num_agents, setup_s=round(setup_s, 2), fwd_steps=fwd_steps,
@@ -108,8 +121,8 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
     if bwd_steps:
         learn = CovidParams(initial_prevalence=1e-3, transmission_multiplier=torch.ones(max(1, bwd_steps // 7 + 1)))
         names = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
-        learn = learn.as_tensors(learn=names)
-        _cpu_cache.enable_for(env.num_agents)  # as `simulate` does for gradient runs (AGENTTENSOR_CPU_CACHE=0: off)
+        learn = learn.as_tensors(device, learn=names)
+        _cpu_cache.enable_for(env.num_agents, device)  # as `simulate` does for gradient runs (AGENTTENSOR_CPU_CACHE=0: off)
         _, _, (_, warm) = timed_steps(env, learn, StraightThrough(), bwd_steps)  # warm-up: steady state, as in a calibration
         sum(r["new_infections"].sum() for r in warm).backward()
         for name in names:
@@ -124,6 +137,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
             loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum()
                        for r in records)
             loss.backward()
+            synchronize(device)
             del records, loss
             runs.append(((wall + time.perf_counter() - t1) / bwd_steps, (cpu + time.process_time() - cpu1) / bwd_steps,
                          wall / bwd_steps))
@@ -135,6 +149,9 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
                    cpu_ratio_to_forward=round(both_cpu / forward_cpu, 2),
                    grad_transmission_scale=float(learn.transmission_scale.grad), cpu_cache=_cpu_cache.stats())
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if device.type == "cuda":
+        row.update(device=torch.cuda.get_device_name(device),
+                   peak_gpu_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
     return row
 
 
@@ -150,6 +167,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per measurement after the warm-up; the fastest is reported (all are in the JSON)")
     parser.add_argument("--out", default="benchmarks/results/covid_step.json")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads and --without-native are ignored)")
     parser.add_argument("--without-native", action="store_true",
                         help="also measure each size with the native CPU kernels off (AGENTTENSOR_NATIVE_KERNELS=0), "
                              "right after the measurement with them on")
@@ -168,14 +186,15 @@ def main() -> None:
         populations.insert(0, (f"synthetic:{AGENTTORCH_SMALL}", lambda: at.synthetic(AGENTTORCH_SMALL, seed=0)))
         populations.append(("NYC Brooklyn (populations.nyc, scale 1)",
                             lambda: load_or_build("populations/built/nyc_brooklyn", scale=1.0, boroughs="BK", seed=0)))
+    on_cpu = torch.device(args.device).type == "cpu"
     for name, make in populations:
         population = make()
-        for threads in [int(x) for x in args.threads.split(",")]:
+        for threads in [int(x) for x in args.threads.split(",")] if on_cpu else [torch.get_num_threads()]:
             torch.set_num_threads(threads)
-            for native in (True, False) if args.without_native else (True,):
+            for native in (True, False) if args.without_native and on_cpu else (on_cpu,):
                 os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1" if native else "0"  # read at every kernel call
-                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps, args.repeats), threads=threads,
-                                 native_kernels=native and native_kernels_built()))
+                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps, args.repeats, args.device),
+                                 threads=threads, native_kernels=native and native_kernels_built()))
                 print(rows[-1], flush=True)
             os.environ.pop("AGENTTENSOR_NATIVE_KERNELS", None)
         del population

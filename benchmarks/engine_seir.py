@@ -3,7 +3,9 @@
 Each configuration runs in its own subprocess so peak-memory readings do not mix.
 Prints a table and writes benchmarks/results/engine_seir.json.
 
-    python benchmarks/engine_seir.py [--sizes 1000000,8500000] [--steps 20]
+    python benchmarks/engine_seir.py [--sizes 1000000,8500000] [--steps 20] [--device cuda] [--out PATH]
+
+On CUDA the memory columns are torch's allocator peak (run: peak allocated minus allocated after setup).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one(n: int, steps: int, mode: str) -> dict:
+def one(n: int, steps: int, mode: str, device: str = "cpu") -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -38,24 +40,36 @@ def one(n: int, steps: int, mode: str) -> dict:
     population = at.synthetic(n, seed=0)
     build_s = time.perf_counter() - t0
     params = SEIRParams(R0=3.0, initial_infected=max(10, n // 10_000))
-    env = MODEL.setup(population, params, "cpu")
+    on_gpu = device.startswith("cuda")
+    env = MODEL.setup(population, params.as_tensors(device), device)
     del population
-    base = rss_mb()
+    base = torch.cuda.memory_allocated() / 2**20 if on_gpu else rss_mb()
     sampler = at.Hard() if mode == "forward" else at.StraightThrough()
+    if on_gpu:  # first CUDA uses (kernel loading, the checkpoint machinery) cost seconds: warm up outside the timing
+        R0 = torch.tensor(3.0, requires_grad=mode != "forward", device=device)
+        warm = at.simulate(MODEL, None, params.as_tensors(device).replace(R0=R0), steps=3, seeds=[0], env=env,
+                           sampler=sampler, progress=False, device=device,
+                           grad_checkpoint_every=None if mode == "forward" else 10)  # as timed below
+        if mode != "forward":
+            warm["new_infections"].sum().backward()
+        del warm
+        torch.cuda.synchronize()
     if mode == "forward":
         t1 = time.perf_counter()
-        r = at.simulate(MODEL, None, params, steps=steps, seeds=[0], env=env, progress=False)
+        r = at.simulate(MODEL, None, params, steps=steps, seeds=[0], env=env, progress=False, device=device)
         seconds = time.perf_counter() - t1
     else:
-        R0 = torch.tensor(3.0, requires_grad=True)
-        p = params.as_tensors().replace(R0=R0)
+        R0 = torch.tensor(3.0, requires_grad=True, device=device)
+        p = params.as_tensors(device).replace(R0=R0)
         t1 = time.perf_counter()
         r = at.simulate(MODEL, None, p, steps=steps, seeds=[0], env=env, sampler=sampler, progress=False,
-                        grad_checkpoint_every=10)
+                        grad_checkpoint_every=10, device=device)
         r["new_infections"].sum().backward()
+        if on_gpu:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(agents=n, mode=mode, steps=steps, seconds_per_step=seconds / steps,
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(agents=n, mode=mode, device=torch.cuda.get_device_name() if on_gpu else "cpu", steps=steps, seconds_per_step=seconds / steps,
                 agent_steps_per_second=n * steps / seconds, run_peak_bytes_per_agent=(peak - base) * 2**20 / n,
                 process_peak_mb=peak, population_build_seconds=build_s,
                 attack_so_far=float(r["R"][-1, 0] + r["I"][-1, 0]) / n)
@@ -66,15 +80,17 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000000,8500000")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default="forward,forward+backward")
-    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_seir.json"))
+    ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), int(args.one[1]), args.one[2])))
+        print(json.dumps(one(int(args.one[0]), int(args.one[1]), args.one[2], args.one[3])))
         return
     rows = []
     for n in [int(float(x)) for x in args.sizes.split(",")]:
         for mode in args.modes.split(","):
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), str(args.steps), mode],
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), str(args.steps), mode, args.device],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
@@ -90,7 +106,7 @@ def main() -> None:
               f"{r['run_peak_bytes_per_agent']:>12.1f} {r['process_peak_mb']:>8.0f}")
     meta = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
                 command=" ".join(sys.argv), when=time.strftime("%Y-%m-%d %H:%M"))
-    path = ROOT / "benchmarks" / "results" / "engine_seir.json"
+    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {path}")

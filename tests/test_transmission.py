@@ -2,7 +2,9 @@ import networkx as nx
 import torch
 
 from agenttensor import GroupLayer, edges_from_networkx, edges_to_networkx, message_passing
-from agenttensor.transmission import range_broadcast, range_sums
+import pytest
+
+from agenttensor.transmission import _prefix_segment_sum, range_broadcast, range_sums, scatter_sum
 
 
 def test_group_pressure_matches_bruteforce():
@@ -55,3 +57,33 @@ def test_message_passing_and_networkx_roundtrip():
     back = edges_to_networkx(edge_index, weight, len(nodes))
     assert nx.is_isomorphic(back, nx.Graph(graph))
     assert back.number_of_edges() == graph.number_of_edges()
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["sorted_groups", "unsorted_groups"])
+def test_prefix_segment_sum_equals_index_add(in_order):
+    """The scan-based group sums used on CUDA equal index_add_ (empty groups, first and last group empty,
+    a batch of rows, an int32 index), and a second call reuses the layout."""
+    g = torch.Generator().manual_seed(0)
+    G, N = 9, 500
+    group_of = torch.randint(1, G - 1, (N,), generator=g)  # groups 0 and G-1 empty
+    group_of[group_of == 4] = 5  # and one in the middle
+    if in_order:
+        group_of = group_of.sort().values
+    values = torch.randn(3, N, generator=g) * 10
+    expected = torch.zeros(3, G, dtype=torch.float64).index_add_(1, group_of, values.double())
+    for index in (group_of, group_of.to(torch.int32)):
+        for _ in range(2):
+            got = _prefix_segment_sum(values, index, G)
+            assert got.dtype == torch.float32 and got.shape == (3, G)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+    assert (got[:, [0, 4, G - 1]] == 0).all()
+
+
+def test_scatter_sum_adds_along_the_last_dim():
+    index = torch.tensor([2, 0, 2, 3])
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], requires_grad=True)
+    out = scatter_sum(torch.ones(2, 5), index, values)
+    assert torch.equal(out, torch.tensor([[3.0, 1.0, 5.0, 5.0, 1.0], [7.0, 1.0, 13.0, 9.0, 1.0]]))
+    out[:, 2].sum().backward()
+    assert torch.equal(values.grad, torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 2))
+    assert torch.equal(scatter_sum(torch.zeros(4), index, values[0].detach()), torch.tensor([2.0, 0.0, 4.0, 4.0]))

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import ForceTerm, group_gather, group_sum, layered_force, range_sums
+from agenttensor.transmission import ForceTerm, group_gather, group_sum, layered_force, range_sums, scatter_sum
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
@@ -520,7 +520,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         carries its effect instead."""
         slots = layer.num_groups + 1
         totals = torch.zeros(B * slots, device=device)
-        totals = totals.index_add(0, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
+        totals = scatter_sum(totals, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
         if ctx.sampler.differentiable:
             own = contribution(At()).expand(B, -1)
             if real_sources_only:  # (`where` keeps a 1-byte mask for the backward pass, a product a 4-byte one)
@@ -567,8 +567,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     community_all = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
                                  "community", dense_gradient=True)[:, :-1]  # [B, C]
     community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s own terms
-    per_borough = torch.zeros(B, len(env.group_labels), device=device).index_add(1, env.community_borough,
-                                                                                 community_all)
+    per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
+                              community_all)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
     # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
     # which would make a batch element's numbers depend on the batch it runs in)
@@ -788,7 +788,7 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     G = len(env.group_labels)
     lead = values.shape[:-1]
     out = torch.zeros(*lead, batch * G, dtype=torch.float32, device=values.device)
-    return out.index_add(-1, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(*lead, batch, G)
+    return scatter_sum(out, b * G + env.borough[i].to(torch.int64), values.to(torch.float32)).view(*lead, batch, G)
 
 
 def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
@@ -796,7 +796,7 @@ def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[st
     at = At(b, i)
     parts = {name: ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in ctx.scratch["layer_names"]}
     total = sum(parts.values()).clamp_min(1e-30) if parts else None
-    return {name: torch.zeros(B, device=b.device).index_add(0, b, parts[name] / total) if name in parts else
+    return {name: scatter_sum(torch.zeros(B, device=b.device), b, parts[name] / total) if name in parts else
             torch.zeros(B, device=b.device) for name in LAYERS}
 
 
