@@ -13,17 +13,17 @@ turns the kernels off; without a C++ compiler the torch ops are used (logged onc
 from __future__ import annotations
 
 import ctypes
-import weakref
 
 import torch
 from torch import Tensor
 
 from . import native
+from ._derived import Derived
 
 SOURCE = native.CSRC / "group_kernels.cpp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
-_checked: dict[int, tuple[weakref.ref, int, int, bool]] = {}  # id(slot) -> (slot, version, max + 1, contiguous)
+_checked = Derived(limit=256)  # slot -> (max + 1, contiguous)
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -60,16 +60,12 @@ def enabled() -> bool:
 def _slot_facts(slot: Tensor) -> tuple[int, bool]:
     """(max slot + 1, or -1 if any is negative; whether each group is one contiguous run), computed once per
     slot tensor and again if it is modified in place."""
-    seen = _checked.get(id(slot))
-    if seen is None or seen[0]() is not slot or seen[1] != slot._version:
-        if len(_checked) > 256:
-            _checked.clear()
+    def compute() -> tuple[int, bool]:
         n = slot.numel()
         bound = (int(slot.max()) + 1 if int(slot.min()) >= 0 else -1) if n else 0
-        contiguous = bound > 0 and bool(_kernel("agenttensor_contiguous_groups", slot)(slot.data_ptr(), n, bound))
-        seen = (weakref.ref(slot), slot._version, bound, contiguous)
-        _checked[id(slot)] = seen
-    return seen[2], seen[3]
+        return bound, bound > 0 and bool(_kernel("agenttensor_contiguous_groups", slot)(slot.data_ptr(), n, bound))
+
+    return _checked.get(slot, compute)
 
 
 def _slot_ok(slot: Tensor, num_groups: int) -> bool:

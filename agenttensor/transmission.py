@@ -17,7 +17,6 @@ Shapes: values are [B, N] (batch, agents); group ids [N]; edge_index [2, E].
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import networkx as nx
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _group_kernels
+from ._derived import Derived
 
 
 def index_dtype(n: int) -> torch.dtype:
@@ -33,7 +33,7 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 - 1 else torch.int64
 
 
-_wide_indices: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+_wide_indices = Derived()
 
 
 def _index_add_index(group_of: Tensor) -> Tensor:
@@ -41,16 +41,10 @@ def _index_add_index(group_of: Tensor) -> Tensor:
     The int64 copy of an int32 index is made once per tensor version (only where the native kernels do not run)."""
     if group_of.dtype == torch.int64 or group_of.device.type != "cpu":
         return group_of
-    seen = _wide_indices.get(id(group_of))
-    if seen is None or seen[0]() is not group_of or seen[1] != group_of._version:
-        if len(_wide_indices) > 64:
-            _wide_indices.clear()
-        seen = (weakref.ref(group_of), group_of._version, group_of.to(torch.int64))
-        _wide_indices[id(group_of)] = seen
-    return seen[2]
+    return _wide_indices.get(group_of, lambda: group_of.to(torch.int64))
 
 
-_segment_layouts: dict[int, tuple[weakref.ref, int, int, tuple]] = {}
+_segment_layouts = Derived()
 
 
 def _segment_bounds(index: Tensor, num_groups: int, in_order: bool) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -64,14 +58,11 @@ def _segment_bounds(index: Tensor, num_groups: int, in_order: bool) -> tuple[Ten
 
 def _segment_layout(group_of: Tensor, num_groups: int) -> tuple[Tensor | None, Tensor, Tensor]:
     """`_segment_bounds` of group_of [N] (ids in [0, G)), computed once per tensor version (a layer's slots)."""
-    seen = _segment_layouts.get(id(group_of))
-    if seen is None or seen[0]() is not group_of or seen[1] != group_of._version or seen[2] != num_groups:
-        if len(_segment_layouts) > 64:
-            _segment_layouts.clear()
+    def compute() -> tuple[Tensor | None, Tensor, Tensor]:
         in_order = bool((group_of[1:] >= group_of[:-1]).all()) if group_of.numel() > 1 else True
-        seen = (weakref.ref(group_of), group_of._version, num_groups, _segment_bounds(group_of, num_groups, in_order))
-        _segment_layouts[id(group_of)] = seen
-    return seen[3]
+        return _segment_bounds(group_of, num_groups, in_order)
+
+    return _segment_layouts.get(group_of, compute, key=num_groups)
 
 
 def _prefix_segment_sum(values: Tensor, group_of: Tensor, num_groups: int, layout: tuple | None = None) -> Tensor:

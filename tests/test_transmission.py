@@ -87,3 +87,23 @@ def test_scatter_sum_adds_along_the_last_dim():
     out[:, 2].sum().backward()
     assert torch.equal(values.grad, torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 2))
     assert torch.equal(scatter_sum(torch.zeros(4), index, values[0].detach()), torch.tensor([2.0, 0.0, 4.0, 4.0]))
+
+
+def test_derived_values_are_recomputed_when_the_tensor_changes():
+    from agenttensor._derived import Derived
+
+    memo, calls = Derived(limit=4), []
+
+    def total(x, key=None):
+        return memo.get(x, lambda: calls.append(key) or float(x.sum()), key=key)
+
+    x = torch.ones(5)
+    assert total(x) == 5.0 and total(x) == 5.0 and calls == [None]
+    assert total(x, key="other") == 5.0 and calls == [None, "other"]  # an extra key is its own entry
+    x.add_(1)  # in place: the version counter moves
+    assert total(x) == 10.0 and len(calls) == 3
+    y = torch.zeros(5)  # another tensor is never taken for x
+    assert total(y) == 0.0 and len(calls) == 4
+    for _ in range(6):  # the memo stays bounded
+        total(torch.ones(2))
+    assert len(memo._seen) <= 4
