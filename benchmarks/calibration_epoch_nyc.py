@@ -8,7 +8,7 @@ with gradient checkpointing over time.
 Memory: peak resident set size of the process, and the peak during the epoch minus the resident
 size before it (after population build and setup), per agent per step; on CUDA the same from torch's
 allocator (peak allocated during the epoch minus allocated before it).
-Prints a table and writes benchmarks/results/calibration_epoch_nyc.json (--out to change).
+Prints a table and writes benchmarks/results/calibration_epoch_nyc.json (_cuda.json on CUDA; --out to change).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration_epoch_nyc.json"))
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/calibration_epoch_nyc.json (_cuda.json on CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -96,7 +97,8 @@ def main() -> None:
         row.update(gpu=torch.cuda.get_device_name(device), peak_gpu_gb=peak / 1e9)
     out = dict(row=row, machine=dict(cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                                      load_average_1_5_15=os.getloadavg()))
-    path = Path(args.out)
+    path = Path(args.out or ROOT / "benchmarks" / "results" /
+                ("calibration_epoch_nyc_cuda.json" if on_gpu else "calibration_epoch_nyc.json"))
     path.write_text(json.dumps(out, indent=2))
     print(f"{N:,} agents, {args.days} days, checkpoint every {args.every}: epoch {row['seconds_per_epoch']:.0f} s "
           f"({row['seconds_per_day']:.2f} s/day fwd+bwd), peak {'GPU memory' if on_gpu else 'RSS'} {peak / 1e9:.1f} GB, "

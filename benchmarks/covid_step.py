@@ -10,7 +10,7 @@ Gradient runs of 1M+ agents use the caching CPU allocator as `simulate` does (ag
 AGENTTENSOR_CPU_CACHE=0 turns it off for a comparison). --without-native measures every size a second time
 with the native CPU kernels off (agenttensor/native.py), in the same process, right after.
 
-Prints a table and writes benchmarks/results/covid_step.json.
+Prints a table and writes benchmarks/results/covid_step.json (covid_step_cuda.json with --device cuda).
 """
 
 from __future__ import annotations
@@ -166,12 +166,15 @@ def main() -> None:
     parser.add_argument("--bwd-steps", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per measurement after the warm-up; the fastest is reported (all are in the JSON)")
-    parser.add_argument("--out", default="benchmarks/results/covid_step.json")
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default benchmarks/results/covid_step.json, covid_step_cuda.json on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads and --without-native are ignored)")
     parser.add_argument("--without-native", action="store_true",
                         help="also measure each size with the native CPU kernels off (AGENTTENSOR_NATIVE_KERNELS=0), "
                              "right after the measurement with them on")
     args = parser.parse_args()
+    args.out = args.out or ("benchmarks/results/covid_step_cuda.json" if torch.device(args.device).type == "cuda"
+                            else "benchmarks/results/covid_step.json")
     rows = []
     populations = [(f"synthetic:{n}", lambda n=n: at.synthetic(n, seed=0)) for n in
                    [int(float(x)) for x in args.sizes.split(",") if x]]

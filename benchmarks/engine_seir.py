@@ -1,7 +1,7 @@
 """Engine benchmark: layered SEIR step time and memory at 1M and 8.5M agents.
 
 Each configuration runs in its own subprocess so peak-memory readings do not mix.
-Prints a table and writes benchmarks/results/engine_seir.json.
+Prints a table and writes benchmarks/results/engine_seir.json (engine_seir_cuda.json with --device cuda).
 
     python benchmarks/engine_seir.py [--sizes 1000000,8500000] [--steps 20] [--device cuda] [--out PATH]
 
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default="forward,forward+backward")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_seir.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/engine_seir.json (_cuda.json on CUDA)")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -106,7 +106,8 @@ def main() -> None:
               f"{r['run_peak_bytes_per_agent']:>12.1f} {r['process_peak_mb']:>8.0f}")
     meta = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
                 command=" ".join(sys.argv), when=time.strftime("%Y-%m-%d %H:%M"))
-    path = Path(args.out)
+    path = Path(args.out or ROOT / "benchmarks" / "results" /
+                ("engine_seir_cuda.json" if args.device.startswith("cuda") else "engine_seir.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {path}")
