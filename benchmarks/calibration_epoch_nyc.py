@@ -84,13 +84,13 @@ def main() -> None:
                        window=window, epochs=args.epochs, lr=0.05, params=params, env=env,
                        target_scale=auto_target_scale(env, list(env.group_labels)),
                        grad_checkpoint_every=args.every or None, callback=tick, device=args.device)
-    peak = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated(device) if on_gpu else peak_rss
     N = env.num_agents
     row = dict(agents=N, nyc_scale=args.scale, days=args.days, grad_checkpoint_every=args.every or None,
                learned_parameters=weeks + 1, epoch_seconds=epoch_times, seconds_per_epoch=min(epoch_times),
                seconds_per_day=min(epoch_times) / args.days, population_and_setup_seconds=setup_s,
-               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-               epoch_extra_bytes=peak - base,
+               peak_rss_gb=peak_rss / 1e9, epoch_extra_bytes=peak - base,
                bytes_per_agent_step=(peak - base) / (N * args.days), final_loss=result.info["final_loss"],
                threads=torch.get_num_threads(), cpu_cache=_cpu_cache.stats(), device=str(device))
     if on_gpu:
