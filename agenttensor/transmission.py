@@ -134,6 +134,16 @@ class _GroupSum(torch.autograd.Function):
         return _gather(grad, group_of).expand(ctx.values_shape), None, None
 
 
+class _GroupSumDerivative(_GroupSum):
+    """Zeros [B, G] with the derivative of the group sums (see `group_sum_derivative`)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
+        ctx.save_for_backward(group_of)
+        ctx.values_shape = values.shape
+        return values.new_zeros(values.shape[0], num_groups)
+
+
 class _GroupGather(torch.autograd.Function):
     """Gather whose backward is the segment sum (autograd's ``index_select`` backward is torch's slower
     ``index_add_``)."""
@@ -158,6 +168,12 @@ def group_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
     if values.requires_grad:
         return _GroupSum.apply(values, group_of, num_groups)
     return _segment_sum(values, group_of, num_groups)
+
+
+def group_sum_derivative(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
+    """Zeros [B, G] carrying the derivative of ``group_sum(values, group_of, num_groups)``: the zero-valued
+    ``s − s.detach()`` without computing s (values [B, N] are not read; they may be zero-stride placeholders)."""
+    return _GroupSumDerivative.apply(values, group_of, num_groups)
 
 
 def group_gather(table: Tensor, group_of: Tensor) -> Tensor:

@@ -154,19 +154,28 @@ def explicit_shadow_flows(before, after, params, ctx):
                          household_latent=before.household_latent - out_latent + infected)
 
 
-def explicit_expected_isolation(x, state, params, testing):
-    """Reference for `with_expected_isolation`: the zero-valued isolation term written out."""
+def explicit_own_contributions(state, params, presences, testing):
+    """Reference for `own_contributions`: each agent's contribution per layer as dense products, with the
+    zero-valued expected isolation of untaken infections written out."""
+    alpha, eta = params.asymptomatic_infectiousness, params.isolation_effectiveness
+    iota = state.I_sym + alpha * state.I_asym
     detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
     if testing is not None:
         detect_asym = detect_asym + testing * (1 - detect_asym)
-    iota = state.I_sym + params.asymptomatic_infectiousness * detect_asym * state.I_asym
-    return x - params.isolation_effectiveness * (state.stage_end < 0).float() * state.isolate_prob * iota
+    constant = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731 (α, η constants there)
+    untaken = state.I_sym + constant(alpha) * detect_asym * state.I_asym
+    away = iota * (1 - eta * state.isolating) \
+        - constant(eta) * (state.stage_end < 0).float() * state.isolate_prob * untaken
+    out = {"household": torch.where(state.stage_end >= 0, iota, 0.0)}
+    for name, presence in presences.items():
+        out[name] = away if presence is None else away * presence
+    return out
 
 
 def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(population, monkeypatch):
-    """`_ShadowFlows` and `_ExpectedIsolation` (forward: identity; backward: the transposed flows) give the
-    gradients autograd computes from the explicit zero-valued terms, with the testing and vaccination levers on
-    (their branches)."""
+    """`_ShadowFlows` (forward: identity; backward: the transposed flows) and `_OwnContributions` (forward:
+    zero-valued placeholders; backward: the chain rule by hand) give the gradients autograd computes from the
+    explicit terms, with the testing and vaccination levers on (their branches)."""
     params = moderate(initial_prevalence=0.01)
     env = MODEL.setup(population, params.as_tensors(), "cpu")
     interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
@@ -183,11 +192,40 @@ def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(popu
 
     fast = gradients()
     monkeypatch.setattr(covid, "shadow_flows", explicit_shadow_flows)
-    monkeypatch.setattr(covid, "with_expected_isolation", explicit_expected_isolation)
+    monkeypatch.setattr(covid, "own_contributions", explicit_own_contributions)
     reference = gradients()
     assert fast[0].item() > 0 and fast[2].abs().sum() > 0
     for name, a, b in zip(names, fast, reference):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), name
+
+
+@pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
+def test_own_contributions_backward_equals_autograd_of_the_explicit_products(population, monkeypatch, sampler):
+    """`_OwnContributions` (zero-valued placeholders; the chain rule by hand) gives the gradients of the explicit
+    dense products: α and η inside them, the weights of all four layers, the go-to-work logit (the workplace
+    presence is a straight-through draw), with school, workplace and stay-at-home levers (presences below 1) and
+    testing on, and with the relaxed sampler's fractional memberships."""
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("school_closure", 2, 400, 0.5),
+                     at.Intervention("stay_at_home", 4, 400, 0.3), at.Intervention("workplace_closure", 6, 400, 0.2)]
+    names = ("transmission_scale", "asymptomatic_infectiousness", "isolation_effectiveness", "household_weight",
+             "school_weight", "workplace_weight", "community_weight", "work_intercept", "detection_rate")
+
+    def gradients() -> list[torch.Tensor]:
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=21, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=sampler, interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 0.1 * res["I_sym"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    fast = gradients()
+    monkeypatch.setattr(covid, "own_contributions", explicit_own_contributions)
+    reference = gradients()
+    for name, a, b in zip(names, fast, reference):
+        assert b.abs().sum() > 0, name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), (name, a, b)
 
 
 @pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
@@ -256,3 +294,61 @@ def test_native_attack_probabilities_match_the_torch_formula():
     ref_sym, ref_asym = attack_probabilities(unit.double(), susceptible.double(), others, 0.55, 0.6, 5.3, 4.1)
     for got, ref in ((q_sym, ref_sym * exposure), (q_asym, ref_asym * exposure)):
         assert (got.double() - ref).abs().max() < 2e-6 * exposure.abs().max()
+
+
+def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
+    """The own contributions' backward three ways on random inputs (batch 3, presences broadcast from one row or
+    per element, α per element and η shared, both requiring gradients, testing on): the native pass, its torch
+    ops and autograd of the explicit products agree; the native pass gives the same bits with 1 and 2 threads,
+    and its forward outputs are zero."""
+    from types import SimpleNamespace
+
+    from models.covid import contributions, contributions_native
+
+    g = torch.Generator().manual_seed(3)
+    B, N = 3, 150_000  # > 2 blocks of the native partial sums
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    stage_end = torch.randint(-1, 20, (B, N), generator=g, dtype=torch.int16)
+    timed = (stage_end >= 0).float()  # as in the model: agents in I have a running countdown
+    state = SimpleNamespace(I_sym=(rand(B, N) < 0.3).float() * timed, I_asym=rand(B, N) * timed,
+                            isolating=(rand(B, N) < 0.5).float(), stage_end=stage_end, isolate_prob=rand(B, N))
+    testing = rand(1, N)
+    presences = {"school": rand(1, N), "workplace": (rand(B, N) < 0.7).float(), "community": None}
+    weights = {name: torch.randn(B, N, generator=g) for name in ("household", *presences)}
+
+    def gradients(own_fn, threads=1):
+        torch.set_num_threads(threads)
+        params = SimpleNamespace(asymptomatic_infectiousness=torch.tensor([[0.3], [0.4], [0.5]], requires_grad=True),
+                                 isolation_effectiveness=torch.tensor(0.8, requires_grad=True), detection_rate=0.3,
+                                 asymptomatic_detection_ratio=0.2)
+        inputs = dict(I_sym=state.I_sym.clone().requires_grad_(), I_asym=state.I_asym.clone().requires_grad_(),
+                      isolating=state.isolating.clone().requires_grad_())
+        ps = {k: None if v is None else v.clone().requires_grad_() for k, v in presences.items()}
+        own = own_fn(SimpleNamespace(**{**vars(state), **inputs}), params, ps, testing)
+        sum((own[name] * w).sum() for name, w in weights.items()).backward()
+        leaves = [*inputs.values(), params.asymptomatic_infectiousness, params.isolation_effectiveness,
+                  *(p for p in ps.values() if p is not None)]
+        torch.set_num_threads(1)
+        return [x.grad for x in leaves], own
+
+    calls = []
+    native_backward = contributions_native.backward
+
+    def counted(*args, **kwargs):
+        out = native_backward(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(contributions_native, "backward", counted)
+    fast, own = gradients(contributions.own_contributions)
+    two_threads, _ = gradients(contributions.own_contributions, threads=2)
+    monkeypatch.setattr(contributions_native, "backward", lambda *a, **k: None)
+    torch_ops, _ = gradients(contributions.own_contributions)
+    explicit, _ = gradients(explicit_own_contributions)
+    if not any(calls):
+        pytest.skip("native kernels unavailable")
+    assert all(calls) and all(float(x.detach().abs().max()) == 0 for x in own.values())
+    for a, b, c, d in zip(fast, two_threads, torch_ops, explicit):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * float(c.abs().max()))
+        assert torch.allclose(c, d, rtol=1e-5, atol=1e-5 * float(d.abs().max()))

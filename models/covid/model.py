@@ -55,13 +55,15 @@ from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import ForceTerm, group_gather, group_sum, layered_force, range_sums, scatter_sum
+from agenttensor.transmission import (ForceTerm, group_gather, group_sum_derivative, layered_force, range_sums,
+                                      scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
-from .shadow import shadow_flows, with_expected_isolation
+from .contributions import own_contributions
+from .shadow import shadow_flows
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +485,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
 
-    dense_cache: dict[str, Tensor] = {}  # dense values are needed only in gradient modes; compute them once
+    dense_cache: dict[str, Tensor] = {}  # dense presences: computed once per step
 
     def once(key: str, at: At, fn: Callable[[], Tensor]) -> Tensor:
         if at.i is not None:
@@ -493,44 +495,19 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return dense_cache[key]
 
     def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
-        return once("iota", at, lambda: at(state.I_sym).to(torch.float32)
-                    + at(params.asymptomatic_infectiousness) * at(state.I_asym).to(torch.float32))
+        return at(state.I_sym).to(torch.float32) + at(params.asymptomatic_infectiousness) * at(state.I_asym).to(torch.float32)
 
     def infectious_away(at: At) -> Tensor:  # ι a, with a = 1 − η isolating
-        def value() -> Tensor:
-            away = infectiousness(at) * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32))
-            if at.i is not None or not ctx.sampler.differentiable:
-                return away
-            return with_expected_isolation(away, state, params, lever_per_agent(ctx, "testing_isolation"))
+        return infectiousness(at) * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32))
 
-        return once("iota_away", at, value)
-
-    # gradient modes: every agent's dense contribution per layer [B, N], whose derivative reaches the other
-    # members of its group through `layered_force` (``ForceTerm.own``), and the per-group scale it gets there
-    own_contribution: dict[str, Tensor] = {}
-    own_scale: dict[str, Tensor] = {}
-
-    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor], name: str,
-                     real_sources_only: bool = False, dense_gradient: bool = False) -> Tensor:
+    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor]) -> Tensor:
         """Σ over each group's infectious members: [B, G + 1] (last slot: non-members), summed over the
-        infectious agents only. Gradient modes: the sum carries no derivative of the memberships; the dense
-        contribution of every agent is kept for `layered_force` instead, and with ``dense_gradient`` the
-        totals also carry it (for the borough-wide community mixing). With ``real_sources_only`` the derivative
-        mass of untaken infections (agents without a running countdown) is left out; `shadow.py`
-        carries its effect instead."""
+        infectious agents only. Gradient modes: no derivative here; every agent's contribution carries it
+        (`own_contributions`, the others-sum in `layered_force`)."""
         slots = layer.num_groups + 1
         totals = torch.zeros(B * slots, device=device)
         totals = scatter_sum(totals, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
-        if ctx.sampler.differentiable:
-            own = contribution(At()).expand(B, -1)
-            if real_sources_only:  # (`where` keeps a 1-byte mask for the backward pass, a product a 4-byte one)
-                own = torch.where(state.stage_end >= 0, own, 0.0)
-            totals = totals.detach()
-            own_contribution[name] = own
-            if dense_gradient:
-                dense = group_sum(own, layer.slot, slots)
-                totals = totals + (dense - dense.detach())
-        return totals
+        return totals.detach() if ctx.sampler.differentiable else totals
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
         value = lever_per_agent(ctx, lever)
@@ -541,12 +518,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
-    household = group_totals(env.household, infectiousness, "household", real_sources_only=True)
+    own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
+    household = group_totals(env.household, infectiousness)
     own_scale["household"] = beta * params.household_weight * env.household_inv_others
     layers["household"] = (own_scale["household"] * household, env.household.slot, None)
     if is_school_day(date):
         p_school = presence_of("school_closure")
-        school = group_totals(env.school, lambda at: infectious_away(at) * (p_school(at) if p_school else 1), "school")
+        school = group_totals(env.school, lambda at: infectious_away(at) * (p_school(at) if p_school else 1))
         level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
@@ -560,12 +538,23 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
             return once("presence_work", at, value)
 
-        work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at), "workplace")
+        work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at))
         own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
         layers["workplace"] = (own_scale["workplace"] * work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community_all = group_totals(env.community, lambda at: infectious_away(at) * (p_community(at) if p_community else 1),
-                                 "community", dense_gradient=True)[:, :-1]  # [B, C]
+    community_all = group_totals(env.community,
+                                 lambda at: infectious_away(at) * (p_community(at) if p_community else 1))
+    dense = At()
+    own: dict[str, Tensor] = {}  # gradient modes: each agent's (zero-valued) contribution per layer
+    if ctx.sampler.differentiable:
+        presences = {name: None if presence is None else presence(dense) for name, (_, _, presence) in layers.items()
+                     if name != "household"}
+        presences["community"] = None if p_community is None else p_community(dense)
+        own = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"))
+        # the borough-wide community mixing carries the dense derivative of the NTA totals
+        community_all = community_all + group_sum_derivative(own["community"], env.community.slot,
+                                                             env.community.num_groups + 1)
+    community_all = community_all[:, :-1]  # [B, C]
     community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s own terms
     per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
                               community_all)
@@ -610,7 +599,6 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def kept_share(layer: str, reduction: Tensor | None) -> Tensor | None:  # 1 − r, recomputed when the lever changes
         return None if reduction is None else env.memo(("kept", layer), (reduction,), lambda: 1 - reduction)
 
-    dense = At()
     sigma = susceptibility(dense)
     # every agent: one pass over the layers (`layered_force`: the arithmetic of layer_term, one autograd node). In
     # gradient modes each layer also carries the derivative of π_l(i) w.r.t. the memberships of i's *other* group
@@ -620,7 +608,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
-        own=own_contribution.get(name), own_scale=torch.atleast_2d(own_scale[name]) if name in own_contribution else None)
+        own=own.get(name), own_scale=torch.atleast_2d(own_scale[name]) if name in own else None)
         for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)

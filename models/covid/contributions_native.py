@@ -1,0 +1,98 @@
+"""The own contributions' backward (`contributions._OwnContributions`) as one native pass over the agents on CPU
+(models/covid/csrc/contributions_kernel.cpp): ~20 [B, N] torch ops become one loop. contributions.py keeps the
+same chain rule in torch ops (the reference, used on other devices, without a compiler and with
+``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from agenttensor import native
+
+SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
+BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
+LAYERS = ("school", "workplace", "community")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for field
+    _fields_ = [(n, _I) for n in ("B", "N", "threads", "block")] \
+        + [(n, _P) for n in ("d_household", "d_school", "d_workplace", "d_community", "p_school", "p_workplace",
+                             "p_community")] \
+        + [(n, _I) for n in ("p_school_stride", "p_workplace_stride", "p_community_stride")] \
+        + [(n, _P) for n in ("I_sym", "I_asym", "isolating", "isolate_prob", "stage_end", "testing")] \
+        + [("testing_stride", _I)] \
+        + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
+                             "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums")]
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
+
+
+def backward(grads: dict[str, Tensor | None], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
+             isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
+             detect_asym, wants: dict[str, bool]) -> dict[str, Tensor | None] | None:
+    """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
+    None where not wanted, or None where the kernel does not apply (not CPU float32, kernels off or unbuilt): the
+    caller runs the torch ops. ``grads``: the incoming [B, N] gradients per layer ("household" and ``LAYERS``);
+    ``wants``: which of the outputs above are needed."""
+    dense = [I_sym, I_asym, isolating, isolate_prob, *(g for g in grads.values() if g is not None),
+             *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16:
+        return None
+    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare)
+    if library is None:
+        return None
+    B, N = stage_end.shape
+    if any(x.shape != (B, N) for x in (I_sym, I_asym, isolating)):
+        return None
+    keep = []  # every tensor whose pointer the kernel reads or writes, alive until it returns
+
+    def ptr(x: Tensor | None) -> int | None:
+        if x is None:
+            return None
+        keep.append(x)
+        return x.data_ptr()
+
+    def row(x: Tensor) -> tuple[Tensor, int]:  # [B | 1, N] -> contiguous, row stride
+        x = x.detach().contiguous()
+        return x, (0 if x.shape[0] == 1 else N)
+
+    def per_element(x) -> Tensor:  # scalar or [B, 1] -> [B]
+        return torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1).expand(B).contiguous()
+
+    blocks = -(-N // BLOCK)
+    args = _Args(B=B, N=N, threads=torch.get_num_threads(), block=BLOCK)
+    for name in ("household", *LAYERS):
+        g = grads.get(name)
+        setattr(args, f"d_{name}", ptr(None if g is None else g.contiguous()))
+    for name in LAYERS:
+        p = presences.get(name)
+        if p is not None:
+            p, stride = row(p)
+            setattr(args, f"p_{name}", ptr(p))
+            setattr(args, f"p_{name}_stride", stride)
+    for name, x in (("I_sym", I_sym), ("I_asym", I_asym), ("isolating", isolating), ("isolate_prob", isolate_prob),
+                    ("stage_end", stage_end)):
+        setattr(args, name, ptr(x.detach().expand(B, N).contiguous()))
+    if testing is not None:
+        t, args.testing_stride = row(testing)
+        args.testing = ptr(t)
+    args.alpha, args.eta, args.detect_asym = (ptr(per_element(x)) for x in (alpha, eta, detect_asym))
+    out: dict[str, Tensor | None] = {}
+    for name in ("I_sym", "I_asym", "isolating", *LAYERS):
+        out[name] = torch.empty(B, N) if wants.get(name) else None
+        setattr(args, f"out_{name}" if name not in LAYERS else f"out_p_{name}", ptr(out[name]))
+    for name in ("alpha_sums", "eta_sums"):
+        out[name] = torch.empty(B, blocks, dtype=torch.float64) if wants.get(name) else None
+        setattr(args, name, ptr(out[name]))
+    library.agenttensor_covid_own_backward(ctypes.byref(args))
+    for name in ("alpha_sums", "eta_sums"):
+        if out[name] is not None:
+            out[name] = out[name].sum(1)
+    return out
