@@ -29,12 +29,9 @@ import torch
 from torch import Tensor
 
 from . import contributions_native
+from .shadow import _detached
 
 NON_HOUSEHOLD = ("school", "workplace", "community")
-
-
-def _detached(x):
-    return x.detach() if isinstance(x, Tensor) else x
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:

@@ -17,7 +17,7 @@ lever; died); it is reported at I entry with the detection and testing probabili
 (∂x: the derivative carried by x, whose value is 0 for these agents). An expected-value linearisation of
 the untaken paths with geometric stage durations of the right means.
 
-Along untaken paths the mass in I would isolate as real infections do (`with_expected_isolation`: symptomatic
+Along untaken paths the mass in I would isolate as real infections do (`contributions.py`: symptomatic
 ones w.p. isolate_prob, asymptomatic ones if reported), removing a share η of its non-household contacts.
 
 In households the mass does not act through the (linearised) household force: it is handed to the other
@@ -240,37 +240,3 @@ def shadow_flows(before, after, params, ctx):
     ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
     return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, reported_recent=recent,
                          household_exposure=exposure, household_latent=latent)
-
-
-class _ExpectedIsolation(torch.autograd.Function):
-    """Forward: x unchanged. Backward: x's gradient passes through, and −η free isolate_prob × it reaches I_sym
-    (× α d_asym: I_asym). The derivative of x − η free isolate_prob (I_sym + α d_asym I_asym), whose value is
-    zero (see `with_expected_isolation`), without its seven [B, N] temporaries in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, I_sym: Tensor, I_asym: Tensor, stage_end: Tensor, isolate_prob: Tensor,
-                testing: Tensor | None, eta, alpha, detect_asym) -> Tensor:
-        ctx.save_for_backward(stage_end, isolate_prob, testing)
-        ctx.constants = (eta, alpha, detect_asym)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        stage_end, isolate_prob, testing = ctx.saved_tensors
-        eta, alpha, detect_asym = ctx.constants
-        g_sym = (stage_end < 0).to(grad.dtype).mul_(isolate_prob).mul_(grad).mul_(-eta)
-        if testing is not None:
-            detect_asym = detect_asym + testing * (1 - detect_asym)
-        return grad, g_sym, g_sym * (alpha * detect_asym), None, None, None, None, None, None
-
-
-def with_expected_isolation(x: Tensor, state, params, testing: Tensor | None) -> Tensor:
-    """Gradient modes: x [B, N] (ι a), whose derivative loses that of η ι isolating for the derivative mass of
-    untaken infections (`shadow.py`), which sits in the I stages of agents without a running countdown and
-    would isolate as real infections do: symptomatic ones w.p. isolate_prob, asymptomatic ones if reported
-    (d_asym, raised by the testing lever [B, N]). Zero in the forward pass (those agents are not infectious).
-    ``state``: a ``CovidState``, ``params``: ``CovidParams``."""
-    detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
-    return _ExpectedIsolation.apply(x, state.I_sym, state.I_asym, state.stage_end, state.isolate_prob.detach(),
-                                    None if testing is None else testing.detach(), _detached(params.isolation_effectiveness),
-                                    _detached(params.asymptomatic_infectiousness), detect_asym)
