@@ -304,17 +304,21 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
 
 
 def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None,
-               known: Tensor | None = None) -> Tensor:
-    """Sums over contiguous agent ranges (e.g. boroughs of agents sorted by borough): [B, N] -> [B, G].
+               known: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
+    """Sums over contiguous agent ranges (e.g. boroughs of agents sorted by borough): [B, N] -> [B, G]; with
+    ``weight`` [B | 1, N] the sums of values · weight (derivatives for both, without the product in the forward
+    pass when the sums are ``known``).
 
     Slices, not a segment sum: the cheapest reduction for a few large groups. The backward spreads each
     range's gradient over its agents in one op (`range_broadcast`); autograd's own would build a [B, N]
     zero buffer per range and add them up. ``known`` [B, G]: the sums, where the caller has them another way
     (values are then not read; the derivative is the same).
     """
-    if values.requires_grad:
-        return _RangeSums.apply(values, ranges, dtype, known)
-    return _stacked_range_sums(values, ranges, dtype) if known is None else known.to(dtype or known.dtype)
+    if values.requires_grad or (weight is not None and weight.requires_grad):
+        return _RangeSums.apply(values, ranges, dtype, known, weight)
+    if known is not None:
+        return known.to(dtype or known.dtype)
+    return _stacked_range_sums(values if weight is None else values * weight, ranges, dtype)
 
 
 def _stacked_range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None) -> Tensor:
@@ -333,15 +337,27 @@ def range_broadcast(per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
 class _RangeSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None,
-                known: Tensor | None) -> Tensor:
-        ctx.ranges, ctx.values_dtype = ranges, values.dtype
+                known: Tensor | None, weight: Tensor | None) -> Tensor:
+        ctx.ranges = ranges
+        ctx.shapes = values.shape, None if weight is None else weight.shape
+        ctx.dtypes = values.dtype, None if weight is None else weight.dtype
+        wants_values, wants_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        ctx.save_for_backward(weight if wants_values else None, values if wants_weight else None)
         if known is not None:
             return known.detach().to(dtype or known.dtype, copy=True)
-        return _stacked_range_sums(values, ranges, dtype)
+        return _stacked_range_sums(values if weight is None else values * weight, ranges, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return range_broadcast(grad, ctx.ranges).to(ctx.values_dtype), None, None, None
+        weight, values = ctx.saved_tensors
+        spread = range_broadcast(grad, ctx.ranges)
+        d_values = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_values = spread if weight is None else spread * weight
+            d_values = d_values.to(ctx.dtypes[0]).sum_to_size(ctx.shapes[0])
+        if ctx.needs_input_grad[4]:
+            d_weight = (spread * values).to(ctx.dtypes[1]).sum_to_size(ctx.shapes[1])
+        return d_values, None, None, None, d_weight
 
 
 class GroupLayer:

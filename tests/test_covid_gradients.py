@@ -352,3 +352,47 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
         assert torch.equal(a, b)
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * float(c.abs().max()))
         assert torch.allclose(c, d, rtol=1e-5, atol=1e-5 * float(d.abs().max()))
+
+
+def test_metric_sums_from_known_values_carry_the_derivative_of_the_dense_sums(population, monkeypatch):
+    """The per-borough metrics that take their values from elsewhere (rolled stage counts, new infections counted
+    at the infected agents, memoised labour sums weighted by has_workplace and on-site work) give the values and
+    gradients of dense sums over agents (autograd of the products and slices), for parameters of transmission, the
+    labour market and behaviour."""
+    import polars as pl
+
+    from agenttensor import transmission
+
+    # some employed agents work without a workplace (has_workplace weighs the sums), some start unemployed
+    persons = population.persons.with_columns(
+        workplace_id=pl.when(pl.col("agent_id") % 4 == 0).then(-1).otherwise(pl.col("workplace_id")),
+        employment=pl.when((pl.col("agent_id") % 9 == 0) & (pl.col("employment") == 1)).then(2)
+        .otherwise(pl.col("employment")))
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(at.Population(persons, population.groups, population.meta), params.as_tensors(), "cpu")
+    interventions = [at.Intervention("workplace_closure", 3, 400, 0.3)]
+    names = ("transmission_scale", "job_loss_base", "job_loss_closed", "job_loss_absent", "work_intercept", "rehire_rate")
+
+    def run():
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=22, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["unemployment_rate_by_borough"].sum() + res["on_site_share_by_borough"].sum() + 1e-3 * res["I_sym"].sum()
+         + 1e-3 * res["R_by_borough"].sum() + 1e-3 * res["new_infections_by_borough"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names]
+
+    def dense_sums(values, ranges, dtype=None, known=None, weight=None):
+        values = values.to(dtype) if dtype is not None else values
+        values = values if weight is None else values * weight
+        return torch.stack([values[:, a:b].sum(1) for a, b in ranges], 1)
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(covid, "range_sums", dense_sums)
+    monkeypatch.setattr(transmission, "range_sums", dense_sums)
+    reference, reference_grads = run()
+    for name in ("unemployment_rate_by_borough", "on_site_share_by_borough", "I_sym", "R_by_borough",
+                 "new_infections_by_borough"):
+        assert torch.equal(fast[name], reference[name]), name
+    for name, a, b in zip(names, fast_grads, reference_grads):
+        assert b.abs().sum() > 0, name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), (name, a, b)

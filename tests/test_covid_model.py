@@ -405,7 +405,7 @@ def test_memoised_per_agent_values_follow_lever_and_labour_changes(population, m
     cached = [run(*args) for args in runs]
     assert {key[0] if isinstance(key, tuple) else key for key in env.cache} >= {"lever", "closed_workplaces",
                                                                                "labour_metrics"}
-    monkeypatch.setattr(type(env), "memo", lambda self, key, inputs, compute: compute())
+    monkeypatch.setattr(type(env), "memo", lambda self, key, inputs, compute, values_only=False: compute())
     fresh = [run(*args) for args in runs]
     for a, b in zip(cached, fresh):
         for name in ("new_infections_by_borough", "on_site_share_by_borough", "unemployment_rate_by_borough",

@@ -46,6 +46,29 @@ def test_range_sums_and_their_gradient():
     assert torch.equal(as_float, torch.tensor([[3.0, 0.0, 7.0]]))
 
 
+def test_weighted_range_sums_and_known_sums_carry_the_derivative_of_the_dense_sums():
+    """range_sums(values, weight=w): the sums of values · w, with the derivatives of both (w broadcast from one
+    row); with ``known`` the given sums are returned and values are not read, the derivatives unchanged."""
+    ranges = [(0, 4), (4, 4), (4, 9)]
+    x = torch.rand(3, 9, requires_grad=True)
+    w = torch.rand(1, 9, requires_grad=True)
+    weights = torch.rand(3, 3)
+    sums = range_sums(x, ranges, weight=w)
+    (sums * weights).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    dense = torch.stack([(x_ref * w_ref)[:, a:b].sum(1) for a, b in ranges], 1)
+    (dense * weights).sum().backward()
+    assert torch.allclose(sums, dense) and torch.allclose(x.grad, x_ref.grad) and torch.allclose(w.grad, w_ref.grad)
+    x.grad = w.grad = None
+    known = torch.full((3, 3), 7.0)
+    given = range_sums(x, ranges, torch.float32, known=known, weight=w)
+    assert torch.equal(given, known)
+    (given * weights).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad) and torch.allclose(w.grad, w_ref.grad)
+    constant = range_sums(x, ranges, weight=w.detach())  # a constant weight gets no gradient
+    assert constant.requires_grad and torch.allclose(constant, dense)
+
+
 def test_message_passing_and_networkx_roundtrip():
     graph = nx.karate_club_graph()
     edge_index, weight, nodes = edges_from_networkx(graph)

@@ -247,19 +247,22 @@ class CovidEnv:
     cache: dict = field(default_factory=dict, repr=False)  # see `memo`
     counts: dict = field(default_factory=dict, repr=False)  # see `rolled_counts`
 
-    def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any]) -> Any:
+    def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any], values_only: bool = False) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
-        by value, anything else (state tensors, random streams) by identity. Only on CPU and without gradients.
-        Interventions change a few times per run and the labour market once a week, but their per-agent values
-        cost a [B, N] pass per step (a 35 MB gather at full NYC). The cache holds one result per key."""
+        by value, anything else (state tensors, random streams) by identity. Only on CPU and without gradients,
+        or with ``values_only`` (compute reads its inputs' values only, detached: inputs may require gradients;
+        they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
+        per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
+        35 MB gather at full NYC). The cache holds one result per key."""
         tensors = [x for x in inputs if isinstance(x, Tensor)]
-        if any(x.requires_grad or x.device.type != "cpu" for x in tensors):
+        if any((x.requires_grad and not values_only) or x.device.type != "cpu" for x in tensors):
             return compute()
         hit = self.cache.get(key)
         if hit is not None and len(hit[0]) == len(inputs) and all(map(_same_input, hit[0], inputs)):
             return hit[1]
         result = compute()
-        self.cache[key] = (tuple(x.clone() if _small(x) else x for x in inputs), result)
+        self.cache[key] = (tuple(x.clone() if _small(x) else weakref.ref(x) if values_only and isinstance(x, Tensor)
+                                 else x for x in inputs), result)
         return result
 
     def rolled_counts(self, key: str, before: Tensor, change: Tensor | None) -> Tensor | None:
@@ -281,6 +284,8 @@ def _small(x: Any) -> bool:
 
 
 def _same_input(cached: Any, x: Any) -> bool:
+    if isinstance(cached, weakref.ref):
+        return cached() is x
     if _small(x):
         return _small(cached) and cached.shape == x.shape and cached.dtype == x.dtype and torch.equal(cached, x)
     return cached is x
@@ -735,10 +740,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     out_E, in_Ia, out_Ia, in_Is, out_Is, in_H, out_H, in_R, in_D, isolating_after, isolating_prior = exits.unbind(0)
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
-    if ctx.sampler.differentiable:  # dense: d/dp of every susceptible agent's draw (straight-through)
-        new_infections = by_borough(env, new_E.to(torch.float32))
-    else:  # the same integer counts from the infected agents only
-        new_infections = by_borough_at(env, infected_b, infected_i, new_E[infected_b, infected_i], S.shape[0])
+    # the counts from the infected agents only; gradient modes: with the derivative of the dense sum (d/dp of every
+    # susceptible agent's draw)
+    new_infections = by_borough_at(env, infected_b, infected_i, new_E.detach()[infected_b, infected_i], S.shape[0])
+    if ctx.sampler.differentiable:
+        new_infections = range_sums(new_E, env.borough_slices, torch.float32, known=new_infections)
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
@@ -851,17 +857,23 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         out[f"{stage}_by_borough"] = per_borough
     isolating = counts_of("isolating")
 
-    def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # changes once a week
-        employed = by_borough(env, state.employed, dtype=torch.float32)
-        unemployed = by_borough(env, state.unemployed, dtype=torch.float32)
-        has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
-                                 lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step
-        with_workplace = by_borough(env, state.employed * has_workplace, dtype=torch.float32)
-        on_site = by_borough(env, state.on_site * state.employed, dtype=torch.float32)
-        return employed, unemployed, with_workplace, on_site
+    has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
+                             lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step
 
-    employed, unemployed, with_workplace, on_site = env.memo("labour_metrics", (state.employed, state.unemployed,
-                                                                               state.on_site), labour)
+    def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values; they change once a week
+        employed, unemployed, on_site = (x.detach() for x in (state.employed, state.unemployed, state.on_site))
+        return (by_borough(env, employed, dtype=torch.float32), by_borough(env, unemployed, dtype=torch.float32),
+                by_borough(env, employed * has_workplace, dtype=torch.float32),
+                by_borough(env, on_site * employed, dtype=torch.float32))
+
+    employed, unemployed, with_workplace, on_site = env.memo(
+        "labour_metrics", (state.employed, state.unemployed, state.on_site), labour, values_only=True)
+    if ctx.sampler.differentiable:  # the derivatives of the sums over agents, on the memoised values
+        slices, f32 = env.borough_slices, torch.float32
+        employed = range_sums(state.employed, slices, f32, known=employed)
+        unemployed = range_sums(state.unemployed, slices, f32, known=unemployed)
+        with_workplace = range_sums(state.employed, slices, f32, known=with_workplace, weight=has_workplace)
+        on_site = range_sums(state.on_site, slices, f32, known=on_site, weight=state.employed)
     out["isolating_share"] = isolating.sum(1) / env.num_agents
     out["isolating_share_by_borough"] = isolating / env.borough_size.clamp_min(1)
     out["unemployment_rate"] = unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1)
