@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _event_kernels
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -92,17 +94,27 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
         survival = torch.exp(-hazard)
-        happened = u < 1 - survival
+        fused = _event_kernels.hazard_event(survival, u, where)  # one native pass on CPU, the same numbers
+        if fused is None:
+            happened = u < 1 - survival
+            out = happened.to(where.dtype) * where
+        else:
+            happened, out = fused
         ctx.shapes = hazard.shape, where.shape
         ctx.save_for_backward(survival if ctx.needs_input_grad[0] else None,
                               where if ctx.needs_input_grad[0] else None,
                               happened if ctx.needs_input_grad[2] else None)
-        return happened.to(where.dtype) * where
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         survival, where, happened = ctx.saved_tensors
         hazard_shape, where_shape = ctx.shapes
+        fused = _event_kernels.hazard_event_backward(grad, where, survival, happened)
+        if fused is not None:
+            d_hazard, d_where = fused
+            return (None if d_hazard is None else d_hazard.sum_to_size(hazard_shape), None,
+                    None if d_where is None else d_where.sum_to_size(where_shape))
         d_hazard = d_where = None
         if ctx.needs_input_grad[0]:
             d_hazard = (grad * where * survival).sum_to_size(hazard_shape)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from agenttensor import Hard, Relaxed, StraightThrough
@@ -77,3 +78,41 @@ def test_hazard_event_matches_its_composition_in_values_and_gradients():
     plain = StraightThrough().hazard_event(torch.full((B, N), 0.3), u, where_values)
     assert not plain.requires_grad and torch.equal(plain, (u < 1 - torch.exp(torch.tensor(-0.3))).float() * where_values)
     assert torch.equal(Hard().hazard_event(torch.full((B, N), 0.3), u, where_values.to(torch.uint8)), plain.to(torch.uint8))
+
+
+def test_native_hazard_event_gives_the_bits_of_the_torch_ops(monkeypatch):
+    """agenttensor/csrc/event_kernels.cpp (the straight-through hazard event and its backward, one pass each on
+    CPU) against the same node in torch ops: identical events and gradients, bit for bit, with 1 and 2 threads."""
+    from agenttensor import _event_kernels
+
+    if _event_kernels._library() is None:
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(5)
+    B, N = 2, 300_000
+    u, weights = torch.rand(B, N, generator=g), torch.randn(B, N, generator=g)
+    hazard_values = torch.rand(B, N, generator=g) ** 2
+    where_values = (torch.rand(B, N, generator=g) < 0.6).float()
+
+    def run(threads: int):
+        torch.set_num_threads(threads)
+        hazard, where = hazard_values.clone().requires_grad_(), where_values.clone().requires_grad_()
+        events = StraightThrough().hazard_event(hazard, u, where)
+        (events * weights).sum().backward()
+        return events.detach(), hazard.grad, where.grad
+
+    threads = torch.get_num_threads()
+    calls = []
+    forward, backward = _event_kernels.hazard_event, _event_kernels.hazard_event_backward
+    monkeypatch.setattr(_event_kernels, "hazard_event", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(_event_kernels, "hazard_event_backward", lambda *a: calls.append(2) or backward(*a))
+    try:
+        native = [run(1), run(2)]
+        assert sorted(set(calls)) == [1, 2]
+        monkeypatch.setattr(_event_kernels, "hazard_event", lambda *a: None)
+        monkeypatch.setattr(_event_kernels, "hazard_event_backward", lambda *a: None)
+        torch_ops = run(1)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < torch_ops[0].sum() < where_values.sum()
+    for result in native:
+        assert all(torch.equal(a, b) for a, b in zip(result, torch_ops))
