@@ -31,7 +31,7 @@ from torch import Tensor
 from . import contributions_native
 from .shadow import _detached
 
-NON_HOUSEHOLD = ("school", "workplace", "community")
+NON_HOUSEHOLD = contributions_native.LAYERS  # ("school", "workplace", "community")
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:
@@ -86,7 +86,10 @@ class _OwnContributions(torch.autograd.Function):
             if d is None:
                 continue
             term = d * p if p is not None else d
-            D = term.clone() if D is None and term is d else (term if D is None else D.add_(term))
+            if D is None:
+                D = term.clone() if term is d else term  # the incoming gradient is not ours to add into
+            else:
+                D.add_(term)
         real = stage_end >= 0
         d_iota = None if d_household is None else torch.where(real, d_household, 0.0)
         kept = None if D is None else torch.mul(isolating, eta).neg_().add_(1)  # 1 − η isolating
