@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+from . import select
 from .params import Params
 from .rng import Randomness
 from .sampling import Hard, Sampler
@@ -69,26 +70,45 @@ class StepContext:
         in hard mode only those agents' numbers are drawn, which is faster when they are few.
         The draws are the same numbers either way (keyed by agent id).
         """
-        if where is None:
-            return self.sampler.bernoulli(p, self.uniform(stream))
-        if self.sampler.differentiable:
-            return self.sampler.bernoulli(p, self.uniform(stream)) * where
-        b, i = where.nonzero(as_tuple=True)
-        if b.numel() * 4 > where.numel():  # dense is cheaper
-            return self.sampler.bernoulli(p, self.uniform(stream)) * where
+        if where is None or self.sampler.differentiable or not self.few(where):
+            return self.dense_bernoulli(p, stream, where)
+        return self._bernoulli_at_members(p, stream, where)
+
+    def _bernoulli_at_members(self, p: Tensor | float, stream: str, where: Tensor) -> Tensor:
+        """Hard ``bernoulli`` with p and u read at the members of ``where`` only."""
+        b, i = select.nonzero(where)
         u = self.rng.uniform_at(self.step, stream, b, i)
         p_sel = p.expand(where.shape)[b, i] if isinstance(p, Tensor) and p.dim() > 0 else p
         events = torch.zeros_like(where)
         events[b, i] = (u < p_sel).to(where.dtype)
         return events
 
+    def dense_bernoulli(self, p: Tensor | float, stream: str, where: Tensor | None = None, complement: bool = False
+                        ) -> Tensor:
+        """``bernoulli`` drawn for every agent: 1[u < p] · where [B, N] (``complement``: 1[u < 1 − p]). Hard mode on
+        CPU: one native pass (uniforms, comparison and product; `Randomness.hard_event`), the same numbers."""
+        if not self.sampler.differentiable:
+            events = self.rng.hard_event(self.step, stream, p, where, complement)
+            if events is not None:
+                return events
+        events = self.sampler.bernoulli(1 - p if complement else p, self.uniform(stream))
+        return events if where is None else events * where
+
+    @staticmethod
+    def few(where: Tensor) -> bool:
+        """Whether at most a quarter of ``where`` [B, N] is non-zero: hard-mode events are then drawn at those agents
+        only (``nonzero``, gathers, one scatter), else for every agent in one pass."""
+        return select.count(where) * 4 <= where.numel()
 
     def hazard_event(self, hazard: Tensor, stream: str, where: Tensor) -> Tensor:
         """Events at rate ``hazard`` [B, N] over this step among ``where`` (0/1): ``bernoulli(1 − exp(−hazard),
         stream, where)``, the same numbers; in gradient modes one fused node (`Sampler.hazard_event`)."""
         if self.sampler.differentiable:
             return self.sampler.hazard_event(hazard, self.uniform(stream), where)
-        return self.bernoulli(1 - torch.exp(-hazard), stream, where)
+        survival = (-hazard).exp_()
+        if not self.few(where):
+            return self.dense_bernoulli(survival, stream, where, complement=True)
+        return self._bernoulli_at_members(1 - survival, stream, where)
 
 
 @dataclass(frozen=True)

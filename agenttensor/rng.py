@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _rng_kernels
+
 _C1 = 0x7FEB352D
 _C2 = 0x846CA68B - (1 << 32)  # as signed int32
 _M32 = 0xFFFFFFFF
@@ -141,28 +143,43 @@ class Randomness:
     def to(self, device) -> "Randomness":
         return Randomness(self.seeds, self.agent_base.to(device))
 
-    def _keys(self, step: int, stream: str | int) -> Tensor:
-        sid = stream_id(stream) if isinstance(stream, str) else int(stream)
-        keys = [step_key(s, step, sid) for s in self.seeds]
-        return torch.tensor(keys, dtype=torch.int32, device=self.agent_base.device).unsqueeze(1)
+    def _keys(self, step: int, streams: Sequence[str | int]) -> Tensor:
+        """[S, B] int32: the key of each stream (rows) and seed (columns) at this step."""
+        ids = [stream_id(s) if isinstance(s, str) else int(s) for s in streams]
+        return torch.tensor([[step_key(seed, step, sid) for seed in self.seeds] for sid in ids], dtype=torch.int32,
+                            device=self.agent_base.device)
 
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""
-        return _uniform_kernel(self.agent_base.unsqueeze(0), self._keys(step, stream))
+        keys = self._keys(step, (stream,))
+        if _uniform_kernel is _uniform_eager:  # one native pass on CPU where built (the same bits)
+            native = _rng_kernels.uniform(self.agent_base, keys[0])
+            if native is not None:
+                return native
+        return _uniform_kernel(self.agent_base.unsqueeze(0), keys.view(-1, 1))
+
+    def hard_event(self, step: int, stream: str | int, p: Tensor | float, where: Tensor | None = None,
+                   complement: bool = False) -> Tensor | None:
+        """Hard events 1[u < p] · where for every agent, uint8 [B, N], drawing u in the same pass (1 − p with
+        ``complement``): the numbers of ``(uniform(step, stream) < p).to(uint8) * where`` in one native pass on CPU.
+        None where that kernel does not apply (other devices, dtypes or shapes, kernels off): draw `uniform`."""
+        if _uniform_kernel is not _uniform_eager:
+            return None
+        return _rng_kernels.hard_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
 
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
         stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""
-        ids = [stream_id(s) if isinstance(s, str) else int(s) for s in streams]
-        keys = torch.tensor([[step_key(seed, step, sid) for seed in self.seeds] for sid in ids], dtype=torch.int32,
-                            device=self.agent_base.device)  # [S, B]
+        keys = self._keys(step, streams)  # [S, B]
+        if _uniform_kernel is _uniform_eager:
+            native = _rng_kernels.uniform_at(self.agent_base, keys, batch_index, agent_index)
+            if native is not None:
+                return native
         return _uniform_kernel(self.agent_base[agent_index].unsqueeze(0), keys[:, batch_index])
 
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""
-        keys = self._keys(step, stream).squeeze(1)[batch_index]
-        return _uniform_kernel(self.agent_base[agent_index], keys)
-
+        return self.uniforms_at(step, (stream,), batch_index, agent_index)[0]
 
 if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1":
     use_compiled_kernels(True)

@@ -127,6 +127,21 @@ def test_hard_and_gradient_modes_same_trajectory(env, params):
             assert torch.equal(value.float(), soft[name].detach().float()), name
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_kernels_change_no_number(env, threads, monkeypatch):
+    """Hard runs with the native kernels (uniforms, fused events, index selection, group sums) and with torch ops
+    only: the same trajectories, bit for bit, through the dense phase and the sparse one (most agents infected),
+    with every lever and a batch of two seeds."""
+    torch.set_num_threads(threads)  # the `one_thread` fixture restores it
+    params = busy_params(transmission_scale=3.0)
+    native = run(env, params, steps=30, seeds=(0, 1), interventions=ALL_LEVERS)
+    assert native["S"][-1].max().item() * 4 < env.num_agents
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    reference = run(env, params, steps=30, seeds=(0, 1), interventions=ALL_LEVERS)
+    for name, value in native.metrics.items():
+        assert torch.equal(value, reference[name]), name
+
+
 def test_gradients_reach_every_calibratable_parameter(env):
     weeks = 4
     params = busy_params(transmission_multiplier=torch.ones(weeks)).as_tensors(learn=CALIBRATABLE)

@@ -95,3 +95,85 @@ def test_compiled_kernel_gives_the_same_bits():
         rng.use_compiled_kernels(False)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert rng._uniform_kernel is rng._uniform_eager
+
+
+# ---- native kernels (agenttensor/csrc/rng_kernels.cpp) ------------------------------------------------------------
+
+def _definition(base: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    from agenttensor.rng import uniform_of_hash
+
+    return uniform_of_hash(base.unsqueeze(0), keys.view(-1, 1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_uniforms_are_the_definitions_bits(threads):
+    """Every agent and selected pairs, for several seeds and streams, with 1 and 2 threads (chunks of 2^15 agents)."""
+    from agenttensor import _rng_kernels
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        base = agent_hash(torch.arange(-3, 200_000, dtype=torch.int32) * 7)
+        keys = torch.tensor([7, -123_456_789, 2**31 - 1, -2**31], dtype=torch.int32)
+        dense = _rng_kernels.uniform(base, keys)
+        assert dense is not None and torch.equal(dense, _definition(base, keys))
+        g = torch.Generator().manual_seed(0)
+        b, i = torch.randint(0, 4, (50_000,), generator=g), torch.randint(0, base.numel(), (50_000,), generator=g)
+        streams = torch.stack([keys, keys.flip(0)])  # [S = 2, B = 4]
+        at_pairs = _rng_kernels.uniform_at(base, streams, b, i)
+        assert at_pairs is not None
+        for s in range(2):
+            assert torch.equal(at_pairs[s], _definition(base, streams[s])[b, i])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_randomness_draws_the_same_numbers_with_kernels_on_and_off(monkeypatch):
+    r = Randomness.for_agents([3, 4], torch.arange(70_001, dtype=torch.int32))
+    b, i = torch.tensor([1, 0, 1]), torch.tensor([70_000, 5, 0])
+    on = r.uniform(9, "infection"), r.uniforms_at(9, ("a", "b"), b, i), r.uniform_at(9, "a", b, i)
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    off = r.uniform(9, "infection"), r.uniforms_at(9, ("a", "b"), b, i), r.uniform_at(9, "a", b, i)
+    assert all(torch.equal(x, y) for x, y in zip(on, off))
+    assert on[1].shape == (2, 3) and on[2].shape == (3,)
+
+
+def test_out_of_range_pairs_index_as_torch_does():
+    """The kernel leaves pairs outside [0, B) × [0, N) to the torch ops: negative indices wrap, others raise."""
+    from agenttensor import _rng_kernels
+
+    r = Randomness.for_agents([3, 4], torch.arange(100, dtype=torch.int32))
+    keys = torch.tensor([[1, 2]], dtype=torch.int32)
+    assert _rng_kernels.uniform_at(r.agent_base, keys, torch.tensor([0, 2]), torch.tensor([0, 1])) is None
+    assert _rng_kernels.uniform_at(r.agent_base, keys, torch.tensor([0]), torch.tensor([-1])) is None
+    assert torch.equal(r.uniform_at(5, "x", torch.tensor([1]), torch.tensor([-1])),
+                       r.uniform_at(5, "x", torch.tensor([1]), torch.tensor([99])))
+    with pytest.raises(IndexError):
+        r.uniform_at(5, "x", torch.tensor([0]), torch.tensor([100]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_hard_events_equal_the_torch_ops(threads):
+    """1[u < p] · where (and 1[u < 1 − p]) for p of every broadcast shape, where absent or not 0/1."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        B, N = 3, 100_003
+        r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+        g = torch.Generator().manual_seed(1)
+        where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)  # a 2 stays a 2, as in the product
+        u = r.uniform(4, "s")
+        for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(1, N, generator=g),
+                  torch.rand(N, generator=g), torch.tensor(0.3), 0.7):
+            for complement in (False, True):
+                q = 1 - p if complement else p
+                for w in (where, None):
+                    events = r.hard_event(4, "s", p, w, complement)
+                    expected = (u < q).to(torch.uint8)
+                    expected = expected.expand(B, N) if w is None else expected * w
+                    assert events is not None and events.dtype == torch.uint8
+                    assert torch.equal(events, expected)
+        assert r.hard_event(4, "s", torch.rand(B, N, dtype=torch.float64), where) is None  # not for the kernel
+        assert r.hard_event(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
+    finally:
+        torch.set_num_threads(old)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
+from agenttensor import select
 from agenttensor.interventions import LeverSpec
 from agenttensor.transmission import (ForceTerm, group_gather, group_sum_derivative, layered_force, range_sums,
                                       scatter_sum)
@@ -342,8 +343,8 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
     Hard mode evaluates p only at the agents in ``where`` when they are few; gradient modes evaluate it
     densely. The forward values are identical either way (same uniforms, same elementwise arithmetic).
     """
-    if not ctx.sampler.differentiable and float(where.sum(dtype=torch.float32)) * 4 <= where.numel():
-        b, i = where.nonzero(as_tuple=True)
+    if not ctx.sampler.differentiable and ctx.few(where):
+        b, i = select.nonzero(where)
         events = torch.zeros_like(where)
         if b.numel():
             p = probability(At(b, i))
@@ -353,14 +354,14 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
     p = probability(At())
     if not isinstance(p, Tensor):
         p = torch.tensor(p, dtype=torch.float32, device=where.device)
-    return ctx.sampler.bernoulli(p, ctx.uniform(stream)) * where
+    return ctx.dense_bernoulli(p, stream, where)
 
 
 def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf: Tensor, ctx: StepContext, stream: str,
                 entry_step: int) -> Tensor:
     """Set the countdown of agents entering a timed stage (a [B, N] mask or its (b, i) indices):
     stage_end = entry_step + duration."""
-    b, i = entrants if isinstance(entrants, tuple) else entrants.detach().nonzero(as_tuple=True)
+    b, i = entrants if isinstance(entrants, tuple) else select.nonzero(entrants.detach())
     if b.numel():
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
         stage_end[b, i] = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
@@ -486,7 +487,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
     device = state.S.device
-    b, j = torch.logical_or(state.I_sym.detach(), state.I_asym.detach()).nonzero(as_tuple=True)  # infectious agents
+    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach())  # infectious agents
     sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
 
@@ -541,6 +542,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                 on_site = at(state.on_site).to(torch.float32)
                 return on_site if closed is None else on_site * (1 - at(closed))
 
+            if at.i is None and not ctx.sampler.differentiable:  # dense: changes with the weekly decision only
+                return env.memo("presence_work", (state.on_site, closed), value, values_only=True)
             return once("presence_work", at, value)
 
         work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at))
@@ -674,15 +677,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     t = ctx.step
     S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
     V = state.vaccinated
-    # S → E; the same numbers as ctx.bernoulli(1 − exp(−λ), "infection", where=S): in hard mode dense while most
-    # agents are susceptible, drawn at the susceptible agents only once they are few
-    if ctx.sampler.differentiable:
-        new_E = ctx.hazard_event(ctx.scratch["force"], "infection", S)
-    else:
-        p_infection = 1 - torch.exp(-ctx.scratch["force"])
-        new_E = event(ctx, S, "infection", lambda at: at(p_infection))
+    # S → E: ctx.bernoulli(1 − exp(−λ), "infection", where=S); in hard mode drawn for every agent while most are
+    # susceptible, at the susceptible agents only once they are few
+    new_E = ctx.hazard_event(ctx.scratch["force"], "infection", S)
 
-    b, i = (state.stage_end == t).nonzero(as_tuple=True)  # agents whose timed stage ends today
+    b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
     group = env.age_group[i]
 
@@ -717,7 +716,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
     stage_end = state.stage_end.clone()
-    infected_b, infected_i = new_E.detach().nonzero(as_tuple=True)
+    infected_b, infected_i = select.nonzero(new_E.detach())
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
     if b.numel():
         u = u_exit["duration-exit"]

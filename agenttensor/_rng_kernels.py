@@ -1,0 +1,95 @@
+"""Native CPU kernels for `agenttensor.rng` (agenttensor/csrc/rng_kernels.cpp): uniforms for every agent, or at
+selected (batch, agent) pairs for several streams, each in one pass instead of ~13 torch ops, the same bits.
+Every function returns None where the kernel does not apply (other devices, unexpected dtypes, kernels off with
+``AGENTTENSOR_NATIVE_KERNELS=0`` or no compiler) and the caller runs the torch-ops definition."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from . import native
+
+SOURCE = native.CSRC / "rng_kernels.cpp"
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.agenttensor_uniform.argtypes = [_I, _I, _P, _P, _P, _I]
+    library.agenttensor_uniform_at.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
+    library.agenttensor_uniform_at.restype = _I
+    library.agenttensor_hard_event.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _I]
+
+
+def _library() -> ctypes.CDLL | None:
+    return native.load(SOURCE, "agenttensor_rng_kernels", _declare, flags=("-O3", "-ffp-contract=off"))
+
+
+def _int32(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.int32 and x.is_contiguous()
+
+
+def uniform(base: Tensor, keys: Tensor) -> Tensor | None:
+    """[B, N] float32 uniforms of base [N] int32 and keys [B] int32, or None where the kernel does not apply."""
+    if not (_int32(base) and _int32(keys) and base.dim() == 1 and keys.dim() == 1):
+        return None
+    library = _library()
+    if library is None:
+        return None
+    out = torch.empty(keys.numel(), base.numel(), dtype=torch.float32)
+    library.agenttensor_uniform(keys.numel(), base.numel(), base.data_ptr(), keys.data_ptr(), out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
+def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor | None, agent_index: Tensor) -> Tensor | None:
+    """[S, M] float32 uniforms at the pairs (batch_index [M], agent_index [M]) int64 for keys [S, B] int32 (one row
+    per stream; batch_index None: element 0), or None where the kernel does not apply or an index is out of range
+    (the torch ops then index as torch does: negative indices wrap, others raise)."""
+    indices = [agent_index] if batch_index is None else [batch_index, agent_index]
+    if not (_int32(base) and _int32(keys) and keys.dim() == 2 and base.dim() == 1
+            and all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
+                    for x in indices)):
+        return None
+    library = _library()
+    if library is None:
+        return None
+    S, B = keys.shape
+    M = agent_index.numel()
+    out = torch.empty(S, M, dtype=torch.float32)
+    outside = library.agenttensor_uniform_at(S, B, base.numel(), M, base.data_ptr(), keys.data_ptr(),
+                                             None if batch_index is None else batch_index.data_ptr(),
+                                             agent_index.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return None if outside else out
+
+
+def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, complement: bool = False
+               ) -> Tensor | None:
+    """Hard events for every agent, uint8 [B, N]: ``(u < q).to(uint8) * where`` with u the uniforms of base [N] and
+    keys [B], q = p, or 1 − p with ``complement`` (p = exp(−hazard)); p float32 broadcastable to [B, N] (or a
+    number), where uint8 [B, N] or None. None where the kernel does not apply."""
+    B, N = keys.numel(), base.numel()
+    if not (_int32(base) and _int32(keys) and base.dim() == 1 and keys.dim() == 1):
+        return None
+    if where is not None and not (where.device.type == "cpu" and where.dtype == torch.uint8
+                                  and where.shape == (B, N) and where.is_contiguous()):
+        return None
+    if not isinstance(p, Tensor):
+        p = torch.tensor(float(p), dtype=torch.float32)
+    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() > 2:
+        return None
+    try:
+        p_view = p.expand(B, N)
+    except RuntimeError:
+        return None
+    library = _library()
+    if library is None:
+        return None
+    out = torch.empty(B, N, dtype=torch.uint8)
+    stride_b, stride_n = p_view.stride()
+    library.agenttensor_hard_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), stride_b, stride_n,
+                                   int(complement), None if where is None else where.data_ptr(), out.data_ptr(),
+                                   torch.get_num_threads())
+    return out

@@ -1,0 +1,82 @@
+// Counter-based uniforms (agenttensor/rng.py) in one pass each, for CPU: lowbias32(base ^ key) -> top 24 bits ->
+// float32 in (0, 1). Loaded by agenttensor/_rng_kernels.py; rng.py holds the definition in torch ops (the reference,
+// and the path on other devices). Integer arithmetic is exact and the float conversion is one rounded add and an
+// exact scaling, as in the torch ops: the same bits. Plain C, no torch headers.
+
+#include <cstdint>
+
+#include "parallel.h"
+
+namespace {
+
+inline float uniform_of(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return (static_cast<float>((x >> 8) & 0xFFFFFFu) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[b, n] = uniform(base[n] ^ keys[b])   (out [B, N] contiguous)
+void agenttensor_uniform(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, float* out, int64_t threads) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const uint32_t key = static_cast<uint32_t>(keys[b]);
+      float* row = out + b * N;
+      for (int64_t n = i0; n < i1; ++n) row[n] = uniform_of(static_cast<uint32_t>(base[n]) ^ key);
+    });
+  });
+}
+
+// out[s, m] = uniform(base[agent[m]] ^ keys[s, batch[m]])   (keys [S, B]; batch may be null: element 0;
+// out [S, M] contiguous). Returns the number of pairs outside [0, B) x [0, N) (left unwritten): the caller raises.
+int64_t agenttensor_uniform_at(int64_t S, int64_t B, int64_t N, int64_t M, const int32_t* base, const int32_t* keys,
+                               const int64_t* batch, const int64_t* agent, float* out, int64_t threads) {
+  int64_t outside = 0;
+  agenttensor::parallel(threads, M, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
+    int64_t bad = 0;
+    for (int64_t m = lo; m < hi; ++m) {
+      const int64_t i = agent[m], b = batch ? batch[m] : 0;
+      if (i < 0 || i >= N || b < 0 || b >= B) {
+        ++bad;
+        continue;
+      }
+      const uint32_t h = static_cast<uint32_t>(base[i]);
+      for (int64_t s = 0; s < S; ++s) out[s * M + m] = uniform_of(h ^ static_cast<uint32_t>(keys[s * B + b]));
+    }
+    if (bad) {
+#pragma omp atomic
+      outside += bad;
+    }
+  });
+  return outside;
+}
+
+// Hard events, drawn for every agent: out[b, n] = 1[u < q] · where[b, n] (uint8; where may be null: 1), with
+// u = uniform(base[n] ^ keys[b]) and q = p or, with `complement`, 1 − p (p = exp(−hazard): the same rounding as
+// torch's 1 − p); p read at b · p_stride_b + n · p_stride_n (a broadcast [B, N] view)
+void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
+                            int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const uint8_t* where,
+                            uint8_t* out, int64_t threads) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const uint32_t key = static_cast<uint32_t>(keys[b]);
+      const float* p_row = p + b * p_stride_b;
+      const uint8_t* where_row = where ? where + b * N : nullptr;
+      uint8_t* row = out + b * N;
+      for (int64_t n = i0; n < i1; ++n) {
+        const float pn = p_row[n * p_stride_n];
+        const float q = complement ? 1.f - pn : pn;
+        const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < q;
+        row[n] = event ? (where_row ? where_row[n] : uint8_t(1)) : uint8_t(0);
+      }
+    });
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,92 @@
+// Indices of the agents that satisfy a test, for CPU: nonzero((a | b) != 0) and nonzero(x == value) over a [B, N]
+// array, as (batch, agent) int64 pairs in row-major order (torch.nonzero's). Two passes over fixed chunks: count
+// per chunk, then write at the chunk's offset, so the result does not depend on the number of threads. Loaded by
+// agenttensor/_select_kernels.py; plain C, no torch headers.
+
+#include <cstdint>
+
+#include "parallel.h"
+
+namespace {
+
+// test(k) over the chunks of [0, n): counts[c] = hits in chunk c (a branch-free loop the compiler vectorises)
+template <class Test>
+void count(int64_t n, int64_t chunks, int64_t threads, int64_t* counts, Test test) {
+  const int64_t size = (n + chunks - 1) / chunks;
+#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t hits = 0;
+    for (int64_t k = c * size, end = std::min(n, (c + 1) * size); k < end; ++k) hits += test(k) ? 1 : 0;
+    counts[c] = hits;
+  }
+}
+
+// writes the hits of chunk c from offsets[c] on: out_b = k / N, out_i = k % N; 64 tests at a time into a bit mask,
+// then one write per set bit (the hits are sparse)
+template <class Test>
+void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* offsets, int64_t* out_b,
+          int64_t* out_i, Test test) {
+  const int64_t size = (n + chunks - 1) / chunks;
+#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t at = offsets[c];
+    const int64_t begin = c * size, end = std::min(n, (c + 1) * size);
+    for (int64_t k0 = begin; k0 < end; k0 += 64) {
+      const int64_t width = std::min<int64_t>(64, end - k0);
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
+      while (bits) {
+        const int64_t k = k0 + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        out_b[at] = k / N;
+        out_i[at] = k % N;
+        ++at;
+      }
+    }
+  }
+}
+
+template <class T>
+struct Nonzero {
+  const T* a;
+  bool operator()(int64_t k) const { return a[k] != T(0); }
+};
+
+template <class T>
+struct Either {
+  const T* a;
+  const T* b;
+  bool operator()(int64_t k) const { return (a[k] != T(0)) | (b[k] != T(0)); }
+};
+
+struct Equal {
+  const int16_t* x;
+  int16_t value;
+  bool operator()(int64_t k) const { return x[k] == value; }
+};
+
+// run(test) with the test of `kind`: 0 uint8 (a | b) != 0, 1 float32 (a | b) != 0 (b may be null), 2 int16 a == value
+template <class Run>
+void dispatch(int64_t kind, const void* a, const void* b, int64_t value, Run run) {
+  if (kind == 2) return run(Equal{(const int16_t*)a, static_cast<int16_t>(value)});
+  if (kind == 0 && b) return run(Either<uint8_t>{(const uint8_t*)a, (const uint8_t*)b});
+  if (kind == 0) return run(Nonzero<uint8_t>{(const uint8_t*)a});
+  if (b) return run(Either<float>{(const float*)a, (const float*)b});
+  run(Nonzero<float>{(const float*)a});
+}
+
+}  // namespace
+
+extern "C" {
+
+void agenttensor_select_count(int64_t kind, int64_t n, const void* a, const void* b, int64_t value, int64_t chunks,
+                              int64_t threads, int64_t* counts) {
+  dispatch(kind, a, b, value, [&](auto test) { count(n, chunks, threads, counts, test); });
+}
+
+void agenttensor_select_fill(int64_t kind, int64_t n, int64_t N, const void* a, const void* b, int64_t value,
+                             int64_t chunks, int64_t threads, const int64_t* offsets, int64_t* out_b, int64_t* out_i) {
+  dispatch(kind, a, b, value, [&](auto test) { fill(n, N, chunks, threads, offsets, out_b, out_i, test); });
+}
+
+}  // extern "C"

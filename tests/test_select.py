@@ -1,0 +1,52 @@
+"""agenttensor.select: index pairs of the agents that satisfy a test, native kernel vs torch.nonzero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agenttensor import select
+
+
+def _same(pairs, expected) -> bool:
+    return all(x.dtype == torch.int64 and torch.equal(x, y) for x, y in zip(pairs, expected, strict=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 300_001), (3, 70_000), (2, 63), (1, 1)])
+def test_pairs_equal_torch_nonzero(threads, shape):
+    """uint8 and float32 masks, one or two of them, int16 equality; chunked counts with 2 threads (≥ 2^16 agents)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(shape[1])
+        a = (torch.rand(shape, generator=g) < 0.01).to(torch.uint8)
+        b = (torch.rand(shape, generator=g) < 0.02).to(torch.uint8)
+        stage_end = torch.randint(-1, 30, shape, generator=g, dtype=torch.int16)
+        assert _same(select.nonzero(a), a.nonzero(as_tuple=True))
+        assert _same(select.nonzero(a, b), torch.logical_or(a, b).nonzero(as_tuple=True))
+        assert _same(select.nonzero(a.float(), b.float()), torch.logical_or(a, b).nonzero(as_tuple=True))
+        assert _same(select.equal(stage_end, 7), (stage_end == 7).nonzero(as_tuple=True))
+        assert _same(select.equal(stage_end, -1), (stage_end == -1).nonzero(as_tuple=True))
+        assert select.count(a) == int(torch.count_nonzero(a)) == select.count(a.float())
+        assert select.count(torch.ones(shape, dtype=torch.uint8)) == a.numel()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_float_masks_count_any_nonzero_value():
+    a = torch.tensor([[0.0, -0.0, 0.5, float("nan"), 1.0]])
+    assert _same(select.nonzero(a), a.nonzero(as_tuple=True))  # −0 is zero; NaN is not
+    assert select.count(a) == 3
+
+
+def test_where_the_kernel_does_not_apply_torch_answers(monkeypatch):
+    x = torch.tensor([[0, 3, 0], [1, 0, 2]], dtype=torch.int64)
+    assert _same(select.nonzero(x), x.nonzero(as_tuple=True))
+    assert _same(select.nonzero(x[:, ::2].to(torch.uint8)), x[:, ::2].nonzero(as_tuple=True))  # not contiguous
+    assert _same(select.equal(x, 2), (x == 2).nonzero(as_tuple=True))
+    x16 = x.to(torch.int16)
+    assert _same(select.equal(x16, 2**20), (x16 == 2**20).nonzero(as_tuple=True))  # outside int16: torch's answer
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    m = x.to(torch.uint8)
+    assert _same(select.nonzero(m, m), m.nonzero(as_tuple=True)) and select.count(m) == 3
