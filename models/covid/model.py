@@ -536,13 +536,14 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
     if is_work_day(date):
         closed = closed_workplaces(ctx)
+        hard = not ctx.sampler.differentiable  # (not `ctx` in the closure: ctx.scratch keeps layer_term, a cycle)
 
         def p_work(at: At) -> Tensor:
             def value() -> Tensor:
                 on_site = at(state.on_site).to(torch.float32)
                 return on_site if closed is None else on_site * (1 - at(closed))
 
-            if at.i is None and not ctx.sampler.differentiable:  # dense: changes with the weekly decision only
+            if at.i is None and hard:  # dense: changes with the weekly decision only
                 return env.memo("presence_work", (state.on_site, closed), value, values_only=True)
             return once("presence_work", at, value)
 
