@@ -84,11 +84,13 @@ def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | No
         p_view = p.expand(B, N)
     except RuntimeError:
         return None
+    stride_b, stride_n = p_view.stride()
+    if stride_n not in (0, 1):
+        return None
     library = _library()
     if library is None:
         return None
     out = torch.empty(B, N, dtype=torch.uint8)
-    stride_b, stride_n = p_view.stride()
     library.agenttensor_hard_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), stride_b, stride_n,
                                    int(complement), None if where is None else where.data_ptr(), out.data_ptr(),
                                    torch.get_num_threads())

@@ -18,6 +18,18 @@ inline float uniform_of(uint32_t x) {
   return (static_cast<float>((x >> 8) & 0xFFFFFFu) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
 }
 
+// One row's agents [i0, i1) of `agenttensor_hard_event`; Q: 0 the number q, 1 p[n], 2 1 − p[n]. Branch-free, with
+// restrict pointers (uint8 stores may otherwise alias every input), so the loop vectorises.
+template <int Q, bool Where>
+void event_row(int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key, const float* __restrict__ p,
+               float q, const uint8_t* __restrict__ where, uint8_t* __restrict__ out) {
+  for (int64_t n = i0; n < i1; ++n) {
+    const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
+    const uint8_t event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
+    out[n] = Where ? static_cast<uint8_t>(event * where[n]) : event;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -59,7 +71,7 @@ int64_t agenttensor_uniform_at(int64_t S, int64_t B, int64_t N, int64_t M, const
 
 // Hard events, drawn for every agent: out[b, n] = 1[u < q] · where[b, n] (uint8; where may be null: 1), with
 // u = uniform(base[n] ^ keys[b]) and q = p or, with `complement`, 1 − p (p = exp(−hazard): the same rounding as
-// torch's 1 − p); p read at b · p_stride_b + n · p_stride_n (a broadcast [B, N] view)
+// torch's 1 − p); p read at b · p_stride_b + n · p_stride_n (a broadcast [B, N] view; p_stride_n 0 or 1)
 void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                             int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const uint8_t* where,
                             uint8_t* out, int64_t threads) {
@@ -69,11 +81,16 @@ void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int
       const float* p_row = p + b * p_stride_b;
       const uint8_t* where_row = where ? where + b * N : nullptr;
       uint8_t* row = out + b * N;
-      for (int64_t n = i0; n < i1; ++n) {
-        const float pn = p_row[n * p_stride_n];
-        const float q = complement ? 1.f - pn : pn;
-        const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < q;
-        row[n] = event ? (where_row ? where_row[n] : uint8_t(1)) : uint8_t(0);
+      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
+      const float q = complement ? 1.f - p_row[0] : p_row[0];  // mode 0
+      if (where_row) {
+        if (mode == 0) event_row<0, true>(i0, i1, base, key, p_row, q, where_row, row);
+        if (mode == 1) event_row<1, true>(i0, i1, base, key, p_row, q, where_row, row);
+        if (mode == 2) event_row<2, true>(i0, i1, base, key, p_row, q, where_row, row);
+      } else {
+        if (mode == 0) event_row<0, false>(i0, i1, base, key, p_row, q, where_row, row);
+        if (mode == 1) event_row<1, false>(i0, i1, base, key, p_row, q, where_row, row);
+        if (mode == 2) event_row<2, false>(i0, i1, base, key, p_row, q, where_row, row);
       }
     });
   });

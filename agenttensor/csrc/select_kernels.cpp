@@ -33,6 +33,9 @@ void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* 
     const int64_t begin = c * size, end = std::min(n, (c + 1) * size);
     for (int64_t k0 = begin; k0 < end; k0 += 64) {
       const int64_t width = std::min<int64_t>(64, end - k0);
+      int any = 0;  // most blocks have no hit: a vectorised test first
+      for (int64_t j = 0; j < width; ++j) any |= test(k0 + j) ? 1 : 0;
+      if (!any) continue;
       uint64_t bits = 0;
       for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
       while (bits) {
