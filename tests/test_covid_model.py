@@ -250,6 +250,20 @@ def test_disease_tables_and_durations():
     assert groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 7, 8, 8, 9, 9]
 
 
+def test_one_search_over_stacked_tables_draws_each_tables_durations():
+    """draw_durations (the stage exits' one search) equals draw_duration with each agent's own table, including
+    uniforms equal to table entries and at the ends of (0, 1)."""
+    tables = [disease.lognormal_cdf_table(5.0, 2.0), disease.lognormal_cdf_table(8.0, 4.0),
+              disease.lognormal_cdf_table_median(9.0, 0.9, shift=1.0)]
+    g = torch.Generator().manual_seed(0)
+    u = torch.cat([torch.rand(20_000, generator=g), torch.cat(tables).clamp(2.0**-25, 1 - 2.0**-25),
+                   torch.tensor([2.0**-25, 0.5, 1 - 2.0**-25])])
+    which = torch.randint(0, 3, u.shape, generator=g)
+    drawn = disease.draw_durations(disease.stacked_cdf_keys(tables), disease.MAX_DURATION_DAYS, which, u)
+    expected = torch.stack([disease.draw_duration(cdf, u) for cdf in tables]).gather(0, which[None])[0]
+    assert torch.equal(drawn, expected.to(torch.int64))
+
+
 def test_cli_run_writes_results(tmp_path):
     from agenttensor.cli import main
 

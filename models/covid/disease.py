@@ -107,3 +107,16 @@ def _cdf_table(mu: float, sigma: float, shift: float) -> Tensor:
 def draw_duration(cdf: Tensor, u: Tensor) -> Tensor:
     """Inverse CDF: uniforms [M] -> durations [M] int16 in 1..K (days)."""
     return (torch.searchsorted(cdf, u, right=True) + 1).clamp_max(cdf.shape[0]).to(torch.int16)
+
+
+def stacked_cdf_keys(cdfs: list[Tensor]) -> Tensor:
+    """Search keys of several [K] cumulative tables at once, for `draw_durations`: table k's entries as the bits of
+    the (non-negative) float32 values, which order as the values do, plus k · 2^32. -> [len(cdfs) · K] int64."""
+    return torch.cat([cdf.view(torch.int32).to(torch.int64) + (k << 32) for k, cdf in enumerate(cdfs)])
+
+
+def draw_durations(keys: Tensor, K: int, table: Tensor, u: Tensor) -> Tensor:
+    """`draw_duration` with each agent's own table: table [M] int64 picks one of the tables stacked in ``keys``
+    (`stacked_cdf_keys`), u [M] float32 in (0, 1). One search for all tables; the same numbers. -> [M] int64 in 1..K."""
+    found = torch.searchsorted(keys, u.view(torch.int32).to(torch.int64) + (table << 32), right=True)
+    return (found - table * K + 1).clamp_max(K)

@@ -244,6 +244,7 @@ class CovidEnv:
     borough_size: Tensor  # [G] float32
     group_labels: list[str]
     durations: dict[str, Tensor]  # stage -> cumulative probability table [K]
+    exit_duration_keys: Tensor  # [3 K] int64: the I_asym, I_sym and H tables as one search (disease.stacked_cdf_keys)
     behavior: Any
     cache: dict = field(default_factory=dict, repr=False)  # see `memo`
     counts: dict = field(default_factory=dict, repr=False)  # see `rolled_counts`
@@ -323,7 +324,7 @@ class At:
         if x.shape[1] == 1:  # [B, 1]: each selected agent reads its element's value
             return x[0, 0] if x.shape[0] == 1 else x[self.b, 0]
         if x.shape[0] == 1:
-            return x[0, self.i]
+            return x.take(self.i)  # [1, N]: one op where x[0, i] is two
         return x[self.b, self.i]
 
     def group(self, per_slot: Tensor, slot: Tensor) -> Tensor:
@@ -438,7 +439,9 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
         workplace_inv_others=inv_others(workplace), school_group_level=school_group_level.to(dev),
         community_borough=community_borough.to(dev), borough_slices=slices,
         borough_size=counts.to(torch.float32).to(dev), group_labels=list(BOROUGHS),
-        durations={k: v.to(dev) for k, v in durations.items()}, behavior=behavior or HeuristicBehavior(),
+        durations={k: v.to(dev) for k, v in durations.items()},
+        exit_duration_keys=d.stacked_cdf_keys([durations[k] for k in ("I_asym", "I_sym", "H")]).to(dev),
+        behavior=behavior or HeuristicBehavior(),
     )
 
 
@@ -500,19 +503,18 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             dense_cache[key] = fn()
         return dense_cache[key]
 
-    def infectiousness(at: At) -> Tensor:  # ι = I_sym + α I_asym
-        return at(state.I_sym).to(torch.float32) + at(params.asymptomatic_infectiousness) * at(state.I_asym).to(torch.float32)
+    # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating
+    f32 = torch.float32
+    iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
+    iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
 
-    def infectious_away(at: At) -> Tensor:  # ι a, with a = 1 − η isolating
-        return infectiousness(at) * (1 - at(params.isolation_effectiveness) * at(state.isolating).to(torch.float32))
-
-    def group_totals(layer: GroupLayer, contribution: Callable[[At], Tensor]) -> Tensor:
-        """Σ over each group's infectious members: [B, G + 1] (last slot: non-members), summed over the
-        infectious agents only. Gradient modes: no derivative here; every agent's contribution carries it
+    def group_totals(layer: GroupLayer, contribution: Tensor) -> Tensor:
+        """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot:
+        non-members). Gradient modes: no derivative here; every agent's contribution carries it
         (`own_contributions`, the others-sum in `layered_force`)."""
         slots = layer.num_groups + 1
-        totals = torch.zeros(B * slots, device=device)
-        totals = scatter_sum(totals, b * slots + layer.slot[j], contribution(sources)).view(B, slots)
+        index = layer.slot[j] if B == 1 and device.type == "cpu" else b * slots + layer.slot[j]
+        totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
         return totals.detach() if ctx.sampler.differentiable else totals
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
@@ -525,12 +527,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
-    household = group_totals(env.household, infectiousness)
+    household = group_totals(env.household, iota)
     own_scale["household"] = beta * params.household_weight * env.household_inv_others
     layers["household"] = (own_scale["household"] * household, env.household.slot, None)
     if is_school_day(date):
         p_school = presence_of("school_closure")
-        school = group_totals(env.school, lambda at: infectious_away(at) * (p_school(at) if p_school else 1))
+        school = group_totals(env.school, iota_away * p_school(sources) if p_school else iota_away)
         level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
@@ -547,12 +549,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                 return env.memo("presence_work", (state.on_site, closed), value, values_only=True)
             return once("presence_work", at, value)
 
-        work = group_totals(env.workplace, lambda at: infectious_away(at) * p_work(at))
+        work = group_totals(env.workplace, iota_away * p_work(sources))
         own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
         layers["workplace"] = (own_scale["workplace"] * work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community_all = group_totals(env.community,
-                                 lambda at: infectious_away(at) * (p_community(at) if p_community else 1))
+    community_all = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
     dense = At()
     own: dict[str, Tensor] = {}  # gradient modes: each agent's (zero-valued) contribution per layer
     if ctx.sampler.differentiable:
@@ -719,13 +720,12 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     stage_end = state.stage_end.clone()
     infected_b, infected_i = select.nonzero(new_E.detach())
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
-    if b.numel():
-        u = u_exit["duration-exit"]
-        new_end = torch.full_like(stage_end[b, i], -1)
-        for entered, stage in ((to_Ia, "I_asym"), (to_Is, "I_sym"), (to_H, "H")):
-            duration = (t + disease.draw_duration(env.durations[stage], u).to(torch.int32)).to(torch.int16)
-            new_end = torch.where(entered.detach() > 0, duration, new_end)
-        stage_end[b, i] = new_end
+    if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
+        next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
+        duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS, next_table,
+                                          u_exit["duration-exit"])
+        timed = (to_Ia + to_Is + to_H).detach() > 0
+        stage_end[b, i] = torch.where(timed, (t + duration).to(torch.int16), -1)
 
     # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
     rate = lever_per_agent(ctx, "vaccination")
@@ -733,11 +733,13 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         eligible = (1 - V) * (S + E + Ia + R)
         V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
 
-    reported_by_borough = by_borough_at(env, b, i, reported, S.shape[0])
-    # today's per-borough flows at the exiting agents, in one index_add: the metrics roll stage counts forward by them
-    exits = by_borough_at(env, b, i, torch.stack([leave_E, to_Ia, leave_Ia, to_Is, leave_Is, to_H, leave_H, to_R, to_D,
-                                                  isolating_here, isolating_before]).detach(), S.shape[0])
-    out_E, in_Ia, out_Ia, in_Is, out_Is, in_H, out_H, in_R, in_D, isolating_after, isolating_prior = exits.unbind(0)
+    # today's per-borough flows at the exiting agents, in one index_add: the reported flows (with their derivative)
+    # and the stage changes the metrics roll their counts forward by
+    flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is,
+                                                  leave_H, to_R, isolating_here, isolating_before]), S.shape[0])
+    reported_by_borough, admissions, deaths = flows[:3].unbind(0)
+    out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows[3:].detach().unbind(0)
+    in_H, in_D = admissions.detach(), deaths.detach()
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
     # the counts from the infected agents only; gradient modes: with the derivative of the dense sum (d/dp of every
@@ -749,8 +751,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
     ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, stage_count_change=stage_count_change,
-                       admissions=by_borough_at(env, b, i, to_H, S.shape[0]),
-                       deaths=by_borough_at(env, b, i, to_D, S.shape[0]), attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
+                       admissions=admissions, deaths=deaths,
+                       attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
     E_plus = E + new_E
     if ctx.sampler.differentiable and b.numel():
@@ -766,13 +768,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
             stage_end=stage_end, reported_recent=recent)
         return shadow_flows(state, after, params, ctx)
 
-    def put(x: Tensor, values: Tensor) -> Tensor:
-        return x.index_put((b, i), values) if b.numel() else x
+    def put(x: Tensor, values: Tensor | int) -> Tensor:
+        return x.index_put((b, i), torch.as_tensor(values, dtype=x.dtype)) if b.numel() else x
 
+    # hard mode: an exiting agent was in exactly one timed stage (E, I_asym, I_sym or H; never newly infected today)
+    # and is now in exactly the one its flow took it to, so its memberships are the flows themselves
     after = state.replace(
-        S=S - new_E, E=put(E_plus, E_plus[b, i] - leave_E), I_asym=put(Ia, Ia[b, i] + to_Ia - leave_Ia),
-        I_sym=put(Is, Is[b, i] + to_Is - leave_Is), H=put(H, H[b, i] + to_H - leave_H), R=put(R, R[b, i] + to_R),
-        D=put(D, D[b, i] + to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
+        S=S - new_E, E=put(E_plus, 0), I_asym=put(Ia, to_Ia), I_sym=put(Is, to_Is), H=put(H, to_H), R=put(R, to_R),
+        D=put(D, to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
         reported_recent=recent)
     return shadow_flows(state, after, params, ctx) if ctx.sampler.differentiable else after
 
@@ -836,10 +839,6 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
     out: dict[str, Tensor] = {}
     flows = dict(new_infections="new_infections", reported_cases="reported", hospital_admissions="admissions",
                  deaths="deaths")
-    for name, key in flows.items():
-        per_borough = ctx.scratch[key].to(count)
-        out[name] = per_borough.sum(1)
-        out[f"{name}_by_borough"] = per_borough
     change = ctx.scratch.get("stage_count_change", {})
 
     def counts_of(name: str) -> Tensor:
@@ -851,10 +850,12 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         env.record_counts(name, x, counts)
         return counts
 
-    for stage in STAGES:
-        per_borough = counts_of(stage).to(count)
-        out[stage] = per_borough.sum(1)
-        out[f"{stage}_by_borough"] = per_borough
+    # flows and stage counts: per borough [K, B, G] and their totals [K, B], each one op for all of them
+    per_borough = torch.stack([ctx.scratch[key] for key in flows.values()] + [counts_of(stage) for stage in STAGES])
+    per_borough = per_borough.to(count)
+    for name, total, by in zip([*flows, *STAGES], per_borough.sum(2).unbind(0), per_borough.unbind(0)):
+        out[name] = total
+        out[f"{name}_by_borough"] = by
     isolating = counts_of("isolating")
 
     has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
