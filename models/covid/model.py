@@ -850,10 +850,16 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         env.record_counts(name, x, counts)
         return counts
 
-    # flows and stage counts: per borough [K, B, G] and their totals [K, B], each one op for all of them
-    per_borough = torch.stack([ctx.scratch[key] for key in flows.values()] + [counts_of(stage) for stage in STAGES])
-    per_borough = per_borough.to(count)
-    for name, total, by in zip([*flows, *STAGES], per_borough.sum(2).unbind(0), per_borough.unbind(0)):
+    # flows and stage counts per borough [B, G] and their totals [B]; in hard mode stacked, one op for all of them
+    # (gradient modes keep them apart: a loss on some metrics then sends no zero gradients through the others)
+    per_borough = [ctx.scratch[key] for key in flows.values()] + [counts_of(stage) for stage in STAGES]
+    if ctx.sampler.differentiable:
+        per_borough = [x.to(count) for x in per_borough]
+        totals = [x.sum(1) for x in per_borough]
+    else:
+        stacked = torch.stack(per_borough).to(count)
+        per_borough, totals = stacked.unbind(0), stacked.sum(2).unbind(0)
+    for name, total, by in zip([*flows, *STAGES], totals, per_borough):
         out[name] = total
         out[f"{name}_by_borough"] = by
     isolating = counts_of("isolating")

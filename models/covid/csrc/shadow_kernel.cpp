@@ -61,12 +61,38 @@ inline float power_unit(float x, float n) {
   return n == 0.f ? 1.f : p;
 }
 
-// body(b, i, k = b * N + i) for the flat range [lo, hi) of a [B, N] array, without a division per agent.
-template <class F>
-void each(int64_t lo, int64_t hi, int64_t N, F&& body) {
-  agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) body(b, i, b * N + i);
-  });
+constexpr int64_t kTile = 256;
+
+// The shadow backward's arithmetic for one tile of agents, from gathered per-agent values (see
+// agenttensor_covid_shadow_backward); restrict pointers and no branches, so it vectorises.
+void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict gE, const float* __restrict gIs,
+                 const float* __restrict gIa, const float* __restrict gH, const float* __restrict gR,
+                 const float* __restrict gD, const float* __restrict gX, const float* __restrict gL,
+                 const float* __restrict infections, const float* __restrict report,
+                 const float* __restrict admissions, const float* __restrict deaths, const float* __restrict f,
+                 const float* __restrict p_hosp, const float* __restrict p_death, const float* __restrict d_sym,
+                 const float* __restrict d_asym, const float* __restrict from_sym, const float* __restrict from_asym,
+                 const int16_t* __restrict stage_end, float half_infectious, float rate_E, float rate_Is, float rate_Ia,
+                 float rate_H, float* __restrict out_E, float* __restrict out_Is, float* __restrict out_Ia,
+                 float* __restrict out_H, float* __restrict out_exposure0, float* __restrict out_latent0) {
+  for (int64_t j = 0; j < n; ++j) {
+    // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
+    const float g_infected = -gS[j] + infections[j] - gX[j] + gL[j];
+    out_exposure0[j] = gX[j] + g_infected * (1.f / half_infectious);
+    // entering I, split by f; reported with the detection probabilities
+    const float g_to_Is = gIs[j] + d_sym[j] * report[j], g_to_Ia = gIa[j] + d_asym[j] * report[j];
+    const float g_enter = (g_to_Is - g_to_Ia) * f[j] + g_to_Ia;
+    out_latent0[j] = (1.f - rate_E) * gL[j] + rate_E * g_enter;
+    // the mass handed to household members (zero without a household hand-off)
+    const float g_spread = (from_sym[j] - from_asym[j]) * f[j] + from_asym[j];
+    const float free = stage_end[j] < 0 ? 1.f : 0.f;
+    out_E[j] = (g_enter - gE[j] + g_spread) * free * rate_E;
+    const float g_to_H = gH[j] - gR[j] + admissions[j];
+    out_Is[j] = (gR[j] - gIs[j] + p_hosp[j] * g_to_H) * free * rate_Is;
+    out_Ia[j] = (gR[j] - gIa[j]) * free * rate_Ia;
+    const float g_to_D = gD[j] - gR[j] + deaths[j];
+    out_H[j] = (gR[j] - gH[j] + p_death[j] * g_to_D) * free * rate_H;
+  }
 }
 
 }  // namespace
@@ -135,42 +161,57 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N, G = a->G;
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    each(lo, hi, N, [&](int64_t b, int64_t i, int64_t k) {
-      const int64_t bo = b * G + a->borough[i];
-      const int32_t age = a->age_group[i];
-      const float gS = at(a->gS, k), gE = at(a->gE, k), gIs = at(a->gIs, k), gIa = at(a->gIa, k);
-      const float gH = at(a->gH, k), gR = at(a->gR, k), gD = at(a->gD, k);
-      const float gX = at(a->g_exposure, k), gL = at(a->g_latent, k);
-      const float report = at(a->g_report, bo);
-      // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
-      const float g_infected = -gS + at(a->g_infections, bo) - gX + gL;
-      a->out_exposure0[k] = gX + g_infected * (1.f / a->half_infectious);
-      // entering I, split by f; reported with the detection probabilities (raised by testing)
-      float d_sym = a->detect_sym[b], d_asym = a->detect_asym[b];
-      if (a->testing) {
-        const float extra = a->testing[b * a->cells + a->cell[i]];
-        d_sym += extra * (1.f - d_sym);
-        d_asym += extra * (1.f - d_asym);
+    // per tile: each agent's gathered values (per-borough gradients, age tables, detection, household hand-off),
+    // and zeros for the incoming gradients that are null; then one branch-free loop the compiler vectorises
+    float zeros[9][kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
+        p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile];
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
+      for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+        const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = t0 + j, k = k0 + j, bo = b * G + a->borough[i];
+          const int32_t age = a->age_group[i];
+          infections[j] = at(a->g_infections, bo);
+          report[j] = at(a->g_report, bo);
+          admissions[j] = at(a->g_admissions, bo);
+          deaths[j] = at(a->g_deaths, bo);
+          f[j] = a->symptomatic[age];
+          p_death[j] = a->death[age];
+          float hosp = a->hosp[age];
+          if (a->vaccinated) hosp *= 1.f - a->efficacy_severe[b] * a->vaccinated[k];
+          p_hosp[j] = hosp;
+          // detection probabilities, raised by testing
+          float ds = a->detect_sym[b], da = a->detect_asym[b];
+          if (a->testing) {
+            const float extra = a->testing[b * a->cells + a->cell[i]];
+            ds += extra * (1.f - ds);
+            da += extra * (1.f - da);
+          }
+          d_sym[j] = ds;
+          d_asym[j] = da;
+          if (a->q_sym) {
+            const int64_t h = b * a->households + a->household[i];
+            from_sym[j] = a->from_sym_sums[h] - a->q_sym[k];
+            from_asym[j] = a->from_asym_sums[h] - a->q_asym[k];
+          } else {
+            from_sym[j] = from_asym[j] = 0.f;
+          }
+        }
+        const float* g[9];
+        const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
+        for (int q = 0; q < 9; ++q) {
+          if (incoming[q]) {
+            g[q] = incoming[q] + k0;
+          } else {
+            std::fill(zeros[q], zeros[q] + n, 0.f);
+            g[q] = zeros[q];
+          }
+        }
+        shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
+                    f, p_hosp, p_death, d_sym, d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
+                    a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, a->out_E + k0, a->out_Is + k0, a->out_Ia + k0,
+                    a->out_H + k0, a->out_exposure0 + k0, a->out_latent0 + k0);
       }
-      const float g_to_Is = gIs + d_sym * report, g_to_Ia = gIa + d_asym * report;
-      const float f = a->symptomatic[age];
-      const float g_enter = (g_to_Is - g_to_Ia) * f + g_to_Ia;
-      a->out_latent0[k] = (1.f - a->rate_E) * gL + a->rate_E * g_enter;
-      float g_spread = 0.f;
-      if (a->q_sym) {
-        const int64_t h = b * a->households + a->household[i];
-        const float from_sym = a->from_sym_sums[h] - a->q_sym[k], from_asym = a->from_asym_sums[h] - a->q_asym[k];
-        g_spread = (from_sym - from_asym) * f + from_asym;
-      }
-      const float free = a->stage_end[k] < 0 ? 1.f : 0.f;
-      a->out_E[k] = (g_enter - gE + g_spread) * free * a->rate_E;
-      float p_hosp = a->hosp[age];
-      if (a->vaccinated) p_hosp *= 1.f - a->efficacy_severe[b] * a->vaccinated[k];
-      const float g_to_H = gH - gR + at(a->g_admissions, bo);
-      a->out_Is[k] = (gR - gIs + p_hosp * g_to_H) * free * a->rate_Is;
-      a->out_Ia[k] = (gR - gIa) * free * a->rate_Ia;
-      const float g_to_D = gD - gR + at(a->g_deaths, bo);
-      a->out_H[k] = (gR - gH + a->death[age] * g_to_D) * free * a->rate_H;
     });
   });
 }
