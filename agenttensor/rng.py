@@ -103,9 +103,9 @@ log = logging.getLogger(__name__)
 
 def use_compiled_kernels(enabled: bool = True) -> bool:
     """Fuse the hash-to-uniform chain into one kernel with ``torch.compile`` (opt-in, also by
-    ``AGENTTENSOR_COMPILE=1``): the same bits, one pass over memory instead of ~13 (measured at
-    8.7M agents, 1 thread: 216 → 73 ms on a loaded machine), at a one-off compile cost of
-    ~20-30 s per process. Returns whether compiled kernels are now in use."""
+    ``AGENTTENSOR_COMPILE=1``): the same bits, one pass over memory instead of ~13, at a one-off compile cost of
+    ~20-30 s per process. For where the native CPU kernel (`_rng_kernels`, used first) does not run: other devices,
+    or ``AGENTTENSOR_NATIVE_KERNELS=0``. Returns whether compiled kernels are now in use."""
     global _uniform_kernel
     if not enabled:
         _uniform_kernel = _uniform_eager
@@ -152,10 +152,9 @@ class Randomness:
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""
         keys = self._keys(step, (stream,))
-        if _uniform_kernel is _uniform_eager:  # one native pass on CPU where built (the same bits)
-            native = _rng_kernels.uniform(self.agent_base, keys[0])
-            if native is not None:
-                return native
+        native = _rng_kernels.uniform(self.agent_base, keys[0])  # one native pass on CPU where built (the same bits)
+        if native is not None:
+            return native
         return _uniform_kernel(self.agent_base.unsqueeze(0), keys.view(-1, 1))
 
     def hard_event(self, step: int, stream: str | int, p: Tensor | float, where: Tensor | None = None,
@@ -163,18 +162,15 @@ class Randomness:
         """Hard events 1[u < p] · where for every agent, uint8 [B, N], drawing u in the same pass (1 − p with
         ``complement``): the numbers of ``(uniform(step, stream) < p).to(uint8) * where`` in one native pass on CPU.
         None where that kernel does not apply (other devices, dtypes or shapes, kernels off): draw `uniform`."""
-        if _uniform_kernel is not _uniform_eager:
-            return None
         return _rng_kernels.hard_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
 
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
         stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""
         keys = self._keys(step, streams)  # [S, B]
-        if _uniform_kernel is _uniform_eager:
-            native = _rng_kernels.uniform_at(self.agent_base, keys, batch_index, agent_index)
-            if native is not None:
-                return native
+        native = _rng_kernels.uniform_at(self.agent_base, keys, batch_index, agent_index)
+        if native is not None:
+            return native
         return _uniform_kernel(self.agent_base[agent_index].unsqueeze(0), keys[:, batch_index])
 
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:

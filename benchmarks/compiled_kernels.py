@@ -1,6 +1,8 @@
-"""Side by side: the NYC covid forward step with the eager random-number kernel and with the opt-in
-fused kernel (``torch.compile``, ``AGENTTENSOR_COMPILE=1``), interleaved in one process so both see
-the same machine load; checks that the two give identical results.
+"""Side by side: the NYC covid forward step with its random numbers drawn three ways, interleaved in one process
+so all see the same machine load: the native CPU kernels (the default), the opt-in fused kernel (``torch.compile``,
+``AGENTTENSOR_COMPILE=1``) and eager torch ops, the last two with the native kernels off
+(``AGENTTENSOR_NATIVE_KERNELS=0``, which also turns off the other native kernels); checks that all three give
+identical results.
 
     python benchmarks/compiled_kernels.py [--scale 1] [--steps 14] [--repeats 3] [--threads 2]
 
@@ -50,23 +52,27 @@ def main() -> None:
     compiled_ok = rng.use_compiled_kernels(True)
     run()
     compile_seconds = time.perf_counter() - t0
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    modes = ("native", "eager", "compiled")
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     outputs = {}
     for _ in range(args.repeats):
-        for mode in ("eager", "compiled"):
+        for mode in modes:
+            os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1" if mode == "native" else "0"
             rng.use_compiled_kernels(mode == "compiled" and compiled_ok)
             result = run()
             times[mode].append(result.timing["seconds_per_step"])
             outputs[mode] = result["new_infections"].clone()
-    identical = bool(torch.equal(outputs["eager"], outputs["compiled"]))
+    os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1"
+    identical = all(torch.equal(outputs["native"], outputs[mode]) for mode in modes)
     best = {k: min(v) for k, v in times.items()}
     out = dict(agents=env.num_agents, steps=args.steps, threads=args.threads, compiled_available=compiled_ok,
                seconds_per_day=times, best_seconds_per_day=best, speedup=best["eager"] / best["compiled"],
                first_compile_and_run_seconds=compile_seconds, identical_results=identical,
                torch=torch.__version__, load_average=os.getloadavg())
-    print(f"{env.num_agents:,} agents, {args.threads} threads: eager {best['eager']:.3f} s/day, compiled kernel "
-          f"{best['compiled']:.3f} s/day ({out['speedup']:.2f}x), identical={identical}, compile+first run "
-          f"{compile_seconds:.0f} s, load {os.getloadavg()[0]:.2f}")
+    print(f"{env.num_agents:,} agents, {args.threads} threads: native kernels {best['native']:.3f} s/day; kernels off: "
+          f"eager {best['eager']:.3f} s/day, compiled random numbers {best['compiled']:.3f} s/day "
+          f"({out['speedup']:.2f}x), identical={identical}, compile+first run {compile_seconds:.0f} s, "
+          f"load {os.getloadavg()[0]:.2f}")
     path = Path(__file__).resolve().parent / "results" / "compiled_kernels.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
