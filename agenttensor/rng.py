@@ -6,7 +6,7 @@ same numbers (common random numbers), and a subset of agents can be drawn alone.
 
 The hash is Chris Wellons' ``lowbias32`` integer mixer, evaluated in int32 arithmetic with
 wrap-around multiplication and logical shifts emulated by masks; `tests/test_rng.py` checks it
-bit-for-bit against a NumPy uint32 reference.
+bit-for-bit against a NumPy uint32 reference. On CPU the draws run as native kernels (`_rng_kernels`, the same bits).
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ class Randomness:
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""
         return self.uniforms_at(step, (stream,), batch_index, agent_index)[0]
+
 
 if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1":
     use_compiled_kernels(True)
