@@ -93,7 +93,7 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
-        survival = torch.exp(-hazard)
+        survival = (-hazard).exp_()  # no autograd inside forward: one buffer, the same bits
         fused = _event_kernels.hazard_event(survival, u, where)  # one native pass on CPU, the same numbers
         if fused is None:
             happened = u < 1 - survival
