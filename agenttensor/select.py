@@ -27,21 +27,27 @@ def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_select_kernels", _declare)
 
 
+def _chunk_counts(library: ctypes.CDLL, kind: int, a: Tensor, b: Tensor | None, value: int):
+    """The counting pass: hits per fixed chunk of a's entries (a plain ctypes array: no torch calls at small N)."""
+    threads = torch.get_num_threads()
+    chunks = max(1, min(threads, a.numel() // _MIN_CHUNK))
+    counts = (ctypes.c_int64 * chunks)()
+    library.agenttensor_select_count(kind, a.numel(), a.data_ptr(), None if b is None else b.data_ptr(), value, chunks,
+                                     min(threads, chunks), counts)
+    return counts
+
+
 def _select(kind: int, a: Tensor, b: Tensor | None, value: int) -> tuple[Tensor, Tensor] | None:
     library = _library()
     if library is None:
         return None
-    n, N = a.numel(), a.shape[-1]
-    threads = torch.get_num_threads()
-    chunks = max(1, min(threads, n // _MIN_CHUNK))
-    counts = (ctypes.c_int64 * chunks)()  # per chunk, then its offset (plain ctypes: no torch calls at small N)
-    b_ptr = None if b is None else b.data_ptr()
-    library.agenttensor_select_count(kind, n, a.data_ptr(), b_ptr, value, chunks, min(threads, chunks), counts)
+    counts = _chunk_counts(library, kind, a, b, value)
     total = 0
-    for c in range(chunks):
+    for c in range(len(counts)):  # each chunk's count -> its offset
         counts[c], total = total, total + counts[c]
     out_b, out_i = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
-    library.agenttensor_select_fill(kind, n, N, a.data_ptr(), b_ptr, value, chunks, min(threads, chunks), counts,
+    library.agenttensor_select_fill(kind, a.numel(), a.shape[-1], a.data_ptr(), None if b is None else b.data_ptr(),
+                                    value, len(counts), min(torch.get_num_threads(), len(counts)), counts,
                                     out_b.data_ptr(), out_i.data_ptr())
     return out_b, out_i
 
@@ -67,12 +73,7 @@ def count(a: Tensor) -> int:
     if _plain(a, torch.uint8, torch.float32):
         library = _library()
         if library is not None:
-            n, threads = a.numel(), torch.get_num_threads()
-            chunks = max(1, min(threads, n // _MIN_CHUNK))
-            counts = (ctypes.c_int64 * chunks)()
-            library.agenttensor_select_count(_KIND[a.dtype], n, a.data_ptr(), None, 0, chunks, min(threads, chunks),
-                                             counts)
-            return sum(counts)
+            return sum(_chunk_counts(library, _KIND[a.dtype], a, None, 0))
     return int(torch.count_nonzero(a))
 
 

@@ -735,8 +735,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     # today's per-borough flows at the exiting agents, in one index_add: the reported flows (with their derivative)
     # and the stage changes the metrics roll their counts forward by
-    flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is,
-                                                  leave_H, to_R, isolating_here, isolating_before]), S.shape[0])
+    changes = (x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
+                                    isolating_before))
+    flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
     reported_by_borough, admissions, deaths = flows[:3].unbind(0)
     out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows[3:].detach().unbind(0)
     in_H, in_D = admissions.detach(), deaths.detach()
