@@ -31,9 +31,14 @@ def _int32(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.int32 and x.is_contiguous()
 
 
+def _hashes(base: Tensor, keys: Tensor) -> bool:
+    """base [N] and keys [B] as the kernels read them."""
+    return _int32(base) and _int32(keys) and base.dim() == 1 and keys.dim() == 1
+
+
 def uniform(base: Tensor, keys: Tensor) -> Tensor | None:
     """[B, N] float32 uniforms of base [N] int32 and keys [B] int32, or None where the kernel does not apply."""
-    if not (_int32(base) and _int32(keys) and base.dim() == 1 and keys.dim() == 1):
+    if not _hashes(base, keys):
         return None
     library = _library()
     if library is None:
@@ -44,14 +49,13 @@ def uniform(base: Tensor, keys: Tensor) -> Tensor | None:
     return out
 
 
-def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor | None, agent_index: Tensor) -> Tensor | None:
+def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor, agent_index: Tensor) -> Tensor | None:
     """[S, M] float32 uniforms at the pairs (batch_index [M], agent_index [M]) int64 for keys [S, B] int32 (one row
-    per stream; batch_index None: element 0), or None where the kernel does not apply or an index is out of range
-    (the torch ops then index as torch does: negative indices wrap, others raise)."""
-    indices = [agent_index] if batch_index is None else [batch_index, agent_index]
+    per stream), or None where the kernel does not apply or an index is out of range (the torch ops then index as
+    torch does: negative indices wrap, others raise)."""
     if not (_int32(base) and _int32(keys) and keys.dim() == 2 and base.dim() == 1
             and all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
-                    for x in indices)):
+                    for x in (batch_index, agent_index))):
         return None
     library = _library()
     if library is None:
@@ -60,8 +64,8 @@ def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor | None, agent_ind
     M = agent_index.numel()
     out = torch.empty(S, M, dtype=torch.float32)
     outside = library.agenttensor_uniform_at(S, B, base.numel(), M, base.data_ptr(), keys.data_ptr(),
-                                             None if batch_index is None else batch_index.data_ptr(),
-                                             agent_index.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                             batch_index.data_ptr(), agent_index.data_ptr(), out.data_ptr(),
+                                             torch.get_num_threads())
     return None if outside else out
 
 
@@ -71,7 +75,7 @@ def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | No
     keys [B], q = p, or 1 − p with ``complement`` (p = exp(−hazard)); p float32 broadcastable to [B, N] (or a
     number), where uint8 [B, N] or None. None where the kernel does not apply."""
     B, N = keys.numel(), base.numel()
-    if not (_int32(base) and _int32(keys) and base.dim() == 1 and keys.dim() == 1):
+    if not _hashes(base, keys):
         return None
     if where is not None and not (where.device.type == "cpu" and where.dtype == torch.uint8
                                   and where.shape == (B, N) and where.is_contiguous()):

@@ -45,15 +45,15 @@ void agenttensor_uniform(int64_t B, int64_t N, const int32_t* base, const int32_
   });
 }
 
-// out[s, m] = uniform(base[agent[m]] ^ keys[s, batch[m]])   (keys [S, B]; batch may be null: element 0;
-// out [S, M] contiguous). Returns the number of pairs outside [0, B) x [0, N) (left unwritten): the caller raises.
+// out[s, m] = uniform(base[agent[m]] ^ keys[s, batch[m]])   (keys [S, B], out [S, M] contiguous). Returns the
+// number of pairs outside [0, B) x [0, N) (left unwritten): the caller raises.
 int64_t agenttensor_uniform_at(int64_t S, int64_t B, int64_t N, int64_t M, const int32_t* base, const int32_t* keys,
                                const int64_t* batch, const int64_t* agent, float* out, int64_t threads) {
   int64_t outside = 0;
   agenttensor::parallel(threads, M, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
     int64_t bad = 0;
     for (int64_t m = lo; m < hi; ++m) {
-      const int64_t i = agent[m], b = batch ? batch[m] : 0;
+      const int64_t i = agent[m], b = batch[m];
       if (i < 0 || i >= N || b < 0 || b >= B) {
         ++bad;
         continue;
