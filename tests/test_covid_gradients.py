@@ -11,7 +11,9 @@ import agenttensor as at
 from agenttensor import Hard, StraightThrough
 from agenttensor.model import StepContext
 from agenttensor.rng import Randomness
+from agenttensor.transmission import range_sums
 from models.covid import model as covid
+from models.covid import shadow
 from models.covid.model import MODEL, CovidParams
 
 START = dt.date(2020, 9, 13)
@@ -154,6 +156,24 @@ def explicit_shadow_flows(before, after, params, ctx):
                          household_latent=before.household_latent - out_latent + infected)
 
 
+def plain_gather_exits(fields, b, i, differentiable):
+    """Reference for `gather_exits`: the values at the exiting agents by plain indexing (autograd's own backward)."""
+    return shadow.gather_exits(fields, b, i, differentiable=False)
+
+
+def explicit_transition(before, after, exits, new_E, changes, params, ctx):
+    """Reference for `shadow.transition`: the memberships' changes as autograd ops (accumulating index_put, the
+    counts' derivative as the dense sum of new_E), then the explicit shadow flows."""
+    b, i = exits.b, exits.i
+    ctx.scratch["new_infections"] = range_sums(new_E, ctx.env.borough_slices, torch.float32,
+                                               known=ctx.scratch["new_infections"])
+    moved = {name: getattr(before, name).index_put((b, i), changes[name], accumulate=True)
+             for name in ("I_sym", "I_asym", "H", "R", "D", "isolating")}
+    after = after.replace(S=before.S - new_E, E=(before.E + new_E).index_put((b, i), changes["E"], accumulate=True),
+                          **moved)
+    return explicit_shadow_flows(before, after, params, ctx)
+
+
 def explicit_own_contributions(state, params, presences, testing):
     """Reference for `own_contributions`: each agent's contribution per layer as dense products, with the
     zero-valued expected isolation of untaken infections written out."""
@@ -173,9 +193,10 @@ def explicit_own_contributions(state, params, presences, testing):
 
 
 def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(population, monkeypatch):
-    """`_ShadowFlows` (forward: identity; backward: the transposed flows) and `_OwnContributions` (forward:
-    zero-valued placeholders; backward: the chain rule by hand) give the gradients autograd computes from the
-    explicit terms, with the testing and vaccination levers on (their branches)."""
+    """`_ExitsAt` + `_Transition` (the memberships' changes and the transposed shadow flows, each field's gradient
+    written once) and `_OwnContributions` (forward: zero-valued placeholders; backward: the chain rule by hand) give
+    the gradients autograd computes from the explicit terms, with the testing and vaccination levers on (their
+    branches)."""
     params = moderate(initial_prevalence=0.01)
     env = MODEL.setup(population, params.as_tensors(), "cpu")
     interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
@@ -191,7 +212,8 @@ def test_hand_written_shadow_backward_equals_autograd_of_the_explicit_flows(popu
         return [getattr(learn, name).grad.clone() for name in names]
 
     fast = gradients()
-    monkeypatch.setattr(covid, "shadow_flows", explicit_shadow_flows)
+    monkeypatch.setattr(covid, "gather_exits", plain_gather_exits)
+    monkeypatch.setattr(covid, "transition", explicit_transition)
     monkeypatch.setattr(covid, "own_contributions", explicit_own_contributions)
     reference = gradients()
     assert fast[0].item() > 0 and fast[2].abs().sum() > 0
@@ -230,7 +252,7 @@ def test_own_contributions_backward_equals_autograd_of_the_explicit_products(pop
 
 @pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
 def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler):
-    """models/covid/csrc/shadow_kernel.cpp (two fused passes, used on CPU) computes the map `_ShadowFlows` writes
+    """models/covid/csrc/shadow_kernel.cpp (two fused passes, used on CPU) computes the map `_Transition` writes
     in torch ops (used elsewhere): the same gradients, with the testing and vaccination levers on, and with the
     relaxed sampler's fractional susceptibility (non-integer powers in the attack probabilities)."""
     from models.covid import shadow_native
@@ -264,6 +286,50 @@ def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sa
     assert fast[0].item() > 0 and fast[3].abs().sum() > 0
     for name, a, b in zip(names, fast, reference):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (name, a, b)
+
+
+def test_exit_gradients_are_written_into_the_transitions_buffers(population, monkeypatch):
+    """In a gradient run the dense gradients `_ExitsAt` receives for E, I_asym, I_sym and H are `_Transition`'s own
+    fresh buffers (or none), so the exits' derivatives are added to them in place, with no [B, N] copy; isolating's
+    (passed through) is copied. Gradients equal those of plain indexing (`test_hand_written_shadow_backward...`)."""
+    seen = []
+    backward = shadow._ExitsAt.backward
+
+    def spy(ctx, *grads):  # per field: would the incoming dense gradient be copied?
+        seen.append(tuple(g is not None and g is not ctx.handoff.get(name)
+                          for name, g in zip(shadow.EXIT_FIELDS, grads[:len(grads) // 2])))
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(shadow._ExitsAt, "backward", staticmethod(spy))
+    params = moderate(initial_prevalence=0.01)
+    beta = torch.tensor(0.3, requires_grad=True)
+    res = at.simulate(MODEL, population, params.replace(transmission_scale=beta), steps=12, seeds=[0, 1],
+                      start_date=START, progress=False, sampler=StraightThrough())
+    (res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
+    assert len(seen) >= 10 and beta.grad.item() > 0
+    assert not any(any(copied[:4]) for copied in seen), seen
+    assert sum(copied[4] for copied in seen) >= 10  # isolating: passed through, not `_Transition`'s own
+
+
+def test_exits_at_never_writes_into_a_shared_gradient():
+    """`_ExitsAt` outside `_Transition`: the dense gradients it receives are shared (an addition passes one tensor
+    to both of its inputs), so it must copy before adding the exits' derivatives: gradients equal plain indexing."""
+    g = torch.Generator().manual_seed(0)
+    b, i = torch.tensor([0, 0, 1, 1]), torch.tensor([3, 5, 0, 5])
+    grads = []
+    for fast in (True, False):
+        fields = {name: torch.rand(2, 8, generator=torch.Generator().manual_seed(k)).requires_grad_()
+                  for k, name in enumerate(shadow.EXIT_FIELDS)}
+        exits = shadow.gather_exits(fields, b, i, differentiable=fast)
+        dense = exits.fields if fast else fields
+        weights = torch.rand(5, 4, generator=g)
+        loss = (dense["E"] + dense["H"] + dense["I_sym"] * dense["I_asym"]).pow(2).sum() \
+            + sum((w * exits.leaving[name]).sum() for w, name in zip(weights, shadow.EXIT_FIELDS))
+        loss.backward()
+        grads.append([fields[name].grad for name in shadow.EXIT_FIELDS])
+        g = torch.Generator().manual_seed(0)
+    for a, ref in zip(*grads):
+        assert torch.equal(a, ref)
 
 
 def test_native_attack_probabilities_match_the_torch_formula():

@@ -64,7 +64,7 @@ from . import disease
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import own_contributions
-from .shadow import shadow_flows
+from .shadow import gather_exits, transition
 
 log = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # gradient modes each layer also carries the derivative of π_l(i) w.r.t. the memberships of i's *other* group
     # members (``own``). The agent's own term is zero in the forward pass (susceptible agents are not infectious)
     # but not in the backward pass once derivative mass of untaken infections sits in its I stages
-    # (`shadow_flows`): it is left out, or an agent would "infect itself" in the linearisation.
+    # (`shadow.py`): it is left out, or an agent would "infect itself" in the linearisation.
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
@@ -693,7 +693,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
 
-    leave_E, leave_Ia, leave_Is, leave_H = E[b, i], Ia[b, i], Is[b, i], H[b, i]
+    exits = gather_exits(dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating), b, i,
+                         ctx.sampler.differentiable)
+    leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
+                                                              ("E", "I_asym", "I_sym", "H", "isolating"))
     to_Is = draw(params.symptomatic_fraction[group], "symptoms").to(E.dtype) * leave_E
     to_Ia = leave_E - to_Is
     p_hosp = params.hosp_given_symptomatic[group]
@@ -713,7 +716,6 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     aware = to_Is + reported - to_Is * reported
     isolate = draw(at(state.isolate_prob), "isolation").to(E.dtype) * aware
     leave_I = leave_Ia + leave_Is
-    isolating_before = state.isolating[b, i]
     isolating_here = isolating_before * (1 - leave_I) + isolate
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
@@ -743,11 +745,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     in_H, in_D = admissions.detach(), deaths.detach()
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough
-    # the counts from the infected agents only; gradient modes: with the derivative of the dense sum (d/dp of every
-    # susceptible agent's draw)
+    # the counts from the infected agents only (gradient modes: `transition` gives them the derivative of the dense
+    # sum, d/dp of every susceptible agent's draw)
     new_infections = by_borough_at(env, infected_b, infected_i, new_E.detach()[infected_b, infected_i], S.shape[0])
-    if ctx.sampler.differentiable:
-        new_infections = range_sums(new_E, env.borough_slices, torch.float32, known=new_infections)
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
@@ -755,30 +755,21 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                        admissions=admissions, deaths=deaths,
                        attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
 
-    E_plus = E + new_E
-    if ctx.sampler.differentiable and b.numel():
-        def add_at(x: Tensor, change: Tensor, in_place: bool = False) -> Tensor:
-            """x + change at the exiting agents (b, i). Accumulating: the backward passes x's gradient through,
-            where writing x[b, i] + change would copy it to zero the entries at (b, i)."""
-            return (x.index_put_ if in_place else x.index_put)((b, i), change, accumulate=True)
-
-        after = state.replace(
-            S=S - new_E, E=add_at(E_plus, -leave_E, in_place=True), I_asym=add_at(Ia, to_Ia - leave_Ia),
-            I_sym=add_at(Is, to_Is - leave_Is), H=add_at(H, to_H - leave_H), R=add_at(R, to_R), D=add_at(D, to_D),
-            vaccinated=V, isolating=add_at(state.isolating, isolating_here - isolating_before),
-            stage_end=stage_end, reported_recent=recent)
-        return shadow_flows(state, after, params, ctx)
+    if ctx.sampler.differentiable:  # one node for the memberships' changes and the shadow flows (`shadow.py`)
+        changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
+                       isolating=isolating_here - isolating_before)
+        after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
+        return transition(state, after, exits, new_E, changes, params, ctx)
 
     def put(x: Tensor, values: Tensor | int) -> Tensor:
         return x.index_put((b, i), torch.as_tensor(values, dtype=x.dtype)) if b.numel() else x
 
     # hard mode: an exiting agent was in exactly one timed stage (E, I_asym, I_sym or H; never newly infected today)
     # and is now in exactly the one its flow took it to, so its memberships are the flows themselves
-    after = state.replace(
-        S=S - new_E, E=put(E_plus, 0), I_asym=put(Ia, to_Ia), I_sym=put(Is, to_Is), H=put(H, to_H), R=put(R, to_R),
+    return state.replace(
+        S=S - new_E, E=put(E + new_E, 0), I_asym=put(Ia, to_Ia), I_sym=put(Is, to_Is), H=put(H, to_H), R=put(R, to_R),
         D=put(D, to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
         reported_recent=recent)
-    return shadow_flows(state, after, params, ctx) if ctx.sampler.differentiable else after
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:

@@ -31,11 +31,16 @@ that it is not handed on again: the chains are in q):
 
 Every flow is zero-valued, so forward values are untouched; the flows are linear in the carried
 derivatives with coefficients that do not depend on the parameters' derivatives (a zero value times
-anything has no derivative w.r.t. that anything). So the whole step is one autograd node, `_ShadowFlows`:
-its forward returns the state unchanged (no [B, N] work at all) and its backward applies the transposed
-linear map, about 30 [B, N] operations instead of the ~100 of the same arithmetic written as zero-valued
-tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC). On CPU those 30 operations run as two
-fused native passes (`shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
+anything has no derivative w.r.t. that anything). So the whole step is one autograd node, `_Transition`,
+which also makes the day's real changes of the memberships (S − new_E, E + new_E, each field plus its change
+at the exiting agents): its forward does only that, and its backward passes each field's gradient through plus
+the transposed linear map, about 30 [B, N] operations instead of the ~100 of the same arithmetic written as
+zero-valued tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC). The exiting agents' values
+are read through `_ExitsAt`, which adds their derivatives into `_Transition`'s gradient buffers in place: each
+field's gradient is written once per day, where autograd's own gathers, index_puts and subtractions had
+zero-filled, scattered and added [B, N] buffers around it (full NYC: 11 [B, N] additions, 4 fills and a negation
+per day; backward 0.211 → 0.186 s/day). On CPU those 30 operations run as two fused native passes
+(`shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
 whole full-NYC backward); the torch ops below stay the reference and the path elsewhere.
 """
 
@@ -123,25 +128,92 @@ def _combine(*terms: tuple[float | Tensor, Tensor | None]) -> Tensor | None:
     return out
 
 
-class _ShadowFlows(torch.autograd.Function):
-    """Forward: the after-state and counters unchanged (the flows are zero-valued). Backward: the transpose of
-    the shadow flows' linear map (module docstring) added to the identity."""
+EXIT_FIELDS = ("E", "I_asym", "I_sym", "H", "isolating")  # the fields read at today's exiting agents
+STAGES = ("S", "E", "I_sym", "I_asym", "H", "R", "D", "isolating")  # the fields `transition` writes
+
+
+@dataclass
+class Exits:
+    """Today's exiting agents (b, i) [M] and their values of `EXIT_FIELDS` ([M] each, with derivative); in gradient
+    modes also the fields as `transition` must read them (``fields``) and the buffers it hands back (``handoff``)."""
+
+    b: Tensor
+    i: Tensor
+    leaving: dict[str, Tensor]
+    fields: dict[str, Tensor] | None = None
+    handoff: dict[str, Tensor] | None = None
+
+
+class _ExitsAt(torch.autograd.Function):
+    """Forward: each field unchanged (for `_Transition`) and its values at (b, i). Backward: the two derivatives
+    added — into `_Transition`'s own fresh gradient buffer where that is what arrives (``handoff``), so a field's
+    gradient is written once per day rather than zero-filled, scattered and added by autograd (a [B, N] fill and
+    two or three [B, N] additions per field)."""
 
     @staticmethod
-    def forward(ctx, k: ShadowConstants, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
-                vaccinated: Tensor | None, testing: Tensor | None, E0: Tensor, Is0: Tensor, Ia0: Tensor, H0: Tensor,
-                exposure0: Tensor, latent0: Tensor, *after: Tensor):
-        ctx.k = k
+    def forward(ctx, handoff: dict, b: Tensor, i: Tensor, *fields: Tensor):
+        ctx.handoff, ctx.shape = handoff, fields[0].shape
+        ctx.save_for_backward(b, i)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(unit, susceptible, stage_end, vaccinated, testing)
-        return (*after[:7], exposure0, latent0, *after[7:])
+        return (*[x.view_as(x) for x in fields], *[x[b, i] for x in fields])
 
     @staticmethod
-    def backward(ctx, gS, gE, gIs, gIa, gH, gR, gD, g_exposure, g_latent, g_infections, g_reported, g_admissions,
-                 g_deaths, g_recent):
+    def backward(ctx, *grads: Tensor | None):
+        b, i = ctx.saved_tensors
+        dense, at_exits = grads[:len(grads) // 2], grads[len(grads) // 2:]
+        out = []
+        for name, g, g_exits in zip(EXIT_FIELDS, dense, at_exits):
+            if g_exits is not None:
+                if g is None:
+                    g = g_exits.new_zeros(ctx.shape)
+                elif g is not ctx.handoff.get(name):  # not `_Transition`'s own buffer: it may be shared
+                    g = g.clone()
+                g.index_put_((b, i), g_exits, accumulate=True)
+            out.append(g)
+        ctx.handoff.clear()
+        return (None, None, None, *out)
+
+
+def gather_exits(fields: dict[str, Tensor], b: Tensor, i: Tensor, differentiable: bool) -> Exits:
+    """The values of `EXIT_FIELDS` (``fields``: [B, N] each) at the exiting agents (b, i); in gradient modes through
+    `_ExitsAt`, for `transition`."""
+    if not differentiable:
+        return Exits(b, i, {name: fields[name][b, i] for name in EXIT_FIELDS})
+    handoff: dict[str, Tensor] = {}
+    out = _ExitsAt.apply(handoff, b, i, *[fields[name] for name in EXIT_FIELDS])
+    k = len(EXIT_FIELDS)
+    return Exits(b, i, dict(zip(EXIT_FIELDS, out[k:])), dict(zip(EXIT_FIELDS, out[:k])), handoff)
+
+
+class _Transition(torch.autograd.Function):
+    """The day's transition of the memberships in gradient modes, with the shadow flows. Forward: S − new_E,
+    E + new_E and every field plus its change at the exiting agents (index_put with accumulate); exposure,
+    latent and the counters unchanged (the flows are zero-valued). Backward: each field's gradient passed
+    through plus the transpose of the shadow flows' linear map (module docstring), written once per field; the
+    changes' gradients are the incoming ones at (b, i)."""
+
+    @staticmethod
+    def forward(ctx, k: ShadowConstants, exits: Exits, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
+                vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
+                exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
+                recent: Tensor, *fields_and_changes: Tensor):
+        ctx.k, ctx.handoff = k, exits.handoff
+        ctx.set_materialize_grads(False)
+        b, i = exits.b, exits.i
+        ctx.save_for_backward(unit, susceptible, stage_end, vaccinated, testing, b, i)
+        n = len(STAGES)
+        before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
+        after = {"S": before["S"] - new_E, "E": (before["E"] + new_E).index_put_((b, i), changes["E"], accumulate=True)}
+        for name in STAGES[2:]:
+            after[name] = before[name].index_put((b, i), changes[name], accumulate=True)
+        return (*after.values(), exposure0, latent0, infections.clone(), reported, admissions, deaths, recent)
+
+    @staticmethod
+    def backward(ctx, gS, gE, gIs, gIa, gH, gR, gD, g_isolating, g_exposure, g_latent, g_infections, g_reported,
+                 g_admissions, g_deaths, g_recent):
         k: ShadowConstants = ctx.k
         env = k.env
-        unit, susceptible, stage_end, vaccinated, testing = ctx.saved_tensors
+        unit, susceptible, stage_end, vaccinated, testing, b, i = ctx.saved_tensors
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
             return None if g is None else range_broadcast(g, env.borough_slices)
@@ -153,74 +225,98 @@ class _ShadowFlows(torch.autograd.Function):
         d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
         rate = {stage: 1.0 / mean_duration(cdf) for stage, cdf in env.durations.items()}
         half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
-        passed = (gS, gE, gIs, gIa, gH, gR, gD, g_infections, g_reported, g_admissions, g_deaths, g_recent)
-        fused = shadow_native.backward(
-            k, unit, susceptible, stage_end, vaccinated, testing, dict(
-                gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
-                g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths),
-            f_mean, d_sym, d_asym, half_infectious, rate)
-        if fused is not None:  # the same map in two native passes (CPU)
-            return (None,) * 6 + fused + passed
-        f = k.symptomatic[env.age_group]  # [N]
-        free = (stage_end < 0).to(unit.dtype)
-
-        # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
-        g_infected = _combine((-1.0, gS), (1.0, per_agent(g_infections)), (-1.0, g_exposure), (1.0, g_latent))
-        g_exposure0 = _combine((1.0, g_exposure), (1 / half_infectious, g_infected))
-        # entering I (out_E + out_latent), split by f; reported with the detection probabilities
-        g_to_Is, g_to_Ia = gIs, gIa
-        if g_report is not None:
-            detect_sym = k.detection_rate
-            detect_asym = k.detection_rate * k.asymptomatic_detection_ratio
-            if testing is not None:
-                extra = testing.flatten(1).index_select(1, env.cell)  # [B, N]
-                detect_sym = detect_sym + extra * (1 - detect_sym)
-                detect_asym = detect_asym + extra * (1 - detect_asym)
-            report = per_agent(g_report)
-            g_to_Is = _combine((1.0, gIs), (detect_sym, report))
-            g_to_Ia = _combine((1.0, gIa), (detect_asym, report))
-        if g_to_Is is None and g_to_Ia is None:
-            g_enter = None
-        elif g_to_Ia is None:
-            g_enter = g_to_Is * f
-        elif g_to_Is is None:
-            g_enter = g_to_Ia * (1 - f)
-        else:
-            g_enter = (g_to_Is - g_to_Ia).mul_(f).add_(g_to_Ia)
-        g_latent0 = _combine((1 - rate["E"], g_latent), (rate["E"], g_enter))
-        # E exits: into I, minus out of E, plus the mass handed to household members
-        g_spread = None
-        if g_exposure is not None:
-            others = env.household.others_sum
-            q_sym, q_asym = attack_probabilities(unit, susceptible, others, k.asymptomatic_infectiousness, f_mean,
-                                                 d_sym, d_asym)
-            from_sym = others(q_sym.mul_(g_exposure))
-            g_spread = others(q_asym.mul_(g_exposure))
-            g_spread = (from_sym - g_spread).mul_(f).add_(g_spread)  # f others(q_sym g) + (1 − f) others(q_asym g)
-            del q_sym, q_asym, from_sym
-        g_out_E = _combine((1.0, g_enter), (-1.0, gE), (1.0, g_spread))
-        # I_sym exits: to H (admissions) w.p. p_hosp, else to R
-        group = env.age_group
-        g_to_H = _combine((1.0, gH), (-1.0, gR), (1.0, per_agent(g_admissions)))
-        p_hosp = k.hosp_given_symptomatic[group]
-        if vaccinated is not None:
-            p_hosp = p_hosp * (1 - k.vaccine_efficacy_severe * vaccinated)
-        g_out_Is = _combine((1.0, gR), (-1.0, gIs), (p_hosp, g_to_H))
-        g_out_Ia = _combine((1.0, gR), (-1.0, gIa))
-        g_to_D = _combine((1.0, gD), (-1.0, gR), (1.0, per_agent(g_deaths)))
-        g_out_H = _combine((1.0, gR), (-1.0, gH), (k.death_given_hosp[group], g_to_D))
-
-        def through(g: Tensor | None, r: float) -> Tensor | None:  # d/d(carried x) of free · x · r
-            return None if g is None else g.mul_(free).mul_(r)
-
-        return (None, None, None, None, None, None,
-                through(g_out_E, rate["E"]), through(g_out_Is, rate["I_sym"]), through(g_out_Ia, rate["I_asym"]),
-                through(g_out_H, rate["H"]), g_exposure0, g_latent0, *passed)
+        incoming = dict(gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
+                        g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths)
+        fused = shadow_native.backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
+                                       d_asym, half_infectious, rate)
+        if fused is None:  # the same map in torch ops
+            fused = _transition_backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
+                                         d_asym, half_infectious, rate)
+        g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E = fused
+        ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
+                           if g is not None)
+        at_exits = [None if g is None else g[b, i] for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
+        return (None,) * 7 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
+                              gS, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
 
-def shadow_flows(before, after, params, ctx):
-    """Gradient modes only: the after-state (``CovidState``) with the shadow flows attached (module docstring).
-    Needs ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``."""
+def _transition_backward(k: ShadowConstants, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
+                         vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
+                         d_sym: float, d_asym: float, half_infectious: float,
+                         rate: dict[str, float]) -> tuple[Tensor | None, ...]:
+    """`_Transition`'s derivatives for E, I_sym, I_asym, H, exposure, latent (before the step) and new_E in torch
+    ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a fresh buffer."""
+    env = k.env
+    gS, gE, gIs, gIa, gH, gR, gD = (g[name] for name in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD"))
+    g_exposure, g_latent = g["g_exposure"], g["g_latent"]
+
+    def per_agent(x: Tensor | None) -> Tensor | None:
+        return None if x is None else range_broadcast(x, env.borough_slices)
+
+    f = k.symptomatic[env.age_group]  # [N]
+    free = (stage_end < 0).to(unit.dtype)
+    infections = per_agent(g["g_infections"])
+    g_new_E = _combine((1.0, gE), (-1.0, gS), (1.0, infections))
+    # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
+    g_infected = _combine((-1.0, gS), (1.0, infections), (-1.0, g_exposure), (1.0, g_latent))
+    g_exposure0 = _combine((1.0, g_exposure), (1 / half_infectious, g_infected))
+    # entering I (out_E + out_latent), split by f; reported with the detection probabilities
+    g_to_Is, g_to_Ia = gIs, gIa
+    if g["g_report"] is not None:
+        detect_sym = k.detection_rate
+        detect_asym = k.detection_rate * k.asymptomatic_detection_ratio
+        if testing is not None:
+            extra = testing.flatten(1).index_select(1, env.cell)  # [B, N]
+            detect_sym = detect_sym + extra * (1 - detect_sym)
+            detect_asym = detect_asym + extra * (1 - detect_asym)
+        report = per_agent(g["g_report"])
+        g_to_Is = _combine((1.0, gIs), (detect_sym, report))
+        g_to_Ia = _combine((1.0, gIa), (detect_asym, report))
+    if g_to_Is is None and g_to_Ia is None:
+        g_enter = None
+    elif g_to_Ia is None:
+        g_enter = g_to_Is * f
+    elif g_to_Is is None:
+        g_enter = g_to_Ia * (1 - f)
+    else:
+        g_enter = (g_to_Is - g_to_Ia).mul_(f).add_(g_to_Ia)
+    g_latent0 = _combine((1 - rate["E"], g_latent), (rate["E"], g_enter))
+    # E exits: into I, minus out of E, plus the mass handed to household members
+    g_spread = None
+    if g_exposure is not None:
+        others = env.household.others_sum
+        q_sym, q_asym = attack_probabilities(unit, susceptible, others, k.asymptomatic_infectiousness, f_mean,
+                                             d_sym, d_asym)
+        from_sym = others(q_sym.mul_(g_exposure))
+        g_spread = others(q_asym.mul_(g_exposure))
+        g_spread = (from_sym - g_spread).mul_(f).add_(g_spread)  # f others(q_sym g) + (1 − f) others(q_asym g)
+        del q_sym, q_asym, from_sym
+    g_out_E = _combine((1.0, g_enter), (-1.0, gE), (1.0, g_spread))
+    # I_sym exits: to H (admissions) w.p. p_hosp, else to R
+    group = env.age_group
+    g_to_H = _combine((1.0, gH), (-1.0, gR), (1.0, per_agent(g["g_admissions"])))
+    p_hosp = k.hosp_given_symptomatic[group]
+    if vaccinated is not None:
+        p_hosp = p_hosp * (1 - k.vaccine_efficacy_severe * vaccinated)
+    g_out_Is = _combine((1.0, gR), (-1.0, gIs), (p_hosp, g_to_H))
+    g_out_Ia = _combine((1.0, gR), (-1.0, gIa))
+    g_to_D = _combine((1.0, gD), (-1.0, gR), (1.0, per_agent(g["g_deaths"])))
+    g_out_H = _combine((1.0, gR), (-1.0, gH), (k.death_given_hosp[group], g_to_D))
+
+    def through(g_out: Tensor | None, r: float, g_field: Tensor | None) -> Tensor | None:
+        """g_field + d/d(carried x) of free · x · r (g_out is None only where g_field is)."""
+        return None if g_out is None else _combine((1.0, g_out.mul_(free).mul_(r)), (1.0, g_field))
+
+    return (through(g_out_E, rate["E"], gE), through(g_out_Is, rate["I_sym"], gIs),
+            through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0, g_new_E)
+
+
+def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx):
+    """Gradient modes: ``after`` (``CovidState``, its other fields already set) with S, E, I_sym, I_asym, H, R, D and
+    isolating from ``before``, today's infections ``new_E`` [B, N] and the ``changes`` [M] at the exiting agents
+    (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). Needs
+    ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
+    (``new_infections`` the infected agents' per-borough count [B, G]: it gets new_E's derivative here)."""
     k = ShadowConstants(
         env=ctx.env, slot=ctx.step % 7, symptomatic=params.symptomatic_fraction.detach(),
         hosp_given_symptomatic=params.hosp_given_symptomatic.detach(), death_given_hosp=params.death_given_hosp.detach(),
@@ -230,13 +326,13 @@ def shadow_flows(before, after, params, ctx):
         asymptomatic_infectiousness=_detached(params.asymptomatic_infectiousness))
     vaccinated = before.vaccinated.detach().to(torch.float32) if ctx.lever("vaccination") is not None else None
     testing = ctx.lever("testing_isolation")
-    out = _ShadowFlows.apply(
-        k, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end, vaccinated,
-        None if testing is None else testing.detach(), before.E, before.I_sym, before.I_asym, before.H,
-        before.household_exposure, before.household_latent, after.S, after.E, after.I_sym, after.I_asym, after.H,
-        after.R, after.D, ctx.scratch["new_infections"], ctx.scratch["reported"], ctx.scratch["admissions"],
-        ctx.scratch["deaths"], after.reported_recent)
-    S, E, I_sym, I_asym, H, R, D, exposure, latent, infections, reported, admissions, deaths, recent = out
+    fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]
+    out = _Transition.apply(
+        k, exits, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end,
+        vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
+        before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
+        ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])
+    S, E, I_sym, I_asym, H, R, D, isolating, exposure, latent, infections, reported, admissions, deaths, recent = out
     ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
-    return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, reported_recent=recent,
-                         household_exposure=exposure, household_latent=latent)
+    return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, isolating=isolating,
+                         reported_recent=recent, household_exposure=exposure, household_latent=latent)

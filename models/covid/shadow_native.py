@@ -1,5 +1,5 @@
-"""The shadow flows' backward (`shadow._ShadowFlows`) as two native passes over the agents on CPU
-(models/covid/csrc/shadow_kernel.cpp): ~30 [B, N] torch ops become 2 fused loops and 3 household sums.
+"""The backward of the day's transition with the shadow flows (`shadow._Transition`) as two native passes over the
+agents on CPU (models/covid/csrc/shadow_kernel.cpp): ~30 [B, N] torch ops become 2 fused loops and 3 household sums.
 shadow.py keeps the same map in torch ops (the reference, used on other devices, without a compiler and with
 ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two."""
 
@@ -27,7 +27,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [("cells", _I)] + [(n, _P) for n in ("vaccinated", "efficacy_severe", "stage_end", "from_sym_sums",
                                                "from_asym_sums", "q_sym", "q_asym", "household")] \
         + [("households", _I)] + [(n, _F) for n in ("half_infectious", "rate_E", "rate_Is", "rate_Ia", "rate_H")] \
-        + [(n, _P) for n in ("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0")]
+        + [(n, _P) for n in ("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -42,7 +42,7 @@ def _ptr(x: Tensor | None) -> int | None:
 def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float]) -> tuple[Tensor, ...] | None:
-    """(d out_E, d out_Is, d out_Ia, d out_H, d exposure0, d latent0), each [B, N], or None where the kernel does
+    """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E), each [B, N], or None where the kernel does
     not apply (not CPU float32, kernels off or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants;
     ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
     g_admissions, g_deaths) gradients, None where none arrived."""
@@ -112,8 +112,8 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
         keep += [q_sym, q_asym, from_sym, from_asym]
         args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym, from_asym))
         args.household, args.households = household.data_ptr(), slots
-    out = tuple(torch.empty(B, N) for _ in range(6))
-    for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0"), out):
+    out = tuple(torch.empty(B, N) for _ in range(7))
+    for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E"), out):
         setattr(args, name, value.data_ptr())
     library.agenttensor_covid_shadow_backward(ctypes.byref(args))
     return out

@@ -74,7 +74,8 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
                  const float* __restrict d_asym, const float* __restrict from_sym, const float* __restrict from_asym,
                  const int16_t* __restrict stage_end, float half_infectious, float rate_E, float rate_Is, float rate_Ia,
                  float rate_H, float* __restrict out_E, float* __restrict out_Is, float* __restrict out_Ia,
-                 float* __restrict out_H, float* __restrict out_exposure0, float* __restrict out_latent0) {
+                 float* __restrict out_H, float* __restrict out_exposure0, float* __restrict out_latent0,
+                 float* __restrict out_new_E) {
   for (int64_t j = 0; j < n; ++j) {
     // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
     const float g_infected = -gS[j] + infections[j] - gX[j] + gL[j];
@@ -85,13 +86,16 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
     out_latent0[j] = (1.f - rate_E) * gL[j] + rate_E * g_enter;
     // the mass handed to household members (zero without a household hand-off)
     const float g_spread = (from_sym[j] - from_asym[j]) * f[j] + from_asym[j];
+    // the stage memberships carry their own gradient through (after = before + today's changes), plus the flows
     const float free = stage_end[j] < 0 ? 1.f : 0.f;
-    out_E[j] = (g_enter - gE[j] + g_spread) * free * rate_E;
+    out_E[j] = gE[j] + (g_enter - gE[j] + g_spread) * free * rate_E;
     const float g_to_H = gH[j] - gR[j] + admissions[j];
-    out_Is[j] = (gR[j] - gIs[j] + p_hosp[j] * g_to_H) * free * rate_Is;
-    out_Ia[j] = (gR[j] - gIa[j]) * free * rate_Ia;
+    out_Is[j] = gIs[j] + (gR[j] - gIs[j] + p_hosp[j] * g_to_H) * free * rate_Is;
+    out_Ia[j] = gIa[j] + (gR[j] - gIa[j]) * free * rate_Ia;
     const float g_to_D = gD[j] - gR[j] + deaths[j];
-    out_H[j] = (gR[j] - gH[j] + p_death[j] * g_to_D) * free * rate_H;
+    out_H[j] = gH[j] + (gR[j] - gH[j] + p_death[j] * g_to_D) * free * rate_H;
+    // today's infections new_E: leave S, enter E, counted
+    out_new_E[j] = gE[j] - gS[j] + infections[j];
   }
 }
 
@@ -123,7 +127,7 @@ struct ShadowArgs {
   int64_t households;
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
   // outputs [B, N]
-  float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0;
+  float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -210,7 +214,7 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
         shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
                     f, p_hosp, p_death, d_sym, d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
                     a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, a->out_E + k0, a->out_Is + k0, a->out_Ia + k0,
-                    a->out_H + k0, a->out_exposure0 + k0, a->out_latent0 + k0);
+                    a->out_H + k0, a->out_exposure0 + k0, a->out_latent0 + k0, a->out_new_E + k0);
       }
     });
   });
