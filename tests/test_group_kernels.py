@@ -61,6 +61,41 @@ def test_results_do_not_depend_on_threads_or_batch():
     assert torch.equal(_group_kernels.segment_sum(broadcast, slot, groups), two[:1].expand(4, groups))
 
 
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
+@pytest.mark.parametrize("n", [1003, 300_001])  # one part / two halves; neither a multiple of the 8 lanes
+def test_sums_over_members_give_the_bits_of_the_full_pass(monkeypatch, n, index):
+    """Where most agents are in the last slot (non-members), the group sums add that slot in a vectorised pass and
+    the members one by one (`_members_of`): the same bits as the pass over every agent, for a batch, a broadcast
+    row and either thread count; the member list follows in-place changes of the slots."""
+    g = torch.Generator().manual_seed(n)
+    groups = 211
+    slot = slots("members", n, groups, g).to(index)
+    values = torch.randn(3, n, generator=g)
+    values[0, 5] = float("inf")  # non-finite values take the same path as in the full pass
+    values[1, :64] = -0.0
+    assert _group_kernels._members_of(slot, groups) is not None
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for members in (True, False):
+            if not members:
+                monkeypatch.setattr(_group_kernels, "_members_of", lambda slot, groups: None)
+            for k in (1, 2):
+                torch.set_num_threads(k)
+                results.append((_group_kernels.segment_sum(values, slot, groups),
+                                _group_kernels.segment_sum(values[:1].expand(3, n), slot, groups)))
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+    for batch, broadcast in results[1:]:
+        assert torch.equal(batch, results[0][0]) and torch.equal(broadcast, results[0][1])
+    slot[:n // 2] = groups - 1  # in place: the member list is rebuilt
+    expected = torch.zeros(3, groups, dtype=torch.float64).index_add_(1, slot, values.double())
+    torch.testing.assert_close(_group_kernels.segment_sum(values, slot, groups).double(), expected, rtol=1e-5,
+                               atol=1e-3)
+    assert _group_kernels._members_of(slot, groups).numel() == int((slot != groups - 1).sum())
+
+
 def test_where_the_kernels_do_not_apply_torch_ops_run():
     slot = torch.tensor([0, 2, 1, 2])
     values = torch.arange(8.0).view(2, 4)

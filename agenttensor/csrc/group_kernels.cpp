@@ -31,6 +31,43 @@ void accumulate(const float* v, const Index* slot, int64_t lo, int64_t hi, int64
   }
 }
 
+// cells[c] += v[i] for the agents i in [lo, hi) in the slot `last`, with i % kSpread == c; lo and hi multiples of
+// kSpread. A member adds 0, which leaves a sum that starts at +0 unchanged. One vectorised loop (kept out of line:
+// inlined, it lost its vectorisation).
+template <class Index>
+__attribute__((noinline)) void last_slot_lanes(const float* __restrict v, const Index* __restrict slot, int64_t lo,
+                                               int64_t hi, Index last, float* __restrict cells) {
+  float lanes[kSpread];
+  for (int64_t c = 0; c < kSpread; ++c) lanes[c] = cells[c];
+  for (int64_t i = lo; i < hi; i += kSpread)
+    for (int64_t c = 0; c < kSpread; ++c) {
+      const float x = v[i + c];  // loaded unconditionally, so the select vectorises
+      lanes[c] += slot[i + c] == last ? x : 0.f;
+    }
+  for (int64_t c = 0; c < kSpread; ++c) cells[c] = lanes[c];
+}
+
+// `accumulate` where most agents are in the last slot, given the others (`members`, sorted agent indices in
+// [m0, m1) for agents [lo, hi)): per tile, the last slot's kSpread cells in one vectorised pass, then the members'
+// adds. Every cell gets the same additions in the same order as in `accumulate`: the same bits, with a fraction
+// of the scalar adds.
+template <class Index>
+void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o,
+                        const int32_t* members, int64_t m0, int64_t m1) {
+  constexpr int64_t kTile = 4096;
+  const Index last = static_cast<Index>(G - 1);
+  float* cells = o + G;  // cell G + c: agents i with i % kSpread == c
+  int64_t m = m0;
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int64_t t1 = std::min(hi, t0 + kTile);
+    const int64_t a = std::min(t1, (t0 + kSpread - 1) & ~(kSpread - 1)), e = std::max(a, t1 & ~(kSpread - 1));
+    for (int64_t i = t0; i < a; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+    last_slot_lanes(v, slot, a, e, last, cells);
+    for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+    for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m]];
+  }
+}
+
 // Index after `i` where a new group starts (N if none): a split point that keeps every group in one piece.
 template <class Index>
 int64_t group_boundary(const Index* slot, int64_t N, int64_t i) {
@@ -125,10 +162,11 @@ int64_t contiguous_groups(const Index* slot, int64_t N, int64_t G) {
 }
 
 // out[b, g] = sum of values[b * row_stride + i] over agents i with slot[i] == g; out [B, G] contiguous,
-// overwritten. row_stride 0: one row of values for every b. contiguous: see contiguous_groups.
+// overwritten. row_stride 0: one row of values for every b. contiguous: see contiguous_groups. members (or null):
+// the sorted indices of the agents whose slot is not the last, member_count of them (see accumulate_members).
 template <class Index>
 void segment_sum(const float* values, int64_t row_stride, const Index* slot, int64_t B, int64_t N, int64_t G,
-                 float* out, int64_t threads, int64_t contiguous) {
+                 float* out, int64_t threads, int64_t contiguous, const int32_t* members, int64_t member_count) {
   if (contiguous) {
     contiguous_sum(values, row_stride, slot, B, N, G, out, threads);
     return;
@@ -143,7 +181,13 @@ void segment_sum(const float* values, int64_t row_stride, const Index* slot, int
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, part = k % parts;
       const int64_t a = part * (N / parts), e = part == parts - 1 ? N : (part + 1) * (N / parts);
-      accumulate(values + b * row_stride, slot, a, e, G, scratch + k * W);
+      if (members) {
+        const int64_t m0 = std::lower_bound(members, members + member_count, a) - members;
+        const int64_t m1 = std::lower_bound(members, members + member_count, e) - members;
+        accumulate_members(values + b * row_stride, slot, a, e, G, scratch + k * W, members, m0, m1);
+      } else {
+        accumulate(values + b * row_stride, slot, a, e, G, scratch + k * W);
+      }
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -197,8 +241,9 @@ void others_scaled(const float* grad, const float* sums, int64_t G, const float*
     return contiguous_groups(slot, N, G);                                                                     \
   }                                                                                                           \
   void agenttensor_segment_sum##SUFFIX(const float* values, int64_t row_stride, const Index* slot, int64_t B,   \
-                                       int64_t N, int64_t G, float* out, int64_t threads, int64_t contiguous) { \
-    segment_sum(values, row_stride, slot, B, N, G, out, threads, contiguous);                                 \
+                                       int64_t N, int64_t G, float* out, int64_t threads, int64_t contiguous,   \
+                                       const int32_t* members, int64_t member_count) {                          \
+    segment_sum(values, row_stride, slot, B, N, G, out, threads, contiguous, members, member_count);          \
   }                                                                                                           \
   void agenttensor_gather##SUFFIX(const float* table, int64_t table_stride, const Index* slot, int64_t B,       \
                                   int64_t N, float* out, int64_t threads) {                                    \
