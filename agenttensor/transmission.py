@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import networkx as nx
 
@@ -134,16 +135,6 @@ class _GroupSum(torch.autograd.Function):
         return _gather(grad, group_of).expand(ctx.values_shape), None, None
 
 
-class _GroupSumDerivative(_GroupSum):
-    """Zeros [B, G] with the derivative of the group sums (see `group_sum_derivative`)."""
-
-    @staticmethod
-    def forward(ctx, values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
-        ctx.save_for_backward(group_of)
-        ctx.values_shape = values.shape
-        return values.new_zeros(values.shape[0], num_groups)
-
-
 class _GroupGather(torch.autograd.Function):
     """Gather whose backward is the segment sum (autograd's ``index_select`` backward is torch's slower
     ``index_add_``)."""
@@ -170,12 +161,6 @@ def group_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
     return _segment_sum(values, group_of, num_groups)
 
 
-def group_sum_derivative(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:
-    """Zeros [B, G] carrying the derivative of ``group_sum(values, group_of, num_groups)``: the zero-valued
-    ``s − s.detach()`` without computing s (values [B, N] are not read; they may be zero-stride placeholders)."""
-    return _GroupSumDerivative.apply(values, group_of, num_groups)
-
-
 def group_gather(table: Tensor, group_of: Tensor) -> Tensor:
     """Each agent's group value: table [B, G], group_of [N] (ids in [0, G)) -> [B, N] (the adjoint of
     `group_sum`)."""
@@ -197,17 +182,71 @@ def scaled_others_sum(values: Tensor, scale: Tensor, group_of: Tensor, sums: Ten
 @dataclass
 class ForceTerm:
     """One contact layer of `layered_force`: each agent reads ``table[b, slot[i]]`` (its group's value), times its
-    presence and the layer's factors (both [B | 1, N] or None). ``own`` [B, N] (optional) is each agent's own
-    contribution to the group values, whose derivative the sum over the *other* members carries:
-    d/d own_j = own_scale[g] Σ_{i ∈ g, i ≠ j} d/d value_i (`scaled_others_sum`); its value is not used."""
+    presence and the layer's factors (both [B | 1, N] or None).
+
+    Probes (optional, zero-valued, gradient modes): where each agent's own contribution c_j also makes its group's
+    value for the *other* members (table[g] = scale[g] Σ_{j ∈ g} c_j, the self term left out), the derivative of
+    c_j is scale[g(j)] (Σ_{i ∈ g} w_i − w_j), with w_i the layer's weight (∂L/∂λ_i σ_i times presence and factors).
+    `layered_force` hands out its two parts: ``member_probe`` [B, N] receives w as its derivative and
+    ``group_probe`` [B, S] the group sums Σ_{i ∈ g} w_i, which it computes anyway (the table's derivative). The
+    caller combines them: `others_sum_probes` for contributions given as tensors, or inside its own chain rule
+    (models/covid/contributions.py, which saves a [B, N] others-sum per layer written and read back)."""
 
     table: Tensor  # [B | 1, S]
     slot: Tensor  # [N]
     presence: Tensor | None = None
     factor: Tensor | None = None  # e.g. a policy's reduction of this layer
     factor_all: Tensor | None = None  # a second one, applied after ``factor`` (e.g. one for every layer)
-    own: Tensor | None = None
-    own_scale: Tensor | None = None  # [B | 1, S]
+    member_probe: Tensor | None = None  # [B, N], zero-valued: its derivative is the layer's weight w
+    group_probe: Tensor | None = None  # [B, S], zero-valued: its derivative is Σ_{i ∈ g} w_i
+
+
+class OthersSumProbes(NamedTuple):
+    """The probes of one layer (`ForceTerm`) and, with ``plain``, a zero-valued [B, S] whose derivative d reaches
+    each member's contribution unscaled (d[g(j)]: for a caller that also sums the contributions per group)."""
+
+    member: Tensor  # [B, N]
+    group: Tensor  # [B, S]
+    plain: Tensor | None = None  # [B, S]
+
+
+class _OthersSumProbes(torch.autograd.Function):
+    """Forward: zero-valued probes. Backward: d c_j = scale[g(j)] (d group[g(j)] − d member_j) + d plain[g(j)]."""
+
+    @staticmethod
+    def forward(ctx, own: Tensor, slot: Tensor, scale: Tensor, plain: bool):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(slot, scale)
+        groups = (own.shape[0], scale.shape[-1])
+        return own.new_zeros(()).expand(own.shape), *(own.new_zeros(()).expand(groups) for _ in range(1 + plain))
+
+    @staticmethod
+    def backward(ctx, d_member: Tensor | None, d_group: Tensor | None, d_plain: Tensor | None = None):
+        slot, scale = ctx.saved_tensors
+        return others_sum_derivative(d_member, d_group, d_plain, slot, scale), None, None, None
+
+
+def others_sum_derivative(d_member: Tensor | None, d_group: Tensor | None, d_plain: Tensor | None, slot: Tensor,
+                          scale: Tensor) -> Tensor | None:
+    """scale[g(j)] (d_group[g(j)] − d_member_j) + d_plain[g(j)]: [B, N] from the probes' derivatives (None: zero;
+    None if all are). d_member [B, N], d_group and d_plain [B, S], scale [B | 1, S]."""
+    out = None
+    if d_group is not None:
+        member = d_member if d_member is not None else d_group.new_zeros(d_group.shape[0], slot.shape[0])
+        out = scaled_others_sum(member, scale, slot, d_group)
+    elif d_member is not None:
+        out = _gather(scale, slot).mul(d_member).neg_()
+    if d_plain is not None:
+        spread = _gather(d_plain, slot)
+        out = spread if out is None else out.add_(spread)
+    return out
+
+
+def others_sum_probes(own: Tensor, slot: Tensor, scale: Tensor, plain: bool = False) -> OthersSumProbes:
+    """Probes for a `ForceTerm` from each agent's contribution ``own`` [B, N] (with its derivative) to its group's
+    value for the other members, scaled per group by ``scale`` [B | 1, S] (no derivative); ``plain``: also a
+    zero-valued [B, S] whose derivative reaches ``own`` unscaled (add it to per-group sums of ``own``)."""
+    return OthersSumProbes(*_OthersSumProbes.apply(own, slot, scale.detach(), plain))
 
 
 def _reduce_to(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -232,16 +271,16 @@ def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
 
 class _LayeredForce(torch.autograd.Function):
     """Forward: one native pass over the agents on CPU (torch ops elsewhere). Backward: per layer the weight
-    w = grad σ presence factors, its group sums (the tables' derivative) and the others-sums (the own
-    contributions'); those of presence, the factors and σ from the same pass. Saves only inputs."""
+    w = grad σ presence factors and its group sums (the table's derivative; both are the probes' derivatives, see
+    `ForceTerm`); those of presence, the factors and σ from the same pass. Saves only inputs."""
 
     @staticmethod
     def forward(ctx, sigma: Tensor, *flat):
         terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
         ctx.terms = len(terms)
-        ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all, t.own_scale)])
+        ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all)])
         ctx.slots = [t.slot for t in terms]
-        ctx.has_own = [t.own is not None for t in terms]
+        ctx.probes = [(t.member_probe is not None, t.group_probe is not None) for t in terms]
         layers = [(t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms]
         force = _group_kernels.layered_force(sigma, layers)
         return _force_torch(sigma, terms) if force is None else force
@@ -249,8 +288,7 @@ class _LayeredForce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         sigma, *saved = ctx.saved_tensors
-        terms = [ForceTerm(saved[5 * k], ctx.slots[k], *saved[5 * k + 1:5 * k + 4], None, saved[5 * k + 4])
-                 for k in range(ctx.terms)]
+        terms = [ForceTerm(saved[4 * k], ctx.slots[k], *saved[4 * k + 1:4 * k + 4]) for k in range(ctx.terms)]
         wants = ctx.needs_input_grad
         want_sigma = wants[0]
         want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))
@@ -274,32 +312,33 @@ class _LayeredForce(torch.autograd.Function):
             fused = (weights, derivatives, grad * total if want_sigma else None)
         weights, derivatives, d_sigma = fused
         out = [_reduce_to(d_sigma, sigma)]
-        for t, w, (d_presence, d_factor, d_factor_all), has_own in zip(terms, weights, derivatives, ctx.has_own):
-            sums = _segment_sum(w, t.slot, t.table.shape[-1]) if wants[len(out)] or has_own else None
+        for t, w, (d_presence, d_factor, d_factor_all), (member, group) in zip(terms, weights, derivatives, ctx.probes):
+            sums = _segment_sum(w, t.slot, t.table.shape[-1]) if wants[len(out)] or group else None
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None
-            d_own = scaled_others_sum(w, t.own_scale, t.slot, sums) if has_own else None
             out += [d_table, None, _reduce_to(d_presence, t.presence), _reduce_to(d_factor, t.factor),
-                    _reduce_to(d_factor_all, t.factor_all), d_own, None]
+                    _reduce_to(d_factor_all, t.factor_all), w if member else None, sums if group else None]
         return tuple(out)
 
 
 def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
     """λ = σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l: [B, N] (σ [B | 1, N]), the force of infection
-    of group layers, with the others-sum derivative of each layer's own contributions (`ForceTerm`).
+    of group layers, with the probes of each layer's own contributions (`ForceTerm`).
 
     Under autograd it is one node (saving its inputs only) instead of ~5 elementwise nodes per layer with their
     [B, N] intermediates; on CPU forward and backward are single native passes. Values are those of the same
     arithmetic in torch ops, bit for bit (same order, no fused multiply-adds)."""
-    if any(t.own is not None and t.own_scale is None for t in terms):
-        raise ValueError("layered_force: a ForceTerm with `own` contributions needs `own_scale` (the per-group "
-                         "scale of the others-sum, [B | 1, S])")
+    for t in terms:
+        if t.group_probe is not None and t.group_probe.shape[-1] != t.table.shape[-1]:
+            raise ValueError(f"layered_force: a ForceTerm's group_probe has {t.group_probe.shape[-1]} groups, its table "
+                             f"{t.table.shape[-1]}: the probe receives the table's derivative ([B, S], S = table slots)")
     if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for t in terms
-                                              for x in (sigma, t.table, t.presence, t.factor, t.factor_all, t.own)):
+                                              for x in (sigma, t.table, t.presence, t.factor, t.factor_all,
+                                                        t.member_probe, t.group_probe)):
         force = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
                                                      for t in terms])
         return _force_torch(sigma, terms) if force is None else force
-    flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.own,
-                                       None if t.own_scale is None else t.own_scale.detach())]
+    flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.member_probe,
+                                       t.group_probe)]
     return _LayeredForce.apply(sigma, *flat)
 
 

@@ -174,9 +174,18 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx):
     return explicit_shadow_flows(before, after, params, ctx)
 
 
-def explicit_own_contributions(state, params, presences, testing):
+def explicit_own_contributions(state, params, presences, testing, groups):
     """Reference for `own_contributions`: each agent's contribution per layer as dense products, with the
-    zero-valued expected isolation of untaken infections written out."""
+    zero-valued expected isolation of untaken infections written out, handed to `layered_force` through the
+    engine's generic probes (`others_sum_probes`: the others-sum by autograd, not fused)."""
+    from agenttensor.transmission import others_sum_probes
+
+    return {name: others_sum_probes(c, groups[name].slot, groups[name].scale, groups[name].plain)
+            for name, c in explicit_contributions(state, params, presences, testing).items()}
+
+
+def explicit_contributions(state, params, presences, testing):
+    """Each agent's contribution per layer as dense products [B, N] (with derivatives)."""
     alpha, eta = params.asymptomatic_infectiousness, params.isolation_effectiveness
     iota = state.I_sym + alpha * state.I_asym
     detect_asym = params.detection_rate * params.asymptomatic_detection_ratio
@@ -364,11 +373,14 @@ def test_native_attack_probabilities_match_the_torch_formula():
 
 def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
     """The own contributions' backward three ways on random inputs (batch 3, presences broadcast from one row or
-    per element, α per element and η shared, both requiring gradients, testing on): the native pass, its torch
-    ops and autograd of the explicit products agree; the native pass gives the same bits with 1 and 2 threads,
-    and its forward outputs are zero."""
+    per element, α per element and η shared, both requiring gradients, testing on), with each layer's others-sum
+    formed from the force's probes (household: member and group; school: member only; workplace: group only, with
+    most agents in no workplace; community: all three, its scale per batch element): the native pass, its torch
+    ops and autograd of the explicit products, whose others-sums are written out as fixed coefficients, agree; the
+    native pass gives the same bits with 1 and 2 threads, and its forward outputs (the probes) are zero."""
     from types import SimpleNamespace
 
+    from agenttensor.transmission import GroupLayer
     from models.covid import contributions, contributions_native
 
     g = torch.Generator().manual_seed(3)
@@ -380,9 +392,26 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
                             isolating=(rand(B, N) < 0.5).float(), stage_end=stage_end, isolate_prob=rand(B, N))
     testing = rand(1, N)
     presences = {"school": rand(1, N), "workplace": (rand(B, N) < 0.7).float(), "community": None}
-    weights = {name: torch.randn(B, N, generator=g) for name in ("household", *presences)}
+    layers = {"household": GroupLayer(torch.sort(torch.randint(0, 50_000, (N,), generator=g)).values),
+              "school": GroupLayer(torch.randint(0, 300, (N,), generator=g)),
+              "workplace": GroupLayer(torch.where(rand(N) < 0.6, -1, torch.randint(0, 9000, (N,), generator=g))),
+              "community": GroupLayer(torch.randint(0, 190, (N,), generator=g))}
+    groups = {name: contributions.OthersSum(layer.slot, rand(B if name == "community" else 1, layer.num_groups + 1),
+                                            plain=name == "community") for name, layer in layers.items()}
+    probe_weights = {  # the derivatives reaching each probe (member [B, N], group and plain [B, S]; None: none)
+        name: (None if name == "workplace" else torch.randn(B, N, generator=g),
+               None if name == "school" else torch.randn(B, layers[name].num_groups + 1, generator=g),
+               torch.randn(B, layers[name].num_groups + 1, generator=g) if groups[name].plain else None)
+        for name in layers}
 
-    def gradients(own_fn, threads=1):
+    def others_sum_coefficients(name: str) -> torch.Tensor:  # d loss / d c_j = s[g] (W[g] − w_j) + P[g], explicitly
+        member, group, plain = probe_weights[name]
+        slot, scale = groups[name].slot.long(), groups[name].scale.expand(B, -1)
+        out = torch.zeros(B, N) if group is None else group[:, slot]
+        out = (out - (0 if member is None else member)) * scale[:, slot]
+        return out if plain is None else out + plain[:, slot]
+
+    def gradients(mode: str, threads=1):
         torch.set_num_threads(threads)
         params = SimpleNamespace(asymptomatic_infectiousness=torch.tensor([[0.3], [0.4], [0.5]], requires_grad=True),
                                  isolation_effectiveness=torch.tensor(0.8, requires_grad=True), detection_rate=0.3,
@@ -390,8 +419,15 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
         inputs = dict(I_sym=state.I_sym.clone().requires_grad_(), I_asym=state.I_asym.clone().requires_grad_(),
                       isolating=state.isolating.clone().requires_grad_())
         ps = {k: None if v is None else v.clone().requires_grad_() for k, v in presences.items()}
-        own = own_fn(SimpleNamespace(**{**vars(state), **inputs}), params, ps, testing)
-        sum((own[name] * w).sum() for name, w in weights.items()).backward()
+        current = SimpleNamespace(**{**vars(state), **inputs})
+        if mode == "explicit":
+            own = explicit_contributions(current, params, ps, testing)
+            loss = sum((own[name] * others_sum_coefficients(name)).sum() for name in layers)
+        else:
+            own = contributions.own_contributions(current, params, ps, testing, groups)
+            loss = sum((probe * w).sum() for name in layers for probe, w in zip(own[name], probe_weights[name])
+                       if w is not None)
+        loss.backward()
         leaves = [*inputs.values(), params.asymptomatic_infectiousness, params.isolation_effectiveness,
                   *(p for p in ps.values() if p is not None)]
         torch.set_num_threads(1)
@@ -406,14 +442,16 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
         return out
 
     monkeypatch.setattr(contributions_native, "backward", counted)
-    fast, own = gradients(contributions.own_contributions)
-    two_threads, _ = gradients(contributions.own_contributions, threads=2)
+    fast, own = gradients("native")
+    two_threads, _ = gradients("native", threads=2)
     monkeypatch.setattr(contributions_native, "backward", lambda *a, **k: None)
-    torch_ops, _ = gradients(contributions.own_contributions)
-    explicit, _ = gradients(explicit_own_contributions)
+    torch_ops, _ = gradients("torch")
+    explicit, _ = gradients("explicit")
     if not any(calls):
         pytest.skip("native kernels unavailable")
-    assert all(calls) and all(float(x.detach().abs().max()) == 0 for x in own.values())
+    assert all(calls) and all(float(x.detach().abs().max()) == 0 for probes in own.values() for x in probes
+                              if x is not None)
+    assert own["community"].plain is not None and own["household"].plain is None
     for a, b, c, d in zip(fast, two_threads, torch_ops, explicit):
         assert torch.equal(a, b)
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * float(c.abs().max()))

@@ -165,9 +165,9 @@ def test_without_a_compiler_the_torch_ops_run(tmp_path):
 def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatch):
     """`layered_force` (one native pass each way on CPU) against the same function on torch ops: forward values
     bit for bit (no contraction, same order), and the derivatives of σ, the tables, a presence, the factors and
-    the own contributions (others-sums); a batch of 3 with broadcast rows, a layer without presence, one layer
-    with int32 slots and one with int64."""
-    from agenttensor.transmission import ForceTerm, layered_force
+    the own contributions (others-sums through the probes, `others_sum_probes`); a batch of 3 with broadcast rows, a
+    layer without presence, one layer with int32 slots and one with int64."""
+    from agenttensor.transmission import ForceTerm, layered_force, others_sum_probes
 
     g = torch.Generator().manual_seed(5)
     B, n = 3, 300_000
@@ -183,9 +183,10 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
 
     def run() -> tuple[torch.Tensor, dict]:
         x = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        own_h, own_s = others_sum_probes(x["own_h"], households, scale_h), others_sum_probes(x["own_s"], schools, scale_s)
         force = layered_force(x["sigma"], [
-            ForceTerm(x["t_h"], households, None, None, x["factor_all"], x["own_h"], scale_h),
-            ForceTerm(x["t_s"], schools, x["presence"], x["factor"], x["factor_all"], x["own_s"], scale_s)])
+            ForceTerm(x["t_h"], households, None, None, x["factor_all"], own_h.member, own_h.group),
+            ForceTerm(x["t_s"], schools, x["presence"], x["factor"], x["factor_all"], own_s.member, own_s.group)])
         (force * weights).sum().backward()
         return force.detach(), {k: v.grad for k, v in x.items()}
 
@@ -201,8 +202,31 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_layered_force_needs_the_scale_of_own_contributions():
-    from agenttensor.transmission import ForceTerm, layered_force
+def test_others_sum_probes_give_the_derivative_of_the_others_sum():
+    """A contribution c read by the *other* members of its group (λ_i = σ_i s[g] Σ_{j ∈ g, j ≠ i} c_j, with a
+    borough-like per-group sum of c besides) gets the derivative autograd computes from that explicit form, through
+    `layered_force`'s probes and `others_sum_probes`; the probes are zero-valued, and a probe of the wrong width is
+    refused at the boundary."""
+    from agenttensor.transmission import ForceTerm, layered_force, others_sum_probes
 
-    with pytest.raises(ValueError, match="own_scale"):
-        layered_force(torch.ones(4), [ForceTerm(torch.ones(1, 2), torch.tensor([0, 1, 1, 0]), own=torch.ones(1, 4))])
+    g = torch.Generator().manual_seed(9)
+    B, n, groups = 2, 20_000, 700
+    layer = GroupLayer(torch.where(torch.rand(n, generator=g) < 0.2, -1, torch.randint(0, groups, (n,), generator=g)))
+    sigma, weights = torch.rand(B, n, generator=g), torch.rand(B, n, generator=g)
+    scale, per_group_weight = torch.rand(1, groups + 1, generator=g), torch.rand(B, groups + 1, generator=g)
+    c0 = torch.rand(B, n, generator=g)
+
+    c = c0.clone().requires_grad_()
+    probes = others_sum_probes(c, layer.slot, scale, plain=True)
+    table = torch.zeros(1, groups + 1)  # the values themselves come from elsewhere: only the derivatives ride here
+    force = layered_force(sigma, [ForceTerm(table, layer.slot, member_probe=probes.member, group_probe=probes.group)])
+    ((force * weights).sum() + ((table + probes.plain) * per_group_weight).sum()).backward()
+
+    ref_c = c0.clone().requires_grad_()
+    others = layer.others_sum(ref_c) * scale[:, layer.slot]
+    sums = group_sum(ref_c, layer.slot, groups + 1)
+    ((sigma * others * weights).sum() + (sums * per_group_weight).sum()).backward()
+    assert all(float(p.detach().abs().max()) == 0 for p in probes)
+    torch.testing.assert_close(c.grad, ref_c.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="group_probe"):
+        layered_force(sigma, [ForceTerm(table, layer.slot, member_probe=probes.member, group_probe=probes.group[:, :5])])

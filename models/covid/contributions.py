@@ -11,11 +11,15 @@ of the members' force derivatives). The contributions are
 where the last term is the expected isolation of the derivative mass of untaken infections (agents without a
 running countdown, ``free``; `shadow.py`): symptomatic ones isolate w.p. isolate_prob, asymptomatic ones if
 reported (d_asym, raised by the testing lever). It is zero-valued, as is everything here in the forward pass:
-`layered_force` reads only the contributions' derivatives. So the forward returns zero-stride placeholders and
-does no [B, N] work (it was ~30 ms of dense products per full-NYC day), and the backward applies the chain rule
-in one go (on CPU one native pass, `contributions_native`), with D = Σ_l d_l p_l (d_l: the derivative reaching own_l):
+`layered_force` reads only the contributions' derivatives, which it hands out as the two parts of an others-sum
+(its probes, `agenttensor.transmission.ForceTerm`): the layer's weight w [B, N] and its group sums W [B, S]. So the
+forward returns zero-stride probes and does no [B, N] work (it was ~30 ms of dense products per full-NYC day), and
+the backward applies the chain rule in one go (on CPU one native pass, `contributions_native`, which also forms the
+others-sums, so that none is written to memory and read back), with
 
-    dι = 1[stage_end ≥ 0] d_household + (1 − η isolating) D
+    d_l = s_l[g_l] (W_l[g_l] − w_l) + P_l[g_l]      (s_l: the layer's per-group scale; P_l: the ``plain`` probe's
+                                                     derivative, community only: the borough-wide mixing)
+    D = Σ_l d_l p_l,   dι = 1[stage_end ≥ 0] d_household + (1 − η isolating) D
     d I_sym  = dι − η free isolate_prob D,     d I_asym = α dι − η free isolate_prob α d_asym D
     d isolating = −η ι D,   d α = Σ I_asym dι,   d η = −Σ ι isolating D,   d p_l = ι (1 − η isolating) d_l
 
@@ -25,13 +29,26 @@ reference; tests/test_covid_gradients.py checks them against autograd of the exp
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+from agenttensor.transmission import OthersSumProbes, others_sum_derivative
 
 from . import contributions_native
 from .shadow import _detached
 
 NON_HOUSEHOLD = contributions_native.LAYERS  # ("school", "workplace", "community")
+
+
+class OthersSum(NamedTuple):
+    """How a layer's contributions reach the other members of their group (`ForceTerm`): the agents' slots [N], the
+    per-group scale [B | 1, S] (no derivative) and whether it also needs the ``plain`` probe (community)."""
+
+    slot: Tensor
+    scale: Tensor
+    plain: bool = False
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:
@@ -42,45 +59,55 @@ def _sum_to(grad: Tensor, like) -> Tensor | None:
 
 
 class _OwnContributions(torch.autograd.Function):
-    """Forward: one zero-valued [B, N] placeholder per layer (household first, then ``layers``). Backward: the
-    chain rule of the module docstring."""
+    """Forward: the zero-valued probes of each layer (household first, then ``layers``): member [B, N], group
+    [B, S] and, where asked, plain [B, S]. Backward: the chain rule of the module docstring."""
 
     @staticmethod
-    def forward(ctx, layers: tuple[str, ...], I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor,
-                isolate_prob: Tensor, testing: Tensor | None, alpha, eta, detect_asym, *presences: Tensor | None):
+    def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], I_sym: Tensor, I_asym: Tensor,
+                isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
+                detect_asym, *presences: Tensor | None):
         ctx.set_materialize_grads(False)
-        ctx.layers = layers
+        ctx.layers, ctx.groups = layers, groups
         ctx.numbers = tuple(None if isinstance(x, Tensor) else x for x in (alpha, eta))
         ctx.save_for_backward(I_sym, I_asym, isolating, stage_end, isolate_prob, testing,
                               *(x if isinstance(x, Tensor) else None for x in (alpha, eta, detect_asym)), *presences)
         ctx.detect_asym = None if isinstance(detect_asym, Tensor) else detect_asym
         shape = torch.broadcast_shapes(I_sym.shape, stage_end.shape)
-        return tuple(I_sym.new_zeros(()).expand(shape) for _ in range(1 + len(layers)))
+        zeros = lambda *size: I_sym.new_zeros(()).expand(*size)  # noqa: E731 (zero-stride: no memory)
+        return tuple(probe for group in groups for probe in
+                     (zeros(shape), *(zeros(shape[0], group.scale.shape[-1]) for _ in range(1 + group.plain))))
 
     @staticmethod
-    def backward(ctx, d_household: Tensor | None, *d_layers: Tensor | None):
+    def backward(ctx, *grads: Tensor | None):
         I_sym, I_asym, isolating, stage_end, isolate_prob, testing, alpha_t, eta_t, detect_t, *presences = \
             ctx.saved_tensors
         alpha = ctx.numbers[0] if alpha_t is None else alpha_t
         eta = ctx.numbers[1] if eta_t is None else eta_t
         detect_asym = ctx.detect_asym if detect_t is None else detect_t
-        wants = ctx.needs_input_grad  # (layers, I_sym, I_asym, isolating, stage_end, isolate_prob, testing, α, η, ...)
-        n_fixed = 10
-        if d_household is None and all(d is None for d in d_layers):
+        wants = ctx.needs_input_grad  # (layers, groups, I_sym, I_asym, isolating, stage_end, isolate_prob, testing, α, η, ...)
+        n_fixed = 11
+        probes, k = [], 0  # per layer (d member, d group, d plain)
+        for group in ctx.groups:
+            n = 3 if group.plain else 2
+            probes.append((*grads[k:k + n], None)[:3])
+            k += n
+        if all(d is None for p in probes for d in p):
             return (None,) * len(wants)
         fused = contributions_native.backward(
-            dict(household=d_household, **dict(zip(ctx.layers, d_layers))), dict(zip(ctx.layers, presences)), I_sym,
+            dict(zip(("household", *ctx.layers), zip(ctx.groups, probes))), dict(zip(ctx.layers, presences)), I_sym,
             I_asym, isolating, stage_end, isolate_prob, testing, alpha, eta, detect_asym,
-            wants=dict(I_sym=wants[1], I_asym=wants[2], isolating=wants[3], alpha_sums=wants[7], eta_sums=wants[8],
-                       **{name: wants[n_fixed + k] and d_layers[k] is not None and presences[k] is not None
-                          for k, name in enumerate(ctx.layers)}))
+            wants=dict(I_sym=wants[2], I_asym=wants[3], isolating=wants[4], alpha_sums=wants[8], eta_sums=wants[9],
+                       **{name: wants[n_fixed + k] and presences[k] is not None for k, name in enumerate(ctx.layers)}))
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
                 return None if sums is None else _sum_to(sums.to(torch.float32).view(-1, 1), like)
 
-            return (None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
+            return (None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
                     summed(fused["alpha_sums"], alpha), summed(fused["eta_sums"], eta), None,
                     *(None if fused[name] is None else _sum_to(fused[name], p) for name, p in zip(ctx.layers, presences)))
+        # the others-sums d_l (torch ops), then the chain rule
+        d_household, *d_layers = (others_sum_derivative(*p, group.slot, group.scale)
+                                  for group, p in zip(ctx.groups, probes))
         D = None  # Σ_l d_l p_l
         for d, p in zip(d_layers, presences):
             if d is None:
@@ -95,18 +122,18 @@ class _OwnContributions(torch.autograd.Function):
         kept = None if D is None else torch.mul(isolating, eta).neg_().add_(1)  # 1 − η isolating
         if D is not None:
             d_iota = D * kept if d_iota is None else d_iota.add_(D * kept)
-        need_iota = D is not None and (wants[3] or wants[8] or any(wants[n_fixed + k] for k in range(len(presences))))
+        need_iota = D is not None and (wants[4] or wants[9] or any(wants[n_fixed + k] for k in range(len(presences))))
         iota = torch.add(I_sym, alpha * I_asym) if need_iota else None
         d_I_sym = d_I_asym = d_isolating = d_alpha = d_eta = None
         if d_iota is not None:
-            if wants[7]:
+            if wants[8]:
                 d_alpha = _sum_to(I_asym * d_iota, alpha)
             expected = None  # the expected isolation of untaken infections: −η free isolate_prob D
-            if D is not None and (wants[1] or wants[2]):
+            if D is not None and (wants[2] or wants[3]):
                 expected = torch.where(real, 0.0, isolate_prob).mul_(D).mul_(-eta)
-            if wants[1]:
-                d_I_sym = d_iota if expected is None else d_iota + expected
             if wants[2]:
+                d_I_sym = d_iota if expected is None else d_iota + expected
+            if wants[3]:
                 d_I_asym = d_iota * alpha
                 if expected is not None:
                     if testing is not None:
@@ -114,27 +141,32 @@ class _OwnContributions(torch.autograd.Function):
                     d_I_asym.add_(expected.mul_(alpha * detect_asym))
         if iota is not None:
             iota_D = iota * D
-            if wants[3]:
+            if wants[4]:
                 d_isolating = iota_D * -eta
-            if wants[8]:
+            if wants[9]:
                 d_eta = _sum_to(-(iota_D * isolating), eta)
         d_presences = []
         for k, (d, p) in enumerate(zip(d_layers, presences)):
             want = wants[n_fixed + k] and d is not None and p is not None
             d_presences.append(_sum_to(d * (iota * kept), p) if want else None)
-        return (None, d_I_sym, d_I_asym, d_isolating, None, None, None, d_alpha, d_eta, None,
+        return (None, None, d_I_sym, d_I_asym, d_isolating, None, None, None, d_alpha, d_eta, None,
                 *d_presences)
 
 
-def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None) -> dict[str, Tensor]:
-    """{"household": [B, N], layer: [B, N] for each layer in ``presences``}: zero-valued contributions carrying
-    their derivative (module docstring). ``state``: a ``CovidState`` (gradient mode: float memberships);
+def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None,
+                      groups: dict[str, OthersSum]) -> dict[str, OthersSumProbes]:
+    """{"household": probes, layer: probes for each layer in ``presences``}: the `layered_force` probes of the
+    zero-valued contributions (module docstring). ``state``: a ``CovidState`` (gradient mode: float memberships);
     ``presences``: today's non-household layers (school, workplace, community) and each one's presence p_l
-    [B | 1, N] (None: 1); ``testing``: the testing lever per agent [B, N] or None."""
+    [B | 1, N] (None: 1); ``testing``: the testing lever per agent [B, N] or None; ``groups``: each layer's
+    `OthersSum` (household and every layer in ``presences``)."""
     layers = tuple(name for name in NON_HOUSEHOLD if name in presences)
+    names = ("household", *layers)
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
-    out = _OwnContributions.apply(layers, state.I_sym, state.I_asym, state.isolating, state.stage_end,
-                                  state.isolate_prob.detach(), None if testing is None else testing.detach(),
-                                  params.asymptomatic_infectiousness, params.isolation_effectiveness, detect_asym,
-                                  *(presences[name] for name in layers))
-    return dict(zip(("household", *layers), out))
+    ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
+    out = iter(_OwnContributions.apply(layers, ordered, state.I_sym, state.I_asym, state.isolating, state.stage_end,
+                                       state.isolate_prob.detach(), None if testing is None else testing.detach(),
+                                       params.asymptomatic_infectiousness, params.isolation_effectiveness, detect_asym,
+                                       *(presences[name] for name in layers)))
+    return {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
+            for name, group in zip(names, ordered)}

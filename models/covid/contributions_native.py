@@ -1,5 +1,6 @@
 """The own contributions' backward (`contributions._OwnContributions`) as one native pass over the agents on CPU
-(models/covid/csrc/contributions_kernel.cpp): ~20 [B, N] torch ops become one loop. contributions.py keeps the
+(models/covid/csrc/contributions_kernel.cpp): the others-sums of `layered_force`'s probes and ~20 [B, N] torch ops
+become one loop. contributions.py keeps the
 same chain rule in torch ops (the reference, used on other devices, without a compiler and with
 ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two."""
 
@@ -19,10 +20,14 @@ LAYERS = ("school", "workplace", "community")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
+class _OthersSum(ctypes.Structure):  # OthersSumArgs in contributions_kernel.cpp
+    _fields_ = [(n, _P) for n in ("member", "group", "plain", "slot", "scale")] + [("scale_stride", _I), ("groups", _I)]
+
+
 class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for field
     _fields_ = [(n, _I) for n in ("B", "N", "threads", "block")] \
-        + [(n, _P) for n in ("d_household", "d_school", "d_workplace", "d_community", "p_school", "p_workplace",
-                             "p_community")] \
+        + [(n, _OthersSum) for n in ("household", *LAYERS)] \
+        + [(n, _P) for n in ("p_school", "p_workplace", "p_community")] \
         + [(n, _I) for n in ("p_school_stride", "p_workplace_stride", "p_community_stride")] \
         + [(n, _P) for n in ("I_sym", "I_asym", "isolating", "isolate_prob", "stage_end", "testing")] \
         + [("testing_stride", _I)] \
@@ -34,21 +39,24 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
 
 
-def backward(grads: dict[str, Tensor | None], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
+def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
              isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
              detect_asym, wants: dict[str, bool]) -> dict[str, Tensor | None] | None:
     """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
-    None where not wanted, or None where the kernel does not apply (not CPU float32, kernels off or unbuilt): the
-    caller runs the torch ops. ``grads``: the incoming [B, N] gradients per layer ("household" and ``LAYERS``);
-    ``wants``: which of the outputs above are needed."""
-    dense = [I_sym, I_asym, isolating, isolate_prob, *(g for g in grads.values() if g is not None),
+    None where not wanted, or None where the kernel does not apply (not CPU float32 with int32 slots, kernels off or
+    unbuilt): the caller runs the torch ops. ``probes``: per layer ("household" and ``LAYERS``) its
+    `contributions.OthersSum` and the derivatives reaching its probes (member [B, N], group [B, S], plain [B, S] or
+    None each); ``wants``: which of the outputs above are needed."""
+    B, N = stage_end.shape
+    incoming = [g for _, grads in probes.values() for g in grads if g is not None]
+    dense = [I_sym, I_asym, isolating, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16:
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16 \
+            or any(group.slot.dtype != torch.int32 or group.slot.shape != (N,) for group, _ in probes.values()):
         return None
-    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare)
+    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=("-O3", "-ffp-contract=off"))
     if library is None:
         return None
-    B, N = stage_end.shape
     if any(x.shape != (B, N) for x in (I_sym, I_asym, isolating)):
         return None
     keep = []  # every tensor whose pointer the kernel reads or writes, alive until it returns
@@ -66,11 +74,24 @@ def backward(grads: dict[str, Tensor | None], presences: dict[str, Tensor | None
     def per_element(x) -> Tensor:  # scalar or [B, 1] -> [B]
         return torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1).expand(B).contiguous()
 
+    def others_sum(group, member: Tensor | None, sums: Tensor | None, plain: Tensor | None) -> _OthersSum | None:
+        S = group.scale.shape[-1]
+        if group.scale.dim() != 2 or group.scale.shape[0] not in (1, B) \
+                or any(x is not None and x.shape != (B, S) for x in (sums, plain)) \
+                or (member is not None and member.shape != (B, N)):
+            return None
+        return _OthersSum(ptr(None if member is None else member.contiguous()),
+                          ptr(None if sums is None else sums.contiguous()),
+                          ptr(None if plain is None else plain.contiguous()), ptr(group.slot),
+                          ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S)
+
     blocks = -(-N // BLOCK)
     args = _Args(B=B, N=N, threads=torch.get_num_threads(), block=BLOCK)
-    for name in ("household", *LAYERS):
-        g = grads.get(name)
-        setattr(args, f"d_{name}", ptr(None if g is None else g.contiguous()))
+    for name, (group, grads) in probes.items():
+        layer = others_sum(group, *grads)
+        if layer is None:
+            return None
+        setattr(args, name, layer)
     for name in LAYERS:
         p = presences.get(name)
         if p is not None:

@@ -56,14 +56,14 @@ from torch import Tensor
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor import select
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import (ForceTerm, group_gather, group_sum_derivative, layered_force, range_sums,
+from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layered_force, range_sums,
                                       scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
-from .contributions import own_contributions
+from .contributions import OthersSum, own_contributions
 from .shadow import gather_exits, transition
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     only and are scaled per group (by β m w_l / (n_g − 1)); each agent then reads its group's value with
     one gather. The self term of π is left out: λ only matters for susceptible agents, who contribute
     nothing. In gradient modes the derivative of the dense group sums rides on `layered_force` (the others-sum of
-    each layer's own contributions), so forward values are the same in every mode.
+    each layer's own contributions, through its probes), so forward values are the same in every mode.
     """
     env: CovidEnv = ctx.env
     date = date_of(ctx.start_date, ctx.step)
@@ -511,7 +511,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def group_totals(layer: GroupLayer, contribution: Tensor) -> Tensor:
         """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot:
         non-members). Gradient modes: no derivative here; every agent's contribution carries it
-        (`own_contributions`, the others-sum in `layered_force`)."""
+        (`own_contributions`, the others-sum through `layered_force`'s probes)."""
         slots = layer.num_groups + 1
         index = layer.slot[j] if B == 1 and device.type == "cpu" else b * slots + layer.slot[j]
         totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
@@ -554,31 +554,33 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         layers["workplace"] = (own_scale["workplace"] * work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
     community_all = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
+    rho = params.community_borough_share
+    # own NTA share only (the borough-wide part is O(1 / borough size))
+    own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / env.community.group_size[:-1].clamp_min(1),
+                                   (0, 1))
     dense = At()
-    own: dict[str, Tensor] = {}  # gradient modes: each agent's (zero-valued) contribution per layer
+    own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
     if ctx.sampler.differentiable:
         presences = {name: None if presence is None else presence(dense) for name, (_, _, presence) in layers.items()
                      if name != "household"}
         presences["community"] = None if p_community is None else p_community(dense)
-        own = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"))
+        slots = {**{name: slot for name, (_, slot, _) in layers.items()}, "community": env.community.slot}
+        groups = {name: OthersSum(slot, torch.atleast_2d(own_scale[name]), plain=name == "community")
+                  for name, slot in slots.items()}
+        own = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
         # the borough-wide community mixing carries the dense derivative of the NTA totals
-        community_all = community_all + group_sum_derivative(own["community"], env.community.slot,
-                                                             env.community.num_groups + 1)
+        community_all = community_all + own["community"].plain
     community_all = community_all[:, :-1]  # [B, C]
-    community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s own terms
+    community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s probes
     per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
                               community_all)
     mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
     # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
     # which would make a batch element's numbers depend on the batch it runs in)
     mixed = ((per_borough / env.borough_size.clamp_min(1))[:, None, :] * mixing[None]).sum(-1)
-    rho = params.community_borough_share
     per_community = (1 - rho) * community / env.community.group_size[:-1].clamp_min(1) \
         + rho * mixed.index_select(1, env.community_borough)
     layers["community"] = (F.pad(beta * params.community_weight * per_community, (0, 1)), env.community.slot, p_community)
-    # own NTA share only (the borough-wide part is O(1 / borough size))
-    own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / env.community.group_size[:-1].clamp_min(1),
-                                   (0, 1))
 
     reduction_all = lever_per_agent(ctx, "transmission_reduction")
     reductions = {name: lever_per_agent(ctx, "transmission_reduction", name) for name in layers}
@@ -618,7 +620,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
-        own=own.get(name), own_scale=torch.atleast_2d(own_scale[name]) if name in own else None)
+        member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None)
         for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)

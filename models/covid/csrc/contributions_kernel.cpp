@@ -2,11 +2,15 @@
 // as one pass over the agents, for CPU. Loaded by models/covid/contributions_native.py; contributions.py holds
 // the same chain rule in torch ops (the reference, and the path on other devices). Plain C, no torch headers.
 //
-// Incoming gradients d_* are [B, N] or null (none reached that layer: read as 0). Presences and the testing
-// lever are [B | 1, N] rows (stride N or 0), or null (1, resp. no lever). Per-element constants are [B] arrays.
+// Each layer's incoming gradient is built here, per tile, from the probes of agenttensor.transmission.ForceTerm:
+// d_l = (group[slot] − member) scale[slot] + plain[slot] (the others-sum; member [B, N], group and plain [B, S],
+// each null where no gradient reached it: read as 0; all null: no gradient for the layer), so that no [B, N]
+// others-sum is written and read back. Presences and the testing lever are [B | 1, N] rows (stride N or 0), or
+// null (1, resp. no lever). Per-element constants are [B] arrays.
 // Outputs are [B, N] or null (not wanted). The sums for d alpha and d eta are written per fixed block of agents
 // (double), so that they do not depend on the number of threads; the caller adds the blocks in order.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "parallel.h"
@@ -69,9 +73,54 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
 
 extern "C" {
 
+// One layer's probes' derivatives (see the top of the file).
+struct OthersSumArgs {
+  const float *member, *group, *plain;  // [B, N], [B, S], [B, S] or null
+  const int32_t* slot;                  // [N]
+  const float* scale;                   // [B | 1, S]
+  int64_t scale_stride, groups;         // 0 or S; S
+};
+
+}  // extern "C"
+
+namespace {
+
+// The layer's d_l for agents [i0, i0 + n) of row b into `out` (zeros where no gradient reached the layer). Compiled
+// with -ffp-contract=off: the same arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
+const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64_t i0, int64_t n, float* __restrict out) {
+  const bool any = l.member || l.group || l.plain;
+  if (!any) {
+    std::fill(out, out + n, 0.f);
+    return out;
+  }
+  const int32_t* __restrict slot = l.slot + i0;
+  const float* __restrict member = l.member ? l.member + b * N + i0 : nullptr;
+  const float* __restrict scale = l.scale + b * l.scale_stride;
+  if (l.group) {
+    const float* __restrict group = l.group + b * l.groups;
+    if (member)
+      for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - member[j]) * scale[slot[j]];
+    else
+      for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - 0.f) * scale[slot[j]];
+  } else if (member) {
+    for (int64_t j = 0; j < n; ++j) out[j] = -(scale[slot[j]] * member[j]);
+  } else {
+    std::fill(out, out + n, 0.f);
+  }
+  if (l.plain) {
+    const float* __restrict plain = l.plain + b * l.groups;
+    for (int64_t j = 0; j < n; ++j) out[j] = out[j] + plain[slot[j]];
+  }
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
 struct OwnArgs {
   int64_t B, N, threads, block;
-  const float *d_household, *d_school, *d_workplace, *d_community;
+  OthersSumArgs household, school, workplace, community;
   const float *p_school, *p_workplace, *p_community;
   int64_t p_school_stride, p_workplace_stride, p_community_stride;
   const float *I_sym, *I_asym, *isolating, *isolate_prob;
@@ -87,7 +136,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
-    float zeros[5][kTile], ones[3][kTile], scratch[6][kTile], alpha_term[kTile], eta_term[kTile];
+    float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], d[4][kTile], alpha_term[kTile], eta_term[kTile];
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -99,12 +148,12 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), k0 = b * N + t0;
         auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
-        own_tile(n, alpha, eta, detect0, tile_of(a->d_household, k0, n, zeros[0]),
-                 tile_of(a->d_school, k0, n, zeros[1]), tile_of(a->d_workplace, k0, n, zeros[2]),
-                 tile_of(a->d_community, k0, n, zeros[3]), row_or_one(ps, t0, n, ones[0]),
+        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0]),
+                 others_sum_tile(a->school, b, N, t0, n, d[1]), others_sum_tile(a->workplace, b, N, t0, n, d[2]),
+                 others_sum_tile(a->community, b, N, t0, n, d[3]), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), a->I_sym + k0, a->I_asym + k0,
                  a->isolating + k0, a->isolate_prob + k0, a->stage_end + k0,
-                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[4]), out(a->out_I_sym, 1),
+                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), out(a->out_I_sym, 1),
                  out(a->out_I_asym, 2), out(a->out_isolating, 3), out(a->out_p_school, 4),
                  out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);
         if (a->alpha_sums)
