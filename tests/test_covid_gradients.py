@@ -297,6 +297,42 @@ def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sa
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (name, a, b)
 
 
+def test_native_shadow_backward_skips_the_outputs_no_gradient_reaches(population, monkeypatch):
+    """With a loss on flows only (no deaths), no gradient of H, R, D or deaths reaches most days' transitions (the
+    reported flows are summed apart in gradient modes, so the admissions' gradient sends no zeros to the deaths'), and
+    there the native shadow backward returns None for d H0, as the torch ops do, instead of writing a [B, N] of zeros;
+    at every step its outputs are None exactly where the torch ops' are, and equal them elsewhere."""
+    from models.covid import shadow_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    native_backward = shadow_native.backward
+    compared = []
+
+    def both(*args):
+        fast = native_backward(*args)
+        if fast is None:
+            pytest.skip("native kernels unavailable")
+        reference = shadow._transition_backward(*args)
+        assert [x is None for x in fast] == [x is None for x in reference]
+        for a, b in zip(fast, reference):
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())))
+        grads = args[6]
+        compared.append((fast, all(grads[name] is None for name in ("gH", "gR", "gD", "g_deaths"))))
+        return fast
+
+    monkeypatch.setattr(shadow_native, "backward", both)
+    learn = params.as_tensors(learn=("transmission_scale",))
+    res = at.simulate(MODEL, None, learn, steps=14, seeds=[0], env=env, start_date=START, progress=False,
+                      sampler=StraightThrough())
+    (res["new_infections"].sum() + res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
+    # d H0 without a gradient of H, R, D or deaths: every day but those where the labour market reads D (alive = 1 − D)
+    assert len(compared) == 14 and sum(untouched for _, untouched in compared) >= 10
+    assert all(out[3] is None for out, untouched in compared if untouched)
+    assert all(out[0] is not None for out, _ in compared[1:])  # d E0 (the last day's: no gradient reaches it yet)
+
+
 def test_exit_gradients_are_written_into_the_transitions_buffers(population, monkeypatch):
     """In a gradient run the dense gradients `_ExitsAt` receives for E, I_asym, I_sym and H are `_Transition`'s own
     fresh buffers (or none), so the exits' derivatives are added to them in place, with no [B, N] copy; isolating's

@@ -737,13 +737,19 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         eligible = (1 - V) * (S + E + Ia + R)
         V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
 
-    # today's per-borough flows at the exiting agents, in one index_add: the reported flows (with their derivative)
-    # and the stage changes the metrics roll their counts forward by
-    changes = (x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
-                                    isolating_before))
-    flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
-    reported_by_borough, admissions, deaths = flows[:3].unbind(0)
-    out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows[3:].detach().unbind(0)
+    # today's per-borough flows at the exiting agents: the reported flows (with their derivative) and the stage
+    # changes the metrics roll their counts forward by; in hard mode in one index_add, in gradient modes the reported
+    # flows apart (a loss on some of them then sends no zero-valued gradients to the others' exiting agents: a
+    # dense zero gradient of H, and its shadow flows, every day for a loss without deaths)
+    changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
+                                    isolating_before)]
+    if ctx.sampler.differentiable:
+        reported_by_borough, admissions, deaths = (by_borough_at(env, b, i, x, S.shape[0]) for x in (reported, to_H, to_D))
+        flows = by_borough_at(env, b, i, torch.stack(changes), S.shape[0])
+    else:
+        flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
+        (reported_by_borough, admissions, deaths), flows = flows[:3].unbind(0), flows[3:]
+    out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows.detach().unbind(0)
     in_H, in_D = admissions.detach(), deaths.detach()
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported_by_borough

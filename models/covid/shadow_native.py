@@ -35,6 +35,21 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_shadow_backward.argtypes = [ctypes.POINTER(_Args)]
 
 
+def _nonzero_outputs(grads: dict[str, Tensor | None]) -> tuple[bool, ...]:
+    """Which of (d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E) can be non-zero, given which
+    incoming gradients arrived: as `shadow._transition_backward`, which returns None for the others (e.g. d H0
+    without a gradient of H, R, D or deaths: a loss on new infections, cases and admissions)."""
+    has = {name: g is not None for name, g in grads.items()}
+    enter = has["gIs"] or has["gIa"] or has["g_report"]
+    return (enter or has["gE"] or has["g_exposure"],
+            has["gR"] or has["gIs"] or has["gH"] or has["g_admissions"],
+            has["gR"] or has["gIa"],
+            has["gR"] or has["gH"] or has["gD"] or has["g_deaths"],
+            has["g_exposure"] or has["gS"] or has["g_infections"] or has["g_latent"],
+            has["g_latent"] or enter,
+            has["gE"] or has["gS"] or has["g_infections"])
+
+
 def _ptr(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
@@ -42,8 +57,8 @@ def _ptr(x: Tensor | None) -> int | None:
 def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float]) -> tuple[Tensor, ...] | None:
-    """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E), each [B, N], or None where the kernel does
-    not apply (not CPU float32, kernels off or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants;
+    """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E), each [B, N] or None where no incoming
+    gradient reaches it (`_nonzero_outputs`), or None where the kernel does not apply (not CPU float32, kernels off or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants;
     ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
     g_admissions, g_deaths) gradients, None where none arrived."""
     if unit.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
@@ -112,8 +127,8 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
         keep += [q_sym, q_asym, from_sym, from_asym]
         args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym, from_asym))
         args.household, args.households = household.data_ptr(), slots
-    out = tuple(torch.empty(B, N) for _ in range(7))
+    out = tuple(torch.empty(B, N) if needed else None for needed in _nonzero_outputs(grads))
     for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E"), out):
-        setattr(args, name, value.data_ptr())
+        setattr(args, name, _ptr(value))
     library.agenttensor_covid_shadow_backward(ctypes.byref(args))
     return out

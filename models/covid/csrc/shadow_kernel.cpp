@@ -126,7 +126,7 @@ struct ShadowArgs {
   const int32_t* household;
   int64_t households;
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
-  // outputs [B, N]
+  // outputs [B, N], or null where every input they depend on is null (zero: not written)
   float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
 };
 
@@ -168,7 +168,7 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
     // per tile: each agent's gathered values (per-borough gradients, age tables, detection, household hand-off),
     // and zeros for the incoming gradients that are null; then one branch-free loop the compiler vectorises
     float zeros[9][kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
-        p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile];
+        p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
@@ -201,6 +201,8 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
             from_sym[j] = from_asym[j] = 0.f;
           }
         }
+        // a null output is zero for every agent (all its inputs are null): not written
+        auto out = [&](float* p) { return p ? p + k0 : unwritten; };
         const float* g[9];
         const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
         for (int q = 0; q < 9; ++q) {
@@ -213,8 +215,8 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
         }
         shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
                     f, p_hosp, p_death, d_sym, d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
-                    a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, a->out_E + k0, a->out_Is + k0, a->out_Ia + k0,
-                    a->out_H + k0, a->out_exposure0 + k0, a->out_latent0 + k0, a->out_new_E + k0);
+                    a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia),
+                    out(a->out_H), out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E));
       }
     });
   });
