@@ -156,7 +156,7 @@ def explicit_shadow_flows(before, after, params, ctx):
                          household_latent=before.household_latent - out_latent + infected)
 
 
-def plain_gather_exits(fields, b, i, differentiable):
+def plain_gather_exits(fields, b, i, differentiable, made=None):
     """Reference for `gather_exits`: the values at the exiting agents by plain indexing (autograd's own backward)."""
     return shadow.gather_exits(fields, b, i, differentiable=False)
 
@@ -180,8 +180,10 @@ def explicit_own_contributions(state, params, presences, testing, groups):
     engine's generic probes (`others_sum_probes`: the others-sum by autograd, not fused)."""
     from agenttensor.transmission import others_sum_probes
 
-    return {name: others_sum_probes(c, groups[name].slot, groups[name].scale, groups[name].plain)
-            for name, c in explicit_contributions(state, params, presences, testing).items()}
+    from models.covid.contributions import Contributions
+
+    return Contributions({name: others_sum_probes(c, groups[name].slot, groups[name].scale, groups[name].plain)
+                          for name, c in explicit_contributions(state, params, presences, testing).items()}, {}, {})
 
 
 def explicit_contributions(state, params, presences, testing):
@@ -440,6 +442,8 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
                torch.randn(B, layers[name].num_groups + 1, generator=g) if groups[name].plain else None)
         for name in layers}
 
+    field_weights = {"I_sym": torch.randn(B, N, generator=g), "isolating": torch.randn(B, N, generator=g)}
+
     def others_sum_coefficients(name: str) -> torch.Tensor:  # d loss / d c_j = s[g] (W[g] − w_j) + P[g], explicitly
         member, group, plain = probe_weights[name]
         slot, scale = groups[name].slot.long(), groups[name].scale.expand(B, -1)
@@ -460,9 +464,13 @@ def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):
             own = explicit_contributions(current, params, ps, testing)
             loss = sum((own[name] * others_sum_coefficients(name)).sum() for name in layers)
         else:
-            own = contributions.own_contributions(current, params, ps, testing, groups)
+            result = contributions.own_contributions(current, params, ps, testing, groups)
+            own = result.probes
             loss = sum((probe * w).sum() for name in layers for probe, w in zip(own[name], probe_weights[name])
                        if w is not None)
+            loss = loss + sum((result.fields[name] * w).sum() for name, w in field_weights.items())
+        if mode == "explicit":
+            loss = loss + sum((getattr(current, name) * w).sum() for name, w in field_weights.items())
         loss.backward()
         leaves = [*inputs.values(), params.asymptomatic_infectiousness, params.isolation_effectiveness,
                   *(p for p in ps.values() if p is not None)]

@@ -51,6 +51,20 @@ class OthersSum(NamedTuple):
     plain: bool = False
 
 
+PASSED = ("I_sym", "I_asym", "isolating")  # the state fields passed through the node (`Contributions.fields`)
+
+
+class Contributions(NamedTuple):
+    """`own_contributions`' result: each layer's probes; the state's I_sym, I_asym and isolating passed through the
+    node, for the rest of the step to read, so that their derivatives reach its backward pass and are added there to
+    the contributions' own (one [B, N] write per field; autograd's engine would add two buffers); and the dict in
+    which `shadow.gather_exits` leaves the gradient buffers it made, which the backward may then add into in place."""
+
+    probes: dict[str, OthersSumProbes]
+    fields: dict[str, Tensor]
+    handoff: dict
+
+
 def _sum_to(grad: Tensor, like) -> Tensor | None:
     """grad [B, N] summed to the shape of ``like`` (a number: None; 0-dim, [B, 1], [1, N] ...)."""
     if not isinstance(like, Tensor):
@@ -59,23 +73,26 @@ def _sum_to(grad: Tensor, like) -> Tensor | None:
 
 
 class _OwnContributions(torch.autograd.Function):
-    """Forward: the zero-valued probes of each layer (household first, then ``layers``): member [B, N], group
-    [B, S] and, where asked, plain [B, S]. Backward: the chain rule of the module docstring."""
+    """Forward: I_sym, I_asym and isolating passed through, then the zero-valued probes of each layer (household
+    first, then ``layers``): member [B, N], group [B, S] and, where asked, plain [B, S]. Backward: the chain rule of
+    the module docstring, added to the pass-through's derivatives (in place where one is a buffer ``handoff`` holds:
+    made for this node by the exits, and by nobody else read)."""
 
     @staticmethod
-    def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], I_sym: Tensor, I_asym: Tensor,
-                isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
-                detect_asym, *presences: Tensor | None):
+    def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], handoff: dict, I_sym: Tensor,
+                I_asym: Tensor, isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None,
+                alpha, eta, detect_asym, *presences: Tensor | None):
         ctx.set_materialize_grads(False)
-        ctx.layers, ctx.groups = layers, groups
+        ctx.layers, ctx.groups, ctx.handoff = layers, groups, handoff
         ctx.numbers = tuple(None if isinstance(x, Tensor) else x for x in (alpha, eta))
         ctx.save_for_backward(I_sym, I_asym, isolating, stage_end, isolate_prob, testing,
                               *(x if isinstance(x, Tensor) else None for x in (alpha, eta, detect_asym)), *presences)
         ctx.detect_asym = None if isinstance(detect_asym, Tensor) else detect_asym
         shape = torch.broadcast_shapes(I_sym.shape, stage_end.shape)
         zeros = lambda *size: I_sym.new_zeros(()).expand(*size)  # noqa: E731 (zero-stride: no memory)
-        return tuple(probe for group in groups for probe in
-                     (zeros(shape), *(zeros(shape[0], group.scale.shape[-1]) for _ in range(1 + group.plain))))
+        return (I_sym.view_as(I_sym), I_asym.view_as(I_asym), isolating.view_as(isolating),
+                *(probe for group in groups for probe in
+                  (zeros(shape), *(zeros(shape[0], group.scale.shape[-1]) for _ in range(1 + group.plain)))))
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
@@ -84,25 +101,30 @@ class _OwnContributions(torch.autograd.Function):
         alpha = ctx.numbers[0] if alpha_t is None else alpha_t
         eta = ctx.numbers[1] if eta_t is None else eta_t
         detect_asym = ctx.detect_asym if detect_t is None else detect_t
-        wants = ctx.needs_input_grad  # (layers, groups, I_sym, I_asym, isolating, stage_end, isolate_prob, testing, α, η, ...)
-        n_fixed = 11
-        probes, k = [], 0  # per layer (d member, d group, d plain)
+        # (layers, groups, handoff, I_sym, I_asym, isolating, stage_end, isolate_prob, testing, α, η, d_asym, ...)
+        wants = ctx.needs_input_grad
+        n_fixed = 12
+        # the pass-through's derivatives, and whether each may be added into (a buffer the exits made for us)
+        passed = {name: (g, g is not None and g is ctx.handoff.get(name)) for name, g in zip(PASSED, grads[:3])}
+        ctx.handoff.clear()
+        probes, k = [], 3  # per layer (d member, d group, d plain)
         for group in ctx.groups:
             n = 3 if group.plain else 2
             probes.append((*grads[k:k + n], None)[:3])
             k += n
         if all(d is None for p in probes for d in p):
-            return (None,) * len(wants)
+            return (None,) * 3 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6)
         fused = contributions_native.backward(
             dict(zip(("household", *ctx.layers), zip(ctx.groups, probes))), dict(zip(ctx.layers, presences)), I_sym,
             I_asym, isolating, stage_end, isolate_prob, testing, alpha, eta, detect_asym,
-            wants=dict(I_sym=wants[2], I_asym=wants[3], isolating=wants[4], alpha_sums=wants[8], eta_sums=wants[9],
-                       **{name: wants[n_fixed + k] and presences[k] is not None for k, name in enumerate(ctx.layers)}))
+            wants=dict(I_sym=wants[3], I_asym=wants[4], isolating=wants[5], alpha_sums=wants[9], eta_sums=wants[10],
+                       **{name: wants[n_fixed + k] and presences[k] is not None for k, name in enumerate(ctx.layers)}),
+            passed=passed)
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
                 return None if sums is None else _sum_to(sums.to(torch.float32).view(-1, 1), like)
 
-            return (None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
+            return (None, None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
                     summed(fused["alpha_sums"], alpha), summed(fused["eta_sums"], eta), None,
                     *(None if fused[name] is None else _sum_to(fused[name], p) for name, p in zip(ctx.layers, presences)))
         # the others-sums d_l (torch ops), then the chain rule
@@ -122,18 +144,18 @@ class _OwnContributions(torch.autograd.Function):
         kept = None if D is None else torch.mul(isolating, eta).neg_().add_(1)  # 1 − η isolating
         if D is not None:
             d_iota = D * kept if d_iota is None else d_iota.add_(D * kept)
-        need_iota = D is not None and (wants[4] or wants[9] or any(wants[n_fixed + k] for k in range(len(presences))))
+        need_iota = D is not None and (wants[5] or wants[10] or any(wants[n_fixed + k] for k in range(len(presences))))
         iota = torch.add(I_sym, alpha * I_asym) if need_iota else None
         d_I_sym = d_I_asym = d_isolating = d_alpha = d_eta = None
         if d_iota is not None:
-            if wants[8]:
+            if wants[9]:
                 d_alpha = _sum_to(I_asym * d_iota, alpha)
             expected = None  # the expected isolation of untaken infections: −η free isolate_prob D
-            if D is not None and (wants[2] or wants[3]):
+            if D is not None and (wants[3] or wants[4]):
                 expected = torch.where(real, 0.0, isolate_prob).mul_(D).mul_(-eta)
-            if wants[2]:
-                d_I_sym = d_iota if expected is None else d_iota + expected
             if wants[3]:
+                d_I_sym = d_iota if expected is None else d_iota + expected
+            if wants[4]:
                 d_I_asym = d_iota * alpha
                 if expected is not None:
                     if testing is not None:
@@ -141,32 +163,38 @@ class _OwnContributions(torch.autograd.Function):
                     d_I_asym.add_(expected.mul_(alpha * detect_asym))
         if iota is not None:
             iota_D = iota * D
-            if wants[4]:
+            if wants[5]:
                 d_isolating = iota_D * -eta
-            if wants[9]:
+            if wants[10]:
                 d_eta = _sum_to(-(iota_D * isolating), eta)
         d_presences = []
         for k, (d, p) in enumerate(zip(d_layers, presences)):
             want = wants[n_fixed + k] and d is not None and p is not None
             d_presences.append(_sum_to(d * (iota * kept), p) if want else None)
-        return (None, None, d_I_sym, d_I_asym, d_isolating, None, None, None, d_alpha, d_eta, None,
-                *d_presences)
+        totals = []
+        for name, own in zip(PASSED, (d_I_sym, d_I_asym, d_isolating)):  # plus the pass-through's derivative
+            g, writable = passed[name]
+            totals.append(g if own is None else own if g is None else g.add_(own) if writable else g + own)
+        return (None, None, None, *totals, None, None, None, d_alpha, d_eta, None, *d_presences)
 
 
 def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None,
-                      groups: dict[str, OthersSum]) -> dict[str, OthersSumProbes]:
-    """{"household": probes, layer: probes for each layer in ``presences``}: the `layered_force` probes of the
-    zero-valued contributions (module docstring). ``state``: a ``CovidState`` (gradient mode: float memberships);
-    ``presences``: today's non-household layers (school, workplace, community) and each one's presence p_l
-    [B | 1, N] (None: 1); ``testing``: the testing lever per agent [B, N] or None; ``groups``: each layer's
-    `OthersSum` (household and every layer in ``presences``)."""
+                      groups: dict[str, OthersSum]) -> Contributions:
+    """The `layered_force` probes of the zero-valued contributions per layer ("household" and every layer in
+    ``presences``; module docstring), with I_sym, I_asym and isolating passed through (`Contributions`).
+    ``state``: a ``CovidState`` (gradient mode: float memberships); ``presences``: today's non-household layers
+    (school, workplace, community) and each one's presence p_l [B | 1, N] (None: 1); ``testing``: the testing lever
+    per agent [B, N] or None; ``groups``: each layer's `OthersSum`."""
     layers = tuple(name for name in NON_HOUSEHOLD if name in presences)
     names = ("household", *layers)
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
-    out = iter(_OwnContributions.apply(layers, ordered, state.I_sym, state.I_asym, state.isolating, state.stage_end,
-                                       state.isolate_prob.detach(), None if testing is None else testing.detach(),
-                                       params.asymptomatic_infectiousness, params.isolation_effectiveness, detect_asym,
-                                       *(presences[name] for name in layers)))
-    return {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
-            for name, group in zip(names, ordered)}
+    handoff: dict[str, Tensor] = {}
+    out = iter(_OwnContributions.apply(layers, ordered, handoff, state.I_sym, state.I_asym, state.isolating,
+                                       state.stage_end, state.isolate_prob.detach(),
+                                       None if testing is None else testing.detach(), params.asymptomatic_infectiousness,
+                                       params.isolation_effectiveness, detect_asym, *(presences[name] for name in layers)))
+    fields = {name: next(out) for name in PASSED}
+    probes = {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
+              for name, group in zip(names, ordered)}
+    return Contributions(probes, fields, handoff)

@@ -32,7 +32,8 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
         + [(n, _P) for n in ("I_sym", "I_asym", "isolating", "isolate_prob", "stage_end", "testing")] \
         + [("testing_stride", _I)] \
         + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
-                             "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums")]
+                             "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
+                             "acc_isolating")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -41,14 +42,19 @@ def _declare(library: ctypes.CDLL) -> None:
 
 def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
              isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
-             detect_asym, wants: dict[str, bool]) -> dict[str, Tensor | None] | None:
+             detect_asym, wants: dict[str, bool],
+             passed: dict[str, tuple[Tensor | None, bool]] | None = None) -> dict[str, Tensor | None] | None:
     """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
     None where not wanted, or None where the kernel does not apply (not CPU float32 with int32 slots, kernels off or
     unbuilt): the caller runs the torch ops. ``probes``: per layer ("household" and ``LAYERS``) its
     `contributions.OthersSum` and the derivatives reaching its probes (member [B, N], group [B, S], plain [B, S] or
-    None each); ``wants``: which of the outputs above are needed."""
+    None each); ``wants``: which of the outputs above are needed; ``passed``: per field (I_sym, I_asym, isolating)
+    a derivative [B, N] already reaching it, or None, and whether it may be added into in place: the output is then
+    that plus the contributions' (the same buffer where it may)."""
+    passed = passed or {}
     B, N = stage_end.shape
-    incoming = [g for _, grads in probes.values() for g in grads if g is not None]
+    incoming = [g for _, grads in probes.values() for g in grads if g is not None] \
+        + [g for g, _ in passed.values() if g is not None]
     dense = [I_sym, I_asym, isolating, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16 \
@@ -106,9 +112,16 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         args.testing = ptr(t)
     args.alpha, args.eta, args.detect_asym = (ptr(per_element(x)) for x in (alpha, eta, detect_asym))
     out: dict[str, Tensor | None] = {}
-    for name in ("I_sym", "I_asym", "isolating", *LAYERS):
+    for name in ("I_sym", "I_asym", "isolating"):
+        g, writable = passed.get(name, (None, False))
+        if g is not None and (g.shape != (B, N) or not g.is_contiguous()):
+            return None
+        out[name] = g if writable else torch.empty(B, N) if wants.get(name) or g is not None else None
+        setattr(args, f"out_{name}", ptr(out[name]))
+        setattr(args, f"acc_{name}", ptr(g))
+    for name in LAYERS:
         out[name] = torch.empty(B, N) if wants.get(name) else None
-        setattr(args, f"out_{name}" if name not in LAYERS else f"out_p_{name}", ptr(out[name]))
+        setattr(args, f"out_p_{name}", ptr(out[name]))
     for name in ("alpha_sums", "eta_sums"):
         out[name] = torch.empty(B, blocks, dtype=torch.float64) if wants.get(name) else None
         setattr(args, name, ptr(out[name]))

@@ -567,7 +567,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         slots = {**{name: slot for name, (_, slot, _) in layers.items()}, "community": env.community.slot}
         groups = {name: OthersSum(slot, torch.atleast_2d(own_scale[name]), plain=name == "community")
                   for name, slot in slots.items()}
-        own = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
+        contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
+        own = contributions.probes
+        # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
+        # the contributions' (the exits leave it the buffers it may add into)
+        state = state.replace(**contributions.fields)
+        ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain
     community_all = community_all[:, :-1]  # [B, C]
@@ -696,7 +701,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
 
     exits = gather_exits(dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating), b, i,
-                         ctx.sampler.differentiable)
+                         ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
     leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
                                                               ("E", "I_asym", "I_sym", "H", "isolating"))
     to_Is = draw(params.symptomatic_fraction[group], "symptoms").to(E.dtype) * leave_E

@@ -148,11 +148,12 @@ class _ExitsAt(torch.autograd.Function):
     """Forward: each field unchanged (for `_Transition`) and its values at (b, i). Backward: the two derivatives
     added — into `_Transition`'s own fresh gradient buffer where that is what arrives (``handoff``), so a field's
     gradient is written once per day rather than zero-filled, scattered and added by autograd (a [B, N] fill and
-    two or three [B, N] additions per field)."""
+    two or three [B, N] additions per field); the buffers it made or was handed are left in ``made`` for the node
+    before it (the own contributions', which passes I_sym, I_asym and isolating through and adds its own part)."""
 
     @staticmethod
-    def forward(ctx, handoff: dict, b: Tensor, i: Tensor, *fields: Tensor):
-        ctx.handoff, ctx.shape = handoff, fields[0].shape
+    def forward(ctx, handoff: dict, made: dict | None, b: Tensor, i: Tensor, *fields: Tensor):
+        ctx.handoff, ctx.made, ctx.shape = handoff, made, fields[0].shape
         ctx.save_for_backward(b, i)
         ctx.set_materialize_grads(False)
         return (*[x.view_as(x) for x in fields], *[x[b, i] for x in fields])
@@ -163,24 +164,31 @@ class _ExitsAt(torch.autograd.Function):
         dense, at_exits = grads[:len(grads) // 2], grads[len(grads) // 2:]
         out = []
         for name, g, g_exits in zip(EXIT_FIELDS, dense, at_exits):
+            ours = g is not None and g is ctx.handoff.get(name)  # `_Transition`'s own buffer (else it may be shared)
             if g_exits is not None:
                 if g is None:
                     g = g_exits.new_zeros(ctx.shape)
-                elif g is not ctx.handoff.get(name):  # not `_Transition`'s own buffer: it may be shared
+                elif not ours:
                     g = g.clone()
+                ours = True
                 g.index_put_((b, i), g_exits, accumulate=True)
+            if ours and ctx.made is not None:  # a buffer nobody else reads: the next node may add into it
+                ctx.made[name] = g
             out.append(g)
         ctx.handoff.clear()
-        return (None, None, None, *out)
+        return (None, None, None, None, *out)
 
 
-def gather_exits(fields: dict[str, Tensor], b: Tensor, i: Tensor, differentiable: bool) -> Exits:
+def gather_exits(fields: dict[str, Tensor], b: Tensor, i: Tensor, differentiable: bool,
+                 made: dict | None = None) -> Exits:
     """The values of `EXIT_FIELDS` (``fields``: [B, N] each) at the exiting agents (b, i); in gradient modes through
-    `_ExitsAt`, for `transition`."""
+    `_ExitsAt`, for `transition`. ``made``: a dict in which the backward pass leaves, per field, the gradient buffer
+    it returns where it made that buffer (nobody else reads it: the node that produced the field may add into it,
+    `contributions.Contributions.handoff`)."""
     if not differentiable:
         return Exits(b, i, {name: fields[name][b, i] for name in EXIT_FIELDS})
     handoff: dict[str, Tensor] = {}
-    out = _ExitsAt.apply(handoff, b, i, *[fields[name] for name in EXIT_FIELDS])
+    out = _ExitsAt.apply(handoff, made, b, i, *[fields[name] for name in EXIT_FIELDS])
     k = len(EXIT_FIELDS)
     return Exits(b, i, dict(zip(EXIT_FIELDS, out[k:])), dict(zip(EXIT_FIELDS, out[:k])), handoff)
 

@@ -130,13 +130,17 @@ struct OwnArgs {
   const float *alpha, *eta, *detect_asym;  // [B]
   float *out_I_sym, *out_I_asym, *out_isolating, *out_p_school, *out_p_workplace, *out_p_community;
   double *alpha_sums, *eta_sums;  // [B * blocks] or null
+  // derivatives already reaching I_sym, I_asym, isolating (the node's pass-through) [B, N] or null: the outputs are
+  // these plus the contributions' (an output may be the same buffer: added in place)
+  const float *acc_I_sym, *acc_I_asym, *acc_isolating;
 };
 
 void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
-    float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], d[4][kTile], alpha_term[kTile], eta_term[kTile];
+    float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
+        eta_term[kTile];
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -148,14 +152,24 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), k0 = b * N + t0;
         auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
+        // a field with a derivative already: the contributions' into a tile buffer, then added (in place or not)
+        auto field = [&](float* p, const float* acc, int slot) { return acc ? sums[slot] : out(p, slot); };
         own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0]),
                  others_sum_tile(a->school, b, N, t0, n, d[1]), others_sum_tile(a->workplace, b, N, t0, n, d[2]),
                  others_sum_tile(a->community, b, N, t0, n, d[3]), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), a->I_sym + k0, a->I_asym + k0,
                  a->isolating + k0, a->isolate_prob + k0, a->stage_end + k0,
-                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), out(a->out_I_sym, 1),
-                 out(a->out_I_asym, 2), out(a->out_isolating, 3), out(a->out_p_school, 4),
-                 out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);
+                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
+                 field(a->out_I_asym, a->acc_I_asym, 1), field(a->out_isolating, a->acc_isolating, 2),
+                 out(a->out_p_school, 4), out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);
+        const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
+        float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
+        for (int q = 0; q < 3; ++q) {
+          if (!accs[q]) continue;
+          const float* acc = accs[q] + k0;  // may be outs[q]: the same element is read, then written
+          float* o = outs[q] + k0;
+          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
+        }
         if (a->alpha_sums)
           for (int64_t j = 0; j < n; ++j) alpha_sum += alpha_term[j];
         if (a->eta_sums)
