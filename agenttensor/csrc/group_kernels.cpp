@@ -302,36 +302,43 @@ void forward_layer(const ForceLayer& layer, int64_t b, int64_t i0, int64_t i1, b
   }
 }
 
-// weight = grad σ (p f a); with V (the group's value is needed): d_presence = grad σ (value f a), d_factor =
-// grad σ (value p a), d_factor_all = grad σ (value p f) where asked for, and total += value p f a (for dσ)
+// One tile of n agents: weight = grad σ (p f a); with V (the group's value is needed): d_presence = grad σ (value f a),
+// d_factor = grad σ (value p a), d_factor_all = grad σ (value p f), and total += value p f a (for dσ). Every output is
+// written (a caller's unwanted ones go to a scratch tile): no branch in the loop, restrict parameters: it vectorises.
 template <bool P, bool F, bool A, bool V, class Index>
-void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* __restrict gs,
-                    float* __restrict total) {
-  const float* __restrict t = layer.table + b * layer.table_stride;
-  const Index* __restrict slot = static_cast<const Index*>(layer.slot);
-  const float* __restrict p = P ? layer.presence + b * layer.presence_stride : nullptr;
-  const float* __restrict f = F ? layer.factor + b * layer.factor_stride : nullptr;
-  const float* __restrict a = A ? layer.factor_all + b * layer.factor_all_stride : nullptr;
-  float* __restrict w = layer.weight + b * N;
-  float* __restrict dp = layer.d_presence ? layer.d_presence + b * N : nullptr;
-  float* __restrict df = layer.d_factor ? layer.d_factor + b * N : nullptr;
-  float* __restrict da = layer.d_factor_all ? layer.d_factor_all + b * N : nullptr;
-  for (int64_t i = i0; i < i1; ++i) {
+void backward_tile(int64_t n, const float* __restrict t, const Index* __restrict slot, const float* __restrict p,
+                   const float* __restrict f, const float* __restrict a, const float* __restrict gs,
+                   float* __restrict w, float* __restrict dp, float* __restrict df, float* __restrict da,
+                   float* __restrict total) {
+  for (int64_t j = 0; j < n; ++j) {
     float fa = 1.f;
-    if (F) fa *= f[i];
-    if (A) fa *= a[i];
-    const float pfa = P ? p[i] * fa : fa;
-    const float g = gs[i - i0];
-    w[i] = g * pfa;
+    if (F) fa *= f[j];
+    if (A) fa *= a[j];
+    const float pfa = P ? p[j] * fa : fa;
+    const float g = gs[j];
+    w[j] = g * pfa;
     if (V) {
-      const float value = t[slot[i]];
-      const float vp = P ? value * p[i] : value;
-      if (P && dp) dp[i] = g * (value * fa);
-      if (F && df) df[i] = g * (A ? vp * a[i] : vp);
-      if (A && da) da[i] = g * (F ? vp * f[i] : vp);
-      total[i - i0] += value * pfa;
+      const float value = t[slot[j]];
+      const float vp = P ? value * p[j] : value;
+      if (P) dp[j] = g * (value * fa);
+      if (F) df[j] = g * (A ? vp * a[j] : vp);
+      if (A) da[j] = g * (F ? vp * f[j] : vp);
+      total[j] += value * pfa;
     }
   }
+}
+
+// The layer's part of a backward tile [i0, i1) of row b (see backward_tile); scratch: 3 kTile floats.
+template <bool P, bool F, bool A, bool V, class Index>
+void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* gs,
+                    float* total, float* scratch) {
+  auto rows = [&](const float* x, int64_t stride) { return x ? x + b * stride + i0 : nullptr; };
+  auto out = [&](float* x, int k) { return x ? x + b * N + i0 : scratch + k * kTile; };
+  backward_tile<P, F, A, V, Index>(i1 - i0, layer.table + b * layer.table_stride,
+                                   static_cast<const Index*>(layer.slot) + i0, rows(layer.presence, layer.presence_stride),
+                                   rows(layer.factor, layer.factor_stride), rows(layer.factor_all, layer.factor_all_stride),
+                                   gs, layer.weight + b * N + i0, out(layer.d_presence, 0), out(layer.d_factor, 1),
+                                   out(layer.d_factor_all, 2), total);
 }
 
 // fn(key, index): key says which of presence / factor / factor_all exist (bits 1, 2, 4), index is a value of the
@@ -373,6 +380,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
   using namespace force_detail;
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
+    std::vector<float> scratch(grad ? 3 * kTile : 0);  // the backward's unwanted outputs
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       const float* s = sigma + b * sigma_stride;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
@@ -399,10 +407,10 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
               if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
                   layer.d_factor_all != nullptr)
                 backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layers[l], b, N, i0, i1, gs,
-                                                                                      total);
+                                                                                      total, scratch.data());
               else
                 backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layers[l], b, N, i0, i1, gs,
-                                                                                       total);
+                                                                                       total, scratch.data());
             });
           if (d_sigma != nullptr)
             for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];

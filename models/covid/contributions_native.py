@@ -18,6 +18,9 @@ SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
 BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
 LAYERS = ("school", "workplace", "community")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+# no fused multiply-adds (the others-sums' arithmetic is the torch ops'); no trapping math, so that the selects of
+# the main loop are computed for every agent and it vectorises (with trapping math it ran one agent at a time)
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 
 
 class _OthersSum(ctypes.Structure):  # OthersSumArgs in contributions_kernel.cpp
@@ -60,7 +63,7 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16 \
             or any(group.slot.dtype != torch.int32 or group.slot.shape != (N,) for group, _ in probes.values()):
         return None
-    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=("-O3", "-ffp-contract=off"))
+    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
     if library is None:
         return None
     if any(x.shape != (B, N) for x in (I_sym, I_asym, isolating)):

@@ -37,6 +37,24 @@ inline const float* row_or_one(const float* p, int64_t i0, int64_t n, float* buf
   return p + i0;
 }
 
+// The α and η sums of a block: kLanes running sums in double (agent j into lane j % kLanes, tiles are multiples of
+// kLanes), added in lane order at the end: a fixed order, whatever the threads, and independent chains (one serial
+// chain of dependent adds per agent cost ~8 cycles per agent).
+constexpr int64_t kLanes = 8;
+
+inline void add_lanes(double* __restrict lanes, const float* __restrict terms, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += terms[j + l];
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += terms[j];
+}
+
+inline double lanes_total(const double* lanes) {
+  double total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 // One tile's outputs (null: not wanted) and its per-agent α and η terms (summed in order by the caller).
 void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __restrict dh, const float* __restrict ds,
               const float* __restrict dw, const float* __restrict dc, const float* __restrict ps,
@@ -47,14 +65,16 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
               float* __restrict o_iso, float* __restrict o_ps, float* __restrict o_pw, float* __restrict o_pc,
               float* __restrict alpha_term, float* __restrict eta_term) {
   for (int64_t j = 0; j < n; ++j) {
+    // every load unconditional (selects, not branches: the loop vectorises)
+    const float household = dh[j], prob = isolate_prob[j];
     // D = Σ_l d_l p_l
     const float D = ds[j] * ps[j] + dw[j] * pw[j] + dc[j] * pc[j];
     const bool real = stage_end[j] >= 0;
     const float kept = 1.f - eta * isolating[j];
-    const float d_iota = (real ? dh[j] : 0.f) + D * kept;
+    const float d_iota = (real ? household : 0.f) + D * kept;
     const float iota = I_sym[j] + alpha * I_asym[j];
     // expected isolation of untaken infections: −η free isolate_prob D
-    const float expected = real ? 0.f : isolate_prob[j] * D * -eta;
+    const float expected = real ? 0.f : prob * D * -eta;
     o_sym[j] = d_iota + expected;
     const float detect = detect0 + testing[j] * (1.f - detect0);
     o_asym[j] = d_iota * alpha + expected * (alpha * detect);
@@ -148,7 +168,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       const float* pw = a->p_workplace ? a->p_workplace + b * a->p_workplace_stride : nullptr;
       const float* pc = a->p_community ? a->p_community + b * a->p_community_stride : nullptr;
       const float* testing = a->testing ? a->testing + b * a->testing_stride : nullptr;
-      double alpha_sum = 0, eta_sum = 0;
+      double alpha_sum[kLanes] = {}, eta_sum[kLanes] = {};
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), k0 = b * N + t0;
         auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
@@ -170,13 +190,11 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           float* o = outs[q] + k0;
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
         }
-        if (a->alpha_sums)
-          for (int64_t j = 0; j < n; ++j) alpha_sum += alpha_term[j];
-        if (a->eta_sums)
-          for (int64_t j = 0; j < n; ++j) eta_sum -= eta_term[j];
+        if (a->alpha_sums) add_lanes(alpha_sum, alpha_term, n);
+        if (a->eta_sums) add_lanes(eta_sum, eta_term, n);
       }
-      if (a->alpha_sums) a->alpha_sums[job] = alpha_sum;
-      if (a->eta_sums) a->eta_sums[job] = eta_sum;
+      if (a->alpha_sums) a->alpha_sums[job] = lanes_total(alpha_sum);
+      if (a->eta_sums) a->eta_sums[job] = -lanes_total(eta_sum);
     }
   });
 }

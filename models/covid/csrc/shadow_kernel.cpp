@@ -63,6 +63,15 @@ inline float power_unit(float x, float n) {
 
 constexpr int64_t kTile = 256;
 
+// s_k: the other susceptible members of k's household besides k and the source (restrict parameters: it vectorises)
+void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __restrict household,
+                  const float* __restrict S, float* __restrict chain) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = sums[household[i]] - S[i] - 1.f;
+    chain[i] = c > 0.f ? c : 0.f;
+  }
+}
+
 // The shadow backward's arithmetic for one tile of agents, from gathered per-agent values (see
 // agenttensor_covid_shadow_backward); restrict pointers and no branches, so it vectorises.
 void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict gE, const float* __restrict gIs,
@@ -142,10 +151,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
       const float* __restrict S = susceptible + b * N;
       const float* __restrict sums = susceptible_sums + b * households;
       float* __restrict chain = q_asym + b * N;
-      for (int64_t i = i0; i < i1; ++i) {
-        const float c = sums[household[i]] - S[i] - 1.f;
-        chain[i] = c > 0.f ? c : 0.f;
-      }
+      chain_counts(i1 - i0, sums, household + i0, S + i0, chain + i0);
       const float* __restrict u = unit + b * unit_stride;
       const float* __restrict g = g_exposure + b * N;
       float* __restrict qs = q_sym + b * N;
@@ -172,34 +178,61 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t i = t0 + j, k = k0 + j, bo = b * G + a->borough[i];
-          const int32_t age = a->age_group[i];
-          infections[j] = at(a->g_infections, bo);
-          report[j] = at(a->g_report, bo);
-          admissions[j] = at(a->g_admissions, bo);
-          deaths[j] = at(a->g_deaths, bo);
-          f[j] = a->symptomatic[age];
-          p_death[j] = a->death[age];
-          float hosp = a->hosp[age];
-          if (a->vaccinated) hosp *= 1.f - a->efficacy_severe[b] * a->vaccinated[k];
-          p_hosp[j] = hosp;
-          // detection probabilities, raised by testing
-          float ds = a->detect_sym[b], da = a->detect_asym[b];
-          if (a->testing) {
-            const float extra = a->testing[b * a->cells + a->cell[i]];
-            ds += extra * (1.f - ds);
-            da += extra * (1.f - da);
+        // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single
+        // loop with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
+        const int32_t* __restrict borough = a->borough + t0;
+        const int32_t* __restrict age = a->age_group + t0;
+        auto per_borough = [&](const float* table, float* __restrict out) {
+          if (!table) return (void)std::fill(out, out + n, 0.f);
+          const float* __restrict row = table + b * G;
+          for (int64_t j = 0; j < n; ++j) out[j] = row[borough[j]];
+        };
+        per_borough(a->g_infections, infections);
+        per_borough(a->g_report, report);
+        per_borough(a->g_admissions, admissions);
+        per_borough(a->g_deaths, deaths);
+        {
+          const float* __restrict symptomatic = a->symptomatic;
+          const float* __restrict death = a->death;
+          const float* __restrict hosp = a->hosp;
+          for (int64_t j = 0; j < n; ++j) {
+            f[j] = symptomatic[age[j]];
+            p_death[j] = death[age[j]];
+            p_hosp[j] = hosp[age[j]];
           }
-          d_sym[j] = ds;
-          d_asym[j] = da;
-          if (a->q_sym) {
-            const int64_t h = b * a->households + a->household[i];
-            from_sym[j] = a->from_sym_sums[h] - a->q_sym[k];
-            from_asym[j] = a->from_asym_sums[h] - a->q_asym[k];
-          } else {
-            from_sym[j] = from_asym[j] = 0.f;
+        }
+        if (a->vaccinated) {
+          const float efficacy = a->efficacy_severe[b];
+          const float* __restrict vaccinated = a->vaccinated + k0;
+          for (int64_t j = 0; j < n; ++j) p_hosp[j] *= 1.f - efficacy * vaccinated[j];
+        }
+        // detection probabilities, raised by testing
+        const float ds = a->detect_sym[b], da = a->detect_asym[b];
+        if (a->testing) {
+          const float* __restrict testing = a->testing + b * a->cells;
+          const int32_t* __restrict cell = a->cell + t0;
+          for (int64_t j = 0; j < n; ++j) {
+            const float extra = testing[cell[j]];
+            d_sym[j] = ds + extra * (1.f - ds);
+            d_asym[j] = da + extra * (1.f - da);
           }
+        } else {
+          std::fill(d_sym, d_sym + n, ds);
+          std::fill(d_asym, d_asym + n, da);
+        }
+        if (a->q_sym) {
+          const int32_t* __restrict household = a->household + t0;
+          const float* __restrict sums_sym = a->from_sym_sums + b * a->households;
+          const float* __restrict sums_asym = a->from_asym_sums + b * a->households;
+          const float* __restrict q_sym = a->q_sym + k0;
+          const float* __restrict q_asym = a->q_asym + k0;
+          for (int64_t j = 0; j < n; ++j) {
+            from_sym[j] = sums_sym[household[j]] - q_sym[j];
+            from_asym[j] = sums_asym[household[j]] - q_asym[j];
+          }
+        } else {
+          std::fill(from_sym, from_sym + n, 0.f);
+          std::fill(from_asym, from_asym + n, 0.f);
         }
         // a null output is zero for every agent (all its inputs are null): not written
         auto out = [&](float* p) { return p ? p + k0 : unwritten; };
