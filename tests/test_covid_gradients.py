@@ -379,9 +379,12 @@ def test_exits_at_never_writes_into_a_shared_gradient():
         assert torch.equal(a, ref)
 
 
-def test_native_attack_probabilities_match_the_torch_formula():
+@pytest.mark.parametrize("memberships", ["fractional", "whole"])
+def test_native_attack_probabilities_match_the_torch_formula(memberships):
     """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
-    hazards from 0 to saturation, whole and fractional numbers of other susceptible members."""
+    hazards from 0 to saturation, whole and fractional numbers of other susceptible members (relaxed memberships),
+    and 0/1 memberships (whole powers by squaring), with two households of 150 (counts past 64: the exp/log path
+    for their tiles)."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native
@@ -392,10 +395,15 @@ def test_native_attack_probabilities_match_the_torch_formula():
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(0)
     n = 50_000
-    layer = GroupLayer(torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values)  # households of ~5.5
+    household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
+    household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
+    layer = GroupLayer(torch.sort(household).values)
     slots = layer.num_groups + 1
     unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
-    susceptible = torch.where(torch.rand(1, n, generator=g) < 0.5, 1.0, torch.rand(1, n, generator=g))
+    if memberships == "fractional":
+        susceptible = torch.where(torch.rand(1, n, generator=g) < 0.5, 1.0, torch.rand(1, n, generator=g))
+    else:
+        susceptible = (torch.rand(1, n, generator=g) < 0.8).float()
     exposure = torch.randn(1, n, generator=g)
     q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
     sums = group_sum(susceptible, layer.slot, slots)
