@@ -462,3 +462,55 @@ def test_memoised_per_agent_values_follow_lever_and_labour_changes(population, m
         for name in ("new_infections_by_borough", "on_site_share_by_borough", "unemployment_rate_by_borough",
                      "infections_workplace", "infections_community", "infections_school"):
             assert torch.equal(a[name], b[name]), name
+
+
+def test_autograd_nodes_keep_a_days_tensors_only_as_saved_tensors(env):
+    """Gradient checkpointing (`simulate(grad_checkpoint_every=...)`) drops a segment's saved tensors and recomputes
+    them, but not what a custom autograd node keeps as a plain attribute of its ctx: such a per-day tensor stays alive
+    for the whole run (the own contributions' per-group scales did: +1.5 GB over a 120-day calibration epoch at full
+    NYC). So the model's nodes keep no tensor of their own on ctx, only the environment's and small tables."""
+    from dataclasses import fields, is_dataclass
+
+    env_storages = set()
+
+    def collect(x, into: set, seen: set) -> None:
+        if id(x) in seen or x is None or isinstance(x, (str, int, float, bool)):
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            into.add((x.untyped_storage().data_ptr(), x.numel()))
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v, into, seen)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                collect(v, into, seen)
+        elif is_dataclass(x):
+            for f in fields(x):
+                collect(getattr(x, f.name), into, seen)
+        elif isinstance(x, at.GroupLayer):
+            collect(vars(x), into, seen)
+
+    collect(vars(env), env_storages, set())
+    env_pointers = {pointer for pointer, _ in env_storages}
+    learn = busy_params().as_tensors(learn=("transmission_scale", "household_weight", "isolation_effectiveness"))
+    result = run(env, learn, steps=42, interventions=ALL_LEVERS, sampler=StraightThrough())
+    kept, nodes, seen, stack = [], 0, set(), [result["new_infections"].sum().grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "__dict__"):  # a custom Function's ctx: its attributes set in forward
+            nodes += 1
+            found: set = set()
+            for name, value in vars(node).items():
+                if name == "env" or type(value).__name__ == "CovidEnv":
+                    continue
+                collect({k: v for k, v in vars(value).items() if k != "env"} if is_dataclass(value) else value, found,
+                        set())
+            kept += [(type(node).__name__, numel) for pointer, numel in found
+                     if pointer not in env_pointers and numel >= 1000]
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert nodes > 20  # the model's custom nodes were walked
+    assert not kept, f"per-day tensors kept on autograd ctx (not saved tensors): {kept[:5]}"

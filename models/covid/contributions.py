@@ -83,10 +83,14 @@ class _OwnContributions(torch.autograd.Function):
                 I_asym: Tensor, isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None,
                 alpha, eta, detect_asym, *presences: Tensor | None):
         ctx.set_materialize_grads(False)
-        ctx.layers, ctx.groups, ctx.handoff = layers, groups, handoff
+        # slots are the environment's; the per-day scales are saved tensors, so that gradient checkpointing drops
+        # and recomputes them (held on ctx they stayed alive for the whole run: 13 MB per day at full NYC)
+        ctx.layers, ctx.handoff = layers, handoff
+        ctx.slots, ctx.plains = tuple(g.slot for g in groups), tuple(g.plain for g in groups)
         ctx.numbers = tuple(None if isinstance(x, Tensor) else x for x in (alpha, eta))
         ctx.save_for_backward(I_sym, I_asym, isolating, stage_end, isolate_prob, testing,
-                              *(x if isinstance(x, Tensor) else None for x in (alpha, eta, detect_asym)), *presences)
+                              *(x if isinstance(x, Tensor) else None for x in (alpha, eta, detect_asym)), *presences,
+                              *(g.scale for g in groups))
         ctx.detect_asym = None if isinstance(detect_asym, Tensor) else detect_asym
         shape = torch.broadcast_shapes(I_sym.shape, stage_end.shape)
         zeros = lambda *size: I_sym.new_zeros(()).expand(*size)  # noqa: E731 (zero-stride: no memory)
@@ -96,8 +100,9 @@ class _OwnContributions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        I_sym, I_asym, isolating, stage_end, isolate_prob, testing, alpha_t, eta_t, detect_t, *presences = \
-            ctx.saved_tensors
+        I_sym, I_asym, isolating, stage_end, isolate_prob, testing, alpha_t, eta_t, detect_t, *rest = ctx.saved_tensors
+        presences, scales = rest[:len(ctx.layers)], rest[len(ctx.layers):]
+        groups = [OthersSum(slot, scale, plain) for slot, scale, plain in zip(ctx.slots, scales, ctx.plains)]
         alpha = ctx.numbers[0] if alpha_t is None else alpha_t
         eta = ctx.numbers[1] if eta_t is None else eta_t
         detect_asym = ctx.detect_asym if detect_t is None else detect_t
@@ -108,14 +113,14 @@ class _OwnContributions(torch.autograd.Function):
         passed = {name: (g, g is not None and g is ctx.handoff.get(name)) for name, g in zip(PASSED, grads[:3])}
         ctx.handoff.clear()
         probes, k = [], 3  # per layer (d member, d group, d plain)
-        for group in ctx.groups:
+        for group in groups:
             n = 3 if group.plain else 2
             probes.append((*grads[k:k + n], None)[:3])
             k += n
         if all(d is None for p in probes for d in p):
             return (None,) * 3 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6)
         fused = contributions_native.backward(
-            dict(zip(("household", *ctx.layers), zip(ctx.groups, probes))), dict(zip(ctx.layers, presences)), I_sym,
+            dict(zip(("household", *ctx.layers), zip(groups, probes))), dict(zip(ctx.layers, presences)), I_sym,
             I_asym, isolating, stage_end, isolate_prob, testing, alpha, eta, detect_asym,
             wants=dict(I_sym=wants[3], I_asym=wants[4], isolating=wants[5], alpha_sums=wants[9], eta_sums=wants[10],
                        **{name: wants[n_fixed + k] and presences[k] is not None for k, name in enumerate(ctx.layers)}),
@@ -129,7 +134,7 @@ class _OwnContributions(torch.autograd.Function):
                     *(None if fused[name] is None else _sum_to(fused[name], p) for name, p in zip(ctx.layers, presences)))
         # the others-sums d_l (torch ops), then the chain rule
         d_household, *d_layers = (others_sum_derivative(*p, group.slot, group.scale)
-                                  for group, p in zip(ctx.groups, probes))
+                                  for group, p in zip(groups, probes))
         D = None  # Σ_l d_l p_l
         for d, p in zip(d_layers, presences):
             if d is None:
