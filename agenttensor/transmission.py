@@ -190,7 +190,7 @@ class ForceTerm:
     `layered_force` hands out its two parts: ``member_probe`` [B, N] receives w as its derivative and
     ``group_probe`` [B, S] the group sums Σ_{i ∈ g} w_i, which it computes anyway (the table's derivative). The
     caller combines them: `others_sum_probes` for contributions given as tensors, or inside its own chain rule
-    (models/covid/contributions.py, which saves a [B, N] others-sum per layer written and read back)."""
+    (models/covid/contributions.py: no [B, N] others-sum per layer is then written and read back)."""
 
     table: Tensor  # [B | 1, S]
     slot: Tensor  # [N]

@@ -123,7 +123,8 @@ class _OwnContributions(torch.autograd.Function):
             dict(zip(("household", *ctx.layers), zip(groups, probes))), dict(zip(ctx.layers, presences)), I_sym,
             I_asym, isolating, stage_end, isolate_prob, testing, alpha, eta, detect_asym,
             wants=dict(I_sym=wants[3], I_asym=wants[4], isolating=wants[5], alpha_sums=wants[9], eta_sums=wants[10],
-                       **{name: wants[n_fixed + k] and presences[k] is not None for k, name in enumerate(ctx.layers)}),
+                       **{name: wants[n_fixed + k] and presences[k] is not None
+                          and any(d is not None for d in probes[1 + k]) for k, name in enumerate(ctx.layers)}),
             passed=passed)
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
@@ -141,7 +142,7 @@ class _OwnContributions(torch.autograd.Function):
                 continue
             term = d * p if p is not None else d
             if D is None:
-                D = term.clone() if term is d else term  # the incoming gradient is not ours to add into
+                D = term.clone() if term is d else term  # d is read again below (d presence): not added into
             else:
                 D.add_(term)
         real = stage_end >= 0
