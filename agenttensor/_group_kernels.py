@@ -72,6 +72,13 @@ def _slot_facts(slot: Tensor) -> tuple[int, bool]:
     return _checked.get(slot, compute)
 
 
+def contiguous_groups(slot: Tensor) -> bool:
+    """Whether every group of ``slot`` (a CPU int32 or int64 [N] of non-negative ids, kernels on) is one contiguous
+    run of agents (e.g. households of agents sorted by household), checked once per slot tensor."""
+    return (enabled() and slot.device.type == "cpu" and slot.dtype in (torch.int32, torch.int64) and slot.dim() == 1
+            and slot.is_contiguous() and _slot_facts(slot)[1])
+
+
 def _slot_ok(slot: Tensor, num_groups: int) -> bool:
     """slot: a CPU int32 or int64 contiguous [N] with every value in [0, num_groups)."""
     if (slot.device.type != "cpu" or slot.dtype not in (torch.int32, torch.int64) or slot.dim() != 1

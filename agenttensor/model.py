@@ -50,6 +50,21 @@ class StepContext:
     start_date: dt.date | None = None
     scratch: dict = field(default_factory=dict)  # observations passed from observe to later substeps
     schedule: Any = None  # compiled interventions (agenttensor.interventions.Schedule) or None
+    # the loop that owns the states its steps make (nobody else reads them after the next step), or None: a model
+    # may update in place a state tensor that its previous step made for this owner (`owns` / `own`), as JAX's
+    # donated buffers; never the first step's input (the caller's, or a checkpointed segment's). `simulate` passes
+    # one owner per loop; a step called directly, without one, is pure.
+    donate: object | None = None
+
+    def owns(self, x: Tensor) -> bool:
+        """Whether this step may update x in place: x was made by an earlier step for this loop (`own`)."""
+        return self.donate is not None and getattr(x, "_agenttensor_owner", None) is self.donate
+
+    def own(self, x: Tensor) -> Tensor:
+        """x, marked as made by this loop's step (the next step of the same loop may update it in place)."""
+        if self.donate is not None:
+            x._agenttensor_owner = self.donate
+        return x
 
     def lever(self, name: str, layer: str | None = None) -> Tensor | None:
         """Intervention intensity at this step, [B, G, A] (borough group × age band), or None."""

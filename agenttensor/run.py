@@ -79,8 +79,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     bit-identical (hard mode) to steps first_step.. of one run from step 0. Steps keep their
     calendar: ``start_date`` is the date of step 0, interventions and time-varying parameters are
     indexed by absolute step, and ``Results.metrics[name][k]`` is step ``first_step + k``
-    (``Results.first_step``). State tensors of the right batch are used as they are (models never
-    write into a state in place); a 0/1 state from a hard run is cast to float for gradient modes.
+    (``Results.first_step``). State tensors of the right batch are used as they are (models update
+    only the states their own earlier steps made in place, `StepContext.donate`); a 0/1 state from a hard run is cast to float for gradient modes.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -138,10 +138,13 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         history.extend(dict(h) for h in saved["history"])
         first = int(saved["step"])
 
+    owner = object()  # this run reads no state its step made after the next step (`StepContext.donate`)
+
     def run_steps(state, start: int, stop: int):
         records = []
         for t in range(start, stop):
-            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
+            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule,
+                              donate=owner)
             state, rec = model.step(state, params, ctx)
             records.append(rec)
         return state, records
@@ -237,8 +240,8 @@ def _compact_inputs(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor | 
         if x.requires_grad and x.dtype.is_floating_point and x.numel() and _all_zero_or_one(x):
             carriers.append(_DerivativeCarrier.apply(x))
             values.append(x.detach().to(torch.uint8))
-        else:
-            carriers.append(x)
+        else:  # an alias, not marked as the run's own: the segment's first step must not update it in place, the
+            carriers.append(x.view_as(x))  # recomputation reads it (`StepContext.donate`)
             values.append(None)
     return carriers, values
 

@@ -58,7 +58,7 @@ def env_bytes(env) -> int:
         tensors = [value] if isinstance(value, torch.Tensor) else \
             [getattr(value, k) for k in ("slot", "group_size", "inv_others")] if isinstance(value, at.GroupLayer) else []
         total += sum(t.numel() * t.element_size() for t in tensors)
-    for _, result in getattr(env, "cache", {}).values():
+    for _, result, *_ in getattr(env, "cache", {}).values():
         results = result if isinstance(result, tuple) else (result,)
         total += sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor))
     return total
@@ -79,11 +79,13 @@ def timed_steps(env, params, sampler, steps: int, seeds=(0,)) -> tuple[float, fl
     state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=START,
                                                 schedule=schedule))
     records = []
+    owner = None if os.environ.get("AGENTTENSOR_DONATE") == "0" else object()  # as `simulate` does (A/B: 0 = off)
     synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     with contextlib.nullcontext() if sampler.differentiable or device.type != "cpu" else heap_only():  # as `simulate` does
         for t in range(steps):
-            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule)
+            ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=START, schedule=schedule,
+                              donate=owner)
             state, record = MODEL.step(state, params, ctx)
             records.append(record)
     synchronize(device)

@@ -161,9 +161,9 @@ def plain_gather_exits(fields, b, i, differentiable, made=None):
     return shadow.gather_exits(fields, b, i, differentiable=False)
 
 
-def explicit_transition(before, after, exits, new_E, changes, params, ctx):
+def explicit_transition(before, after, exits, new_E, changes, params, ctx, donated=()):
     """Reference for `shadow.transition`: the memberships' changes as autograd ops (accumulating index_put, the
-    counts' derivative as the dense sum of new_E), then the explicit shadow flows."""
+    counts' derivative as the dense sum of new_E; into copies, ``donated`` or not), then the explicit shadow flows."""
     b, i = exits.b, exits.i
     ctx.scratch["new_infections"] = range_sums(new_E, ctx.env.borough_slices, torch.float32,
                                                known=ctx.scratch["new_infections"])
@@ -380,11 +380,13 @@ def test_exits_at_never_writes_into_a_shared_gradient():
 
 
 @pytest.mark.parametrize("memberships", ["fractional", "whole"])
-def test_native_attack_probabilities_match_the_torch_formula(memberships):
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+def test_native_attack_probabilities_match_the_torch_formula(memberships, layout):
     """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
     hazards from 0 to saturation, whole and fractional numbers of other susceptible members (relaxed memberships),
     and 0/1 memberships (whole powers by squaring), with two households of 150 (counts past 64: the exp/log path
-    for their tiles)."""
+    for their tiles). Households as runs of agents (one fused pass that also sums q per household: the sums must be
+    `group_sum`'s bits, and q the bits of the pass without them) and scattered (the sums are the caller's)."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native
@@ -394,10 +396,13 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
     if library is None:
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(0)
-    n = 50_000
-    household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
-    household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
-    layer = GroupLayer(torch.sort(household).values)
+    n = 300_000  # past the kernel's 2^16 agents per thread: both threads' parts, cut at household boundaries
+    household = torch.sort(torch.randint(0, 54_000, (n,), generator=g)).values  # households of ~5.5
+    household[1000:1150], household[230_000:230_150] = 54_000, 54_001  # two large ones (group quarters)
+    household = torch.sort(household).values
+    if layout == "scattered":
+        household = household[torch.randperm(n, generator=g)]
+    layer = GroupLayer(household)
     slots = layer.num_groups + 1
     unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
     if memberships == "fractional":
@@ -405,16 +410,32 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
     else:
         susceptible = (torch.rand(1, n, generator=g) < 0.8).float()
     exposure = torch.randn(1, n, generator=g)
-    q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
-    sums = group_sum(susceptible, layer.slot, slots)
     alpha = torch.tensor([0.55])
-    library.agenttensor_covid_attack(1, n, unit.data_ptr(), n, susceptible.data_ptr(), sums.data_ptr(),
-                                     layer.slot.data_ptr(), slots, alpha.data_ptr(), 5.3, 4.1, 0.6, exposure.data_ptr(),
-                                     q_sym.data_ptr(), q_asym.data_ptr(), 1)
+
+    def attack(contiguous: int):
+        q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
+        sums = torch.empty(1, slots) if contiguous else group_sum(susceptible, layer.slot, slots)
+        from_sym, from_asym = torch.full((1, slots), float("nan")), torch.full((1, slots), float("nan"))
+        library.agenttensor_covid_attack(1, n, unit.data_ptr(), n, susceptible.data_ptr(), sums.data_ptr(),
+                                         layer.slot.data_ptr(), slots, alpha.data_ptr(), 5.3, 4.1, 0.6,
+                                         exposure.data_ptr(), q_sym.data_ptr(), q_asym.data_ptr(), 2, contiguous,
+                                         from_sym.data_ptr(), from_asym.data_ptr())
+        return q_sym, q_asym, from_sym, from_asym
+
+    q_sym, q_asym, _, _ = attack(0)
     others = lambda x: group_sum(x, layer.slot, slots).index_select(1, layer.slot) - x  # noqa: E731
     ref_sym, ref_asym = attack_probabilities(unit.double(), susceptible.double(), others, 0.55, 0.6, 5.3, 4.1)
     for got, ref in ((q_sym, ref_sym * exposure), (q_asym, ref_asym * exposure)):
         assert (got.double() - ref).abs().max() < 2e-6 * exposure.abs().max()
+    assert shadow_native.contiguous_groups(layer.slot) == (layout == "contiguous")
+    if layout == "contiguous":
+        fused_sym, fused_asym, from_sym, from_asym = attack(1)
+        members = layer.slot.unique()
+        for fused, apart in ((fused_sym, q_sym), (fused_asym, q_asym)):  # tiles cut elsewhere: at a tile with
+            assert (fused - apart).abs().max() < 1e-6 * exposure.abs().max()  # a count >= 64, exp/log for all of it
+            assert (fused != apart).float().mean() < (0.01 if memberships == "whole" else 0.5)
+        for sums, q in ((from_sym, fused_sym), (from_asym, fused_asym)):
+            assert torch.equal(sums[:, members], group_sum(q, layer.slot, slots)[:, members])
 
 
 def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):

@@ -514,3 +514,88 @@ def test_autograd_nodes_keep_a_days_tensors_only_as_saved_tensors(env):
         stack.extend(next_node for next_node, _ in node.next_functions)
     assert nodes > 20  # the model's custom nodes were walked
     assert not kept, f"per-day tensors kept on autograd ctx (not saved tensors): {kept[:5]}"
+
+
+@pytest.mark.parametrize("sampler", [at.Hard(), StraightThrough()], ids=["hard", "straight-through"])
+def test_donated_states_change_no_number_and_leave_the_callers_state_alone(env, sampler, monkeypatch):
+    """`simulate` donates the states its own steps made (`StepContext.donate`): the covid step then writes today's
+    exits into yesterday's tensors in place (hard mode: every transition field; gradient modes: H, R, D, which no
+    autograd node saves). Metrics, final state and gradients are those of the pure step, bit for bit; the state a
+    run starts from (a caller's, here an earlier run's final state) is never written."""
+    from agenttensor.model import StepContext
+
+    def go(**kwargs):
+        learn = busy_params().as_tensors(learn=("transmission_scale", "hosp_given_symptomatic"))
+        params = learn if sampler.differentiable else busy_params()
+        res = run(env, params, steps=30, seeds=(0, 1), interventions=ALL_LEVERS, sampler=sampler, **kwargs)
+        grads = None
+        if sampler.differentiable:
+            (res["reported_cases"].sum() + res["deaths"].sum() + res["H"].sum()).backward()
+            grads = [learn.transmission_scale.grad, learn.hosp_given_symptomatic.grad]
+        return res, grads
+
+    owned = []
+    owns = StepContext.owns
+    monkeypatch.setattr(StepContext, "owns", lambda self, x: owned.append(owns(self, x)) or owned[-1])
+    donated, donated_grads = go()
+    assert sum(owned) >= 3 * 25  # H, R and D (at least) in place on most days
+    monkeypatch.setattr(StepContext, "owns", lambda self, x: False)
+    pure, pure_grads = go()
+    for name in pure.metrics:
+        assert torch.equal(donated[name], pure[name]), name
+    for name, x in pure.final_state.tensors().items():
+        assert torch.equal(getattr(donated.final_state, name), x), name
+    if sampler.differentiable:
+        assert donated_grads[0] > 0
+        for a, b in zip(donated_grads, pure_grads):
+            assert torch.equal(a, b)
+    # a continuation from the donated run's final state: that state is the caller's, it stays as it was
+    monkeypatch.setattr(StepContext, "owns", owns)
+    start = {name: x.detach().clone() for name, x in donated.final_state.tensors().items()}
+    later = run(env, busy_params(), steps=45, seeds=(0, 1), interventions=ALL_LEVERS, sampler=sampler,
+                initial_state=donated.final_state, first_step=30)
+    assert later["new_infections"].sum() > 0
+    for name, x in donated.final_state.tensors().items():
+        assert torch.equal(x.detach(), start[name]), name
+
+
+def test_a_checkpointed_segments_inputs_are_not_the_loops_own(env):
+    """A checkpointed segment starts from its inputs, which the recomputation reads again: the first step must not
+    update them in place. Compacted fields are rebuilt fresh; the others (fractional or without a derivative) are
+    handed over as aliases that do not carry the loop's mark (`StepContext.owns` is False for them)."""
+    from agenttensor.model import StepContext
+    from agenttensor.run import _compact_inputs
+
+    ctx = StepContext(step=1, env=env, rng=None, donate=object())
+    fractional = ctx.own(torch.rand(2, 50, requires_grad=True) * 1.0)
+    plain = ctx.own(torch.zeros(2, 50))
+    members = ctx.own((torch.rand(2, 50) < 0.5).float().requires_grad_())
+    assert all(ctx.owns(x) for x in (fractional, plain, members))
+    carriers, values = _compact_inputs([fractional, plain, members])
+    assert values[0] is None and values[1] is None and values[2] is not None
+    assert not any(ctx.owns(c) for c in carriers)
+    assert torch.equal(carriers[0], fractional) and carriers[0].requires_grad and torch.equal(carriers[1], plain)
+
+
+def test_a_field_a_step_passes_through_stays_the_callers(env):
+    """On a day without exits the covid step returns the caller's H, R and D tensors as they are: they must not be
+    marked as the loop's own, or the loop's next step would write into the caller's state."""
+    from agenttensor.model import StepContext
+
+    params = busy_params().as_tensors()
+    rng = at.Randomness.for_agents([0], env.agent_ids)
+    owner = object()
+    ctx = lambda t: StepContext(step=t, env=env, rng=rng, start_date=START, donate=owner)  # noqa: E731
+    state = MODEL.init(env, params, ctx(0))
+    state = state.replace(stage_end=torch.full_like(state.stage_end, -1))  # nobody's countdown ends: no exits
+    kept = {name: getattr(state, name).clone() for name in ("H", "R", "D")}
+    after, _ = MODEL.step(state, params, ctx(0))
+    for name in kept:
+        assert getattr(after, name) is getattr(state, name) and not ctx(1).owns(getattr(after, name))
+    ill = torch.rand(after.S.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # asymptomatic, recover today
+    after = after.replace(S=after.S.masked_fill(ill, 0), I_asym=after.I_asym.masked_fill(ill, 1),
+                          stage_end=torch.where(ill, 1, -1).to(torch.int16))
+    later, _ = MODEL.step(after, params, ctx(1))  # R changes: into a new tensor, not the caller's
+    assert int(later.R.sum()) == int(ill.sum())
+    for name, x in kept.items():
+        assert torch.equal(getattr(state, name), x), name

@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import disease
+from . import disease, shadow
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -251,7 +251,7 @@ class CovidEnv:
 
     def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any], values_only: bool = False) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
-        by value, anything else (state tensors, random streams) by identity. Only on CPU and without gradients,
+        by value, anything else (state tensors, random streams) by identity and version. Only on CPU and without gradients,
         or with ``values_only`` (compute reads its inputs' values only, detached: inputs may require gradients;
         they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
         per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
@@ -259,12 +259,14 @@ class CovidEnv:
         tensors = [x for x in inputs if isinstance(x, Tensor)]
         if any((x.requires_grad and not values_only) or x.device.type != "cpu" for x in tensors):
             return compute()
+        versions = tuple(x._version if isinstance(x, Tensor) and not _small(x) else None for x in inputs)  # in place
         hit = self.cache.get(key)
-        if hit is not None and len(hit[0]) == len(inputs) and all(map(_same_input, hit[0], inputs)):
+        if hit is not None and len(hit[0]) == len(inputs) and all(map(_same_input, hit[0], inputs)) \
+                and hit[2] == versions:
             return hit[1]
         result = compute()
         self.cache[key] = (tuple(x.clone() if _small(x) else weakref.ref(x) if values_only and isinstance(x, Tensor)
-                                 else x for x in inputs), result)
+                                 else x for x in inputs), result, versions)
         return result
 
     def rolled_counts(self, key: str, before: Tensor, change: Tensor | None) -> Tensor | None:
@@ -275,6 +277,14 @@ class CovidEnv:
         if change is None or hit is None or hit[0]() is not before or hit[1] != before._version:
             return None
         return hit[2] + change
+
+    def carry_counts(self, key: str, x: Tensor, version: int) -> None:
+        """x, whose sums were recorded at ``version``, was updated in place by today's step (a donated state): the
+        record moves to x's new version and still holds yesterday's sums, which `rolled_counts` adds today's change
+        to (``before`` is x itself)."""
+        hit = self.counts.get(key)
+        if hit is not None and hit[0]() is x and hit[1] == version:
+            self.counts[key] = (hit[0], x._version, hit[2])
 
     def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
         """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
@@ -571,7 +581,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
         # the contributions' (the exits leave it the buffers it may add into)
-        state = state.replace(**contributions.fields)
+        state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x  # aliases: owned as
+                                 for name, x in contributions.fields.items()})                # their tensors are
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain
@@ -680,12 +691,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     isolation at I entry, vaccination.
 
     Stage exits are evaluated only at the agents whose countdown ends today, ``(b, i)``, in every
-    sampling mode: values there are gathered (differentiably) and written back with ``index_put``.
+    sampling mode: values there are gathered (differentiably) and written back with ``index_put``: in place
+    where the field is this loop's own (a donated state, `StepContext.owns`), else into a copy.
     """
     env: CovidEnv = ctx.env
     t = ctx.step
     S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
     V = state.vaccinated
+    versions = {name: getattr(state, name)._version for name in IN_PLACE}  # a donated field's, before its update
     # S → E: ctx.bernoulli(1 − exp(−λ), "infection", where=S); in hard mode drawn for every agent while most are
     # susceptible, at the susceptible agents only once they are few
     new_E = ctx.hazard_event(ctx.scratch["force"], "infection", S)
@@ -772,17 +785,42 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
                        isolating=isolating_here - isolating_before)
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
-        return transition(state, after, exits, new_E, changes, params, ctx)
+        donated = tuple(name for name in shadow.DONATABLE if ctx.owns(getattr(state, name)))
+        return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated), versions,
+                                ctx)
 
-    def put(x: Tensor, values: Tensor | int) -> Tensor:
-        return x.index_put((b, i), torch.as_tensor(values, dtype=x.dtype)) if b.numel() else x
+    def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
+        """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated
+        state, `StepContext.owns`: a [B, N] copy fewer per field and day)."""
+        if not b.numel():
+            return x
+        values = torch.as_tensor(values, dtype=x.dtype)
+        return x.index_put_((b, i), values) if fresh or ctx.owns(x) else x.index_put((b, i), values)
 
     # hard mode: an exiting agent was in exactly one timed stage (E, I_asym, I_sym or H; never newly infected today)
     # and is now in exactly the one its flow took it to, so its memberships are the flows themselves
-    return state.replace(
-        S=S - new_E, E=put(E + new_E, 0), I_asym=put(Ia, to_Ia), I_sym=put(Is, to_Is), H=put(H, to_H), R=put(R, to_R),
-        D=put(D, to_D), vaccinated=V, isolating=put(state.isolating, isolating_here), stage_end=stage_end,
-        reported_recent=recent)
+    after = state.replace(
+        S=S - new_E, E=put(E + new_E, 0, fresh=True), I_asym=put(Ia, to_Ia), I_sym=put(Is, to_Is), H=put(H, to_H),
+        R=put(R, to_R), D=put(D, to_D), vaccinated=V, isolating=put(state.isolating, isolating_here),
+        stage_end=stage_end, reported_recent=recent)
+    return owned_after_step(state, after, versions, ctx)
+
+
+IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donated state's step updates in place
+
+
+def owned_after_step(before: CovidState, after: CovidState, versions: dict[str, int], ctx: StepContext) -> CovidState:
+    """``after``, the transition's new field tensors marked as this loop's (`StepContext.own`; a field passed through
+    unchanged is not: it may be the caller's). The fields updated in place (their version moved from ``versions``,
+    the step's start; the new field is the tensor or, in gradient modes, an alias of it) keep their per-borough
+    counts rolling (`CovidEnv.carry_counts`)."""
+    for name in ("S", "E", *IN_PLACE):
+        x, x0 = getattr(after, name), getattr(before, name)
+        if x0._version != versions.get(name, x0._version):
+            ctx.env.carry_counts(name, x0, versions[name])
+        if x is not x0:
+            ctx.own(x)
+    return after
 
 
 def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: int) -> Tensor:

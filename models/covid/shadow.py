@@ -130,6 +130,10 @@ def _combine(*terms: tuple[float | Tensor, Tensor | None]) -> Tensor | None:
 
 EXIT_FIELDS = ("E", "I_asym", "I_sym", "H", "isolating")  # the fields read at today's exiting agents
 STAGES = ("S", "E", "I_sym", "I_asym", "H", "R", "D", "isolating")  # the fields `transition` writes
+# the fields `transition` may update in place when the state is donated: no autograd node saves them (I_sym, I_asym
+# and isolating are saved by the own contributions' node; inside a checkpointed segment an in-place change of a saved
+# tensor is not caught by its version counter, it silently changes the recomputed gradients)
+DONATABLE = ("H", "R", "D")
 
 
 @dataclass
@@ -201,7 +205,7 @@ class _Transition(torch.autograd.Function):
     changes' gradients are the incoming ones at (b, i)."""
 
     @staticmethod
-    def forward(ctx, k: ShadowConstants, exits: Exits, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
+    def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], unit: Tensor, susceptible: Tensor, stage_end: Tensor,
                 vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
                 exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
                 recent: Tensor, *fields_and_changes: Tensor):
@@ -212,8 +216,9 @@ class _Transition(torch.autograd.Function):
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
         after = {"S": before["S"] - new_E, "E": (before["E"] + new_E).index_put_((b, i), changes["E"], accumulate=True)}
-        for name in STAGES[2:]:
-            after[name] = before[name].index_put((b, i), changes[name], accumulate=True)
+        for name in STAGES[2:]:  # a donated field (the loop's own, `StepContext.owns`) in place: no [B, N] copy
+            after[name] = before[name].detach().index_put_((b, i), changes[name], accumulate=True) if name in donated \
+                else before[name].index_put((b, i), changes[name], accumulate=True)
         return (*after.values(), exposure0, latent0, infections.clone(), reported, admissions, deaths, recent)
 
     @staticmethod
@@ -244,7 +249,7 @@ class _Transition(torch.autograd.Function):
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
         at_exits = [None if g is None else g[b, i] for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        return (None,) * 7 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
+        return (None,) * 8 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
                               gS, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
 
@@ -319,7 +324,8 @@ def _transition_backward(k: ShadowConstants, unit: Tensor, susceptible: Tensor, 
             through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0, g_new_E)
 
 
-def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx):
+def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx,
+               donated: tuple[str, ...] = ()):
     """Gradient modes: ``after`` (``CovidState``, its other fields already set) with S, E, I_sym, I_asym, H, R, D and
     isolating from ``before``, today's infections ``new_E`` [B, N] and the ``changes`` [M] at the exiting agents
     (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). Needs
@@ -336,7 +342,7 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     testing = ctx.lever("testing_isolation")
     fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]
     out = _Transition.apply(
-        k, exits, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end,
+        k, exits, donated, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end,
         vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])

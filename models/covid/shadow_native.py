@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from agenttensor import native
+from agenttensor._group_kernels import contiguous_groups
 from agenttensor.transmission import group_sum
 
 SOURCE = Path(__file__).with_name("csrc") / "shadow_kernel.cpp"
@@ -31,7 +32,8 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    library.agenttensor_covid_attack.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _P, _F, _F, _F, _P, _P, _P, _I]
+    library.agenttensor_covid_attack.argtypes = [_I, _I, _P, _I, _P, _P, _P, _I, _P, _F, _F, _F, _P, _P, _P, _I, _I,
+                                                 _P, _P]
     library.agenttensor_covid_shadow_backward.argtypes = [ctypes.POINTER(_Args)]
 
 
@@ -116,14 +118,19 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
         u = unit.detach().to(torch.float32).contiguous()
         keep.append(u)
         q_sym, q_asym = torch.empty(B, N), torch.empty(B, N)
-        S_sums = group_sum(S, layer.slot, slots)
+        contiguous = contiguous_groups(layer.slot)  # households as runs of agents: one pass, sums included
+        if contiguous:
+            S_sums, from_sym, from_asym = torch.empty(B, slots), torch.empty(B, slots), torch.empty(B, slots)
+        else:
+            S_sums, from_sym, from_asym = group_sum(S, layer.slot, slots), None, None
         keep.append(S_sums)
         library.agenttensor_covid_attack(B, N, u.data_ptr(), 0 if u.shape[0] == 1 else N, S.data_ptr(),
                                          S_sums.data_ptr(), household.data_ptr(), slots,
                                          per_element(k.asymptomatic_infectiousness).data_ptr(), d_sym, d_asym, f_mean,
                                          g["g_exposure"].data_ptr(), q_sym.data_ptr(), q_asym.data_ptr(),
-                                         torch.get_num_threads())
-        from_sym, from_asym = group_sum(q_sym, layer.slot, slots), group_sum(q_asym, layer.slot, slots)
+                                         torch.get_num_threads(), int(contiguous), _ptr(from_sym), _ptr(from_asym))
+        if not contiguous:
+            from_sym, from_asym = group_sum(q_sym, layer.slot, slots), group_sum(q_asym, layer.slot, slots)
         keep += [q_sym, q_asym, from_sym, from_asym]
         args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym, from_asym))
         args.household, args.households = household.data_ptr(), slots

@@ -82,11 +82,12 @@ bool whole_counts(int64_t n, const float* __restrict counts) {
   return other == 0;
 }
 
-// q_sym and q_asym of a tile (see agenttensor_covid_attack); chain: the counts s in, q_asym out. Whole: s^k by
-// squaring, else exp(s log x): with 0/1 memberships two logs and two exps fewer per agent.
+// q_sym and q_asym of a tile (see agenttensor_covid_attack) from the counts s in `chain`. Whole: s^k by squaring,
+// else exp(s log x): with 0/1 memberships two logs and two exps fewer per agent.
 template <bool Whole>
 void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S, const float* __restrict g,
-                 float a_sym, float a_asym, float f_mean, float* __restrict qs, float* __restrict chain) {
+                 float a_sym, float a_asym, float f_mean, const float* __restrict chain, float* __restrict qs,
+                 float* __restrict qa) {
   for (int64_t i = 0; i < n; ++i) {
     const float T_sym = 1.f - exp_nonpositive(u[i] * a_sym);
     const float T_asym = 1.f - exp_nonpositive(u[i] * a_asym);
@@ -96,7 +97,7 @@ void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S
     const float p_sym = Whole ? power_whole(x_sym, s) : power_unit(x_sym, s);
     const float p_asym = Whole ? power_whole(x_asym, s) : power_unit(x_asym, s);
     qs[i] = (1.f - p_sym * (1.f - T_sym)) * sg;
-    chain[i] = (1.f - p_asym * (1.f - T_asym)) * sg;
+    qa[i] = (1.f - p_asym * (1.f - T_asym)) * sg;
   }
 }
 
@@ -106,6 +107,70 @@ void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __rest
   for (int64_t i = 0; i < n; ++i) {
     const float c = sums[household[i]] - S[i] - 1.f;
     chain[i] = c > 0.f ? c : 0.f;
+  }
+}
+
+// x if same else 0, without a branch (a branch mispredicts at every household's end)
+inline float keep(float x, bool same) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits &= 0u - static_cast<uint32_t>(same);
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// the first household boundary at or after i (households contiguous)
+int64_t household_boundary(const int32_t* household, int64_t n, int64_t i) {
+  if (i <= 0) return 0;
+  while (i < n && household[i] == household[i - 1]) ++i;
+  return std::min(i, n);
+}
+
+// o[k][s] = the sum of v[k] over the run of agents of household s (K arrays), for the households whose runs lie in
+// [0, n): each in agent order from 0, the additions of `group_sum`'s pass for contiguous groups (the same bits).
+// Four streams cut at household boundaries, advanced together (a run's sum is a chain of dependent additions: one
+// stream at a time is bound by their latency).
+template <int K>
+void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict household, float* const (&o)[K]) {
+  constexpr int kStreams = 4;
+  int64_t c[kStreams + 1];
+  c[0] = 0;
+  c[kStreams] = n;
+  for (int q = 1; q < kStreams; ++q) c[q] = std::max(c[q - 1], household_boundary(household, n, q * n / kStreams));
+  int64_t common = n;
+  for (int q = 0; q < kStreams; ++q) common = std::min(common, c[q + 1] - c[q]);
+  int32_t previous[kStreams] = {-1, -1, -1, -1};
+  float acc[kStreams][K] = {};
+  auto add = [&](int q, int64_t i) {
+    const int32_t s = household[i];
+    const bool same = s == previous[q];
+#pragma GCC unroll 2
+    for (int k = 0; k < K; ++k) {
+      acc[q][k] = keep(acc[q][k], same) + v[k][i];
+      o[k][s] = acc[q][k];
+    }
+    previous[q] = s;
+  };
+  for (int64_t step = 0; step < common; ++step) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kStreams; ++q) add(q, c[q] + step);
+  }
+  for (int q = 0; q < kStreams; ++q)
+    for (int64_t i = c[q] + common; i < c[q + 1]; ++i) add(q, i);
+}
+
+// q_sym, q_asym for agents [i0, i1) of one row, per tile of kTile: the counts s into a tile buffer, then the
+// arithmetic with whole powers where every s of the tile is whole
+void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const float* sums, const int32_t* household,
+                  const float* g, float a_sym, float a_asym, float f_mean, float* qs, float* qa) {
+  float chain[kTile];
+  for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+    const int64_t n = std::min(kTile, i1 - t0);
+    chain_counts(n, sums, household + t0, S + t0, chain);
+    if (whole_counts(n, chain))
+      attack_tile<true>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0);
+    else
+      attack_tile<false>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0);
   }
 }
 
@@ -178,30 +243,47 @@ struct ShadowArgs {
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
 // unit [B | 1, N] (unit_stride 0: one row), susceptible [B, N], sums of susceptible per household [B, H].
-// Two passes: s (a gather per agent, into q_asym) and then the arithmetic (contiguous: vectorised), per tile with
-// whole powers where every s of the tile is whole.
+// Not contiguous: susceptible_sums is an input, and the caller sums q_sym and q_asym per household.
+// contiguous (every household one run of agents): one pass per chunk of whole households, in cache: the chunk's
+// susceptible sums (into susceptible_sums, scratch), the counts, q, and q's household sums (into from_sym_sums and
+// from_asym_sums [B, H], written at the households that have members): the same numbers as the passes apart, without
+// writing and reading back the sums' inputs (full NYC: 42 -> ms).
 void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t unit_stride, const float* susceptible,
-                              const float* susceptible_sums, const int32_t* household, int64_t households,
+                              float* susceptible_sums, const int32_t* household, int64_t households,
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
-                              float* q_sym, float* q_asym, int64_t threads) {
-  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-      const float* __restrict S = susceptible + b * N;
-      const float* __restrict sums = susceptible_sums + b * households;
-      float* __restrict chain = q_asym + b * N;
-      chain_counts(i1 - i0, sums, household + i0, S + i0, chain + i0);
-      const float* __restrict u = unit + b * unit_stride;
-      const float* __restrict g = g_exposure + b * N;
-      float* __restrict qs = q_sym + b * N;
-      const float a_sym = -d_sym, a_asym = -alpha[b] * d_asym;
-      for (int64_t t0 = i0; t0 < i1; t0 += kTile) {  // per tile: whole counts (0/1 memberships) or not (relaxed)
-        const int64_t n = std::min(kTile, i1 - t0);
-        if (whole_counts(n, chain + t0))
-          attack_tile<true>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, qs + t0, chain + t0);
-        else
-          attack_tile<false>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, qs + t0, chain + t0);
-      }
+                              float* q_sym, float* q_asym, int64_t threads, int64_t contiguous,
+                              float* from_sym_sums, float* from_asym_sums) {
+  auto row = [&](int64_t b, int64_t i0, int64_t i1) {
+    const float* S = susceptible + b * N;
+    float* sums = susceptible_sums + b * households;
+    const float* u = unit + b * unit_stride;
+    const float* g = g_exposure + b * N;
+    float* qs = q_sym + b * N;
+    float* qa = q_asym + b * N;
+    const float a_sym = -d_sym, a_asym = -alpha[b] * d_asym;
+    if (!contiguous) return attack_range(i0, i1, u, S, sums, household, g, a_sym, a_asym, f_mean, qs, qa);
+    for (int64_t c0 = i0; c0 < i1;) {  // chunks of whole households, about a tile each
+      const int64_t c1 = household_boundary(household, i1, std::min(i1, c0 + 4 * kTile));
+      run_sums<1>(c1 - c0, {S + c0}, household + c0, {sums});
+      attack_range(c0, c1, u, S, sums, household, g, a_sym, a_asym, f_mean, qs, qa);
+      run_sums<2>(c1 - c0, {qs + c0, qa + c0}, household + c0,
+                  {from_sym_sums + b * households, from_asym_sums + b * households});
+      c0 = c1;
+    }
+  };
+  if (!contiguous) {
+    agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+      agenttensor::for_rows(lo, hi, N, row);
     });
+    return;
+  }
+  // each row cut at household boundaries into one part per thread
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, N >> 16));
+  std::vector<int64_t> cut(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p)
+    cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, household_boundary(household, N, p * (N / parts)));
+  agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) row(k / parts, cut[k % parts], cut[k % parts + 1]);
   });
 }
 
