@@ -247,7 +247,7 @@ struct ShadowArgs {
 // contiguous (every household one run of agents): one pass per chunk of whole households, in cache: the chunk's
 // susceptible sums (into susceptible_sums, scratch), the counts, q, and q's household sums (into from_sym_sums and
 // from_asym_sums [B, H], written at the households that have members): the same numbers as the passes apart, without
-// writing and reading back the sums' inputs (full NYC: 42 -> ms).
+// XX
 void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t unit_stride, const float* susceptible,
                               float* susceptible_sums, const int32_t* household, int64_t households,
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
