@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -92,9 +93,12 @@ def timed_steps(env, params, sampler, steps: int, seeds=(0,)) -> tuple[float, fl
     return time.perf_counter() - wall, time.process_time() - cpu, (state, records)
 
 
-def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int = 2, device: str = "cpu") -> dict:
+def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int = 2, device: str = "cpu",
+            pairs: int = 0) -> dict:
     """One population's row: forward and forward+backward seconds per day, each the fastest of `repeats`
-    timed runs (after a warm-up run), and memory (on CUDA: the peak of torch's allocator)."""
+    timed runs (after a warm-up run), and memory (on CUDA: the peak of torch's allocator). ``pairs``: then that many
+    (hard forward, forward+backward) pairs run back to back, and the median of their ratios (robust to a machine
+    whose speed drifts between runs)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -130,8 +134,7 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
         for name in names:
             getattr(learn, name).grad = None
         del warm
-        runs = []
-        for _ in range(repeats):
+        def forward_backward() -> tuple[float, float, float]:  # s/day: (wall, cpu, the gradient forward's wall)
             for name in names:
                 getattr(learn, name).grad = None
             wall, cpu, (_, records) = timed_steps(env, learn, StraightThrough(), bwd_steps)
@@ -141,9 +144,17 @@ def measure(name: str, population, fwd_steps: int, bwd_steps: int, repeats: int 
             loss.backward()
             synchronize(device)
             del records, loss
-            runs.append(((wall + time.perf_counter() - t1) / bwd_steps, (cpu + time.process_time() - cpu1) / bwd_steps,
-                         wall / bwd_steps))
+            return ((wall + time.perf_counter() - t1) / bwd_steps, (cpu + time.process_time() - cpu1) / bwd_steps,
+                    wall / bwd_steps)
+
+        runs = [forward_backward() for _ in range(repeats)]
         both, both_cpu, gradient_forward = min(runs)
+        if pairs:  # adjacent hard and gradient runs, alternating: each pair's ratio sees the same machine speed
+            ratios = []
+            for _ in range(pairs):
+                hard_s = timed_steps(env, params, Hard(), fwd_steps)[0] / fwd_steps
+                ratios.append(forward_backward()[0] / hard_s)
+            row.update(pair_ratios=[round(r, 2) for r in ratios], pair_ratio_median=round(statistics.median(ratios), 2))
         row.update(bwd_steps=bwd_steps, forward_backward_s_per_day=round(both, 4),
                    forward_backward_runs_s_per_day=[round(run[0], 4) for run in runs],
                    gradient_forward_s_per_day=round(gradient_forward, 4),
@@ -168,6 +179,9 @@ def main() -> None:
     parser.add_argument("--bwd-steps", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs per measurement after the warm-up; the fastest is reported (all are in the JSON)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="also run this many (hard forward, forward+backward) pairs back to back per size and report "
+                             "the median of the pairs' ratios (pair_ratio_median)")
     parser.add_argument("--out", default=None,
                         help="results JSON (default benchmarks/results/covid_step.json, covid_step_cuda.json on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda --threads and --without-native are ignored)")
@@ -198,13 +212,14 @@ def main() -> None:
             torch.set_num_threads(threads)
             for native in (True, False) if args.without_native and on_cpu else (on_cpu,):
                 os.environ["AGENTTENSOR_NATIVE_KERNELS"] = "1" if native else "0"  # read at every kernel call
-                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps, args.repeats, args.device),
+                rows.append(dict(measure(name, population, args.fwd_steps, args.bwd_steps, args.repeats, args.device,
+                                         args.pairs),
                                  threads=threads, native_kernels=native and native_kernels_built()))
                 print(rows[-1], flush=True)
             os.environ.pop("AGENTTENSOR_NATIVE_KERNELS", None)
         del population
     header = ("population", "agents", "threads", "native_kernels", "forward_s_per_day", "forward_cpu_s_per_day",
-              "gradient_forward_s_per_day", "forward_backward_s_per_day", "ratio_to_forward",
+              "gradient_forward_s_per_day", "forward_backward_s_per_day", "ratio_to_forward", "pair_ratio_median",
               "forward_backward_cpu_s_per_day", "cpu_ratio_to_forward",
               "state_bytes_per_agent", "env_bytes_per_agent", "peak_rss_gb")
     print(" | ".join(header))

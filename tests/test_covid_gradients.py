@@ -261,12 +261,20 @@ def test_own_contributions_backward_equals_autograd_of_the_explicit_products(pop
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), (name, a, b)
 
 
+@pytest.mark.parametrize("households", ["runs", "scattered"])
 @pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
-def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler):
-    """models/covid/csrc/shadow_kernel.cpp (two fused passes, used on CPU) computes the map `_Transition` writes
-    in torch ops (used elsewhere): the same gradients, with the testing and vaccination levers on, and with the
-    relaxed sampler's fractional susceptibility (non-integer powers in the attack probabilities)."""
+def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler, households):
+    """models/covid/csrc/shadow_kernel.cpp (used on CPU) computes the map `_Transition` writes in torch ops (used
+    elsewhere): the same gradients, with the testing and vaccination levers on, and with the relaxed sampler's
+    fractional susceptibility (non-integer powers in the attack probabilities). Both native paths: households as runs
+    of agents (the synthetic population's: attack probabilities, household sums and shadow arithmetic in one pass)
+    and, as if they were scattered, the attack pass, torch's group sums and the shadow pass apart."""
     from models.covid import shadow_native
+
+    assert shadow_native.contiguous_groups(MODEL.setup(population, moderate().as_tensors(), "cpu").household.slot) \
+        or not shadow_native.native.kernels_enabled()
+    if households == "scattered":
+        monkeypatch.setattr(shadow_native, "contiguous_groups", lambda slot: False)
 
     params = moderate(initial_prevalence=0.01)
     env = MODEL.setup(population, params.as_tensors(), "cpu")
@@ -380,13 +388,12 @@ def test_exits_at_never_writes_into_a_shared_gradient():
 
 
 @pytest.mark.parametrize("memberships", ["fractional", "whole"])
-@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
-def test_native_attack_probabilities_match_the_torch_formula(memberships, layout):
+def test_native_attack_probabilities_match_the_torch_formula(memberships):
     """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
     hazards from 0 to saturation, whole and fractional numbers of other susceptible members (relaxed memberships),
     and 0/1 memberships (whole powers by squaring), with two households of 150 (counts past 64: the exp/log path
-    for their tiles). Households as runs of agents (one fused pass that also sums q per household: the sums must be
-    `group_sum`'s bits, and q the bits of the pass without them) and scattered (the sums are the caller's)."""
+    for their tiles). Households scattered over the agents (the fused pass for runs of agents is compared with this
+    one in `test_native_shadow_backward_equals_its_torch_ops`)."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native
@@ -396,13 +403,11 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships, layout
     if library is None:
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(0)
-    n = 300_000  # past the kernel's 2^16 agents per thread: both threads' parts, cut at household boundaries
-    household = torch.sort(torch.randint(0, 54_000, (n,), generator=g)).values  # households of ~5.5
-    household[1000:1150], household[230_000:230_150] = 54_000, 54_001  # two large ones (group quarters)
-    household = torch.sort(household).values
-    if layout == "scattered":
-        household = household[torch.randperm(n, generator=g)]
-    layer = GroupLayer(household)
+    n = 50_000
+    household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
+    household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
+    layer = GroupLayer(household[torch.randperm(n, generator=g)])
+    assert not shadow_native.contiguous_groups(layer.slot)
     slots = layer.num_groups + 1
     unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
     if memberships == "fractional":
@@ -410,32 +415,16 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships, layout
     else:
         susceptible = (torch.rand(1, n, generator=g) < 0.8).float()
     exposure = torch.randn(1, n, generator=g)
+    q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
+    sums = group_sum(susceptible, layer.slot, slots)
     alpha = torch.tensor([0.55])
-
-    def attack(contiguous: int):
-        q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
-        sums = torch.empty(1, slots) if contiguous else group_sum(susceptible, layer.slot, slots)
-        from_sym, from_asym = torch.full((1, slots), float("nan")), torch.full((1, slots), float("nan"))
-        library.agenttensor_covid_attack(1, n, unit.data_ptr(), n, susceptible.data_ptr(), sums.data_ptr(),
-                                         layer.slot.data_ptr(), slots, alpha.data_ptr(), 5.3, 4.1, 0.6,
-                                         exposure.data_ptr(), q_sym.data_ptr(), q_asym.data_ptr(), 2, contiguous,
-                                         from_sym.data_ptr(), from_asym.data_ptr())
-        return q_sym, q_asym, from_sym, from_asym
-
-    q_sym, q_asym, _, _ = attack(0)
+    library.agenttensor_covid_attack(1, n, unit.data_ptr(), n, susceptible.data_ptr(), sums.data_ptr(),
+                                     layer.slot.data_ptr(), slots, alpha.data_ptr(), 5.3, 4.1, 0.6, exposure.data_ptr(),
+                                     q_sym.data_ptr(), q_asym.data_ptr(), 1)
     others = lambda x: group_sum(x, layer.slot, slots).index_select(1, layer.slot) - x  # noqa: E731
     ref_sym, ref_asym = attack_probabilities(unit.double(), susceptible.double(), others, 0.55, 0.6, 5.3, 4.1)
     for got, ref in ((q_sym, ref_sym * exposure), (q_asym, ref_asym * exposure)):
         assert (got.double() - ref).abs().max() < 2e-6 * exposure.abs().max()
-    assert shadow_native.contiguous_groups(layer.slot) == (layout == "contiguous")
-    if layout == "contiguous":
-        fused_sym, fused_asym, from_sym, from_asym = attack(1)
-        members = layer.slot.unique()
-        for fused, apart in ((fused_sym, q_sym), (fused_asym, q_asym)):  # tiles cut elsewhere: at a tile with
-            assert (fused - apart).abs().max() < 1e-6 * exposure.abs().max()  # a count >= 64, exp/log for all of it
-            assert (fused != apart).float().mean() < (0.01 if memberships == "whole" else 0.5)
-        for sums, q in ((from_sym, fused_sym), (from_asym, fused_asym)):
-            assert torch.equal(sums[:, members], group_sum(q, layer.slot, slots)[:, members])
 
 
 def test_own_contributions_native_torch_and_explicit_agree(monkeypatch):

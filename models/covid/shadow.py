@@ -39,8 +39,8 @@ zero-valued tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC
 are read through `_ExitsAt`, which adds their derivatives into `_Transition`'s gradient buffers in place: each
 field's gradient is written once per day, where autograd's own gathers, index_puts and subtractions had
 zero-filled, scattered and added [B, N] buffers around it (full NYC: 11 [B, N] additions, 4 fills and a negation
-per day; backward 0.211 → 0.186 s/day). On CPU those 30 operations run as two fused native passes
-(`shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
+per day; backward 0.211 → 0.186 s/day). On CPU those 30 operations run as native passes (one
+pass over the agents where households are runs of agents; `shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
 whole full-NYC backward); the torch ops below stay the reference and the path elsewhere.
 """
 

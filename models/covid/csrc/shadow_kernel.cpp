@@ -1,5 +1,6 @@
-// The backward pass of the covid model's shadow flows (models/covid/shadow.py, `_ShadowFlows`) fused into two
-// passes over the agents, for CPU. Loaded by models/covid/shadow_native.py; shadow.py holds the same map in
+// The backward pass of the covid model's shadow flows (models/covid/shadow.py, `_Transition`) fused into one pass
+// over the agents where households are runs of agents (agenttensor_covid_shadow_backward_fused), else the attack
+// pass and the shadow pass with the caller's household sums between them, for CPU. Loaded by models/covid/shadow_native.py; shadow.py holds the same map in
 // torch ops (the reference, and the path on other devices). Plain C, no torch headers.
 //
 // Every [B, N] input may be null (no gradient reached it: read as 0). Per-borough [B, G] inputs are read at the
@@ -239,138 +240,191 @@ struct ShadowArgs {
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
   // outputs [B, N], or null where every input they depend on is null (zero: not written)
   float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
+  // agenttensor_covid_shadow_backward_fused: the attack probabilities' inputs (see agenttensor_covid_attack) and
+  // [B, H] scratch for the household sums (susceptible, q_sym, q_asym)
+  const float *unit, *susceptible, *alpha;
+  int64_t unit_stride;
+  float d_sym, d_asym, f_mean;
+  float *susceptible_sums;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
-// unit [B | 1, N] (unit_stride 0: one row), susceptible [B, N], sums of susceptible per household [B, H].
-// Not contiguous: susceptible_sums is an input, and the caller sums q_sym and q_asym per household.
-// contiguous (every household one run of agents): one pass per chunk of whole households, in cache: the chunk's
-// susceptible sums (into susceptible_sums, scratch), the counts, q, and q's household sums (into from_sym_sums and
-// from_asym_sums [B, H], written at the households that have members): the same numbers as the passes apart, without
-// XX
+// unit [B | 1, N] (unit_stride 0: one row), susceptible [B, N], sums of susceptible per household [B, H]. The
+// caller sums q_sym and q_asym per household (where households are runs of agents,
+// agenttensor_covid_shadow_backward_fused does all of it in one pass instead).
 void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t unit_stride, const float* susceptible,
-                              float* susceptible_sums, const int32_t* household, int64_t households,
+                              const float* susceptible_sums, const int32_t* household, int64_t households,
                               const float* alpha, float d_sym, float d_asym, float f_mean, const float* g_exposure,
-                              float* q_sym, float* q_asym, int64_t threads, int64_t contiguous,
-                              float* from_sym_sums, float* from_asym_sums) {
-  auto row = [&](int64_t b, int64_t i0, int64_t i1) {
-    const float* S = susceptible + b * N;
-    float* sums = susceptible_sums + b * households;
-    const float* u = unit + b * unit_stride;
-    const float* g = g_exposure + b * N;
-    float* qs = q_sym + b * N;
-    float* qa = q_asym + b * N;
-    const float a_sym = -d_sym, a_asym = -alpha[b] * d_asym;
-    if (!contiguous) return attack_range(i0, i1, u, S, sums, household, g, a_sym, a_asym, f_mean, qs, qa);
-    for (int64_t c0 = i0; c0 < i1;) {  // chunks of whole households, about a tile each
-      const int64_t c1 = household_boundary(household, i1, std::min(i1, c0 + 4 * kTile));
-      run_sums<1>(c1 - c0, {S + c0}, household + c0, {sums});
-      attack_range(c0, c1, u, S, sums, household, g, a_sym, a_asym, f_mean, qs, qa);
-      run_sums<2>(c1 - c0, {qs + c0, qa + c0}, household + c0,
-                  {from_sym_sums + b * households, from_asym_sums + b * households});
-      c0 = c1;
-    }
-  };
-  if (!contiguous) {
-    agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-      agenttensor::for_rows(lo, hi, N, row);
+                              float* q_sym, float* q_asym, int64_t threads) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      attack_range(i0, i1, unit + b * unit_stride, susceptible + b * N, susceptible_sums + b * households, household,
+                   g_exposure + b * N, -d_sym, -alpha[b] * d_asym, f_mean, q_sym + b * N, q_asym + b * N);
     });
-    return;
-  }
-  // each row cut at household boundaries into one part per thread
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, N >> 16));
-  std::vector<int64_t> cut(parts + 1);
-  for (int64_t p = 0; p <= parts; ++p)
-    cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, household_boundary(household, N, p * (N / parts)));
-  agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) row(k / parts, cut[k % parts], cut[k % parts + 1]);
   });
 }
 
+}  // extern "C"
+
+namespace {
+
+// A thread's tile buffers for `shadow_span`
+struct ShadowTile {
+  float zeros[9][kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
+      p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
+};
+
+// The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
+// gradients, age tables, detection, household hand-off), zeros for the incoming gradients that are null, then one
+// branch-free loop the compiler vectorises. from_sym, from_asym: the hand-off from the agent's household members
+// (sums[h] - q), or null (none: zeros).
+void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* from_sym, const float* from_asym,
+                 ShadowTile& t) {
+  const int64_t N = a->N, G = a->G, k0 = b * N + t0;
+  // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single loop
+  // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
+  const int32_t* __restrict borough = a->borough + t0;
+  const int32_t* __restrict age = a->age_group + t0;
+  auto per_borough = [&](const float* table, float* __restrict out) {
+    if (!table) return (void)std::fill(out, out + n, 0.f);
+    const float* __restrict row = table + b * G;
+    for (int64_t j = 0; j < n; ++j) out[j] = row[borough[j]];
+  };
+  per_borough(a->g_infections, t.infections);
+  per_borough(a->g_report, t.report);
+  per_borough(a->g_admissions, t.admissions);
+  per_borough(a->g_deaths, t.deaths);
+  {
+    const float* __restrict symptomatic = a->symptomatic;
+    const float* __restrict death = a->death;
+    const float* __restrict hosp = a->hosp;
+    float* __restrict f = t.f;
+    float* __restrict p_death = t.p_death;
+    float* __restrict p_hosp = t.p_hosp;
+    for (int64_t j = 0; j < n; ++j) {
+      f[j] = symptomatic[age[j]];
+      p_death[j] = death[age[j]];
+      p_hosp[j] = hosp[age[j]];
+    }
+  }
+  if (a->vaccinated) {
+    const float efficacy = a->efficacy_severe[b];
+    const float* __restrict vaccinated = a->vaccinated + k0;
+    for (int64_t j = 0; j < n; ++j) t.p_hosp[j] *= 1.f - efficacy * vaccinated[j];
+  }
+  // detection probabilities, raised by testing
+  const float ds = a->detect_sym[b], da = a->detect_asym[b];
+  if (a->testing) {
+    const float* __restrict testing = a->testing + b * a->cells;
+    const int32_t* __restrict cell = a->cell + t0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float extra = testing[cell[j]];
+      t.d_sym[j] = ds + extra * (1.f - ds);
+      t.d_asym[j] = da + extra * (1.f - da);
+    }
+  } else {
+    std::fill(t.d_sym, t.d_sym + n, ds);
+    std::fill(t.d_asym, t.d_asym + n, da);
+  }
+  if (!from_sym) {
+    std::fill(t.from_sym, t.from_sym + n, 0.f);
+    std::fill(t.from_asym, t.from_asym + n, 0.f);
+    from_sym = t.from_sym;
+    from_asym = t.from_asym;
+  }
+  // a null output is zero for every agent (all its inputs are null): not written
+  auto out = [&](float* p) { return p ? p + k0 : t.unwritten; };
+  const float* g[9];
+  const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
+  for (int q = 0; q < 9; ++q) {
+    if (incoming[q]) {
+      g[q] = incoming[q] + k0;
+    } else {
+      std::fill(t.zeros[q], t.zeros[q] + n, 0.f);
+      g[q] = t.zeros[q];
+    }
+  }
+  shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], t.infections, t.report, t.admissions, t.deaths,
+              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
+              a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia),
+              out(a->out_H), out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E));
+}
+
+}  // namespace
+
+extern "C" {
+
+// The backward pass. With the household hand-off (q_sym non-null), q and its household sums are the caller's
+// (agenttensor_covid_attack, then the sums).
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
-  const int64_t N = a->N, G = a->G;
+  const int64_t N = a->N;
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    // per tile: each agent's gathered values (per-borough gradients, age tables, detection, household hand-off),
-    // and zeros for the incoming gradients that are null; then one branch-free loop the compiler vectorises
-    float zeros[9][kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
-        p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
+    ShadowTile tile;
+    float from_sym[kTile], from_asym[kTile];
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
-        // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single
-        // loop with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
-        const int32_t* __restrict borough = a->borough + t0;
-        const int32_t* __restrict age = a->age_group + t0;
-        auto per_borough = [&](const float* table, float* __restrict out) {
-          if (!table) return (void)std::fill(out, out + n, 0.f);
-          const float* __restrict row = table + b * G;
-          for (int64_t j = 0; j < n; ++j) out[j] = row[borough[j]];
-        };
-        per_borough(a->g_infections, infections);
-        per_borough(a->g_report, report);
-        per_borough(a->g_admissions, admissions);
-        per_borough(a->g_deaths, deaths);
-        {
-          const float* __restrict symptomatic = a->symptomatic;
-          const float* __restrict death = a->death;
-          const float* __restrict hosp = a->hosp;
-          for (int64_t j = 0; j < n; ++j) {
-            f[j] = symptomatic[age[j]];
-            p_death[j] = death[age[j]];
-            p_hosp[j] = hosp[age[j]];
-          }
+        if (!a->q_sym) {
+          shadow_span(a, b, t0, n, nullptr, nullptr, tile);
+          continue;
         }
-        if (a->vaccinated) {
-          const float efficacy = a->efficacy_severe[b];
-          const float* __restrict vaccinated = a->vaccinated + k0;
-          for (int64_t j = 0; j < n; ++j) p_hosp[j] *= 1.f - efficacy * vaccinated[j];
+        const int32_t* __restrict household = a->household + t0;
+        const float* __restrict sums_sym = a->from_sym_sums + b * a->households;
+        const float* __restrict sums_asym = a->from_asym_sums + b * a->households;
+        const float* __restrict q_sym = a->q_sym + k0;
+        const float* __restrict q_asym = a->q_asym + k0;
+        for (int64_t j = 0; j < n; ++j) {
+          from_sym[j] = sums_sym[household[j]] - q_sym[j];
+          from_asym[j] = sums_asym[household[j]] - q_asym[j];
         }
-        // detection probabilities, raised by testing
-        const float ds = a->detect_sym[b], da = a->detect_asym[b];
-        if (a->testing) {
-          const float* __restrict testing = a->testing + b * a->cells;
-          const int32_t* __restrict cell = a->cell + t0;
-          for (int64_t j = 0; j < n; ++j) {
-            const float extra = testing[cell[j]];
-            d_sym[j] = ds + extra * (1.f - ds);
-            d_asym[j] = da + extra * (1.f - da);
-          }
-        } else {
-          std::fill(d_sym, d_sym + n, ds);
-          std::fill(d_asym, d_asym + n, da);
-        }
-        if (a->q_sym) {
-          const int32_t* __restrict household = a->household + t0;
-          const float* __restrict sums_sym = a->from_sym_sums + b * a->households;
-          const float* __restrict sums_asym = a->from_asym_sums + b * a->households;
-          const float* __restrict q_sym = a->q_sym + k0;
-          const float* __restrict q_asym = a->q_asym + k0;
-          for (int64_t j = 0; j < n; ++j) {
-            from_sym[j] = sums_sym[household[j]] - q_sym[j];
-            from_asym[j] = sums_asym[household[j]] - q_asym[j];
-          }
-        } else {
-          std::fill(from_sym, from_sym + n, 0.f);
-          std::fill(from_asym, from_asym + n, 0.f);
-        }
-        // a null output is zero for every agent (all its inputs are null): not written
-        auto out = [&](float* p) { return p ? p + k0 : unwritten; };
-        const float* g[9];
-        const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
-        for (int q = 0; q < 9; ++q) {
-          if (incoming[q]) {
-            g[q] = incoming[q] + k0;
-          } else {
-            std::fill(zeros[q], zeros[q] + n, 0.f);
-            g[q] = zeros[q];
-          }
-        }
-        shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
-                    f, p_hosp, p_death, d_sym, d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
-                    a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia),
-                    out(a->out_H), out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E));
+        shadow_span(a, b, t0, n, from_sym, from_asym, tile);
       }
     });
+  });
+}
+
+// The same where every household is one run of agents and g_exposure is non-null: the attack probabilities, their
+// household sums and the shadow arithmetic in one pass per chunk of whole households (q never leaves the cache: no
+// [B, N] q_sym, q_asym written and read back, no second read of the household slots).
+void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
+  const int64_t N = a->N, H = a->households;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(a->threads, N >> 16));
+  std::vector<int64_t> cut(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p)
+    cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, household_boundary(a->household, N, p * (N / parts)));
+  agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
+    ShadowTile tile;
+    std::vector<float> qs, qa, from_sym, from_asym;  // a chunk's q and hand-offs
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
+      const float* S = a->susceptible + b * N;
+      const float* u = a->unit + b * a->unit_stride;
+      const float* g = a->g_exposure + b * N;
+      float* sums = a->susceptible_sums + b * H;
+      float* sums_sym = const_cast<float*>(a->from_sym_sums) + b * H;
+      float* sums_asym = const_cast<float*>(a->from_asym_sums) + b * H;
+      const float a_sym = -a->d_sym, a_asym = -a->alpha[b] * a->d_asym;
+      for (int64_t c0 = i0; c0 < i1;) {  // chunks of whole households, about four tiles each
+        const int64_t c1 = household_boundary(a->household, i1, std::min(i1, c0 + 4 * kTile)), n = c1 - c0;
+        if (static_cast<int64_t>(qs.size()) < n) {
+          qs.resize(n);
+          qa.resize(n);
+          from_sym.resize(n);
+          from_asym.resize(n);
+        }
+        const int32_t* household = a->household + c0;
+        run_sums<1>(n, {S + c0}, household, {sums});
+        attack_range(0, n, u + c0, S + c0, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
+        run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
+        for (int64_t j = 0; j < n; ++j) {
+          from_sym[j] = sums_sym[household[j]] - qs[j];
+          from_asym[j] = sums_asym[household[j]] - qa[j];
+        }
+        for (int64_t t0 = 0; t0 < n; t0 += kTile)
+          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile);
+        c0 = c1;
+      }
+    }
   });
 }
 
