@@ -80,7 +80,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     calendar: ``start_date`` is the date of step 0, interventions and time-varying parameters are
     indexed by absolute step, and ``Results.metrics[name][k]`` is step ``first_step + k``
     (``Results.first_step``). State tensors of the right batch are used as they are (models update
-    only the states their own earlier steps made in place, `StepContext.donate`); a 0/1 state from a hard run is cast to float for gradient modes.
+    in place only the states their own earlier steps made, `StepContext.donate`); a 0/1 state from
+    a hard run is cast to float for gradient modes.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "runs.h"
 
 namespace {
 
@@ -82,14 +83,7 @@ int64_t group_boundary(const Index* slot, int64_t N, int64_t i) {
 // (independent chains of dependent adds: ~3x faster than one), so no partial buffers are needed.
 constexpr int64_t kStreams = 4;
 
-// x if same else 0, without a branch (a branch mispredicts at every run's end: 2x slower for households)
-inline float keep(float x, bool same) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits &= 0u - static_cast<uint32_t>(same);
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
+using agenttensor::keep;
 
 // o[s] = sum of the run of slot s for agents [a, e), continuing a run of `previous` summed so far to `acc`.
 template <class Index>

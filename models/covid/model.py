@@ -251,8 +251,8 @@ class CovidEnv:
 
     def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any], values_only: bool = False) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
-        by value, anything else (state tensors, random streams) by identity and version. Only on CPU and without gradients,
-        or with ``values_only`` (compute reads its inputs' values only, detached: inputs may require gradients;
+        by value, anything else (state tensors, random streams) by identity and version. Only on CPU and without
+        gradients, or with ``values_only`` (compute reads its inputs' values only, detached: inputs may require gradients;
         they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
         per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
         35 MB gather at full NYC). The cache holds one result per key."""
@@ -581,8 +581,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
         # the contributions' (the exits leave it the buffers it may add into)
-        state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x  # aliases: owned as
-                                 for name, x in contributions.fields.items()})                # their tensors are
+        state = state.replace(**contributions.fields)
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain

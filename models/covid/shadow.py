@@ -39,9 +39,9 @@ zero-valued tensors (each a fresh, page-faulted [B, N] buffer: 35 MB at full NYC
 are read through `_ExitsAt`, which adds their derivatives into `_Transition`'s gradient buffers in place: each
 field's gradient is written once per day, where autograd's own gathers, index_puts and subtractions had
 zero-filled, scattered and added [B, N] buffers around it (full NYC: 11 [B, N] additions, 4 fills and a negation
-per day; backward 0.211 → 0.186 s/day). On CPU those 30 operations run as native passes (one
-pass over the agents where households are runs of agents; `shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30 s/day for the
-whole full-NYC backward); the torch ops below stay the reference and the path elsewhere.
+per day; backward 0.211 → 0.186 s/day). On CPU those 30 operations run as native passes (one pass over the
+agents where households are runs of agents; `shadow_native.py`, models/covid/csrc/shadow_kernel.cpp; 0.51 → 0.30
+s/day for the whole full-NYC backward); the torch ops below stay the reference and the path elsewhere.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ class _Transition(torch.autograd.Function):
     changes' gradients are the incoming ones at (b, i)."""
 
     @staticmethod
-    def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], unit: Tensor, susceptible: Tensor, stage_end: Tensor,
-                vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
+    def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], unit: Tensor, susceptible: Tensor,
+                stage_end: Tensor, vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
                 exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
                 recent: Tensor, *fields_and_changes: Tensor):
         ctx.k, ctx.handoff = k, exits.handoff
@@ -342,8 +342,8 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     testing = ctx.lever("testing_isolation")
     fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]
     out = _Transition.apply(
-        k, exits, donated, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32), before.stage_end,
-        vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
+        k, exits, donated, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32),
+        before.stage_end, vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])
     S, E, I_sym, I_asym, H, R, D, isolating, exposure, latent, infections, reported, admissions, deaths, recent = out

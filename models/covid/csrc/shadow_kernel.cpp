@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "runs.h"
 
 namespace {
 
@@ -111,14 +112,7 @@ void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __rest
   }
 }
 
-// x if same else 0, without a branch (a branch mispredicts at every household's end)
-inline float keep(float x, bool same) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits &= 0u - static_cast<uint32_t>(same);
-  std::memcpy(&x, &bits, 4);
-  return x;
-}
+using agenttensor::keep;
 
 // the first household boundary at or after i (households contiguous)
 int64_t household_boundary(const int32_t* household, int64_t n, int64_t i) {
