@@ -125,7 +125,7 @@ def explicit_shadow_flows(before, after, params, ctx):
     d_sym, d_asym = mean_duration(env.durations["I_sym"]), mean_duration(env.durations["I_asym"])
     out_E = mass(before.E) * rate["E"]
     others = env.household.others_sum
-    q_sym, q_asym = attack_probabilities(ctx.scratch["household_unit_hazard"], before.S.detach(), others,
+    q_sym, q_asym = attack_probabilities(ctx.scratch["household_unit_hazard"].dense(), before.S.detach(), others,
                                          float(params.asymptomatic_infectiousness), f_mean, d_sym, d_asym)
     spread = q_sym * others(out_E * f.detach()) + q_asym * others(out_E * (1 - f.detach()))
     infected = before.household_exposure / (0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym))
@@ -265,7 +265,8 @@ def test_own_contributions_backward_equals_autograd_of_the_explicit_products(pop
 @pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
 def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler, households):
     """models/covid/csrc/shadow_kernel.cpp (used on CPU) computes the map `_Transition` writes in torch ops (used
-    elsewhere): the same gradients, with the testing and vaccination levers on, and with the relaxed sampler's
+    elsewhere): the same gradients, with the testing, vaccination and household / all-layer transmission-reduction
+    levers on (the unit hazard's per-day susceptibility and both kept shares), and with the relaxed sampler's
     fractional susceptibility (non-integer powers in the attack probabilities). Both native paths: households as runs
     of agents (the synthetic population's: attack probabilities, household sums and shadow arithmetic in one pass)
     and, as if they were scattered, the attack pass, torch's group sums and the shadow pass apart."""
@@ -278,7 +279,9 @@ def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sa
 
     params = moderate(initial_prevalence=0.01)
     env = MODEL.setup(population, params.as_tensors(), "cpu")
-    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02)]
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("vaccination", 5, 400, 0.02),
+                     at.Intervention("transmission_reduction", 2, 400, 0.2, layer="household"),
+                     at.Intervention("transmission_reduction", 4, 400, 0.1)]  # the unit hazard's two kept shares
     names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "death_given_hosp", "household_weight",
              "asymptomatic_infectiousness", "vaccine_efficacy_severe")
     calls = []
@@ -562,3 +565,30 @@ def test_metric_sums_from_known_values_carry_the_derivative_of_the_dense_sums(po
     for name, a, b in zip(names, fast_grads, reference_grads):
         assert b.abs().sum() > 0, name
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), (name, a, b)
+
+
+def test_the_unit_household_hazard_is_kept_factored(population, monkeypatch):
+    """`_Transition` keeps the household unit hazard for its backward as its factors: the memoised susceptibility
+    (one tensor for every day of the run) and a per-household scale, not a [B, N] product per day; multiplied out it
+    is the household term of the force per unit of one member's infectiousness."""
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    seen = []
+    apply = shadow._Transition.apply
+
+    def spy(*args):
+        unit_args = args[3:8]  # slot, sigma, scale, kept_1, kept_2
+        seen.append(unit_args)
+        return apply(*args)
+
+    monkeypatch.setattr(shadow._Transition, "apply", spy)
+    beta = torch.tensor(0.3, requires_grad=True)
+    at.simulate(MODEL, None, params.replace(transmission_scale=beta), steps=6, seeds=[0, 1], env=env, start_date=START,
+                progress=False, sampler=StraightThrough())
+    assert len(seen) == 6
+    slot, sigma, scale, kept_1, kept_2 = seen[-1]
+    assert all(day[1].data_ptr() == sigma.data_ptr() for day in seen)  # memoised: no per-day [B, N]
+    assert scale.shape == (1, env.household.num_groups + 1) and kept_1 is None and kept_2 is None
+    unit = shadow.UnitHazard(sigma, scale, slot).dense()
+    expected = sigma * (scale[0, env.household.slot.long()])
+    assert torch.equal(unit, expected.expand_as(unit)) and unit.shape[-1] == env.num_agents

@@ -638,10 +638,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None)
         for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
-    if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`)
-        with torch.no_grad():
-            unit = sigma * layer_term("household", dense, per_slot=torch.atleast_2d(own_scale["household"]))
-        ctx.scratch["household_unit_hazard"] = unit
+    if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`),
+        # as `layer_term("household", ...)` gives it, factored (multiplied out in the backward pass)
+        kept = (kept_share("household", reductions["household"]), kept_share("all", reduction_all))
+        ctx.scratch["household_unit_hazard"] = shadow.UnitHazard(
+            sigma.detach(), torch.atleast_2d(own_scale["household"]).detach(), env.household.slot,
+            tuple(x.detach() for x in kept if x is not None))
     return state
 
 

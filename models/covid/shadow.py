@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agenttensor.transmission import range_broadcast
+from agenttensor.transmission import group_gather, range_broadcast
 
 from . import shadow_native
 
@@ -92,6 +92,27 @@ def attack_probabilities(unit: Tensor, susceptible: Tensor, others, alpha, f_mea
             return escape.mul_(T.neg().add_(1)).neg_().add_(1).mul_(susceptible)
 
         return attack(T_sym), attack(T_asym)
+
+
+@dataclass
+class UnitHazard:
+    """u_k, the household hazard on k per unit of one other member's infectiousness today, as its factors:
+    u_k = σ_k ((scale[h_k] kept_1,k) kept_2,k), the numbers `infection_pressure`'s household term gives. Kept
+    factored, so that no [B, N] of it is made and saved for the backward pass every day (σ and the kept shares of
+    the transmission-reduction levers are memoised across days; on CPU the native pass multiplies them out per
+    chunk of agents)."""
+
+    sigma: Tensor  # [B | 1, N] susceptibility
+    scale: Tensor  # [B | 1, H + 1] β m w_h / (n_h − 1) per household slot
+    slot: Tensor  # [N] household slots
+    kept: tuple[Tensor, ...] = ()  # [B | 1, N] each: 1 − r of the household and the all-layer reductions
+
+    def dense(self) -> Tensor:
+        """u [B | 1, N]."""
+        value = group_gather(self.scale, self.slot)
+        for x in self.kept:
+            value = value * x
+        return self.sigma * value
 
 
 @dataclass
@@ -205,14 +226,16 @@ class _Transition(torch.autograd.Function):
     changes' gradients are the incoming ones at (b, i)."""
 
     @staticmethod
-    def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], unit: Tensor, susceptible: Tensor,
+    def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], slot: Tensor, sigma: Tensor,
+                scale: Tensor, kept_1: Tensor | None, kept_2: Tensor | None, susceptible: Tensor,
                 stage_end: Tensor, vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
                 exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
                 recent: Tensor, *fields_and_changes: Tensor):
         ctx.k, ctx.handoff = k, exits.handoff
         ctx.set_materialize_grads(False)
         b, i = exits.b, exits.i
-        ctx.save_for_backward(unit, susceptible, stage_end, vaccinated, testing, b, i)
+        ctx.slot = slot  # the environment's (the unit hazard's factors are saved tensors: checkpointing drops them)
+        ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, b, i)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
         after = {"S": before["S"] - new_E, "E": (before["E"] + new_E).index_put_((b, i), changes["E"], accumulate=True)}
@@ -226,7 +249,8 @@ class _Transition(torch.autograd.Function):
                  g_admissions, g_deaths, g_recent):
         k: ShadowConstants = ctx.k
         env = k.env
-        unit, susceptible, stage_end, vaccinated, testing, b, i = ctx.saved_tensors
+        sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, b, i = ctx.saved_tensors
+        unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None))
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
             return None if g is None else range_broadcast(g, env.borough_slices)
@@ -249,11 +273,11 @@ class _Transition(torch.autograd.Function):
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
         at_exits = [None if g is None else g[b, i] for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        return (None,) * 8 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
+        return (None,) * 12 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
                               gS, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
 
-def _transition_backward(k: ShadowConstants, unit: Tensor, susceptible: Tensor, stage_end: Tensor,
+def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor,
                          vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
                          d_sym: float, d_asym: float, half_infectious: float,
                          rate: dict[str, float]) -> tuple[Tensor | None, ...]:
@@ -267,7 +291,7 @@ def _transition_backward(k: ShadowConstants, unit: Tensor, susceptible: Tensor, 
         return None if x is None else range_broadcast(x, env.borough_slices)
 
     f = k.symptomatic[env.age_group]  # [N]
-    free = (stage_end < 0).to(unit.dtype)
+    free = (stage_end < 0).to(susceptible.dtype)
     infections = per_agent(g["g_infections"])
     g_new_E = _combine((1.0, gE), (-1.0, gS), (1.0, infections))
     # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
@@ -298,7 +322,7 @@ def _transition_backward(k: ShadowConstants, unit: Tensor, susceptible: Tensor, 
     g_spread = None
     if g_exposure is not None:
         others = env.household.others_sum
-        q_sym, q_asym = attack_probabilities(unit, susceptible, others, k.asymptomatic_infectiousness, f_mean,
+        q_sym, q_asym = attack_probabilities(unit.dense(), susceptible, others, k.asymptomatic_infectiousness, f_mean,
                                              d_sym, d_asym)
         from_sym = others(q_sym.mul_(g_exposure))
         g_spread = others(q_asym.mul_(g_exposure))
@@ -341,8 +365,10 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     vaccinated = before.vaccinated.detach().to(torch.float32) if ctx.lever("vaccination") is not None else None
     testing = ctx.lever("testing_isolation")
     fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]
+    unit: UnitHazard = ctx.scratch["household_unit_hazard"]
     out = _Transition.apply(
-        k, exits, donated, ctx.scratch["household_unit_hazard"], before.S.detach().to(torch.float32),
+        k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
+        before.S.detach().to(torch.float32),
         before.stage_end, vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])

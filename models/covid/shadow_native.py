@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from torch import Tensor
 from agenttensor import native
 from agenttensor._group_kernels import contiguous_groups
 from agenttensor.transmission import group_sum
+
+if TYPE_CHECKING:
+    from .shadow import UnitHazard
 
 SOURCE = Path(__file__).with_name("csrc") / "shadow_kernel.cpp"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -31,7 +35,9 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
                                                "from_asym_sums", "q_sym", "q_asym", "household")] \
         + [("households", _I)] + [(n, _F) for n in ("half_infectious", "rate_E", "rate_Is", "rate_Ia", "rate_H")] \
         + [(n, _P) for n in ("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E")] \
-        + [(n, _P) for n in ("unit", "susceptible", "alpha")] + [("unit_stride", _I)] \
+        + [(n, _P) for n in ("sigma", "scale", "kept1", "kept2")] \
+        + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
+        + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P)]
 
 
@@ -60,14 +66,15 @@ def _ptr(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
+def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float]) -> tuple[Tensor, ...] | None:
     """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E), each [B, N] or None where no incoming
-    gradient reaches it (`_nonzero_outputs`), or None where the kernel does not apply (not CPU float32, kernels off or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants;
-    ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
+    gradient reaches it (`_nonzero_outputs`), or None where the kernel does not apply (not CPU float32, kernels off
+    or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants; ``unit``: the household unit hazard, factored
+    (multiplied out per chunk in the fused pass, else here); ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
     g_admissions, g_deaths) gradients, None where none arrived."""
-    if unit.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
+    if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
     if library is None:
@@ -119,18 +126,23 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
         slots = layer.num_groups + 1
         household = table(layer.slot, torch.int32)  # GroupLayer's own int32 slots: no copy
         S = dense(susceptible)
-        u = unit.detach().to(torch.float32).contiguous()
-        keep.append(u)
         alpha = per_element(k.asymptomatic_infectiousness)
-        fused = contiguous_groups(layer.slot)  # households as runs of agents: attack, sums and shadow in one pass
+        fused = contiguous_groups(layer.slot) and unit.slot is layer.slot and len(unit.kept) <= 2 \
+            and unit.scale.shape[-1] == slots  # households as runs of agents: attack, sums and shadow in one pass
         if fused:
             sums = [torch.empty(B, slots) for _ in range(3)]  # scratch: S, q_sym, q_asym per household
             keep += sums
             args.susceptible_sums, args.from_sym_sums, args.from_asym_sums = (x.data_ptr() for x in sums)
-            args.unit, args.unit_stride, args.susceptible, args.alpha = (u.data_ptr(), 0 if u.shape[0] == 1 else N,
-                                                                         S.data_ptr(), alpha.data_ptr())
+            for name, x, length in (("sigma", unit.sigma, N), ("scale", unit.scale, slots),
+                                    *((f"kept{n + 1}", x, N) for n, x in enumerate(unit.kept))):
+                x = table(x.reshape(-1, length))  # [B | 1, length] rows
+                setattr(args, name, x.data_ptr())
+                setattr(args, f"{name}_stride", 0 if x.shape[0] == 1 else length)
+            args.susceptible, args.alpha = S.data_ptr(), alpha.data_ptr()
             args.d_sym, args.d_asym, args.f_mean = d_sym, d_asym, f_mean
         else:
+            u = unit.dense().detach().to(torch.float32).contiguous()
+            keep.append(u)
             q_sym, q_asym = torch.empty(B, N), torch.empty(B, N)
             S_sums = group_sum(S, layer.slot, slots)
             library.agenttensor_covid_attack(B, N, u.data_ptr(), 0 if u.shape[0] == 1 else N, S.data_ptr(),
@@ -145,6 +157,6 @@ def backward(k, unit: Tensor, susceptible: Tensor, stage_end: Tensor, vaccinated
     out = tuple(torch.empty(B, N) if needed else None for needed in _nonzero_outputs(grads))
     for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E"), out):
         setattr(args, name, _ptr(value))
-    (library.agenttensor_covid_shadow_backward_fused if args.unit else library.agenttensor_covid_shadow_backward)(
+    (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(
         ctypes.byref(args))
     return out

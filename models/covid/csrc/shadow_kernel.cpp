@@ -114,6 +114,19 @@ void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __rest
 
 using agenttensor::keep;
 
+// u = sigma ((scale[household] kept1) kept2) for n agents (kept1, kept2 null: absent), the order of the torch ops
+// (`shadow.UnitHazard.dense`: products only, so the same bits)
+void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restrict scale,
+                  const int32_t* __restrict household, const float* __restrict kept1, const float* __restrict kept2,
+                  float* __restrict u) {
+  for (int64_t j = 0; j < n; ++j) u[j] = scale[household[j]];
+  if (kept1)
+    for (int64_t j = 0; j < n; ++j) u[j] *= kept1[j];
+  if (kept2)
+    for (int64_t j = 0; j < n; ++j) u[j] *= kept2[j];
+  for (int64_t j = 0; j < n; ++j) u[j] = sigma[j] * u[j];
+}
+
 // the first household boundary at or after i (households contiguous)
 int64_t household_boundary(const int32_t* household, int64_t n, int64_t i) {
   if (i <= 0) return 0;
@@ -234,10 +247,13 @@ struct ShadowArgs {
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
   // outputs [B, N], or null where every input they depend on is null (zero: not written)
   float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
-  // agenttensor_covid_shadow_backward_fused: the attack probabilities' inputs (see agenttensor_covid_attack) and
-  // [B, H] scratch for the household sums (susceptible, q_sym, q_asym)
-  const float *unit, *susceptible, *alpha;
-  int64_t unit_stride;
+  // agenttensor_covid_shadow_backward_fused: the attack probabilities' inputs (see agenttensor_covid_attack), the
+  // unit hazard as its factors u = sigma ((scale[household] kept1) kept2) (sigma, kept1, kept2 [B | 1, N] rows,
+  // kept1 and kept2 null where absent; scale [B | 1, H]; each with its row stride, 0 or its length), and [B, H]
+  // scratch for the household sums (susceptible, q_sym, q_asym)
+  const float *sigma, *scale, *kept1, *kept2;
+  int64_t sigma_stride, scale_stride, kept1_stride, kept2_stride;
+  const float *susceptible, *alpha;
   float d_sym, d_asym, f_mean;
   float *susceptible_sums;
 };
@@ -388,11 +404,14 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, household_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
     ShadowTile tile;
-    std::vector<float> qs, qa, from_sym, from_asym;  // a chunk's q and hand-offs
+    std::vector<float> us, qs, qa, from_sym, from_asym;  // a chunk's unit hazards, q and hand-offs
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
       const float* S = a->susceptible + b * N;
-      const float* u = a->unit + b * a->unit_stride;
+      const float* sigma = a->sigma + b * a->sigma_stride;
+      const float* scale = a->scale + b * a->scale_stride;
+      const float* kept1 = a->kept1 ? a->kept1 + b * a->kept1_stride : nullptr;
+      const float* kept2 = a->kept2 ? a->kept2 + b * a->kept2_stride : nullptr;
       const float* g = a->g_exposure + b * N;
       float* sums = a->susceptible_sums + b * H;
       float* sums_sym = const_cast<float*>(a->from_sym_sums) + b * H;
@@ -401,14 +420,17 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
       for (int64_t c0 = i0; c0 < i1;) {  // chunks of whole households, about four tiles each
         const int64_t c1 = household_boundary(a->household, i1, std::min(i1, c0 + 4 * kTile)), n = c1 - c0;
         if (static_cast<int64_t>(qs.size()) < n) {
+          us.resize(n);
           qs.resize(n);
           qa.resize(n);
           from_sym.resize(n);
           from_asym.resize(n);
         }
         const int32_t* household = a->household + c0;
+        unit_hazards(n, sigma + c0, scale, household, kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr,
+                     us.data());
         run_sums<1>(n, {S + c0}, household, {sums});
-        attack_range(0, n, u + c0, S + c0, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
+        attack_range(0, n, us.data(), S + c0, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
         for (int64_t j = 0; j < n; ++j) {
           from_sym[j] = sums_sym[household[j]] - qs[j];
