@@ -69,13 +69,7 @@ void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t h
   }
 }
 
-// Index after `i` where a new group starts (N if none): a split point that keeps every group in one piece.
-template <class Index>
-int64_t group_boundary(const Index* slot, int64_t N, int64_t i) {
-  if (i <= 0) return 0;
-  while (i < N && slot[i] == slot[i - 1]) ++i;
-  return std::min(i, N);
-}
+using agenttensor::group_boundary;
 
 // Groups laid out contiguously (each group's agents one run, e.g. households of agents sorted by household):
 // runs are summed in a register and stored once, so every group is summed by one chain in agent order. The

@@ -17,4 +17,12 @@ inline float keep(float x, bool same) {
   return x;
 }
 
+// Index at or after `i` where a new group starts (n if none): a split point that keeps every group in one piece.
+template <class Index>
+int64_t group_boundary(const Index* slot, int64_t n, int64_t i) {
+  if (i <= 0) return 0;
+  while (i < n && slot[i] == slot[i - 1]) ++i;
+  return i < n ? i : n;
+}
+
 }  // namespace agenttensor

@@ -1,7 +1,7 @@
 // The backward pass of the covid model's shadow flows (models/covid/shadow.py, `_Transition`) fused into one pass
 // over the agents where households are runs of agents (agenttensor_covid_shadow_backward_fused), else the attack
-// pass and the shadow pass with the caller's household sums between them, for CPU. Loaded by models/covid/shadow_native.py; shadow.py holds the same map in
-// torch ops (the reference, and the path on other devices). Plain C, no torch headers.
+// pass and the shadow pass with the caller's household sums between them, for CPU. Loaded by
+// models/covid/shadow_native.py; shadow.py holds the same map in torch ops (the reference, and the path on other devices). Plain C, no torch headers.
 //
 // Every [B, N] input may be null (no gradient reached it: read as 0). Per-borough [B, G] inputs are read at the
 // agent's borough; per-element constants are [B] arrays; per-age-group tables [A].
@@ -127,12 +127,7 @@ void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restr
   for (int64_t j = 0; j < n; ++j) u[j] = sigma[j] * u[j];
 }
 
-// the first household boundary at or after i (households contiguous)
-int64_t household_boundary(const int32_t* household, int64_t n, int64_t i) {
-  if (i <= 0) return 0;
-  while (i < n && household[i] == household[i - 1]) ++i;
-  return std::min(i, n);
-}
+using agenttensor::group_boundary;
 
 // o[k][s] = the sum of v[k] over the run of agents of household s (K arrays), for the households whose runs lie in
 // [0, n): each in agent order from 0, the additions of `group_sum`'s pass for contiguous groups (the same bits).
@@ -144,7 +139,7 @@ void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict h
   int64_t c[kStreams + 1];
   c[0] = 0;
   c[kStreams] = n;
-  for (int q = 1; q < kStreams; ++q) c[q] = std::max(c[q - 1], household_boundary(household, n, q * n / kStreams));
+  for (int q = 1; q < kStreams; ++q) c[q] = std::max(c[q - 1], group_boundary(household, n, q * n / kStreams));
   int64_t common = n;
   for (int q = 0; q < kStreams; ++q) common = std::min(common, c[q + 1] - c[q]);
   int32_t previous[kStreams] = {-1, -1, -1, -1};
@@ -241,7 +236,8 @@ struct ShadowArgs {
   const int16_t* stage_end;      // [B, N]
   // household hand-off: sums over each agent's household of q_sym g_exposure and q_asym g_exposure ([B, H]),
   // the agent's own values [B, N] and its household slot [N] (all null without g_exposure)
-  const float *from_sym_sums, *from_asym_sums, *q_sym, *q_asym;
+  float *from_sym_sums, *from_asym_sums;  // written by the fused pass, read by the other
+  const float *q_sym, *q_asym;
   const int32_t* household;
   int64_t households;
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
@@ -370,7 +366,8 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N;
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     ShadowTile tile;
-    float from_sym[kTile], from_asym[kTile];
+    float* from_sym = tile.from_sym;
+    float* from_asym = tile.from_asym;
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
@@ -401,7 +398,7 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(a->threads, N >> 16));
   std::vector<int64_t> cut(parts + 1);
   for (int64_t p = 0; p <= parts; ++p)
-    cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, household_boundary(a->household, N, p * (N / parts)));
+    cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
     ShadowTile tile;
     std::vector<float> us, qs, qa, from_sym, from_asym;  // a chunk's unit hazards, q and hand-offs
@@ -414,11 +411,11 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
       const float* kept2 = a->kept2 ? a->kept2 + b * a->kept2_stride : nullptr;
       const float* g = a->g_exposure + b * N;
       float* sums = a->susceptible_sums + b * H;
-      float* sums_sym = const_cast<float*>(a->from_sym_sums) + b * H;
-      float* sums_asym = const_cast<float*>(a->from_asym_sums) + b * H;
+      float* sums_sym = a->from_sym_sums + b * H;
+      float* sums_asym = a->from_asym_sums + b * H;
       const float a_sym = -a->d_sym, a_asym = -a->alpha[b] * a->d_asym;
       for (int64_t c0 = i0; c0 < i1;) {  // chunks of whole households, about four tiles each
-        const int64_t c1 = household_boundary(a->household, i1, std::min(i1, c0 + 4 * kTile)), n = c1 - c0;
+        const int64_t c1 = group_boundary(a->household, i1, std::min(i1, c0 + 4 * kTile)), n = c1 - c0;
         if (static_cast<int64_t>(qs.size()) < n) {
           us.resize(n);
           qs.resize(n);
