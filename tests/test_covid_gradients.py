@@ -592,3 +592,63 @@ def test_the_unit_household_hazard_is_kept_factored(population, monkeypatch):
     unit = shadow.UnitHazard(sigma, scale, slot).dense()
     expected = sigma * (scale[0, env.household.slot.long()])
     assert torch.equal(unit, expected.expand_as(unit)) and unit.shape[-1] == env.num_agents
+
+
+def test_packed_fields_unpack_to_the_same_bits_and_other_values_are_refused():
+    """`contributions_native.pack`: I_sym, I_asym and isolating in one byte per agent (what the own contributions'
+    node saves, so that the step may update the fields in place), bit for bit; any value other than +0.0 and 1.0
+    (fractional, -0.0, NaN) or a tensor it cannot read leaves the fields as they are (None)."""
+    from models.covid import contributions_native
+
+    g = torch.Generator().manual_seed(3)
+    fields = [(torch.rand(2, 70_001, generator=g) < p).float() for p in (0.1, 0.2, 0.3)]
+    flags = contributions_native.pack(*fields)
+    if not shadow_native_enabled():
+        assert flags is None
+        return
+    assert flags.dtype == torch.uint8 and flags.shape == (2, 70_001)
+    for k, x in enumerate(fields):
+        assert torch.equal((flags >> k & 1).float(), x)
+    for value in (0.5, -0.0, float("nan"), 2.0):
+        changed = [x.clone() for x in fields]
+        changed[1][1, 70_000] = value
+        assert contributions_native.pack(*changed) is None, value
+    assert contributions_native.pack(fields[0].double(), fields[1].double(), fields[2].double()) is None
+    assert contributions_native.pack(fields[0][:, ::2], fields[1][:, ::2], fields[2][:, ::2]) is None
+
+
+def shadow_native_enabled() -> bool:
+    from agenttensor import native
+
+    return native.kernels_enabled()
+
+
+def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):
+    """The own contributions' backward from the packed fields: the torch ops (unpacking them) give the bits they
+    give from the float fields, and the native pass the same gradients."""
+    from models.covid import contributions_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "asymptomatic_infectiousness", "isolation_effectiveness", "community_weight")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("stay_at_home", 4, 400, 0.3)]
+
+    def gradients() -> list[torch.Tensor]:
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=14, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    packs = []
+    pack = contributions_native.pack
+    monkeypatch.setattr(contributions_native, "pack", lambda *a: packs.append(pack(*a)) or packs[-1])
+    native = gradients()
+    assert packs and all(p is not None for p in packs) or not shadow_native_enabled()
+    monkeypatch.setattr(contributions_native, "backward", lambda *a, **k: None)
+    from_packed = gradients()
+    monkeypatch.setattr(contributions_native, "pack", lambda *a: None)
+    from_floats = gradients()
+    for name, a, b, c in zip(names, native, from_packed, from_floats):
+        assert torch.equal(b, c), name
+        assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-7 * b.abs().max().item()), (name, a, b)

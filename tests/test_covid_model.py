@@ -520,7 +520,7 @@ def test_autograd_nodes_keep_a_days_tensors_only_as_saved_tensors(env):
 def test_donated_states_change_no_number_and_leave_the_callers_state_alone(env, sampler, monkeypatch):
     """`simulate` donates the states its own steps made (`StepContext.donate`): the covid step then writes today's
     exits into yesterday's tensors in place (hard mode: every transition field; gradient modes: H, R, D, which no
-    autograd node saves). Metrics, final state and gradients are those of the pure step, bit for bit; the state a
+    autograd node saves, and I_sym, I_asym, isolating, which the own contributions' node saves packed). Metrics, final state and gradients are those of the pure step, bit for bit; the state a
     run starts from (a caller's, here an earlier run's final state) is never written."""
     from agenttensor.model import StepContext
 
@@ -534,11 +534,16 @@ def test_donated_states_change_no_number_and_leave_the_callers_state_alone(env, 
             grads = [learn.transmission_scale.grad, learn.hosp_given_symptomatic.grad]
         return res, grads
 
-    owned = []
-    owns = StepContext.owns
+    from models.covid import shadow
+
+    owned, in_place = [], []
+    owns, donatable = StepContext.owns, shadow.donatable
     monkeypatch.setattr(StepContext, "owns", lambda self, x: owned.append(owns(self, x)) or owned[-1])
+    monkeypatch.setattr(shadow, "donatable", lambda *a: in_place.append(donatable(*a)) or in_place[-1])
     donated, donated_grads = go()
     assert sum(owned) >= 3 * 25  # H, R and D (at least) in place on most days
+    if sampler.differentiable:  # all six exit fields on every day but the first
+        assert len(in_place) == 30 and all(len(names) == 6 for names in in_place[1:]), in_place
     monkeypatch.setattr(StepContext, "owns", lambda self, x: False)
     pure, pure_grads = go()
     for name in pure.metrics:

@@ -36,37 +36,64 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
         + [("testing_stride", _I)] \
         + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
                              "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
-                             "acc_isolating")]
+                             "acc_isolating", "flags")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
+    library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _I, _I]
+    library.agenttensor_covid_pack.restype = _I
+
+
+def _library() -> ctypes.CDLL | None:
+    return native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
+
+
+def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> Tensor | None:
+    """I_sym | I_asym << 1 | isolating << 2 as one byte per agent ([B, N] uint8: what the backward pass reads in
+    place of the three float32 fields, 12 bytes per agent), or None where the fields are not CPU float32 [B, N]
+    (contiguous) with every value exactly +0.0 or 1.0 (e.g. a hand-made fractional state), or the kernel is off."""
+    fields = (I_sym, I_asym, isolating)
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape != I_sym.shape
+           or not x.is_contiguous() for x in fields):
+        return None
+    library = _library()
+    if library is None:
+        return None
+    flags = torch.empty(I_sym.shape, dtype=torch.uint8)
+    bad = library.agenttensor_covid_pack(*(x.data_ptr() for x in fields), flags.data_ptr(), flags.numel(),
+                                         torch.get_num_threads())
+    return None if bad else flags
 
 
 def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
              isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
              detect_asym, wants: dict[str, bool],
-             passed: dict[str, tuple[Tensor | None, bool]] | None = None) -> dict[str, Tensor | None] | None:
+             passed: dict[str, tuple[Tensor | None, bool]] | None = None,
+             flags: Tensor | None = None) -> dict[str, Tensor | None] | None:
     """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
     None where not wanted, or None where the kernel does not apply (not CPU float32 with int32 slots, kernels off or
     unbuilt): the caller runs the torch ops. ``probes``: per layer ("household" and ``LAYERS``) its
     `contributions.OthersSum` and the derivatives reaching its probes (member [B, N], group [B, S], plain [B, S] or
     None each); ``wants``: which of the outputs above are needed; ``passed``: per field (I_sym, I_asym, isolating)
     a derivative [B, N] already reaching it, or None, and whether it may be added into in place: the output is then
-    that plus the contributions' (the same buffer where it may)."""
+    that plus the contributions' (the same buffer where it may); ``flags``: the three fields packed (`pack`), read in
+    their place (I_sym, I_asym and isolating are then None)."""
     passed = passed or {}
     B, N = stage_end.shape
     incoming = [g for _, grads in probes.values() for g in grads if g is not None] \
         + [g for g, _ in passed.values() if g is not None]
-    dense = [I_sym, I_asym, isolating, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
+    fields = [I_sym, I_asym, isolating] if flags is None else []
+    dense = [*fields, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
     if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16 \
             or any(group.slot.dtype != torch.int32 or group.slot.shape != (N,) for group, _ in probes.values()):
         return None
-    library = native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
+    library = _library()
     if library is None:
         return None
-    if any(x.shape != (B, N) for x in (I_sym, I_asym, isolating)):
+    if any(x.shape != (B, N) for x in fields) or (flags is not None and (flags.shape != (B, N) or
+                                                                         flags.dtype != torch.uint8)):
         return None
     keep = []  # every tensor whose pointer the kernel reads or writes, alive until it returns
 
@@ -108,8 +135,9 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
             setattr(args, f"p_{name}", ptr(p))
             setattr(args, f"p_{name}_stride", stride)
     for name, x in (("I_sym", I_sym), ("I_asym", I_asym), ("isolating", isolating), ("isolate_prob", isolate_prob),
-                    ("stage_end", stage_end)):
-        setattr(args, name, ptr(x.detach().expand(B, N).contiguous()))
+                    ("stage_end", stage_end), ("flags", flags)):
+        if x is not None:
+            setattr(args, name, ptr(x.detach().expand(B, N).contiguous()))
     if testing is not None:
         t, args.testing_stride = row(testing)
         args.testing = ptr(t)

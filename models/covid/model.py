@@ -283,12 +283,19 @@ class CovidEnv:
         record moves to x's new version and still holds yesterday's sums, which `rolled_counts` adds today's change
         to (``before`` is x itself)."""
         hit = self.counts.get(key)
-        if hit is not None and hit[0]() is x and hit[1] == version:
+        if hit is not None and _same_memory(hit[0](), x) and hit[1] == version:
             self.counts[key] = (hit[0], x._version, hit[2])
 
     def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
         """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
         self.counts[key] = (weakref.ref(x), x._version, counts.detach())
+
+
+def _same_memory(a: Tensor | None, b: Tensor) -> bool:
+    """Whether a and b are the same tensor or aliases of the same elements (e.g. a field passed through an autograd
+    node as a view: they share the version counter too)."""
+    return a is b or (a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 def _small(x: Any) -> bool:
@@ -580,7 +587,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
-        # the contributions' (the exits leave it the buffers it may add into)
+        # the contributions' (the exits leave it the buffers it may add into); where the node saved them packed,
+        # a field this loop owns stays its own (the transition may update it in place)
+        if contributions.packed:
+            for name, alias in contributions.fields.items():
+                if ctx.owns(getattr(state, name)):
+                    ctx.own(alias)
+        ctx.scratch["fields_packed"] = contributions.packed
         state = state.replace(**contributions.fields)
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
@@ -786,7 +799,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
                        isolating=isolating_here - isolating_before)
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
-        donated = tuple(name for name in shadow.DONATABLE if ctx.owns(getattr(state, name)))
+        donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
         return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated), versions,
                                 ctx)
 

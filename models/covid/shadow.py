@@ -151,10 +151,19 @@ def _combine(*terms: tuple[float | Tensor, Tensor | None]) -> Tensor | None:
 
 EXIT_FIELDS = ("E", "I_asym", "I_sym", "H", "isolating")  # the fields read at today's exiting agents
 STAGES = ("S", "E", "I_sym", "I_asym", "H", "R", "D", "isolating")  # the fields `transition` writes
-# the fields `transition` may update in place when the state is donated: no autograd node saves them (I_sym, I_asym
-# and isolating are saved by the own contributions' node; inside a checkpointed segment an in-place change of a saved
-# tensor is not caught by its version counter, it silently changes the recomputed gradients)
+# the fields `transition` may update in place when the loop owns them (`StepContext.owns`): no autograd node may save
+# them (inside a checkpointed segment an in-place change of a saved tensor is not caught by its version counter, it
+# silently changes the recomputed gradients). I_sym, I_asym and isolating are read by the own contributions' node,
+# which saves them packed in one byte (`contributions_native.pack`) where it can: only then (``packed``) may they be
 DONATABLE = ("H", "R", "D")
+DONATABLE_IF_PACKED = ("I_sym", "I_asym", "isolating")
+
+
+def donatable(state, ctx, packed: bool) -> tuple[str, ...]:
+    """The fields of ``state`` that `transition` may update in place today: the loop's own (`StepContext.owns`) of
+    `DONATABLE`, and of `DONATABLE_IF_PACKED` where the own contributions' node saved them packed."""
+    names = DONATABLE + (DONATABLE_IF_PACKED if packed else ())
+    return tuple(name for name in names if ctx.owns(getattr(state, name)))
 
 
 @dataclass

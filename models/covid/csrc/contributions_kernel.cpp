@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "parallel.h"
 
@@ -89,6 +91,16 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
   }
 }
 
+// The packed fields of a tile (`agenttensor_covid_pack`) as floats 0/1, into three tile buffers (stay in L1)
+void unpack(int64_t n, const uint8_t* __restrict flags, float (*__restrict out)[kTile]) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t f = flags[j];
+    out[0][j] = static_cast<float>(f & 1);
+    out[1][j] = static_cast<float>((f >> 1) & 1);
+    out[2][j] = static_cast<float>((f >> 2) & 1);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -153,14 +165,46 @@ struct OwnArgs {
   // derivatives already reaching I_sym, I_asym, isolating (the node's pass-through) [B, N] or null: the outputs are
   // these plus the contributions' (an output may be the same buffer: added in place)
   const float *acc_I_sym, *acc_I_asym, *acc_isolating;
+  // or null: I_sym, I_asym and isolating packed into one byte per agent (bits 0, 1, 2; `agenttensor_covid_pack`),
+  // read in place of the three float fields
+  const uint8_t* flags;
 };
+
+// flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
+// (compared as bit patterns, so that unpacking gives the same bits); returns the number of agents with any other
+// value (then the caller keeps the float fields). One pass, one byte written per agent instead of twelve copied.
+int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const float* isolating, uint8_t* flags,
+                               int64_t n, int64_t threads) {
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> bad(chunks, 0);
+  agenttensor::parallel(threads, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t k0 = c * kChunk, k1 = std::min(n, k0 + kChunk);
+      int32_t other = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        uint32_t s, a, i;
+        std::memcpy(&s, I_sym + k, 4);
+        std::memcpy(&a, I_asym + k, 4);
+        std::memcpy(&i, isolating + k, 4);
+        constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
+        other |= ((s != 0u) & (s != kOne)) | ((a != 0u) & (a != kOne)) | ((i != 0u) & (i != kOne));
+        flags[k] = static_cast<uint8_t>((s == kOne) | ((a == kOne) << 1) | ((i == kOne) << 2));
+      }
+      bad[c] = other;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += bad[c];
+  return total;
+}
 
 void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
-        eta_term[kTile];
+        eta_term[kTile], unpacked[3][kTile];
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -174,15 +218,21 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
         // a field with a derivative already: the contributions' into a tile buffer, then added (in place or not)
         auto field = [&](float* p, const float* acc, int slot) { return acc ? sums[slot] : out(p, slot); };
+        const float *I_sym = a->I_sym + k0, *I_asym = a->I_asym + k0, *isolating = a->isolating + k0;
+        if (a->flags) {
+          unpack(n, a->flags + k0, unpacked);
+          I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
+        }
         own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0]),
                  others_sum_tile(a->school, b, N, t0, n, d[1]), others_sum_tile(a->workplace, b, N, t0, n, d[2]),
                  others_sum_tile(a->community, b, N, t0, n, d[3]), row_or_one(ps, t0, n, ones[0]),
-                 row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), a->I_sym + k0, a->I_asym + k0,
-                 a->isolating + k0, a->isolate_prob + k0, a->stage_end + k0,
+                 row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
+                 a->isolate_prob + k0, a->stage_end + k0,
                  testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
                  field(a->out_I_asym, a->acc_I_asym, 1), field(a->out_isolating, a->acc_isolating, 2),
                  out(a->out_p_school, 4), out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
+
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
         for (int q = 0; q < 3; ++q) {
           if (!accs[q]) continue;
