@@ -26,6 +26,7 @@ from ._derived import Derived
 SOURCE = native.CSRC / "group_kernels.cpp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
+LONG_RUNS = 256  # mean agents per contiguous group from which `layered_force`'s backward sums the group in its pass
 _checked = Derived(limit=256)  # slot -> (max + 1, contiguous)
 _members = Derived(limit=64)  # (slot, number of groups) -> sorted int32 indices of the agents not in the last slot
 
@@ -43,7 +44,8 @@ def _declare(library: ctypes.CDLL) -> None:
 class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
     _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P),
                 ("presence_stride", _I), ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
-                ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P)]
+                ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P), ("sums", _P), ("groups", _I),
+                ("contiguous", _I), ("members", _P), ("member_count", _I)]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -162,11 +164,14 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
 
 
 def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None, want_sigma: bool = False,
-                  want: tuple[tuple[bool, bool, bool], ...] = ()) -> tuple | Tensor | None:
+                  want: tuple[tuple[bool, bool, bool], ...] = (), sums: tuple[bool, ...] = ()) -> tuple | Tensor | None:
     """Forward (grad None): σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l -> [B, N]. Backward: (per-layer
     weights grad σ presence factors [B, N], per-layer (d_presence, d_factor, d_factor_all) with None where not in
-    ``want[l]``, d_sigma or None). ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the
-    last three [B | 1, N] or None. None where the kernel does not apply."""
+    ``want[l]``, d_sigma or None, per-layer group sums of the weights [B, S] where ``sums[l]`` and the layer's groups
+    are contiguous runs of ``LONG_RUNS`` agents or more on average or it has few members (`_members_of`), else None
+    (then a pass of its own, `segment_sum`, is faster): deterministic, though not always `segment_sum`'s bits).
+    ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the last three
+    [B | 1, N] or None. None where the kernel does not apply."""
     if sigma.dim() == 1:  # one value per agent
         sigma = sigma[None]
     if not enabled() or sigma.dim() != 2:
@@ -191,7 +196,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     sigma_rows = rows(sigma, N)
     if sigma_rows is None:
         return None
-    weights, derivatives = [], []
+    weights, derivatives, group_sums = [], [], []
     for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
         parts = [rows(table, table.shape[-1]), rows(presence, N), rows(factor, N), rows(factor_all, N)]
         if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
@@ -199,11 +204,21 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         asked = want[index] if index < len(want) else (False, False, False)
         weight = out(True)
         d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
+        S = table.shape[-1]
+        summed = contiguous = members = None
+        if grad is not None and index < len(sums) and sums[index]:  # in the pass where that beats a pass of its own
+            contiguous = _slot_facts(slot)[1]
+            members = None if contiguous else _members_of(slot, S)
+            if (contiguous and N >= LONG_RUNS * S) or members is not None:
+                summed = torch.empty(B, S)
         weights.append(weight)
         derivatives.append(d)
+        group_sums.append(summed)
         structs.append(ForceLayer(parts[0][0], parts[0][1], slot.data_ptr(), int(slot.dtype == torch.int32),
                                   *parts[1], *parts[2], *parts[3],
-                                  *(None if x is None else x.data_ptr() for x in (weight, *d))))
+                                  *(None if x is None else x.data_ptr() for x in (weight, *d, summed)), S,
+                                  int(bool(contiguous)), None if members is None else members.data_ptr(),
+                                  0 if members is None else members.numel()))
     array = (ForceLayer * len(structs))(*structs)
     force = torch.empty(B, N) if grad is None else None
     d_sigma = out(want_sigma)
@@ -211,4 +226,4 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
                                          None if grad is None else grad.data_ptr(),
                                          None if force is None else force.data_ptr(),
                                          None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
-    return force if grad is None else (weights, derivatives, d_sigma)
+    return force if grad is None else (weights, derivatives, d_sigma, group_sums)

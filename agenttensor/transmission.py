@@ -293,8 +293,9 @@ class _LayeredForce(torch.autograd.Function):
         want_sigma = wants[0]
         want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))
         grad = grad.contiguous()
+        summed = tuple(wants[1 + 7 * k] or group for k, (_, group) in enumerate(ctx.probes))  # the tables' sums
         fused = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
-                                                     for t in terms], grad, want_sigma, want)
+                                                     for t in terms], grad, want_sigma, want, summed)
         if fused is None:  # the same derivatives in torch ops
             gs = grad * sigma
             weights, derivatives, total = [], [], 0
@@ -309,11 +310,13 @@ class _LayeredForce(torch.autograd.Function):
 
                 derivatives.append(tuple(without(k) if asked[k] and parts[k] is not None else None for k in range(3)))
                 total = total + value * product
-            fused = (weights, derivatives, grad * total if want_sigma else None)
-        weights, derivatives, d_sigma = fused
+            fused = (weights, derivatives, grad * total if want_sigma else None, [None] * len(terms))
+        weights, derivatives, d_sigma, group_sums = fused
         out = [_reduce_to(d_sigma, sigma)]
-        for t, w, (d_presence, d_factor, d_factor_all), (member, group) in zip(terms, weights, derivatives, ctx.probes):
-            sums = _segment_sum(w, t.slot, t.table.shape[-1]) if wants[len(out)] or group else None
+        for t, w, (d_presence, d_factor, d_factor_all), (member, group), sums in zip(terms, weights, derivatives,
+                                                                                      ctx.probes, group_sums):
+            if sums is None and (wants[len(out)] or group):  # (unless the native pass summed them)
+                sums = _segment_sum(w, t.slot, t.table.shape[-1])
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None
             out += [d_table, None, _reduce_to(d_presence, t.presence), _reduce_to(d_factor, t.factor),
                     _reduce_to(d_factor_all, t.factor_all), w if member else None, sums if group else None]

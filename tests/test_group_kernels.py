@@ -230,3 +230,39 @@ def test_others_sum_probes_give_the_derivative_of_the_others_sum():
     torch.testing.assert_close(c.grad, ref_c.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="group_probe"):
         layered_force(sigma, [ForceTerm(table, layer.slot, member_probe=probes.member, group_probe=probes.group[:, :5])])
+
+
+def test_layered_force_backward_sums_groups_in_its_pass_whatever_the_threads():
+    """The backward's group sums of the weights (the tables' derivatives) are made in the same pass for contiguous
+    groups of many agents (neighbourhood-like) and for layers most agents are not members of (school-like): those of
+    `segment_sum` up to rounding, the same bits with 1 and 2 threads and for a row run alone as in its batch. Other
+    layers (household-like short runs, scattered groups of everyone) are left to `segment_sum` (None)."""
+    g = torch.Generator().manual_seed(11)
+    B, n = 3, 300_001  # two pieces; the cut moves to a neighbourhood boundary
+    neighbourhoods = torch.sort(torch.randint(0, 300, (n,), generator=g)).values.to(torch.int32)
+    households = torch.sort(torch.randint(0, 100_000, (n,), generator=g)).values.to(torch.int32)
+    schools = torch.where(torch.rand(n, generator=g) < 0.7, 400, torch.randint(0, 400, (n,), generator=g))
+    everyone = torch.randint(0, 5000, (n,), generator=g).to(torch.int32)
+    slots = [neighbourhoods, households, schools, everyone]
+    layers = [(torch.rand(1, int(s.max()) + 1, generator=g), s, torch.rand(B, n, generator=g) if k % 2 else None,
+               None, None) for k, s in enumerate(slots)]
+    sigma, grad = torch.rand(1, n, generator=g), torch.randn(B, n, generator=g)
+    want = ((False, False, False),) * 4
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            runs.append(_group_kernels.layered_force(sigma, layers, grad, False, want, (True,) * 4))
+        row = [(t, s, None if p is None else p[1:2].contiguous(), None, None) for t, s, p, _, _ in layers]
+        alone = _group_kernels.layered_force(sigma, row, grad[1:2].contiguous(), False, want, (True,) * 4)
+    finally:
+        torch.set_num_threads(threads)
+    (weights, _, _, sums), (weights_2, _, _, sums_2) = runs
+    assert sums[1] is None and sums[3] is None
+    for k in (0, 2):
+        assert torch.equal(weights[k], weights_2[k]) and torch.equal(sums[k], sums_2[k])
+        assert torch.equal(alone[3][k], sums[k][1:2])
+        expected = torch.zeros(B, layers[k][0].shape[-1], dtype=torch.float64).index_add_(1, slots[k],
+                                                                                           weights[k].double())
+        torch.testing.assert_close(sums[k].double(), expected, rtol=1e-5, atol=1e-3)

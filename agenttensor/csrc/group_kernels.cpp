@@ -264,6 +264,12 @@ struct ForceLayer {
   float* d_presence;    // backward: [B, N] out or null, grad σ table[slot] factors
   float* d_factor;      // backward: [B, N] out or null, grad σ table[slot] presence factor_all
   float* d_factor_all;  // backward: [B, N] out or null, grad σ table[slot] presence factor
+  // backward, or null: [B, S] out, the group sums of weight (the table's derivative), summed in the same pass
+  float* sums;
+  int64_t groups;      // S
+  int64_t contiguous;  // 1: every group is one run of agents (see contiguous_groups)
+  const int32_t* members;  // or null: the agents not in the last slot, sorted (see accumulate_members)
+  int64_t member_count;
 };
 
 }  // extern "C"
@@ -354,6 +360,148 @@ void dispatch(const ForceLayer& layer, Fn&& fn) {
     dispatch_parts<int64_t>(layer, fn);
 }
 
+// The open run of a contiguous layer's group sums in a task: its group (-1: none) and its partial sums (agent i
+// into lane i % kSpread).
+struct OpenRun {
+  int64_t group = -1;
+  float lanes[kSpread] = {};
+};
+
+inline void close_run(OpenRun& open, float* o) {
+  if (open.group < 0) return;
+  float total = open.lanes[0];
+  for (int64_t c = 1; c < kSpread; ++c) total += open.lanes[c];
+  o[open.group] = total;
+  open.group = -1;
+}
+
+// o[s] = the sum of w over the run of group s for agents [i0, i1), the open run continued, for groups of many agents
+// (e.g. neighbourhoods): a run's agents added into kSpread lanes by agent index (a vectorised loop; one chain in
+// agent order, as contiguous_sum's, is bound by the additions' latency), the lanes added in order when the run
+// closes (`close_run`): a fixed order whatever the tiles and threads, though not contiguous_sum's.
+template <class Index>
+void long_runs(const float* w, const Index* slot, int64_t i0, int64_t i1, float* o, OpenRun& open) {
+  for (int64_t i = i0; i < i1;) {
+    const int64_t group = slot[i];
+    if (group != open.group) {
+      close_run(open, o);
+      open.group = group;
+      std::fill(open.lanes, open.lanes + kSpread, 0.f);
+    }
+    int64_t e = i + 1;
+    while (e < i1 && slot[e] == group) ++e;
+    float lanes[kSpread];
+    std::copy(open.lanes, open.lanes + kSpread, lanes);
+    int64_t j = i;
+    for (; j < e && (j & (kSpread - 1)); ++j) lanes[j & (kSpread - 1)] += w[j];
+    for (; j + kSpread <= e; j += kSpread)
+      for (int64_t c = 0; c < kSpread; ++c) lanes[c] += w[j + c];
+    for (; j < e; ++j) lanes[j & (kSpread - 1)] += w[j];
+    std::copy(lanes, lanes + kSpread, open.lanes);
+    i = e;
+  }
+}
+
+// The backward with the group sums of the weights in the same pass (for each layer whose `sums` is set), for the
+// layers where that beats a separate pass over the weights (`_group_kernels.layered_force` picks them): contiguous
+// groups of many agents (`long_runs`) and scattered groups that most agents are not members of (the members' adds
+// only, `accumulate_members`). The agents of a row are cut into `parts` fixed pieces (2 from 2^18 agents, else 1;
+// one task per row and piece), at a point where every contiguous layer's group changes, so that each of those
+// groups is summed by one task; the scattered layers add into per-task partial sums (with the last slot spread, as
+// in segment_sum) added in piece order at the end. Results do not depend on the thread count.
+void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layers, const float* sigma,
+                        int64_t sigma_stride, const float* grad, float* d_sigma, int64_t threads) {
+  const int64_t parts = N >= (int64_t(1) << 18) ? 2 : 1;
+  int64_t cut = parts == 1 ? N : N / 2;
+  auto changes = [&](int64_t i) {  // whether every contiguous summed layer starts a new group at agent i
+    for (int64_t l = 0; l < L; ++l) {
+      const ForceLayer& layer = layers[l];
+      if (!layer.sums || !layer.contiguous) continue;
+      if (layer.slot_i32) {
+        const int32_t* slot = static_cast<const int32_t*>(layer.slot);
+        if (slot[i] == slot[i - 1]) return false;
+      } else {
+        const int64_t* slot = static_cast<const int64_t*>(layer.slot);
+        if (slot[i] == slot[i - 1]) return false;
+      }
+    }
+    return true;
+  };
+  while (cut < N && cut > 0 && !changes(cut)) ++cut;
+  // per-task partial sums of the scattered layers: [L][B * parts][S + kSpread]
+  std::vector<int64_t> offset(L + 1, 0);
+  for (int64_t l = 0; l < L; ++l)
+    offset[l + 1] = offset[l] + (layers[l].sums && !layers[l].contiguous ? B * parts * (layers[l].groups + kSpread) : 0);
+  std::vector<float> partial(offset[L], 0.f);
+  for (int64_t l = 0; l < L; ++l)
+    if (layers[l].sums && layers[l].contiguous) std::fill(layers[l].sums, layers[l].sums + B * layers[l].groups, 0.f);
+  agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
+    float total[kTile], gs[kTile];
+    std::vector<float> scratch(3 * kTile);
+    std::vector<OpenRun> open(L);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / parts, part = task % parts, r0 = part == 0 ? 0 : cut, r1 = part == parts - 1 ? N : cut;
+      std::fill(open.begin(), open.end(), OpenRun());
+      const float* s = sigma + b * sigma_stride;
+      const float* g = grad + b * N;
+      for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
+        const int64_t i1 = std::min(r1, i0 + kTile), n = i1 - i0;
+        for (int64_t i = i0; i < i1; ++i) gs[i - i0] = g[i] * s[i];
+        std::fill(total, total + n, 0.f);
+        for (int64_t l = 0; l < L; ++l)
+          dispatch(layers[l], [&](auto key, auto index) {
+            constexpr int k = decltype(key)::value;
+            using Index = decltype(index);
+            const ForceLayer& layer = layers[l];
+            if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
+                layer.d_factor_all != nullptr)
+              backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layer, b, N, i0, i1, gs, total,
+                                                                                    scratch.data());
+            else
+              backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layer, b, N, i0, i1, gs, total,
+                                                                                     scratch.data());
+            if (!layer.sums) return;
+            const float* w = layer.weight + b * N;
+            const Index* slot = static_cast<const Index*>(layer.slot);
+            const int64_t G = layer.groups;
+            if (layer.contiguous) {
+              long_runs(w, slot, i0, i1, layer.sums + b * G, open[l]);
+              if (i1 == r1) close_run(open[l], layer.sums + b * G);
+            } else {
+              float* o = partial.data() + offset[l] + task * (G + kSpread);
+              if (layer.members) {
+                const int64_t m0 = std::lower_bound(layer.members, layer.members + layer.member_count, i0) - layer.members;
+                const int64_t m1 = std::lower_bound(layer.members, layer.members + layer.member_count, i1) - layer.members;
+                accumulate_members(w, slot, i0, i1, G, o, layer.members, m0, m1);
+              } else {
+                accumulate(w, slot, i0, i1, G, o);
+              }
+            }
+          });
+        if (d_sigma != nullptr)
+          for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];
+      }
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) {  // the scattered layers' partial sums, in piece order (as segment_sum)
+    const ForceLayer& layer = layers[l];
+    if (!layer.sums || layer.contiguous) continue;
+    const int64_t G = layer.groups, W = G + kSpread;
+    for (int64_t b = 0; b < B; ++b) {
+      float* o = layer.sums + b * G;
+      const float* p = partial.data() + offset[l] + b * parts * W;
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = p[g];
+        for (int64_t part = 1; part < parts; ++part) sum += p[part * W + g];
+        o[g] = sum;
+      }
+      if (G > 0)
+        for (int64_t part = 0; part < parts; ++part)
+          for (int64_t c = 0; c < kSpread; ++c) o[G - 1] += p[part * W + G + c];
+    }
+  }
+}
+
 }  // namespace force_detail
 
 extern "C" {
@@ -366,6 +514,12 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
                                int64_t sigma_stride, const float* grad, float* force, float* d_sigma,
                                int64_t threads) {
   using namespace force_detail;
+  if (grad != nullptr)
+    for (int64_t l = 0; l < L; ++l)
+      if (layers[l].sums) {
+        backward_with_sums(B, N, L, layers, sigma, sigma_stride, grad, d_sigma, threads);
+        return;
+      }
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
     std::vector<float> scratch(grad ? 3 * kTile : 0);  // the backward's unwanted outputs
