@@ -562,9 +562,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                 on_site = at(state.on_site).to(torch.float32)
                 return on_site if closed is None else on_site * (1 - at(closed))
 
-            if at.i is None and hard:  # dense: changes with the weekly decision only
-                return env.memo("presence_work", (state.on_site, closed), value, values_only=True)
-            return once("presence_work", at, value)
+            if at.i is None:  # dense: changes with the weekly decision only (gradient modes: reused where on_site
+                # carries no derivative, else made once per step)
+                return once("presence_work", at, lambda: env.memo("presence_work", (state.on_site, closed), value,
+                                                                  values_only=hard))
+            return value()
 
         work = group_totals(env.workplace, iota_away * p_work(sources))
         own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
