@@ -154,7 +154,7 @@ STAGES = ("S", "E", "I_sym", "I_asym", "H", "R", "D", "isolating")  # the fields
 # the fields `transition` may update in place when the loop owns them (`StepContext.owns`): no autograd node may save
 # them (inside a checkpointed segment an in-place change of a saved tensor is not caught by its version counter, it
 # silently changes the recomputed gradients). I_sym, I_asym and isolating are read by the own contributions' node,
-# which saves them packed in one byte (`contributions_native.pack`) where it can: only then (``packed``) may they be
+# which saves them packed in one byte (`contributions_native.pack`) where it can: only then may they be updated
 DONATABLE = ("H", "R", "D")
 DONATABLE_IF_PACKED = ("I_sym", "I_asym", "isolating")
 
