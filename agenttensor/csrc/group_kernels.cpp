@@ -69,6 +69,20 @@ void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t h
   }
 }
 
+// o[0, G) = the per-part sums p [parts][G + kSpread] added in part order, the last slot's kSpread cells after
+// (`accumulate`)
+inline void combine_parts(const float* p, int64_t parts, int64_t G, float* o) {
+  const int64_t W = G + kSpread;
+  for (int64_t g = 0; g < G; ++g) {
+    float s = p[g];
+    for (int64_t part = 1; part < parts; ++part) s += p[part * W + g];
+    o[g] = s;
+  }
+  if (G > 0)
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t c = 0; c < kSpread; ++c) o[G - 1] += p[part * W + G + c];
+}
+
 using agenttensor::group_boundary;
 
 // Groups laid out contiguously (each group's agents one run, e.g. households of agents sorted by household):
@@ -178,18 +192,7 @@ void segment_sum(const float* values, int64_t row_stride, const Index* slot, int
       }
     }
   });
-  for (int64_t b = 0; b < B; ++b) {
-    float* o = out + b * G;
-    const float* p = scratch + b * parts * W;
-    for (int64_t g = 0; g < G; ++g) {
-      float s = p[g];
-      for (int64_t part = 1; part < parts; ++part) s += p[part * W + g];
-      o[g] = s;
-    }
-    if (G > 0)
-      for (int64_t part = 0; part < parts; ++part)
-        for (int64_t c = 0; c < kSpread; ++c) o[G - 1] += p[part * W + G + c];
-  }
+  for (int64_t b = 0; b < B; ++b) combine_parts(scratch + b * parts * W, parts, G, out + b * G);
 }
 
 // out[b, i] = table[b * table_stride + slot[i]]; out [B, N] contiguous (table_stride 0: one row for every b).
@@ -360,6 +363,32 @@ void dispatch(const ForceLayer& layer, Fn&& fn) {
     dispatch_parts<int64_t>(layer, fn);
 }
 
+// One backward tile [i0, i1) of row b (see agenttensor_layered_force): gs = grad σ, each layer's outputs
+// (`backward_layer`) followed by `after_layer(l, Index())` (the fused group sums, or nothing), then d_sigma.
+// gs, total: kTile floats; scratch: 3 kTile.
+template <class AfterLayer>
+void backward_rows(int64_t N, int64_t L, const ForceLayer* layers, int64_t b, int64_t i0, int64_t i1,
+                   const float* sigma_row, const float* grad_row, float* d_sigma, float* gs, float* total,
+                   float* scratch, AfterLayer&& after_layer) {
+  const int64_t n = i1 - i0;
+  for (int64_t i = i0; i < i1; ++i) gs[i - i0] = grad_row[i] * sigma_row[i];
+  std::fill(total, total + n, 0.f);
+  for (int64_t l = 0; l < L; ++l)
+    dispatch(layers[l], [&](auto key, auto index) {
+      constexpr int k = decltype(key)::value;
+      using Index = decltype(index);
+      const ForceLayer& layer = layers[l];
+      if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
+          layer.d_factor_all != nullptr)
+        backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layer, b, N, i0, i1, gs, total, scratch);
+      else
+        backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layer, b, N, i0, i1, gs, total, scratch);
+      after_layer(l, index);
+    });
+  if (d_sigma != nullptr)
+    for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = grad_row[i] * total[i - i0];
+}
+
 // The open run of a contiguous layer's group sums in a task: its group (-1: none) and its partial sums (agent i
 // into lane i % kSpread).
 struct OpenRun {
@@ -431,7 +460,8 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
   // per-task partial sums of the scattered layers: [L][B * parts][S + kSpread]
   std::vector<int64_t> offset(L + 1, 0);
   for (int64_t l = 0; l < L; ++l)
-    offset[l + 1] = offset[l] + (layers[l].sums && !layers[l].contiguous ? B * parts * (layers[l].groups + kSpread) : 0);
+    offset[l + 1] =
+        offset[l] + (layers[l].sums && !layers[l].contiguous ? B * parts * (layers[l].groups + kSpread) : 0);
   std::vector<float> partial(offset[L], 0.f);
   for (int64_t l = 0; l < L; ++l)
     if (layers[l].sums && layers[l].contiguous) std::fill(layers[l].sums, layers[l].sums + B * layers[l].groups, 0.f);
@@ -445,60 +475,37 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
       const float* s = sigma + b * sigma_stride;
       const float* g = grad + b * N;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
-        const int64_t i1 = std::min(r1, i0 + kTile), n = i1 - i0;
-        for (int64_t i = i0; i < i1; ++i) gs[i - i0] = g[i] * s[i];
-        std::fill(total, total + n, 0.f);
-        for (int64_t l = 0; l < L; ++l)
-          dispatch(layers[l], [&](auto key, auto index) {
-            constexpr int k = decltype(key)::value;
-            using Index = decltype(index);
-            const ForceLayer& layer = layers[l];
-            if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
-                layer.d_factor_all != nullptr)
-              backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layer, b, N, i0, i1, gs, total,
-                                                                                    scratch.data());
-            else
-              backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layer, b, N, i0, i1, gs, total,
-                                                                                     scratch.data());
-            if (!layer.sums) return;
-            const float* w = layer.weight + b * N;
-            const Index* slot = static_cast<const Index*>(layer.slot);
-            const int64_t G = layer.groups;
-            if (layer.contiguous) {
-              long_runs(w, slot, i0, i1, layer.sums + b * G, open[l]);
-              if (i1 == r1) close_run(open[l], layer.sums + b * G);
+        const int64_t i1 = std::min(r1, i0 + kTile);
+        backward_rows(N, L, layers, b, i0, i1, s, g, d_sigma, gs, total, scratch.data(), [&](int64_t l, auto index) {
+          using Index = decltype(index);
+          const ForceLayer& layer = layers[l];
+          if (!layer.sums) return;
+          const float* w = layer.weight + b * N;
+          const Index* slot = static_cast<const Index*>(layer.slot);
+          const int64_t G = layer.groups;
+          if (layer.contiguous) {
+            long_runs(w, slot, i0, i1, layer.sums + b * G, open[l]);
+            if (i1 == r1) close_run(open[l], layer.sums + b * G);
+          } else {
+            float* o = partial.data() + offset[l] + task * (G + kSpread);
+            if (layer.members) {
+              const int32_t *first = layer.members, *past = layer.members + layer.member_count;
+              accumulate_members(w, slot, i0, i1, G, o, first, std::lower_bound(first, past, i0) - first,
+                                 std::lower_bound(first, past, i1) - first);
             } else {
-              float* o = partial.data() + offset[l] + task * (G + kSpread);
-              if (layer.members) {
-                const int64_t m0 = std::lower_bound(layer.members, layer.members + layer.member_count, i0) - layer.members;
-                const int64_t m1 = std::lower_bound(layer.members, layer.members + layer.member_count, i1) - layer.members;
-                accumulate_members(w, slot, i0, i1, G, o, layer.members, m0, m1);
-              } else {
-                accumulate(w, slot, i0, i1, G, o);
-              }
+              accumulate(w, slot, i0, i1, G, o);
             }
-          });
-        if (d_sigma != nullptr)
-          for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];
+          }
+        });
       }
     }
   });
   for (int64_t l = 0; l < L; ++l) {  // the scattered layers' partial sums, in piece order (as segment_sum)
     const ForceLayer& layer = layers[l];
     if (!layer.sums || layer.contiguous) continue;
-    const int64_t G = layer.groups, W = G + kSpread;
-    for (int64_t b = 0; b < B; ++b) {
-      float* o = layer.sums + b * G;
-      const float* p = partial.data() + offset[l] + b * parts * W;
-      for (int64_t g = 0; g < G; ++g) {
-        float sum = p[g];
-        for (int64_t part = 1; part < parts; ++part) sum += p[part * W + g];
-        o[g] = sum;
-      }
-      if (G > 0)
-        for (int64_t part = 0; part < parts; ++part)
-          for (int64_t c = 0; c < kSpread; ++c) o[G - 1] += p[part * W + G + c];
-    }
+    const int64_t G = layer.groups;
+    for (int64_t b = 0; b < B; ++b)
+      combine_parts(partial.data() + offset[l] + b * parts * (G + kSpread), parts, G, layer.sums + b * G);
   }
 }
 
@@ -538,24 +545,8 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
           float* out = force + b * N;
           for (int64_t i = i0; i < i1; ++i) out[i] = s[i] * total[i - i0];
         } else {
-          const float* g = grad + b * N;
-          for (int64_t i = i0; i < i1; ++i) gs[i - i0] = g[i] * s[i];
-          std::fill(total, total + n, 0.f);
-          for (int64_t l = 0; l < L; ++l)
-            dispatch(layers[l], [&](auto key, auto index) {
-              constexpr int k = decltype(key)::value;
-              using Index = decltype(index);
-              const ForceLayer& layer = layers[l];
-              if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
-                  layer.d_factor_all != nullptr)
-                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layers[l], b, N, i0, i1, gs,
-                                                                                      total, scratch.data());
-              else
-                backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layers[l], b, N, i0, i1, gs,
-                                                                                       total, scratch.data());
-            });
-          if (d_sigma != nullptr)
-            for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = g[i] * total[i - i0];
+          backward_rows(N, L, layers, b, i0, i1, s, grad + b * N, d_sigma, gs, total, scratch.data(),
+                        [](int64_t, auto) {});
         }
       }
     });
