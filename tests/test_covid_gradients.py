@@ -652,3 +652,38 @@ def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypa
     for name, a, b, c in zip(names, native, from_packed, from_floats):
         assert torch.equal(b, c), name
         assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-7 * b.abs().max().item()), (name, a, b)
+
+
+@pytest.mark.parametrize("path", ["native", "torch ops"])
+def test_own_contributions_give_each_agents_derivative_with_presences_below_one(population, monkeypatch, path):
+    """Per agent, not only summed into parameters: the derivative of a few days' infections and reports w.r.t. each
+    agent's I_sym, I_asym and isolating at a mid-epidemic state, through the own contributions (the native pass and
+    its torch ops) against the explicit dense products through the generic probes, with school, workplace and
+    stay-at-home levers (presences below 1). Each agent's own term (the others-sum leaves it out, weighted by its
+    presence) is visible here, in small groups, where it is lost in the sums over agents of the parameters' tests."""
+    params = moderate(initial_prevalence=0.02)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    interventions = [at.Intervention("school_closure", 0, 400, 0.5), at.Intervention("stay_at_home", 0, 400, 0.3),
+                     at.Intervention("workplace_closure", 0, 400, 0.2), at.Intervention("testing_isolation", 0, 400, 0.3)]
+    start = at.simulate(MODEL, None, params.as_tensors(), steps=15, seeds=[0, 1], env=env, start_date=START,
+                        progress=False, sampler=StraightThrough(), interventions=interventions).final_state
+
+    def gradients() -> list[torch.Tensor]:
+        leaves = {name: getattr(start, name).detach().clone().requires_grad_() for name in ("I_sym", "I_asym",
+                                                                                           "isolating")}
+        res = at.simulate(MODEL, None, params.as_tensors(), steps=18, seeds=[0, 1], env=env, start_date=START,
+                          progress=False, sampler=StraightThrough(), interventions=interventions,
+                          initial_state=start.replace(**leaves), first_step=15)
+        (res["new_infections"].sum() + res["reported_cases"].sum()).backward()
+        return [leaf.grad for leaf in leaves.values()]
+
+    from models.covid import contributions_native
+
+    if path == "torch ops":
+        monkeypatch.setattr(contributions_native, "backward", lambda *a, **k: None)
+    fast = gradients()
+    monkeypatch.setattr(covid, "own_contributions", explicit_own_contributions)
+    reference = gradients()
+    for a, b in zip(fast, reference):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
