@@ -101,6 +101,25 @@ void unpack(int64_t n, const uint8_t* __restrict flags, float (*__restrict out)[
   }
 }
 
+// `agenttensor_covid_pack` for n agents: whether any value is other than +0.0 or 1.0. Restrict pointers, no
+// branch, 32-bit lanes: it vectorises (as a lambda over the closure's pointers it ran one agent at a time, 21 ms
+// at full NYC).
+int32_t pack_range(int64_t n, const float* __restrict I_sym, const float* __restrict I_asym,
+                   const float* __restrict isolating, uint8_t* __restrict flags) {
+  constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
+  uint32_t other = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t s, a, i;
+    std::memcpy(&s, I_sym + k, 4);
+    std::memcpy(&a, I_asym + k, 4);
+    std::memcpy(&i, isolating + k, 4);
+    const uint32_t one_s = s == kOne, one_a = a == kOne, one_i = i == kOne;
+    other |= (s != 0u && !one_s) | (a != 0u && !one_a) | (i != 0u && !one_i);
+    flags[k] = static_cast<uint8_t>(one_s | one_a << 1 | one_i << 2);
+  }
+  return other != 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -171,8 +190,9 @@ struct OwnArgs {
 };
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
-// (compared as bit patterns, so that unpacking gives the same bits); returns the number of agents with any other
-// value (then the caller keeps the float fields). One pass, one byte written per agent instead of twelve copied.
+// (compared as bit patterns, so that unpacking gives the same bits); returns the number of chunks with any other
+// value (0: all packed; else the caller keeps the float fields). One pass, one byte written per agent instead of
+// twelve copied.
 int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const float* isolating, uint8_t* flags,
                                int64_t n, int64_t threads) {
   constexpr int64_t kChunk = int64_t(1) << 16;
@@ -180,18 +200,8 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
   std::vector<int64_t> bad(chunks, 0);
   agenttensor::parallel(threads, chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
-      const int64_t k0 = c * kChunk, k1 = std::min(n, k0 + kChunk);
-      int32_t other = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        uint32_t s, a, i;
-        std::memcpy(&s, I_sym + k, 4);
-        std::memcpy(&a, I_asym + k, 4);
-        std::memcpy(&i, isolating + k, 4);
-        constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
-        other |= ((s != 0u) & (s != kOne)) | ((a != 0u) & (a != kOne)) | ((i != 0u) & (i != kOne));
-        flags[k] = static_cast<uint8_t>((s == kOne) | ((a == kOne) << 1) | ((i == kOne) << 2));
-      }
-      bad[c] = other;
+      const int64_t k0 = c * kChunk;
+      bad[c] = pack_range(std::min(kChunk, n - k0), I_sym + k0, I_asym + k0, isolating + k0, flags + k0);
     }
   });
   int64_t total = 0;
