@@ -589,14 +589,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
-        # the contributions' (the exits leave it the buffers it may add into); where the node saved them packed,
-        # a field this loop owns stays its own (the transition may update it in place)
-        if contributions.packed:
-            for name, alias in contributions.fields.items():
-                if ctx.owns(getattr(state, name)):
-                    ctx.own(alias)
+        # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
+        # are, and the transition updates them in place only where the node saved them packed (`shadow.donatable`)
+        state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x
+                                 for name, x in contributions.fields.items()})
         ctx.scratch["fields_packed"] = contributions.packed
-        state = state.replace(**contributions.fields)
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain
