@@ -67,14 +67,22 @@ def kernels_enabled() -> bool:
 
 
 def vector_flags() -> tuple[str, ...]:
-    """``-mavx2 -mfma`` where this CPU has them (from /proc/cpuinfo), else nothing (SSE2 code). The flags are
-    part of a build's cache key, so a machine without them never loads a build made with them."""
+    """The widest vector instructions this CPU has (from /proc/cpuinfo): AVX-512 (F, BW, VL, DQ, 512-bit vectors
+    preferred), else ``-mavx2 -mfma``, else nothing (SSE2 code). The flags are part of a build's cache key, so a
+    machine without them never loads a build made with them. No fused multiply-adds either way (the kernels are
+    built with ``-ffp-contract=off`` where their numbers must be the torch ops'), so the width changes no result:
+    per-element arithmetic is the same, and sums keep their written order. AVX-512: full-NYC transition backward
+    64 → 56 ms per day, the gradient day ~4 % faster (in-process A/B, identical gradients)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return ()
-    return ("-mavx2", "-mfma") if "avx2" in flags and "fma" in flags else ()
+    if not ("avx2" in flags and "fma" in flags):
+        return ()
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        return ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512")
+    return ("-mavx2", "-mfma")
 
 
 def load(source: Path, name: str, declare: Callable[[ctypes.CDLL], None],

@@ -369,11 +369,30 @@ def _stacked_range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: to
 
 def range_broadcast(per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
     """Each agent's range value: [B, G] -> [B, N] (the adjoint of `range_sums`; ranges cover 0..N in order).
-    One broadcast fill per range: a single pass of writes (2.5x faster than ``repeat_interleave`` at 1M)."""
+    One broadcast fill per range: a single pass of writes (2.5x faster than ``repeat_interleave`` at 1M). Under
+    autograd its derivative is one sum per range, where ``index_select``'s (an ``index_add`` of every agent into a
+    few slots, one thread) took 475 ms at full NYC for the 5 boroughs."""
+    if per_range.requires_grad and torch.is_grad_enabled():
+        return _RangeBroadcast.apply(per_range, ranges)
+    return _range_broadcast(per_range, ranges)
+
+
+def _range_broadcast(per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
     out = per_range.new_empty(per_range.shape[0], ranges[-1][1] if ranges else 0)
     for k, (a, b) in enumerate(ranges):
         out[:, a:b] = per_range[:, k:k + 1]
     return out
+
+
+class _RangeBroadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, per_range: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
+        ctx.ranges = ranges
+        return _range_broadcast(per_range, ranges)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _stacked_range_sums(grad, ctx.ranges, None), None
 
 
 class _RangeSums(torch.autograd.Function):

@@ -222,6 +222,19 @@ def test_behaviour_source_plugs_in(population):
     assert results.final_state.on_site.sum() == 0
 
 
+def test_borough_values_are_each_agents_boroughs(env):
+    """The heuristic behaviour reads each agent's borough value by ranges (agents sorted by borough): the values of a
+    gather by ``env.borough``, and the same derivative."""
+    from models.covid.behavior import borough_values
+
+    per_borough = torch.randn(3, 5, requires_grad=True)
+    spread = borough_values(env, per_borough)
+    assert torch.equal(spread, per_borough.index_select(1, env.borough))
+    upstream = torch.randint(-3, 4, spread.shape).float()
+    (spread * upstream).sum().backward()
+    assert torch.equal(per_borough.grad, torch.zeros(3, 5).index_add_(1, env.borough, upstream))
+
+
 def test_isolation_propensity_lowers_infections(env):
     never = run(env, busy_params(isolate_intercept=-20.0, isolate_incidence_slope=0.0), steps=30, seeds=range(3))
     always = run(env, busy_params(isolate_intercept=20.0), steps=30, seeds=range(3))

@@ -46,6 +46,24 @@ def test_range_sums_and_their_gradient():
     assert torch.equal(as_float, torch.tensor([[3.0, 0.0, 7.0]]))
 
 
+def test_range_broadcast_carries_the_derivative_of_the_gather():
+    """range_broadcast under autograd: the values of ``index_select`` by range id, and its derivative as one sum per
+    range (integer-valued, so the sums are exact whatever their order); an empty range gets zero."""
+    ranges = [(0, 4), (4, 4), (4, 9)]
+    range_of = torch.tensor([0] * 4 + [2] * 5)
+    per_range = torch.rand(2, 3, requires_grad=True)
+    spread = range_broadcast(per_range, ranges)
+    reference = per_range.detach().clone().requires_grad_()
+    gathered = reference.index_select(1, range_of)
+    assert torch.equal(spread, gathered) and spread.requires_grad
+    upstream = torch.randint(-5, 6, (2, 9)).float()
+    (spread * upstream).sum().backward()
+    (gathered * upstream).sum().backward()
+    assert torch.equal(per_range.grad, reference.grad) and torch.equal(per_range.grad[:, 1], torch.zeros(2))
+    with torch.no_grad():
+        assert not range_broadcast(per_range, ranges).requires_grad
+
+
 def test_weighted_range_sums_and_known_sums_carry_the_derivative_of_the_dense_sums():
     """range_sums(values, weight=w): the sums of values · w, with the derivatives of both (w broadcast from one
     row); with ``known`` the given sums are returned and values are not read, the derivatives unchanged."""
