@@ -127,6 +127,29 @@ def test_hard_and_gradient_modes_same_trajectory(env, params):
             assert torch.equal(value.float(), soft[name].detach().float()), name
 
 
+@pytest.mark.parametrize("sampler", [None, StraightThrough()], ids=["hard", "straight-through"])
+def test_per_borough_sums_by_runs_equal_the_scatter(env, sampler, monkeypatch):
+    """The day's per-borough flows summed over runs of pairs (`by_borough_at` above `RUNS_ABOVE` pairs, as at the
+    peak of a city-scale epidemic) and by a scatter (below): the same metrics, and the same gradients."""
+    import models.covid.model as covid_model
+
+    def both():
+        params = busy_params(transmission_scale=3.0).as_tensors(learn=("transmission_scale", "detection_rate"))
+        results = run(env, params, steps=25, seeds=(0, 1), interventions=ALL_LEVERS,
+                      **({} if sampler is None else dict(sampler=sampler)))
+        if sampler is not None:
+            (results["reported_cases"].sum() + results["hospital_admissions"].sum()).backward()
+        return results, [params.transmission_scale.grad, params.detection_rate.grad]
+
+    scattered, grads = both()
+    monkeypatch.setattr(covid_model, "RUNS_ABOVE", 0)
+    runs, run_grads = both()
+    for name, value in scattered.metrics.items():
+        assert torch.equal(value.detach(), runs[name].detach()), name
+    for a, b in zip(grads, run_grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_kernels_change_no_number(env, threads, monkeypatch):
     """Hard runs with the native kernels (uniforms, fused events, index selection, group sums) and with torch ops

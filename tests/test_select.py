@@ -50,3 +50,24 @@ def test_where_the_kernel_does_not_apply_torch_answers(monkeypatch):
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     m = x.to(torch.uint8)
     assert _same(select.nonzero(m, m), m.nonzero(as_tuple=True)) and select.count(m) == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_values_at_and_put_at_are_two_index_gathers_and_puts(rows):
+    """values_at / put_at_ by flat positions: the numbers and the derivative of x[b, i] and index_put_((b, i), ...),
+    also for a non-contiguous x (put_at_ then takes the two-index path, still in place)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(rows, 50, generator=g)
+    b, i = select.nonzero((torch.rand(rows, 50, generator=g) < 0.3).to(torch.uint8))
+    source = x.clone().requires_grad_()
+    picked = select.values_at(source, b, i)
+    assert torch.equal(picked, x[b, i])
+    weights = torch.rand(b.numel(), generator=g)
+    (picked * weights).sum().backward()
+    assert torch.equal(source.grad, torch.zeros_like(x).index_put_((b, i), weights))
+    values = torch.rand(b.numel(), generator=g)
+    for accumulate in (False, True):
+        for target in (x.clone(), x.t().contiguous().t()):  # contiguous and not
+            expect = target.clone().index_put_((b, i), values, accumulate=accumulate)
+            out = select.put_at_(target, b, i, values, accumulate=accumulate)
+            assert out is target and torch.equal(target, expect)

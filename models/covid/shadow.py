@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agenttensor import select
 from agenttensor.transmission import group_gather, range_broadcast
 
 from . import shadow_native
@@ -190,7 +191,7 @@ class _ExitsAt(torch.autograd.Function):
         ctx.handoff, ctx.made, ctx.shape = handoff, made, fields[0].shape
         ctx.save_for_backward(b, i)
         ctx.set_materialize_grads(False)
-        return (*[x.view_as(x) for x in fields], *[x[b, i] for x in fields])
+        return (*[x.view_as(x) for x in fields], *[select.values_at(x, b, i) for x in fields])
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
@@ -205,7 +206,7 @@ class _ExitsAt(torch.autograd.Function):
                 elif not ours:
                     g = g.clone()
                 ours = True
-                g.index_put_((b, i), g_exits, accumulate=True)
+                select.put_at_(g, b, i, g_exits, accumulate=True)
             if ours and ctx.made is not None:  # a buffer nobody else reads: the next node may add into it
                 ctx.made[name] = g
             out.append(g)
@@ -220,7 +221,7 @@ def gather_exits(fields: dict[str, Tensor], b: Tensor, i: Tensor, differentiable
     it returns where it made that buffer (nobody else reads it: the node that produced the field may add into it,
     `contributions.Contributions.handoff`)."""
     if not differentiable:
-        return Exits(b, i, {name: fields[name][b, i] for name in EXIT_FIELDS})
+        return Exits(b, i, {name: select.values_at(fields[name], b, i) for name in EXIT_FIELDS})
     handoff: dict[str, Tensor] = {}
     out = _ExitsAt.apply(handoff, made, b, i, *[fields[name] for name in EXIT_FIELDS])
     k = len(EXIT_FIELDS)
@@ -247,10 +248,10 @@ class _Transition(torch.autograd.Function):
         ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, b, i)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
-        after = {"S": before["S"] - new_E, "E": (before["E"] + new_E).index_put_((b, i), changes["E"], accumulate=True)}
+        after = {"S": before["S"] - new_E, "E": select.put_at_(before["E"] + new_E, b, i, changes["E"], accumulate=True)}
         for name in STAGES[2:]:  # a donated field (the loop's own, `StepContext.owns`) in place: no [B, N] copy
-            after[name] = before[name].detach().index_put_((b, i), changes[name], accumulate=True) if name in donated \
-                else before[name].index_put((b, i), changes[name], accumulate=True)
+            after[name] = select.put_at_(before[name].detach() if name in donated else before[name].clone(), b, i,
+                                         changes[name], accumulate=True)
         return (*after.values(), exposure0, latent0, infections.clone(), reported, admissions, deaths, recent)
 
     @staticmethod
@@ -281,7 +282,7 @@ class _Transition(torch.autograd.Function):
         g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E = fused
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
-        at_exits = [None if g is None else g[b, i] for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
+        at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
         return (None,) * 12 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
                               gS, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
