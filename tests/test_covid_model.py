@@ -245,36 +245,17 @@ def test_behaviour_source_plugs_in(population):
     assert results.final_state.on_site.sum() == 0
 
 
-def test_heuristic_behaviour_per_cell_is_the_per_agent_formula(env):
-    """HeuristicBehavior computes its logits once per cell of agents with the same inputs (borough, age, intervention
-    cell) and gathers them: the per-agent formula's probabilities (the same arithmetic per element; torch's sigmoid may
-    round a vector's tail differently, by an ulp), and its parameters' gradients."""
-    from models.covid.behavior import HeuristicBehavior, decision_cells
+def test_borough_values_are_each_agents_boroughs(env):
+    """The heuristic behaviour reads each agent's borough value by ranges (agents sorted by borough): the values of a
+    gather by ``env.borough``, and the same derivative."""
+    from models.covid.behavior import borough_values
 
-    cell, representative = decision_cells(env)
-    assert representative.numel() < env.num_agents // 10  # few cells
-    for inputs in (env.borough, env.age_decades_centered, env.cell):  # every member reads its representative's inputs
-        assert torch.equal(inputs.index_select(0, representative).index_select(0, cell), inputs)
-    names = ("isolate_intercept", "isolate_incidence_slope", "work_age_slope", "work_stay_home_slope")
-    params = CovidParams().as_tensors(learn=names)
-    cases = torch.tensor([[10.0, 250.0, 40.0, 0.0, 900.0], [5.0, 1.0, 2.0, 3.0, 4.0]])
-    stay_home = torch.rand(2, 5, len(env.cell.unique()) // 5 + 8)
-    observations = dict(cases_per_100k=cases, policies={"stay_at_home": stay_home})
-    got = HeuristicBehavior().decide(env, None, params, None, observations)
-    local = torch.log1p(cases).index_select(1, env.borough)
-    age = env.age_decades_centered
-    isolate = torch.sigmoid(params.isolate_intercept + params.isolate_incidence_slope * local
-                            + params.isolate_age_slope * age)
-    work = torch.sigmoid(params.work_intercept - params.work_incidence_slope * local - params.work_age_slope * age
-                         - params.work_stay_home_slope * stay_home.flatten(1).index_select(1, env.cell))
-    assert torch.allclose(got["isolate_prob"], isolate, rtol=1e-6, atol=0)
-    assert torch.allclose(got["work_prob"], work, rtol=1e-6, atol=0)
-    weights = torch.rand_like(isolate)
-    ours = torch.autograd.grad(((got["isolate_prob"] + got["work_prob"]) * weights).sum(),
-                               [getattr(params, n) for n in names])
-    reference = torch.autograd.grad(((isolate + work) * weights).sum(), [getattr(params, n) for n in names])
-    for a, b in zip(ours, reference):
-        assert torch.allclose(a, b, rtol=1e-4), (a, b)
+    per_borough = torch.randn(3, 5, requires_grad=True)
+    spread = borough_values(env, per_borough)
+    assert torch.equal(spread, per_borough.index_select(1, env.borough))
+    upstream = torch.randint(-3, 4, spread.shape).float()
+    (spread * upstream).sum().backward()
+    assert torch.equal(per_borough.grad, torch.zeros(3, 5).index_add_(1, env.borough, upstream))
 
 
 def test_isolation_propensity_lowers_infections(env):

@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from agenttensor.transmission import group_gather
+from agenttensor.transmission import range_broadcast
 
 
 @runtime_checkable
@@ -49,25 +49,15 @@ class BehaviorSource(Protocol):
         ...
 
 
-def decision_cells(env) -> tuple[Tensor, Tensor]:
-    """(cell [N] int64, representative [K] int64): agents grouped by what `HeuristicBehavior` reads of them (borough,
-    ``age_decades_centered`` to the bit, intervention cell), and one member of each group. The heuristic's logits are
-    the same within a group, so it computes them once per group ([B, K], K ~ 10^3 at full NYC) and gathers them: two
-    [B, N] gathers per decision instead of ~15 [B, N] passes (and as many in the backward pass). Memoised per
-    population where the env memoises (`CovidEnv.memo`)."""
-
-    def compute() -> tuple[Tensor, Tensor]:
-        age_bits = env.age_decades_centered.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        key = (env.borough.to(torch.int64) * (1 << 32) + age_bits) * 4096 + env.cell.to(torch.int64)
-        _, cell = torch.unique(key, return_inverse=True)
-        K = int(cell.max()) + 1 if cell.numel() else 0
-        everyone = torch.arange(cell.numel(), device=cell.device)
-        representative = torch.full((K,), cell.numel(), dtype=torch.int64, device=cell.device)
-        return cell, representative.scatter_reduce_(0, cell, everyone, "amin")
-
-    memo = getattr(env, "memo", None)
-    inputs = (env.borough, env.age_decades_centered, env.cell)
-    return compute() if memo is None else memo("decision_cells", inputs, compute)
+def borough_values(env, per_borough: Tensor) -> Tensor:
+    """Each agent's borough's value: [B, G] -> [B, N]. Where agents are sorted by borough (``env.borough_slices``, as
+    the covid model's setup makes them) one broadcast per borough, whose derivative is one sum per borough (the
+    derivative of ``index_select``, an ``index_add`` of every agent into 5 slots, took 475 ms at full NYC: a
+    calibration paid it every decision day)."""
+    slices = getattr(env, "borough_slices", None)
+    if slices is not None:
+        return range_broadcast(per_borough, slices)
+    return per_borough.index_select(1, env.borough)
 
 
 class HeuristicBehavior:
@@ -76,19 +66,15 @@ class HeuristicBehavior:
     stateless = True  # a pure function of its inputs (scenario runs may share a prefix; agenttensor.prefix)
 
     def decide(self, env, state, params, ctx, observations) -> dict[str, Tensor]:
-        cell, representative = decision_cells(env)  # the logits per cell of agents that read the same inputs
         incidence = torch.log1p(observations["cases_per_100k"])  # [B, G]
-        local = incidence.index_select(1, env.borough.index_select(0, representative).to(torch.int64))  # [B, K]
-        age = env.age_decades_centered.index_select(0, representative)  # [K] (age - 40) / 10
+        local = borough_values(env, incidence)  # [B, N]
+        age = env.age_decades_centered  # [N] (age - 40) / 10
         isolate_logit = params.isolate_intercept + params.isolate_incidence_slope * local + params.isolate_age_slope * age
         work_logit = params.work_intercept - params.work_incidence_slope * local - params.work_age_slope * age
-        policy_cell = env.cell.index_select(0, representative).to(torch.int64)
         stay_home = observations["policies"].get("stay_at_home")
-        if stay_home is not None:  # [B, G, A] -> per cell
-            work_logit = work_logit - params.work_stay_home_slope * stay_home.flatten(1).index_select(1, policy_cell)
+        if stay_home is not None:  # [B, G, A] -> per agent
+            work_logit = work_logit - params.work_stay_home_slope * stay_home.flatten(1).index_select(1, env.cell)
         stimulus = observations["policies"].get("stimulus")
         if stimulus is not None:  # a cash cushion makes staying home affordable
-            work_logit = work_logit - params.work_stimulus_slope * stimulus.flatten(1).index_select(1, policy_cell)
-        # [B, K] -> [B, N]: each agent its cell's values (the derivative: one segment sum per output)
-        return {"isolate_prob": group_gather(torch.sigmoid(isolate_logit), cell),
-                "work_prob": group_gather(torch.sigmoid(work_logit), cell)}
+            work_logit = work_logit - params.work_stimulus_slope * stimulus.flatten(1).index_select(1, env.cell)
+        return {"isolate_prob": torch.sigmoid(isolate_logit), "work_prob": torch.sigmoid(work_logit)}
