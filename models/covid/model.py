@@ -847,8 +847,8 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     The pairs come in `select.nonzero`'s row-major order and agents are sorted by borough, so the pairs of one
     (element, borough) are one run of the M values: above `RUNS_ABOVE` pairs, one slice sum per run (its bounds by
     one search), without gathering each agent's borough and scattering (the day's exits and infections at the peak
-    of a full-NYC epidemic, ~10^5-10^6 pairs: 18 → 3 ms per day). The values are events (0 or 1 each), so their sums
-    are exact in any order: both ways give the same numbers."""
+    of a full-NYC epidemic, ~10^5-10^6 pairs, where the gather and the scatter took 18 ms per day). The values are
+    events (0 or 1 each), so their sums are exact in any order: both ways give the same numbers."""
     G = len(env.group_labels)
     lead, M = values.shape[:-1], values.shape[-1]
     values = values.to(torch.float32)
