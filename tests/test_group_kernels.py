@@ -61,6 +61,29 @@ def test_results_do_not_depend_on_threads_or_batch():
     assert torch.equal(_group_kernels.segment_sum(broadcast, slot, groups), two[:1].expand(4, groups))
 
 
+def test_chunks_taken_in_any_order_give_the_same_bits():
+    """With 2 threads the elementwise kernels split [B * N) into up to 16 chunks that whichever thread is free takes
+    (agenttensor/csrc/parallel.h): the gather and the others-sum give the bits of one thread's single pass (and of
+    torch's index ops), for a size whose chunks do not divide it."""
+    g = torch.Generator().manual_seed(5)
+    n, groups = 1_100_003, 40_000
+    slot = slots("random", n, groups, g).to(torch.int32)
+    table, values = torch.rand(2, groups, generator=g), torch.rand(2, n, generator=g)
+    scale = torch.rand(1, groups, generator=g)
+    sums = _group_kernels.segment_sum(values, slot, groups)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for k in (1, 2, 2):
+            torch.set_num_threads(k)
+            results.append((_group_kernels.gather(table, slot), _group_kernels.others_scaled(values, scale, slot, sums)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], table.index_select(1, slot.long()))
+    for gathered, others in results[1:]:
+        assert torch.equal(gathered, results[0][0]) and torch.equal(others, results[0][1])
+
+
 @pytest.mark.parametrize("index", [torch.int64, torch.int32])
 @pytest.mark.parametrize("n", [1003, 300_001])  # one part / two halves; neither a multiple of the 8 lanes
 def test_sums_over_members_give_the_bits_of_the_full_pass(monkeypatch, n, index):
