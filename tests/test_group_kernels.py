@@ -61,10 +61,10 @@ def test_results_do_not_depend_on_threads_or_batch():
     assert torch.equal(_group_kernels.segment_sum(broadcast, slot, groups), two[:1].expand(4, groups))
 
 
-def test_chunks_taken_in_any_order_give_the_same_bits():
-    """With 2 threads the elementwise kernels split [B * N) into up to 16 chunks that whichever thread is free takes
-    (agenttensor/csrc/parallel.h): the gather and the others-sum give the bits of one thread's single pass (and of
-    torch's index ops), for a size whose chunks do not divide it."""
+def test_elementwise_kernels_split_over_threads_give_the_same_bits():
+    """With 2 threads the elementwise kernels split [B * N) between the threads (agenttensor/csrc/parallel.h): the
+    gather and the others-sum give the bits of one thread's single pass (and of torch's index ops), at a size the
+    split does not divide."""
     g = torch.Generator().manual_seed(5)
     n, groups = 1_100_003, 40_000
     slot = slots("random", n, groups, g).to(torch.int32)
