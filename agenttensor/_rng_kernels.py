@@ -21,6 +21,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_uniform_at.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
     library.agenttensor_uniform_at.restype = _I
     library.agenttensor_hard_event.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _I]
+    library.agenttensor_float_event.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -69,6 +70,19 @@ def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor, agent_index: Ten
     return None if outside else out
 
 
+def _probability_rows(p: Tensor | float, B: int, N: int) -> Tensor | None:
+    """p as the event kernels read it: a float32 CPU [B, N] view (broadcast) whose agent stride is 0 or 1, or None."""
+    if not isinstance(p, Tensor):
+        p = torch.tensor(float(p), dtype=torch.float32)
+    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() > 2:
+        return None
+    try:
+        p_view = p.expand(B, N)
+    except RuntimeError:
+        return None
+    return p_view if p_view.stride(1) in (0, 1) else None
+
+
 def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, complement: bool = False
                ) -> Tensor | None:
     """Hard events for every agent, uint8 [B, N]: ``(u < q).to(uint8) * where`` with u the uniforms of base [N] and
@@ -80,22 +94,35 @@ def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | No
     if where is not None and not (where.device.type == "cpu" and where.dtype == torch.uint8
                                   and where.shape == (B, N) and where.is_contiguous()):
         return None
-    if not isinstance(p, Tensor):
-        p = torch.tensor(float(p), dtype=torch.float32)
-    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() > 2:
-        return None
-    try:
-        p_view = p.expand(B, N)
-    except RuntimeError:
-        return None
-    stride_b, stride_n = p_view.stride()
-    if stride_n not in (0, 1):
-        return None
-    library = _library()
+    p_view = _probability_rows(p, B, N)
+    library = _library() if p_view is not None else None
     if library is None:
         return None
     out = torch.empty(B, N, dtype=torch.uint8)
-    library.agenttensor_hard_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), stride_b, stride_n,
+    library.agenttensor_hard_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), *p_view.stride(),
                                    int(complement), None if where is None else where.data_ptr(), out.data_ptr(),
                                    torch.get_num_threads())
     return out
+
+
+def float_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, complement: bool = False
+                ) -> tuple[Tensor, Tensor] | None:
+    """Events for every agent as the gradient modes hold them: (happened bool [B, N], ``(u < q).to(float32) * where``
+    float32 [B, N]), u and q as in `hard_event`, where float32 [B, N] or None; the uniforms drawn inside the pass
+    (no [B, N] of them). None where the kernel does not apply."""
+    B, N = keys.numel(), base.numel()
+    if not _hashes(base, keys):
+        return None
+    if where is not None and not (where.device.type == "cpu" and where.dtype == torch.float32
+                                  and where.shape == (B, N) and where.is_contiguous()):
+        return None
+    p_view = _probability_rows(p, B, N)
+    library = _library() if p_view is not None else None
+    if library is None:
+        return None
+    happened = torch.empty(B, N, dtype=torch.uint8)
+    out = torch.empty(B, N, dtype=torch.float32)
+    library.agenttensor_float_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), *p_view.stride(),
+                                    int(complement), None if where is None else where.data_ptr(),
+                                    happened.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return happened.view(torch.bool), out

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import select
 from .params import Params
-from .rng import Randomness
+from .rng import Randomness, Uniforms
 from .sampling import Hard, Sampler
 from .state import TensorState
 
@@ -100,14 +100,14 @@ class StepContext:
 
     def dense_bernoulli(self, p: Tensor | float, stream: str, where: Tensor | None = None, complement: bool = False
                         ) -> Tensor:
-        """``bernoulli`` drawn for every agent: 1[u < p] · where [B, N] (``complement``: 1[u < 1 − p]). Hard mode on
-        CPU: one native pass (uniforms, comparison and product; `Randomness.hard_event`), the same numbers."""
+        """``bernoulli`` drawn for every agent: 1[u < p] · where [B, N] (``complement``: 1[u < 1 − p]). On CPU one
+        native pass (uniforms, comparison and product), the same numbers: `Randomness.hard_event` in hard mode,
+        `Randomness.float_event` in straight-through (`Sampler.event_among`)."""
         if not self.sampler.differentiable:
             events = self.rng.hard_event(self.step, stream, p, where, complement)
             if events is not None:
                 return events
-        events = self.sampler.bernoulli(1 - p if complement else p, self.uniform(stream))
-        return events if where is None else events * where
+        return self.sampler.event_among(p, Uniforms(self.rng, self.step, stream), where, complement)
 
     @staticmethod
     def few(where: Tensor) -> bool:
@@ -119,7 +119,7 @@ class StepContext:
         """Events at rate ``hazard`` [B, N] over this step among ``where`` (0/1): ``bernoulli(1 − exp(−hazard),
         stream, where)``, the same numbers; in gradient modes one fused node (`Sampler.hazard_event`)."""
         if self.sampler.differentiable:
-            return self.sampler.hazard_event(hazard, self.uniform(stream), where)
+            return self.sampler.hazard_event(hazard, Uniforms(self.rng, self.step, stream), where)
         survival = (-hazard).exp_()
         if not self.few(where):
             return self.dense_bernoulli(survival, stream, where, complement=True)

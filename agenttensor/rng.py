@@ -164,6 +164,13 @@ class Randomness:
         None where that kernel does not apply (other devices, dtypes or shapes, kernels off): draw `uniform`."""
         return _rng_kernels.hard_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
 
+    def float_event(self, step: int, stream: str | int, p: Tensor | float, where: Tensor | None = None,
+                    complement: bool = False) -> tuple[Tensor, Tensor] | None:
+        """Events for every agent as gradient modes hold them, drawing u in the same pass: (happened bool [B, N],
+        ``(uniform(step, stream) < p).to(float32) * where`` [B, N]; 1 − p with ``complement``), the same numbers. None
+        where that native pass does not apply (other devices, dtypes or shapes, kernels off): draw `uniform`."""
+        return _rng_kernels.float_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
+
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
         stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""
@@ -176,6 +183,29 @@ class Randomness:
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""
         return self.uniforms_at(step, (stream,), batch_index, agent_index)[0]
+
+
+@dataclass(frozen=True)
+class Uniforms:
+    """A step's uniforms of one stream for every agent, not drawn yet: `tensor` draws them ([B, N] float32);
+    `float_event` draws them inside the pass that compares them (no [B, N] of uniforms written and read back)."""
+
+    rng: Randomness
+    step: int
+    stream: str | int
+
+    def tensor(self) -> Tensor:
+        return self.rng.uniform(self.step, self.stream)
+
+    def float_event(self, p: Tensor | float, where: Tensor | None, complement: bool = False
+                    ) -> tuple[Tensor, Tensor] | None:
+        """`Randomness.float_event` of these uniforms."""
+        return self.rng.float_event(self.step, self.stream, p, where, complement)
+
+
+def drawn(u: "Tensor | Uniforms") -> Tensor:
+    """u as a tensor (`Uniforms` drawn)."""
+    return u.tensor() if isinstance(u, Uniforms) else u
 
 
 if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1":

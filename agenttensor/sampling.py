@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _event_kernels
+from .rng import Uniforms, drawn
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,18 @@ class Sampler:
         """Event indicator ``1[u < p]``, broadcast of p and u. Values exactly 0/1."""
         raise NotImplementedError
 
-    def hazard_event(self, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+    def hazard_event(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> Tensor:
         """``1[u < 1 − exp(−hazard)] · where`` (an event at rate ``hazard`` over one step, among the 0/1
         members ``where``), all broadcastable to [B, N]; the same numbers as ``bernoulli(1 − exp(−hazard), u)
-        · where``."""
-        return self.bernoulli(1 - torch.exp(-hazard), u) * where
+        · where``. ``u`` may be `Uniforms` not drawn yet (see `event_among`)."""
+        return self.event_among(torch.exp(-hazard), u, where, complement=True)
+
+    def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
+                    complement: bool = False) -> Tensor:
+        """``bernoulli(1 − p if complement else p, u) · where`` (where None: 1), the same numbers. ``u`` may be
+        `Uniforms` not drawn yet: straight-through then draws them inside one native pass on CPU."""
+        events = self.bernoulli(1 - p if complement else p, drawn(u))
+        return events if where is None else events * where
 
     def categorical(self, probs: Tensor, u: Tensor) -> Tensor:
         """One-hot draw from ``probs`` [..., K] (rows sum to 1) by inverse CDF with u [...]. -> [..., K]."""
@@ -79,10 +87,18 @@ class StraightThrough(Sampler):
         return _StraightThroughEvent.apply(p, u) if p.requires_grad else (u < p).to(p.dtype)
 
 
-    def hazard_event(self, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+    def hazard_event(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> Tensor:
         if not (isinstance(hazard, Tensor) and hazard.requires_grad) and not where.requires_grad:
             return super().hazard_event(hazard, u, where)
         return _StraightThroughHazardEvent.apply(hazard, u, where)
+
+    def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
+                    complement: bool = False) -> Tensor:
+        if not isinstance(u, Uniforms) or where is None:
+            return super().event_among(p, u, where, complement)
+        if not isinstance(p, Tensor):
+            p = torch.tensor(float(p), dtype=torch.float32)
+        return _StraightThroughDrawnEvent.apply(p, where, u, complement)
 
 
 class _StraightThroughHazardEvent(torch.autograd.Function):
@@ -92,11 +108,13 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
     and runs ~5 elementwise nodes each way."""
 
     @staticmethod
-    def forward(ctx, hazard: Tensor, u: Tensor, where: Tensor) -> Tensor:
+    def forward(ctx, hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> Tensor:
         survival = (-hazard).exp_()  # no autograd inside forward: one buffer, the same bits
-        fused = _event_kernels.hazard_event(survival, u, where)  # one native pass on CPU, the same numbers
+        # one native pass on CPU, the same numbers (undrawn uniforms: drawn inside it)
+        fused = (u.float_event(survival, where, complement=True) if isinstance(u, Uniforms)
+                 else _event_kernels.hazard_event(survival, u, where))
         if fused is None:
-            happened = u < 1 - survival
+            happened = drawn(u) < 1 - survival
             out = happened.to(where.dtype) * where
         else:
             happened, out = fused
@@ -121,6 +139,38 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             d_where = torch.where(happened, grad, 0.0).sum_to_size(where_shape)
         return d_hazard, None, d_where
+
+
+class _StraightThroughDrawnEvent(torch.autograd.Function):
+    """``1[u < p] · where`` (1 − p with ``complement``) forward, the uniforms drawn inside one native pass on CPU
+    (`Uniforms.float_event`; else torch ops, the same numbers); backward d/dp = ±grad · where (d event/d p = 1),
+    d/dwhere = grad · event. One node keeping where and a 1-byte event mask, where `bernoulli` and the product
+    wrote a [B, N] of uniforms and kept the float32 events."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, where: Tensor, u: Uniforms, complement: bool) -> Tensor:
+        fused = u.float_event(p, where, complement)
+        if fused is None:
+            happened = drawn(u) < (1 - p if complement else p)
+            out = happened.to(p.dtype) * where
+        else:
+            happened, out = fused
+        ctx.shapes, ctx.complement = (p.shape, where.shape), complement
+        ctx.save_for_backward(where if ctx.needs_input_grad[0] else None,
+                              happened if ctx.needs_input_grad[1] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        where, happened = ctx.saved_tensors
+        p_shape, where_shape = ctx.shapes
+        d_p = d_where = None
+        if ctx.needs_input_grad[0]:
+            d_p = grad * where
+            d_p = (d_p.neg_() if ctx.complement else d_p).sum_to_size(p_shape)
+        if ctx.needs_input_grad[1]:
+            d_where = torch.where(happened, grad, 0.0).sum_to_size(where_shape)
+        return d_p, d_where, None, None
 
 
 class _StraightThroughEvent(torch.autograd.Function):

@@ -116,3 +116,40 @@ def test_native_hazard_event_gives_the_bits_of_the_torch_ops(monkeypatch):
     assert 0 < torch_ops[0].sum() < where_values.sum()
     for result in native:
         assert all(torch.equal(a, b) for a, b in zip(result, torch_ops))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_undrawn_uniforms_give_the_events_and_gradients_of_drawn_ones(monkeypatch, kernel):
+    """`Uniforms` (drawn inside one native pass on CPU, or by the torch ops where it does not apply) against the
+    same uniforms drawn first: identical events and gradients of p (every broadcast shape, 1 − p too), where and
+    the hazard, in straight-through; the other samplers draw them and give their own numbers."""
+    from agenttensor import _rng_kernels
+    from agenttensor.rng import Randomness, Uniforms
+
+    if not kernel:
+        monkeypatch.setattr(_rng_kernels, "float_event", lambda *a, **k: None)
+    B, N = 2, 70_001
+    r = Randomness.for_agents([4, 9], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(B, N, generator=g)
+    where_values = (torch.rand(B, N, generator=g) < 0.7).float()
+    u = r.uniform(6, "x")
+    for p_values in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g)):
+        for complement in (False, True):
+            results = []
+            for draws in (u, Uniforms(r, 6, "x")):
+                p, where = p_values.clone().requires_grad_(), where_values.clone().requires_grad_()
+                events = StraightThrough().event_among(p, draws, where, complement)
+                (events * weights).sum().backward()
+                results.append((events.detach(), p.grad, where.grad))
+            assert 0 < results[0][0].sum() < where_values.sum()
+            assert all(torch.equal(a, b) for a, b in zip(*results))
+    results, hazard_values = [], torch.rand(B, N, generator=g)
+    for draws in (u, Uniforms(r, 6, "x")):
+        hazard, where = hazard_values.clone().requires_grad_(), where_values.clone().requires_grad_()
+        events = StraightThrough().hazard_event(hazard, draws, where)
+        (events * weights).sum().backward()
+        results.append((events.detach(), hazard.grad, where.grad))
+        assert torch.equal(Relaxed().event_among(hazard_values, draws, where_values),
+                           Hard().event_among(hazard_values, u, where_values))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -30,6 +30,20 @@ void event_row(int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_
   }
 }
 
+// One row's agents [i0, i1) of `agenttensor_float_event`: the events of `event_row` as a 0/1 mask and as float32
+// 1[u < q] · where (where null: 1). Branch-free with restrict pointers: the loop vectorises.
+template <int Q, bool Where>
+void float_event_row(int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key,
+                     const float* __restrict__ p, float q, const float* __restrict__ where,
+                     uint8_t* __restrict__ happened, float* __restrict__ out) {
+  for (int64_t n = i0; n < i1; ++n) {
+    const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
+    const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
+    happened[n] = event;
+    out[n] = Where ? (event ? 1.f : 0.f) * where[n] : (event ? 1.f : 0.f);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -91,6 +105,34 @@ void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int
         if (mode == 0) event_row<0, false>(i0, i1, base, key, p_row, q, where_row, row);
         if (mode == 1) event_row<1, false>(i0, i1, base, key, p_row, q, where_row, row);
         if (mode == 2) event_row<2, false>(i0, i1, base, key, p_row, q, where_row, row);
+      }
+    });
+  });
+}
+
+// Straight-through events, drawn for every agent: happened[b, n] = 1[u < q] (uint8) and out[b, n] = happened ·
+// where[b, n] (float32; where [B, N] float32 or null: 1), u and q as in `agenttensor_hard_event`: the numbers of
+// ``(uniform(step, stream) < q).to(float32) * where`` without the [B, N] of uniforms
+void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
+                             int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* where,
+                             uint8_t* happened, float* out, int64_t threads) {
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const uint32_t key = static_cast<uint32_t>(keys[b]);
+      const float* p_row = p + b * p_stride_b;
+      const float* where_row = where ? where + b * N : nullptr;
+      uint8_t* happened_row = happened + b * N;
+      float* row = out + b * N;
+      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
+      const float q = complement ? 1.f - p_row[0] : p_row[0];  // mode 0
+      if (where_row) {
+        if (mode == 0) float_event_row<0, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
+        if (mode == 1) float_event_row<1, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
+        if (mode == 2) float_event_row<2, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
+      } else {
+        if (mode == 0) float_event_row<0, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
+        if (mode == 1) float_event_row<1, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
+        if (mode == 2) float_event_row<2, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
       }
     });
   });
