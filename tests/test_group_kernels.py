@@ -289,3 +289,21 @@ def test_layered_force_backward_sums_groups_in_its_pass_whatever_the_threads():
         expected = torch.zeros(B, layers[k][0].shape[-1], dtype=torch.float64).index_add_(1, slots[k],
                                                                                            weights[k].double())
         torch.testing.assert_close(sums[k].double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_vector_flags_follow_the_cpu_and_tune_for_fast_gathers_only_where_the_compiler_knows_the_target():
+    """AVX-512 builds tune for Sapphire Rapids (vector gathers instead of scalar loads) only on CPUs with its fast
+    gathers (AVX512-FP16) and a compiler that accepts the target; AVX2 and older CPUs keep their flags."""
+    from agenttensor import native
+
+    avx512 = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    assert native.vector_flags(["sse2"]) == ()
+    assert native.vector_flags(["avx2", "fma"]) == ("-mavx2", "-mfma")
+    plain = native.vector_flags(avx512)
+    assert "-mavx512f" in plain and not any(f.startswith("-mtune") for f in plain)
+    tuned = native.vector_flags(avx512 + ["avx512_fp16"])
+    assert tuned[:len(plain)] == plain
+    assert tuned[len(plain):] == (("-mtune=sapphirerapids",) if native._compiler_accepts("-mtune=sapphirerapids")
+                                  else ())
+    if shutil.which("c++") or shutil.which("g++"):
+        assert not native._compiler_accepts("-mtune=no-such-processor")
