@@ -675,7 +675,7 @@ def closed_workplaces(ctx: StepContext) -> Tensor | None:
         W = env.workplace_representative.shape[0]
         b = torch.arange(B, device=closure.device).repeat_interleave(W)
         u_workplace = ctx.rng.uniform_at(0, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
-        u_agent = u_workplace.index_select(1, env.workplace_of)
+        u_agent = group_gather(u_workplace, env.workplace_of)  # one native pass on CPU (index_select: ~35 ms at NYC)
         return ((u_agent < closure) & env.has_workplace).to(torch.float32)
 
     return env.memo("closed_workplaces", (lever, ctx.rng), closed)
