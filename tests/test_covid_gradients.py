@@ -349,24 +349,36 @@ def test_native_shadow_backward_skips_the_outputs_no_gradient_reaches(population
 def test_exit_gradients_are_written_into_the_transitions_buffers(population, monkeypatch):
     """In a gradient run the dense gradients `_ExitsAt` receives for E, I_asym, I_sym and H are `_Transition`'s own
     fresh buffers (or none), so the exits' derivatives are added to them in place, with no [B, N] copy; isolating's
-    (passed through) is copied. Gradients equal those of plain indexing (`test_hand_written_shadow_backward...`)."""
-    seen = []
+    (passed through `_Transition`) too where the own contributions' node made it and handed it to nobody else
+    (`shadow.EXCLUSIVE_GRADIENTS`): only the last day's, made by the metrics, is copied. The gradients are the bits
+    of the path that copies every time, and equal those of plain indexing (`test_hand_written_shadow_backward...`)."""
     backward = shadow._ExitsAt.backward
 
-    def spy(ctx, *grads):  # per field: would the incoming dense gradient be copied?
-        seen.append(tuple(g is not None and g is not ctx.handoff.get(name)
-                          for name, g in zip(shadow.EXIT_FIELDS, grads[:len(grads) // 2])))
-        return backward(ctx, *grads)
+    def run(seen: list) -> torch.Tensor:
+        def spy(ctx, *grads):  # per field: would the incoming dense gradient be copied?
+            seen.append(tuple(g is not None and g is not ctx.handoff.get(name)
+                              and shadow.EXCLUSIVE_GRADIENTS.get(id(g)) is not g
+                              for name, g in zip(shadow.EXIT_FIELDS, grads[:len(grads) // 2])))
+            return backward(ctx, *grads)
 
-    monkeypatch.setattr(shadow._ExitsAt, "backward", staticmethod(spy))
-    params = moderate(initial_prevalence=0.01)
-    beta = torch.tensor(0.3, requires_grad=True)
-    res = at.simulate(MODEL, population, params.replace(transmission_scale=beta), steps=12, seeds=[0, 1],
-                      start_date=START, progress=False, sampler=StraightThrough())
-    (res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
-    assert len(seen) >= 10 and beta.grad.item() > 0
+        monkeypatch.setattr(shadow._ExitsAt, "backward", staticmethod(spy))
+        beta = torch.tensor(0.3, requires_grad=True)
+        res = at.simulate(MODEL, population, moderate(initial_prevalence=0.01).replace(transmission_scale=beta),
+                          steps=12, seeds=[0, 1], start_date=START, progress=False, sampler=StraightThrough())
+        (res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
+        return beta.grad
+
+    seen: list = []
+    in_place = run(seen)
+    assert len(seen) >= 10 and in_place.item() > 0
     assert not any(any(copied[:4]) for copied in seen), seen
-    assert sum(copied[4] for copied in seen) >= 10  # isolating: passed through, not `_Transition`'s own
+    assert sum(copied[4] for copied in seen) <= 1, seen  # isolating: the last day's only
+    monkeypatch.setattr(shadow, "EXCLUSIVE_GRADIENTS", type("Forgetful", (dict,), {"__setitem__": lambda *a: None})())
+    # (nothing registered: isolating's copied every day)
+    seen = []
+    copying = run(seen)
+    assert sum(copied[4] for copied in seen) >= 10
+    assert torch.equal(in_place, copying)
 
 
 def test_exits_at_never_writes_into_a_shared_gradient():

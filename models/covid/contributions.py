@@ -36,7 +36,7 @@ from torch import Tensor
 
 from agenttensor.transmission import OthersSumProbes, others_sum_derivative
 
-from . import contributions_native
+from . import contributions_native, shadow
 from .shadow import _detached
 
 NON_HOUSEHOLD = contributions_native.LAYERS  # ("school", "workplace", "community")
@@ -136,6 +136,10 @@ class _OwnContributions(torch.autograd.Function):
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
                 return None if sums is None else _sum_to(sums.to(torch.float32).view(-1, 1), like)
+
+            for name in PASSED:  # each a buffer made here or handed to us by the exits: nobody else holds it
+                if fused[name] is not None:
+                    shadow.EXCLUSIVE_GRADIENTS[id(fused[name])] = fused[name]
 
             return (None, None, None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
                     summed(fused["alpha_sums"], alpha), summed(fused["eta_sums"], eta), None,

@@ -46,6 +46,7 @@ s/day for the whole full-NYC backward); the torch ops below stay the reference a
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,14 @@ def donatable(state, ctx, packed: bool) -> tuple[str, ...]:
     return tuple(name for name in names if ctx.owns(getattr(state, name)))
 
 
+# Gradient buffers a node made and handed on as one input's gradient only (nobody else holds them): the contributions'
+# node registers the derivatives it returns for its pass-through fields, so that `_ExitsAt` adds the exiting agents'
+# part into the one for isolating in place (it reaches `_ExitsAt` through `_Transition`'s pass-through; the engine
+# hands on a sum of several gradients as a new tensor, which is not registered). Saves a [B, N] copy per day.
+# id -> tensor, held weakly (a WeakSet would compare tensors with ==)
+EXCLUSIVE_GRADIENTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 @dataclass
 class Exits:
     """Today's exiting agents (b, i) [M] and their values of `EXIT_FIELDS` ([M] each, with derivative); in gradient
@@ -199,7 +208,8 @@ class _ExitsAt(torch.autograd.Function):
         dense, at_exits = grads[:len(grads) // 2], grads[len(grads) // 2:]
         out = []
         for name, g, g_exits in zip(EXIT_FIELDS, dense, at_exits):
-            ours = g is not None and g is ctx.handoff.get(name)  # `_Transition`'s own buffer (else it may be shared)
+            # `_Transition`'s own buffer, or one its maker handed to nobody else (else it may be shared)
+            ours = g is not None and (g is ctx.handoff.get(name) or EXCLUSIVE_GRADIENTS.get(id(g)) is g)
             if g_exits is not None:
                 if g is None:
                     g = g_exits.new_zeros(ctx.shape)
