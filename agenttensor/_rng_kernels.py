@@ -70,8 +70,17 @@ def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor, agent_index: Ten
     return None if outside else out
 
 
-def _probability_rows(p: Tensor | float, B: int, N: int) -> Tensor | None:
-    """p as the event kernels read it: a float32 CPU [B, N] view (broadcast) whose agent stride is 0 or 1, or None."""
+def _event_inputs(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, where_dtype: torch.dtype
+                  ) -> tuple[ctypes.CDLL, Tensor] | None:
+    """(library, p as a float32 CPU [B, N] view whose agent stride is 0 or 1) for the event kernels, or None where they
+    do not apply: base [N] and keys [B] as the kernels read them, where None or a contiguous [B, N] of
+    ``where_dtype``, p float32 and broadcastable to [B, N] (or a number)."""
+    B, N = keys.numel(), base.numel()
+    if not _hashes(base, keys):
+        return None
+    if where is not None and not (where.device.type == "cpu" and where.dtype == where_dtype
+                                  and where.shape == (B, N) and where.is_contiguous()):
+        return None
     if not isinstance(p, Tensor):
         p = torch.tensor(float(p), dtype=torch.float32)
     if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() > 2:
@@ -80,7 +89,8 @@ def _probability_rows(p: Tensor | float, B: int, N: int) -> Tensor | None:
         p_view = p.expand(B, N)
     except RuntimeError:
         return None
-    return p_view if p_view.stride(1) in (0, 1) else None
+    library = _library() if p_view.stride(1) in (0, 1) else None
+    return None if library is None else (library, p_view)
 
 
 def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, complement: bool = False
@@ -88,20 +98,14 @@ def hard_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | No
     """Hard events for every agent, uint8 [B, N]: ``(u < q).to(uint8) * where`` with u the uniforms of base [N] and
     keys [B], q = p, or 1 − p with ``complement`` (p = exp(−hazard)); p float32 broadcastable to [B, N] (or a
     number), where uint8 [B, N] or None. None where the kernel does not apply."""
-    B, N = keys.numel(), base.numel()
-    if not _hashes(base, keys):
+    inputs = _event_inputs(base, keys, p, where, torch.uint8)
+    if inputs is None:
         return None
-    if where is not None and not (where.device.type == "cpu" and where.dtype == torch.uint8
-                                  and where.shape == (B, N) and where.is_contiguous()):
-        return None
-    p_view = _probability_rows(p, B, N)
-    library = _library() if p_view is not None else None
-    if library is None:
-        return None
-    out = torch.empty(B, N, dtype=torch.uint8)
-    library.agenttensor_hard_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), *p_view.stride(),
-                                   int(complement), None if where is None else where.data_ptr(), out.data_ptr(),
-                                   torch.get_num_threads())
+    library, p_view = inputs
+    out = torch.empty(p_view.shape, dtype=torch.uint8)
+    library.agenttensor_hard_event(*p_view.shape, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(),
+                                   *p_view.stride(), int(complement), None if where is None else where.data_ptr(),
+                                   out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -110,19 +114,13 @@ def float_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | N
     """Events for every agent as the gradient modes hold them: (happened bool [B, N], ``(u < q).to(float32) * where``
     float32 [B, N]), u and q as in `hard_event`, where float32 [B, N] or None; the uniforms drawn inside the pass
     (no [B, N] of them). None where the kernel does not apply."""
-    B, N = keys.numel(), base.numel()
-    if not _hashes(base, keys):
+    inputs = _event_inputs(base, keys, p, where, torch.float32)
+    if inputs is None:
         return None
-    if where is not None and not (where.device.type == "cpu" and where.dtype == torch.float32
-                                  and where.shape == (B, N) and where.is_contiguous()):
-        return None
-    p_view = _probability_rows(p, B, N)
-    library = _library() if p_view is not None else None
-    if library is None:
-        return None
-    happened = torch.empty(B, N, dtype=torch.uint8)
-    out = torch.empty(B, N, dtype=torch.float32)
-    library.agenttensor_float_event(B, N, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(), *p_view.stride(),
-                                    int(complement), None if where is None else where.data_ptr(),
+    library, p_view = inputs
+    happened = torch.empty(p_view.shape, dtype=torch.uint8)
+    out = torch.empty(p_view.shape, dtype=torch.float32)
+    library.agenttensor_float_event(*p_view.shape, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(),
+                                    *p_view.stride(), int(complement), None if where is None else where.data_ptr(),
                                     happened.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return happened.view(torch.bool), out

@@ -155,55 +155,40 @@ def test_out_of_range_pairs_index_as_torch_does():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_hard_events_equal_the_torch_ops(threads):
-    """1[u < p] · where (and 1[u < 1 − p]) for p of every broadcast shape, where absent or not 0/1."""
+@pytest.mark.parametrize("kind", ["hard", "float"])
+def test_native_events_equal_the_torch_ops(threads, kind):
+    """Hard events 1[u < p] · where (uint8) and the gradient modes' events (the mask 1[u < p] and 1[u < p] · where as
+    float32), each also with 1 − p, for p of every broadcast shape, where absent or holding values other than 0/1."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         B, N = 3, 100_003
         r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
         g = torch.Generator().manual_seed(1)
-        where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)  # a 2 stays a 2, as in the product
+        if kind == "hard":  # a 2 stays a 2, as in the product
+            where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)
+        else:  # −0.75, 0, 0.75, 1.5
+            where = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75
         u = r.uniform(4, "s")
         for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(1, N, generator=g),
                   torch.rand(N, generator=g), torch.tensor(0.3), 0.7):
             for complement in (False, True):
-                q = 1 - p if complement else p
+                happened = (u < (1 - p if complement else p)).expand(B, N)
                 for w in (where, None):
-                    events = r.hard_event(4, "s", p, w, complement)
-                    expected = (u < q).to(torch.uint8)
-                    expected = expected.expand(B, N) if w is None else expected * w
-                    assert events is not None and events.dtype == torch.uint8
-                    assert torch.equal(events, expected)
-        assert r.hard_event(4, "s", torch.rand(B, N, dtype=torch.float64), where) is None  # not for the kernel
-        assert r.hard_event(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_native_float_events_equal_the_torch_ops(threads):
-    """The gradient modes' events drawn in one pass: the mask 1[u < p] and 1[u < p] · where as float32 (and with
-    1 − p), for p of every broadcast shape, where absent or holding values other than 0/1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        B, N = 3, 100_003
-        r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
-        g = torch.Generator().manual_seed(2)
-        where = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75  # −0.75, 0, 0.75, 1.5
-        u = r.uniform(4, "s")
-        for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(1, N, generator=g),
-                  torch.rand(N, generator=g), torch.tensor(0.3), 0.7):
-            for complement in (False, True):
-                q = 1 - p if complement else p
-                happened = (u < q).expand(B, N)
-                for w in (where, None):
-                    drawn = r.float_event(4, "s", p, w, complement)
-                    assert drawn is not None and drawn[0].dtype == torch.bool and drawn[1].dtype == torch.float32
-                    assert torch.equal(drawn[0], happened)
-                    assert torch.equal(drawn[1], happened.float() if w is None else happened.float() * w)
-        assert r.float_event(4, "s", torch.rand(B, N), where.to(torch.uint8)) is None  # where must be float32
-        assert r.float_event(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
+                    if kind == "hard":
+                        events = r.hard_event(4, "s", p, w, complement)
+                        expected = happened.to(torch.uint8)
+                        assert events is not None and events.dtype == torch.uint8
+                        assert torch.equal(events, expected if w is None else expected * w)
+                    else:
+                        drawn = r.float_event(4, "s", p, w, complement)
+                        assert drawn is not None and drawn[0].dtype == torch.bool and drawn[1].dtype == torch.float32
+                        assert torch.equal(drawn[0], happened)
+                        assert torch.equal(drawn[1], happened.float() if w is None else happened.float() * w)
+        draw = r.hard_event if kind == "hard" else r.float_event
+        assert draw(4, "s", torch.rand(B, N, dtype=torch.float64), where) is None  # not for the kernel
+        assert draw(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
+        other = where.float() if kind == "hard" else where.to(torch.uint8)
+        assert draw(4, "s", torch.rand(B, N), other) is None  # where of the other kind's dtype
     finally:
         torch.set_num_threads(old)

@@ -4,6 +4,7 @@
 // exact scaling, as in the torch ops: the same bits. Plain C, no torch headers.
 
 #include <cstdint>
+#include <type_traits>
 
 #include "parallel.h"
 
@@ -42,6 +43,35 @@ void float_event_row(int64_t i0, int64_t i1, const int32_t* __restrict__ base, u
     happened[n] = event;
     out[n] = Where ? (event ? 1.f : 0.f) * where[n] : (event ? 1.f : 0.f);
   }
+}
+
+// The loop shared by the event kernels: each row's agents [i0, i1) of `row_fn<Q, Where>(i0, i1, key, p_row, q, b)`,
+// with Q the form of p (0: one number per row, q; 1: p[n]; 2: 1 − p[n]; p = exp(−hazard) with `complement`, the
+// same rounding as torch's 1 − p) and Where whether a `where` is given. p is read at b · p_stride_b + n ·
+// p_stride_n (a broadcast [B, N] view; p_stride_n 0 or 1).
+template <class RowFn>
+void event_rows(int64_t B, int64_t N, const int32_t* keys, const float* p, int64_t p_stride_b, int64_t p_stride_n,
+                int64_t complement, bool where, int64_t threads, RowFn&& row_fn) {
+  using Q0 = std::integral_constant<int, 0>;
+  using Q1 = std::integral_constant<int, 1>;
+  using Q2 = std::integral_constant<int, 2>;
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const uint32_t key = static_cast<uint32_t>(keys[b]);
+      const float* p_row = p + b * p_stride_b;
+      const float q = complement ? 1.f - p_row[0] : p_row[0];  // Q = 0
+      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
+      auto run = [&](auto w) {
+        if (mode == 0) row_fn(Q0(), w, i0, i1, key, p_row, q, b);
+        if (mode == 1) row_fn(Q1(), w, i0, i1, key, p_row, q, b);
+        if (mode == 2) row_fn(Q2(), w, i0, i1, key, p_row, q, b);
+      };
+      if (where)
+        run(std::true_type());
+      else
+        run(std::false_type());
+    });
+  });
 }
 
 }  // namespace
@@ -84,30 +114,15 @@ int64_t agenttensor_uniform_at(int64_t S, int64_t B, int64_t N, int64_t M, const
 }
 
 // Hard events, drawn for every agent: out[b, n] = 1[u < q] · where[b, n] (uint8; where may be null: 1), with
-// u = uniform(base[n] ^ keys[b]) and q = p or, with `complement`, 1 − p (p = exp(−hazard): the same rounding as
-// torch's 1 − p); p read at b · p_stride_b + n · p_stride_n (a broadcast [B, N] view; p_stride_n 0 or 1)
+// u = uniform(base[n] ^ keys[b]) and q = p or, with `complement`, 1 − p (see `event_rows`)
 void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                             int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const uint8_t* where,
                             uint8_t* out, int64_t threads) {
-  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
-    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-      const uint32_t key = static_cast<uint32_t>(keys[b]);
-      const float* p_row = p + b * p_stride_b;
-      const uint8_t* where_row = where ? where + b * N : nullptr;
-      uint8_t* row = out + b * N;
-      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
-      const float q = complement ? 1.f - p_row[0] : p_row[0];  // mode 0
-      if (where_row) {
-        if (mode == 0) event_row<0, true>(i0, i1, base, key, p_row, q, where_row, row);
-        if (mode == 1) event_row<1, true>(i0, i1, base, key, p_row, q, where_row, row);
-        if (mode == 2) event_row<2, true>(i0, i1, base, key, p_row, q, where_row, row);
-      } else {
-        if (mode == 0) event_row<0, false>(i0, i1, base, key, p_row, q, where_row, row);
-        if (mode == 1) event_row<1, false>(i0, i1, base, key, p_row, q, where_row, row);
-        if (mode == 2) event_row<2, false>(i0, i1, base, key, p_row, q, where_row, row);
-      }
-    });
-  });
+  event_rows(B, N, keys, p, p_stride_b, p_stride_n, complement, where != nullptr, threads,
+             [&](auto Q, auto Where, int64_t i0, int64_t i1, uint32_t key, const float* p_row, float q, int64_t b) {
+               event_row<decltype(Q)::value, decltype(Where)::value>(i0, i1, base, key, p_row, q,
+                                                                     where ? where + b * N : nullptr, out + b * N);
+             });
 }
 
 // Straight-through events, drawn for every agent: happened[b, n] = 1[u < q] (uint8) and out[b, n] = happened ·
@@ -116,26 +131,11 @@ void agenttensor_hard_event(int64_t B, int64_t N, const int32_t* base, const int
 void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                              int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* where,
                              uint8_t* happened, float* out, int64_t threads) {
-  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
-    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-      const uint32_t key = static_cast<uint32_t>(keys[b]);
-      const float* p_row = p + b * p_stride_b;
-      const float* where_row = where ? where + b * N : nullptr;
-      uint8_t* happened_row = happened + b * N;
-      float* row = out + b * N;
-      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
-      const float q = complement ? 1.f - p_row[0] : p_row[0];  // mode 0
-      if (where_row) {
-        if (mode == 0) float_event_row<0, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-        if (mode == 1) float_event_row<1, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-        if (mode == 2) float_event_row<2, true>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-      } else {
-        if (mode == 0) float_event_row<0, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-        if (mode == 1) float_event_row<1, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-        if (mode == 2) float_event_row<2, false>(i0, i1, base, key, p_row, q, where_row, happened_row, row);
-      }
-    });
-  });
+  event_rows(B, N, keys, p, p_stride_b, p_stride_n, complement, where != nullptr, threads,
+             [&](auto Q, auto Where, int64_t i0, int64_t i1, uint32_t key, const float* p_row, float q, int64_t b) {
+               float_event_row<decltype(Q)::value, decltype(Where)::value>(
+                   i0, i1, base, key, p_row, q, where ? where + b * N : nullptr, happened + b * N, out + b * N);
+             });
 }
 
 }  // extern "C"
