@@ -39,7 +39,7 @@ def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, .
     target = cache / f"lib{name}_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++ / g++) on PATH")
     cache.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,11 @@ def build(source: Path, name: str, with_torch: bool = False, flags: tuple[str, .
     return target
 
 
+def _compiler() -> str | None:
+    """The C++ compiler: ``$CXX``, else ``c++`` or ``g++`` on PATH, else None."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -67,11 +72,11 @@ def kernels_enabled() -> bool:
 
 
 def vector_flags(cpu_flags: list[str] | None = None) -> tuple[str, ...]:
-    """The widest vector instructions this CPU has (``cpu_flags``, default: from /proc/cpuinfo): AVX-512 (F, BW, VL, DQ, 512-bit vectors
-    preferred), else ``-mavx2 -mfma``, else nothing (SSE2 code). The flags are part of a build's cache key, so a
-    machine without them never loads a build made with them. No fused multiply-adds either way (the kernels are
-    built with ``-ffp-contract=off`` where their numbers must be the torch ops'), so the width changes no result:
-    per-element arithmetic is the same, and sums keep their written order. AVX-512: full-NYC transition backward
+    """The widest vector instructions this CPU has (``cpu_flags``, default: from /proc/cpuinfo): AVX-512 (F, BW, VL,
+    DQ, 512-bit vectors preferred), else ``-mavx2 -mfma``, else nothing (SSE2 code). The flags are part of a build's
+    cache key, so a machine without them never loads a build made with them. No fused multiply-adds either way (the
+    kernels are built with ``-ffp-contract=off`` where their numbers must be the torch ops'), so the width changes no
+    result: per-element arithmetic is the same, and sums keep their written order. AVX-512: full-NYC transition backward
     64 → 56 ms per day, the gradient day ~4 % faster (in-process A/B, identical gradients).
 
     On Sapphire and Emerald Rapids (AVX512-FP16: their vector gathers are fast) also ``-mtune=sapphirerapids``:
@@ -101,7 +106,7 @@ def _compiler_accepts(flag: str) -> bool:
     """Whether the C++ compiler takes ``flag`` (e.g. a -mtune target an older compiler does not know); once per
     process."""
     if flag not in _accepted:
-        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        compiler = _compiler()
         try:
             done = subprocess.run([compiler, flag, "-x", "c++", "-fsyntax-only", "-"], input="", capture_output=True,
                                   text=True, timeout=60) if compiler else None
