@@ -4,7 +4,7 @@ import torch
 from agenttensor import GroupLayer, edges_from_networkx, edges_to_networkx, message_passing
 import pytest
 
-from agenttensor.transmission import _prefix_segment_sum, range_broadcast, range_sums, scatter_sum
+from agenttensor.transmission import _prefix_segment_sum, range_broadcast, range_sums, scaled_sums, scatter_sum
 
 
 def test_group_pressure_matches_bruteforce():
@@ -128,6 +128,36 @@ def test_scatter_sum_adds_along_the_last_dim():
     out[:, 2].sum().backward()
     assert torch.equal(values.grad, torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 2))
     assert torch.equal(scatter_sum(torch.zeros(4), index, values[0].detach()), torch.tensor([2.0, 0.0, 4.0, 4.0]))
+
+
+@pytest.mark.parametrize("batch, coef_shape", [(1, ()), (3, ()), (3, (3, 1)), (3, (1, 1))])
+def test_scaled_sums_read_the_coefficients_derivative_at_the_summed_values(batch, coef_shape):
+    """(coef · per_slot) · sums: the values and scale of the two products, and d coef (read at the M summed values)
+    that of autograd through them; with a per_slot that carries a derivative, the products themselves."""
+    torch.manual_seed(0)
+    S, M = 50, 40
+    rows, slot = torch.randint(0, batch, (M,)), torch.randint(0, S, (M,))
+    index = slot if batch == 1 else rows * S + slot
+    values = torch.rand(M)
+    sums = scatter_sum(torch.zeros(batch * S), index, values).view(batch, S)
+    per_slot = torch.rand(S)
+    upstream = torch.randn(batch, S)
+    coef = (torch.rand(coef_shape) + 0.5).requires_grad_()
+    got, scale = scaled_sums(coef, per_slot, sums, index, values)
+    (got * upstream).sum().backward()
+    reference = coef.detach().clone().requires_grad_()
+    expect_scale = reference * per_slot
+    expect = expect_scale * sums
+    (expect * upstream).sum().backward()
+    assert torch.equal(got, expect) and torch.equal(scale, expect_scale.detach())
+    assert not scale.requires_grad and got.grad_fn is not None and "ScaledSums" in type(got.grad_fn).__name__
+    assert coef.grad.shape == reference.grad.shape
+    assert torch.allclose(coef.grad, reference.grad, rtol=1e-5)
+    learned = per_slot.clone().requires_grad_()  # per_slot with a derivative: plain products, both derivatives
+    got, scale = scaled_sums(coef.detach(), learned, sums, index, values)
+    assert scale.requires_grad and "Mul" in type(got.grad_fn).__name__
+    with torch.no_grad():  # no autograd: plain products
+        assert torch.equal(scaled_sums(coef, per_slot, sums, index, values)[0], expect.detach())
 
 
 def test_derived_values_are_recomputed_when_the_tensor_changes():

@@ -57,7 +57,7 @@ from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorS
 from agenttensor import select
 from agenttensor.interventions import LeverSpec
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layered_force, range_sums,
-                                      scatter_sum)
+                                      scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import disease, shadow
@@ -526,15 +526,17 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
     iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
 
-    def group_totals(layer: GroupLayer, contribution: Tensor) -> Tensor:
+    def group_totals(layer: GroupLayer, contribution: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot:
-        non-members). Gradient modes: no derivative here; every agent's contribution carries it
-        (`own_contributions`, the others-sum through `layered_force`'s probes)."""
+        non-members), with the flat positions b · (G + 1) + slot [M] it summed at and the contributions. Gradient
+        modes: no derivative here; every agent's contribution carries it (`own_contributions`, the others-sum
+        through `layered_force`'s probes)."""
         slots = layer.num_groups + 1
         index = layer.slot.index_select(0, j)
         index = index if B == 1 and device.type == "cpu" else b * slots + index
         totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
-        return totals.detach() if ctx.sampler.differentiable else totals
+        return (totals.detach(), index, contribution.detach()) if ctx.sampler.differentiable else \
+            (totals, index, contribution)
 
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
         value = lever_per_agent(ctx, lever)
@@ -546,12 +548,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
     layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
-    household = group_totals(env.household, iota)
-    own_scale["household"] = beta * params.household_weight * env.household_inv_others
-    layers["household"] = (own_scale["household"] * household, env.household.slot, None)
+    # the group values (β m w_l / (n_g − 1)) · totals; the derivative of β m w_l read at the infectious members
+    household, own_scale["household"] = scaled_sums(beta * params.household_weight, env.household_inv_others,
+                                                    *group_totals(env.household, iota))
+    layers["household"] = (household, env.household.slot, None)
     if is_school_day(date):
         p_school = presence_of("school_closure")
-        school = group_totals(env.school, iota_away * p_school(sources) if p_school else iota_away)
+        school, _, _ = group_totals(env.school, iota_away * p_school(sources) if p_school else iota_away)
         level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
@@ -570,11 +573,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                                                                   values_only=hard))
             return value()
 
-        work = group_totals(env.workplace, iota_away * p_work(sources))
-        own_scale["workplace"] = beta * params.workplace_weight * env.workplace_inv_others
-        layers["workplace"] = (own_scale["workplace"] * work, env.workplace.slot, p_work)
+        work, own_scale["workplace"] = scaled_sums(beta * params.workplace_weight, env.workplace_inv_others,
+                                                   *group_totals(env.workplace, iota_away * p_work(sources)))
+        layers["workplace"] = (work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community_all = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
+    community_all, _, _ = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
     rho = params.community_borough_share
     # own NTA share only (the borough-wide part is O(1 / borough size))
     own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / env.community.group_size[:-1].clamp_min(1),
