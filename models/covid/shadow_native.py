@@ -38,7 +38,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _P) for n in ("sigma", "scale", "kept1", "kept2")] \
         + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
         + [(n, _P) for n in ("susceptible", "alpha")] \
-        + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P)]
+        + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -116,6 +116,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         setattr(args, name, _ptr(table(getattr(env, name), torch.int32)))
     for name, values in (("symptomatic", k.symptomatic), ("hosp", k.hosp_given_symptomatic), ("death", k.death_given_hosp)):
         setattr(args, name, _ptr(table(values)))
+    args.ages = k.symptomatic.numel()
     if vaccinated is not None:
         args.vaccinated, args.efficacy_severe = _ptr(dense(vaccinated)), _ptr(per_element(k.vaccine_efficacy_severe))
     stage = stage_end.contiguous()

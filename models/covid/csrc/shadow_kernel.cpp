@@ -15,6 +15,10 @@
 #include "parallel.h"
 #include "runs.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
@@ -113,6 +117,27 @@ void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __rest
 }
 
 using agenttensor::keep;
+
+// out[j] = table[index[j]] for n agents (index in [0, size)): with AVX-512 and a table of at most 16 entries (the
+// age groups, the boroughs) in-register, one permute per 16 agents; else a plain loop (the compiler's gathers or
+// scalar loads: these small-table loops stayed scalar, ~a quarter of `shadow_span`'s time at full NYC).
+inline void small_table_lookup(int64_t n, const float* __restrict table, int64_t size, const int32_t* __restrict index,
+                               float* __restrict out) {
+#if defined(__AVX512F__)
+  if (size <= 16) {
+    const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << size) - 1), table);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(_mm512_loadu_si512(index + j), values));
+    if (j < n) {
+      const __mmask16 rest = static_cast<__mmask16>((1u << (n - j)) - 1);
+      _mm512_mask_storeu_ps(out + j, rest, _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(rest, index + j), values));
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = table[index[j]];
+}
 
 // u = sigma ((scale[household] kept1) kept2) for n agents (kept1, kept2 null: absent), the order of the torch ops
 // (`shadow.UnitHazard.dense`: products only, so the same bits)
@@ -252,6 +277,7 @@ struct ShadowArgs {
   const float *susceptible, *alpha;
   float d_sym, d_asym, f_mean;
   float *susceptible_sums;
+  int64_t ages;  // entries of the per-age-group tables
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -274,9 +300,9 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
 
 namespace {
 
-// A thread's tile buffers for `shadow_span`
+// A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written)
 struct ShadowTile {
-  float zeros[9][kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
+  float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
       p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
 };
 
@@ -291,28 +317,18 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
   const int32_t* __restrict borough = a->borough + t0;
   const int32_t* __restrict age = a->age_group + t0;
-  auto per_borough = [&](const float* table, float* __restrict out) {
-    if (!table) return (void)std::fill(out, out + n, 0.f);
-    const float* __restrict row = table + b * G;
-    for (int64_t j = 0; j < n; ++j) out[j] = row[borough[j]];
+  auto per_borough = [&](const float* table, float* __restrict out) -> const float* {
+    if (!table) return t.zero;
+    small_table_lookup(n, table + b * G, G, borough, out);
+    return out;
   };
-  per_borough(a->g_infections, t.infections);
-  per_borough(a->g_report, t.report);
-  per_borough(a->g_admissions, t.admissions);
-  per_borough(a->g_deaths, t.deaths);
-  {
-    const float* __restrict symptomatic = a->symptomatic;
-    const float* __restrict death = a->death;
-    const float* __restrict hosp = a->hosp;
-    float* __restrict f = t.f;
-    float* __restrict p_death = t.p_death;
-    float* __restrict p_hosp = t.p_hosp;
-    for (int64_t j = 0; j < n; ++j) {
-      f[j] = symptomatic[age[j]];
-      p_death[j] = death[age[j]];
-      p_hosp[j] = hosp[age[j]];
-    }
-  }
+  const float* infections = per_borough(a->g_infections, t.infections);
+  const float* report = per_borough(a->g_report, t.report);
+  const float* admissions = per_borough(a->g_admissions, t.admissions);
+  const float* deaths = per_borough(a->g_deaths, t.deaths);
+  small_table_lookup(n, a->symptomatic, a->ages, age, t.f);
+  small_table_lookup(n, a->death, a->ages, age, t.p_death);
+  small_table_lookup(n, a->hosp, a->ages, age, t.p_hosp);
   if (a->vaccinated) {
     const float efficacy = a->efficacy_severe[b];
     const float* __restrict vaccinated = a->vaccinated + k0;
@@ -332,25 +348,13 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
     std::fill(t.d_sym, t.d_sym + n, ds);
     std::fill(t.d_asym, t.d_asym + n, da);
   }
-  if (!from_sym) {
-    std::fill(t.from_sym, t.from_sym + n, 0.f);
-    std::fill(t.from_asym, t.from_asym + n, 0.f);
-    from_sym = t.from_sym;
-    from_asym = t.from_asym;
-  }
+  if (!from_sym) from_sym = from_asym = t.zero;
   // a null output is zero for every agent (all its inputs are null): not written
   auto out = [&](float* p) { return p ? p + k0 : t.unwritten; };
   const float* g[9];
   const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
-  for (int q = 0; q < 9; ++q) {
-    if (incoming[q]) {
-      g[q] = incoming[q] + k0;
-    } else {
-      std::fill(t.zeros[q], t.zeros[q] + n, 0.f);
-      g[q] = t.zeros[q];
-    }
-  }
-  shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], t.infections, t.report, t.admissions, t.deaths,
+  for (int q = 0; q < 9; ++q) g[q] = incoming[q] ? incoming[q] + k0 : t.zero;
+  shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
               a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia),
               out(a->out_H), out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E));
@@ -365,7 +369,7 @@ extern "C" {
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N;
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    ShadowTile tile;
+    ShadowTile tile{};
     float* from_sym = tile.from_sym;
     float* from_asym = tile.from_asym;
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
@@ -400,7 +404,7 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
   for (int64_t p = 0; p <= parts; ++p)
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
-    ShadowTile tile;
+    ShadowTile tile{};
     std::vector<float> us, qs, qa, from_sym, from_asym;  // a chunk's unit hazards, q and hand-offs
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
