@@ -300,6 +300,17 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
 
 namespace {
 
+// The hand-off from each agent's household members: from[j] = sums[household[j]] − q[j], for both sources (restrict
+// pointers: the gathers vectorise; written inline, the loop ran one agent at a time)
+void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restrict sums_asym,
+               const int32_t* __restrict household, const float* __restrict q_sym, const float* __restrict q_asym,
+               float* __restrict from_sym, float* __restrict from_asym) {
+  for (int64_t j = 0; j < n; ++j) {
+    from_sym[j] = sums_sym[household[j]] - q_sym[j];
+    from_asym[j] = sums_asym[household[j]] - q_asym[j];
+  }
+}
+
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written)
 struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
@@ -379,15 +390,8 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
           shadow_span(a, b, t0, n, nullptr, nullptr, tile);
           continue;
         }
-        const int32_t* __restrict household = a->household + t0;
-        const float* __restrict sums_sym = a->from_sym_sums + b * a->households;
-        const float* __restrict sums_asym = a->from_asym_sums + b * a->households;
-        const float* __restrict q_sym = a->q_sym + k0;
-        const float* __restrict q_asym = a->q_asym + k0;
-        for (int64_t j = 0; j < n; ++j) {
-          from_sym[j] = sums_sym[household[j]] - q_sym[j];
-          from_asym[j] = sums_asym[household[j]] - q_asym[j];
-        }
+        hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->household + t0,
+                  a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
         shadow_span(a, b, t0, n, from_sym, from_asym, tile);
       }
     });
@@ -433,10 +437,7 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
         run_sums<1>(n, {S + c0}, household, {sums});
         attack_range(0, n, us.data(), S + c0, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
-        for (int64_t j = 0; j < n; ++j) {
-          from_sym[j] = sums_sym[household[j]] - qs[j];
-          from_asym[j] = sums_asym[household[j]] - qa[j];
-        }
+        hand_offs(n, sums_sym, sums_asym, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
           shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile);
         c0 = c1;
