@@ -51,9 +51,9 @@ class StepContext:
     scratch: dict = field(default_factory=dict)  # observations passed from observe to later substeps
     schedule: Any = None  # compiled interventions (agenttensor.interventions.Schedule) or None
     # the loop that owns the states its steps make (nobody else reads them after the next step), or None: a model
-    # may update in place a state tensor that its previous step made for this owner (`owns` / `own`), as JAX's
-    # donated buffers; never the first step's input (the caller's, or a checkpointed segment's). `simulate` passes
-    # one owner per loop; a step called directly, without one, is pure.
+    # may update in place a state tensor that its previous step, or its ``init`` called with this context, made for
+    # this owner (`owns` / `own`), as JAX's donated buffers; never a caller's state or a checkpointed segment's
+    # input. `simulate` passes one owner per loop (``init`` included); a step called directly, without one, is pure.
     donate: object | None = None
 
     def owns(self, x: Tensor) -> bool:

@@ -115,7 +115,9 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
                                     age_band_edges=model.age_band_edges).to(dev)
     setup_seconds = time.perf_counter() - t0
 
-    ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule)
+    owner = object()  # this run reads no state its step made after the next step (`StepContext.donate`)
+    ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule,
+                       donate=owner)  # the state init makes is the run's own (the first step may update it in place)
     if initial_state is None:
         state = model.init(env, params, ctx0)
     else:
@@ -138,8 +140,6 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         state = state.replace(**saved["state"])
         history.extend(dict(h) for h in saved["history"])
         first = int(saved["step"])
-
-    owner = object()  # this run reads no state its step made after the next step (`StepContext.donate`)
 
     def run_steps(state, start: int, stop: int):
         records = []

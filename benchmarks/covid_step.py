@@ -77,10 +77,10 @@ def timed_steps(env, params, sampler, steps: int, seeds=(0,)) -> tuple[float, fl
     rng = Randomness.for_agents(list(seeds), env.agent_ids).to(device)
     schedule = compile_schedule([SCENARIO] * len(seeds), levers=MODEL.levers, steps=steps, start_date=START,
                                 group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges).to(device)
-    state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=START,
-                                                schedule=schedule))
-    records = []
     owner = None if os.environ.get("AGENTTENSOR_DONATE") == "0" else object()  # as `simulate` does (A/B: 0 = off)
+    state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=START,
+                                                schedule=schedule, donate=owner))
+    records = []
     synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     with contextlib.nullcontext() if sampler.differentiable or device.type != "cpu" else heap_only():  # as `simulate` does

@@ -556,7 +556,8 @@ def test_autograd_nodes_keep_a_days_tensors_only_as_saved_tensors(env):
 def test_donated_states_change_no_number_and_leave_the_callers_state_alone(env, sampler, monkeypatch):
     """`simulate` donates the states its own steps made (`StepContext.donate`): the covid step then writes today's
     exits into yesterday's tensors in place (hard mode: every transition field; gradient modes: H, R, D, which no
-    autograd node saves, and I_sym, I_asym, isolating, which the own contributions' node saves packed). Metrics, final state and gradients are those of the pure step, bit for bit; the state a
+    autograd node saves, and I_sym, I_asym, isolating, which the own contributions' node saves packed), from the first
+    day on (the state the model's init made for the run is the run's own). Metrics, final state and gradients are those of the pure step, bit for bit; the state a
     run starts from (a caller's, here an earlier run's final state) is never written."""
     from agenttensor.model import StepContext
 
@@ -578,8 +579,8 @@ def test_donated_states_change_no_number_and_leave_the_callers_state_alone(env, 
     monkeypatch.setattr(shadow, "donatable", lambda *a: in_place.append(donatable(*a)) or in_place[-1])
     donated, donated_grads = go()
     assert sum(owned) >= 3 * 25  # H, R and D (at least) in place on most days
-    if sampler.differentiable:  # all six exit fields on every day but the first
-        assert len(in_place) == 30 and all(len(names) == 6 for names in in_place[1:]), in_place
+    if sampler.differentiable:  # all six exit fields on every day, the first too (the state init made is the run's)
+        assert len(in_place) == 30 and all(len(names) == 6 for names in in_place), in_place
     monkeypatch.setattr(StepContext, "owns", lambda self, x: False)
     pure, pure_grads = go()
     for name in pure.metrics:
@@ -627,7 +628,7 @@ def test_a_field_a_step_passes_through_stays_the_callers(env):
     rng = at.Randomness.for_agents([0], env.agent_ids)
     owner = object()
     ctx = lambda t: StepContext(step=t, env=env, rng=rng, start_date=START, donate=owner)  # noqa: E731
-    state = MODEL.init(env, params, ctx(0))
+    state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, start_date=START))  # the caller's
     state = state.replace(stage_end=torch.full_like(state.stage_end, -1))  # nobody's countdown ends: no exits
     kept = {name: getattr(state, name).clone() for name in ("H", "R", "D")}
     after, _ = MODEL.step(state, params, ctx(0))

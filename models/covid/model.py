@@ -483,8 +483,9 @@ def init(env: CovidEnv, params: CovidParams, ctx: StepContext) -> CovidState:
     employed = env.has_job.to(dtype).expand(B, N).clone()
     remote = event(ctx, employed, "remote", lambda at: at(params.remote_work_share))
     G = len(env.group_labels)
-    return CovidState(S=1 - E - R, E=E, I_asym=zeros, I_sym=zeros.clone(), H=zeros.clone(), R=R, D=zeros.clone(),
-                      vaccinated=zeros.clone(), isolating=zeros.clone(), employed=employed,
+    own = ctx.own  # fresh tensors: a loop that owns this state (`StepContext.donate`) may update them in place
+    return CovidState(S=1 - E - R, E=E, I_asym=own(zeros), I_sym=own(zeros.clone()), H=own(zeros.clone()), R=own(R),
+                      D=own(zeros.clone()), vaccinated=zeros.clone(), isolating=own(zeros.clone()), employed=employed,
                       unemployed=env.was_unemployed.to(dtype).expand(B, N).clone(), remote=remote,
                       on_site=employed * env.has_workplace.to(dtype), stage_end=stage_end,
                       isolate_prob=torch.zeros(B, N, device=u.device), work_prob=torch.ones(B, N, device=u.device),
