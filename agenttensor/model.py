@@ -125,6 +125,14 @@ class StepContext:
             return self.dense_bernoulli(survival, stream, where, complement=True)
         return self._bernoulli_at_members(1 - survival, stream, where)
 
+    def hazard_event_and_mask(self, hazard: Tensor, stream: str, where: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`hazard_event` and, in a gradient mode whose derivative w.r.t. ``where`` is a mask (straight-through), that
+        mask [B, N] (bool), the derivative then the caller's to apply (`Sampler.hazard_event_and_mask`); else
+        ``(hazard_event(...), None)``."""
+        if self.sampler.differentiable:
+            return self.sampler.hazard_event_and_mask(hazard, Uniforms(self.rng, self.step, stream), where)
+        return self.hazard_event(hazard, stream, where), None
+
 
 @dataclass(frozen=True)
 class Substep:

@@ -51,6 +51,15 @@ class Sampler:
         · where``. ``u`` may be `Uniforms` not drawn yet (see `event_among`)."""
         return self.event_among(torch.exp(-hazard), u, where, complement=True)
 
+    def hazard_event_and_mask(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
+                              ) -> tuple[Tensor, Tensor | None]:
+        """`hazard_event`, and where this sampler's derivative w.r.t. ``where`` is a 0/1 mask, that mask [B, N]
+        (bool), the derivative then left to the caller: ``(events, mask)`` with d events / d where = mask, or
+        ``(hazard_event(...), None)`` (the derivative flows through ``where`` as usual). A caller that already
+        writes where's gradient can add ``mask · (events' gradient)`` to it there, where autograd would write a
+        [B, N] of it and add it in; the caller must then be the events' only differentiable consumer."""
+        return self.hazard_event(hazard, u, where), None
+
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
         """``bernoulli(1 − p if complement else p, u) · where`` (where None: 1), the same numbers. ``u`` may be
@@ -92,6 +101,11 @@ class StraightThrough(Sampler):
             return super().hazard_event(hazard, u, where)
         return _StraightThroughHazardEvent.apply(hazard, u, where)
 
+    def hazard_event_and_mask(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
+                              ) -> tuple[Tensor, Tensor | None]:
+        events, mask = _StraightThroughHazardEvent.apply(hazard, u, where.detach(), True)
+        return events, mask
+
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
         if not isinstance(u, Uniforms) or where is None:
@@ -105,10 +119,11 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
     """``1[u < 1 − exp(−h)] · where`` forward (the numbers of ``1 − exp(−h)``, the comparison and the product
     in torch ops); backward d/dh = grad · where · exp(−h) (d event/d p = 1), d/dwhere = grad · event. One node
     keeping exp(−h) and a 1-byte event mask, where the composition keeps exp(−h) and the float32 event
-    and runs ~5 elementwise nodes each way."""
+    and runs ~5 elementwise nodes each way. ``with_mask``: also returns the mask 1[u < 1 − exp(−h)] (bool, no
+    derivative; `Sampler.hazard_event_and_mask`)."""
 
     @staticmethod
-    def forward(ctx, hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> Tensor:
+    def forward(ctx, hazard: Tensor, u: Tensor | Uniforms, where: Tensor, with_mask: bool = False):
         survival = (-hazard).exp_()  # no autograd inside forward: one buffer, the same bits
         # one native pass on CPU, the same numbers (undrawn uniforms: drawn inside it)
         fused = (u.float_event(survival, where, complement=True) if isinstance(u, Uniforms)
@@ -122,23 +137,29 @@ class _StraightThroughHazardEvent(torch.autograd.Function):
         ctx.save_for_backward(survival if ctx.needs_input_grad[0] else None,
                               where if ctx.needs_input_grad[0] else None,
                               happened if ctx.needs_input_grad[2] else None)
-        return out
+        if not with_mask:
+            return out
+        ctx.mark_non_differentiable(happened)
+        ctx.set_materialize_grads(False)  # (no [B, N] of zeros made for the mask's gradient)
+        return out, happened
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor | None, _mask_grad: Tensor | None = None):
+        if grad is None:
+            return None, None, None, None
         survival, where, happened = ctx.saved_tensors
         hazard_shape, where_shape = ctx.shapes
         fused = _event_kernels.hazard_event_backward(grad, where, survival, happened)
         if fused is not None:
             d_hazard, d_where = fused
             return (None if d_hazard is None else d_hazard.sum_to_size(hazard_shape), None,
-                    None if d_where is None else d_where.sum_to_size(where_shape))
+                    None if d_where is None else d_where.sum_to_size(where_shape), None)
         d_hazard = d_where = None
         if ctx.needs_input_grad[0]:
             d_hazard = (grad * where * survival).sum_to_size(hazard_shape)
         if ctx.needs_input_grad[2]:
             d_where = torch.where(happened, grad, 0.0).sum_to_size(where_shape)
-        return d_hazard, None, d_where
+        return d_hazard, None, d_where, None
 
 
 class _StraightThroughDrawnEvent(torch.autograd.Function):

@@ -720,7 +720,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     versions = {name: getattr(state, name)._version for name in IN_PLACE}  # a donated field's, before its update
     # S → E: ctx.bernoulli(1 − exp(−λ), "infection", where=S); in hard mode drawn for every agent while most are
     # susceptible, at the susceptible agents only once they are few
-    new_E = ctx.hazard_event(ctx.scratch["force"], "infection", S)
+    # (gradient modes: with the mask d new_E / d S, which `transition`, new_E's only differentiable consumer, applies)
+    new_E, infection_mask = ctx.hazard_event_and_mask(ctx.scratch["force"], "infection", S)
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
@@ -805,8 +806,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                        isolating=isolating_here - isolating_before)
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
         donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
-        return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated), versions,
-                                ctx)
+        return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated,
+                                                  infection_mask), versions, ctx)
 
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated

@@ -243,19 +243,22 @@ class _Transition(torch.autograd.Function):
     E + new_E and every field plus its change at the exiting agents (index_put with accumulate); exposure,
     latent and the counters unchanged (the flows are zero-valued). Backward: each field's gradient passed
     through plus the transpose of the shadow flows' linear map (module docstring), written once per field; the
-    changes' gradients are the incoming ones at (b, i)."""
+    changes' gradients are the incoming ones at (b, i); with the infection event's mask, S's gradient plus the
+    event's derivative w.r.t. S (mask · d new_E), which its node then leaves to this one."""
 
     @staticmethod
     def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], slot: Tensor, sigma: Tensor,
                 scale: Tensor, kept_1: Tensor | None, kept_2: Tensor | None, susceptible: Tensor,
-                stage_end: Tensor, vaccinated: Tensor | None, testing: Tensor | None, new_E: Tensor, infections: Tensor,
+                stage_end: Tensor, vaccinated: Tensor | None, testing: Tensor | None, infection_mask: Tensor | None,
+                new_E: Tensor, infections: Tensor,
                 exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
                 recent: Tensor, *fields_and_changes: Tensor):
         ctx.k, ctx.handoff = k, exits.handoff
         ctx.set_materialize_grads(False)
         b, i = exits.b, exits.i
         ctx.slot = slot  # the environment's (the unit hazard's factors are saved tensors: checkpointing drops them)
-        ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, b, i)
+        ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, infection_mask,
+                              b, i)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
         after = {"S": before["S"] - new_E, "E": select.put_at_(before["E"] + new_E, b, i, changes["E"], accumulate=True)}
@@ -269,7 +272,7 @@ class _Transition(torch.autograd.Function):
                  g_admissions, g_deaths, g_recent):
         k: ShadowConstants = ctx.k
         env = k.env
-        sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, b, i = ctx.saved_tensors
+        sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, mask, b, i = ctx.saved_tensors
         unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None))
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
@@ -285,24 +288,27 @@ class _Transition(torch.autograd.Function):
         incoming = dict(gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
                         g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths)
         fused = shadow_native.backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
-                                       d_asym, half_infectious, rate)
+                                       d_asym, half_infectious, rate, mask)
         if fused is None:  # the same map in torch ops
             fused = _transition_backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
-                                         d_asym, half_infectious, rate)
-        g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E = fused
+                                         d_asym, half_infectious, rate, mask)
+        g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0 = fused
+        if mask is None:  # S's gradient passes through (the infection event's node adds its own)
+            g_S0 = gS
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
         at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        return (None,) * 12 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
-                              gS, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
+        return (None,) * 13 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
+                              g_S0, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
 
 def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor,
                          vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
                          d_sym: float, d_asym: float, half_infectious: float,
-                         rate: dict[str, float]) -> tuple[Tensor | None, ...]:
+                         rate: dict[str, float], infection_mask: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """`_Transition`'s derivatives for E, I_sym, I_asym, H, exposure, latent (before the step) and new_E in torch
-    ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a fresh buffer."""
+    ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a fresh buffer; and, with
+    ``infection_mask`` (d new_E / d S, `Sampler.hazard_event_and_mask`), S's: gS + mask · d new_E (else None)."""
     env = k.env
     gS, gE, gIs, gIa, gH, gR, gD = (g[name] for name in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD"))
     g_exposure, g_latent = g["g_exposure"], g["g_latent"]
@@ -364,15 +370,22 @@ def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tens
         """g_field + d/d(carried x) of free · x · r (g_out is None only where g_field is)."""
         return None if g_out is None else _combine((1.0, g_out.mul_(free).mul_(r)), (1.0, g_field))
 
+    g_S0 = None
+    if infection_mask is not None and (gS is not None or g_new_E is not None):
+        via_event = None if g_new_E is None else torch.where(infection_mask, g_new_E, 0.0)
+        g_S0 = gS if via_event is None else via_event if gS is None else gS + via_event
     return (through(g_out_E, rate["E"], gE), through(g_out_Is, rate["I_sym"], gIs),
-            through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0, g_new_E)
+            through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0, g_new_E,
+            g_S0)
 
 
 def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx,
-               donated: tuple[str, ...] = ()):
+               donated: tuple[str, ...] = (), infection_mask: Tensor | None = None):
     """Gradient modes: ``after`` (``CovidState``, its other fields already set) with S, E, I_sym, I_asym, H, R, D and
     isolating from ``before``, today's infections ``new_E`` [B, N] and the ``changes`` [M] at the exiting agents
-    (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). Needs
+    (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). ``infection_mask``: the
+    mask d new_E / d S of the infection event (`StepContext.hazard_event_and_mask`), whose derivative w.r.t. S this
+    node then adds into S's (new_E's only differentiable consumer; one [B, N] write and addition fewer). Needs
     ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
     (``new_infections`` the infected agents' per-borough count [B, G]: it gets new_E's derivative here)."""
     k = ShadowConstants(
@@ -389,7 +402,8 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     out = _Transition.apply(
         k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
         before.S.detach().to(torch.float32),
-        before.stage_end, vaccinated, None if testing is None else testing.detach(), new_E, ctx.scratch["new_infections"].detach(),
+        before.stage_end, vaccinated, None if testing is None else testing.detach(), infection_mask, new_E,
+        ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])
     S, E, I_sym, I_asym, H, R, D, isolating, exposure, latent, infections, reported, admissions, deaths, recent = out

@@ -211,10 +211,11 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
                  const float* __restrict admissions, const float* __restrict deaths, const float* __restrict f,
                  const float* __restrict p_hosp, const float* __restrict p_death, const float* __restrict d_sym,
                  const float* __restrict d_asym, const float* __restrict from_sym, const float* __restrict from_asym,
-                 const int16_t* __restrict stage_end, float half_infectious, float rate_E, float rate_Is, float rate_Ia,
-                 float rate_H, float* __restrict out_E, float* __restrict out_Is, float* __restrict out_Ia,
-                 float* __restrict out_H, float* __restrict out_exposure0, float* __restrict out_latent0,
-                 float* __restrict out_new_E) {
+                 const int16_t* __restrict stage_end, const uint8_t* __restrict infection_mask, float half_infectious,
+                 float rate_E, float rate_Is, float rate_Ia, float rate_H, float* __restrict out_E,
+                 float* __restrict out_Is, float* __restrict out_Ia, float* __restrict out_H,
+                 float* __restrict out_exposure0, float* __restrict out_latent0, float* __restrict out_new_E,
+                 float* __restrict out_S) {
   for (int64_t j = 0; j < n; ++j) {
     // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
     const float g_infected = -gS[j] + infections[j] - gX[j] + gL[j];
@@ -233,8 +234,10 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
     out_Ia[j] = gIa[j] + (gR[j] - gIa[j]) * free * rate_Ia;
     const float g_to_D = gD[j] - gR[j] + deaths[j];
     out_H[j] = gH[j] + (gR[j] - gH[j] + p_death[j] * g_to_D) * free * rate_H;
-    // today's infections new_E: leave S, enter E, counted
-    out_new_E[j] = gE[j] - gS[j] + infections[j];
+    // today's infections new_E: leave S, enter E, counted; the event's derivative w.r.t. S (its mask) added to S's
+    const float g_new_E = gE[j] - gS[j] + infections[j];
+    out_new_E[j] = g_new_E;
+    out_S[j] = gS[j] + (infection_mask[j] ? g_new_E : 0.f);
   }
 }
 
@@ -278,6 +281,9 @@ struct ShadowArgs {
   float d_sym, d_asym, f_mean;
   float *susceptible_sums;
   int64_t ages;  // entries of the per-age-group tables
+  // the infection event's d new_E / d S [B, N] (0/1 bytes) or null; then out_S = gS + mask · d new_E [B, N]
+  const uint8_t* infection_mask;
+  float* out_S;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -314,7 +320,9 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written)
 struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
-      p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
+      p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile],
+      unwritten2[kTile];
+  uint8_t no_mask[kTile];
 };
 
 // The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
@@ -366,9 +374,10 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
   for (int q = 0; q < 9; ++q) g[q] = incoming[q] ? incoming[q] + k0 : t.zero;
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
-              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0, a->half_infectious,
-              a->rate_E, a->rate_Is, a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia),
-              out(a->out_H), out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E));
+              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
+              a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->half_infectious, a->rate_E, a->rate_Is,
+              a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia), out(a->out_H),
+              out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E), a->out_S ? a->out_S + k0 : t.unwritten2);
 }
 
 }  // namespace
