@@ -638,6 +638,46 @@ def shadow_native_enabled() -> bool:
     return native.kernels_enabled()
 
 
+def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
+    """The own contributions' packed flags are packed once per run and then carried by the day's transition (updated at
+    the exiting agents): every day they equal a fresh `pack` of the fields; a field changed in between (its version
+    moves) or another tensor in its place is packed again."""
+    from models.covid import contributions_native as cn
+
+    if not shadow_native_enabled():
+        pytest.skip("native kernels unavailable")
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    pack, packed, days = cn.pack, cn.packed, []
+    monkeypatch.setattr(cn, "pack", lambda *a: days.append("packed") or pack(*a))
+
+    def checked(I_sym, I_asym, isolating):
+        flags, live = packed(I_sym, I_asym, isolating)
+        assert torch.equal(flags, pack(I_sym.detach(), I_asym.detach(), isolating.detach())) and torch.equal(live, flags)
+        days.append("day")
+        return flags, live
+
+    monkeypatch.setattr(cn, "packed", checked)
+    learn = params.as_tensors(learn=("transmission_scale",))
+    res = at.simulate(MODEL, None, learn, steps=20, seeds=[0, 1], env=env, start_date=START, progress=False,
+                      sampler=StraightThrough())
+    assert res["I_sym"].sum() > 0 and res["isolating_share"].sum() > 0
+    assert days.count("day") == 20 and days.count("packed") == 1, days  # packed on day 0 only
+    # invalidation: the carried flags are not used for a changed field or another tensor
+    monkeypatch.setattr(cn, "packed", packed)
+    B, N = 2, 1000
+    I_sym, I_asym, isolating = ((torch.rand(B, N) < q).float() for q in (0.1, 0.1, 0.05))
+    flags, live = cn.packed(I_sym, I_asym, isolating)
+    b, i = torch.tensor([0, 1]), torch.tensor([3, 7])
+    I_sym[0, 3], isolating[1, 7] = 1 - I_sym[0, 3], 1 - isolating[1, 7]  # the day's changes at the exits
+    cn.carry(live, b, i, I_sym, I_asym, isolating)
+    days.clear()
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating)[0], pack(I_sym, I_asym, isolating)) and not days
+    I_asym[1, 5] = 1 - I_asym[1, 5]  # changed outside the transition
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating)[0], pack(I_sym, I_asym, isolating)) and days == ["packed"]
+    assert cn.packed(I_sym, I_asym.clone(), isolating)[0] is not None and days == ["packed"] * 2
+
+
 def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):
     """The own contributions' backward from the packed fields: the torch ops (unpacking them) give the bits they
     give from the float fields, and the native pass the same gradients."""

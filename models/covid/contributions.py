@@ -64,6 +64,7 @@ class Contributions(NamedTuple):
     fields: dict[str, Tensor]
     handoff: dict
     packed: bool = False  # whether the node saved the fields packed (not themselves): the step may then update them
+    live_flags: Tensor | None = None  # the packed flags, for the transition to carry to the next day
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:
@@ -210,7 +211,7 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
     handoff: dict[str, Tensor] = {}
     with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields
-        flags = contributions_native.pack(state.I_sym.detach(), state.I_asym.detach(), state.isolating.detach())
+        flags, live = contributions_native.packed(state.I_sym, state.I_asym, state.isolating)
     out = iter(_OwnContributions.apply(layers, ordered, handoff, flags, state.I_sym, state.I_asym, state.isolating,
                                        state.stage_end, state.isolate_prob.detach(),
                                        None if testing is None else testing.detach(), params.asymptomatic_infectiousness,
@@ -218,4 +219,4 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     fields = {name: next(out) for name in PASSED}
     probes = {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
               for name, group in zip(names, ordered)}
-    return Contributions(probes, fields, handoff, flags is not None)
+    return Contributions(probes, fields, handoff, flags is not None, live)

@@ -7,12 +7,13 @@ same chain rule in torch ops (the reference, used on other devices, without a co
 from __future__ import annotations
 
 import ctypes
+import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from agenttensor import native
+from agenttensor import native, select
 
 SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
 BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
@@ -47,6 +48,31 @@ def _declare(library: ctypes.CDLL) -> None:
 
 def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
+
+
+def packed(I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(`pack` of the fields, for a node to save; the same flags to carry to the next day, `carry`): from the flags the
+    day's transition carried on I_sym where they are of these very fields at their current versions (a 1-byte copy
+    per agent), else packed (three float32 reads per agent). (None, None) where `pack` gives None."""
+    carried = getattr(I_sym, "_agenttensor_flags", None)
+    if carried is not None:
+        live, asym, iso, versions = carried
+        if asym() is I_asym and iso() is isolating and versions == (I_sym._version, I_asym._version, isolating._version):
+            return live.clone(), live
+    flags = pack(I_sym.detach(), I_asym.detach(), isolating.detach())
+    return flags, None if flags is None else flags.clone()
+
+
+def carry(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> None:
+    """The flags ``live`` [B, N] of the fields before the day's transition, updated at the exiting agents (b, i) to
+    the fields' values after it (where those are 0/1) and carried on I_sym for the next day's `packed`, with the
+    fields' identities and versions (any other change of them makes `packed` pack again)."""
+    values = [select.values_at(x.detach(), b, i) for x in (I_sym, I_asym, isolating)]
+    if not all(bool(((v == 0) | (v == 1)).all()) for v in values):
+        return
+    select.put_at_(live, b, i, (values[0] + 2 * values[1] + 4 * values[2]).to(torch.uint8))
+    I_sym._agenttensor_flags = (live, weakref.ref(I_asym), weakref.ref(isolating),
+                                (I_sym._version, I_asym._version, isolating._version))
 
 
 def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> Tensor | None:

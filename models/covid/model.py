@@ -600,6 +600,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x
                                  for name, x in contributions.fields.items()})
         ctx.scratch["fields_packed"] = contributions.packed
+        ctx.scratch["live_flags"] = contributions.live_flags  # `shadow.transition` carries them to the next day
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain

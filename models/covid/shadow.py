@@ -56,7 +56,7 @@ from torch import Tensor
 from agenttensor import select
 from agenttensor.transmission import group_gather, range_broadcast
 
-from . import shadow_native
+from . import contributions_native, shadow_native
 
 
 def mean_duration(cdf: Tensor) -> float:
@@ -408,5 +408,7 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])
     S, E, I_sym, I_asym, H, R, D, isolating, exposure, latent, infections, reported, admissions, deaths, recent = out
     ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
+    if ctx.scratch.get("live_flags") is not None:  # the own contributions' packed flags, now of the new fields
+        contributions_native.carry(ctx.scratch.pop("live_flags"), exits.b, exits.i, I_sym, I_asym, isolating)
     return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, isolating=isolating,
                          reported_recent=recent, household_exposure=exposure, household_latent=latent)
