@@ -39,7 +39,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
-        + [(n, _P) for n in ("infection_mask", "out_S")]
+        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -115,8 +115,19 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     if testing is not None:
         cells = dense(testing.flatten(1))
         args.testing, args.cells = _ptr(cells), cells.shape[1]
-    for name in ("borough", "age_group", "cell"):
+    for name in ("borough", "cell"):
         setattr(args, name, _ptr(table(getattr(env, name), torch.int32)))
+    ages = k.symptomatic.numel()
+    if ages > 256:  # (one byte per agent below; the model's 10 age groups)
+        return None
+    args.age_group = _ptr(table(env.memo("age_group_bytes", (env.age_group,), lambda: env.age_group.to(torch.uint8)),
+                                torch.uint8))
+    slices = env.borough_slices
+    if len(slices) == G and all(a == b for (_, a), (b, _) in zip(slices, slices[1:])) and slices[0][0] == 0 \
+            and slices[-1][1] == N:  # agents sorted by borough: the slices tile 0..N in order
+        starts = torch.tensor([a for a, _ in slices] + [N], dtype=torch.int64)
+        keep.append(starts)
+        args.borough_starts = starts.data_ptr()
     for name, values in (("symptomatic", k.symptomatic), ("hosp", k.hosp_given_symptomatic), ("death", k.death_given_hosp)):
         setattr(args, name, _ptr(table(values)))
     args.ages = k.symptomatic.numel()
