@@ -67,6 +67,17 @@ def nonzero(a: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return mask.nonzero(as_tuple=True)
 
 
+def nonzero_bits(flags: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """(batch, agent) int64 indices [M] of the entries of flags [B, N] (uint8) with any of ``bits`` set:
+    ``(flags & bits).nonzero(as_tuple=True)``, e.g. the infectious agents from packed memberships (one byte read per
+    agent where two float32 fields took eight)."""
+    if _plain(flags, torch.uint8):
+        out = _select(3, flags, None, bits)
+        if out is not None:
+            return out
+    return (flags & bits).nonzero(as_tuple=True)
+
+
 def count(a: Tensor) -> int:
     """The number of non-zero entries of a [B, N] (``int(torch.count_nonzero(a))``), in one vectorised native pass on
     CPU (the counting pass of `nonzero`)."""

@@ -30,6 +30,10 @@ def test_pairs_equal_torch_nonzero(threads, shape):
         assert _same(select.equal(stage_end, -1), (stage_end == -1).nonzero(as_tuple=True))
         assert select.count(a) == int(torch.count_nonzero(a)) == select.count(a.float())
         assert select.count(torch.ones(shape, dtype=torch.uint8)) == a.numel()
+        flags = a | b << 1 | (torch.rand(shape, generator=g) < 0.5).to(torch.uint8) << 2  # packed memberships
+        for bits in (0b011, 0b100, 0b001):
+            assert _same(select.nonzero_bits(flags, bits), (flags & bits).nonzero(as_tuple=True))
+        assert _same(select.nonzero_bits(flags, 0b011), torch.logical_or(a, b).nonzero(as_tuple=True))
     finally:
         torch.set_num_threads(old)
 

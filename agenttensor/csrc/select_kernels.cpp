@@ -62,16 +62,24 @@ struct Either {
   bool operator()(int64_t k) const { return (a[k] != T(0)) | (b[k] != T(0)); }
 };
 
+struct AnyBits {
+  const uint8_t* a;
+  uint8_t bits;
+  bool operator()(int64_t k) const { return (a[k] & bits) != 0; }
+};
+
 struct Equal {
   const int16_t* x;
   int16_t value;
   bool operator()(int64_t k) const { return x[k] == value; }
 };
 
-// run(test) with the test of `kind`: 0 uint8 (a | b) != 0, 1 float32 (a | b) != 0 (b may be null), 2 int16 a == value
+// run(test) with the test of `kind`: 0 uint8 (a | b) != 0, 1 float32 (a | b) != 0 (b may be null), 2 int16 a == value,
+// 3 uint8 (a & value) != 0
 template <class Run>
 void dispatch(int64_t kind, const void* a, const void* b, int64_t value, Run run) {
   if (kind == 2) return run(Equal{(const int16_t*)a, static_cast<int16_t>(value)});
+  if (kind == 3) return run(AnyBits{(const uint8_t*)a, static_cast<uint8_t>(value)});
   if (kind == 0 && b) return run(Either<uint8_t>{(const uint8_t*)a, (const uint8_t*)b});
   if (kind == 0) return run(Nonzero<uint8_t>{(const uint8_t*)a});
   if (b) return run(Either<float>{(const float*)a, (const float*)b});

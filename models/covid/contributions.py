@@ -199,19 +199,21 @@ class _OwnContributions(torch.autograd.Function):
 
 
 def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None,
-                      groups: dict[str, OthersSum]) -> Contributions:
+                      groups: dict[str, OthersSum], packed: tuple[Tensor | None, Tensor | None] | None = None
+                      ) -> Contributions:
     """The `layered_force` probes of the zero-valued contributions per layer ("household" and every layer in
     ``presences``; module docstring), with I_sym, I_asym and isolating passed through (`Contributions`).
     ``state``: a ``CovidState`` (gradient mode: float memberships); ``presences``: today's non-household layers
     (school, workplace, community) and each one's presence p_l [B | 1, N] (None: 1); ``testing``: the testing lever
-    per agent [B, N] or None; ``groups``: each layer's `OthersSum`."""
+    per agent [B, N] or None; ``groups``: each layer's `OthersSum`; ``packed``: `contributions_native.packed` of the
+    state's fields where the caller has it."""
     layers = tuple(name for name in NON_HOUSEHOLD if name in presences)
     names = ("household", *layers)
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
     handoff: dict[str, Tensor] = {}
     with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields
-        flags, live = contributions_native.packed(state.I_sym, state.I_asym, state.isolating)
+        flags, live = packed or contributions_native.packed(state.I_sym, state.I_asym, state.isolating)
     out = iter(_OwnContributions.apply(layers, ordered, handoff, flags, state.I_sym, state.I_asym, state.isolating,
                                        state.stage_end, state.isolate_prob.detach(),
                                        None if testing is None else testing.detach(), params.asymptomatic_infectiousness,

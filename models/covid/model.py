@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import disease, shadow
+from . import contributions_native, disease, shadow
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -509,7 +509,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
     device = state.S.device
-    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach())  # infectious agents
+    # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
+    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
+        else (None, None)
+    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
+        select.nonzero_bits(packed[0], 0b011)
     sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
 
@@ -592,7 +596,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         slots = {**{name: slot for name, (_, slot, _) in layers.items()}, "community": env.community.slot}
         groups = {name: OthersSum(slot, torch.atleast_2d(own_scale[name]), plain=name == "community")
                   for name, slot in slots.items()}
-        contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups)
+        contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups,
+                                          packed)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
         # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
