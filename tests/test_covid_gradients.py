@@ -177,7 +177,7 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx, donat
     return explicit_shadow_flows(before, after, params, ctx)
 
 
-def explicit_own_contributions(state, params, presences, testing, groups):
+def explicit_own_contributions(state, params, presences, testing, groups, packed=None):
     """Reference for `own_contributions`: each agent's contribution per layer as dense products, with the
     zero-valued expected isolation of untaken infections written out, handed to `layered_force` through the
     engine's generic probes (`others_sum_probes`: the others-sum by autograd, not fused)."""
