@@ -118,43 +118,28 @@ void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __rest
 
 using agenttensor::keep;
 
-// out[j] = table[index[j]] for n agents (index in [0, size)): with AVX-512 and a table of at most 16 entries (the
-// age groups, the boroughs) in-register, one permute per 16 agents; else a plain loop (the compiler's gathers or
-// scalar loads: these small-table loops stayed scalar, ~a quarter of `shadow_span`'s time at full NYC).
-inline void small_table_lookup(int64_t n, const float* __restrict table, int64_t size, const int32_t* __restrict index,
+// out[j] = table[index[j]] for n agents (index in [0, size); int32 or bytes, e.g. the age groups as one byte per
+// agent): with AVX-512 and a table of at most 16 entries (the age groups, the boroughs) in-register, one permute per
+// 16 agents; else a plain loop (the compiler's gathers or scalar loads: these small-table loops stayed scalar, ~a
+// quarter of `shadow_span`'s time at full NYC).
+template <class Index>
+inline void small_table_lookup(int64_t n, const float* __restrict table, int64_t size, const Index* __restrict index,
                                float* __restrict out) {
+  int64_t j = 0;
 #if defined(__AVX512F__)
   if (size <= 16) {
     const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << size) - 1), table);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-      _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(_mm512_loadu_si512(index + j), values));
-    if (j < n) {
-      const __mmask16 rest = static_cast<__mmask16>((1u << (n - j)) - 1);
-      _mm512_mask_storeu_ps(out + j, rest, _mm512_permutexvar_ps(_mm512_maskz_loadu_epi32(rest, index + j), values));
-    }
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) out[j] = table[index[j]];
-}
-
-// The same with byte indices (the age groups as one byte per agent: a quarter of the int32 slots' reads)
-inline void small_table_lookup(int64_t n, const float* __restrict table, int64_t size, const uint8_t* __restrict index,
-                               float* __restrict out) {
-#if defined(__AVX512F__)
-  if (size <= 16) {
-    const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << size) - 1), table);
-    int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-      const __m512i slots = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(index + j)));
+      __m512i slots;
+      if constexpr (sizeof(Index) == 1)
+        slots = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(index + j)));
+      else
+        slots = _mm512_loadu_si512(index + j);
       _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(slots, values));
     }
-    for (; j < n; ++j) out[j] = table[index[j]];
-    return;
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) out[j] = table[index[j]];
+  for (; j < n; ++j) out[j] = table[index[j]];
 }
 
 // u = sigma ((scale[household] kept1) kept2) for n agents (kept1, kept2 null: absent), the order of the torch ops
