@@ -103,8 +103,8 @@ class StraightThrough(Sampler):
 
     def hazard_event_and_mask(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
                               ) -> tuple[Tensor, Tensor | None]:
-        events, mask = _StraightThroughHazardEvent.apply(hazard, u, where.detach(), True)
-        return events, mask
+        hazard = hazard if isinstance(hazard, Tensor) else torch.tensor(float(hazard), dtype=torch.float32)
+        return _StraightThroughHazardEvent.apply(hazard, u, where.detach(), True)
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
