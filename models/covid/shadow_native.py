@@ -130,7 +130,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         args.borough_starts = starts.data_ptr()
     for name, values in (("symptomatic", k.symptomatic), ("hosp", k.hosp_given_symptomatic), ("death", k.death_given_hosp)):
         setattr(args, name, _ptr(table(values)))
-    args.ages = k.symptomatic.numel()
+    args.ages = ages
     if vaccinated is not None:
         args.vaccinated, args.efficacy_severe = _ptr(dense(vaccinated)), _ptr(per_element(k.vaccine_efficacy_severe))
     stage = stage_end.contiguous()

@@ -326,8 +326,7 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written)
 struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
-      p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile],
-      unwritten2[kTile];
+      p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
   uint8_t no_mask[kTile];
 };
 
@@ -389,7 +388,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->half_infectious, a->rate_E, a->rate_Is,
               a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia), out(a->out_H),
-              out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E), a->out_S ? a->out_S + k0 : t.unwritten2);
+              out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E), out(a->out_S));
 }
 
 }  // namespace
