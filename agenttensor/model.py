@@ -33,7 +33,7 @@ from torch import Tensor
 from . import select
 from .params import Params
 from .rng import Randomness, Uniforms
-from .sampling import Hard, Sampler
+from .sampling import EventDerivatives, Hard, Sampler
 from .state import TensorState
 
 SubstepKind = Literal["observe", "decide", "transition"]
@@ -125,12 +125,13 @@ class StepContext:
             return self.dense_bernoulli(survival, stream, where, complement=True)
         return self._bernoulli_at_members(1 - survival, stream, where)
 
-    def hazard_event_and_mask(self, hazard: Tensor, stream: str, where: Tensor) -> tuple[Tensor, Tensor | None]:
-        """`hazard_event` and, in a gradient mode whose derivative w.r.t. ``where`` is a mask (straight-through), that
-        mask [B, N] (bool), the derivative then the caller's to apply (`Sampler.hazard_event_and_mask`); else
-        ``(hazard_event(...), None)``."""
+    def hazard_event_and_derivatives(self, hazard: Tensor, stream: str, where: Tensor
+                                     ) -> tuple[Tensor, EventDerivatives | None]:
+        """`hazard_event` and, in a gradient mode whose derivatives are a mask and a factor (straight-through), those
+        (`EventDerivatives`: the events then carry no autograd graph, their derivatives are the caller's to apply;
+        `Sampler.hazard_event_and_derivatives`); else ``(hazard_event(...), None)``."""
         if self.sampler.differentiable:
-            return self.sampler.hazard_event_and_mask(hazard, Uniforms(self.rng, self.step, stream), where)
+            return self.sampler.hazard_event_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), where)
         return self.hazard_event(hazard, stream, where), None
 
 

@@ -20,6 +20,7 @@ Events in the gradient modes are float32 tensors whose values are exactly 0.0 or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,13 +52,14 @@ class Sampler:
         · where``. ``u`` may be `Uniforms` not drawn yet (see `event_among`)."""
         return self.event_among(torch.exp(-hazard), u, where, complement=True)
 
-    def hazard_event_and_mask(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
-                              ) -> tuple[Tensor, Tensor | None]:
-        """`hazard_event`, and where this sampler's derivative w.r.t. ``where`` is a 0/1 mask, that mask [B, N]
-        (bool), the derivative then left to the caller: ``(events, mask)`` with d events / d where = mask, or
-        ``(hazard_event(...), None)`` (the derivative flows through ``where`` as usual). A caller that already
-        writes where's gradient can add ``mask · (events' gradient)`` to it there, where autograd would write a
-        [B, N] of it and add it in; the caller must then be the events' only differentiable consumer."""
+    def hazard_event_and_derivatives(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
+                                     ) -> tuple[Tensor, "EventDerivatives | None"]:
+        """`hazard_event`, and where this sampler's derivatives are a mask and a factor (straight-through), those
+        (`EventDerivatives`), the derivatives then left to the caller: ``(events, derivatives)`` with events carrying
+        no autograd graph, or ``(hazard_event(...), None)`` (the derivatives flow through autograd as usual). A caller
+        that already writes where's and hazard's gradients in one node of its own (taking ``hazard`` as an input)
+        applies them there, where the event's node would read the events' gradient, where and exp(−hazard) again
+        and write a [B, N] of hazard's gradient; it must then be the events' only differentiable consumer."""
         return self.hazard_event(hazard, u, where), None
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
@@ -101,10 +103,12 @@ class StraightThrough(Sampler):
             return super().hazard_event(hazard, u, where)
         return _StraightThroughHazardEvent.apply(hazard, u, where)
 
-    def hazard_event_and_mask(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
-                              ) -> tuple[Tensor, Tensor | None]:
+    def hazard_event_and_derivatives(self, hazard: Tensor, u: Tensor | Uniforms, where: Tensor
+                                     ) -> tuple[Tensor, "EventDerivatives"]:
         hazard = hazard if isinstance(hazard, Tensor) else torch.tensor(float(hazard), dtype=torch.float32)
-        return _StraightThroughHazardEvent.apply(hazard, u, where.detach(), True)
+        with torch.no_grad():
+            survival, happened, events = _hazard_event_values(hazard, u, where)
+        return events, EventDerivatives(happened, survival)
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
@@ -115,51 +119,56 @@ class StraightThrough(Sampler):
         return _StraightThroughDrawnEvent.apply(p, where, u, complement)
 
 
+class EventDerivatives(NamedTuple):
+    """The derivatives of straight-through events ``1[u < 1 − exp(−h)] · where`` (`Sampler.hazard_event_and_derivatives`),
+    for a caller that applies them: d events / d where = ``where_mask`` and d events / d h = where · ``survival``
+    (d event / d p = 1), each times the events' gradient."""
+
+    where_mask: Tensor  # [B, N] bool: 1[u < 1 − exp(−h)]
+    survival: Tensor  # exp(−h), h's shape, float32
+
+
+def _hazard_event_values(hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(exp(−h), the mask 1[u < 1 − exp(−h)] (bool), the events 1[u < 1 − exp(−h)] · where (where's dtype)) in torch
+    ops or, on CPU, one native pass for the mask and the events (undrawn uniforms: drawn inside it): the same numbers."""
+    survival = (-hazard).exp_()  # one buffer, the same bits
+    fused = (u.float_event(survival, where, complement=True) if isinstance(u, Uniforms)
+             else _event_kernels.hazard_event(survival, u, where))
+    if fused is None:
+        happened = drawn(u) < 1 - survival
+        return survival, happened, happened.to(where.dtype) * where
+    return survival, *fused
+
+
 class _StraightThroughHazardEvent(torch.autograd.Function):
-    """``1[u < 1 − exp(−h)] · where`` forward (the numbers of ``1 − exp(−h)``, the comparison and the product
-    in torch ops); backward d/dh = grad · where · exp(−h) (d event/d p = 1), d/dwhere = grad · event. One node
-    keeping exp(−h) and a 1-byte event mask, where the composition keeps exp(−h) and the float32 event
-    and runs ~5 elementwise nodes each way. ``with_mask``: also returns the mask 1[u < 1 − exp(−h)] (bool, no
-    derivative; `Sampler.hazard_event_and_mask`)."""
+    """``1[u < 1 − exp(−h)] · where`` forward (`_hazard_event_values`); backward d/dh = grad · where · exp(−h)
+    (d event/d p = 1), d/dwhere = grad · event. One node keeping exp(−h) and a 1-byte event mask, where the
+    composition keeps exp(−h) and the float32 event and runs ~5 elementwise nodes each way."""
 
     @staticmethod
-    def forward(ctx, hazard: Tensor, u: Tensor | Uniforms, where: Tensor, with_mask: bool = False):
-        survival = (-hazard).exp_()  # no autograd inside forward: one buffer, the same bits
-        # one native pass on CPU, the same numbers (undrawn uniforms: drawn inside it)
-        fused = (u.float_event(survival, where, complement=True) if isinstance(u, Uniforms)
-                 else _event_kernels.hazard_event(survival, u, where))
-        if fused is None:
-            happened = drawn(u) < 1 - survival
-            out = happened.to(where.dtype) * where
-        else:
-            happened, out = fused
+    def forward(ctx, hazard: Tensor, u: Tensor | Uniforms, where: Tensor):
+        survival, happened, out = _hazard_event_values(hazard, u, where)  # no autograd inside forward
         ctx.shapes = hazard.shape, where.shape
         ctx.save_for_backward(survival if ctx.needs_input_grad[0] else None,
                               where if ctx.needs_input_grad[0] else None,
                               happened if ctx.needs_input_grad[2] else None)
-        if not with_mask:
-            return out
-        ctx.mark_non_differentiable(happened)
-        ctx.set_materialize_grads(False)  # (no [B, N] of zeros made for the mask's gradient)
-        return out, happened
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, _mask_grad: Tensor | None = None):
-        if grad is None:
-            return None, None, None, None
+    def backward(ctx, grad: Tensor):
         survival, where, happened = ctx.saved_tensors
         hazard_shape, where_shape = ctx.shapes
         fused = _event_kernels.hazard_event_backward(grad, where, survival, happened)
         if fused is not None:
             d_hazard, d_where = fused
             return (None if d_hazard is None else d_hazard.sum_to_size(hazard_shape), None,
-                    None if d_where is None else d_where.sum_to_size(where_shape), None)
+                    None if d_where is None else d_where.sum_to_size(where_shape))
         d_hazard = d_where = None
         if ctx.needs_input_grad[0]:
             d_hazard = (grad * where * survival).sum_to_size(hazard_shape)
         if ctx.needs_input_grad[2]:
             d_where = torch.where(happened, grad, 0.0).sum_to_size(where_shape)
-        return d_hazard, None, d_where, None
+        return d_hazard, None, d_where
 
 
 class _StraightThroughDrawnEvent(torch.autograd.Function):

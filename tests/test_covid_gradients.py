@@ -161,12 +161,15 @@ def plain_gather_exits(fields, b, i, differentiable, made=None):
     return shadow.gather_exits(fields, b, i, differentiable=False)
 
 
-def explicit_transition(before, after, exits, new_E, changes, params, ctx, donated=(), infection_mask=None):
+def explicit_transition(before, after, exits, new_E, changes, params, ctx, donated=(), infection=None, hazard=None):
     """Reference for `shadow.transition`: the memberships' changes as autograd ops (accumulating index_put, the
     counts' derivative as the dense sum of new_E; into copies, ``donated`` or not), then the explicit shadow flows.
-    With the infection event's mask (its node then left d new_E / d S out), new_E carries it: + mask (S − S)."""
-    if infection_mask is not None:
-        new_E = new_E + infection_mask.to(new_E.dtype) * (before.S - before.S.detach())
+    With the infection event's derivatives (new_E then has no graph), new_E carries them as zero-valued terms:
+    + mask (S − S) + S exp(−λ) (λ − λ)."""
+    if infection is not None:
+        S = before.S.detach()
+        new_E = new_E + infection.where_mask.to(new_E.dtype) * (before.S - S) \
+            + S * infection.survival * (hazard - hazard.detach())
     b, i = exits.b, exits.i
     ctx.scratch["new_infections"] = range_sums(new_E, ctx.env.borough_slices, torch.float32,
                                                known=ctx.scratch["new_infections"])

@@ -81,10 +81,11 @@ def test_hazard_event_matches_its_composition_in_values_and_gradients():
 
 
 @pytest.mark.parametrize("undrawn", [False, True])
-def test_hazard_event_and_mask_leaves_the_where_derivative_to_the_caller(undrawn):
-    """`hazard_event_and_mask`: straight-through gives `hazard_event`'s events and hazard derivative, no derivative
-    to ``where``, and the mask d events / d where, with which the caller's mask · (events' gradient) is the
-    derivative `hazard_event` gives ``where``, bit for bit; the other samplers give `hazard_event` and no mask."""
+def test_hazard_event_and_derivatives_leave_both_derivatives_to_the_caller(undrawn):
+    """`hazard_event_and_derivatives`: straight-through gives `hazard_event`'s events without an autograd graph, and
+    the mask d events / d where and exp(−h), with which the caller's mask · g and g · where · exp(−h) are the
+    derivatives `hazard_event` gives ``where`` and the hazard, bit for bit; the other samplers give `hazard_event`
+    and None."""
     from agenttensor.rng import Randomness, Uniforms
 
     B, N = 2, 70_001
@@ -94,27 +95,19 @@ def test_hazard_event_and_mask_leaves_the_where_derivative_to_the_caller(undrawn
     where_values = (torch.rand(B, N, generator=g) < 0.6).float()
     hazard_values = torch.rand(B, N, generator=g) * 0.7
     draws = Uniforms(r, 3, "infection") if undrawn else r.uniform(3, "infection")
-    results = []
-    for masked in (False, True):
-        hazard, where = hazard_values.clone().requires_grad_(), where_values.clone().requires_grad_()
-        if masked:
-            events, mask = StraightThrough().hazard_event_and_mask(hazard, draws, where)
-            assert mask.dtype == torch.bool and not mask.requires_grad
-            events_grad = torch.autograd.grad((events * weights).sum(), events, retain_graph=True)[0]
-            (events * weights).sum().backward()
-            assert where.grad is None
-            where_grad = torch.where(mask, events_grad, 0.0)
-        else:
-            events = StraightThrough().hazard_event(hazard, draws, where)
-            (events * weights).sum().backward()
-            where_grad = where.grad
-        results.append((events.detach(), hazard.grad, where_grad))
-    (e1, h1, w1), (e2, h2, w2) = results
-    assert 0 < e1.sum() < where_values.sum() and torch.equal(e1, e2) and torch.equal(h1, h2) and torch.equal(w1, w2)
-    assert torch.equal(mask, r.uniform(3, "infection") < 1 - torch.exp(-hazard_values))
+    hazard, where = hazard_values.clone().requires_grad_(), where_values.clone().requires_grad_()
+    events = StraightThrough().hazard_event(hazard, draws, where)
+    (events * weights).sum().backward()
+    handed, derivatives = StraightThrough().hazard_event_and_derivatives(hazard, draws, where)
+    assert not handed.requires_grad and torch.equal(handed, events.detach())
+    mask, survival = derivatives
+    assert mask.dtype == torch.bool and torch.equal(mask, r.uniform(3, "infection") < 1 - torch.exp(-hazard_values))
+    assert 0 < handed.sum() < where_values.sum()
+    assert torch.equal(torch.where(mask, weights, 0.0), where.grad)
+    assert torch.equal(weights * where_values * survival, hazard.grad)
     for sampler in (Hard(), Relaxed(0.5)):
         where = where_values.to(torch.uint8) if isinstance(sampler, Hard) else where_values
-        events, none = sampler.hazard_event_and_mask(hazard_values, r.uniform(3, "infection"), where)
+        events, none = sampler.hazard_event_and_derivatives(hazard_values, r.uniform(3, "infection"), where)
         assert none is None and torch.equal(events, sampler.hazard_event(hazard_values, r.uniform(3, "infection"), where))
 
 

@@ -726,8 +726,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     versions = {name: getattr(state, name)._version for name in IN_PLACE}  # a donated field's, before its update
     # S → E: ctx.bernoulli(1 − exp(−λ), "infection", where=S); in hard mode drawn for every agent while most are
     # susceptible, at the susceptible agents only once they are few
-    # (gradient modes: with the mask d new_E / d S, which `transition`, new_E's only differentiable consumer, applies)
-    new_E, infection_mask = ctx.hazard_event_and_mask(ctx.scratch["force"], "infection", S)
+    # (straight-through: with the derivatives d new_E / d S and d new_E / d λ, which `transition`, new_E's only
+    # differentiable consumer, applies)
+    force = ctx.scratch["force"]
+    new_E, infection = ctx.hazard_event_and_derivatives(force, "infection", S)
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
@@ -813,7 +815,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
         donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
         return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated,
-                                                  infection_mask), versions, ctx)
+                                                  infection, force), versions, ctx)
 
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from agenttensor import select
+from agenttensor.sampling import EventDerivatives
 from agenttensor.transmission import group_gather, range_broadcast
 
 from . import contributions_native, shadow_native
@@ -243,22 +244,24 @@ class _Transition(torch.autograd.Function):
     E + new_E and every field plus its change at the exiting agents (index_put with accumulate); exposure,
     latent and the counters unchanged (the flows are zero-valued). Backward: each field's gradient passed
     through plus the transpose of the shadow flows' linear map (module docstring), written once per field; the
-    changes' gradients are the incoming ones at (b, i); with the infection event's mask, S's gradient plus the
-    event's derivative w.r.t. S (mask · d new_E), which its node then leaves to this one."""
+    changes' gradients are the incoming ones at (b, i); with the infection event's derivatives (straight-through,
+    `Sampler.hazard_event_and_derivatives`: no event node), S's gradient plus mask · d new_E and the force of
+    infection's, d new_E · S · exp(−λ)."""
 
     @staticmethod
     def forward(ctx, k: ShadowConstants, exits: Exits, donated: tuple[str, ...], slot: Tensor, sigma: Tensor,
                 scale: Tensor, kept_1: Tensor | None, kept_2: Tensor | None, susceptible: Tensor,
                 stage_end: Tensor, vaccinated: Tensor | None, testing: Tensor | None, infection_mask: Tensor | None,
-                new_E: Tensor, infections: Tensor,
+                survival: Tensor | None, hazard: Tensor | None, new_E: Tensor, infections: Tensor,
                 exposure0: Tensor, latent0: Tensor, reported: Tensor, admissions: Tensor, deaths: Tensor,
                 recent: Tensor, *fields_and_changes: Tensor):
         ctx.k, ctx.handoff = k, exits.handoff
         ctx.set_materialize_grads(False)
         b, i = exits.b, exits.i
         ctx.slot = slot  # the environment's (the unit hazard's factors are saved tensors: checkpointing drops them)
+        ctx.hazard_shape = None if hazard is None else hazard.shape
         ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, infection_mask,
-                              b, i)
+                              survival if ctx.needs_input_grad[14] else None, b, i)  # (input 14: hazard)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
         after = {"S": before["S"] - new_E, "E": select.put_at_(before["E"] + new_E, b, i, changes["E"], accumulate=True)}
@@ -272,7 +275,7 @@ class _Transition(torch.autograd.Function):
                  g_admissions, g_deaths, g_recent):
         k: ShadowConstants = ctx.k
         env = k.env
-        sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, mask, b, i = ctx.saved_tensors
+        sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, mask, survival, b, i = ctx.saved_tensors
         unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None))
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
@@ -287,28 +290,33 @@ class _Transition(torch.autograd.Function):
         half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
         incoming = dict(gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
                         g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths)
-        fused = shadow_native.backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
-                                       d_asym, half_infectious, rate, mask)
+        args = (k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym, d_asym, half_infectious,
+                rate, mask, survival, ctx.needs_input_grad[15])
+        fused = shadow_native.backward(*args)
         if fused is None:  # the same map in torch ops
-            fused = _transition_backward(k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym,
-                                         d_asym, half_infectious, rate, mask)
-        g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0 = fused
-        if mask is None:  # S's gradient passes through (the infection event's node adds its own)
+            fused = _transition_backward(*args)
+        g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0, g_hazard = fused
+        if g_hazard is not None and g_hazard.shape != ctx.hazard_shape:
+            g_hazard = g_hazard.sum_to_size(ctx.hazard_shape)
+        if mask is None:  # S's gradient passes through (the infection event's node adds its own: relaxed samplers)
             g_S0 = gS
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
         at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        return (None,) * 13 + (g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths, g_recent,
-                              g_S0, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
+        return (None,) * 14 + (g_hazard, g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths,
+                               g_recent, g_S0, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
 
 
 def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor,
                          vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
                          d_sym: float, d_asym: float, half_infectious: float,
-                         rate: dict[str, float], infection_mask: Tensor | None = None) -> tuple[Tensor | None, ...]:
-    """`_Transition`'s derivatives for E, I_sym, I_asym, H, exposure, latent (before the step) and new_E in torch
-    ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a fresh buffer; and, with
-    ``infection_mask`` (d new_E / d S, `Sampler.hazard_event_and_mask`), S's: gS + mask · d new_E (else None)."""
+                         rate: dict[str, float], infection_mask: Tensor | None = None,
+                         survival: Tensor | None = None, want_new_E: bool = True) -> tuple[Tensor | None, ...]:
+    """`_Transition`'s derivatives for E, I_sym, I_asym, H, exposure, latent (before the step) and new_E (None unless
+    ``want_new_E``) in torch ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a
+    fresh buffer; with ``infection_mask`` (the infection event's d new_E / d S,
+    `Sampler.hazard_event_and_derivatives`), S's: gS + mask · d new_E (else None); with ``survival`` (exp(−λ): d new_E /
+    d λ = S · survival), the force of infection's: d new_E · S · survival (else None)."""
     env = k.env
     gS, gE, gIs, gIa, gH, gR, gD = (g[name] for name in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD"))
     g_exposure, g_latent = g["g_exposure"], g["g_latent"]
@@ -374,18 +382,20 @@ def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tens
     if infection_mask is not None and (gS is not None or g_new_E is not None):
         via_event = None if g_new_E is None else torch.where(infection_mask, g_new_E, 0.0)
         g_S0 = gS if via_event is None else via_event if gS is None else gS + via_event
+    g_hazard = None if survival is None or g_new_E is None else g_new_E * susceptible * survival
     return (through(g_out_E, rate["E"], gE), through(g_out_Is, rate["I_sym"], gIs),
-            through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0, g_new_E,
-            g_S0)
+            through(g_out_Ia, rate["I_asym"], gIa), through(g_out_H, rate["H"], gH), g_exposure0, g_latent0,
+            g_new_E if want_new_E else None, g_S0, g_hazard)
 
 
 def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx,
-               donated: tuple[str, ...] = (), infection_mask: Tensor | None = None):
+               donated: tuple[str, ...] = (), infection: EventDerivatives | None = None, hazard: Tensor | None = None):
     """Gradient modes: ``after`` (``CovidState``, its other fields already set) with S, E, I_sym, I_asym, H, R, D and
     isolating from ``before``, today's infections ``new_E`` [B, N] and the ``changes`` [M] at the exiting agents
-    (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). ``infection_mask``: the
-    mask d new_E / d S of the infection event (`StepContext.hazard_event_and_mask`), whose derivative w.r.t. S this
-    node then adds into S's (new_E's only differentiable consumer; one [B, N] write and addition fewer). Needs
+    (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). ``infection``: the
+    infection event's derivatives (`StepContext.hazard_event_and_derivatives`; new_E then carries no graph and this
+    node is its only differentiable consumer) w.r.t. S, which this node adds into S's, and w.r.t. the force of
+    infection ``hazard``, whose gradient it returns: no event node reads d new_E, S and exp(−λ) again. Needs
     ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
     (``new_infections`` the infected agents' per-borough count [B, G]: it gets new_E's derivative here)."""
     k = ShadowConstants(
@@ -402,7 +412,8 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     out = _Transition.apply(
         k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
         before.S.detach().to(torch.float32),
-        before.stage_end, vaccinated, None if testing is None else testing.detach(), infection_mask, new_E,
+        before.stage_end, vaccinated, None if testing is None else testing.detach(),
+        *((None, None, None) if infection is None else (infection.where_mask, infection.survival, hazard)), new_E,
         ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
         ctx.scratch["deaths"], after.reported_recent, *fields, *[changes[name] for name in STAGES[1:]])

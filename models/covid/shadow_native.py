@@ -39,7 +39,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
-        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts")]
+        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -69,11 +69,12 @@ def _ptr(x: Tensor | None) -> int | None:
 
 def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
-             half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None
-             ) -> tuple[Tensor, ...] | None:
-    """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E, d S0), each [B, N] or None where no incoming
-    gradient reaches it (`_nonzero_outputs`; d S0 = gS + mask · d new_E only with ``infection_mask``, the infection
-    event's d new_E / d S [B, N] bool), or None where the kernel does not apply (not CPU float32, kernels off
+             half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None,
+             survival: Tensor | None = None, want_new_E: bool = True) -> tuple[Tensor, ...] | None:
+    """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E, d S0, d λ), each [B, N] or None where no
+    incoming gradient reaches it (`_nonzero_outputs`; d new_E only if ``want_new_E``; d S0 = gS + mask · d new_E only
+    with ``infection_mask``, the infection event's d new_E / d S [B, N] bool; d λ = d new_E · S · survival only with
+    ``survival``, exp(−λ) [B, N]), or None where the kernel does not apply (not CPU float32, kernels off
     or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants; ``unit``: the household unit hazard, factored
     (multiplied out per chunk in the fused pass, else here); ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
     g_admissions, g_deaths) gradients, None where none arrived."""
@@ -84,6 +85,9 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         return None
     env = k.env
     B, N = stage_end.shape
+    if survival is not None and (survival.shape != (B, N) or not survival.is_contiguous()
+                                 or survival.dtype != torch.float32):
+        return None
     G = len(env.group_labels)
     keep = []  # every tensor whose pointer the kernel reads, alive until it returns
 
@@ -169,15 +173,22 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
             args.q_sym, args.q_asym, args.from_sym_sums, args.from_asym_sums = map(_ptr, (q_sym, q_asym, from_sym,
                                                                                           from_asym))
         args.household, args.households = household.data_ptr(), slots
-    out = tuple(torch.empty(B, N) if needed else None for needed in _nonzero_outputs(grads))
+    needed = _nonzero_outputs(grads)
+    new_E_reached = needed[-1]  # d new_E can be non-zero (it is computed for d S0 and d λ even where not returned)
+    out = tuple(torch.empty(B, N) if x else None for x in (*needed[:-1], want_new_E and new_E_reached))
     for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E"), out):
         setattr(args, name, _ptr(value))
     g_S0 = None
-    if infection_mask is not None and (out[-1] is not None or grads["gS"] is not None):
+    if infection_mask is not None and (new_E_reached or grads["gS"] is not None):
         mask = infection_mask.expand(B, N).contiguous().view(torch.uint8)
         keep.append(mask)
         g_S0 = torch.empty(B, N)
         args.infection_mask, args.out_S = mask.data_ptr(), g_S0.data_ptr()
+    g_hazard = None
+    if survival is not None and new_E_reached:  # d λ = d new_E · S · exp(−λ)
+        S = dense(susceptible)
+        g_hazard = torch.empty(B, N)
+        args.susceptible, args.survival, args.out_hazard = S.data_ptr(), survival.data_ptr(), g_hazard.data_ptr()
     (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(
         ctypes.byref(args))
-    return (*out, g_S0)
+    return (*out, g_S0, g_hazard)

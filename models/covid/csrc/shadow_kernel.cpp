@@ -214,11 +214,12 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
                  const float* __restrict admissions, const float* __restrict deaths, const float* __restrict f,
                  const float* __restrict p_hosp, const float* __restrict p_death, const float* __restrict d_sym,
                  const float* __restrict d_asym, const float* __restrict from_sym, const float* __restrict from_asym,
-                 const int16_t* __restrict stage_end, const uint8_t* __restrict infection_mask, float half_infectious,
+                 const int16_t* __restrict stage_end, const uint8_t* __restrict infection_mask,
+                 const float* __restrict S, const float* __restrict survival, float half_infectious,
                  float rate_E, float rate_Is, float rate_Ia, float rate_H, float* __restrict out_E,
                  float* __restrict out_Is, float* __restrict out_Ia, float* __restrict out_H,
                  float* __restrict out_exposure0, float* __restrict out_latent0, float* __restrict out_new_E,
-                 float* __restrict out_S) {
+                 float* __restrict out_S, float* __restrict out_hazard) {
   for (int64_t j = 0; j < n; ++j) {
     // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
     const float g_infected = -gS[j] + infections[j] - gX[j] + gL[j];
@@ -241,6 +242,7 @@ void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict 
     const float g_new_E = gE[j] - gS[j] + infections[j];
     out_new_E[j] = g_new_E;
     out_S[j] = gS[j] + (infection_mask[j] ? g_new_E : 0.f);
+    out_hazard[j] = g_new_E * S[j] * survival[j];  // the event's d new_E / d λ = S exp(−λ)
   }
 }
 
@@ -290,6 +292,10 @@ struct ShadowArgs {
   // [G + 1]: the first agent of each borough and N, where agents are sorted by borough (else null): a tile inside
   // one borough reads the per-borough gradients as one value
   const int64_t* borough_starts;
+  // exp(−λ) [B, N] of the infection event or null; then out_hazard = d new_E · susceptible · exp(−λ) [B, N], the
+  // force of infection's gradient (the event's d new_E / d λ; susceptible is then set in both kernels)
+  const float* survival;
+  float* out_hazard;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -386,9 +392,10 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   for (int q = 0; q < 9; ++q) g[q] = incoming[q] ? incoming[q] + k0 : t.zero;
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
-              a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->half_infectious, a->rate_E, a->rate_Is,
-              a->rate_Ia, a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia), out(a->out_H),
-              out(a->out_exposure0), out(a->out_latent0), out(a->out_new_E), out(a->out_S));
+              a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->survival ? a->susceptible + k0 : t.zero,
+              a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
+              a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia), out(a->out_H), out(a->out_exposure0),
+              out(a->out_latent0), out(a->out_new_E), out(a->out_S), out(a->out_hazard));
 }
 
 }  // namespace
