@@ -205,9 +205,9 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         weight = out(True)
         d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
         S = table.shape[-1]
-        summed = contiguous = members = None
+        summed = members = None
+        contiguous = _slot_facts(slot)[1]  # (memoised per slot tensor) a tile inside one group reads its value once
         if grad is not None and index < len(sums) and sums[index]:  # in the pass where that beats a pass of its own
-            contiguous = _slot_facts(slot)[1]
             members = None if contiguous else _members_of(slot, S)
             if (contiguous and N >= LONG_RUNS * S) or members is not None:
                 summed = torch.empty(B, S)

@@ -189,15 +189,18 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
     """`layered_force` (one native pass each way on CPU) against the same function on torch ops: forward values
     bit for bit (no contraction, same order), and the derivatives of σ, the tables, a presence, the factors and
     the own contributions (others-sums through the probes, `others_sum_probes`); a batch of 3 with broadcast rows, a
-    layer without presence, one layer with int32 slots and one with int64."""
+    layer without presence, one layer with int32 slots and one with int64, and a neighbourhood-like layer (sorted runs
+    longer than the kernel's tile: most tiles read their group's value once instead of gathering it)."""
     from agenttensor.transmission import ForceTerm, layered_force, others_sum_probes
 
     g = torch.Generator().manual_seed(5)
     B, n = 3, 300_000
     households = torch.sort(torch.randint(0, 90_000, (n,), generator=g)).values.to(torch.int32)  # int32 and int64 slots
     schools = torch.where(torch.rand(n, generator=g) < 0.7, 400, torch.randint(0, 400, (n,), generator=g))
+    neighbourhoods = torch.sort(torch.randint(0, 12, (n,), generator=g)).values.to(torch.int32)
+    assert _group_kernels.contiguous_groups(neighbourhoods)
     leaves = {
-        "sigma": torch.rand(n, generator=g), "t_h": torch.rand(1, 90_000, generator=g),
+        "sigma": torch.rand(n, generator=g), "t_h": torch.rand(1, 90_000, generator=g), "t_n": torch.rand(B, 12, generator=g),
         "t_s": torch.rand(B, 401, generator=g), "presence": torch.rand(B, n, generator=g),
         "own_h": torch.rand(B, n, generator=g), "own_s": torch.rand(B, n, generator=g),
         "factor": torch.rand(1, n, generator=g), "factor_all": torch.rand(B, n, generator=g)}
@@ -209,7 +212,8 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
         own_h, own_s = others_sum_probes(x["own_h"], households, scale_h), others_sum_probes(x["own_s"], schools, scale_s)
         force = layered_force(x["sigma"], [
             ForceTerm(x["t_h"], households, None, None, x["factor_all"], own_h.member, own_h.group),
-            ForceTerm(x["t_s"], schools, x["presence"], x["factor"], x["factor_all"], own_s.member, own_s.group)])
+            ForceTerm(x["t_s"], schools, x["presence"], x["factor"], x["factor_all"], own_s.member, own_s.group),
+            ForceTerm(x["t_n"], neighbourhoods, x["presence"], None, None, None, None)])
         (force * weights).sum().backward()
         return force.detach(), {k: v.grad for k, v in x.items()}
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from agenttensor import native, select
+from agenttensor._group_kernels import contiguous_groups
 
 SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
 BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
@@ -25,7 +26,8 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 
 
 class _OthersSum(ctypes.Structure):  # OthersSumArgs in contributions_kernel.cpp
-    _fields_ = [(n, _P) for n in ("member", "group", "plain", "slot", "scale")] + [("scale_stride", _I), ("groups", _I)]
+    _fields_ = [(n, _P) for n in ("member", "group", "plain", "slot", "scale")] \
+        + [("scale_stride", _I), ("groups", _I), ("runs", _I)]
 
 
 class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for field
@@ -145,7 +147,8 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         return _OthersSum(ptr(None if member is None else member.contiguous()),
                           ptr(None if sums is None else sums.contiguous()),
                           ptr(None if plain is None else plain.contiguous()), ptr(group.slot),
-                          ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S)
+                          ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S,
+                          int(contiguous_groups(group.slot)))
 
     blocks = -(-N // BLOCK)
     args = _Args(B=B, N=N, threads=torch.get_num_threads(), block=BLOCK)

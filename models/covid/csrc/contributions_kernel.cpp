@@ -130,6 +130,8 @@ struct OthersSumArgs {
   const int32_t* slot;                  // [N]
   const float* scale;                   // [B | 1, S]
   int64_t scale_stride, groups;         // 0 or S; S
+  int64_t runs;                         // 1: every group is one run of agents (a tile with one slot at both ends is
+                                        // inside one group: a neighbourhood of agents sorted by neighbourhood)
 };
 
 }  // extern "C"
@@ -147,6 +149,26 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   const int32_t* __restrict slot = l.slot + i0;
   const float* __restrict member = l.member ? l.member + b * N + i0 : nullptr;
   const float* __restrict scale = l.scale + b * l.scale_stride;
+  if (l.runs && n > 0 && slot[0] == slot[n - 1]) {  // a tile inside one group: its values read once, not gathered
+    const int32_t g = slot[0];
+    const float sv = scale[g];
+    if (l.group) {
+      const float gv = l.group[b * l.groups + g];
+      if (member)
+        for (int64_t j = 0; j < n; ++j) out[j] = (gv - member[j]) * sv;
+      else
+        std::fill(out, out + n, (gv - 0.f) * sv);
+    } else if (member) {
+      for (int64_t j = 0; j < n; ++j) out[j] = -(sv * member[j]);
+    } else {
+      std::fill(out, out + n, 0.f);
+    }
+    if (l.plain) {
+      const float pv = l.plain[b * l.groups + g];
+      for (int64_t j = 0; j < n; ++j) out[j] = out[j] + pv;
+    }
+    return out;
+  }
   if (l.group) {
     const float* __restrict group = l.group + b * l.groups;
     if (member)
