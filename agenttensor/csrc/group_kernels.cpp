@@ -284,8 +284,8 @@ namespace force_detail {
 constexpr int64_t kTile = 8192;
 
 // Whether agents [i0, i1) are all in one group of a layer whose groups are runs of agents (its first and last slot
-// equal: a neighbourhood's agents, sorted by neighbourhood). The tile then reads the group's value once: a vector
-// gather costs ~0.8 ns per agent on this project's CPU even from L1 (full NYC's community layer: all but a few tiles).
+// equal: a neighbourhood's agents, sorted by neighbourhood; full NYC's community layer: all but a few tiles). The tile
+// then reads the group's value once instead of gathering it per agent (paired A/B at full NYC: −1.6 ms per call).
 template <class Index>
 bool one_group(const ForceLayer& layer, int64_t i0, int64_t i1) {
   const Index* slot = static_cast<const Index*>(layer.slot);
