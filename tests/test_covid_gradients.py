@@ -267,6 +267,33 @@ def test_own_contributions_backward_equals_autograd_of_the_explicit_products(pop
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item()), (name, a, b)
 
 
+def test_own_contributions_paired_tables_give_the_same_bits(population, monkeypatch):
+    """The own contributions' native backward reads a large scattered layer's group sums and scales as interleaved
+    pairs (`contributions_native.PAIRED_GROUPS`: full NYC's workplaces); with the threshold at 0 (the school and
+    workplace layers of this population paired) the gradients are those of the plain gathers, bit for bit."""
+    from models.covid import contributions_native
+
+    if contributions_native._library() is None:
+        pytest.skip("native kernels unavailable")
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "school_weight", "workplace_weight", "asymptomatic_infectiousness")
+
+    def gradients() -> list[torch.Tensor]:
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=14, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough())
+        (res["new_infections"].sum() + res["reported_cases"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    plain = gradients()
+    monkeypatch.setattr(contributions_native, "PAIRED_GROUPS", 0)
+    paired = gradients()
+    assert all(g.abs().sum() > 0 for g in plain)
+    for name, a, b in zip(names, paired, plain):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("households", ["runs", "scattered"])
 @pytest.mark.parametrize("sampler", [StraightThrough(), at.Relaxed(0.3)])
 def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sampler, households):

@@ -18,6 +18,9 @@ from agenttensor._group_kernels import contiguous_groups
 
 SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
 BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
+# a layer of scattered groups with at least this many (full NYC's 252,257 workplaces; its tables miss the cache) reads
+# each group's sum and scale as one interleaved pair (one 64-bit gather per agent instead of two 32-bit ones)
+PAIRED_GROUPS = 1 << 16
 LAYERS = ("school", "workplace", "community")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 # no fused multiply-adds (the others-sums' arithmetic is the torch ops'); no trapping math, so that the selects of
@@ -27,7 +30,7 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 
 class _OthersSum(ctypes.Structure):  # OthersSumArgs in contributions_kernel.cpp
     _fields_ = [(n, _P) for n in ("member", "group", "plain", "slot", "scale")] \
-        + [("scale_stride", _I), ("groups", _I), ("runs", _I)]
+        + [("scale_stride", _I), ("groups", _I), ("runs", _I), ("paired", _I)]
 
 
 class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for field
@@ -140,6 +143,7 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
 
     def others_sum(group, member: Tensor | None, sums: Tensor | None, plain: Tensor | None) -> _OthersSum | None:
         S = group.scale.shape[-1]
+        runs = contiguous_groups(group.slot)
         if group.scale.dim() != 2 or group.scale.shape[0] not in (1, B) \
                 or any(x is not None and x.shape != (B, S) for x in (sums, plain)) \
                 or (member is not None and member.shape != (B, N)):
@@ -147,8 +151,8 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         return _OthersSum(ptr(None if member is None else member.contiguous()),
                           ptr(None if sums is None else sums.contiguous()),
                           ptr(None if plain is None else plain.contiguous()), ptr(group.slot),
-                          ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S,
-                          int(contiguous_groups(group.slot)))
+                          ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S, int(runs),
+                          int(S >= PAIRED_GROUPS and not runs))
 
     blocks = -(-N // BLOCK)
     args = _Args(B=B, N=N, threads=torch.get_num_threads(), block=BLOCK)

@@ -17,6 +17,10 @@
 
 #include "parallel.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kTile = 512;
@@ -132,6 +136,7 @@ struct OthersSumArgs {
   int64_t scale_stride, groups;         // 0 or S; S
   int64_t runs;                         // 1: every group is one run of agents (a tile with one slot at both ends is
                                         // inside one group: a neighbourhood of agents sorted by neighbourhood)
+  int64_t paired;                       // 1: read group and scale as interleaved pairs (see pair_others_sum)
 };
 
 }  // extern "C"
@@ -140,7 +145,29 @@ namespace {
 
 // The layer's d_l for agents [i0, i0 + n) of row b into `out` (zeros where no gradient reached the layer). Compiled
 // with -ffp-contract=off: the same arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
-const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64_t i0, int64_t n, float* __restrict out) {
+// out[j] = (group[k] − member[j]) · scale[k], k = slot[j], for n agents, with each group's (group, scale) values
+// interleaved in `pairs` [2 S]: one 64-bit gather per agent fetches both from one cache line, where two 32-bit
+// gathers touched two (a large layer's slots, workplaces, are random: its tables miss the cache). The same numbers.
+void pair_others_sum(int64_t n, const int32_t* __restrict slot, const float* __restrict pairs,
+                     const float* __restrict member, float* __restrict out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const double* table = reinterpret_cast<const double*>(pairs);
+  for (; j + 16 <= n; j += 16) {
+    const __m512i k = _mm512_loadu_si512(slot + j);
+    const __m512 lo = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(k), table, 8));
+    const __m512 hi = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(k, 1), table, 8));
+    const __m512 group = _mm512_permutex2var_ps(lo, even, hi), scale = _mm512_permutex2var_ps(lo, odd, hi);
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_sub_ps(group, _mm512_loadu_ps(member + j)), scale));
+  }
+#endif
+  for (; j < n; ++j) out[j] = (pairs[2 * slot[j]] - member[j]) * pairs[2 * slot[j] + 1];
+}
+
+const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64_t i0, int64_t n, float* __restrict out,
+                             const float* pairs = nullptr) {
   const bool any = l.member || l.group || l.plain;
   if (!any) {
     std::fill(out, out + n, 0.f);
@@ -171,7 +198,9 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   }
   if (l.group) {
     const float* __restrict group = l.group + b * l.groups;
-    if (member)
+    if (member && pairs)
+      pair_others_sum(n, slot, pairs + b * 2 * l.groups, member, out);
+    else if (member)
       for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - member[j]) * scale[slot[j]];
     else
       for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - 0.f) * scale[slot[j]];
@@ -233,6 +262,20 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
 
 void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
+  // the group sums and scales of the layers flagged `paired` interleaved (see pair_others_sum)
+  const OthersSumArgs* layers[4] = {&a->household, &a->school, &a->workplace, &a->community};
+  std::vector<float> pairs[4];
+  for (int q = 0; q < 4; ++q) {
+    const OthersSumArgs& l = *layers[q];
+    if (!l.paired || !l.group || !l.member) continue;
+    pairs[q].resize(2 * a->B * l.groups);
+    for (int64_t b = 0; b < a->B; ++b)
+      for (int64_t g = 0; g < l.groups; ++g) {
+        pairs[q][2 * (b * l.groups + g)] = l.group[b * l.groups + g];
+        pairs[q][2 * (b * l.groups + g) + 1] = l.scale[b * l.scale_stride + g];
+      }
+  }
+  auto paired = [&](int q) -> const float* { return pairs[q].empty() ? nullptr : pairs[q].data(); };
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
@@ -255,9 +298,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           unpack(n, a->flags + k0, unpacked);
           I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
         }
-        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0]),
-                 others_sum_tile(a->school, b, N, t0, n, d[1]), others_sum_tile(a->workplace, b, N, t0, n, d[2]),
-                 others_sum_tile(a->community, b, N, t0, n, d[3]), row_or_one(ps, t0, n, ones[0]),
+        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0)),
+                 others_sum_tile(a->school, b, N, t0, n, d[1], paired(1)),
+                 others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2)),
+                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3)), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
                  a->isolate_prob + k0, a->stage_end + k0,
                  testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
