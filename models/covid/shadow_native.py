@@ -140,11 +140,11 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     stage = stage_end.contiguous()
     keep.append(stage)
     args.stage_end = _ptr(stage)
+    S = dense(susceptible)  # read by the attack probabilities and by d λ
     if g["g_exposure"] is not None:
         layer = env.household
         slots = layer.num_groups + 1
         household = table(layer.slot, torch.int32)  # GroupLayer's own int32 slots: no copy
-        S = dense(susceptible)
         alpha = per_element(k.asymptomatic_infectiousness)
         fused = contiguous_groups(layer.slot) and unit.slot is layer.slot and len(unit.kept) <= 2 \
             and unit.scale.shape[-1] == slots  # households as runs of agents: attack, sums and shadow in one pass
@@ -186,7 +186,6 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         args.infection_mask, args.out_S = mask.data_ptr(), g_S0.data_ptr()
     g_hazard = None
     if survival is not None and new_E_reached:  # d λ = d new_E · S · exp(−λ)
-        S = dense(susceptible)
         g_hazard = torch.empty(B, N)
         args.susceptible, args.survival, args.out_hazard = S.data_ptr(), survival.data_ptr(), g_hazard.data_ptr()
     (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(

@@ -143,8 +143,6 @@ struct OthersSumArgs {
 
 namespace {
 
-// The layer's d_l for agents [i0, i0 + n) of row b into `out` (zeros where no gradient reached the layer). Compiled
-// with -ffp-contract=off: the same arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
 // out[j] = (group[k] − member[j]) · scale[k], k = slot[j], for n agents, with each group's (group, scale) values
 // interleaved in `pairs` [2 S]: one 64-bit gather per agent fetches both from one cache line, where two 32-bit
 // gathers touched two (a large layer's slots, workplaces, are random: its tables miss the cache). The same numbers.
@@ -166,6 +164,9 @@ void pair_others_sum(int64_t n, const int32_t* __restrict slot, const float* __r
   for (; j < n; ++j) out[j] = (pairs[2 * slot[j]] - member[j]) * pairs[2 * slot[j] + 1];
 }
 
+// The layer's d_l for agents [i0, i0 + n) of row b into `out` (zeros where no gradient reached the layer); `pairs`:
+// the layer's interleaved (group, scale) values [B, 2 S] or null (see pair_others_sum). Compiled with
+// -ffp-contract=off: the same arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
 const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64_t i0, int64_t n, float* __restrict out,
                              const float* pairs = nullptr) {
   const bool any = l.member || l.group || l.plain;
