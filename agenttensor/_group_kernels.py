@@ -45,7 +45,7 @@ class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
     _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P),
                 ("presence_stride", _I), ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
                 ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P), ("sums", _P), ("groups", _I),
-                ("contiguous", _I), ("members", _P), ("member_count", _I)]
+                ("contiguous", _I), ("members", _P), ("member_count", _I), ("last_constant", _I)]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -164,12 +164,15 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
 
 
 def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None, want_sigma: bool = False,
-                  want: tuple[tuple[bool, bool, bool], ...] = (), sums: tuple[bool, ...] = ()) -> tuple | Tensor | None:
+                  want: tuple[tuple[bool, bool, bool], ...] = (), sums: tuple[bool, ...] = (),
+                  constant_last: tuple[bool, ...] = ()) -> tuple | Tensor | None:
     """Forward (grad None): σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l -> [B, N]. Backward: (per-layer
     weights grad σ presence factors [B, N], per-layer (d_presence, d_factor, d_factor_all) with None where not in
     ``want[l]``, d_sigma or None, per-layer group sums of the weights [B, S] where ``sums[l]`` and the layer's groups
     are contiguous runs of ``LONG_RUNS`` agents or more on average or it has few members (`_members_of`), else None
     (then a pass of its own, `segment_sum`, is faster): deterministic, though not always `segment_sum`'s bits).
+    ``constant_last[l]``: the layer's table's last slot (its non-members') is a constant (`ForceTerm.
+    last_slot_constant`): a layer of few members then leaves that slot's sum 0, without the non-members' pass.
     ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the last three
     [B | 1, N] or None. None where the kernel does not apply."""
     if sigma.dim() == 1:  # one value per agent
@@ -218,7 +221,8 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
                                   *parts[1], *parts[2], *parts[3],
                                   *(None if x is None else x.data_ptr() for x in (weight, *d, summed)), S,
                                   int(bool(contiguous)), None if members is None else members.data_ptr(),
-                                  0 if members is None else members.numel()))
+                                  0 if members is None else members.numel(),
+                                  int(index < len(constant_last) and bool(constant_last[index]))))
     array = (ForceLayer * len(structs))(*structs)
     force = torch.empty(B, N) if grad is None else None
     d_sigma = out(want_sigma)

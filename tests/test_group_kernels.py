@@ -259,6 +259,39 @@ def test_others_sum_probes_give_the_derivative_of_the_others_sum():
         layered_force(sigma, [ForceTerm(table, layer.slot, member_probe=probes.member, group_probe=probes.group[:, :5])])
 
 
+def test_a_constant_last_slot_gives_the_same_parameter_gradients_without_the_non_members_sum():
+    """`ForceTerm.last_slot_constant`: a layer most agents are not members of (school-like), whose table's non-member
+    slot is a constant (the zero of (coef · per-slot) · sums with per-slot 0 there, as the covid model's tables): the
+    derivatives of coef, of the presence and of σ are the same bits as without the declaration; the native backward
+    then leaves the table's last-slot derivative 0 instead of summing the non-members' weights."""
+    from agenttensor.transmission import ForceTerm, layered_force
+
+    g = torch.Generator().manual_seed(5)
+    B, n, groups = 2, 300_001, 400  # two pieces
+    slot = torch.where(torch.rand(n, generator=g) < 0.7, groups, torch.randint(0, groups, (n,), generator=g))
+    layer = GroupLayer(torch.where(slot == groups, -1, slot))
+    per_slot = torch.cat([torch.rand(groups, generator=g), torch.zeros(1)])  # 0 at the non-member slot
+    sums = torch.rand(B, groups + 1, generator=g)
+    sigma0, presence0 = torch.rand(1, n, generator=g), torch.rand(B, n, generator=g)
+    weights = torch.randn(B, n, generator=g)
+
+    def gradients(constant: bool) -> tuple[torch.Tensor, ...]:
+        coef = torch.tensor(0.7, requires_grad=True)
+        sigma, presence = sigma0.clone().requires_grad_(), presence0.clone().requires_grad_()
+        table = (coef * per_slot) * sums
+        table.retain_grad()
+        force = layered_force(sigma, [ForceTerm(table, layer.slot, presence, last_slot_constant=constant)])
+        (force * weights).sum().backward()
+        return coef.grad, sigma.grad, presence.grad, table.grad
+
+    flagged, plain = gradients(True), gradients(False)
+    for a, b in zip(flagged[:3], plain[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(flagged[3][:, :-1], plain[3][:, :-1]) and plain[3][:, -1].abs().min() > 0
+    if _group_kernels.enabled():
+        assert torch.equal(flagged[3][:, -1], torch.zeros(B))  # not summed
+
+
 def test_layered_force_backward_sums_groups_in_its_pass_whatever_the_threads():
     """The backward's group sums of the weights (the tables' derivatives) are made in the same pass for contiguous
     groups of many agents (neighbourhood-like) and for layers most agents are not members of (school-like): those of

@@ -49,12 +49,12 @@ __attribute__((noinline)) void last_slot_lanes(const float* __restrict v, const 
 }
 
 // `accumulate` where most agents are in the last slot, given the others (`members`, sorted agent indices in
-// [m0, m1) for agents [lo, hi)): per tile, the last slot's kSpread cells in one vectorised pass, then the members'
-// adds. Every cell gets the same additions in the same order as in `accumulate`: the same bits, with a fraction
-// of the scalar adds.
+// [m0, m1) for agents [lo, hi)): per tile, the last slot's kSpread cells in one vectorised pass (unless not
+// ``last_too``: they stay 0), then the members' adds. Every cell gets the same additions in the same order as in
+// `accumulate`: the same bits, with a fraction of the scalar adds.
 template <class Index>
 void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o,
-                        const int32_t* members, int64_t m0, int64_t m1) {
+                        const int32_t* members, int64_t m0, int64_t m1, bool last_too = true) {
   constexpr int64_t kTile = 4096;
   const Index last = static_cast<Index>(G - 1);
   float* cells = o + G;  // cell G + c: agents i with i % kSpread == c
@@ -62,9 +62,11 @@ void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t h
   for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
     const int64_t t1 = std::min(hi, t0 + kTile);
     const int64_t a = std::min(t1, (t0 + kSpread - 1) & ~(kSpread - 1)), e = std::max(a, t1 & ~(kSpread - 1));
-    for (int64_t i = t0; i < a; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
-    last_slot_lanes(v, slot, a, e, last, cells);
-    for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+    if (last_too) {
+      for (int64_t i = t0; i < a; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+      last_slot_lanes(v, slot, a, e, last, cells);
+      for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+    }
     for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m]];
   }
 }
@@ -273,6 +275,7 @@ struct ForceLayer {
   int64_t contiguous;  // 1: every group is one run of agents (see contiguous_groups)
   const int32_t* members;  // or null: the agents not in the last slot, sorted (see accumulate_members)
   int64_t member_count;
+  int64_t last_constant;  // 1: the table's last slot is a constant: with `members`, its sum is left 0 (not summed)
 };
 
 }  // extern "C"
@@ -521,7 +524,7 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
             if (layer.members) {
               const int32_t *first = layer.members, *past = layer.members + layer.member_count;
               accumulate_members(w, slot, i0, i1, G, o, first, std::lower_bound(first, past, i0) - first,
-                                 std::lower_bound(first, past, i1) - first);
+                                 std::lower_bound(first, past, i1) - first, !layer.last_constant);
             } else {
               accumulate(w, slot, i0, i1, G, o);
             }

@@ -659,7 +659,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
-        member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None)
+        member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None,
+        last_slot_constant=True)  # every table's non-member slot is a zero: (coef · 0) · sums, or a zero pad
         for name, (group_values, slot, presence) in layers.items()])
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`),
