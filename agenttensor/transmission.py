@@ -242,8 +242,8 @@ class ForceTerm:
     member_probe: Tensor | None = None  # [B, N], zero-valued: its derivative is the layer's weight w
     group_probe: Tensor | None = None  # [B, S], zero-valued: its derivative is Σ_{i ∈ g} w_i
     # the table's last slot (the layer's non-members, `GroupLayer`) is a constant, e.g. a zero pad: the backward may
-    # leave its derivative 0 (the native pass then skips the non-members' sum: full NYC's schools and workplaces, −6 ms
-    # per gradient day)
+    # leave its derivative 0 (the native pass then skips the non-members' sum of a layer of few members: full NYC's
+    # schools and workplaces, 41.7 -> 37.5 ms per force backward)
     last_slot_constant: bool = False
 
 
