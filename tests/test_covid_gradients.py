@@ -355,11 +355,11 @@ def test_native_shadow_backward_skips_the_outputs_no_gradient_reaches(population
     native_backward = shadow_native.backward
     compared = []
 
-    def both(*args):
-        fast = native_backward(*args)
+    def both(*args, **kwargs):
+        reference = shadow._transition_backward(*args)  # first: the native pass may write over incoming gradients
+        fast = native_backward(*args, **kwargs)
         if fast is None:
             pytest.skip("native kernels unavailable")
-        reference = shadow._transition_backward(*args)
         assert [x is None for x in fast] == [x is None for x in reference]
         for a, b in zip(fast, reference):
             if a is not None:
@@ -412,6 +412,56 @@ def test_exit_gradients_are_written_into_the_transitions_buffers(population, mon
     copying = run(seen)
     assert sum(copied[4] for copied in seen) >= 10
     assert torch.equal(in_place, copying)
+
+
+def test_the_transition_writes_its_gradients_over_the_incoming_ones_nobody_else_holds(population, monkeypatch):
+    """`_Transition`'s native backward writes d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0 and d S0 over the
+    incoming gradients of the same fields where those are buffers nobody else reads (`shadow._exclusive`: registered
+    in `EXCLUSIVE_GRADIENTS` by the day after's transition, the exits and the contributions), on most days for most of
+    them; the gradients are the bits of the path that writes fresh buffers, with a loss on every kind of output."""
+    from models.covid import shadow_native
+
+    if not shadow_native_enabled():
+        pytest.skip("native kernels unavailable")
+    exclusive = shadow._exclusive
+    reused: list[int] = []
+
+    def spy(incoming):
+        found = exclusive(incoming)
+        reused.append(len(found))
+        return found
+
+    def gradients() -> list[torch.Tensor]:
+        names = ("transmission_scale", "detection_rate", "hosp_given_symptomatic", "death_given_hosp")
+        learn = moderate(initial_prevalence=0.01).as_tensors(learn=names)
+        res = at.simulate(MODEL, population, learn, steps=16, seeds=[0, 1], start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=[at.Intervention("vaccination", 3, 400, 0.02)])
+        (res["new_infections"].sum() + res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 30 * res["deaths"].sum() + 0.1 * res["E"].sum() + 0.1 * res["I_sym"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    monkeypatch.setattr(shadow, "_exclusive", spy)
+    written_over = gradients()
+    assert len(reused) == 16 and sum(n >= 5 for n in reused) >= 12, reused
+    monkeypatch.setattr(shadow, "_exclusive", lambda incoming: {})
+    fresh = gradients()
+    for a, b in zip(written_over, fresh):
+        assert torch.equal(a, b)
+
+
+def test_only_registered_unshared_gradients_are_written_over():
+    """`shadow._exclusive`: of the incoming gradients, only those registered in `EXCLUSIVE_GRADIENTS` (made by a node
+    that handed them to nobody else), not views and not sharing memory with another incoming gradient, and only for
+    fields whose output may take their place (not R, D or the per-borough ones)."""
+    made = {name: torch.zeros(1, 10) for name in ("gE", "gIs", "gIa", "gH", "gR", "g_exposure")}
+    for g in made.values():
+        shadow.EXCLUSIVE_GRADIENTS[id(g)] = g
+    unregistered, base = torch.zeros(1, 10), torch.zeros(2, 10)
+    view = base[:1]
+    shadow.EXCLUSIVE_GRADIENTS[id(view)] = view
+    incoming = dict(made, gS=unregistered, g_latent=view, gD=made["gE"], g_report=torch.zeros(1, 5))
+    assert set(shadow._exclusive(incoming)) == {"gIs", "gIa", "gH", "g_exposure"}  # gE shares its buffer with gD
+    assert set(shadow._exclusive(made)) == {"gE", "gIs", "gIa", "gH", "g_exposure"}
 
 
 def test_exits_at_never_writes_into_a_shared_gradient():

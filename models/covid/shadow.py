@@ -292,19 +292,34 @@ class _Transition(torch.autograd.Function):
                         g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths)
         args = (k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym, d_asym, half_infectious,
                 rate, mask, survival, ctx.needs_input_grad[15])
-        fused = shadow_native.backward(*args)
+        # the exiting agents' gradients first: the native pass may write the new ones over gE, gI_sym, ...
+        at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
+        fused = shadow_native.backward(*args, reuse=_exclusive(incoming))
         if fused is None:  # the same map in torch ops
             fused = _transition_backward(*args)
         g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0, g_hazard = fused
+        for g in (g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_S0 if mask is not None else None):
+            if g is not None:  # made here (or given up to us), handed on as one input's gradient: nobody else holds it
+                EXCLUSIVE_GRADIENTS[id(g)] = g
         if g_hazard is not None and g_hazard.shape != ctx.hazard_shape:
             g_hazard = g_hazard.sum_to_size(ctx.hazard_shape)
         if mask is None:  # S's gradient passes through (the infection event's node adds its own: relaxed samplers)
             g_S0 = gS
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))
                            if g is not None)
-        at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
         return (None,) * 14 + (g_hazard, g_new_E, None, g_exposure0, g_latent0, g_reported, g_admissions, g_deaths,
                                g_recent, g_S0, g_E0, g_Is0, g_Ia0, g_H0, gR, gD, g_isolating, *at_exits)
+
+
+def _exclusive(incoming: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    """The incoming [B, N] gradients of `shadow_native.REUSABLE` that nobody reads after `_Transition`'s backward: buffers
+    registered in `EXCLUSIVE_GRADIENTS` (the day after's transition made them, the exits and the contributions added
+    into them in place, the engine handed them on unchanged), each a buffer of its own (no other incoming gradient
+    shares its memory). The native pass writes its outputs over them."""
+    dense = {name: g for name, g in incoming.items() if g is not None}
+    pointers = [g.data_ptr() for g in dense.values()]
+    return {name: g for name, g in dense.items() if name in shadow_native.REUSABLE.values()
+            and EXCLUSIVE_GRADIENTS.get(id(g)) is g and g._base is None and pointers.count(g.data_ptr()) == 1}
 
 
 def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor,

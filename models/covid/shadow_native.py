@@ -48,6 +48,12 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_shadow_backward_fused.argtypes = [ctypes.POINTER(_Args)]
 
 
+# the outputs (d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d S0) that may be written over the incoming
+# gradient named here (`backward`'s ``reuse``)
+REUSABLE = dict(out_E="gE", out_Is="gIs", out_Ia="gIa", out_H="gH", out_exposure0="g_exposure", out_latent0="g_latent",
+                out_S="gS")
+
+
 def _nonzero_outputs(grads: dict[str, Tensor | None]) -> tuple[bool, ...]:
     """Which of (d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E) can be non-zero, given which
     incoming gradients arrived: as `shadow._transition_backward`, which returns None for the others (e.g. d H0
@@ -70,14 +76,17 @@ def _ptr(x: Tensor | None) -> int | None:
 def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None,
-             survival: Tensor | None = None, want_new_E: bool = True) -> tuple[Tensor, ...] | None:
+             survival: Tensor | None = None, want_new_E: bool = True,
+             reuse: dict[str, Tensor] | None = None) -> tuple[Tensor, ...] | None:
     """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E, d S0, d λ), each [B, N] or None where no
     incoming gradient reaches it (`_nonzero_outputs`; d new_E only if ``want_new_E``; d S0 = gS + mask · d new_E only
     with ``infection_mask``, the infection event's d new_E / d S [B, N] bool; d λ = d new_E · S · survival only with
     ``survival``, exp(−λ) [B, N]), or None where the kernel does not apply (not CPU float32, kernels off
     or unbuilt): the caller runs the torch ops. ``k``: ShadowConstants; ``unit``: the household unit hazard, factored
     (multiplied out per chunk in the fused pass, else here); ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
-    g_admissions, g_deaths) gradients, None where none arrived."""
+    g_admissions, g_deaths) gradients, None where none arrived. ``reuse``: incoming gradients (by name, of `REUSABLE`'s)
+    that nobody reads after this call: each output is written over its own (`REUSABLE`) instead of into a fresh
+    [B, N]: the caller's promise; the buffers must be distinct."""
     if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
@@ -175,14 +184,23 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         args.household, args.households = household.data_ptr(), slots
     needed = _nonzero_outputs(grads)
     new_E_reached = needed[-1]  # d new_E can be non-zero (it is computed for d S0 and d λ even where not returned)
-    out = tuple(torch.empty(B, N) if x else None for x in (*needed[:-1], want_new_E and new_E_reached))
-    for name, value in zip(("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E"), out):
+    reuse = reuse or {}
+
+    def fresh_or_reused(name: str) -> Tensor:  # the incoming gradient's buffer where the caller gave it up, else new
+        g = reuse.get(REUSABLE.get(name, ""))
+        usable = g is not None and g.shape == (B, N) and g.dtype == torch.float32 and g.is_contiguous()
+        return g if usable else torch.empty(B, N)
+
+    names = ("out_E", "out_Is", "out_Ia", "out_H", "out_exposure0", "out_latent0", "out_new_E")
+    out = tuple(fresh_or_reused(name) if x else None
+                for name, x in zip(names, (*needed[:-1], want_new_E and new_E_reached)))
+    for name, value in zip(names, out):
         setattr(args, name, _ptr(value))
     g_S0 = None
     if infection_mask is not None and (new_E_reached or grads["gS"] is not None):
         mask = infection_mask.expand(B, N).contiguous().view(torch.uint8)
         keep.append(mask)
-        g_S0 = torch.empty(B, N)
+        g_S0 = fresh_or_reused("out_S")
         args.infection_mask, args.out_S = mask.data_ptr(), g_S0.data_ptr()
     g_hazard = None
     if survival is not None and new_E_reached:  # d λ = d new_E · S · exp(−λ)

@@ -326,7 +326,9 @@ struct ShadowArgs {
   const int32_t* household;
   int64_t households;
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
-  // outputs [B, N], or null where every input they depend on is null (zero: not written)
+  // outputs [B, N], or null where every input they depend on is null (zero: not written); each may be its incoming
+  // gradient's buffer (out_E gE, out_Is gIs, out_Ia gIa, out_H gH, out_exposure0 g_exposure, out_latent0 g_latent, out_S
+  // gS: see outputs_alias_inputs)
   float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
   // agenttensor_covid_shadow_backward_fused: the attack probabilities' inputs (see agenttensor_covid_attack), the
   // unit hazard as its factors u = sigma ((scale[household] kept1) kept2) (sigma, kept1, kept2 [B | 1, N] rows,
@@ -381,19 +383,42 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
   }
 }
 
-// A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written)
+// A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written;
+// ``outs``: the outputs where one is written over its incoming gradient, see `outputs_alias_inputs`)
 struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
       p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
   uint8_t no_mask[kTile];
+  float outs[9][kTile];
 };
+
+// The outputs in `shadow_tile`'s order (out_E ... out_hazard)
+inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
+  float* o[9] = {a->out_E,      a->out_Is,    a->out_Ia, a->out_H, a->out_exposure0,
+                 a->out_latent0, a->out_new_E, a->out_S,  a->out_hazard};
+  std::copy(o, o + 9, out);
+}
+
+// Whether an output is written over an incoming gradient's buffer (`shadow_native.backward`'s ``reuse``: out_E over gE,
+// out_S over gS, ...: no fresh [B, N] written, whose lines the CPU would read first, ~10 ms per call at full NYC). Each
+// tile's outputs are then computed into tile buffers and copied out after all of the tile's inputs are read.
+bool outputs_alias_inputs(const ShadowArgs* a) {
+  const float* in[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
+  float* out[9];
+  outputs(a, out);
+  for (const float* o : out)
+    for (const float* i : in)
+      if (o && o == i) return true;
+  return false;
+}
 
 // The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
 // gradients, age tables, detection, household hand-off), zeros for the incoming gradients that are null, then one
 // branch-free loop the compiler vectorises. from_sym, from_asym: the hand-off from the agent's household members
-// (sums[h] - q), or null (none: zeros).
+// (sums[h] - q), or null (none: zeros). ``buffered``: the outputs go through the tile's buffers (an output may be an
+// input's buffer: `outputs_alias_inputs`).
 void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* from_sym, const float* from_asym,
-                 ShadowTile& t) {
+                 ShadowTile& t, bool buffered) {
   const int64_t N = a->N, G = a->G, k0 = b * N + t0;
   // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single loop
   // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
@@ -438,7 +463,10 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   }
   if (!from_sym) from_sym = from_asym = t.zero;
   // a null output is zero for every agent (all its inputs are null): not written
-  auto out = [&](float* p) { return p ? p + k0 : t.unwritten; };
+  float* dst[9];
+  outputs(a, dst);
+  float* out[9];
+  for (int q = 0; q < 9; ++q) out[q] = buffered ? t.outs[q] : dst[q] ? dst[q] + k0 : t.unwritten;
   const float* g[9];
   const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
   for (int q = 0; q < 9; ++q) g[q] = incoming[q] ? incoming[q] + k0 : t.zero;
@@ -446,8 +474,10 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->survival ? a->susceptible + k0 : t.zero,
               a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
-              a->rate_H, out(a->out_E), out(a->out_Is), out(a->out_Ia), out(a->out_H), out(a->out_exposure0),
-              out(a->out_latent0), out(a->out_new_E), out(a->out_S), out(a->out_hazard));
+              a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
+  if (buffered)
+    for (int q = 0; q < 9; ++q)
+      if (dst[q]) std::memcpy(dst[q] + k0, t.outs[q], n * sizeof(float));
 }
 
 }  // namespace
@@ -458,6 +488,7 @@ extern "C" {
 // (agenttensor_covid_attack, then the sums).
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N;
+  const bool buffered = outputs_alias_inputs(a);
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     ShadowTile tile{};
     float* from_sym = tile.from_sym;
@@ -466,12 +497,12 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
         if (!a->q_sym) {
-          shadow_span(a, b, t0, n, nullptr, nullptr, tile);
+          shadow_span(a, b, t0, n, nullptr, nullptr, tile, buffered);
           continue;
         }
         hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->household + t0,
                   a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
-        shadow_span(a, b, t0, n, from_sym, from_asym, tile);
+        shadow_span(a, b, t0, n, from_sym, from_asym, tile, buffered);
       }
     });
   });
@@ -482,6 +513,7 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
 // [B, N] q_sym, q_asym written and read back, no second read of the household slots).
 void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
   const int64_t N = a->N, H = a->households;
+  const bool buffered = outputs_alias_inputs(a);  // (a chunk's attack pass reads g_exposure before its tiles' outputs)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(a->threads, N >> 16));
   std::vector<int64_t> cut(parts + 1);
   for (int64_t p = 0; p <= parts; ++p)
@@ -518,7 +550,8 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
         hand_offs(n, sums_sym, sums_asym, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
-          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile);
+          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile,
+                      buffered);
         c0 = c1;
       }
     }
