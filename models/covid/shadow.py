@@ -173,6 +173,8 @@ def donatable(state, ctx, packed: bool) -> tuple[str, ...]:
 # node registers the derivatives it returns for its pass-through fields, so that `_ExitsAt` adds the exiting agents'
 # part into the one for isolating in place (it reaches `_ExitsAt` through `_Transition`'s pass-through; the engine
 # hands on a sum of several gradients as a new tensor, which is not registered). Saves a [B, N] copy per day.
+# `_Transition` registers the derivatives it makes for the fields, so that the day before's writes its own over them
+# (`_exclusive`).
 # id -> tensor, held weakly (a WeakSet would compare tensors with ==)
 EXCLUSIVE_GRADIENTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 

@@ -392,6 +392,12 @@ struct ShadowTile {
   float outs[9][kTile];
 };
 
+// The incoming [B, N] gradients in `shadow_tile`'s order (gS ... g_latent)
+inline void incoming_gradients(const ShadowArgs* a, const float* (&in)[9]) {
+  const float* g[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
+  std::copy(g, g + 9, in);
+}
+
 // The outputs in `shadow_tile`'s order (out_E ... out_hazard)
 inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
   float* o[9] = {a->out_E,      a->out_Is,    a->out_Ia, a->out_H, a->out_exposure0,
@@ -403,7 +409,8 @@ inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
 // out_S over gS, ...: no fresh [B, N] written, whose lines the CPU would read first, ~10 ms per call at full NYC). Each
 // tile's outputs are then computed into tile buffers and copied out after all of the tile's inputs are read.
 bool outputs_alias_inputs(const ShadowArgs* a) {
-  const float* in[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
+  const float* in[9];
+  incoming_gradients(a, in);
   float* out[9];
   outputs(a, out);
   for (const float* o : out)
@@ -468,8 +475,8 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   float* out[9];
   for (int q = 0; q < 9; ++q) out[q] = buffered ? t.outs[q] : dst[q] ? dst[q] + k0 : t.unwritten;
   const float* g[9];
-  const float* incoming[9] = {a->gS, a->gE, a->gIs, a->gIa, a->gH, a->gR, a->gD, a->g_exposure, a->g_latent};
-  for (int q = 0; q < 9; ++q) g[q] = incoming[q] ? incoming[q] + k0 : t.zero;
+  incoming_gradients(a, g);
+  for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->survival ? a->susceptible + k0 : t.zero,
