@@ -300,8 +300,11 @@ class _Transition(torch.autograd.Function):
         if fused is None:  # the same map in torch ops
             fused = _transition_backward(*args)
         g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0, g_hazard = fused
-        for g in (g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_S0 if mask is not None else None):
-            if g is not None:  # made here (or given up to us), handed on as one input's gradient: nobody else holds it
+        # made here (or registered already, and written over), handed on as one input's gradient: nobody else holds
+        # it. (The torch ops may pass gS through as d S0: the caller's, not registered.)
+        made = (g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_S0 if mask is not None and g_S0 is not gS else None)
+        for g in made:
+            if g is not None:
                 EXCLUSIVE_GRADIENTS[id(g)] = g
         if g_hazard is not None and g_hazard.shape != ctx.hazard_shape:
             g_hazard = g_hazard.sum_to_size(ctx.hazard_shape)
