@@ -39,6 +39,7 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, f"agenttensor_gather{suffix}").argtypes = [_P, _I, _P, _I, _I, _P, _I]
         getattr(library, f"agenttensor_others_scaled{suffix}").argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
     library.agenttensor_layered_force.argtypes = [_I, _I, _I, ctypes.POINTER(ForceLayer), _P, _I, _P, _P, _P, _I]
+    library.agenttensor_layered_shares_at.argtypes = [_I, _I, ctypes.POINTER(ForceLayer), _I, _P, _P, _P]
 
 
 class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
@@ -165,7 +166,7 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
 
 def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None, want_sigma: bool = False,
                   want: tuple[tuple[bool, bool, bool], ...] = (), sums: tuple[bool, ...] = (),
-                  constant_last: tuple[bool, ...] = ()) -> tuple | Tensor | None:
+                  constant_last: tuple[bool, ...] = (), keep: list | None = None) -> tuple | Tensor | None:
     """Forward (grad None): σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l -> [B, N]. Backward: (per-layer
     weights grad σ presence factors [B, N], per-layer (d_presence, d_factor, d_factor_all) with None where not in
     ``want[l]``, d_sigma or None, per-layer group sums of the weights [B, S] where ``sums[l]`` and the layer's groups
@@ -174,7 +175,8 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     ``constant_last[l]``: the layer's table's last slot (its non-members') is a constant (`ForceTerm.
     last_slot_constant`): a layer of few members then leaves that slot's sum 0, without the non-members' pass.
     ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the last three
-    [B | 1, N] or None. None where the kernel does not apply."""
+    [B | 1, N] or None. ``keep`` (forward): a list the layers' native form is appended to, with the tensors it points
+    into, for `layered_shares_at`. None where the kernel does not apply."""
     if sigma.dim() == 1:  # one value per agent
         sigma = sigma[None]
     if not enabled() or sigma.dim() != 2:
@@ -226,8 +228,26 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     array = (ForceLayer * len(structs))(*structs)
     force = torch.empty(B, N) if grad is None else None
     d_sigma = out(want_sigma)
+    if keep is not None and grad is None:
+        keep.append((B, array, layers))
     _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1],
                                          None if grad is None else grad.data_ptr(),
                                          None if force is None else force.data_ptr(),
                                          None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
     return force if grad is None else (weights, derivatives, d_sigma, group_sums)
+
+
+def layered_shares_at(kept: tuple, b: Tensor, i: Tensor) -> Tensor | None:
+    """Each layer's share of the force at the pairs (b [M], i [M]) int64, summed per batch element: [L, B] float32,
+    Σ_m term_l / max(Σ_l' term_l', 1e-30) with term_l = ((table_l[slot_l] presence_l) factor_l) factor_all_l (σ cancels).
+    ``kept``: what `layered_force` appended to its ``keep`` list for these layers. The numbers of the same torch ops
+    (the terms' gathers and products, their sum, clamp and division, and ``index_add``'s sequential sums); None where
+    the kernel does not apply."""
+    B, array, layers = kept
+    if not (enabled() and all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
+                              for x in (b, i))):
+        return None
+    out = torch.zeros(len(layers), B)
+    _library().agenttensor_layered_shares_at(B, len(layers), array, b.numel(), b.data_ptr(), i.data_ptr(),
+                                             out.data_ptr())
+    return out

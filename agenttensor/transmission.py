@@ -371,13 +371,14 @@ class _LayeredForce(torch.autograd.Function):
         return (*out, None)
 
 
-def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
+def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = None) -> Tensor:
     """λ = σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l: [B, N] (σ [B | 1, N]), the force of infection
     of group layers, with the probes of each layer's own contributions (`ForceTerm`).
 
     Under autograd it is one node (saving its inputs only) instead of ~5 elementwise nodes per layer with their
     [B, N] intermediates; on CPU forward and backward are single native passes. Values are those of the same
-    arithmetic in torch ops, bit for bit (same order, no fused multiply-adds)."""
+    arithmetic in torch ops, bit for bit (same order, no fused multiply-adds). ``keep``: a list that receives the
+    native pass's form of the terms where it ran without autograd (`layer_shares_at` reads it)."""
     for t in terms:
         if t.group_probe is not None and t.group_probe.shape[-1] != t.table.shape[-1]:
             raise ValueError(f"layered_force: a ForceTerm's group_probe has {t.group_probe.shape[-1]} groups, its table "
@@ -386,11 +387,18 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
                                               for x in (sigma, t.table, t.presence, t.factor, t.factor_all,
                                                         t.member_probe, t.group_probe)):
         force = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
-                                                     for t in terms])
+                                                     for t in terms], keep=keep)
         return _force_torch(sigma, terms) if force is None else force
     flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.member_probe,
                                        t.group_probe)]
     return _LayeredForce.apply(sigma, *flat, tuple(t.last_slot_constant for t in terms))
+
+
+def layer_shares_at(kept: list | None, b: Tensor, i: Tensor) -> Tensor | None:
+    """Each term's share of the force at the agents (b [M], i [M]), summed per batch element: [L, B] float32,
+    Σ_m term_l / max(Σ_l' term_l', 1e-30), in one native pass over the terms `layered_force` kept (its ``keep`` list);
+    the numbers of those torch ops. None where there is none (e.g. the force was not the native pass)."""
+    return _group_kernels.layered_shares_at(kept[0], b, i) if kept else None
 
 
 def range_sums(values: Tensor, ranges: list[tuple[int, int]], dtype: torch.dtype | None = None,

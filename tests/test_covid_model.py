@@ -619,10 +619,16 @@ def test_a_checkpointed_segments_inputs_are_not_the_loops_own(env):
     assert torch.equal(carriers[0], fractional) and carriers[0].requires_grad and torch.equal(carriers[1], plain)
 
 
-def test_a_field_a_step_passes_through_stays_the_callers(env):
-    """On a day without exits the covid step returns the caller's H, R and D tensors as they are: they must not be
-    marked as the loop's own, or the loop's next step would write into the caller's state."""
+@pytest.mark.parametrize("native", [True, False])
+def test_a_field_a_step_passes_through_stays_the_callers(env, native, monkeypatch):
+    """On a day without exits the covid step returns the caller's H, R and D tensors as they are (torch ops) or copies
+    (the native transition copies the caller's fields once): the caller's must not be marked as the loop's own, or
+    the loop's next step would write into the caller's state."""
     from agenttensor.model import StepContext
+    from models.covid import progress_native
+
+    if not native:
+        monkeypatch.setattr(progress_native, "_library", lambda: None)
 
     params = busy_params().as_tensors()
     rng = at.Randomness.for_agents([0], env.agent_ids)
@@ -633,7 +639,8 @@ def test_a_field_a_step_passes_through_stays_the_callers(env):
     kept = {name: getattr(state, name).clone() for name in ("H", "R", "D")}
     after, _ = MODEL.step(state, params, ctx(0))
     for name in kept:
-        assert getattr(after, name) is getattr(state, name) and not ctx(1).owns(getattr(after, name))
+        assert not ctx(1).owns(getattr(state, name))
+        assert getattr(after, name) is getattr(state, name) if not native else ctx(1).owns(getattr(after, name))
     ill = torch.rand(after.S.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # asymptomatic, recover today
     after = after.replace(S=after.S.masked_fill(ill, 0), I_asym=after.I_asym.masked_fill(ill, 1),
                           stage_end=torch.where(ill, 1, -1).to(torch.int16))
@@ -641,3 +648,72 @@ def test_a_field_a_step_passes_through_stays_the_callers(env):
     assert int(later.R.sum()) == int(ill.sum())
     for name, x in kept.items():
         assert torch.equal(getattr(state, name), x), name
+
+
+def test_the_native_hard_transition_gives_the_torch_ops_numbers(env, monkeypatch):
+    """Hard mode on CPU: the day's transition (`progress_native`) and the split of infections by layer
+    (`layer_shares_at`) as native passes give every metric and every state field of the torch ops, bit for bit, with
+    every lever on (testing raises detection, vaccination lowers hospitalisation) over two seeds. A kernel that
+    skips the vaccinated's lower hospitalisation, draws a countdown from the wrong table or counts a flow twice fails."""
+    from agenttensor import _group_kernels
+    from models.covid import progress_native
+
+    calls = {"progress": 0, "shares": 0}
+    for module, name in ((progress_native, "hard_progress"), (_group_kernels, "layered_shares_at")):
+        def counted(*args, fn=getattr(module, name), key="progress" if module is progress_native else "shares"):
+            out = fn(*args)
+            calls[key] += out is not None
+            return out
+        monkeypatch.setattr(module, name, counted)
+    native = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
+    assert calls["progress"] == 45 and calls["shares"] == 45  # the native passes ran every day
+    monkeypatch.setattr(progress_native, "_library", lambda: None)
+    monkeypatch.setattr(_group_kernels, "layered_shares_at", lambda *args: None)
+    reference = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
+    for name in reference.metrics:
+        assert torch.equal(native[name], reference[name]), name
+    for name, x in reference.final_state.tensors().items():
+        assert torch.equal(getattr(native.final_state, name), x), name
+    assert int(native["deaths"].sum()) > 0 and int(native["reported_cases"].sum()) > 0
+    assert float(native["infections_household"].sum()) > 0 and float(native["infections_school"].sum()) > 0
+
+
+def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threads():
+    """The native transition's per-borough flows are integer counts per thread, summed after: two threads give one
+    thread's numbers and states (a population large enough for two chunks)."""
+    from models.covid import progress_native
+
+    B, N, G, K, t = 2, 70_000, 5, 60, 9
+    gen = torch.Generator().manual_seed(3)
+    stage = torch.randint(0, 5, (B, N), generator=gen)  # 0 S, 1 E, 2 I_asym, 3 I_sym, 4 H
+    fields = {name: (stage == k).to(torch.uint8) for k, name in enumerate(("S", "E", "I_asym", "I_sym", "H"))}
+    fields.update(R=torch.zeros(B, N, dtype=torch.uint8), D=torch.zeros(B, N, dtype=torch.uint8),
+                  isolating=(torch.rand(B, N, generator=gen) < 0.1).to(torch.uint8) * (stage >= 2))
+    stage_end = torch.where(stage > 0, torch.randint(t, t + 3, (B, N), generator=gen), -1).to(torch.int16)
+    new_E = fields["S"] * (torch.rand(B, N, generator=gen) < 0.05)
+    infected = new_E.nonzero(as_tuple=True)
+    cdf = torch.linspace(0.05, 1.0, K)
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        f = {name: x.clone() for name, x in fields.items()}
+        se = stage_end.clone()
+        flows = progress_native.hard_progress(
+            f, se, t, infected, torch.randint(-2**31, 2**31 - 1, (7, B), generator=torch.Generator().manual_seed(1),
+                                              dtype=torch.int32),
+            torch.arange(N, dtype=torch.int32) * 7919, torch.arange(N, dtype=torch.int32) % 10,
+            (torch.arange(N, dtype=torch.int32) * G) // N, G,
+            dict(symptomatic=torch.full((10,), 0.6), hosp=torch.full((10,), 0.2), death=torch.full((10,), 0.3)),
+            dict(detect=torch.tensor(0.4), detect_asym_ratio=torch.tensor(0.5), isolate=torch.full((B, N), 0.7)),
+            None, cdf, torch.stack([cdf, cdf.sqrt(), cdf ** 2]))
+        assert flows is not None
+        out[threads] = (flows, f, se)
+    torch.set_num_threads(1)
+    (flows1, f1, se1), (flows2, f2, se2) = out[1], out[2]
+    assert torch.equal(flows1, flows2) and torch.equal(se1, se2)
+    assert all(torch.equal(f1[name], f2[name]) for name in f1)
+    exits = int(((stage_end == t) & (stage > 0)).sum())
+    assert float(flows1[progress_native.FLOWS.index("out_E")].sum() + flows1[5].sum() + flows1[7].sum()
+                 + flows1[8].sum()) == exits  # every exit left exactly one stage
+    assert float(flows1[-1].sum()) == int(new_E.sum())
+    assert not (se1 == t).any()

@@ -586,4 +586,31 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
   });
 }
 
+
+// Each layer's share of the force at the pairs (b[m], i[m]), summed per batch element: out[l, b] += term_l / max(Σ_l'
+// term_l', 1e-30) over m in order, term_l = ((table_l[b, slot_l(i)] presence_l[b, i]) factor_l[b, i]) factor_all_l[b, i]
+// (σ cancels). The same operations in the same order as the torch ops: the terms gathered and multiplied per layer,
+// summed over the layers, clamped, divided, and ``index_add``'s sequential sums (out [L, B], zeroed by the caller).
+void agenttensor_layered_shares_at(int64_t B, int64_t L, const ForceLayer* layers, int64_t M, const int64_t* pb,
+                                   const int64_t* pi, float* out) {
+  std::vector<float> term(static_cast<size_t>(L));
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t b = pb[m], i = pi[m];
+    float total = 0.f;
+    for (int64_t l = 0; l < L; ++l) {
+      const ForceLayer& layer = layers[l];
+      const int64_t slot = layer.slot_i32 ? static_cast<const int32_t*>(layer.slot)[i]
+                                          : static_cast<const int64_t*>(layer.slot)[i];
+      float value = layer.table[b * layer.table_stride + slot];
+      if (layer.presence) value = value * layer.presence[b * layer.presence_stride + i];
+      if (layer.factor) value = value * layer.factor[b * layer.factor_stride + i];
+      if (layer.factor_all) value = value * layer.factor_all[b * layer.factor_all_stride + i];
+      term[l] = value;
+      total = l == 0 ? value : total + value;
+    }
+    total = total < 1e-30f ? 1e-30f : total;  // clamp_min (NaN passes through)
+    for (int64_t l = 0; l < L; ++l) out[l * B + b] += term[l] / total;
+  }
+}
+
 }  // extern "C"

@@ -1,5 +1,5 @@
 // Counter-based uniforms (agenttensor/rng.py) in one pass each, for CPU: lowbias32(base ^ key) -> top 24 bits ->
-// float32 in (0, 1). Loaded by agenttensor/_rng_kernels.py; rng.py holds the definition in torch ops (the reference,
+// float32 in (0, 1) (uniform.h). Loaded by agenttensor/_rng_kernels.py; rng.py holds the definition in torch ops (the reference,
 // and the path on other devices). Integer arithmetic is exact and the float conversion is one rounded add and an
 // exact scaling, as in the torch ops: the same bits. Plain C, no torch headers.
 
@@ -7,17 +7,11 @@
 #include <type_traits>
 
 #include "parallel.h"
+#include "uniform.h"
 
 namespace {
 
-inline float uniform_of(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return (static_cast<float>((x >> 8) & 0xFFFFFFu) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
-}
+using agenttensor::uniform_of;
 
 // One row's agents [i0, i1) of `agenttensor_hard_event`; Q: 0 the number q, 1 p[n], 2 1 − p[n]. Branch-free, with
 // restrict pointers (uint8 stores may otherwise alias every input), so the loop vectorises.

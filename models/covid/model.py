@@ -56,11 +56,11 @@ from torch import Tensor
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor import select
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layered_force, range_sums,
+from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force, range_sums,
                                       scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import contributions_native, disease, shadow
+from . import contributions_native, disease, progress_native, shadow
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -245,6 +245,7 @@ class CovidEnv:
     group_labels: list[str]
     durations: dict[str, Tensor]  # stage -> cumulative probability table [K]
     exit_duration_keys: Tensor  # [3 K] int64: the I_asym, I_sym and H tables as one search (disease.stacked_cdf_keys)
+    exit_durations: Tensor  # [3, K] float32: the I_asym, I_sym and H tables (the native hard transition reads them)
     behavior: Any
     cache: dict = field(default_factory=dict, repr=False)  # see `memo`
     counts: dict = field(default_factory=dict, repr=False)  # see `rolled_counts`
@@ -459,6 +460,7 @@ def setup(population: Population | int, params: CovidParams, device, behavior: B
         borough_size=counts.to(torch.float32).to(dev), group_labels=list(BOROUGHS),
         durations={k: v.to(dev) for k, v in durations.items()},
         exit_duration_keys=d.stacked_cdf_keys([durations[k] for k in ("I_asym", "I_sym", "H")]).to(dev),
+        exit_durations=torch.stack([durations[k] for k in ("I_asym", "I_sym", "H")]).to(dev),
         behavior=behavior or HeuristicBehavior(),
     )
 
@@ -656,13 +658,14 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # members (``own``). The agent's own term is zero in the forward pass (susceptible agents are not infectious)
     # but not in the backward pass once derivative mass of untaken infections sits in its I stages
     # (`shadow.py`): it is left out, or an agent would "infect itself" in the linearisation.
+    native_terms = None if ctx.sampler.differentiable else []  # hard mode: for `layer_attribution`'s native pass
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
         member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None,
         last_slot_constant=True)  # every table's non-member slot is a zero: (coef · 0) · sums, or a zero pad
-        for name, (group_values, slot, presence) in layers.items()])
-    ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers))
+        for name, (group_values, slot, presence) in layers.items()], keep=native_terms)
+    ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers), force_terms=native_terms)
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`),
         # as `layer_term("household", ...)` gives it, factored (multiplied out in the backward pass)
         kept = (kept_share("household", reductions["household"]), kept_share("all", reduction_all))
@@ -731,6 +734,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # differentiable consumer, applies)
     force = ctx.scratch["force"]
     new_E, infection = ctx.hazard_event_and_derivatives(force, "infection", S)
+
+    if not ctx.sampler.differentiable:
+        after = native_hard_progress(state, new_E, params, ctx)
+        if after is not None:
+            return after
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
@@ -838,6 +846,53 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donated state's step updates in place
 
 
+def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, ctx: StepContext) -> CovidState | None:
+    """`progress` in hard mode after the infection draws ``new_E`` [B, N] as one native call on CPU
+    (`progress_native`: the same numbers as the torch ops below it in `progress`), or None where it does not apply.
+    The fields are updated in place where they are this loop's own (`StepContext.owns`), else in copies."""
+    env: CovidEnv = ctx.env
+    t = ctx.step
+    fields = {name: getattr(state, name) for name in progress_native.FIELDS}
+    if not (new_E.dtype == torch.uint8 and new_E.shape == state.stage_end.shape
+            and progress_native.applies(fields, state.stage_end)):
+        return None
+    B = new_E.shape[0]
+    # vaccination first: its eligibility reads the memberships before today's changes
+    V = state.vaccinated
+    vaccinating = ctx.lever("vaccination") is not None
+    rate = lever_per_agent(ctx, "vaccination")
+    if rate is not None:
+        eligible = (1 - V) * (state.S + state.E + state.I_asym + state.R)
+        V_after = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
+    else:
+        V_after = V
+    versions = {name: x._version for name, x in fields.items()}
+    owned = {name: x if ctx.owns(x) else x.clone() for name, x in fields.items()}
+    stage_end = state.stage_end if ctx.owns(state.stage_end) else state.stage_end.clone()
+    infected_b, infected_i = select.nonzero(new_E)
+    flows = progress_native.hard_progress(
+        owned, stage_end, t, (infected_b, infected_i), ctx.rng._keys(t, progress_native.STREAMS), ctx.rng.agent_base,
+        env.age_group, env.borough, len(env.group_labels),
+        dict(symptomatic=params.symptomatic_fraction, hosp=params.hosp_given_symptomatic, death=params.death_given_hosp),
+        dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,
+             isolate=state.isolate_prob, testing=lever_per_agent(ctx, "testing_isolation"),
+             efficacy_severe=params.vaccine_efficacy_severe if vaccinating else None),
+        V if vaccinating else None, env.durations["E"], env.exit_durations)
+    if flows is None:
+        return None
+    reported, admissions, deaths, out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, \
+        isolating_prior, new_infections = flows.unbind(0)
+    recent = state.reported_recent.clone()
+    recent[:, t % 7] = reported
+    stage_count_change = dict(S=-new_infections, E=new_infections - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
+                              H=admissions - out_H, R=in_R, D=deaths, isolating=isolating_after - isolating_prior)
+    ctx.scratch.update(new_infections=new_infections, reported=reported, stage_count_change=stage_count_change,
+                       admissions=admissions, deaths=deaths,
+                       attributed=layer_attribution(infected_b, infected_i, B=B, ctx=ctx))
+    after = state.replace(**owned, vaccinated=V_after, stage_end=ctx.own(stage_end), reported_recent=recent)
+    return owned_after_step(state, after, versions, ctx)
+
+
 def owned_after_step(before: CovidState, after: CovidState, versions: dict[str, int], ctx: StepContext) -> CovidState:
     """``after``, the transition's new field tensors marked as this loop's (`StepContext.own`; a field passed through
     unchanged is not: it may be the caller's). The fields updated in place (their version moved from ``versions``,
@@ -877,7 +932,12 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
 
 
 def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
-    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32)."""
+    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32); in
+    hard mode on CPU one native pass over the force's terms (`layer_shares_at`, the same numbers)."""
+    names = ctx.scratch["layer_names"]
+    shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
+    if shares is not None:
+        return {name: shares[names.index(name)] if name in names else torch.zeros(B, device=b.device) for name in LAYERS}
     at = At(b, i)
     parts = {name: ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in ctx.scratch["layer_names"]}
     total = sum(parts.values()).clamp_min(1e-30) if parts else None

@@ -1,0 +1,143 @@
+// The covid model's hard-mode transition (models/covid/model.py, `progress` after the infection draws) in one native
+// pass, for CPU: the newly infected agents enter E with their countdowns, and every agent whose countdown ends today
+// draws its next stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the
+// same pass. Loaded by models/covid/progress_native.py; `progress` keeps the same arithmetic in torch ops (the
+// reference, and the path on other devices and in gradient modes). Memberships are uint8 0/1 and are combined in
+// uint8 arithmetic as the torch ops do; probabilities are float32 with the torch ops' operations in their order
+// (built with -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
+//
+// At a small population the torch ops cost a day's fixed ~0.6 ms of calls (37,518 agents: 40 ops on tens of exits);
+// this is one call.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "uniform.h"
+
+namespace {
+
+using agenttensor::uniform_of;
+
+// A per-agent value as a broadcast [B, N] float32 view: p[b * sb + n * sn] (sb, sn 0 where broadcast).
+struct Strided {
+  const float* p;
+  int64_t sb, sn;
+};
+
+inline float read(const Strided& x, int64_t b, int64_t n) { return x.p[b * x.sb + n * x.sn]; }
+
+}  // namespace
+
+// The arguments (models/covid/progress_native.py's _Args, field for field).
+struct ProgressArgs {
+  int64_t B, N, G, K, t, threads;
+  // [B, N] memberships (uint8) and countdowns (int16), updated in place
+  uint8_t *S, *E, *Ia, *Is, *H, *R, *D, *isolating;
+  int16_t* stage_end;
+  // today's infections: (b, i) pairs
+  int64_t infected;
+  const int64_t *infected_b, *infected_i;
+  // random streams: base [N]; keys [7, B] (symptoms, hospitalisation, death, detection, isolation, duration-exit,
+  // duration-E)
+  const int32_t *base, *keys;
+  const int32_t *age_group, *borough;                  // [N]
+  const float *symptomatic, *hosp, *death;              // [A]
+  Strided detect, detect_asym_ratio, testing, isolate, efficacy_severe;  // testing, efficacy_severe: p null if unused
+  const uint8_t* vaccinated;                            // [B, N] or null (no vaccination lever)
+  const float *cdf_E, *cdf_exit;                        // [K], [3, K] (I_asym, I_sym, H)
+  float* flows;                                         // [13, B, G] out
+};
+
+namespace {
+
+constexpr int kFlows = 13;  // reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R,
+                            // isolating after, isolating before (at the exits), new infections
+
+// min(K, 1 + #{k : cdf[k] <= u}): torch.searchsorted(cdf, u, right=True) + 1, clamped (`disease.draw_duration`)
+inline int64_t duration(const float* cdf, int64_t K, float u) {
+  return std::min<int64_t>(K, 1 + (std::upper_bound(cdf, cdf + K, u) - cdf));
+}
+
+void exit_agent(const ProgressArgs& a, int64_t b, int64_t n, int64_t* count) {
+  const int64_t at = b * a.N + n, B = a.B;
+  const uint32_t h = static_cast<uint32_t>(a.base[n]);
+  float u[6];
+  for (int s = 0; s < 6; ++s) u[s] = uniform_of(h ^ static_cast<uint32_t>(a.keys[s * B + b]));
+  const int32_t g = a.age_group[n];
+  const uint8_t leave_E = a.E[at], leave_Ia = a.Ia[at], leave_Is = a.Is[at], leave_H = a.H[at],
+                before = a.isolating[at];
+  const uint8_t to_Is = static_cast<uint8_t>((u[0] < a.symptomatic[g]) * leave_E);
+  const uint8_t to_Ia = static_cast<uint8_t>(leave_E - to_Is);
+  float p_hosp = a.hosp[g];
+  if (a.vaccinated) p_hosp = p_hosp * (1.f - read(a.efficacy_severe, b, n) * static_cast<float>(a.vaccinated[at]));
+  const uint8_t to_H = static_cast<uint8_t>((u[1] < p_hosp) * leave_Is);
+  const uint8_t to_D = static_cast<uint8_t>((u[2] < a.death[g]) * leave_H);
+  const uint8_t to_R = static_cast<uint8_t>(leave_Ia + static_cast<uint8_t>(leave_Is - to_H)
+                                            + static_cast<uint8_t>(leave_H - to_D));
+  float p_detect = read(a.detect, b, n) * (static_cast<float>(to_Is)
+                                           + read(a.detect_asym_ratio, b, n) * static_cast<float>(to_Ia));
+  if (a.testing.p) p_detect = p_detect + read(a.testing, b, n) * (1.f - p_detect);
+  const uint8_t reported = static_cast<uint8_t>((u[3] < p_detect) * static_cast<uint8_t>(to_Ia + to_Is));
+  const uint8_t aware = static_cast<uint8_t>(static_cast<uint8_t>(to_Is + reported)
+                                             - static_cast<uint8_t>(to_Is * reported));
+  const uint8_t isolate = static_cast<uint8_t>((u[4] < read(a.isolate, b, n)) * aware);
+  const uint8_t leave_I = static_cast<uint8_t>(leave_Ia + leave_Is);
+  const uint8_t after = static_cast<uint8_t>(static_cast<uint8_t>(before * static_cast<uint8_t>(1 - leave_I))
+                                             + isolate);
+  const int64_t table = static_cast<int64_t>(static_cast<uint8_t>(to_Is + static_cast<uint8_t>(2 * to_H)));
+  const bool timed = static_cast<uint8_t>(static_cast<uint8_t>(to_Ia + to_Is) + to_H) > 0;
+  a.stage_end[at] = timed ? static_cast<int16_t>(a.t + duration(a.cdf_exit + table * a.K, a.K, u[5]))
+                          : static_cast<int16_t>(-1);
+  a.E[at] = 0;
+  a.Ia[at] = to_Ia;
+  a.Is[at] = to_Is;
+  a.H[at] = to_H;
+  a.R[at] = to_R;
+  a.D[at] = to_D;
+  a.isolating[at] = after;
+  const int64_t cell = b * a.G + a.borough[n], stride = B * a.G;
+  const uint8_t values[kFlows - 1] = {reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H,
+                                      to_R, after, before};
+  for (int k = 0; k < kFlows - 1; ++k) count[k * stride + cell] += values[k];
+}
+
+}  // namespace
+
+extern "C" {
+
+// The day's transition after the infection draws (see the file's comment); the flows' counts [13, B, G] as float32.
+void agenttensor_covid_hard_progress(const ProgressArgs* args) {
+  const ProgressArgs& a = *args;
+  const int64_t cells = a.B * a.G, total = a.B * a.N;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(a.threads, total >> 16));
+  std::vector<int64_t> counts(static_cast<size_t>(threads * kFlows * cells), 0);
+  const uint32_t* keys = reinterpret_cast<const uint32_t*>(a.keys);
+  // entering E: S − new_E, E + new_E and the latent period's countdown t + d, d ~ the E table
+  for (int64_t m = 0; m < a.infected; ++m) {
+    const int64_t b = a.infected_b[m], n = a.infected_i[m], at = b * a.N + n;
+    a.S[at] = static_cast<uint8_t>(a.S[at] - 1);
+    a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
+    const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
+    a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
+    counts[(kFlows - 1) * cells + b * a.G + a.borough[n]] += 1;
+  }
+  // the exits: every agent whose countdown ends today (the entrants' countdowns end later)
+  const int16_t today = static_cast<int16_t>(a.t);
+  agenttensor::parallel(threads, total, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+    int64_t* count = counts.data() + omp_get_thread_num() * kFlows * cells;  // 0 outside a parallel region
+    agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const int16_t* row = a.stage_end + b * a.N;
+      for (int64_t n = i0; n < i1; ++n)
+        if (row[n] == today) exit_agent(a, b, n, count);
+    });
+  });
+  for (int64_t k = 0; k < kFlows * cells; ++k) {
+    int64_t sum = 0;
+    for (int64_t w = 0; w < threads; ++w) sum += counts[w * kFlows * cells + k];
+    a.flows[k] = static_cast<float>(sum);
+  }
+}
+
+}  // extern "C"
