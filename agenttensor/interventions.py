@@ -100,12 +100,24 @@ class Schedule:
     groups: int = 1
     age_bands: int = 1
 
+    _steps: dict = field(default_factory=dict, repr=False, compare=False)  # see `at`
+
     def at(self, lever: str, step: int, layer: str | None = None) -> Tensor | None:
-        """Intensity at a step: [B, G, A], or None when no intervention uses this lever/layer."""
-        v = self.values.get((lever, layer))
+        """Intensity at a step: [B, G, A], or None when no intervention uses this lever/layer. Steps with the values of
+        the step before get the same tensor (a cache keyed by identity, e.g. `CovidEnv.memo`, then skips comparing
+        the values)."""
+        key = (lever, layer)
+        v = self.values.get(key)
         if v is None:
             return None
-        return v[:, min(step, v.shape[1] - 1)]
+        views = self._steps.get(key)
+        if views is None or views[0] is not v:
+            same = (v[:, 1:] == v[:, :-1]).flatten(2).all(2).all(0).tolist() if v.shape[1] > 1 else []
+            steps = [v[:, 0]] if v.shape[1] else []
+            for t, unchanged in enumerate(same, start=1):
+                steps.append(steps[-1] if unchanged else v[:, t])
+            views = self._steps[key] = (v, steps)
+        return views[1][min(step, len(views[1]) - 1)]
 
     def to(self, device) -> "Schedule":
         return Schedule({k: v.to(device) for k, v in self.values.items()}, self.batch, self.groups, self.age_bands)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 from typing import Any, Mapping
 
 import torch
@@ -48,8 +49,13 @@ class Params:
 
     # ---- introspection -------------------------------------------------------------------------
     @classmethod
-    def spec(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
+    def spec(cls) -> Mapping[str, dataclasses.Field]:
+        """The fields by name (read-only; built once per class: `at_step` reads it every step)."""
+        spec = cls.__dict__.get("_spec_cache")
+        if spec is None:
+            spec = types.MappingProxyType({f.name: f for f in dataclasses.fields(cls)})
+            setattr(cls, "_spec_cache", spec)
+        return spec
 
     def replace(self, **changes: Any) -> "Params":
         unknown = set(changes) - set(self.spec())

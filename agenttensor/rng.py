@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import array
+import functools
 import logging
 import os
 import time
@@ -55,9 +57,16 @@ def mix32(x: Tensor) -> Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=4096)
 def stream_id(name: str) -> int:
     """Stable 32-bit id of a named random stream (e.g. "infection")."""
     return zlib.crc32(name.encode())
+
+
+@functools.lru_cache(maxsize=1024)
+def _seed_key(seed: int) -> int:
+    """The seed's part of `step_key`."""
+    return _mix32_int(seed ^ 0x9E3779B9)
 
 
 def step_key(seed: int, step: int, stream: int) -> int:
@@ -144,10 +153,13 @@ class Randomness:
         return Randomness(self.seeds, self.agent_base.to(device))
 
     def _keys(self, step: int, streams: Sequence[str | int]) -> Tensor:
-        """[S, B] int32: the key of each stream (rows) and seed (columns) at this step."""
+        """[S, B] int32: the key of each stream (rows) and seed (columns) at this step (`step_key`; the seed and step
+        part once per seed)."""
         ids = [stream_id(s) if isinstance(s, str) else int(s) for s in streams]
-        return torch.tensor([[step_key(seed, step, sid) for seed in self.seeds] for sid in ids], dtype=torch.int32,
-                            device=self.agent_base.device)
+        prefixes = [_mix32_int(_seed_key(seed) ^ (step & _M32)) for seed in self.seeds]
+        keys = array.array("i", [_to_i32(_mix32_int(k ^ (sid & _M32))) for sid in ids for k in prefixes])
+        out = torch.frombuffer(keys, dtype=torch.int32).view(len(ids), len(self.seeds))  # (keeps `keys` alive)
+        return out if self.agent_base.device.type == "cpu" else out.to(self.agent_base.device)
 
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""

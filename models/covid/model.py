@@ -45,7 +45,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import polars as pl
 
@@ -266,9 +266,16 @@ class CovidEnv:
                 and hit[2] == versions:
             return hit[1]
         result = compute()
-        self.cache[key] = (tuple(x.clone() if _small(x) else weakref.ref(x) if values_only and isinstance(x, Tensor)
-                                 else x for x in inputs), result, versions)
+        self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else weakref.ref(x)
+                                 if values_only and isinstance(x, Tensor) else x for x in inputs), result, versions)
         return result
+
+    def static(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per environment: a value of its static tensors (e.g. clamped group sizes)."""
+        hit = self.cache.get(("static", key))
+        if hit is None:
+            hit = self.cache[("static", key)] = ((), compute(), ())  # `memo`'s form: (inputs, result, versions)
+        return hit[1]
 
     def rolled_counts(self, key: str, before: Tensor, change: Tensor | None) -> Tensor | None:
         """Today's per-borough sums of a [B, N] state field as those of yesterday's tensor `before` plus today's
@@ -289,7 +296,7 @@ class CovidEnv:
 
     def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
         """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
-        self.counts[key] = (weakref.ref(x), x._version, counts.detach())
+        self.counts[key] = (weakref.ref(x), x._version, counts.detach() if counts.requires_grad else counts)
 
 
 def _same_memory(a: Tensor | None, b: Tensor) -> bool:
@@ -303,9 +310,21 @@ def _small(x: Any) -> bool:
     return isinstance(x, Tensor) and x.numel() <= 4096
 
 
+class _Small(NamedTuple):
+    """A small memo input: the tensor (a weak reference: a graph it is part of stays collectable), its version and a
+    copy of its values (`_same_input`)."""
+    tensor: weakref.ref
+    version: int
+    values: Tensor
+
+
 def _same_input(cached: Any, x: Any) -> bool:
     if isinstance(cached, weakref.ref):
         return cached() is x
+    if isinstance(cached, _Small):
+        if cached.tensor() is x and cached.version == x._version:  # e.g. a lever's value on a step like the one before
+            return True
+        cached = cached.values
     if _small(x):
         return _small(cached) and cached.shape == x.shape and cached.dtype == x.dtype and torch.equal(cached, x)
     return cached is x
@@ -316,6 +335,11 @@ def _same_input(cached: Any, x: Any) -> bool:
 def by_borough(env: CovidEnv, x: Tensor, dtype=None) -> Tensor:
     """Per-borough sums of agent values: [B, N] -> [B, G] (contiguous slices; agents sorted by borough)."""
     return range_sums(x, env.borough_slices, dtype)
+
+
+def borough_divisor(env: CovidEnv) -> Tensor:
+    """[G] agents per borough, at least 1 (a divisor; once per environment)."""
+    return env.static("borough_size", lambda: env.borough_size.clamp_min(1))
 
 
 def lever_per_agent(ctx: StepContext, name: str, layer: str | None = None) -> Tensor | None:
@@ -562,7 +586,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     if is_school_day(date):
         p_school = presence_of("school_closure")
         school, _, _ = group_totals(env.school, iota_away * p_school(sources) if p_school else iota_away)
-        level_weight = F.pad(params.school_level_weights[env.school_group_level], (0, 1))
+        level_weight = env.memo("level_weight", (params.school_level_weights,),
+                                lambda: F.pad(params.school_level_weights.index_select(0, env.school_group_level), (0, 1)))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
     if is_work_day(date):
@@ -586,12 +611,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     p_community = presence_of("stay_at_home")
     community_all, _, _ = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
     rho = params.community_borough_share
-    # own NTA share only (the borough-wide part is O(1 / borough size))
-    own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / env.community.group_size[:-1].clamp_min(1),
-                                   (0, 1))
+    community_size = env.static("community_size", lambda: env.community.group_size[:-1].clamp_min(1))  # [C]
     dense = At()
     own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
     if ctx.sampler.differentiable:
+        # own NTA share only (the borough-wide part is O(1 / borough size))
+        own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / community_size, (0, 1))
         presences = {name: None if presence is None else presence(dense) for name, (_, _, presence) in layers.items()
                      if name != "household"}
         presences["community"] = None if p_community is None else p_community(dense)
@@ -615,12 +640,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s probes
     per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
                               community_all)
-    mixing = params.borough_mixing / params.borough_mixing.sum(1, keepdim=True)
+    mixing = env.memo("mixing", (params.borough_mixing,),
+                      lambda: params.borough_mixing / params.borough_mixing.sum(1, keepdim=True))
     # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
     # which would make a batch element's numbers depend on the batch it runs in)
-    mixed = ((per_borough / env.borough_size.clamp_min(1))[:, None, :] * mixing[None]).sum(-1)
-    per_community = (1 - rho) * community / env.community.group_size[:-1].clamp_min(1) \
-        + rho * mixed.index_select(1, env.community_borough)
+    mixed = ((per_borough / borough_divisor(env))[:, None, :] * mixing[None]).sum(-1)
+    per_community = (1 - rho) * community / community_size + rho * mixed.index_select(1, env.community_borough)
     layers["community"] = (F.pad(beta * params.community_weight * per_community, (0, 1)), env.community.slot, p_community)
 
     reduction_all = lever_per_agent(ctx, "transmission_reduction")
@@ -703,7 +728,7 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     env: CovidEnv = ctx.env
     labour_force = by_borough(env, state.employed.to(torch.float32) + state.unemployed.to(torch.float32))
     observations = dict(
-        cases_per_100k=state.reported_recent.sum(1) / env.borough_size.clamp_min(1) * 1e5,
+        cases_per_100k=state.reported_recent.sum(1) / borough_divisor(env) * 1e5,
         unemployment_rate=by_borough(env, state.unemployed.to(torch.float32)) / labour_force.clamp_min(1),
         policies={lever.name: ctx.lever(lever.name) for lever in LEVERS if ctx.lever(lever.name) is not None},
         date=date_of(ctx.start_date, ctx.step),
@@ -880,12 +905,12 @@ def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, 
         V if vaccinating else None, env.durations["E"], env.exit_durations)
     if flows is None:
         return None
-    reported, admissions, deaths, out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, \
-        isolating_prior, new_infections = flows.unbind(0)
+    rows = flows.unbind(0)
+    reported, admissions, deaths, new_infections = (rows[progress_native.FLOWS.index(name)] for name in
+                                                    ("reported", "admissions", "deaths", "new_infections"))
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported
-    stage_count_change = dict(S=-new_infections, E=new_infections - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
-                              H=admissions - out_H, R=in_R, D=deaths, isolating=isolating_after - isolating_prior)
+    stage_count_change = dict(zip(progress_native.CHANGES, rows[len(progress_native.FLOWS):]))
     ctx.scratch.update(new_infections=new_infections, reported=reported, stage_count_change=stage_count_change,
                        admissions=admissions, deaths=deaths,
                        attributed=layer_attribution(infected_b, infected_i, B=B, ctx=ctx))
@@ -1021,21 +1046,26 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
                 by_borough(env, employed * has_workplace, dtype=torch.float32),
                 by_borough(env, on_site * employed, dtype=torch.float32))
 
-    employed, unemployed, with_workplace, on_site = env.memo(
-        "labour_metrics", (state.employed, state.unemployed, state.on_site), labour, values_only=True)
-    if ctx.sampler.differentiable:  # the derivatives of the sums over agents, on the memoised values
-        slices, f32 = env.borough_slices, torch.float32
-        employed = range_sums(state.employed, slices, f32, known=employed)
-        unemployed = range_sums(state.unemployed, slices, f32, known=unemployed)
-        with_workplace = range_sums(state.employed, slices, f32, known=with_workplace, weight=has_workplace)
-        on_site = range_sums(state.on_site, slices, f32, known=on_site, weight=state.employed)
+    def shares(employed: Tensor, unemployed: Tensor, with_workplace: Tensor, on_site: Tensor) -> dict[str, Tensor]:
+        # on-site work this week: share of employed agents with a workplace who go to it
+        return dict(unemployment_rate=unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1),
+                    unemployment_rate_by_borough=unemployed / (employed + unemployed).clamp_min(1),
+                    on_site_share=on_site.sum(1) / with_workplace.sum(1).clamp_min(1),
+                    on_site_share_by_borough=on_site / with_workplace.clamp_min(1))
+
     out["isolating_share"] = isolating.sum(1) / env.num_agents
-    out["isolating_share_by_borough"] = isolating / env.borough_size.clamp_min(1)
-    out["unemployment_rate"] = unemployed.sum(1) / (employed + unemployed).sum(1).clamp_min(1)
-    out["unemployment_rate_by_borough"] = unemployed / (employed + unemployed).clamp_min(1)
-    # on-site work this week: share of employed agents with a workplace who go to it
-    out["on_site_share"] = on_site.sum(1) / with_workplace.sum(1).clamp_min(1)
-    out["on_site_share_by_borough"] = on_site / with_workplace.clamp_min(1)
+    out["isolating_share_by_borough"] = isolating / borough_divisor(env)
+    labour_inputs = (state.employed, state.unemployed, state.on_site)
+    if ctx.sampler.differentiable:  # the derivatives of the sums over agents, on the memoised values
+        employed, unemployed, with_workplace, on_site = env.memo("labour_metrics", labour_inputs, labour,
+                                                                 values_only=True)
+        slices, f32 = env.borough_slices, torch.float32
+        out.update(shares(range_sums(state.employed, slices, f32, known=employed),
+                          range_sums(state.unemployed, slices, f32, known=unemployed),
+                          range_sums(state.employed, slices, f32, known=with_workplace, weight=has_workplace),
+                          range_sums(state.on_site, slices, f32, known=on_site, weight=state.employed)))
+    else:  # hard mode: the shares too change once a week
+        out.update(env.memo("labour_shares", labour_inputs, lambda: shares(*labour()), values_only=True))
     for name, value in ctx.scratch["attributed"].items():
         out[f"infections_{name}"] = value
     return out

@@ -22,6 +22,8 @@ FIELDS = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # updated in
 # the rows of the flows [13, B, G]
 FLOWS = ("reported", "admissions", "deaths", "out_E", "in_Ia", "out_Ia", "in_Is", "out_Is", "out_H", "in_R",
          "isolating_after", "isolating_prior", "new_infections")
+# then the changes of the per-borough stage counts [8, B, G] (`CovidEnv.rolled_counts`), as `progress` forms them
+CHANGES = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")
 
 
 class _Strided(ctypes.Structure):
@@ -79,7 +81,8 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected
     the `STREAMS`' keys at t; ``tables``: symptomatic, hosp, death [A] float32; ``per_agent``: detect,
     detect_asym_ratio, isolate and (optional) testing, efficacy_severe as `At` reads them; ``vaccinated`` [B, N]
     uint8 with the vaccination lever, else None; ``cdf_E`` [K], ``cdf_exit`` [3, K] (I_asym, I_sym, H). -> the flows
-    [13, B, G] float32 (rows `FLOWS`), or None where the kernel does not apply (nothing is then written)."""
+    and the stage counts' changes [21, B, G] float32 (rows `FLOWS`, then `CHANGES`), or None where the kernel does not
+    apply (nothing is then written)."""
     library = _library()
     B, N = stage_end.shape
     K = cdf_E.numel()
@@ -97,7 +100,7 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected
                        for x in (ib, ii)) \
             or (vaccinated is not None and (not _cpu(vaccinated, torch.uint8, (B, N)) or strided["efficacy_severe"].p is None)):
         return None
-    flows = torch.empty(len(FLOWS), B, G, dtype=torch.float32)
+    flows = torch.empty(len(FLOWS) + len(CHANGES), B, G, dtype=torch.float32)
     f = {name: fields[name].data_ptr() for name in FIELDS}
     args = _Args(B=B, N=N, G=G, K=K, t=t, threads=torch.get_num_threads(),
                  S=f["S"], E=f["E"], Ia=f["I_asym"], Is=f["I_sym"], H=f["H"], R=f["R"], D=f["D"],

@@ -47,7 +47,7 @@ struct ProgressArgs {
   Strided detect, detect_asym_ratio, testing, isolate, efficacy_severe;  // testing, efficacy_severe: p null if unused
   const uint8_t* vaccinated;                            // [B, N] or null (no vaccination lever)
   const float *cdf_E, *cdf_exit;                        // [K], [3, K] (I_asym, I_sym, H)
-  float* flows;                                         // [13, B, G] out
+  float* flows;  // [21, B, G] out: the 13 flows, then the stage counts' 8 changes
 };
 
 namespace {
@@ -107,7 +107,8 @@ void exit_agent(const ProgressArgs& a, int64_t b, int64_t n, int64_t* count) {
 
 extern "C" {
 
-// The day's transition after the infection draws (see the file's comment); the flows' counts [13, B, G] as float32.
+// The day's transition after the infection draws (see the file's comment); the flows' counts [13, B, G] as float32,
+// then the changes of the stage counts they make [8, B, G].
 void agenttensor_covid_hard_progress(const ProgressArgs* args) {
   const ProgressArgs& a = *args;
   const int64_t cells = a.B * a.G, total = a.B * a.N;
@@ -137,6 +138,15 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
     int64_t sum = 0;
     for (int64_t w = 0; w < threads; ++w) sum += counts[w * kFlows * cells + k];
     a.flows[k] = static_cast<float>(sum);
+  }
+  // the stage counts' changes (S, E, I_asym, I_sym, H, R, D, isolating), as the torch ops form them from the flows
+  const float* f = a.flows;
+  float* change = a.flows + kFlows * cells;
+  for (int64_t c = 0; c < cells; ++c) {
+    auto flow = [&](int k) { return f[k * cells + c]; };
+    const float values[8] = {-flow(12), flow(12) - flow(3), flow(4) - flow(5), flow(6) - flow(7), flow(1) - flow(8),
+                             flow(9), flow(2), flow(10) - flow(11)};
+    for (int k = 0; k < 8; ++k) change[k * cells + c] = values[k];
   }
 }
 
