@@ -625,10 +625,10 @@ def test_a_field_a_step_passes_through_stays_the_callers(env, native, monkeypatc
     (the native transition copies the caller's fields once): the caller's must not be marked as the loop's own, or
     the loop's next step would write into the caller's state."""
     from agenttensor.model import StepContext
-    from models.covid import progress_native
+    from models.covid import hard_native
 
     if not native:
-        monkeypatch.setattr(progress_native, "_library", lambda: None)
+        monkeypatch.setattr(hard_native, "_library", lambda: None)
 
     params = busy_params().as_tensors()
     rng = at.Randomness.for_agents([0], env.agent_ids)
@@ -650,24 +650,26 @@ def test_a_field_a_step_passes_through_stays_the_callers(env, native, monkeypatc
         assert torch.equal(getattr(state, name), x), name
 
 
-def test_the_native_hard_transition_gives_the_torch_ops_numbers(env, monkeypatch):
-    """Hard mode on CPU: the day's transition (`progress_native`) and the split of infections by layer
-    (`layer_shares_at`) as native passes give every metric and every state field of the torch ops, bit for bit, with
-    every lever on (testing raises detection, vaccination lowers hospitalisation) over two seeds. A kernel that
+def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
+    """Hard mode on CPU: the group totals of the infectious agents (`hard_native.source_totals`), the day's transition
+    (`hard_native.hard_progress`) and the split of infections by layer (`layer_shares_at`) as native passes give
+    every metric and every state field of the torch ops, bit for bit, with every lever on (closures and stay-at-home
+    change the presences, testing raises detection, vaccination lowers hospitalisation) over two seeds. A kernel that
     skips the vaccinated's lower hospitalisation, draws a countdown from the wrong table or counts a flow twice fails."""
     from agenttensor import _group_kernels
-    from models.covid import progress_native
+    from models.covid import hard_native
 
-    calls = {"progress": 0, "shares": 0}
-    for module, name in ((progress_native, "hard_progress"), (_group_kernels, "layered_shares_at")):
-        def counted(*args, fn=getattr(module, name), key="progress" if module is progress_native else "shares"):
+    calls = {"hard_progress": 0, "source_totals": 0, "layered_shares_at": 0}
+    for module, name in ((hard_native, "hard_progress"), (hard_native, "source_totals"),
+                         (_group_kernels, "layered_shares_at")):
+        def counted(*args, fn=getattr(module, name), key=name):
             out = fn(*args)
             calls[key] += out is not None
             return out
         monkeypatch.setattr(module, name, counted)
     native = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
-    assert calls["progress"] == 45 and calls["shares"] == 45  # the native passes ran every day
-    monkeypatch.setattr(progress_native, "_library", lambda: None)
+    assert calls == {"hard_progress": 45, "source_totals": 45, "layered_shares_at": 45}  # every day, natively
+    monkeypatch.setattr(hard_native, "_library", lambda: None)
     monkeypatch.setattr(_group_kernels, "layered_shares_at", lambda *args: None)
     reference = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
     for name in reference.metrics:
@@ -681,7 +683,7 @@ def test_the_native_hard_transition_gives_the_torch_ops_numbers(env, monkeypatch
 def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threads():
     """The native transition's per-borough flows are integer counts per thread, summed after: two threads give one
     thread's numbers and states (a population large enough for two chunks)."""
-    from models.covid import progress_native
+    from models.covid import hard_native
 
     B, N, G, K, t = 2, 70_000, 5, 60, 9
     gen = torch.Generator().manual_seed(3)
@@ -698,7 +700,7 @@ def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threa
         torch.set_num_threads(threads)
         f = {name: x.clone() for name, x in fields.items()}
         se = stage_end.clone()
-        flows = progress_native.hard_progress(
+        flows = hard_native.hard_progress(
             f, se, t, infected, torch.randint(-2**31, 2**31 - 1, (7, B), generator=torch.Generator().manual_seed(1),
                                               dtype=torch.int32),
             torch.arange(N, dtype=torch.int32) * 7919, torch.arange(N, dtype=torch.int32) % 10,
@@ -713,9 +715,9 @@ def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threa
     assert torch.equal(flows1, flows2) and torch.equal(se1, se2)
     assert all(torch.equal(f1[name], f2[name]) for name in f1)
     exits = int(((stage_end == t) & (stage > 0)).sum())
-    assert float(flows1[progress_native.FLOWS.index("out_E")].sum() + flows1[5].sum() + flows1[7].sum()
+    assert float(flows1[hard_native.FLOWS.index("out_E")].sum() + flows1[5].sum() + flows1[7].sum()
                  + flows1[8].sum()) == exits  # every exit left exactly one stage
-    assert float(flows1[progress_native.FLOWS.index("new_infections")].sum()) == int(new_E.sum())
-    changes = flows1[len(progress_native.FLOWS):]  # the stage counts' changes: agents move, none appear or vanish
+    assert float(flows1[hard_native.FLOWS.index("new_infections")].sum()) == int(new_E.sum())
+    changes = flows1[len(hard_native.FLOWS):]  # the stage counts' changes: agents move, none appear or vanish
     assert float(changes[:7].sum()) == 0 and float(changes[0].sum()) == -int(new_E.sum())
     assert not (se1 == t).any()

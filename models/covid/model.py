@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import contributions_native, disease, progress_native, shadow
+from . import contributions_native, disease, hard_native, shadow
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -538,10 +538,27 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
     packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
         else (None, None)
-    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
-        select.nonzero_bits(packed[0], 0b011)
-    sources = At(b, j)
     beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
+    school_day, work_day = is_school_day(date), is_work_day(date)
+    # hard mode on CPU: every layer's group totals in one native pass (`hard_native.source_totals`), where no
+    # derivative reaches the totals' scaling (`scaled_sums` reads the summed values for β's: hard runs with learnable
+    # parameters keep the torch ops)
+    scaled_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (
+        beta, params.household_weight, params.workplace_weight))
+    native_totals = None if ctx.sampler.differentiable or scaled_grad else hard_native.source_totals(
+        state.I_sym, state.I_asym, state.isolating, params.asymptomatic_infectiousness, params.isolation_effectiveness,
+        {name: spec for name, spec in (
+            ("household", (env.household.slot, env.household.num_groups + 1, False, None, None, None)),
+            ("school", (env.school.slot, env.school.num_groups + 1, True, lever_per_agent(ctx, "school_closure"), None,
+                        None) if school_day else None),
+            ("workplace", (env.workplace.slot, env.workplace.num_groups + 1, True, None, state.on_site,
+                           closed_workplaces(ctx)) if work_day else None),
+            ("community", (env.community.slot, env.community.num_groups + 1, True, lever_per_agent(ctx, "stay_at_home"),
+                           None, None))) if spec is not None})
+    if native_totals is None:
+        b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
+            select.nonzero_bits(packed[0], 0b011)
+        sources = At(b, j)
 
     dense_cache: dict[str, Tensor] = {}  # dense presences: computed once per step
 
@@ -554,14 +571,19 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating
     f32 = torch.float32
-    iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
-    iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
+    if native_totals is None:
+        iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
+        iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
 
-    def group_totals(layer: GroupLayer, contribution: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot:
-        non-members), with the flat positions b · (G + 1) + slot [M] it summed at and the contributions. Gradient
-        modes: no derivative here; every agent's contribution carries it (`own_contributions`, the others-sum
-        through `layered_force`'s probes)."""
+    def group_totals(name: str, layer: GroupLayer, contribution: Callable[[], Tensor]
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Σ over each group's infectious members of their ``contribution()`` [M]: [B, G + 1] (last slot:
+        non-members), with the flat positions b · (G + 1) + slot [M] it summed at and the contributions (None: the
+        native pass summed them). Gradient modes: no derivative here; every agent's contribution carries it
+        (`own_contributions`, the others-sum through `layered_force`'s probes)."""
+        if native_totals is not None:
+            return native_totals[name], None, None
+        contribution = contribution()
         slots = layer.num_groups + 1
         index = layer.slot.index_select(0, j)
         index = index if B == 1 and device.type == "cpu" else b * slots + index
@@ -581,16 +603,17 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
     # the group values (β m w_l / (n_g − 1)) · totals; the derivative of β m w_l read at the infectious members
     household, own_scale["household"] = scaled_sums(beta * params.household_weight, env.household_inv_others,
-                                                    *group_totals(env.household, iota))
+                                                    *group_totals("household", env.household, lambda: iota))
     layers["household"] = (household, env.household.slot, None)
-    if is_school_day(date):
+    if school_day:
         p_school = presence_of("school_closure")
-        school, _, _ = group_totals(env.school, iota_away * p_school(sources) if p_school else iota_away)
+        school, _, _ = group_totals("school", env.school,
+                                    lambda: iota_away * p_school(sources) if p_school else iota_away)
         level_weight = env.memo("level_weight", (params.school_level_weights,),
                                 lambda: F.pad(params.school_level_weights.index_select(0, env.school_group_level), (0, 1)))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
-    if is_work_day(date):
+    if work_day:
         closed = closed_workplaces(ctx)
         hard = not ctx.sampler.differentiable  # (not `ctx` in the closure: ctx.scratch keeps layer_term, a cycle)
 
@@ -606,10 +629,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             return value()
 
         work, own_scale["workplace"] = scaled_sums(beta * params.workplace_weight, env.workplace_inv_others,
-                                                   *group_totals(env.workplace, iota_away * p_work(sources)))
+                                                   *group_totals("workplace", env.workplace,
+                                                                 lambda: iota_away * p_work(sources)))
         layers["workplace"] = (work, env.workplace.slot, p_work)
     p_community = presence_of("stay_at_home")
-    community_all, _, _ = group_totals(env.community, iota_away * p_community(sources) if p_community else iota_away)
+    community_all, _, _ = group_totals("community", env.community,
+                                       lambda: iota_away * p_community(sources) if p_community else iota_away)
     rho = params.community_borough_share
     community_size = env.static("community_size", lambda: env.community.group_size[:-1].clamp_min(1))  # [C]
     dense = At()
@@ -873,13 +898,13 @@ IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donat
 
 def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, ctx: StepContext) -> CovidState | None:
     """`progress` in hard mode after the infection draws ``new_E`` [B, N] as one native call on CPU
-    (`progress_native`: the same numbers as the torch ops below it in `progress`), or None where it does not apply.
+    (`hard_native`: the same numbers as the torch ops below it in `progress`), or None where it does not apply.
     The fields are updated in place where they are this loop's own (`StepContext.owns`), else in copies."""
     env: CovidEnv = ctx.env
     t = ctx.step
-    fields = {name: getattr(state, name) for name in progress_native.FIELDS}
+    fields = {name: getattr(state, name) for name in hard_native.FIELDS}
     if not (new_E.dtype == torch.uint8 and new_E.shape == state.stage_end.shape
-            and progress_native.applies(fields, state.stage_end)):
+            and hard_native.applies(fields, state.stage_end)):
         return None
     B = new_E.shape[0]
     # vaccination first: its eligibility reads the memberships before today's changes
@@ -895,8 +920,8 @@ def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, 
     owned = {name: x if ctx.owns(x) else x.clone() for name, x in fields.items()}
     stage_end = state.stage_end if ctx.owns(state.stage_end) else state.stage_end.clone()
     infected_b, infected_i = select.nonzero(new_E)
-    flows = progress_native.hard_progress(
-        owned, stage_end, t, (infected_b, infected_i), ctx.rng._keys(t, progress_native.STREAMS), ctx.rng.agent_base,
+    flows = hard_native.hard_progress(
+        owned, stage_end, t, (infected_b, infected_i), ctx.rng._keys(t, hard_native.STREAMS), ctx.rng.agent_base,
         env.age_group, env.borough, len(env.group_labels),
         dict(symptomatic=params.symptomatic_fraction, hosp=params.hosp_given_symptomatic, death=params.death_given_hosp),
         dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,
@@ -906,11 +931,11 @@ def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, 
     if flows is None:
         return None
     rows = flows.unbind(0)
-    reported, admissions, deaths, new_infections = (rows[progress_native.FLOWS.index(name)] for name in
+    reported, admissions, deaths, new_infections = (rows[hard_native.FLOWS.index(name)] for name in
                                                     ("reported", "admissions", "deaths", "new_infections"))
     recent = state.reported_recent.clone()
     recent[:, t % 7] = reported
-    stage_count_change = dict(zip(progress_native.CHANGES, rows[len(progress_native.FLOWS):]))
+    stage_count_change = dict(zip(hard_native.CHANGES, rows[len(hard_native.FLOWS):]))
     ctx.scratch.update(new_infections=new_infections, reported=reported, stage_count_change=stage_count_change,
                        admissions=admissions, deaths=deaths,
                        attributed=layer_attribution(infected_b, infected_i, B=B, ctx=ctx))

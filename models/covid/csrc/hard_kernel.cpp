@@ -1,13 +1,14 @@
-// The covid model's hard-mode transition (models/covid/model.py, `progress` after the infection draws) in one native
-// pass, for CPU: the newly infected agents enter E with their countdowns, and every agent whose countdown ends today
-// draws its next stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the
-// same pass. Loaded by models/covid/progress_native.py; `progress` keeps the same arithmetic in torch ops (the
-// reference, and the path on other devices and in gradient modes). Memberships are uint8 0/1 and are combined in
-// uint8 arithmetic as the torch ops do; probabilities are float32 with the torch ops' operations in their order
-// (built with -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
+// The covid model's hard-mode day (models/covid/model.py) as native passes, for CPU: the group totals of the
+// infectious agents' contributions (`infection_pressure`), and the transition after the infection draws (`progress`):
+// the newly infected agents enter E with their countdowns, and every agent whose countdown ends today draws its next
+// stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the same pass.
+// Loaded by models/covid/hard_native.py; model.py keeps the same arithmetic in torch ops (the reference, and the path
+// on other devices and in gradient modes). Memberships are uint8 0/1 and are combined in uint8 arithmetic as the
+// torch ops do; probabilities are float32 with the torch ops' operations in their order (built with
+// -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
-// At a small population the torch ops cost a day's fixed ~0.6 ms of calls (37,518 agents: 40 ops on tens of exits);
-// this is one call.
+// At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents);
+// these are two calls.
 
 #include <algorithm>
 #include <cstdint>
@@ -30,7 +31,7 @@ inline float read(const Strided& x, int64_t b, int64_t n) { return x.p[b * x.sb 
 
 }  // namespace
 
-// The arguments (models/covid/progress_native.py's _Args, field for field).
+// The arguments (models/covid/hard_native.py's _Args, field for field).
 struct ProgressArgs {
   int64_t B, N, G, K, t, threads;
   // [B, N] memberships (uint8) and countdowns (int16), updated in place
@@ -147,6 +148,57 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
     const float values[8] = {-flow(12), flow(12) - flow(3), flow(4) - flow(5), flow(6) - flow(7), flow(1) - flow(8),
                              flow(9), flow(2), flow(10) - flow(11)};
     for (int k = 0; k < 8; ++k) change[k * cells + c] = values[k];
+  }
+}
+
+
+// One layer of `agenttensor_covid_hard_sources` (hard_native.py's _SourceLayer, field for field).
+struct SourceLayer {
+  const void* slot;  // [N]: int64, or int32 where slot_i32 is 1
+  int64_t slot_i32;
+  int64_t slots;     // S: the table's slots (the groups and the non-members' slot)
+  int64_t away;      // 1: the contribution is ι a (away from home), 0: ι
+  Strided lever;     // p non-null: times the presence 1 − lever
+  const uint8_t* on_site;  // non-null (workplaces): times on_site, and (closed.p non-null) 1 − closed
+  Strided closed;
+  float* out;        // [B, S] out
+};
+
+// The group totals of the infectious agents' contributions (`model.infection_pressure`'s ``group_totals`` per layer)
+// in one pass: for each agent with I_sym or I_asym, in (b, n) order, ι = I_sym + α I_asym and ι a = ι (1 − η
+// isolating), times each layer's presence, added at the agent's slot: the torch ops' numbers (their products in
+// their order, index_add's sequential sums).
+void agenttensor_covid_hard_sources(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_asym,
+                                    const uint8_t* isolating, const Strided* alpha_, const Strided* eta_, int64_t L,
+                                    const SourceLayer* layers) {
+  const Strided &alpha = *alpha_, &eta = *eta_;
+  for (int64_t l = 0; l < L; ++l) std::fill(layers[l].out, layers[l].out + B * layers[l].slots, 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t *sym = I_sym + b * N, *asym = I_asym + b * N;
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const int64_t n1 = std::min(N, n0 + 64);
+      uint8_t any = 0;
+      for (int64_t n = n0; n < n1; ++n) any |= sym[n] | asym[n];
+      if (!any) continue;
+      for (int64_t n = n0; n < n1; ++n) {
+        if (!(sym[n] | asym[n])) continue;
+        const float iota = static_cast<float>(sym[n]) + read(alpha, b, n) * static_cast<float>(asym[n]);
+        const float away = iota * (1.f - read(eta, b, n) * static_cast<float>(isolating[b * N + n]));
+        for (int64_t l = 0; l < L; ++l) {
+          const SourceLayer& layer = layers[l];
+          float value = layer.away ? away : iota;
+          if (layer.lever.p) value = value * (1.f - read(layer.lever, b, n));
+          if (layer.on_site) {
+            float present = static_cast<float>(layer.on_site[b * N + n]);
+            if (layer.closed.p) present = present * (1.f - read(layer.closed, b, n));
+            value = value * present;
+          }
+          const int64_t slot = layer.slot_i32 ? static_cast<const int32_t*>(layer.slot)[n]
+                                              : static_cast<const int64_t*>(layer.slot)[n];
+          layer.out[b * layer.slots + slot] += value;
+        }
+      }
+    }
   }
 }
 

@@ -1,9 +1,14 @@
-"""The hard-mode transition of the covid model (`model.progress` after the infection draws) as one native call on CPU
-(models/covid/csrc/progress_kernel.cpp): the newly infected agents' entry into E and every exiting agent's next stage,
-detection, isolation and countdown, with the per-borough flows counted in the same pass. The same bits as the torch
-ops in `progress` (the reference, used on other devices, in gradient modes, without a compiler and with
-``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents the torch ops were a day's
-~0.6 ms of calls on tens of exiting agents."""
+"""The covid model's hard-mode day as native passes on CPU (models/covid/csrc/hard_kernel.cpp):
+
+- `source_totals`: every layer's group totals of the infectious agents' contributions (`model.infection_pressure`),
+  one pass over I_sym and I_asym instead of the selection, ~10 gathers and products and a scatter per layer;
+- `hard_progress`: the transition after the infection draws (`model.progress`): the newly infected agents' entry into
+  E and every exiting agent's next stage, detection, isolation and countdown, with the per-borough flows and the
+  stage counts' changes counted in the same pass.
+
+The same bits as the torch ops in `model` (the reference, used on other devices, in gradient modes, without a compiler
+and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a day's torch ops
+were calls on tens of agents: ~0.6 ms of the transition's, ~0.1 ms of the totals'."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from torch import Tensor
 
 from agenttensor import native
 
-SOURCE = Path(__file__).with_name("csrc") / "progress_kernel.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "hard_kernel.cpp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 STREAMS = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit", "duration-E")
 FIELDS = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # updated in place, uint8 [B, N]
@@ -30,7 +35,7 @@ class _Strided(ctypes.Structure):
     _fields_ = [("p", _P), ("sb", _I), ("sn", _I)]
 
 
-class _Args(ctypes.Structure):  # ProgressArgs in progress_kernel.cpp, field for field
+class _Args(ctypes.Structure):  # ProgressArgs in hard_kernel.cpp, field for field
     _fields_ = [(n, _I) for n in ("B", "N", "G", "K", "t", "threads")] \
         + [(n, _P) for n in ("S", "E", "Ia", "Is", "H", "R", "D", "isolating", "stage_end")] \
         + [("infected", _I)] + [(n, _P) for n in ("infected_b", "infected_i", "base", "keys", "age_group", "borough",
@@ -39,12 +44,19 @@ class _Args(ctypes.Structure):  # ProgressArgs in progress_kernel.cpp, field for
         + [(n, _P) for n in ("vaccinated", "cdf_E", "cdf_exit", "flows")]
 
 
+class _SourceLayer(ctypes.Structure):  # SourceLayer in the kernel, field for field
+    _fields_ = [("slot", _P), ("slot_i32", _I), ("slots", _I), ("away", _I), ("lever", _Strided), ("on_site", _P),
+                ("closed", _Strided), ("out", _P)]
+
+
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_hard_progress.argtypes = [ctypes.POINTER(_Args)]
+    library.agenttensor_covid_hard_sources.argtypes = [_I, _I, _P, _P, _P, ctypes.POINTER(_Strided),
+                                                       ctypes.POINTER(_Strided), _I, ctypes.POINTER(_SourceLayer)]
 
 
 def _library() -> ctypes.CDLL | None:
-    return native.load(SOURCE, "agenttensor_covid_progress", _declare, flags=("-O3", "-ffp-contract=off"))
+    return native.load(SOURCE, "agenttensor_covid_hard", _declare, flags=("-O3", "-ffp-contract=off"))
 
 
 def _cpu(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
@@ -115,3 +127,37 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected
     for x in (*fields.values(), stage_end):  # in-place writes: the version counters move as index_put_'s would
         torch.autograd.graph.increment_version(x)
     return flows
+
+
+def source_totals(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, alpha: Tensor, eta: Tensor,
+                  layers: dict[str, tuple]) -> dict[str, Tensor] | None:
+    """Each layer's group totals of the infectious agents' contributions, [B, S] float32 (`model.infection_pressure`'s
+    ``group_totals``) in one native pass: ι = I_sym + α I_asym, ι a = ι (1 − η isolating), times the layer's presence.
+    ``layers``: name -> (slot [N] int32 or int64 with values in [0, S), S, away (bool: ι a, else ι), lever (presence
+    1 − lever, as `At` reads it) or None, on_site [B, N] uint8 or None, closed or None). The fields are uint8 [B, N];
+    α and η as `At` reads them. None where the kernel does not apply, or a derivative would reach the totals."""
+    library = _library()
+    shape = tuple(I_sym.shape)
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (
+            alpha, eta, *(spec[3] for spec in layers.values()), *(spec[5] for spec in layers.values()))):
+        return None
+    if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in (I_sym, I_asym, isolating)):
+        return None
+    B, N = shape
+    a, e = _strided(alpha, B, N), _strided(eta, B, N)
+    if a is None or e is None or a.p is None or e.p is None:
+        return None
+    out, structs = {}, []
+    for name, (slot, S, away, lever, on_site, closed) in layers.items():
+        lever_view, closed_view = _strided(lever, B, N), _strided(closed, B, N)
+        if lever_view is None or closed_view is None or not (
+                slot.device.type == "cpu" and slot.dtype in (torch.int32, torch.int64) and slot.shape == (N,)
+                and slot.is_contiguous()) or (on_site is not None and not _cpu(on_site, torch.uint8, shape)):
+            return None
+        out[name] = torch.empty(B, S)
+        structs.append(_SourceLayer(slot.data_ptr(), int(slot.dtype == torch.int32), S, int(away), lever_view,
+                                    None if on_site is None else on_site.data_ptr(), closed_view, out[name].data_ptr()))
+    library.agenttensor_covid_hard_sources(B, N, I_sym.data_ptr(), I_asym.data_ptr(), isolating.data_ptr(),
+                                           ctypes.byref(a), ctypes.byref(e), len(structs),
+                                           (_SourceLayer * len(structs))(*structs))
+    return out
