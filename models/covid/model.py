@@ -56,8 +56,8 @@ from torch import Tensor
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor import select
 from agenttensor.interventions import LeverSpec
-from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force, range_sums,
-                                      scaled_sums, scatter_sum)
+from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force,
+                                      range_sums, scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import contributions_native, disease, hard_native, shadow
@@ -545,16 +545,21 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # parameters keep the torch ops)
     scaled_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (
         beta, params.household_weight, params.workplace_weight))
-    native_totals = None if ctx.sampler.differentiable or scaled_grad else hard_native.source_totals(
-        state.I_sym, state.I_asym, state.isolating, params.asymptomatic_infectiousness, params.isolation_effectiveness,
-        {name: spec for name, spec in (
-            ("household", (env.household.slot, env.household.num_groups + 1, False, None, None, None)),
-            ("school", (env.school.slot, env.school.num_groups + 1, True, lever_per_agent(ctx, "school_closure"), None,
-                        None) if school_day else None),
-            ("workplace", (env.workplace.slot, env.workplace.num_groups + 1, True, None, state.on_site,
-                           closed_workplaces(ctx)) if work_day else None),
-            ("community", (env.community.slot, env.community.num_groups + 1, True, lever_per_agent(ctx, "stay_at_home"),
-                           None, None))) if spec is not None})
+    native_totals = None
+    if not (ctx.sampler.differentiable or scaled_grad or device.type != "cpu"):
+        # name -> (slot, slots, away from home, presence lever, on-site work, closed workplaces)
+        spec = {"household": (env.household.slot, env.household.num_groups + 1, False, None, None, None),
+                "community": (env.community.slot, env.community.num_groups + 1, True,
+                              lever_per_agent(ctx, "stay_at_home"), None, None)}
+        if school_day:
+            spec["school"] = (env.school.slot, env.school.num_groups + 1, True, lever_per_agent(ctx, "school_closure"),
+                              None, None)
+        if work_day:
+            spec["workplace"] = (env.workplace.slot, env.workplace.num_groups + 1, True, None, state.on_site,
+                                 closed_workplaces(ctx))
+        native_totals = hard_native.source_totals(state.I_sym, state.I_asym, state.isolating,
+                                                  params.asymptomatic_infectiousness, params.isolation_effectiveness,
+                                                  spec)
     if native_totals is None:
         b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
             select.nonzero_bits(packed[0], 0b011)
