@@ -71,7 +71,7 @@ def _seed_key(seed: int) -> int:
 
 def step_key(seed: int, step: int, stream: int) -> int:
     """Key of one (seed, step, stream) as a signed int32."""
-    k = _mix32_int(seed ^ 0x9E3779B9)
+    k = _seed_key(seed)
     k = _mix32_int(k ^ (step & _M32))
     k = _mix32_int(k ^ (stream & _M32))
     return _to_i32(k)
