@@ -181,9 +181,20 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         sigma = sigma[None]
     if not enabled() or sigma.dim() != 2:
         return None
+    if grad is None:
+        forward = forward_layers(sigma, layers, constant_last)
+        if forward is None:
+            return None
+        B, N, array, sigma_rows = forward
+        force = torch.empty(B, N)
+        if keep is not None:
+            keep.append((B, array, layers))
+        _library().agenttensor_layered_force(B, N, len(layers), array, *sigma_rows, None, force.data_ptr(), None,
+                                             torch.get_num_threads())
+        return force
     B = max([sigma.shape[0]] + [x.shape[0] for layer in layers for x in (layer[0], *layer[2:]) if x is not None])
     N = sigma.shape[1]
-    if grad is not None and (grad.shape != (B, N) or _rows(grad, N) is None):
+    if grad.shape != (B, N) or _rows(grad, N) is None:
         return None
     structs = []
 
@@ -196,7 +207,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         return x.data_ptr(), stride
 
     def out(wanted: bool) -> Tensor | None:
-        return torch.empty(B, N) if grad is not None and wanted else None
+        return torch.empty(B, N) if wanted else None
 
     sigma_rows = rows(sigma, N)
     if sigma_rows is None:
@@ -212,7 +223,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         S = table.shape[-1]
         summed = members = None
         contiguous = _slot_facts(slot)[1]  # (memoised per slot tensor) a tile inside one group reads its value once
-        if grad is not None and index < len(sums) and sums[index]:  # in the pass where that beats a pass of its own
+        if index < len(sums) and sums[index]:  # in the pass where that beats a pass of its own
             members = None if contiguous else _members_of(slot, S)
             if (contiguous and N >= LONG_RUNS * S) or members is not None:
                 summed = torch.empty(B, S)
@@ -226,15 +237,43 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
                                   0 if members is None else members.numel(),
                                   int(index < len(constant_last) and bool(constant_last[index]))))
     array = (ForceLayer * len(structs))(*structs)
-    force = torch.empty(B, N) if grad is None else None
     d_sigma = out(want_sigma)
-    if keep is not None and grad is None:
-        keep.append((B, array, layers))
-    _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1],
-                                         None if grad is None else grad.data_ptr(),
-                                         None if force is None else force.data_ptr(),
-                                         None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
-    return force if grad is None else (weights, derivatives, d_sigma, group_sums)
+    _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1], grad.data_ptr(),
+                                         None, None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
+    return weights, derivatives, d_sigma, group_sums
+
+
+def forward_layers(sigma: Tensor, layers: list[tuple], constant_last: tuple[bool, ...] = ()) -> tuple | None:
+    """The forward pass's native arguments for `layered_force`'s ``sigma`` [B | 1, N] and ``layers``: (B, N, the
+    layers' ForceLayer array, (σ's pointer, row stride)), the array pointing into the tensors, or None where the
+    kernel does not apply. (`layered_force` calls the kernel with them; the covid model's hard-mode force, which
+    makes the tables in the same native call, keeps them from one day to the next.)"""
+    if sigma.dim() == 1:
+        sigma = sigma[None]
+    if not enabled() or sigma.dim() != 2:
+        return None
+    B = max([sigma.shape[0]] + [x.shape[0] for layer in layers for x in (layer[0], *layer[2:]) if x is not None])
+    N = sigma.shape[1]
+
+    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:  # (pointer, row stride) or None
+        if x is None:
+            return None, 0
+        stride = _rows(x, n)
+        return None if stride is None or x.shape[0] not in (1, B) else (x.data_ptr(), stride)
+
+    sigma_rows = rows(sigma, N)
+    if sigma_rows is None:
+        return None
+    structs = []
+    for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
+        parts = [rows(table, table.shape[-1]), rows(presence, N), rows(factor, N), rows(factor_all, N)]
+        if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
+            return None
+        structs.append(ForceLayer(*parts[0], slot.data_ptr(), int(slot.dtype == torch.int32), *parts[1], *parts[2],
+                                  *parts[3], None, None, None, None, None, table.shape[-1],
+                                  int(bool(_slot_facts(slot)[1])), None, 0,
+                                  int(index < len(constant_last) and bool(constant_last[index]))))
+    return B, N, (ForceLayer * len(structs))(*structs), sigma_rows
 
 
 def layered_shares_at(kept: tuple, b: Tensor, i: Tensor) -> Tensor | None:

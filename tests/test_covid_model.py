@@ -651,16 +651,25 @@ def test_a_field_a_step_passes_through_stays_the_callers(env, native, monkeypatc
 
 
 def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
-    """Hard mode on CPU: the group totals of the infectious agents (`hard_native.source_totals`), the day's transition
-    (`hard_native.hard_progress`) and the split of infections by layer (`layer_shares_at`) as native passes give
-    every metric and every state field of the torch ops, bit for bit, with every lever on (closures and stay-at-home
-    change the presences, testing raises detection, vaccination lowers hospitalisation) over two seeds. A kernel that
+    """Hard mode on CPU: the force of infection (`hard_native.hard_force`: the group totals of the infectious agents, the
+    layers' tables and the layered force in one call), the day's transition (`hard_native.hard_progress`) and the split
+    of infections by layer (`layer_shares_at`) as native passes give every day's force and every metric and state field
+    of the torch ops, bit for bit, with every lever on (closures and stay-at-home change the presences, testing raises
+    detection, vaccination lowers hospitalisation) over two seeds. A kernel that
     skips the vaccinated's lower hospitalisation, draws a countdown from the wrong table or counts a flow twice fails."""
     from agenttensor import _group_kernels
+    from agenttensor.model import StepContext
     from models.covid import hard_native
 
-    calls = {"hard_progress": 0, "source_totals": 0, "layered_shares_at": 0}
-    for module, name in ((hard_native, "hard_progress"), (hard_native, "source_totals"),
+    forces = []  # every day's force of infection, bit for bit (a metric may not show a 1-ulp difference)
+
+    def recorded(self, hazard, stream, where, fn=StepContext.hazard_event_and_derivatives):
+        forces.append(hazard.clone())
+        return fn(self, hazard, stream, where)
+
+    monkeypatch.setattr(StepContext, "hazard_event_and_derivatives", recorded)
+    calls = {"hard_progress": 0, "hard_force": 0, "layered_shares_at": 0}
+    for module, name in ((hard_native, "hard_progress"), (hard_native, "hard_force"),
                          (_group_kernels, "layered_shares_at")):
         def counted(*args, fn=getattr(module, name), key=name):
             out = fn(*args)
@@ -668,10 +677,14 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
             return out
         monkeypatch.setattr(module, name, counted)
     native = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
-    assert calls == {"hard_progress": 45, "source_totals": 45, "layered_shares_at": 45}  # every day, natively
+    assert calls == {"hard_progress": 45, "hard_force": 45, "layered_shares_at": 45}  # every day, natively
     monkeypatch.setattr(hard_native, "_library", lambda: None)
     monkeypatch.setattr(_group_kernels, "layered_shares_at", lambda *args: None)
+    native_forces, forces[:] = forces[:], []
     reference = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
+    assert len(forces) == len(native_forces) == 45
+    for day, (x, y) in enumerate(zip(native_forces, forces)):
+        assert torch.equal(x, y), day
     for name in reference.metrics:
         assert torch.equal(native[name], reference[name]), name
     for name, x in reference.final_state.tensors().items():

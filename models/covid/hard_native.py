@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,10 +50,24 @@ class _SourceLayer(ctypes.Structure):  # SourceLayer in the kernel, field for fi
                 ("closed", _Strided), ("out", _P)]
 
 
+class _TableLayer(ctypes.Structure):  # TableLayer in the kernel, field for field
+    _fields_ = [("kind", _I), ("weight", _P), ("inv", _P), ("level", _P)]
+
+
+class _Community(ctypes.Structure):  # Community in the kernel, field for field
+    _fields_ = [("C", _I), ("G", _I), ("borough", _P), ("divisor", _P), ("mixing", _P), ("size", _P), ("rho", _P)]
+
+
+class _ForceArgs(ctypes.Structure):  # ForceArgs in the kernel, field for field
+    _fields_ = [(n, _I) for n in ("B", "N", "L", "threads")] + [(n, _P) for n in ("I_sym", "I_asym", "isolating")] \
+        + [("alpha", _Strided), ("eta", _Strided), ("sources", ctypes.POINTER(_SourceLayer)),
+           ("tables", ctypes.POINTER(_TableLayer)), ("scale", _P), ("multiplier", _P), ("community", _Community),
+           ("layered_force", _P), ("force_layers", _P), ("sigma", _P), ("sigma_stride", _I), ("force", _P)]
+
+
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_hard_progress.argtypes = [ctypes.POINTER(_Args)]
-    library.agenttensor_covid_hard_sources.argtypes = [_I, _I, _P, _P, _P, ctypes.POINTER(_Strided),
-                                                       ctypes.POINTER(_Strided), _I, ctypes.POINTER(_SourceLayer)]
+    library.agenttensor_covid_hard_force.argtypes = [ctypes.POINTER(_ForceArgs)]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -129,35 +144,137 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected
     return flows
 
 
-def source_totals(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, alpha: Tensor, eta: Tensor,
-                  layers: dict[str, tuple]) -> dict[str, Tensor] | None:
-    """Each layer's group totals of the infectious agents' contributions, [B, S] float32 (`model.infection_pressure`'s
-    ``group_totals``) in one native pass: ι = I_sym + α I_asym, ι a = ι (1 − η isolating), times the layer's presence.
-    ``layers``: name -> (slot [N] int32 or int64 with values in [0, S), S, away (bool: ι a, else ι), lever (presence
-    1 − lever, as `At` reads it) or None, on_site [B, N] uint8 or None, closed or None). The fields are uint8 [B, N];
-    α and η as `At` reads them. None where the kernel does not apply, or a derivative would reach the totals."""
+class ForceLayerSpec(NamedTuple):
+    """One layer of `hard_force`: its sources (slot [N] int32 or int64 with values in [0, S); away: ι a, else ι; the
+    presence 1 − ``lever`` and, for workplaces, ``on_site`` [B, N] uint8 and 1 − ``closed``, each as `At` reads it or
+    None), its table (``kind``: "scaled" (c inv_s) T_s, "levels" ((c inv_s) level_s) T_s, "community"; c = β w with
+    ``weight``; ``inv`` and ``level`` [S]) and its force term (presence, factor, factor_all [B | 1, N] or None)."""
+    slot: Tensor
+    slots: int
+    away: bool
+    lever: Tensor | None
+    on_site: Tensor | None
+    closed: Tensor | None
+    kind: str
+    weight: Tensor
+    inv: Tensor | None
+    level: Tensor | None
+    presence: Tensor | None
+    factor: Tensor | None
+    factor_all: Tensor | None
+
+
+class CommunitySpec(NamedTuple):
+    """The community table's mixing: NTA c's borough ``borough`` [C] int64 of G < 8, ``divisor`` [G] (agents per
+    borough, ≥ 1), ``mixing`` [G, G] row-normalised, ``size`` [C] (agents per NTA, ≥ 1), ``rho`` the borough share."""
+    borough: Tensor
+    divisor: Tensor
+    mixing: Tensor
+    size: Tensor
+    rho: Tensor
+
+
+_KINDS = {"scaled": 0, "levels": 1, "community": 2}
+
+
+def _one_value(x: Tensor) -> bool:
+    return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == 1
+
+
+def _vector(x: Tensor, n: int, dtype=torch.float32) -> bool:
+    return x.device.type == "cpu" and x.dtype == dtype and tuple(x.shape) == (n,) and x.is_contiguous()
+
+
+class _Plan(NamedTuple):
+    key: tuple  # the inputs the arguments point into (held: their memory stays theirs)
+    args: _ForceArgs
+    keep: tuple  # (the tables [B, S] by name, the source and table structs, `layered_shares_at`'s kept form)
+
+
+def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor, eta: Tensor, scale: Tensor,
+               multiplier: Tensor, layers: dict[str, ForceLayerSpec], community: CommunitySpec, sigma: Tensor
+               ) -> tuple[Tensor, dict[str, Tensor], tuple] | None:
+    """`model.infection_pressure` in hard mode as one native call: every layer's group totals of the infectious
+    agents' contributions (``fields`` I_sym, I_asym, isolating uint8 [B, N]; ι = I_sym + α I_asym, ι a = ι (1 − η
+    isolating)), the layers' tables made from them in place (β = scale · multiplier), and the force of infection
+    σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l [B, N] (`_group_kernels.layered_force`'s kernel). ->
+    (force, the tables [B, S] by layer, the layers' native form as `layered_force`'s keep list holds it), or None
+    where it does not apply (other devices, dtypes or shapes, a derivative reaching the inputs, G ≥ 8 boroughs).
+
+    The arguments are kept in ``cache`` (one set per set of layers) while the layers' inputs are the same tensors (their
+    values may change in place): a day then sets the fields' and β's pointers and makes one call. The tables are the
+    kept arguments' buffers, rewritten each day (one run at a time per environment)."""
     library = _library()
+    I_sym, I_asym, isolating = fields
     shape = tuple(I_sym.shape)
-    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (
-            alpha, eta, *(spec[3] for spec in layers.values()), *(spec[5] for spec in layers.values()))):
+    if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in fields) \
+            or not (_one_value(scale) and _one_value(multiplier)):
         return None
-    if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in (I_sym, I_asym, isolating)):
+    key = (shape, torch.is_grad_enabled(), alpha, eta, sigma, *community,
+           *(x for name, spec in layers.items() for x in (name, *spec)))
+    plan = cache.get(("hard_force", *layers))  # one per set of layers (school and work days, weekends)
+    if plan is None or len(plan.key) != len(key) or not all(
+            a is b or (not isinstance(a, Tensor) and a == b) for a, b in zip(plan.key, key)):
+        plan = cache[("hard_force", *layers)] = _plan(key, shape, alpha, eta, layers, community, sigma)
+    if plan.args is None:
         return None
     B, N = shape
+    force = torch.empty(B, N)
+    args = plan.args
+    args.I_sym, args.I_asym, args.isolating = I_sym.data_ptr(), I_asym.data_ptr(), isolating.data_ptr()
+    args.scale, args.multiplier, args.force = scale.data_ptr(), multiplier.data_ptr(), force.data_ptr()
+    args.threads = torch.get_num_threads()
+    library.agenttensor_covid_hard_force(ctypes.byref(args))
+    return force, plan.keep[0], plan.keep[2]
+
+
+def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers: dict[str, ForceLayerSpec],
+          community: CommunitySpec, sigma: Tensor) -> _Plan:
+    """`hard_force`'s arguments for these inputs (``args`` None where the kernel does not apply to them)."""
+    from agenttensor import _group_kernels
+
+    none = _Plan(key, None, ())
+    B, N = shape
+    tensors = [x for x in key[2:] if isinstance(x, Tensor)]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return none
     a, e = _strided(alpha, B, N), _strided(eta, B, N)
-    if a is None or e is None or a.p is None or e.p is None:
-        return None
-    out, structs = {}, []
-    for name, (slot, S, away, lever, on_site, closed) in layers.items():
-        lever_view, closed_view = _strided(lever, B, N), _strided(closed, B, N)
-        if lever_view is None or closed_view is None or not (
-                slot.device.type == "cpu" and slot.dtype in (torch.int32, torch.int64) and slot.shape == (N,)
-                and slot.is_contiguous()) or (on_site is not None and not _cpu(on_site, torch.uint8, shape)):
-            return None
-        out[name] = torch.empty(B, S)
-        structs.append(_SourceLayer(slot.data_ptr(), int(slot.dtype == torch.int32), S, int(away), lever_view,
-                                    None if on_site is None else on_site.data_ptr(), closed_view, out[name].data_ptr()))
-    library.agenttensor_covid_hard_sources(B, N, I_sym.data_ptr(), I_asym.data_ptr(), isolating.data_ptr(),
-                                           ctypes.byref(a), ctypes.byref(e), len(structs),
-                                           (_SourceLayer * len(structs))(*structs))
-    return out
+    C, G = community.size.numel(), community.divisor.numel()
+    if a is None or e is None or a.p is None or e.p is None or not (
+            0 < G < 8 and _vector(community.borough, C, torch.int64) and _vector(community.divisor, G)
+            and _vector(community.size, C) and _one_value(community.rho)
+            and _cpu(community.mixing, torch.float32, (G, G))) \
+            or (C and not 0 <= int(community.borough.min()) <= int(community.borough.max()) < G):
+        return none
+    tables, sources, table_structs, terms = {}, [], [], []
+    for name, spec in layers.items():
+        lever, closed = _strided(spec.lever, B, N), _strided(spec.closed, B, N)
+        S = spec.slots
+        if lever is None or closed is None or spec.kind not in _KINDS or not _one_value(spec.weight) \
+                or (spec.on_site is not None and not _cpu(spec.on_site, torch.uint8, shape)) \
+                or (spec.kind != "community" and not _vector(spec.inv, S)) \
+                or (spec.kind == "levels" and not _vector(spec.level, S)) \
+                or (spec.kind == "community" and S != C + 1):
+            return none
+        table = tables[name] = torch.empty(B, S)
+        sources.append(_SourceLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away), lever,
+                                    None if spec.on_site is None else spec.on_site.data_ptr(), closed,
+                                    table.data_ptr()))
+        table_structs.append(_TableLayer(_KINDS[spec.kind], spec.weight.data_ptr(),
+                                         None if spec.inv is None else spec.inv.data_ptr(),
+                                         None if spec.level is None else spec.level.data_ptr()))
+        terms.append((table, spec.slot, spec.presence, spec.factor, spec.factor_all))
+    # every table's non-member slot is a zero ((c inv) · 0 sums, or the community's zero)
+    forward = _group_kernels.forward_layers(sigma, terms, constant_last=(True,) * len(terms))
+    if forward is None or forward[0] != B or forward[1] != N:
+        return none
+    _, _, force_layers, (sigma_p, sigma_stride) = forward
+    source_array = (_SourceLayer * len(sources))(*sources)
+    table_array = (_TableLayer * len(table_structs))(*table_structs)
+    args = _ForceArgs(B=B, N=N, L=len(sources), alpha=a, eta=e,
+                      sources=ctypes.cast(source_array, ctypes.POINTER(_SourceLayer)),
+                      tables=ctypes.cast(table_array, ctypes.POINTER(_TableLayer)),
+                      community=_Community(C, G, *(x.data_ptr() for x in community)),
+                      layered_force=ctypes.cast(_group_kernels._library().agenttensor_layered_force, _P).value,
+                      force_layers=ctypes.addressof(force_layers), sigma=sigma_p, sigma_stride=sigma_stride)
+    return _Plan(key, args, (tables, (source_array, table_array), [(B, force_layers, terms)]))

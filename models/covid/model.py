@@ -535,36 +535,10 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
     device = state.S.device
-    # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
-    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
-        else (None, None)
-    beta = params.transmission_scale * params.at_step("transmission_multiplier", ctx.step)
+    multiplier = params.at_step("transmission_multiplier", ctx.step)
+    beta = params.transmission_scale * multiplier
     school_day, work_day = is_school_day(date), is_work_day(date)
-    # hard mode on CPU: every layer's group totals in one native pass (`hard_native.source_totals`), where no
-    # derivative reaches the totals' scaling (`scaled_sums` reads the summed values for β's: hard runs with learnable
-    # parameters keep the torch ops)
-    scaled_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (
-        beta, params.household_weight, params.workplace_weight))
-    native_totals = None
-    if not (ctx.sampler.differentiable or scaled_grad or device.type != "cpu"):
-        # name -> (slot, slots, away from home, presence lever, on-site work, closed workplaces)
-        spec = {"household": (env.household.slot, env.household.num_groups + 1, False, None, None, None),
-                "community": (env.community.slot, env.community.num_groups + 1, True,
-                              lever_per_agent(ctx, "stay_at_home"), None, None)}
-        if school_day:
-            spec["school"] = (env.school.slot, env.school.num_groups + 1, True, lever_per_agent(ctx, "school_closure"),
-                              None, None)
-        if work_day:
-            spec["workplace"] = (env.workplace.slot, env.workplace.num_groups + 1, True, None, state.on_site,
-                                 closed_workplaces(ctx))
-        native_totals = hard_native.source_totals(state.I_sym, state.I_asym, state.isolating,
-                                                  params.asymptomatic_infectiousness, params.isolation_effectiveness,
-                                                  spec)
-    if native_totals is None:
-        b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
-            select.nonzero_bits(packed[0], 0b011)
-        sources = At(b, j)
-
+    names = ("household", *(("school",) if school_day else ()), *(("workplace",) if work_day else ()), "community")
     dense_cache: dict[str, Tensor] = {}  # dense presences: computed once per step
 
     def once(key: str, at: At, fn: Callable[[], Tensor]) -> Tensor:
@@ -574,28 +548,6 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             dense_cache[key] = fn()
         return dense_cache[key]
 
-    # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating
-    f32 = torch.float32
-    if native_totals is None:
-        iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
-        iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
-
-    def group_totals(name: str, layer: GroupLayer, contribution: Callable[[], Tensor]
-                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Σ over each group's infectious members of their ``contribution()`` [M]: [B, G + 1] (last slot:
-        non-members), with the flat positions b · (G + 1) + slot [M] it summed at and the contributions (None: the
-        native pass summed them). Gradient modes: no derivative here; every agent's contribution carries it
-        (`own_contributions`, the others-sum through `layered_force`'s probes)."""
-        if native_totals is not None:
-            return native_totals[name], None, None
-        contribution = contribution()
-        slots = layer.num_groups + 1
-        index = layer.slot.index_select(0, j)
-        index = index if B == 1 and device.type == "cpu" else b * slots + index
-        totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
-        return (totals.detach(), index, contribution.detach()) if ctx.sampler.differentiable else \
-            (totals, index, contribution)
-
     def presence_of(lever: str) -> Callable[[At], Tensor] | None:
         value = lever_per_agent(ctx, lever)
         if value is None:
@@ -603,23 +555,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         dense_presence = lambda: env.memo(("presence", lever), (value,), lambda: 1 - value)  # noqa: E731
         return lambda at: 1 - at(value) if at.i is not None else once(f"presence_{lever}", at, dense_presence)
 
-    # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
-    layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
-    own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
-    # the group values (β m w_l / (n_g − 1)) · totals; the derivative of β m w_l read at the infectious members
-    household, own_scale["household"] = scaled_sums(beta * params.household_weight, env.household_inv_others,
-                                                    *group_totals("household", env.household, lambda: iota))
-    layers["household"] = (household, env.household.slot, None)
-    if school_day:
-        p_school = presence_of("school_closure")
-        school, _, _ = group_totals("school", env.school,
-                                    lambda: iota_away * p_school(sources) if p_school else iota_away)
-        level_weight = env.memo("level_weight", (params.school_level_weights,),
-                                lambda: F.pad(params.school_level_weights.index_select(0, env.school_group_level), (0, 1)))
-        own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
-        layers["school"] = (own_scale["school"] * school, env.school.slot, p_school)
+    # the layers' presences (None: always there), as `At` reads them
+    presences: dict[str, Callable[[At], Tensor] | None] = dict(
+        household=None, school=presence_of("school_closure") if school_day else None,
+        community=presence_of("stay_at_home"))
+    closed = closed_workplaces(ctx) if work_day else None
     if work_day:
-        closed = closed_workplaces(ctx)
         hard = not ctx.sampler.differentiable  # (not `ctx` in the closure: ctx.scratch keeps layer_term, a cycle)
 
         def p_work(at: At) -> Tensor:
@@ -633,54 +574,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                                                                   values_only=hard))
             return value()
 
-        work, own_scale["workplace"] = scaled_sums(beta * params.workplace_weight, env.workplace_inv_others,
-                                                   *group_totals("workplace", env.workplace,
-                                                                 lambda: iota_away * p_work(sources)))
-        layers["workplace"] = (work, env.workplace.slot, p_work)
-    p_community = presence_of("stay_at_home")
-    community_all, _, _ = group_totals("community", env.community,
-                                       lambda: iota_away * p_community(sources) if p_community else iota_away)
-    rho = params.community_borough_share
-    community_size = env.static("community_size", lambda: env.community.group_size[:-1].clamp_min(1))  # [C]
-    dense = At()
-    own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
-    if ctx.sampler.differentiable:
-        # own NTA share only (the borough-wide part is O(1 / borough size))
-        own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / community_size, (0, 1))
-        presences = {name: None if presence is None else presence(dense) for name, (_, _, presence) in layers.items()
-                     if name != "household"}
-        presences["community"] = None if p_community is None else p_community(dense)
-        slots = {**{name: slot for name, (_, slot, _) in layers.items()}, "community": env.community.slot}
-        groups = {name: OthersSum(slot, torch.atleast_2d(own_scale[name]), plain=name == "community")
-                  for name, slot in slots.items()}
-        contributions = own_contributions(state, params, presences, lever_per_agent(ctx, "testing_isolation"), groups,
-                                          packed)
-        own = contributions.probes
-        # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
-        # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
-        # are, and the transition updates them in place only where the node saved them packed (`shadow.donatable`)
-        state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x
-                                 for name, x in contributions.fields.items()})
-        ctx.scratch["fields_packed"] = contributions.packed
-        ctx.scratch["live_flags"] = contributions.live_flags  # `shadow.transition` carries them to the next day
-        ctx.scratch["exit_gradients"] = contributions.handoff
-        # the borough-wide community mixing carries the dense derivative of the NTA totals
-        community_all = community_all + own["community"].plain
-    community_all = community_all[:, :-1]  # [B, C]
-    community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s probes
-    per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
-                              community_all)
-    mixing = env.memo("mixing", (params.borough_mixing,),
-                      lambda: params.borough_mixing / params.borough_mixing.sum(1, keepdim=True))
-    # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
-    # which would make a batch element's numbers depend on the batch it runs in)
-    mixed = ((per_borough / borough_divisor(env))[:, None, :] * mixing[None]).sum(-1)
-    per_community = (1 - rho) * community / community_size + rho * mixed.index_select(1, env.community_borough)
-    layers["community"] = (F.pad(beta * params.community_weight * per_community, (0, 1)), env.community.slot, p_community)
-
+        presences["workplace"] = p_work
     reduction_all = lever_per_agent(ctx, "transmission_reduction")
-    reductions = {name: lever_per_agent(ctx, "transmission_reduction", name) for name in layers}
+    reductions = {name: lever_per_agent(ctx, "transmission_reduction", name) for name in names}
     vaccinated = ctx.lever("vaccination") is not None
+    # per layer: (group value per slot [B, G + 1], agent's slot [N], presence of the agent or None)
+    layers: dict[str, tuple[Tensor, Tensor, Callable[[At], Tensor] | None]] = {}
 
     def layer_term(name: str, at: At, per_slot: Tensor | None = None) -> Tensor:
         """w_l r_l(i) π_l(i) (times β m) for agents selected by ``at`` (no derivative of the group members: the
@@ -707,7 +606,101 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def kept_share(layer: str, reduction: Tensor | None) -> Tensor | None:  # 1 − r, recomputed when the lever changes
         return None if reduction is None else env.memo(("kept", layer), (reduction,), lambda: 1 - reduction)
 
+    level_weight = env.memo("level_weight", (params.school_level_weights,), lambda: F.pad(
+        params.school_level_weights.index_select(0, env.school_group_level), (0, 1))) if school_day else None
+    rho = params.community_borough_share
+    community_size = env.static("community_size", lambda: env.community.group_size[:-1].clamp_min(1))  # [C]
+    mixing = env.memo("mixing", (params.borough_mixing,),
+                      lambda: params.borough_mixing / params.borough_mixing.sum(1, keepdim=True))
+    dense = At()
     sigma = susceptibility(dense)
+    # hard mode on CPU, where no derivative reaches the tables' scaling (learnable β under a hard sampler keeps the
+    # torch ops): the totals, the tables and the force as one native call (`hard_native.hard_force`, the same numbers)
+    if not (ctx.sampler.differentiable or device.type != "cpu" or (torch.is_grad_enabled() and any(
+            isinstance(x, Tensor) and x.requires_grad for x in (beta, params.household_weight,
+                                                              params.workplace_weight)))):
+        native = native_hard_force(state, params, ctx, multiplier, names, presences, closed, reductions,
+                                   kept_share("all", reduction_all), kept_share, level_weight, mixing, community_size,
+                                   sigma)
+        if native is not None:
+            force, tables, native_terms = native
+            layers.update({name: (tables[name], getattr(env, name).slot, presences[name]) for name in names})
+            ctx.scratch.update(force=force, layer_term=layer_term, layer_names=names, force_terms=native_terms)
+            return state
+
+    # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
+    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
+        else (None, None)
+    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
+        select.nonzero_bits(packed[0], 0b011)
+    sources = At(b, j)
+    # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating
+    f32 = torch.float32
+    iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
+    iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
+
+    def group_totals(layer: GroupLayer, contribution: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot: non-members),
+        with the flat positions b · (G + 1) + slot [M] it summed at and the contributions. Gradient modes: no
+        derivative here; every agent's contribution carries it (`own_contributions`, the others-sum through
+        `layered_force`'s probes)."""
+        slots = layer.num_groups + 1
+        index = layer.slot.index_select(0, j)
+        index = index if B == 1 and device.type == "cpu" else b * slots + index
+        totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
+        return (totals.detach(), index, contribution.detach()) if ctx.sampler.differentiable else \
+            (totals, index, contribution)
+
+    def away(name: str) -> Tensor:  # ι a times the layer's presence at the infectious agents
+        presence = presences[name]
+        return iota_away if presence is None else iota_away * presence(sources)
+
+    own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
+    # the group values (β m w_l / (n_g − 1)) · totals; the derivative of β m w_l read at the infectious members
+    household, own_scale["household"] = scaled_sums(beta * params.household_weight, env.household_inv_others,
+                                                    *group_totals(env.household, iota))
+    layers["household"] = (household, env.household.slot, None)
+    if school_day:
+        school, _, _ = group_totals(env.school, away("school"))
+        own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
+        layers["school"] = (own_scale["school"] * school, env.school.slot, presences["school"])
+    if work_day:
+        work, own_scale["workplace"] = scaled_sums(beta * params.workplace_weight, env.workplace_inv_others,
+                                                   *group_totals(env.workplace, away("workplace")))
+        layers["workplace"] = (work, env.workplace.slot, presences["workplace"])
+    p_community = presences["community"]
+    community_all, _, _ = group_totals(env.community, away("community"))
+    own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
+    if ctx.sampler.differentiable:
+        # own NTA share only (the borough-wide part is O(1 / borough size))
+        own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / community_size, (0, 1))
+        dense_presences = {name: None if presences[name] is None else presences[name](dense) for name in names
+                           if name != "household"}
+        groups = {name: OthersSum(getattr(env, name).slot, torch.atleast_2d(own_scale[name]),
+                                  plain=name == "community") for name in names}
+        contributions = own_contributions(state, params, dense_presences, lever_per_agent(ctx, "testing_isolation"),
+                                          groups, packed)
+        own = contributions.probes
+        # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
+        # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
+        # are, and the transition updates them in place only where the node saved them packed (`shadow.donatable`)
+        state = state.replace(**{name: ctx.own(x) if ctx.owns(getattr(state, name)) else x
+                                 for name, x in contributions.fields.items()})
+        ctx.scratch["fields_packed"] = contributions.packed
+        ctx.scratch["live_flags"] = contributions.live_flags  # `shadow.transition` carries them to the next day
+        ctx.scratch["exit_gradients"] = contributions.handoff
+        # the borough-wide community mixing carries the dense derivative of the NTA totals
+        community_all = community_all + own["community"].plain
+    community_all = community_all[:, :-1]  # [B, C]
+    community = community_all.detach()  # the NTA part's derivative comes from `layered_force`'s probes
+    per_borough = scatter_sum(torch.zeros(B, len(env.group_labels), device=device), env.community_borough,
+                              community_all)
+    # [B, G]: Σ_b' M_bb' C_b' as an elementwise product and sum (a matmul's float summation order depends on B,
+    # which would make a batch element's numbers depend on the batch it runs in)
+    mixed = ((per_borough / borough_divisor(env))[:, None, :] * mixing[None]).sum(-1)
+    per_community = (1 - rho) * community / community_size + rho * mixed.index_select(1, env.community_borough)
+    layers["community"] = (F.pad(beta * params.community_weight * per_community, (0, 1)), env.community.slot, p_community)
+
     # every agent: one pass over the layers (`layered_force`: the arithmetic of layer_term, one autograd node). In
     # gradient modes each layer also carries the derivative of π_l(i) w.r.t. the memberships of i's *other* group
     # members (``own``). The agent's own term is zero in the forward pass (susceptible agents are not infectious)
@@ -728,6 +721,39 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             sigma.detach(), torch.atleast_2d(own_scale["household"]).detach(), env.household.slot,
             tuple(x.detach() for x in kept if x is not None))
     return state
+
+
+def native_hard_force(state: CovidState, params: CovidParams, ctx: StepContext, multiplier: Tensor,
+                      names: tuple[str, ...], presences: dict, closed: Tensor | None, reductions: dict,
+                      kept_all: Tensor | None, kept_share: Callable, level_weight: Tensor | None, mixing: Tensor,
+                      community_size: Tensor, sigma: Tensor) -> tuple[Tensor, dict[str, Tensor], tuple] | None:
+    """`infection_pressure`'s totals, tables and force in hard mode as one native call on CPU (`hard_native.hard_force`:
+    the same numbers as the torch ops below it in `infection_pressure`), or None where it does not apply. ->
+    (force [B, N], the tables [B, S] by layer, their native form for `layer_attribution`)."""
+    env: CovidEnv = ctx.env
+    dense = At()
+    weights = dict(household=params.household_weight, school=params.school_weight,
+                   workplace=params.workplace_weight, community=params.community_weight)
+    inv = dict(household=env.household_inv_others, school=env.school_inv_others,
+               workplace=env.workplace_inv_others, community=None)
+    kinds = dict(household="scaled", school="levels", workplace="scaled", community="community")
+    source_levers = dict(household=None, school=lever_per_agent(ctx, "school_closure") if "school" in names else None,
+                         workplace=None, community=lever_per_agent(ctx, "stay_at_home"))
+    layers = {}
+    for name in names:
+        layer: GroupLayer = getattr(env, name)
+        presence = presences[name]
+        work = name == "workplace"
+        layers[name] = hard_native.ForceLayerSpec(
+            layer.slot, layer.num_groups + 1, name != "household", source_levers[name], state.on_site if work else None,
+            closed if work else None, kinds[name], weights[name], inv[name],
+            level_weight if name == "school" else None, None if presence is None else presence(dense),
+            kept_share(name, reductions[name]), kept_all)
+    community = hard_native.CommunitySpec(env.community_borough, borough_divisor(env), mixing, community_size,
+                                          params.community_borough_share)
+    return hard_native.hard_force(env.cache, (state.I_sym, state.I_asym, state.isolating),
+                                  params.asymptomatic_infectiousness, params.isolation_effectiveness,
+                                  params.transmission_scale, multiplier, layers, community, sigma)
 
 
 def closed_workplaces(ctx: StepContext) -> Tensor | None:

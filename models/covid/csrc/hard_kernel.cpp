@@ -1,5 +1,6 @@
-// The covid model's hard-mode day (models/covid/model.py) as native passes, for CPU: the group totals of the
-// infectious agents' contributions (`infection_pressure`), and the transition after the infection draws (`progress`):
+// The covid model's hard-mode day (models/covid/model.py) as native passes, for CPU: the force of infection
+// (`infection_pressure`: the group totals of the infectious agents' contributions, the layers' tables made from them,
+// and the layered force read from the tables), and the transition after the infection draws (`progress`):
 // the newly infected agents enter E with their countdowns, and every agent whose countdown ends today draws its next
 // stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the same pass.
 // Loaded by models/covid/hard_native.py; model.py keeps the same arithmetic in torch ops (the reference, and the path
@@ -7,8 +8,8 @@
 // torch ops do; probabilities are float32 with the torch ops' operations in their order (built with
 // -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
-// At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents);
-// these are two calls.
+// At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents in the
+// transition, ~45 in the force and its tables); these are two calls.
 
 #include <algorithm>
 #include <cstdint>
@@ -151,8 +152,9 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
   }
 }
 
+}  // extern "C"
 
-// One layer of `agenttensor_covid_hard_sources` (hard_native.py's _SourceLayer, field for field).
+// One layer's sources (hard_native.py's _SourceLayer, field for field).
 struct SourceLayer {
   const void* slot;  // [N]: int64, or int32 where slot_i32 is 1
   int64_t slot_i32;
@@ -161,17 +163,56 @@ struct SourceLayer {
   Strided lever;     // p non-null: times the presence 1 − lever
   const uint8_t* on_site;  // non-null (workplaces): times on_site, and (closed.p non-null) 1 − closed
   Strided closed;
-  float* out;        // [B, S] out
+  float* out;        // [B, S] out: the totals, then (`agenttensor_covid_hard_force`) the layer's table, in place
 };
 
-// The group totals of the infectious agents' contributions (`model.infection_pressure`'s ``group_totals`` per layer)
-// in one pass: for each agent with I_sym or I_asym, in (b, n) order, ι = I_sym + α I_asym and ι a = ι (1 − η
+// How a layer's table is made from its totals (hard_native.py's _TableLayer, field for field).
+struct TableLayer {
+  int64_t kind;          // kScaled: (c inv_s) T_s; kLevels: ((c inv_s) level_s) T_s; kCommunity: the mixing below
+  const float* weight;   // w_l (one value); c = β w_l with β = scale · multiplier
+  const float* inv;      // [S] 1 / (n_g − 1) (kScaled, kLevels)
+  const float* level;    // [S] the school level's weight (kLevels)
+};
+
+// The community layer's mixing (hard_native.py's _Community): NTA c of borough k(c) of G < 8.
+struct Community {
+  int64_t C, G;
+  const int64_t* borough;  // [C] k(c)
+  const float* divisor;    // [G] agents per borough, at least 1
+  const float* mixing;     // [G, G] row-normalised
+  const float* size;       // [C] agents per NTA, at least 1
+  const float* rho;        // the borough-wide share ρ (one value)
+};
+
+typedef void (*LayeredForce)(int64_t, int64_t, int64_t, const void*, const float*, int64_t, const float*, float*,
+                             float*, int64_t);
+
+// The arguments of `agenttensor_covid_hard_force` (hard_native.py's _ForceArgs, field for field).
+struct ForceArgs {
+  int64_t B, N, L, threads;
+  const uint8_t *I_sym, *I_asym, *isolating;
+  Strided alpha, eta;
+  SourceLayer* sources;        // [L]
+  const TableLayer* tables;    // [L]
+  const float *scale, *multiplier;  // β = scale · multiplier (one value each)
+  Community community;
+  LayeredForce layered_force;  // group_kernels.cpp's agenttensor_layered_force
+  const void* force_layers;    // its [L] ForceLayer array, reading the tables in `sources[l].out`
+  const float* sigma;
+  int64_t sigma_stride;
+  float* force;                // [B, N] out
+};
+
+namespace {
+
+enum { kScaled = 0, kLevels = 1, kCommunity = 2 };
+
+// Every layer's group totals of the infectious agents' contributions (`model.infection_pressure`'s ``group_totals``
+// per layer) in one pass: for each agent with I_sym or I_asym, in (b, n) order, ι = I_sym + α I_asym and ι a = ι (1 − η
 // isolating), times each layer's presence, added at the agent's slot: the torch ops' numbers (their products in
 // their order, index_add's sequential sums).
-void agenttensor_covid_hard_sources(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_asym,
-                                    const uint8_t* isolating, const Strided* alpha_, const Strided* eta_, int64_t L,
-                                    const SourceLayer* layers) {
-  const Strided &alpha = *alpha_, &eta = *eta_;
+void source_totals(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_asym, const uint8_t* isolating,
+                   const Strided& alpha, const Strided& eta, int64_t L, const SourceLayer* layers) {
   for (int64_t l = 0; l < L; ++l) std::fill(layers[l].out, layers[l].out + B * layers[l].slots, 0.f);
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t *sym = I_sym + b * N, *asym = I_asym + b * N;
@@ -200,6 +241,67 @@ void agenttensor_covid_hard_sources(int64_t B, int64_t N, const uint8_t* I_sym, 
       }
     }
   }
+}
+
+// torch's sum of a row of n < 8 contiguous float32 (its scalar path, SumKernel.cpp's row_sum: four partial sums
+// over the row read as (-1, 4), the remainder into the first, then the four added in order)
+inline float row_sum(const float* x, int64_t n) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int64_t whole = n / 4;
+  for (int64_t i = 0; i < whole; ++i)
+    for (int k = 0; k < 4; ++k) acc[k] += x[4 * i + k];
+  for (int64_t i = whole * 4; i < n; ++i) acc[0] += x[i];
+  for (int k = 1; k < 4; ++k) acc[0] += acc[k];
+  return acc[0];
+}
+
+// The community table in place of its totals [B, C + 1] (`model.infection_pressure`'s torch ops, in their order):
+// P_k = Σ_{c: k(c) = k} T_c (index_add), m_k = Σ_k' (P_k' / n_k') M_kk' (torch's row sum), then for each NTA
+// (c_w · ((1 − ρ) T_c / size_c + ρ m_k(c))), the non-members' slot 0.
+void community_table(const Community& m, float c_w, float* table, int64_t B) {
+  const int64_t C = m.C, G = m.G;
+  const float rho = *m.rho, kept = 1.f - rho;
+  std::vector<float> per_borough(G), product(G), mixed(G);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = table + b * (C + 1);
+    std::fill(per_borough.begin(), per_borough.end(), 0.f);
+    for (int64_t c = 0; c < C; ++c) per_borough[m.borough[c]] += row[c];
+    for (int64_t k = 0; k < G; ++k) {
+      for (int64_t j = 0; j < G; ++j) product[j] = (per_borough[j] / m.divisor[j]) * m.mixing[k * G + j];
+      mixed[k] = row_sum(product.data(), G);
+    }
+    for (int64_t c = 0; c < C; ++c) row[c] = c_w * (kept * row[c] / m.size[c] + rho * mixed[m.borough[c]]);
+    row[C] = 0.f;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// `model.infection_pressure` in hard mode: the layers' totals (`source_totals`), their tables in place of them, and
+// the force of infection from the tables (group_kernels.cpp's layered force) in one call: the torch ops' numbers.
+void agenttensor_covid_hard_force(const ForceArgs* args) {
+  const ForceArgs& a = *args;
+  source_totals(a.B, a.N, a.I_sym, a.I_asym, a.isolating, a.alpha, a.eta, a.L, a.sources);
+  const float beta = *a.scale * *a.multiplier;
+  for (int64_t l = 0; l < a.L; ++l) {
+    const TableLayer& t = a.tables[l];
+    float* table = a.sources[l].out;
+    const int64_t S = a.sources[l].slots;
+    const float c = beta * *t.weight;
+    if (t.kind == kCommunity) {
+      community_table(a.community, c, table, a.B);
+      continue;
+    }
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t s = 0; s < S; ++s) {
+        float scale = c * t.inv[s];
+        if (t.kind == kLevels) scale = scale * t.level[s];
+        table[b * S + s] = scale * table[b * S + s];
+      }
+  }
+  a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, nullptr, a.force, nullptr, a.threads);
 }
 
 }  // extern "C"
