@@ -26,8 +26,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 STREAMS = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit", "duration-E")
 FIELDS = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # updated in place, uint8 [B, N]
 # the rows of the flows [13, B, G]
-FLOWS = ("reported", "admissions", "deaths", "out_E", "in_Ia", "out_Ia", "in_Is", "out_Is", "out_H", "in_R",
-         "isolating_after", "isolating_prior", "new_infections")
+FLOWS = ("new_infections", "reported", "admissions", "deaths", "out_E", "in_Ia", "out_Ia", "in_Is", "out_Is", "out_H",
+         "in_R", "isolating_after", "isolating_prior")  # the first four: the metrics' flows, in their order
 # then the changes of the per-borough stage counts [8, B, G] (`CovidEnv.rolled_counts`), as `progress` forms them
 CHANGES = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")
 

@@ -71,6 +71,10 @@ log = logging.getLogger(__name__)
 LAYERS = ("household", "school", "workplace", "community")
 AGE_BAND_EDGES = (0, 5, 11, 14, 18, 25, 45, 65, 75)  # intervention targeting bands (lower edges)
 STAGES = ("S", "E", "I_asym", "I_sym", "H", "R", "D")
+COUNTED = (*STAGES, "isolating")  # the fields whose per-borough counts the metrics roll forward by the day's changes
+# the metrics' flows: name -> the transition's ``ctx.scratch`` key (gradient modes; hard mode: stacked, this order)
+METRIC_FLOWS = dict(new_infections="new_infections", reported_cases="reported", hospital_admissions="admissions",
+                    deaths="deaths")
 _CLINICAL = disease.clinical_tables()
 _SEVERITY = disease.severity_tables()
 
@@ -277,26 +281,34 @@ class CovidEnv:
             hit = self.cache[("static", key)] = ((), compute(), ())  # `memo`'s form: (inputs, result, versions)
         return hit[1]
 
-    def rolled_counts(self, key: str, before: Tensor, change: Tensor | None) -> Tensor | None:
-        """Today's per-borough sums of a [B, N] state field as those of yesterday's tensor `before` plus today's
-        `change` [B, G], where `before`'s sums were recorded (`record_counts`) and it has not changed since: no
-        [B, N] pass. None otherwise."""
+    def rolled_counts(self, key: str | tuple[str, ...], before: Tensor | tuple[Tensor, ...], change: Tensor | None
+                      ) -> Tensor | None:
+        """Today's per-borough sums of a [B, N] state field (``key`` its name: [B, G]) or of several (a tuple of names:
+        stacked [K, B, G]) as those of yesterday's tensors `before` plus today's `change`, where their sums were
+        recorded (`record_counts`) and none has changed since: no [B, N] pass. None otherwise."""
         hit = self.counts.get(key)
-        if change is None or hit is None or hit[0]() is not before or hit[1] != before._version:
+        before = before if isinstance(before, tuple) else (before,)
+        if change is None or hit is None or any(ref() is not x or version != x._version
+                                                for ref, version, x in zip(hit[0], hit[1], before)):
             return None
         return hit[2] + change
 
-    def carry_counts(self, key: str, x: Tensor, version: int) -> None:
-        """x, whose sums were recorded at ``version``, was updated in place by today's step (a donated state): the
-        record moves to x's new version and still holds yesterday's sums, which `rolled_counts` adds today's change
-        to (``before`` is x itself)."""
-        hit = self.counts.get(key)
-        if hit is not None and _same_memory(hit[0](), x) and hit[1] == version:
-            self.counts[key] = (hit[0], x._version, hit[2])
+    def carry_counts(self, name: str, x: Tensor, version: int) -> None:
+        """Field ``name``'s tensor x, whose sums were recorded at ``version``, was updated in place by today's step (a
+        donated state): the record moves to x's new version and still holds yesterday's sums, which `rolled_counts`
+        adds today's change to (``before`` is x itself)."""
+        for key, (refs, versions, counts) in list(self.counts.items()):
+            names = key if isinstance(key, tuple) else (key,)
+            k = names.index(name) if name in names else -1
+            if k >= 0 and _same_memory(refs[k](), x) and versions[k] == version:
+                self.counts[key] = (refs, (*versions[:k], x._version, *versions[k + 1:]), counts)
 
-    def record_counts(self, key: str, x: Tensor, counts: Tensor) -> None:
-        """Remember the per-borough sums [B, G] of x [B, N] for the next step's `rolled_counts`."""
-        self.counts[key] = (weakref.ref(x), x._version, counts.detach() if counts.requires_grad else counts)
+    def record_counts(self, key: str | tuple[str, ...], x: Tensor | tuple[Tensor, ...], counts: Tensor) -> None:
+        """Remember the per-borough sums ([B, G], or [K, B, G] for a tuple of K fields) of x [B, N] for the next
+        step's `rolled_counts`."""
+        xs = x if isinstance(x, tuple) else (x,)
+        self.counts[key] = (tuple(weakref.ref(t) for t in xs), tuple(t._version for t in xs),
+                            counts.detach() if counts.requires_grad else counts)
 
 
 def _same_memory(a: Tensor | None, b: Tensor) -> bool:
@@ -895,9 +907,13 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
-    ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, stage_count_change=stage_count_change,
-                       admissions=admissions, deaths=deaths,
-                       attributed=layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx))
+    ctx.scratch["attributed"] = layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx)
+    if ctx.sampler.differentiable:
+        ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, admissions=admissions,
+                           deaths=deaths, stage_count_change=stage_count_change)
+    else:  # stacked, as the native transition gives them: `metrics` reads them with one op each
+        ctx.scratch.update(metric_flows=torch.stack([new_infections, reported_by_borough, admissions, deaths]),
+                           stage_count_changes=torch.stack([stage_count_change[name] for name in COUNTED]))
 
     if ctx.sampler.differentiable:  # one node for the memberships' changes and the shadow flows (`shadow.py`)
         changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
@@ -961,14 +977,9 @@ def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, 
         V if vaccinating else None, env.durations["E"], env.exit_durations)
     if flows is None:
         return None
-    rows = flows.unbind(0)
-    reported, admissions, deaths, new_infections = (rows[hard_native.FLOWS.index(name)] for name in
-                                                    ("reported", "admissions", "deaths", "new_infections"))
     recent = state.reported_recent.clone()
-    recent[:, t % 7] = reported
-    stage_count_change = dict(zip(hard_native.CHANGES, rows[len(hard_native.FLOWS):]))
-    ctx.scratch.update(new_infections=new_infections, reported=reported, stage_count_change=stage_count_change,
-                       admissions=admissions, deaths=deaths,
+    recent[:, t % 7] = flows[1]  # reported
+    ctx.scratch.update(metric_flows=flows[:len(METRIC_FLOWS)], stage_count_changes=flows[len(hard_native.FLOWS):],
                        attributed=layer_attribution(infected_b, infected_i, B=B, ctx=ctx))
     after = state.replace(**owned, vaccinated=V_after, stage_end=ctx.own(stage_end), reported_recent=recent)
     return owned_after_step(state, after, versions, ctx)
@@ -1064,34 +1075,39 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
     """Per day: totals [B] and per-borough [B, G] of flows, stage prevalence, isolating share,
     unemployment rate and on-site work share; plus the expected split of new infections by layer."""
     env: CovidEnv = ctx.env
-    count = torch.float32 if ctx.sampler.differentiable else torch.int64
     out: dict[str, Tensor] = {}
-    flows = dict(new_infections="new_infections", reported_cases="reported", hospital_admissions="admissions",
-                 deaths="deaths")
-    change = ctx.scratch.get("stage_count_change", {})
-
-    def counts_of(name: str) -> Tensor:
-        """[B, G] float32 per-borough count of a 0/1 field (exact below 2^24 agents per borough): yesterday's counts
-        rolled forward by today's changes where recorded; the derivative is that of the sum over agents."""
-        x = getattr(state, name)
-        counts = range_sums(x, env.borough_slices, torch.float32,
-                            known=env.rolled_counts(name, getattr(previous, name), change.get(name)))
-        env.record_counts(name, x, counts)
-        return counts
-
     # flows and stage counts per borough [B, G] and their totals [B]; in hard mode stacked, one op for all of them
     # (gradient modes keep them apart: a loss on some metrics then sends no zero gradients through the others)
-    per_borough = [ctx.scratch[key] for key in flows.values()] + [counts_of(stage) for stage in STAGES]
     if ctx.sampler.differentiable:
-        per_borough = [x.to(count) for x in per_borough]
+        change = ctx.scratch.get("stage_count_change", {})
+
+        def counts_of(name: str) -> Tensor:
+            """[B, G] float32 per-borough count of a 0/1 field (exact below 2^24 agents per borough): yesterday's
+            counts rolled forward by today's changes where recorded; the derivative is that of the sum over agents."""
+            x = getattr(state, name)
+            counts = range_sums(x, env.borough_slices, torch.float32,
+                                known=env.rolled_counts(name, getattr(previous, name), change.get(name)))
+            env.record_counts(name, x, counts)
+            return counts
+
+        per_borough = [ctx.scratch[key].to(torch.float32) for key in METRIC_FLOWS.values()] \
+            + [counts_of(stage) for stage in STAGES]
         totals = [x.sum(1) for x in per_borough]
-    else:
-        stacked = torch.stack(per_borough).to(count)
+        isolating = counts_of("isolating")
+    else:  # [8, B, G]: the `COUNTED` fields' counts, yesterday's plus today's changes where recorded
+        fields = tuple(getattr(state, name) for name in COUNTED)
+        counts = env.rolled_counts(COUNTED, tuple(getattr(previous, name) for name in COUNTED),
+                                   ctx.scratch.get("stage_count_changes"))
+        if counts is None:  # (the sums of 0/1 values: exact in any order)
+            counts = range_sums(torch.stack(fields).flatten(0, 1), env.borough_slices, torch.float32).view(
+                len(COUNTED), -1, len(env.borough_slices))
+        env.record_counts(COUNTED, fields, counts)
+        stacked = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)
         per_borough, totals = stacked.unbind(0), stacked.sum(2).unbind(0)
-    for name, total, by in zip([*flows, *STAGES], totals, per_borough):
+        isolating = counts[len(STAGES)]
+    for name, total, by in zip([*METRIC_FLOWS, *STAGES], totals, per_borough):
         out[name] = total
         out[f"{name}_by_borough"] = by
-    isolating = counts_of("isolating")
 
     has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
                              lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step

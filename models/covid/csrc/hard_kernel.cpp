@@ -54,8 +54,8 @@ struct ProgressArgs {
 
 namespace {
 
-constexpr int kFlows = 13;  // reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R,
-                            // isolating after, isolating before (at the exits), new infections
+constexpr int kFlows = 13;  // new infections, then at the exits: reported, to_H, to_D, leave_E, to_Ia, leave_Ia,
+                            // to_Is, leave_Is, leave_H, to_R, isolating after, isolating before
 
 // min(K, 1 + #{k : cdf[k] <= u}): torch.searchsorted(cdf, u, right=True) + 1, clamped (`disease.draw_duration`)
 inline int64_t duration(const float* cdf, int64_t K, float u) {
@@ -102,7 +102,7 @@ void exit_agent(const ProgressArgs& a, int64_t b, int64_t n, int64_t* count) {
   const int64_t cell = b * a.G + a.borough[n], stride = B * a.G;
   const uint8_t values[kFlows - 1] = {reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H,
                                       to_R, after, before};
-  for (int k = 0; k < kFlows - 1; ++k) count[k * stride + cell] += values[k];
+  for (int k = 0; k < kFlows - 1; ++k) count[(k + 1) * stride + cell] += values[k];
 }
 
 }  // namespace
@@ -124,7 +124,7 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
     a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
     const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
     a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
-    counts[(kFlows - 1) * cells + b * a.G + a.borough[n]] += 1;
+    counts[b * a.G + a.borough[n]] += 1;
   }
   // the exits: every agent whose countdown ends today (the entrants' countdowns end later)
   const int16_t today = static_cast<int16_t>(a.t);
@@ -146,8 +146,8 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
   float* change = a.flows + kFlows * cells;
   for (int64_t c = 0; c < cells; ++c) {
     auto flow = [&](int k) { return f[k * cells + c]; };
-    const float values[8] = {-flow(12), flow(12) - flow(3), flow(4) - flow(5), flow(6) - flow(7), flow(1) - flow(8),
-                             flow(9), flow(2), flow(10) - flow(11)};
+    const float values[8] = {-flow(0), flow(0) - flow(4), flow(5) - flow(6), flow(7) - flow(8), flow(2) - flow(9),
+                             flow(10), flow(3), flow(11) - flow(12)};
     for (int k = 0; k < 8; ++k) change[k * cells + c] = values[k];
   }
 }
