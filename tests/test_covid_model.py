@@ -659,16 +659,15 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
     detection, vaccination lowers hospitalisation) over two seeds. A kernel that
     skips the vaccinated's lower hospitalisation, draws a countdown from the wrong table or counts a flow twice fails."""
     from agenttensor import _group_kernels
-    from agenttensor.model import StepContext
-    from models.covid import hard_native
+    from models.covid import hard_native, model
 
     forces = []  # every day's force of infection, bit for bit (a metric may not show a 1-ulp difference)
 
-    def recorded(self, hazard, stream, where, fn=StepContext.hazard_event_and_derivatives):
-        forces.append(hazard.clone())
-        return fn(self, hazard, stream, where)
+    def recorded(state, force, *args, fn=model.native_hard_progress):
+        forces.append(force.clone())
+        return fn(state, force, *args)
 
-    monkeypatch.setattr(StepContext, "hazard_event_and_derivatives", recorded)
+    monkeypatch.setattr(model, "native_hard_progress", recorded)
     calls = {"hard_progress": 0, "hard_force": 0, "layered_shares_at": 0}
     for module, name in ((hard_native, "hard_progress"), (hard_native, "hard_force"),
                          (_group_kernels, "layered_shares_at")):
@@ -696,7 +695,8 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
 
 def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threads():
     """The native transition's per-borough flows are integer counts per thread, summed after: two threads give one
-    thread's numbers and states (a population large enough for two chunks)."""
+    thread's numbers, states and infections (a population large enough for two chunks); the infections it returns
+    are the agents that left S, in row-major order."""
     from models.covid import hard_native
 
     B, N, G, K, t = 2, 70_000, 5, 60, 9
@@ -706,28 +706,31 @@ def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threa
     fields.update(R=torch.zeros(B, N, dtype=torch.uint8), D=torch.zeros(B, N, dtype=torch.uint8),
                   isolating=(torch.rand(B, N, generator=gen) < 0.1).to(torch.uint8) * (stage >= 2))
     stage_end = torch.where(stage > 0, torch.randint(t, t + 3, (B, N), generator=gen), -1).to(torch.int16)
-    new_E = fields["S"] * (torch.rand(B, N, generator=gen) < 0.05)
-    infected = new_E.nonzero(as_tuple=True)
+    survival = 1 - 0.05 * torch.rand(B, N, generator=gen)  # exp(−λ): about 2.5 % of S infected
     cdf = torch.linspace(0.05, 1.0, K)
     out = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         f = {name: x.clone() for name, x in fields.items()}
         se = stage_end.clone()
-        flows = hard_native.hard_progress(
-            f, se, t, infected, torch.randint(-2**31, 2**31 - 1, (7, B), generator=torch.Generator().manual_seed(1),
+        drawn = hard_native.hard_progress(
+            f, se, t, survival, torch.randint(-2**31, 2**31 - 1, (8, B), generator=torch.Generator().manual_seed(1),
                                               dtype=torch.int32),
             torch.arange(N, dtype=torch.int32) * 7919, torch.arange(N, dtype=torch.int32) % 10,
             (torch.arange(N, dtype=torch.int32) * G) // N, G,
             dict(symptomatic=torch.full((10,), 0.6), hosp=torch.full((10,), 0.2), death=torch.full((10,), 0.3)),
             dict(detect=torch.tensor(0.4), detect_asym_ratio=torch.tensor(0.5), isolate=torch.full((B, N), 0.7)),
             None, cdf, torch.stack([cdf, cdf.sqrt(), cdf ** 2]))
-        assert flows is not None
-        out[threads] = (flows, f, se)
+        assert drawn is not None
+        out[threads] = (*drawn, f, se)
     torch.set_num_threads(1)
-    (flows1, f1, se1), (flows2, f2, se2) = out[1], out[2]
+    (flows1, infected1, f1, se1), (flows2, infected2, f2, se2) = out[1], out[2]
     assert torch.equal(flows1, flows2) and torch.equal(se1, se2)
     assert all(torch.equal(f1[name], f2[name]) for name in f1)
+    new_E = fields["S"] - f1["S"]
+    assert all(torch.equal(a, b) for a, b in zip(infected1, infected2))
+    assert all(torch.equal(a, b) for a, b in zip(infected1, new_E.nonzero(as_tuple=True)))
+    assert 0.01 < float(new_E.sum()) / float(fields["S"].sum()) < 0.04 and torch.equal(f1["E"] * new_E, new_E)
     exits = int(((stage_end == t) & (stage > 0)).sum())
     assert float(sum(flows1[hard_native.FLOWS.index(name)].sum() for name in ("out_E", "out_Ia", "out_Is", "out_H"))
                  ) == exits  # every exit left exactly one stage

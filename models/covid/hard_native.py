@@ -1,14 +1,15 @@
 """The covid model's hard-mode day as native passes on CPU (models/covid/csrc/hard_kernel.cpp):
 
-- `source_totals`: every layer's group totals of the infectious agents' contributions (`model.infection_pressure`),
-  one pass over I_sym and I_asym instead of the selection, ~10 gathers and products and a scatter per layer;
-- `hard_progress`: the transition after the infection draws (`model.progress`): the newly infected agents' entry into
-  E and every exiting agent's next stage, detection, isolation and countdown, with the per-borough flows and the
-  stage counts' changes counted in the same pass.
+- `hard_force`: the force of infection (`model.infection_pressure`): every layer's group totals of the infectious
+  agents' contributions in one pass over I_sym and I_asym, the layers' tables made from them (the scaling and the
+  community mixing), and the layered force read from the tables, in one call whose arguments are kept from day to day;
+- `hard_progress`: the transition (`model.progress`): the infection draws, the newly infected agents' entry into E and
+  every exiting agent's next stage, detection, isolation and countdown, with the per-borough flows and the stage counts'
+  changes counted in the same pass.
 
 The same bits as the torch ops in `model` (the reference, used on other devices, in gradient modes, without a compiler
 and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a day's torch ops
-were calls on tens of agents: ~0.6 ms of the transition's, ~0.1 ms of the totals'."""
+were calls on tens of agents: ~0.6 ms of the transition's, ~0.3 ms of the force's."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from agenttensor import native
 
 SOURCE = Path(__file__).with_name("csrc") / "hard_kernel.cpp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-STREAMS = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit", "duration-E")
+STREAMS = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit", "duration-E", "infection")
 FIELDS = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # updated in place, uint8 [B, N]
 # the rows of the flows [13, B, G]
 FLOWS = ("new_infections", "reported", "admissions", "deaths", "out_E", "in_Ia", "out_Ia", "in_Is", "out_Is", "out_H",
@@ -39,10 +40,9 @@ class _Strided(ctypes.Structure):
 class _Args(ctypes.Structure):  # ProgressArgs in hard_kernel.cpp, field for field
     _fields_ = [(n, _I) for n in ("B", "N", "G", "K", "t", "threads")] \
         + [(n, _P) for n in ("S", "E", "Ia", "Is", "H", "R", "D", "isolating", "stage_end")] \
-        + [("infected", _I)] + [(n, _P) for n in ("infected_b", "infected_i", "base", "keys", "age_group", "borough",
-                                                  "symptomatic", "hosp", "death")] \
+        + [(n, _P) for n in ("survival", "base", "keys", "age_group", "borough", "symptomatic", "hosp", "death")] \
         + [(n, _Strided) for n in ("detect", "detect_asym_ratio", "testing", "isolate", "efficacy_severe")] \
-        + [(n, _P) for n in ("vaccinated", "cdf_E", "cdf_exit", "flows")]
+        + [(n, _P) for n in ("vaccinated", "cdf_E", "cdf_exit", "flows")] + [("infected", _I), ("pairs", _P)]
 
 
 class _SourceLayer(ctypes.Structure):  # SourceLayer in the kernel, field for field
@@ -67,6 +67,7 @@ class _ForceArgs(ctypes.Structure):  # ForceArgs in the kernel, field for field
 
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_hard_progress.argtypes = [ctypes.POINTER(_Args)]
+    library.agenttensor_covid_take_pairs.argtypes = [_P, _P, _P]
     library.agenttensor_covid_hard_force.argtypes = [ctypes.POINTER(_ForceArgs)]
 
 
@@ -99,41 +100,39 @@ def applies(fields: dict[str, Tensor], stage_end: Tensor) -> bool:
         and all(_cpu(fields[name], torch.uint8, shape) for name in FIELDS) and _library() is not None
 
 
-def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected: tuple[Tensor, Tensor],
-                  keys: Tensor, base: Tensor, age_group: Tensor, borough: Tensor, G: int, tables: dict[str, Tensor],
+def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival: Tensor, keys: Tensor, base: Tensor,
+                  age_group: Tensor, borough: Tensor, G: int, tables: dict[str, Tensor],
                   per_agent: dict[str, Tensor | None], vaccinated: Tensor | None, cdf_E: Tensor, cdf_exit: Tensor
-                  ) -> Tensor | None:
-    """Update ``fields`` (`FIELDS`, uint8 [B, N]) and ``stage_end`` (int16 [B, N]) in place for step ``t``: the
-    ``infected`` pairs (b, i) enter E, the agents whose countdown is ``t`` exit their stage. ``keys`` [7, B] int32 are
-    the `STREAMS`' keys at t; ``tables``: symptomatic, hosp, death [A] float32; ``per_agent``: detect,
-    detect_asym_ratio, isolate and (optional) testing, efficacy_severe as `At` reads them; ``vaccinated`` [B, N]
-    uint8 with the vaccination lever, else None; ``cdf_E`` [K], ``cdf_exit`` [3, K] (I_asym, I_sym, H). -> the flows
-    and the stage counts' changes [21, B, G] float32 (rows `FLOWS`, then `CHANGES`), or None where the kernel does not
-    apply (nothing is then written)."""
+                  ) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
+    """Update ``fields`` (`FIELDS`, uint8 [B, N]) and ``stage_end`` (int16 [B, N]) in place for step ``t``: the agents
+    of S are infected where u < 1 − ``survival`` (exp(−λ) [B, N] float32; `StepContext.hazard_event`'s draws) and enter
+    E, the agents whose countdown is ``t`` exit their stage. ``keys`` [8, B] int32 are the `STREAMS`' keys at t;
+    ``tables``: symptomatic, hosp, death [A] float32; ``per_agent``: detect, detect_asym_ratio, isolate and (optional)
+    testing, efficacy_severe as `At` reads them; ``vaccinated`` [B, N] uint8 with the vaccination lever, else None;
+    ``cdf_E`` [K], ``cdf_exit`` [3, K] (I_asym, I_sym, H). -> (the flows and the stage counts' changes [21, B, G]
+    float32 (rows `FLOWS`, then `CHANGES`), today's infections as `select.nonzero`'s (b, i) int64 pairs), or None
+    where the kernel does not apply (nothing is then written)."""
     library = _library()
     B, N = stage_end.shape
     K = cdf_E.numel()
     strided = {name: _strided(per_agent.get(name), B, N) for name in
                ("detect", "detect_asym_ratio", "testing", "isolate", "efficacy_severe")}
-    ib, ii = infected
     if library is None or any(v is None for v in strided.values()) or strided["detect"].p is None \
             or strided["detect_asym_ratio"].p is None or strided["isolate"].p is None \
             or not all(_cpu(tables[k], torch.float32, tuple(tables[k].shape)) and tables[k].dim() == 1
                        for k in ("symptomatic", "hosp", "death")) \
             or not (_cpu(cdf_E, torch.float32, (K,)) and _cpu(cdf_exit, torch.float32, (3, K))) \
             or not (_cpu(keys, torch.int32, (len(STREAMS), B)) and _cpu(base, torch.int32, (N,))
-                    and _cpu(age_group, torch.int32, (N,)) and _cpu(borough, torch.int32, (N,))) \
-            or not all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
-                       for x in (ib, ii)) \
+                    and _cpu(age_group, torch.int32, (N,)) and _cpu(borough, torch.int32, (N,))
+                    and _cpu(survival, torch.float32, (B, N))) \
             or (vaccinated is not None and (not _cpu(vaccinated, torch.uint8, (B, N)) or strided["efficacy_severe"].p is None)):
         return None
     flows = torch.empty(len(FLOWS) + len(CHANGES), B, G, dtype=torch.float32)
     f = {name: fields[name].data_ptr() for name in FIELDS}
     args = _Args(B=B, N=N, G=G, K=K, t=t, threads=torch.get_num_threads(),
                  S=f["S"], E=f["E"], Ia=f["I_asym"], Is=f["I_sym"], H=f["H"], R=f["R"], D=f["D"],
-                 isolating=f["isolating"], stage_end=stage_end.data_ptr(), infected=ib.numel(),
-                 infected_b=ib.data_ptr(), infected_i=ii.data_ptr(), base=base.data_ptr(), keys=keys.data_ptr(),
-                 age_group=age_group.data_ptr(), borough=borough.data_ptr(),
+                 isolating=f["isolating"], stage_end=stage_end.data_ptr(), survival=survival.data_ptr(),
+                 base=base.data_ptr(), keys=keys.data_ptr(), age_group=age_group.data_ptr(), borough=borough.data_ptr(),
                  symptomatic=tables["symptomatic"].data_ptr(), hosp=tables["hosp"].data_ptr(),
                  death=tables["death"].data_ptr(), **strided,
                  vaccinated=None if vaccinated is None else vaccinated.data_ptr(), cdf_E=cdf_E.data_ptr(),
@@ -141,7 +140,10 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, infected
     library.agenttensor_covid_hard_progress(ctypes.byref(args))
     for x in (*fields.values(), stage_end):  # in-place writes: the version counters move as index_put_'s would
         torch.autograd.graph.increment_version(x)
-    return flows
+    infected_b, infected_i = torch.empty(args.infected, dtype=torch.int64), torch.empty(args.infected, dtype=torch.int64)
+    if args.infected:
+        library.agenttensor_covid_take_pairs(args.pairs, infected_b.data_ptr(), infected_i.data_ptr())
+    return flows, (infected_b, infected_i)
 
 
 class ForceLayerSpec(NamedTuple):

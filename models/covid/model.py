@@ -826,12 +826,11 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # (straight-through: with the derivatives d new_E / d S and d new_E / d λ, which `transition`, new_E's only
     # differentiable consumer, applies)
     force = ctx.scratch["force"]
-    new_E, infection = ctx.hazard_event_and_derivatives(force, "infection", S)
-
-    if not ctx.sampler.differentiable:
-        after = native_hard_progress(state, new_E, params, ctx)
+    if not ctx.sampler.differentiable:  # the draws and the transition as one native pass on CPU
+        after = native_hard_progress(state, force, params, ctx)
         if after is not None:
             return after
+    new_E, infection = ctx.hazard_event_and_derivatives(force, "infection", S)
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
@@ -943,17 +942,19 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donated state's step updates in place
 
 
-def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, ctx: StepContext) -> CovidState | None:
-    """`progress` in hard mode after the infection draws ``new_E`` [B, N] as one native call on CPU
-    (`hard_native`: the same numbers as the torch ops below it in `progress`), or None where it does not apply.
-    The fields are updated in place where they are this loop's own (`StepContext.owns`), else in copies."""
+def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, ctx: StepContext
+                         ) -> CovidState | None:
+    """`progress` in hard mode as one native call on CPU (`hard_native.hard_progress`: the infection draws at rate
+    ``force`` [B, N], `StepContext.hazard_event`'s, and the transition; the same numbers as the torch ops below it in
+    `progress`), or None where it does not apply. The fields are updated in place where they are this loop's own
+    (`StepContext.owns`), else in copies."""
     env: CovidEnv = ctx.env
     t = ctx.step
     fields = {name: getattr(state, name) for name in hard_native.FIELDS}
-    if not (new_E.dtype == torch.uint8 and new_E.shape == state.stage_end.shape
+    if not (force.dtype == torch.float32 and force.shape == state.stage_end.shape and not force.requires_grad
             and hard_native.applies(fields, state.stage_end)):
         return None
-    B = new_E.shape[0]
+    B = force.shape[0]
     # vaccination first: its eligibility reads the memberships before today's changes
     V = state.vaccinated
     vaccinating = ctx.lever("vaccination") is not None
@@ -966,17 +967,17 @@ def native_hard_progress(state: CovidState, new_E: Tensor, params: CovidParams, 
     versions = {name: x._version for name, x in fields.items()}
     owned = {name: x if ctx.owns(x) else x.clone() for name, x in fields.items()}
     stage_end = state.stage_end if ctx.owns(state.stage_end) else state.stage_end.clone()
-    infected_b, infected_i = select.nonzero(new_E)
-    flows = hard_native.hard_progress(
-        owned, stage_end, t, (infected_b, infected_i), ctx.rng._keys(t, hard_native.STREAMS), ctx.rng.agent_base,
+    drawn = hard_native.hard_progress(
+        owned, stage_end, t, (-force).exp_(), ctx.rng._keys(t, hard_native.STREAMS), ctx.rng.agent_base,
         env.age_group, env.borough, len(env.group_labels),
         dict(symptomatic=params.symptomatic_fraction, hosp=params.hosp_given_symptomatic, death=params.death_given_hosp),
         dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,
              isolate=state.isolate_prob, testing=lever_per_agent(ctx, "testing_isolation"),
              efficacy_severe=params.vaccine_efficacy_severe if vaccinating else None),
         V if vaccinating else None, env.durations["E"], env.exit_durations)
-    if flows is None:
+    if drawn is None:
         return None
+    flows, (infected_b, infected_i) = drawn
     recent = state.reported_recent.clone()
     recent[:, t % 7] = flows[1]  # reported
     ctx.scratch.update(metric_flows=flows[:len(METRIC_FLOWS)], stage_count_changes=flows[len(hard_native.FLOWS):],

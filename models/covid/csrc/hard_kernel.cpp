@@ -1,7 +1,7 @@
 // The covid model's hard-mode day (models/covid/model.py) as native passes, for CPU: the force of infection
 // (`infection_pressure`: the group totals of the infectious agents' contributions, the layers' tables made from them,
-// and the layered force read from the tables), and the transition after the infection draws (`progress`):
-// the newly infected agents enter E with their countdowns, and every agent whose countdown ends today draws its next
+// and the layered force read from the tables), and the transition (`progress`): the infection draws, the newly
+// infected agents' entry into E with their countdowns, and every agent whose countdown ends today drawing its next
 // stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the same pass.
 // Loaded by models/covid/hard_native.py; model.py keeps the same arithmetic in torch ops (the reference, and the path
 // on other devices and in gradient modes). Memberships are uint8 0/1 and are combined in uint8 arithmetic as the
@@ -9,7 +9,8 @@
 // -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
 // At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents in the
-// transition, ~45 in the force and its tables); these are two calls.
+// transition, ~45 in the force and its tables); these are two calls. The survival exp(−λ) between them stays torch's
+// (its vectorised exp's bits).
 
 #include <algorithm>
 #include <cstdint>
@@ -38,11 +39,10 @@ struct ProgressArgs {
   // [B, N] memberships (uint8) and countdowns (int16), updated in place
   uint8_t *S, *E, *Ia, *Is, *H, *R, *D, *isolating;
   int16_t* stage_end;
-  // today's infections: (b, i) pairs
-  int64_t infected;
-  const int64_t *infected_b, *infected_i;
-  // random streams: base [N]; keys [7, B] (symptoms, hospitalisation, death, detection, isolation, duration-exit,
-  // duration-E)
+  // the infection draws: survival exp(−λ) [B, N] (an agent of S is infected where u < 1 − survival)
+  const float* survival;
+  // random streams: base [N]; keys [8, B] (symptoms, hospitalisation, death, detection, isolation, duration-exit,
+  // duration-E, infection)
   const int32_t *base, *keys;
   const int32_t *age_group, *borough;                  // [N]
   const float *symptomatic, *hosp, *death;              // [A]
@@ -50,6 +50,10 @@ struct ProgressArgs {
   const uint8_t* vaccinated;                            // [B, N] or null (no vaccination lever)
   const float *cdf_E, *cdf_exit;                        // [K], [3, K] (I_asym, I_sym, H)
   float* flows;  // [21, B, G] out: the 13 flows, then the stage counts' 8 changes
+  // out: today's infections, their (b, i) pairs in row-major order held for `agenttensor_covid_take_pairs` (null if
+  // none)
+  int64_t infected;
+  void* pairs;
 };
 
 namespace {
@@ -109,33 +113,65 @@ void exit_agent(const ProgressArgs& a, int64_t b, int64_t n, int64_t* count) {
 
 extern "C" {
 
-// The day's transition after the infection draws (see the file's comment); the flows' counts [13, B, G] as float32,
-// then the changes of the stage counts they make [8, B, G].
-void agenttensor_covid_hard_progress(const ProgressArgs* args) {
-  const ProgressArgs& a = *args;
+// The day's transition (see the file's comment): the infection draws, entries into E, exits; the flows' counts
+// [13, B, G] as float32, then the changes of the stage counts they make [8, B, G].
+void agenttensor_covid_hard_progress(ProgressArgs* args) {
+  ProgressArgs& a = *args;
   const int64_t cells = a.B * a.G, total = a.B * a.N;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(a.threads, total >> 16));
   std::vector<int64_t> counts(static_cast<size_t>(threads * kFlows * cells), 0);
+  std::vector<std::vector<int64_t>> found(static_cast<size_t>(threads));  // per thread: its infections' (b, i)
   const uint32_t* keys = reinterpret_cast<const uint32_t*>(a.keys);
-  // entering E: S − new_E, E + new_E and the latent period's countdown t + d, d ~ the E table
-  for (int64_t m = 0; m < a.infected; ++m) {
-    const int64_t b = a.infected_b[m], n = a.infected_i[m], at = b * a.N + n;
-    a.S[at] = static_cast<uint8_t>(a.S[at] - 1);
-    a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
-    const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
-    a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
-    counts[b * a.G + a.borough[n]] += 1;
-  }
-  // the exits: every agent whose countdown ends today (the entrants' countdowns end later)
   const int16_t today = static_cast<int16_t>(a.t);
   agenttensor::parallel(threads, total, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    int64_t* count = counts.data() + omp_get_thread_num() * kFlows * cells;  // 0 outside a parallel region
+    const int w = omp_get_thread_num();  // 0 outside a parallel region
+    int64_t* count = counts.data() + w * kFlows * cells;
+    std::vector<int64_t>& pairs = found[static_cast<size_t>(w)];
     agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
-      const int16_t* row = a.stage_end + b * a.N;
-      for (int64_t n = i0; n < i1; ++n)
-        if (row[n] == today) exit_agent(a, b, n, count);
+      const int64_t row = b * a.N;
+      const uint8_t* S = a.S + row;
+      const float* survival = a.survival + row;
+      const int16_t* ends = a.stage_end + row;
+      const uint32_t infection = keys[7 * a.B + b];
+      for (int64_t n0 = i0; n0 < i1; n0 += 64) {  // 64 agents' tests at a time (vectorised), then the few hits
+        const int64_t width = std::min<int64_t>(64, i1 - n0);
+        uint8_t hit[64];
+        uint8_t any = 0;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t n = n0 + j;
+          const uint8_t infected = (uniform_of(static_cast<uint32_t>(a.base[n]) ^ infection) < 1.f - survival[n])
+                                   & (S[n] != 0);
+          hit[j] = static_cast<uint8_t>(infected | ((ends[n] == today) << 1));
+          any |= hit[j];
+        }
+        if (!any) continue;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t n = n0 + j, at = row + n;
+          if (hit[j] & 1) {  // S → E, the latent period's countdown t + d, d ~ the E table
+            a.S[at] = static_cast<uint8_t>(a.S[at] - 1);
+            a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
+            const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
+            a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
+            count[b * a.G + a.borough[n]] += 1;
+            pairs.push_back(b);
+            pairs.push_back(n);
+          } else if (hit[j]) {  // a countdown ends today (a susceptible agent has none)
+            exit_agent(a, b, n, count);
+          }
+        }
+      }
     });
   });
+  size_t infected = 0;
+  for (const auto& pairs : found) infected += pairs.size() / 2;
+  a.infected = static_cast<int64_t>(infected);
+  a.pairs = nullptr;
+  if (infected) {  // the threads' chunks in order: row-major
+    auto* all = new std::vector<int64_t>();
+    all->reserve(2 * infected);
+    for (const auto& pairs : found) all->insert(all->end(), pairs.begin(), pairs.end());
+    a.pairs = all;
+  }
   for (int64_t k = 0; k < kFlows * cells; ++k) {
     int64_t sum = 0;
     for (int64_t w = 0; w < threads; ++w) sum += counts[w * kFlows * cells + k];
@@ -150,6 +186,16 @@ void agenttensor_covid_hard_progress(const ProgressArgs* args) {
                              flow(10), flow(3), flow(11) - flow(12)};
     for (int k = 0; k < 8; ++k) change[k * cells + c] = values[k];
   }
+}
+
+// Today's infections from `agenttensor_covid_hard_progress` (its ``pairs``) into b [M] and i [M]; frees them.
+void agenttensor_covid_take_pairs(void* pairs, int64_t* b, int64_t* i) {
+  auto* all = static_cast<std::vector<int64_t>*>(pairs);
+  for (size_t m = 0; m < all->size() / 2; ++m) {
+    b[m] = (*all)[2 * m];
+    i[m] = (*all)[2 * m + 1];
+  }
+  delete all;
 }
 
 }  // extern "C"
