@@ -14,6 +14,8 @@ were calls on tens of agents: ~0.6 ms of the transition's, ~0.3 ms of the force'
 from __future__ import annotations
 
 import ctypes
+import itertools
+import operator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -149,10 +151,10 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival
 class ForceLayerSpec(NamedTuple):
     """One layer of `hard_force`: its sources (slot [N] int32 or int64 with values in [0, S); away: ι a, else ι; the
     presence 1 − ``lever`` and, for workplaces, ``on_site`` [B, N] uint8 and 1 − ``closed``, each as `At` reads it or
-    None), its table (``kind``: "scaled" (c inv_s) T_s, "levels" ((c inv_s) level_s) T_s, "community"; c = β w with
-    ``weight``; ``inv`` and ``level`` [S]) and its force term (presence, factor, factor_all [B | 1, N] or None)."""
+    None), its table (``kind``: "scaled" (c inv_s) T_s, "levels" ((c inv_s) level_s) T_s, "community" (S = C + 1);
+    c = β w with ``weight``; ``inv`` and ``level`` [S]) and its force term (presence, factor, factor_all [B | 1, N] or
+    None). ``kind`` is one of `KINDS`' own strings: the kept arguments are matched by identity."""
     slot: Tensor
-    slots: int
     away: bool
     lever: Tensor | None
     on_site: Tensor | None
@@ -176,7 +178,7 @@ class CommunitySpec(NamedTuple):
     rho: Tensor
 
 
-_KINDS = {"scaled": 0, "levels": 1, "community": 2}
+KINDS = {"scaled": 0, "levels": 1, "community": 2}
 
 
 def _one_value(x: Tensor) -> bool:
@@ -188,7 +190,8 @@ def _vector(x: Tensor, n: int, dtype=torch.float32) -> bool:
 
 
 class _Plan(NamedTuple):
-    key: tuple  # the inputs the arguments point into (held: their memory stays theirs)
+    shape: tuple[int, int]
+    key: tuple  # the inputs the arguments point into, matched by identity (held: their memory stays theirs)
     args: _ForceArgs
     keep: tuple  # (the tables [B, S] by name, the source and table structs, `layered_shares_at`'s kept form)
 
@@ -212,11 +215,9 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
     if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in fields) \
             or not (_one_value(scale) and _one_value(multiplier)):
         return None
-    key = (shape, torch.is_grad_enabled(), alpha, eta, sigma, *community,
-           *(x for name, spec in layers.items() for x in (name, *spec)))
+    key = (torch.is_grad_enabled(), alpha, eta, sigma, *community, *itertools.chain.from_iterable(layers.values()))
     plan = cache.get(("hard_force", *layers))  # one per set of layers (school and work days, weekends)
-    if plan is None or len(plan.key) != len(key) or not all(
-            a is b or (not isinstance(a, Tensor) and a == b) for a, b in zip(plan.key, key)):
+    if plan is None or plan.shape != shape or len(plan.key) != len(key) or not all(map(operator.is_, plan.key, key)):
         plan = cache[("hard_force", *layers)] = _plan(key, shape, alpha, eta, layers, community, sigma)
     if plan.args is None:
         return None
@@ -235,9 +236,9 @@ def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers
     """`hard_force`'s arguments for these inputs (``args`` None where the kernel does not apply to them)."""
     from agenttensor import _group_kernels
 
-    none = _Plan(key, None, ())
+    none = _Plan(shape, key, None, ())
     B, N = shape
-    tensors = [x for x in key[2:] if isinstance(x, Tensor)]
+    tensors = [x for x in key if isinstance(x, Tensor)]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return none
     a, e = _strided(alpha, B, N), _strided(eta, B, N)
@@ -251,18 +252,17 @@ def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers
     tables, sources, table_structs, terms = {}, [], [], []
     for name, spec in layers.items():
         lever, closed = _strided(spec.lever, B, N), _strided(spec.closed, B, N)
-        S = spec.slots
-        if lever is None or closed is None or spec.kind not in _KINDS or not _one_value(spec.weight) \
+        S = C + 1 if spec.kind == "community" else -1 if spec.inv is None else spec.inv.numel()
+        if lever is None or closed is None or spec.kind not in KINDS or not _one_value(spec.weight) \
                 or (spec.on_site is not None and not _cpu(spec.on_site, torch.uint8, shape)) \
                 or (spec.kind != "community" and not _vector(spec.inv, S)) \
-                or (spec.kind == "levels" and not _vector(spec.level, S)) \
-                or (spec.kind == "community" and S != C + 1):
+                or (spec.kind == "levels" and not _vector(spec.level, S)):
             return none
         table = tables[name] = torch.empty(B, S)
         sources.append(_SourceLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away), lever,
                                     None if spec.on_site is None else spec.on_site.data_ptr(), closed,
                                     table.data_ptr()))
-        table_structs.append(_TableLayer(_KINDS[spec.kind], spec.weight.data_ptr(),
+        table_structs.append(_TableLayer(KINDS[spec.kind], spec.weight.data_ptr(),
                                          None if spec.inv is None else spec.inv.data_ptr(),
                                          None if spec.level is None else spec.level.data_ptr()))
         terms.append((table, spec.slot, spec.presence, spec.factor, spec.factor_all))
@@ -279,4 +279,4 @@ def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers
                       community=_Community(C, G, *(x.data_ptr() for x in community)),
                       layered_force=ctypes.cast(_group_kernels._library().agenttensor_layered_force, _P).value,
                       force_layers=ctypes.addressof(force_layers), sigma=sigma_p, sigma_stride=sigma_stride)
-    return _Plan(key, args, (tables, (source_array, table_array), [(B, force_layers, terms)]))
+    return _Plan(shape, key, args, (tables, (source_array, table_array), [(B, force_layers, terms)]))

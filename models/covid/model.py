@@ -748,7 +748,8 @@ def native_hard_force(state: CovidState, params: CovidParams, ctx: StepContext, 
                    workplace=params.workplace_weight, community=params.community_weight)
     inv = dict(household=env.household_inv_others, school=env.school_inv_others,
                workplace=env.workplace_inv_others, community=None)
-    kinds = dict(household="scaled", school="levels", workplace="scaled", community="community")
+    scaled, levels, mixed = hard_native.KINDS  # (its own strings: the kept arguments are matched by identity)
+    kinds = dict(household=scaled, school=levels, workplace=scaled, community=mixed)
     source_levers = dict(household=None, school=lever_per_agent(ctx, "school_closure") if "school" in names else None,
                          workplace=None, community=lever_per_agent(ctx, "stay_at_home"))
     layers = {}
@@ -757,7 +758,7 @@ def native_hard_force(state: CovidState, params: CovidParams, ctx: StepContext, 
         presence = presences[name]
         work = name == "workplace"
         layers[name] = hard_native.ForceLayerSpec(
-            layer.slot, layer.num_groups + 1, name != "household", source_levers[name], state.on_site if work else None,
+            layer.slot, name != "household", source_levers[name], state.on_site if work else None,
             closed if work else None, kinds[name], weights[name], inv[name],
             level_weight if name == "school" else None, None if presence is None else presence(dense),
             kept_share(name, reductions[name]), kept_all)

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -64,6 +65,19 @@ constexpr int kFlows = 13;  // new infections, then at the exits: reported, to_H
 // min(K, 1 + #{k : cdf[k] <= u}): torch.searchsorted(cdf, u, right=True) + 1, clamped (`disease.draw_duration`)
 inline int64_t duration(const float* cdf, int64_t K, float u) {
   return std::min<int64_t>(K, 1 + (std::upper_bound(cdf, cdf + K, u) - cdf));
+}
+
+constexpr int64_t kBlock = 1024;  // agents per block of `tests`
+
+// hit[j] for a block's agents: bit 0 an agent of S infected today (u < 1 − survival), bit 1 its countdown ends today.
+// Branch-free over restrict pointers: the loop vectorises.
+void tests(const int32_t* __restrict__ base, uint32_t key, const float* __restrict__ survival,
+           const uint8_t* __restrict__ S, const int16_t* __restrict__ ends, int16_t today, int64_t width,
+           uint8_t* __restrict__ hit) {
+  for (int64_t j = 0; j < width; ++j) {
+    const uint8_t infected = (uniform_of(static_cast<uint32_t>(base[j]) ^ key) < 1.f - survival[j]) & (S[j] != 0);
+    hit[j] = static_cast<uint8_t>(infected | ((ends[j] == today) << 1));
+  }
 }
 
 void exit_agent(const ProgressArgs& a, int64_t b, int64_t n, int64_t* count) {
@@ -133,30 +147,27 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
       const float* survival = a.survival + row;
       const int16_t* ends = a.stage_end + row;
       const uint32_t infection = keys[7 * a.B + b];
-      for (int64_t n0 = i0; n0 < i1; n0 += 64) {  // 64 agents' tests at a time (vectorised), then the few hits
-        const int64_t width = std::min<int64_t>(64, i1 - n0);
-        uint8_t hit[64];
-        uint8_t any = 0;
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t n = n0 + j;
-          const uint8_t infected = (uniform_of(static_cast<uint32_t>(a.base[n]) ^ infection) < 1.f - survival[n])
-                                   & (S[n] != 0);
-          hit[j] = static_cast<uint8_t>(infected | ((ends[n] == today) << 1));
-          any |= hit[j];
-        }
-        if (!any) continue;
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t n = n0 + j, at = row + n;
-          if (hit[j] & 1) {  // S → E, the latent period's countdown t + d, d ~ the E table
-            a.S[at] = static_cast<uint8_t>(a.S[at] - 1);
-            a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
-            const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
-            a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
-            count[b * a.G + a.borough[n]] += 1;
-            pairs.push_back(b);
-            pairs.push_back(n);
-          } else if (hit[j]) {  // a countdown ends today (a susceptible agent has none)
-            exit_agent(a, b, n, count);
+      for (int64_t n0 = i0; n0 < i1; n0 += kBlock) {  // a block's tests (vectorised), then its few hits
+        const int64_t width = std::min<int64_t>(kBlock, i1 - n0);
+        alignas(64) uint8_t hit[kBlock + 8] = {};
+        tests(a.base + n0, infection, survival + n0, S + n0, ends + n0, today, width, hit);
+        for (int64_t j0 = 0; j0 < width; j0 += 8) {
+          uint64_t word;
+          std::memcpy(&word, hit + j0, 8);
+          if (!word) continue;
+          for (int64_t j = j0; j < std::min(width, j0 + 8); ++j) {
+            const int64_t n = n0 + j, at = row + n;
+            if (hit[j] & 1) {  // S → E, the latent period's countdown t + d, d ~ the E table
+              a.S[at] = static_cast<uint8_t>(a.S[at] - 1);
+              a.E[at] = static_cast<uint8_t>(a.E[at] + 1);
+              const float u = uniform_of(static_cast<uint32_t>(a.base[n]) ^ keys[6 * a.B + b]);
+              a.stage_end[at] = static_cast<int16_t>(static_cast<int32_t>(a.t + duration(a.cdf_E, a.K, u)));
+              count[b * a.G + a.borough[n]] += 1;
+              pairs.push_back(b);
+              pairs.push_back(n);
+            } else if (hit[j]) {  // a countdown ends today (a susceptible agent has none)
+              exit_agent(a, b, n, count);
+            }
           }
         }
       }
