@@ -243,6 +243,15 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     return weights, derivatives, d_sigma, group_sums
 
 
+def term_rows(x: Tensor | None, B: int, n: int) -> tuple[int | None, int] | None:
+    """A ForceLayer field's (pointer, row stride) for a float32 CPU [B | 1, n] ``x`` with unit column stride ((None, 0)
+    for None), else None."""
+    if x is None:
+        return None, 0
+    stride = _rows(x, n)
+    return None if stride is None or x.shape[0] not in (1, B) else (x.data_ptr(), stride)
+
+
 def forward_layers(sigma: Tensor, layers: list[tuple], constant_last: tuple[bool, ...] = ()) -> tuple | None:
     """The forward pass's native arguments for `layered_force`'s ``sigma`` [B | 1, N] and ``layers``: (B, N, the
     layers' ForceLayer array, (σ's pointer, row stride)), the array pointing into the tensors, or None where the
@@ -254,19 +263,13 @@ def forward_layers(sigma: Tensor, layers: list[tuple], constant_last: tuple[bool
         return None
     B = max([sigma.shape[0]] + [x.shape[0] for layer in layers for x in (layer[0], *layer[2:]) if x is not None])
     N = sigma.shape[1]
-
-    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:  # (pointer, row stride) or None
-        if x is None:
-            return None, 0
-        stride = _rows(x, n)
-        return None if stride is None or x.shape[0] not in (1, B) else (x.data_ptr(), stride)
-
-    sigma_rows = rows(sigma, N)
+    sigma_rows = term_rows(sigma, B, N)
     if sigma_rows is None:
         return None
     structs = []
     for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
-        parts = [rows(table, table.shape[-1]), rows(presence, N), rows(factor, N), rows(factor_all, N)]
+        parts = [term_rows(table, B, table.shape[-1]), term_rows(presence, B, N), term_rows(factor, B, N),
+                 term_rows(factor_all, B, N)]
         if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
             return None
         structs.append(ForceLayer(*parts[0], slot.data_ptr(), int(slot.dtype == torch.int32), *parts[1], *parts[2],

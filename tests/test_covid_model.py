@@ -678,6 +678,9 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
         monkeypatch.setattr(module, name, counted)
     native = run(env, seeds=(0, 1), interventions=ALL_LEVERS, steps=45)
     assert calls == {"hard_progress": 45, "hard_force": 45, "layered_shares_at": 45}  # every day, natively
+    run(env, steps=10)  # and without levers (σ then one row for every element)
+    assert calls == {"hard_progress": 55, "hard_force": 55, "layered_shares_at": 55}
+    del forces[45:]
     monkeypatch.setattr(hard_native, "_library", lambda: None)
     monkeypatch.setattr(_group_kernels, "layered_shares_at", lambda *args: None)
     native_forces, forces[:] = forces[:], []

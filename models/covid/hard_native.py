@@ -153,19 +153,24 @@ class ForceLayerSpec(NamedTuple):
     presence 1 − ``lever`` and, for workplaces, ``on_site`` [B, N] uint8 and 1 − ``closed``, each as `At` reads it or
     None), its table (``kind``: "scaled" (c inv_s) T_s, "levels" ((c inv_s) level_s) T_s, "community" (S = C + 1);
     c = β w with ``weight``; ``inv`` and ``level`` [S]) and its force term (presence, factor, factor_all [B | 1, N] or
-    None). ``kind`` is one of `KINDS`' own strings: the kept arguments are matched by identity."""
+    None). ``kind`` is one of `KINDS`' own strings: the kept arguments are matched by identity. The first `STATIC`
+    fields make the arguments; the others (per-agent values, e.g. levers that change during a run) are set into
+    them when they change."""
     slot: Tensor
     away: bool
-    lever: Tensor | None
-    on_site: Tensor | None
-    closed: Tensor | None
     kind: str
     weight: Tensor
     inv: Tensor | None
     level: Tensor | None
+    lever: Tensor | None
+    on_site: Tensor | None
+    closed: Tensor | None
     presence: Tensor | None
     factor: Tensor | None
     factor_all: Tensor | None
+
+
+STATIC = 6
 
 
 class CommunitySpec(NamedTuple):
@@ -189,16 +194,23 @@ def _vector(x: Tensor, n: int, dtype=torch.float32) -> bool:
     return x.device.type == "cpu" and x.dtype == dtype and tuple(x.shape) == (n,) and x.is_contiguous()
 
 
-class _Plan(NamedTuple):
-    shape: tuple[int, int]
-    key: tuple  # the inputs the arguments point into, matched by identity (held: their memory stays theirs)
-    args: _ForceArgs
-    keep: tuple  # (the tables [B, S] by name, the source and table structs, `layered_shares_at`'s kept form)
+class _Plan:
+    """`hard_force`'s kept arguments: made from the inputs ``static`` (and ``shape``), with the per-agent inputs
+    ``dynamic`` set into them (the inputs are held: their memory stays theirs). ``args`` None: the kernel does not
+    apply to the static inputs; ``ready`` False: not to the per-agent ones."""
+
+    def __init__(self, shape: tuple[int, int], static: tuple):
+        self.shape, self.static, self.dynamic = shape, static, ()
+        self.args: _ForceArgs | None = None
+        self.ready = False  # whether the per-agent inputs `dynamic` are set and apply
+        self.tables: dict[str, Tensor] = {}
+        self.structs: tuple = ()  # (sources, table layers, force layers) ctypes arrays
+        self.kept: list = []  # `layered_force`'s keep list form, for `layered_shares_at`
 
 
 def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor, eta: Tensor, scale: Tensor,
                multiplier: Tensor, layers: dict[str, ForceLayerSpec], community: CommunitySpec, sigma: Tensor
-               ) -> tuple[Tensor, dict[str, Tensor], tuple] | None:
+               ) -> tuple[Tensor, dict[str, Tensor], list] | None:
     """`model.infection_pressure` in hard mode as one native call: every layer's group totals of the infectious
     agents' contributions (``fields`` I_sym, I_asym, isolating uint8 [B, N]; ι = I_sym + α I_asym, ι a = ι (1 − η
     isolating)), the layers' tables made from them in place (β = scale · multiplier), and the force of infection
@@ -207,19 +219,24 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
     where it does not apply (other devices, dtypes or shapes, a derivative reaching the inputs, G ≥ 8 boroughs).
 
     The arguments are kept in ``cache`` (one set per set of layers) while the layers' inputs are the same tensors (their
-    values may change in place): a day then sets the fields' and β's pointers and makes one call. The tables are the
-    kept arguments' buffers, rewritten each day (one run at a time per environment)."""
+    values may change in place): a day then sets the fields' and β's pointers and makes one call; a new per-agent
+    input (σ, a lever, the on-site decisions) is set into them. The tables are the kept arguments' buffers, rewritten
+    each day (one run at a time per environment)."""
     library = _library()
     I_sym, I_asym, isolating = fields
     shape = tuple(I_sym.shape)
     if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in fields) \
             or not (_one_value(scale) and _one_value(multiplier)):
         return None
-    key = (torch.is_grad_enabled(), alpha, eta, sigma, *community, *itertools.chain.from_iterable(layers.values()))
+    specs = layers.values()
+    static = (torch.is_grad_enabled(), alpha, eta, *community, *itertools.chain.from_iterable(x[:STATIC] for x in specs))
+    dynamic = (sigma, *itertools.chain.from_iterable(x[STATIC:] for x in specs))
     plan = cache.get(("hard_force", *layers))  # one per set of layers (school and work days, weekends)
-    if plan is None or plan.shape != shape or len(plan.key) != len(key) or not all(map(operator.is_, plan.key, key)):
-        plan = cache[("hard_force", *layers)] = _plan(key, shape, alpha, eta, layers, community, sigma)
-    if plan.args is None:
+    if plan is None or plan.shape != shape or not _same(plan.static, static):
+        plan = cache[("hard_force", *layers)] = _plan(shape, static, alpha, eta, layers, community)
+    if plan.args is not None and not _same(plan.dynamic, dynamic):
+        plan.ready = _set_per_agent(plan, dynamic, layers, sigma)
+    if plan.args is None or not plan.ready:
         return None
     B, N = shape
     force = torch.empty(B, N)
@@ -228,19 +245,23 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
     args.scale, args.multiplier, args.force = scale.data_ptr(), multiplier.data_ptr(), force.data_ptr()
     args.threads = torch.get_num_threads()
     library.agenttensor_covid_hard_force(ctypes.byref(args))
-    return force, plan.keep[0], plan.keep[2]
+    return force, plan.tables, plan.kept
 
 
-def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers: dict[str, ForceLayerSpec],
-          community: CommunitySpec, sigma: Tensor) -> _Plan:
-    """`hard_force`'s arguments for these inputs (``args`` None where the kernel does not apply to them)."""
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, layers: dict[str, ForceLayerSpec],
+          community: CommunitySpec) -> _Plan:
+    """`hard_force`'s arguments made from the static inputs (``args`` None where the kernel does not apply to them);
+    the per-agent ones are set by `_set_per_agent`."""
     from agenttensor import _group_kernels
 
-    none = _Plan(shape, key, None, ())
+    plan = _Plan(shape, static)
     B, N = shape
-    tensors = [x for x in key if isinstance(x, Tensor)]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return none
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in static):
+        return plan
     a, e = _strided(alpha, B, N), _strided(eta, B, N)
     C, G = community.size.numel(), community.divisor.numel()
     if a is None or e is None or a.p is None or e.p is None or not (
@@ -248,35 +269,65 @@ def _plan(key: tuple, shape: tuple[int, int], alpha: Tensor, eta: Tensor, layers
             and _vector(community.size, C) and _one_value(community.rho)
             and _cpu(community.mixing, torch.float32, (G, G))) \
             or (C and not 0 <= int(community.borough.min()) <= int(community.borough.max()) < G):
-        return none
+        return plan
     tables, sources, table_structs, terms = {}, [], [], []
     for name, spec in layers.items():
-        lever, closed = _strided(spec.lever, B, N), _strided(spec.closed, B, N)
         S = C + 1 if spec.kind == "community" else -1 if spec.inv is None else spec.inv.numel()
-        if lever is None or closed is None or spec.kind not in KINDS or not _one_value(spec.weight) \
-                or (spec.on_site is not None and not _cpu(spec.on_site, torch.uint8, shape)) \
+        if spec.kind not in KINDS or not _one_value(spec.weight) \
                 or (spec.kind != "community" and not _vector(spec.inv, S)) \
                 or (spec.kind == "levels" and not _vector(spec.level, S)):
-            return none
+            return plan
         table = tables[name] = torch.empty(B, S)
-        sources.append(_SourceLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away), lever,
-                                    None if spec.on_site is None else spec.on_site.data_ptr(), closed,
-                                    table.data_ptr()))
+        sources.append(_SourceLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away),
+                                    _Strided(None, 0, 0), None, _Strided(None, 0, 0), table.data_ptr()))
         table_structs.append(_TableLayer(KINDS[spec.kind], spec.weight.data_ptr(),
                                          None if spec.inv is None else spec.inv.data_ptr(),
                                          None if spec.level is None else spec.level.data_ptr()))
-        terms.append((table, spec.slot, spec.presence, spec.factor, spec.factor_all))
-    # every table's non-member slot is a zero ((c inv) · 0 sums, or the community's zero)
-    forward = _group_kernels.forward_layers(sigma, terms, constant_last=(True,) * len(terms))
+        terms.append((table, spec.slot, None, None, None))
+    # every table's non-member slot is a zero ((c inv) · 0 sums, or the community's zero); σ and the presences and
+    # factors are set by `_set_per_agent`
+    forward = _group_kernels.forward_layers(torch.empty(B, N), terms, constant_last=(True,) * len(terms))
     if forward is None or forward[0] != B or forward[1] != N:
-        return none
-    _, _, force_layers, (sigma_p, sigma_stride) = forward
+        return plan
+    force_layers = forward[2]
     source_array = (_SourceLayer * len(sources))(*sources)
     table_array = (_TableLayer * len(table_structs))(*table_structs)
-    args = _ForceArgs(B=B, N=N, L=len(sources), alpha=a, eta=e,
-                      sources=ctypes.cast(source_array, ctypes.POINTER(_SourceLayer)),
-                      tables=ctypes.cast(table_array, ctypes.POINTER(_TableLayer)),
-                      community=_Community(C, G, *(x.data_ptr() for x in community)),
-                      layered_force=ctypes.cast(_group_kernels._library().agenttensor_layered_force, _P).value,
-                      force_layers=ctypes.addressof(force_layers), sigma=sigma_p, sigma_stride=sigma_stride)
-    return _Plan(shape, key, args, (tables, (source_array, table_array), [(B, force_layers, terms)]))
+    plan.args = _ForceArgs(B=B, N=N, L=len(sources), alpha=a, eta=e,
+                           sources=ctypes.cast(source_array, ctypes.POINTER(_SourceLayer)),
+                           tables=ctypes.cast(table_array, ctypes.POINTER(_TableLayer)),
+                           community=_Community(C, G, *(x.data_ptr() for x in community)),
+                           layered_force=ctypes.cast(_group_kernels._library().agenttensor_layered_force, _P).value,
+                           force_layers=ctypes.addressof(force_layers))
+    plan.tables, plan.structs, plan.kept = tables, (source_array, table_array, force_layers), [(B, force_layers, terms)]
+    return plan
+
+
+def _set_per_agent(plan: _Plan, dynamic: tuple, layers: dict[str, ForceLayerSpec], sigma: Tensor) -> bool:
+    """Set the per-agent inputs ``dynamic`` (σ, then each layer's lever, on_site, closed, presence, factor and
+    factor_all) into the plan's arguments. -> False where one does not apply (a dtype or shape, a derivative)."""
+    from agenttensor import _group_kernels
+
+    B, N = plan.shape
+    plan.dynamic = dynamic  # (held: the arguments point into them)
+    source_array, _, force_layers = plan.structs
+    grad = torch.is_grad_enabled()
+    rows = {id(x): _group_kernels.term_rows(x, B, N) for x in dynamic if x is None or x.dtype == torch.float32}
+    sigma_rows = _group_kernels.term_rows(sigma[None] if sigma.dim() == 1 else sigma, B, N)  # [N]: one row for all
+    ok = sigma_rows is not None and sigma_rows[0] is not None
+    for k, spec in enumerate(layers.values()):
+        lever, closed = _strided(spec.lever, B, N), _strided(spec.closed, B, N)
+        terms = [rows.get(id(x)) for x in (spec.presence, spec.factor, spec.factor_all)]
+        if not ok or lever is None or closed is None or any(x is None for x in terms) \
+                or (spec.on_site is not None and not _cpu(spec.on_site, torch.uint8, plan.shape)):
+            ok = False
+            break
+        source = source_array[k]
+        source.lever, source.closed = lever, closed
+        source.on_site = None if spec.on_site is None else spec.on_site.data_ptr()
+        layer = force_layers[k]
+        (layer.presence, layer.presence_stride), (layer.factor, layer.factor_stride), \
+            (layer.factor_all, layer.factor_all_stride) = terms
+    if not ok or (grad and any(x is not None and x.requires_grad for x in dynamic)):
+        return False
+    plan.args.sigma, plan.args.sigma_stride = sigma_rows
+    return True

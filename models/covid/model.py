@@ -758,9 +758,9 @@ def native_hard_force(state: CovidState, params: CovidParams, ctx: StepContext, 
         presence = presences[name]
         work = name == "workplace"
         layers[name] = hard_native.ForceLayerSpec(
-            layer.slot, name != "household", source_levers[name], state.on_site if work else None,
-            closed if work else None, kinds[name], weights[name], inv[name],
-            level_weight if name == "school" else None, None if presence is None else presence(dense),
+            layer.slot, name != "household", kinds[name], weights[name], inv[name],
+            level_weight if name == "school" else None, source_levers[name], state.on_site if work else None,
+            closed if work else None, None if presence is None else presence(dense),
             kept_share(name, reductions[name]), kept_all)
     community = hard_native.CommunitySpec(env.community_borough, borough_divisor(env), mixing, community_size,
                                           params.community_borough_share)
