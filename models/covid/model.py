@@ -795,10 +795,13 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     if ctx.step % int(params.decision_every):
         return state
     env: CovidEnv = ctx.env
-    labour_force = by_borough(env, state.employed.to(torch.float32) + state.unemployed.to(torch.float32))
+    slices, f32 = env.borough_slices, torch.float32  # (memoised values; the derivatives of the sums over agents)
+    employed, unemployed = (range_sums(x, slices, f32, known=counts) for x, counts in
+                            zip((state.employed, state.unemployed), labour_counts(env, state)))
+    labour_force = employed + unemployed
     observations = dict(
         cases_per_100k=state.reported_recent.sum(1) / borough_divisor(env) * 1e5,
-        unemployment_rate=by_borough(env, state.unemployed.to(torch.float32)) / labour_force.clamp_min(1),
+        unemployment_rate=unemployed / labour_force.clamp_min(1),
         policies={lever.name: ctx.lever(lever.name) for lever in LEVERS if ctx.lever(lever.name) is not None},
         date=date_of(ctx.start_date, ctx.step),
     )
@@ -807,6 +810,15 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     can_go = state.employed * env.has_workplace.to(state.employed.dtype)
     on_site = event(ctx, can_go, "work", lambda at: at(work_prob))
     return state.replace(isolate_prob=isolate_prob, work_prob=work_prob, on_site=on_site)
+
+
+def labour_counts(env: CovidEnv, state: CovidState) -> tuple[Tensor, Tensor]:
+    """The employed and the unemployed per borough [B, G] float32 (values: no derivative), memoised while the fields
+    are unchanged: they change once a week, and the behaviour and the metrics read them. Sums of 0/1 values: exact."""
+    fields = (state.employed, state.unemployed)
+    return env.memo("labour_counts", fields, lambda: tuple(range_sums(
+        torch.stack([x.detach() for x in fields]).flatten(0, 1), env.borough_slices, torch.float32).view(
+        2, -1, len(env.borough_slices))), values_only=True)
 
 
 def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
@@ -1046,7 +1058,8 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
     env: CovidEnv = ctx.env
     employed, unemployed = state.employed, state.unemployed
     closed = closed_workplaces(ctx)
-    on_site_job = (1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32)
+    on_site_job = env.memo("on_site_job", (state.remote, env.has_workplace), lambda: (
+        1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32), values_only=True)  # drawn once
     stimulus = lever_per_agent(ctx, "stimulus")
 
     def job_loss(at: At):
@@ -1115,10 +1128,10 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
                              lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step
 
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values; they change once a week
-        employed, unemployed, on_site = (x.detach() for x in (state.employed, state.unemployed, state.on_site))
-        return (by_borough(env, employed, dtype=torch.float32), by_borough(env, unemployed, dtype=torch.float32),
-                by_borough(env, employed * has_workplace, dtype=torch.float32),
-                by_borough(env, on_site * employed, dtype=torch.float32))
+        employed, on_site = state.employed.detach(), state.on_site.detach()
+        with_workplace, on_site = range_sums(torch.stack([employed * has_workplace, on_site * employed]).flatten(0, 1),
+                                             env.borough_slices, torch.float32).view(2, -1, len(env.borough_slices))
+        return (*labour_counts(env, state), with_workplace, on_site)
 
     def shares(employed: Tensor, unemployed: Tensor, with_workplace: Tensor, on_site: Tensor) -> dict[str, Tensor]:
         # on-site work this week: share of employed agents with a workplace who go to it
