@@ -560,7 +560,8 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
         backward_with_sums(B, N, L, layers, sigma, sigma_stride, grad, d_sigma, threads);
         return;
       }
-  agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+  // (the forward's per-agent work is light: two threads from 2^14 agents on)
+  agenttensor::parallel(threads, B * N, int64_t(1) << (grad ? 16 : 14), [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
     std::vector<float> scratch(grad ? 3 * kTile : 0);  // the backward's unwanted outputs
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {

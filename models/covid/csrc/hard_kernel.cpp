@@ -132,12 +132,12 @@ extern "C" {
 void agenttensor_covid_hard_progress(ProgressArgs* args) {
   ProgressArgs& a = *args;
   const int64_t cells = a.B * a.G, total = a.B * a.N;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(a.threads, total >> 16));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(a.threads, total >> 14));  // from 2^14 agents on
   std::vector<int64_t> counts(static_cast<size_t>(threads * kFlows * cells), 0);
   std::vector<std::vector<int64_t>> found(static_cast<size_t>(threads));  // per thread: its infections' (b, i)
   const uint32_t* keys = reinterpret_cast<const uint32_t*>(a.keys);
   const int16_t today = static_cast<int16_t>(a.t);
-  agenttensor::parallel(threads, total, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel(threads, total, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
     const int w = omp_get_thread_num();  // 0 outside a parallel region
     int64_t* count = counts.data() + w * kFlows * cells;
     std::vector<int64_t>& pairs = found[static_cast<size_t>(w)];
@@ -274,12 +274,12 @@ void source_totals(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t *sym = I_sym + b * N, *asym = I_asym + b * N;
     for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const int64_t n1 = std::min(N, n0 + 64);
-      uint8_t any = 0;
-      for (int64_t n = n0; n < n1; ++n) any |= sym[n] | asym[n];
-      if (!any) continue;
-      for (int64_t n = n0; n < n1; ++n) {
-        if (!(sym[n] | asym[n])) continue;
+      const int64_t width = std::min<int64_t>(64, N - n0);
+      uint64_t bits = 0;  // the block's infectious agents (a vectorised test), then each of them in order
+      for (int64_t j = 0; j < width; ++j) bits |= static_cast<uint64_t>((sym[n0 + j] | asym[n0 + j]) != 0) << j;
+      while (bits) {
+        const int64_t n = n0 + __builtin_ctzll(bits);
+        bits &= bits - 1;
         const float iota = static_cast<float>(sym[n]) + read(alpha, b, n) * static_cast<float>(asym[n]);
         const float away = iota * (1.f - read(eta, b, n) * static_cast<float>(isolating[b * N + n]));
         for (int64_t l = 0; l < L; ++l) {
