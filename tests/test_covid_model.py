@@ -671,8 +671,8 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
     calls = {"hard_progress": 0, "hard_force": 0, "layered_shares_at": 0}
     for module, name in ((hard_native, "hard_progress"), (hard_native, "hard_force"),
                          (_group_kernels, "layered_shares_at")):
-        def counted(*args, fn=getattr(module, name), key=name):
-            out = fn(*args)
+        def counted(*args, fn=getattr(module, name), key=name, **kwargs):
+            out = fn(*args, **kwargs)
             calls[key] += out is not None
             return out
         monkeypatch.setattr(module, name, counted)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import operator
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -95,17 +96,15 @@ def _strided(x: Tensor | None, B: int, N: int) -> _Strided | None:
     return _Strided(view.data_ptr(), view.stride(0), view.stride(1))
 
 
-def applies(fields: dict[str, Tensor], stage_end: Tensor) -> bool:
-    """Whether the kernel can run on these fields (uint8 [B, N] contiguous on CPU, int16 countdowns) where built."""
-    shape = tuple(stage_end.shape)
-    return len(shape) == 2 and _cpu(stage_end, torch.int16, shape) \
-        and all(_cpu(fields[name], torch.uint8, shape) for name in FIELDS) and _library() is not None
+def enabled() -> bool:
+    """Whether the kernels are on and built."""
+    return _library() is not None
 
 
 def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival: Tensor, keys: Tensor, base: Tensor,
                   age_group: Tensor, borough: Tensor, G: int, tables: dict[str, Tensor],
-                  per_agent: dict[str, Tensor | None], vaccinated: Tensor | None, cdf_E: Tensor, cdf_exit: Tensor
-                  ) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
+                  per_agent: dict[str, Tensor | None], vaccinated: Tensor | None, cdf_E: Tensor, cdf_exit: Tensor,
+                  cache: dict | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
     """Update ``fields`` (`FIELDS`, uint8 [B, N]) and ``stage_end`` (int16 [B, N]) in place for step ``t``: the agents
     of S are infected where u < 1 − ``survival`` (exp(−λ) [B, N] float32; `StepContext.hazard_event`'s draws) and enter
     E, the agents whose countdown is ``t`` exit their stage. ``keys`` [8, B] int32 are the `STREAMS`' keys at t;
@@ -113,39 +112,87 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival
     testing, efficacy_severe as `At` reads them; ``vaccinated`` [B, N] uint8 with the vaccination lever, else None;
     ``cdf_E`` [K], ``cdf_exit`` [3, K] (I_asym, I_sym, H). -> (the flows and the stage counts' changes [21, B, G]
     float32 (rows `FLOWS`, then `CHANGES`), today's infections as `select.nonzero`'s (b, i) int64 pairs), or None
-    where the kernel does not apply (nothing is then written)."""
+    where the kernel does not apply (nothing is then written). With a ``cache``, the arguments are kept there while
+    the inputs are the same tensors (a day then checks and sets only what is new)."""
     library = _library()
-    B, N = stage_end.shape
-    K = cdf_E.numel()
-    strided = {name: _strided(per_agent.get(name), B, N) for name in
-               ("detect", "detect_asym_ratio", "testing", "isolate", "efficacy_severe")}
-    if library is None or any(v is None for v in strided.values()) or strided["detect"].p is None \
-            or strided["detect_asym_ratio"].p is None or strided["isolate"].p is None \
-            or not all(_cpu(tables[k], torch.float32, tuple(tables[k].shape)) and tables[k].dim() == 1
-                       for k in ("symptomatic", "hosp", "death")) \
-            or not (_cpu(cdf_E, torch.float32, (K,)) and _cpu(cdf_exit, torch.float32, (3, K))) \
-            or not (_cpu(keys, torch.int32, (len(STREAMS), B)) and _cpu(base, torch.int32, (N,))
-                    and _cpu(age_group, torch.int32, (N,)) and _cpu(borough, torch.int32, (N,))
-                    and _cpu(survival, torch.float32, (B, N))) \
-            or (vaccinated is not None and (not _cpu(vaccinated, torch.uint8, (B, N)) or strided["efficacy_severe"].p is None)):
+    if library is None or stage_end.dim() != 2:
+        return None
+    shape = tuple(stage_end.shape)
+    B, N = shape
+    static = (base, age_group, borough, tables["symptomatic"], tables["hosp"], tables["death"], cdf_E, cdf_exit)
+    plan = None if cache is None else cache.get("hard_progress")
+    if plan is None or plan.shape != shape or plan.G != G or not _same(plan.static, static):
+        plan = _progress_plan(shape, G, static)
+        if cache is not None:
+            cache["hard_progress"] = plan
+    args = plan.args
+    if args is None:
+        return None
+    inputs = (per_agent["detect"], per_agent["detect_asym_ratio"], per_agent.get("testing"), per_agent["isolate"],
+              per_agent.get("efficacy_severe"), vaccinated)
+    if not _alive(plan.per_agent, inputs):
+        plan.per_agent = ()
+        strided = [_strided(x, B, N) for x in inputs[:5]]
+        if any(v is None for v in strided) or any(strided[k].p is None for k in (0, 1, 3)) \
+                or (vaccinated is not None and (not _cpu(vaccinated, torch.uint8, shape) or strided[4].p is None)):
+            return None
+        args.detect, args.detect_asym_ratio, args.testing, args.isolate, args.efficacy_severe = strided
+        args.vaccinated = None if vaccinated is None else vaccinated.data_ptr()
+        plan.per_agent = _refs(inputs)
+    state = (*(fields[name] for name in FIELDS), stage_end)
+    if not _alive(plan.fields, state):  # the fields (a donated state's are the same tensors from day to day)
+        plan.fields = ()
+        if not (_cpu(stage_end, torch.int16, shape) and all(_cpu(x, torch.uint8, shape) for x in state[:-1])):
+            return None
+        args.S, args.E, args.Ia, args.Is, args.H, args.R, args.D, args.isolating, args.stage_end = (
+            x.data_ptr() for x in state)
+        plan.fields = _refs(state)
+    if not (_cpu(keys, torch.int32, (len(STREAMS), B)) and _cpu(survival, torch.float32, shape)):
         return None
     flows = torch.empty(len(FLOWS) + len(CHANGES), B, G, dtype=torch.float32)
-    f = {name: fields[name].data_ptr() for name in FIELDS}
-    args = _Args(B=B, N=N, G=G, K=K, t=t, threads=torch.get_num_threads(),
-                 S=f["S"], E=f["E"], Ia=f["I_asym"], Is=f["I_sym"], H=f["H"], R=f["R"], D=f["D"],
-                 isolating=f["isolating"], stage_end=stage_end.data_ptr(), survival=survival.data_ptr(),
-                 base=base.data_ptr(), keys=keys.data_ptr(), age_group=age_group.data_ptr(), borough=borough.data_ptr(),
-                 symptomatic=tables["symptomatic"].data_ptr(), hosp=tables["hosp"].data_ptr(),
-                 death=tables["death"].data_ptr(), **strided,
-                 vaccinated=None if vaccinated is None else vaccinated.data_ptr(), cdf_E=cdf_E.data_ptr(),
-                 cdf_exit=cdf_exit.data_ptr(), flows=flows.data_ptr())
+    args.t, args.threads, args.survival, args.keys, args.flows = (t, torch.get_num_threads(), survival.data_ptr(),
+                                                                  keys.data_ptr(), flows.data_ptr())
     library.agenttensor_covid_hard_progress(ctypes.byref(args))
-    for x in (*fields.values(), stage_end):  # in-place writes: the version counters move as index_put_'s would
+    for x in state:  # in-place writes: the version counters move as index_put_'s would
         torch.autograd.graph.increment_version(x)
     infected_b, infected_i = torch.empty(args.infected, dtype=torch.int64), torch.empty(args.infected, dtype=torch.int64)
     if args.infected:
         library.agenttensor_covid_take_pairs(args.pairs, infected_b.data_ptr(), infected_i.data_ptr())
     return flows, (infected_b, infected_i)
+
+
+class _ProgressPlan:
+    """`hard_progress`'s kept arguments: made from the inputs ``static`` (held), with the per-agent values and the
+    fields set into them when they are new tensors (by weak reference: a run's state is not kept alive; a tensor that
+    died is a new one). ``args`` None: the kernel does not apply."""
+
+    def __init__(self, shape: tuple[int, int], G: int, static: tuple, args: _Args | None):
+        self.shape, self.G, self.static, self.args = shape, G, static, args
+        self.per_agent: tuple = ()
+        self.fields: tuple = ()
+
+
+def _refs(xs: tuple) -> tuple:
+    return tuple(None if x is None else weakref.ref(x) for x in xs)
+
+
+def _alive(refs: tuple, xs: tuple) -> bool:
+    """Whether ``refs`` (`_refs`) are weak references to the tensors ``xs`` (None for None)."""
+    return len(refs) == len(xs) and all(x is None if r is None else r() is x for r, x in zip(refs, xs))
+
+
+def _progress_plan(shape: tuple[int, int], G: int, static: tuple) -> _ProgressPlan:
+    B, N = shape
+    base, age_group, borough, symptomatic, hosp, death, cdf_E, cdf_exit = static
+    K = cdf_E.numel()
+    if not (all(_cpu(x, torch.float32, tuple(x.shape)) and x.dim() == 1 for x in (symptomatic, hosp, death))
+            and _cpu(cdf_E, torch.float32, (K,)) and _cpu(cdf_exit, torch.float32, (3, K))
+            and all(_cpu(x, torch.int32, (N,)) for x in (base, age_group, borough))):
+        return _ProgressPlan(shape, G, static, None)
+    args = _Args(B=B, N=N, G=G, K=K, base=base.data_ptr(), age_group=age_group.data_ptr(), borough=borough.data_ptr(),
+                 symptomatic=symptomatic.data_ptr(), hosp=hosp.data_ptr(), death=death.data_ptr(),
+                 cdf_E=cdf_E.data_ptr(), cdf_exit=cdf_exit.data_ptr())
+    return _ProgressPlan(shape, G, static, args)
 
 
 class ForceLayerSpec(NamedTuple):

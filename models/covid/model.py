@@ -965,7 +965,7 @@ def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, 
     t = ctx.step
     fields = {name: getattr(state, name) for name in hard_native.FIELDS}
     if not (force.dtype == torch.float32 and force.shape == state.stage_end.shape and not force.requires_grad
-            and hard_native.applies(fields, state.stage_end)):
+            and hard_native.enabled()):
         return None
     B = force.shape[0]
     # vaccination first: its eligibility reads the memberships before today's changes
@@ -987,7 +987,7 @@ def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, 
         dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,
              isolate=state.isolate_prob, testing=lever_per_agent(ctx, "testing_isolation"),
              efficacy_severe=params.vaccine_efficacy_severe if vaccinating else None),
-        V if vaccinating else None, env.durations["E"], env.exit_durations)
+        V if vaccinating else None, env.durations["E"], env.exit_durations, cache=env.cache)
     if drawn is None:
         return None
     flows, (infected_b, infected_i) = drawn
