@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 S = TypeVar("S", bound="TensorState")
+_init_fields: dict[type, frozenset[str]] = {}  # a state class's fields set at init (`TensorState.replace`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,18 @@ class TensorState:
     gradient_only: ClassVar[tuple[str, ...]] = ()
 
     def replace(self: S, **changes: Any) -> S:
-        """New state with some fields replaced (the old one is unchanged)."""
-        return dataclasses.replace(self, **changes)
+        """New state with some fields replaced (the old one is unchanged). ``dataclasses.replace``'s result, without its
+        per-field init call where the class has no ``__post_init__`` (a step's few microseconds at small N)."""
+        cls = type(self)
+        names = _init_fields.get(cls)
+        if names is None:
+            names = _init_fields[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+        if hasattr(cls, "__post_init__") or not changes.keys() <= names:
+            return dataclasses.replace(self, **changes)  # (its checks and errors)
+        new = object.__new__(cls)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -293,15 +293,16 @@ class CovidEnv:
             return None
         return hit[2] + change
 
-    def carry_counts(self, name: str, x: Tensor, version: int) -> None:
-        """Field ``name``'s tensor x, whose sums were recorded at ``version``, was updated in place by today's step (a
-        donated state): the record moves to x's new version and still holds yesterday's sums, which `rolled_counts`
-        adds today's change to (``before`` is x itself)."""
+    def carry_counts(self, moved: dict[str, tuple[Tensor, int]]) -> None:
+        """Fields updated in place by today's step (a donated state), ``moved``: name -> (its tensor x, the version its
+        sums were recorded at): each record moves to x's new version and still holds yesterday's sums, which
+        `rolled_counts` adds today's change to (``before`` is x itself)."""
         for key, (refs, versions, counts) in list(self.counts.items()):
             names = key if isinstance(key, tuple) else (key,)
-            k = names.index(name) if name in names else -1
-            if k >= 0 and _same_memory(refs[k](), x) and versions[k] == version:
-                self.counts[key] = (refs, (*versions[:k], x._version, *versions[k + 1:]), counts)
+            carried = [moved[name][0]._version if name in moved and _same_memory(ref(), moved[name][0])
+                       and version == moved[name][1] else version for name, ref, version in zip(names, refs, versions)]
+            if carried != list(versions):
+                self.counts[key] = (refs, tuple(carried), counts)
 
     def record_counts(self, key: str | tuple[str, ...], x: Tensor | tuple[Tensor, ...], counts: Tensor) -> None:
         """Remember the per-borough sums ([B, G], or [K, B, G] for a tuple of K fields) of x [B, N] for the next
@@ -1004,12 +1005,15 @@ def owned_after_step(before: CovidState, after: CovidState, versions: dict[str, 
     unchanged is not: it may be the caller's). The fields updated in place (their version moved from ``versions``,
     the step's start; the new field is the tensor or, in gradient modes, an alias of it) keep their per-borough
     counts rolling (`CovidEnv.carry_counts`)."""
+    moved = {}
     for name in ("S", "E", *IN_PLACE):
         x, x0 = getattr(after, name), getattr(before, name)
         if x0._version != versions.get(name, x0._version):
-            ctx.env.carry_counts(name, x0, versions[name])
+            moved[name] = (x0, versions[name])
         if x is not x0:
             ctx.own(x)
+    if moved:
+        ctx.env.carry_counts(moved)
     return after
 
 
