@@ -351,12 +351,16 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
       community_table(a.community, c, table, a.B);
       continue;
     }
-    for (int64_t b = 0; b < a.B; ++b)
-      for (int64_t s = 0; s < S; ++s) {
-        float scale = c * t.inv[s];
-        if (t.kind == kLevels) scale = scale * t.level[s];
-        table[b * S + s] = scale * table[b * S + s];
-      }
+    agenttensor::parallel(a.threads, a.B * S, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {  // (elementwise)
+      agenttensor::for_rows(lo, hi, S, [&](int64_t b, int64_t s0, int64_t s1) {
+        float* row = table + b * S;
+        for (int64_t s = s0; s < s1; ++s) {
+          float scale = c * t.inv[s];
+          if (t.kind == kLevels) scale = scale * t.level[s];
+          row[s] = scale * row[s];
+        }
+      });
+    });
   }
   a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, nullptr, a.force, nullptr, a.threads);
 }
