@@ -52,8 +52,8 @@ def native_kernels_built() -> bool:
 
 
 def env_bytes(env) -> int:
-    """Bytes of the environment's tensors, its group layers and what `CovidEnv.memo` holds (per-agent lever
-    values, closed workplaces, susceptibility: filled during the run)."""
+    """Bytes of the environment's tensors, its group layers, what `CovidEnv.memo` holds (per-agent lever
+    values, closed workplaces, susceptibility: filled during the run) and the native force's table buffers."""
     total = 0
     for value in vars(env).values():
         tensors = [value] if isinstance(value, torch.Tensor) else \
@@ -62,6 +62,8 @@ def env_bytes(env) -> int:
     for _, result, *_ in getattr(env, "cache", {}).values():
         results = result if isinstance(result, tuple) else (result,)
         total += sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor))
+    for kept in getattr(env, "native", {}).values():  # the native force's tables (its kept arguments' buffers)
+        total += sum(t.numel() * t.element_size() for t in getattr(kept, "tables", {}).values())
     return total
 
 

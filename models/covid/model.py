@@ -253,6 +253,7 @@ class CovidEnv:
     behavior: Any
     cache: dict = field(default_factory=dict, repr=False)  # see `memo`
     counts: dict = field(default_factory=dict, repr=False)  # see `rolled_counts`
+    native: dict = field(default_factory=dict, repr=False)  # the native passes' kept arguments (`hard_native`)
 
     def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any], values_only: bool = False) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
@@ -765,7 +766,7 @@ def native_hard_force(state: CovidState, params: CovidParams, ctx: StepContext, 
             kept_share(name, reductions[name]), kept_all)
     community = hard_native.CommunitySpec(env.community_borough, borough_divisor(env), mixing, community_size,
                                           params.community_borough_share)
-    return hard_native.hard_force(env.cache, (state.I_sym, state.I_asym, state.isolating),
+    return hard_native.hard_force(env.native, (state.I_sym, state.I_asym, state.isolating),
                                   params.asymptomatic_infectiousness, params.isolation_effectiveness,
                                   params.transmission_scale, multiplier, layers, community, sigma)
 
@@ -988,7 +989,7 @@ def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, 
         dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,
              isolate=state.isolate_prob, testing=lever_per_agent(ctx, "testing_isolation"),
              efficacy_severe=params.vaccine_efficacy_severe if vaccinating else None),
-        V if vaccinating else None, env.durations["E"], env.exit_durations, cache=env.cache)
+        V if vaccinating else None, env.durations["E"], env.exit_durations, cache=env.native)
     if drawn is None:
         return None
     flows, (infected_b, infected_i) = drawn
