@@ -818,9 +818,18 @@ def labour_counts(env: CovidEnv, state: CovidState) -> tuple[Tensor, Tensor]:
     """The employed and the unemployed per borough [B, G] float32 (values: no derivative), memoised while the fields
     are unchanged: they change once a week, and the behaviour and the metrics read them. Sums of 0/1 values: exact."""
     fields = (state.employed, state.unemployed)
-    return env.memo("labour_counts", fields, lambda: tuple(range_sums(
-        torch.stack([x.detach() for x in fields]).flatten(0, 1), env.borough_slices, torch.float32).view(
-        2, -1, len(env.borough_slices))), values_only=True)
+    return env.memo("labour_counts", fields, lambda: tuple(field_counts(env, [x.detach() for x in fields])),
+                    values_only=True)
+
+
+def field_counts(env: CovidEnv, fields: list[Tensor]) -> Tensor:
+    """Per-borough sums of K [B, N] fields of one dtype as float32 [K, B, G] (0/1 values: exact). At small N the
+    fields are stacked first (one sum per borough for all of them: fewer ops); above 2^16 values each field's own
+    (no [K, B, N] copy: at full NYC 8 uint8 fields are 70 MB)."""
+    if fields[0].numel() > 1 << 16:
+        return torch.stack([range_sums(x, env.borough_slices, torch.float32) for x in fields])
+    return range_sums(torch.stack(fields).flatten(0, 1), env.borough_slices, torch.float32).view(
+        len(fields), -1, len(env.borough_slices))
 
 
 def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
@@ -1119,8 +1128,7 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         counts = env.rolled_counts(COUNTED, tuple(getattr(previous, name) for name in COUNTED),
                                    ctx.scratch.get("stage_count_changes"))
         if counts is None:  # (the sums of 0/1 values: exact in any order)
-            counts = range_sums(torch.stack(fields).flatten(0, 1), env.borough_slices, torch.float32).view(
-                len(COUNTED), -1, len(env.borough_slices))
+            counts = field_counts(env, list(fields))
         env.record_counts(COUNTED, fields, counts)
         stacked = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)
         per_borough, totals = stacked.unbind(0), stacked.sum(2).unbind(0)
@@ -1134,9 +1142,7 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
 
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values; they change once a week
         employed, on_site = state.employed.detach(), state.on_site.detach()
-        with_workplace, on_site = range_sums(torch.stack([employed * has_workplace, on_site * employed]).flatten(0, 1),
-                                             env.borough_slices, torch.float32).view(2, -1, len(env.borough_slices))
-        return (*labour_counts(env, state), with_workplace, on_site)
+        return (*labour_counts(env, state), *field_counts(env, [employed * has_workplace, on_site * employed]))
 
     def shares(employed: Tensor, unemployed: Tensor, with_workplace: Tensor, on_site: Tensor) -> dict[str, Tensor]:
         # on-site work this week: share of employed agents with a workplace who go to it
