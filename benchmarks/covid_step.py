@@ -62,8 +62,8 @@ def env_bytes(env) -> int:
     for _, result, *_ in getattr(env, "cache", {}).values():
         results = result if isinstance(result, tuple) else (result,)
         total += sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor))
-    for kept in getattr(env, "native", {}).values():  # the native force's tables (its kept arguments' buffers)
-        total += sum(t.numel() * t.element_size() for t in getattr(kept, "tables", {}).values())
+    buffers = getattr(env, "native", {}).get("hard_force_tables", {})  # the native force's tables (kept buffers)
+    total += sum(t.numel() * t.element_size() for t in buffers.values())
     return total
 
 

@@ -280,7 +280,8 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
     dynamic = (sigma, *itertools.chain.from_iterable(x[STATIC:] for x in specs))
     plan = cache.get(("hard_force", *layers))  # one per set of layers (school and work days, weekends)
     if plan is None or plan.shape != shape or not _same(plan.static, static):
-        plan = cache[("hard_force", *layers)] = _plan(shape, static, alpha, eta, layers, community)
+        plan = cache[("hard_force", *layers)] = _plan(shape, static, alpha, eta, layers, community,
+                                                      cache.setdefault("hard_force_tables", {}))
     if plan.args is not None and not _same(plan.dynamic, dynamic):
         plan.ready = _set_per_agent(plan, dynamic, layers, sigma)
     if plan.args is None or not plan.ready:
@@ -300,7 +301,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, layers: dict[str, ForceLayerSpec],
-          community: CommunitySpec) -> _Plan:
+          community: CommunitySpec, buffers: dict) -> _Plan:
     """`hard_force`'s arguments made from the static inputs (``args`` None where the kernel does not apply to them);
     the per-agent ones are set by `_set_per_agent`."""
     from agenttensor import _group_kernels
@@ -324,7 +325,11 @@ def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, lay
                 or (spec.kind != "community" and not _vector(spec.inv, S)) \
                 or (spec.kind == "levels" and not _vector(spec.level, S)):
             return plan
-        table = tables[name] = torch.empty(B, S)
+        table = tables[name] = buffers.get((name, B, S))
+        if table is None:  # one buffer per layer (of the latest shape), shared by the sets of layers: a day uses one
+            for key in [key for key in buffers if key[0] == name]:
+                del buffers[key]
+            table = tables[name] = buffers[(name, B, S)] = torch.empty(B, S)
         sources.append(_SourceLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away),
                                     _Strided(None, 0, 0), None, _Strided(None, 0, 0), table.data_ptr()))
         table_structs.append(_TableLayer(KINDS[spec.kind], spec.weight.data_ptr(),

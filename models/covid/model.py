@@ -1072,8 +1072,7 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
     env: CovidEnv = ctx.env
     employed, unemployed = state.employed, state.unemployed
     closed = closed_workplaces(ctx)
-    on_site_job = env.memo("on_site_job", (state.remote, env.has_workplace), lambda: (
-        1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32), values_only=True)  # drawn once
+    on_site_job = (1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32)
     stimulus = lever_per_agent(ctx, "stimulus")
 
     def job_loss(at: At):
