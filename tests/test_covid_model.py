@@ -696,6 +696,28 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
     assert float(native["infections_household"].sum()) > 0 and float(native["infections_school"].sum()) > 0
 
 
+def test_a_hard_day_with_a_learnable_beta_keeps_its_derivative_through_the_torch_ops(env):
+    """The native force declines where a derivative would reach its inputs (a learnable β under a hard sampler): the
+    torch ops then give the same force with its derivative, d λ / d β = λ / β."""
+    from agenttensor.model import StepContext
+
+    def force(params):  # on day 8 (a school and work day; infectious agents by then)
+        rng = at.Randomness.for_agents([0], env.agent_ids)
+        state = MODEL.init(env, params, StepContext(step=0, env=env, rng=rng, start_date=START))
+        for t in range(9):
+            ctx = StepContext(step=t, env=env, rng=rng, start_date=START)
+            state, _ = MODEL.step(state, params, ctx)
+        return ctx.scratch["force"]
+
+    plain = force(busy_params().as_tensors())
+    learn = busy_params().as_tensors(learn=("transmission_scale",))
+    learnt = force(learn)
+    assert learnt.requires_grad and not plain.requires_grad and torch.equal(learnt.detach(), plain)
+    learnt.sum().backward()
+    expected = float(plain.double().sum()) / float(learn.transmission_scale.detach())
+    assert float(plain.sum()) > 0 and abs(float(learn.transmission_scale.grad) - expected) < 1e-4 * expected
+
+
 def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threads():
     """The native transition's per-borough flows are integer counts per thread, summed after: two threads give one
     thread's numbers, states and infections (a population large enough for two chunks); the infections it returns

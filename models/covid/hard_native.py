@@ -273,7 +273,8 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
     I_sym, I_asym, isolating = fields
     shape = tuple(I_sym.shape)
     if library is None or len(shape) != 2 or not all(_cpu(x, torch.uint8, shape) for x in fields) \
-            or not (_one_value(scale) and _one_value(multiplier)):
+            or not (_one_value(scale) and _one_value(multiplier)) \
+            or (torch.is_grad_enabled() and (scale.requires_grad or multiplier.requires_grad)):
         return None
     specs = layers.values()
     static = (torch.is_grad_enabled(), alpha, eta, *community, *itertools.chain.from_iterable(x[:STATIC] for x in specs))

@@ -550,7 +550,6 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     B = state.S.shape[0]
     device = state.S.device
     multiplier = params.at_step("transmission_multiplier", ctx.step)
-    beta = params.transmission_scale * multiplier
     school_day, work_day = is_school_day(date), is_work_day(date)
     names = ("household", *(("school",) if school_day else ()), *(("workplace",) if work_day else ()), "community")
     dense_cache: dict[str, Tensor] = {}  # dense presences: computed once per step
@@ -628,11 +627,10 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                       lambda: params.borough_mixing / params.borough_mixing.sum(1, keepdim=True))
     dense = At()
     sigma = susceptibility(dense)
-    # hard mode on CPU, where no derivative reaches the tables' scaling (learnable β under a hard sampler keeps the
-    # torch ops): the totals, the tables and the force as one native call (`hard_native.hard_force`, the same numbers)
-    if not (ctx.sampler.differentiable or device.type != "cpu" or (torch.is_grad_enabled() and any(
-            isinstance(x, Tensor) and x.requires_grad for x in (beta, params.household_weight,
-                                                              params.workplace_weight)))):
+    # hard mode on CPU: the totals, the tables and the force as one native call (`hard_native.hard_force`, the same
+    # numbers; where a derivative would reach its inputs, e.g. learnable β under a hard sampler, it declines and the
+    # torch ops below carry it)
+    if not (ctx.sampler.differentiable or device.type != "cpu"):
         native = native_hard_force(state, params, ctx, multiplier, names, presences, closed, reductions,
                                    kept_share("all", reduction_all), kept_share, level_weight, mixing, community_size,
                                    sigma)
@@ -642,6 +640,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             ctx.scratch.update(force=force, layer_term=layer_term, layer_names=names, force_terms=native_terms)
             return state
 
+    beta = params.transmission_scale * multiplier
     # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
     packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
         else (None, None)
