@@ -198,23 +198,16 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         return None
     structs = []
 
-    def rows(x: Tensor | None, n: int) -> tuple[int | None, int] | None:  # (pointer, row stride) or None
-        if x is None:
-            return None, 0
-        stride = _rows(x, n)
-        if stride is None or x.shape[0] not in (1, B):
-            return None
-        return x.data_ptr(), stride
-
     def out(wanted: bool) -> Tensor | None:
         return torch.empty(B, N) if wanted else None
 
-    sigma_rows = rows(sigma, N)
+    sigma_rows = term_rows(sigma, B, N)
     if sigma_rows is None:
         return None
     weights, derivatives, group_sums = [], [], []
     for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
-        parts = [rows(table, table.shape[-1]), rows(presence, N), rows(factor, N), rows(factor_all, N)]
+        parts = [term_rows(table, B, table.shape[-1]), term_rows(presence, B, N), term_rows(factor, B, N),
+                 term_rows(factor_all, B, N)]
         if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
             return None
         asked = want[index] if index < len(want) else (False, False, False)

@@ -237,10 +237,6 @@ def _one_value(x: Tensor) -> bool:
     return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == 1
 
 
-def _vector(x: Tensor, n: int, dtype=torch.float32) -> bool:
-    return x.device.type == "cpu" and x.dtype == dtype and tuple(x.shape) == (n,) and x.is_contiguous()
-
-
 class _Plan:
     """`hard_force`'s kept arguments: made from the inputs ``static`` (and ``shape``), with the per-agent inputs
     ``dynamic`` set into them (the inputs are held: their memory stays theirs). ``args`` None: the kernel does not
@@ -314,8 +310,8 @@ def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, lay
     a, e = _strided(alpha, B, N), _strided(eta, B, N)
     C, G = community.size.numel(), community.divisor.numel()
     if a is None or e is None or a.p is None or e.p is None or not (
-            0 < G < 8 and _vector(community.borough, C, torch.int64) and _vector(community.divisor, G)
-            and _vector(community.size, C) and _one_value(community.rho)
+            0 < G < 8 and _cpu(community.borough, torch.int64, (C,)) and _cpu(community.divisor, torch.float32, (G,))
+            and _cpu(community.size, torch.float32, (C,)) and _one_value(community.rho)
             and _cpu(community.mixing, torch.float32, (G, G))) \
             or (C and not 0 <= int(community.borough.min()) <= int(community.borough.max()) < G):
         return plan
@@ -323,8 +319,8 @@ def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, lay
     for name, spec in layers.items():
         S = C + 1 if spec.kind == "community" else -1 if spec.inv is None else spec.inv.numel()
         if spec.kind not in KINDS or not _one_value(spec.weight) \
-                or (spec.kind != "community" and not _vector(spec.inv, S)) \
-                or (spec.kind == "levels" and not _vector(spec.level, S)):
+                or (spec.kind != "community" and not _cpu(spec.inv, torch.float32, (S,))) \
+                or (spec.kind == "levels" and not _cpu(spec.level, torch.float32, (S,))):
             return plan
         table = tables[name] = buffers.get((name, B, S))
         if table is None:  # one buffer per layer (of the latest shape), shared by the sets of layers: a day uses one
