@@ -205,6 +205,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     if sigma_rows is None:
         return None
     weights, derivatives, group_sums = [], [], []
+    held = []  # the members lists the structs point into: alive until the kernel returns (the memo may drop them)
     for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
         parts = [term_rows(table, B, table.shape[-1]), term_rows(presence, B, N), term_rows(factor, B, N),
                  term_rows(factor_all, B, N)]
@@ -220,6 +221,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
             members = None if contiguous else _members_of(slot, S)
             if (contiguous and N >= LONG_RUNS * S) or members is not None:
                 summed = torch.empty(B, S)
+            held.append(members)
         weights.append(weight)
         derivatives.append(d)
         group_sums.append(summed)
@@ -233,6 +235,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     d_sigma = out(want_sigma)
     _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1], grad.data_ptr(),
                                          None, None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
+    del held
     return weights, derivatives, d_sigma, group_sums
 
 
