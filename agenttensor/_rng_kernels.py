@@ -22,6 +22,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_uniform_at.restype = _I
     library.agenttensor_hard_event.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _I]
     library.agenttensor_float_event.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I]
+    library.agenttensor_float_event_move.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P,
+                                                     ctypes.POINTER(_P), _I]
+    library.agenttensor_float_event_move.restype = _I
+    library.agenttensor_take_pairs.argtypes = [_P, _P, _P]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -124,3 +128,27 @@ def float_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | N
                                     *p_view.stride(), int(complement), None if where is None else where.data_ptr(),
                                     happened.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return happened.view(torch.bool), out
+
+
+def float_event_move(base: Tensor, keys: Tensor, p: Tensor | float, source: Tensor, target: Tensor,
+                     complement: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    """`float_event` with ``where`` = ``source`` [B, N] float32, whose events e move from ``source`` to ``target``
+    [B, N] float32 in the same pass: (happened bool [B, N], source − e, target + e, the (batch, agent) int64 pairs [M]
+    with e != 0 in row-major order, as ``e.nonzero(as_tuple=True)``), the same numbers without e's [B, N]. None
+    where the kernel does not apply."""
+    inputs = _event_inputs(base, keys, p, source, torch.float32)
+    if inputs is None or not (target.device.type == "cpu" and target.dtype == torch.float32
+                              and target.shape == source.shape and target.is_contiguous()):
+        return None
+    library, p_view = inputs
+    happened = torch.empty(p_view.shape, dtype=torch.uint8)
+    source_out, target_out = torch.empty_like(source), torch.empty_like(target)
+    pairs = _P()
+    M = library.agenttensor_float_event_move(*p_view.shape, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(),
+                                             *p_view.stride(), int(complement), source.data_ptr(), target.data_ptr(),
+                                             happened.data_ptr(), source_out.data_ptr(), target_out.data_ptr(),
+                                             ctypes.byref(pairs), torch.get_num_threads())
+    b, i = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
+    if M:
+        library.agenttensor_take_pairs(pairs, b.data_ptr(), i.data_ptr())
+    return happened.view(torch.bool), source_out, target_out, (b, i)

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import select
 from .params import Params
 from .rng import Randomness, Uniforms
-from .sampling import EventDerivatives, Hard, Sampler
+from .sampling import EventDerivatives, Hard, Moved, Sampler
 from .state import TensorState
 
 SubstepKind = Literal["observe", "decide", "transition"]
@@ -133,6 +133,14 @@ class StepContext:
         if self.sampler.differentiable:
             return self.sampler.hazard_event_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), where)
         return self.hazard_event(hazard, stream, where), None
+
+    def hazard_move_and_derivatives(self, hazard: Tensor, stream: str, source: Tensor, target: Tensor
+                                    ) -> Moved | None:
+        """Gradient modes: `hazard_event_and_derivatives` among ``source`` with its events moved to ``target`` in the
+        same pass (`Sampler.hazard_move_and_derivatives`), or None (hard mode, other samplers, no native pass)."""
+        if not self.sampler.differentiable:
+            return None
+        return self.sampler.hazard_move_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), source, target)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,14 @@ class Sampler:
         and write a [B, N] of hazard's gradient; it must then be the events' only differentiable consumer."""
         return self.hazard_event(hazard, u, where), None
 
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
+                                    ) -> "Moved | None":
+        """`hazard_event_and_derivatives` with ``where`` = ``source`` (0/1 memberships [B, N]) whose events e move
+        from ``source`` to ``target`` [B, N] in the same pass (e.g. infections, S → E): `Moved` (source − e, target +
+        e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]. None where this
+        sampler has no such derivatives or no native pass applies (the caller then uses the events)."""
+        return None
+
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
         """``bernoulli(1 − p if complement else p, u) · where`` (where None: 1), the same numbers. ``u`` may be
@@ -110,6 +118,18 @@ class StraightThrough(Sampler):
             survival, happened, events = _hazard_event_values(hazard, u, where)
         return events, EventDerivatives(happened, survival)
 
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
+                                    ) -> "Moved | None":
+        if not (isinstance(hazard, Tensor) and hazard.device.type == "cpu" and isinstance(u, Uniforms)):
+            return None
+        with torch.no_grad():
+            survival = (-hazard).exp_()  # as `_hazard_event_values` makes it: the same bits
+            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True)
+        if moved is None:
+            return None
+        happened, source_after, target_after, pairs = moved
+        return Moved(source_after, target_after, pairs, EventDerivatives(happened, survival))
+
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
                     complement: bool = False) -> Tensor:
         if not isinstance(u, Uniforms) or where is None:
@@ -126,6 +146,17 @@ class EventDerivatives(NamedTuple):
 
     where_mask: Tensor  # [B, N] bool: 1[u < 1 − exp(−h)]
     survival: Tensor  # exp(−h), h's shape, float32
+
+
+class Moved(NamedTuple):
+    """`Sampler.hazard_move_and_derivatives`' result: the two fields after the events e moved (values; no graph), e's
+    (batch, agent) int64 pairs [M] in row-major order (``e.nonzero(as_tuple=True)``) and e's derivatives w.r.t.
+    the source and the hazard, for the caller to apply (as with `Sampler.hazard_event_and_derivatives`)."""
+
+    source: Tensor  # [B, N] source − e
+    target: Tensor  # [B, N] target + e
+    pairs: tuple[Tensor, Tensor]
+    derivatives: EventDerivatives
 
 
 def _hazard_event_values(hazard: Tensor, u: Tensor | Uniforms, where: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -161,11 +161,15 @@ def plain_gather_exits(fields, b, i, differentiable, made=None):
     return shadow.gather_exits(fields, b, i, differentiable=False)
 
 
-def explicit_transition(before, after, exits, new_E, changes, params, ctx, donated=(), infection=None, hazard=None):
+def explicit_transition(before, after, exits, new_E, changes, params, ctx, donated=(), infection=None, hazard=None,
+                        moved=None):
     """Reference for `shadow.transition`: the memberships' changes as autograd ops (accumulating index_put, the
     counts' derivative as the dense sum of new_E; into copies, ``donated`` or not), then the explicit shadow flows.
     With the infection event's derivatives (new_E then has no graph), new_E carries them as zero-valued terms:
-    + mask (S − S) + S exp(−λ) (λ − λ)."""
+    + mask (S − S) + S exp(−λ) (λ − λ). Where the draws moved the infected agents (``moved``: S − new_E, E + new_E),
+    new_E is S − (S − new_E)."""
+    if moved is not None:
+        new_E = before.S.detach() - moved[0]
     if infection is not None:
         S = before.S.detach()
         new_E = new_E + infection.where_mask.to(new_E.dtype) * (before.S - S) \
@@ -822,3 +826,36 @@ def test_own_contributions_give_each_agents_derivative_with_presences_below_one(
     for a, b in zip(fast, reference):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_infections_moved_in_the_draws_pass_give_the_same_run_and_gradients(population, monkeypatch):
+    """Gradient modes on CPU draw the infections and make S − new_E, E + new_E in one pass (`StepContext.
+    hazard_move_and_derivatives`: no new_E [B, N]); the run's metrics and the parameters' gradients are those of
+    the events drawn apart (new_E) and moved by `_Transition`, bit for bit, and the pass runs every day."""
+    from agenttensor.sampling import StraightThrough as ST
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "detection_rate", "household_weight")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("school_closure", 0, 400, 0.5)]
+
+    def run():
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=21, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 0.1 * res["E"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names]
+
+    calls = []
+    move = ST.hazard_move_and_derivatives
+    monkeypatch.setattr(ST, "hazard_move_and_derivatives", lambda *a: calls.append(move(*a)) or calls[-1])
+    moved, moved_grads = run()
+    assert len(calls) == 21 and all(c is not None for c in calls)
+    monkeypatch.setattr(ST, "hazard_move_and_derivatives", lambda *a: None)
+    apart, apart_grads = run()
+    assert moved["new_infections"].sum() > 0
+    for name in moved.metrics:
+        assert torch.equal(moved[name], apart[name]), name
+    for name, a, b in zip(names, moved_grads, apart_grads):
+        assert a.abs().sum() > 0 and torch.equal(a, b), name

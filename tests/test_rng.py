@@ -192,3 +192,35 @@ def test_native_events_equal_the_torch_ops(threads, kind):
         assert draw(4, "s", torch.rand(B, N), other) is None  # where of the other kind's dtype
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_event_move_equals_the_events_moved_by_torch_ops(threads):
+    """`float_event_move`: the mask and the events e of `float_event` (where = source), source − e and target + e
+    as torch's ops give them, and e's nonzero pairs in row-major order; for p of every broadcast shape, source and
+    target values other than 0/1, any thread count; None where the kernel does not apply."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        B, N = 3, 100_003
+        r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+        g = torch.Generator().manual_seed(2)
+        source = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75  # −0.75, 0, 0.75, 1.5
+        target = torch.randn(B, N, generator=g)
+        for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g), 0.7):
+            for complement in (False, True):
+                happened, events = r.float_event(4, "s", p, source, complement)
+                moved = r.float_event_move(4, "s", p, source, target, complement)
+                assert moved is not None
+                mask, source_after, target_after, (b, i) = moved
+                assert torch.equal(mask, happened) and torch.equal(source_after, source - events)
+                assert torch.equal(target_after, target + events)
+                expected_b, expected_i = events.nonzero(as_tuple=True)
+                assert torch.equal(b, expected_b) and torch.equal(i, expected_i) and 0 < b.numel() < B * N
+        assert r.float_event_move(4, "s", 0.5, source, target.double()) is None  # not for the kernel
+        assert r.float_event_move(4, "s", 0.5, source.to(torch.uint8), target) is None
+        assert r.float_event_move(4, "s", torch.rand(2, N), source, target) is None  # p does not broadcast
+        nothing = r.float_event_move(4, "s", 0.0, source, target)  # no event: no pairs
+        assert nothing[3][0].numel() == 0 and torch.equal(nothing[1], source - 0 * source)
+    finally:
+        torch.set_num_threads(old)

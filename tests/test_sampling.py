@@ -111,6 +111,31 @@ def test_hazard_event_and_derivatives_leave_both_derivatives_to_the_caller(undra
         assert none is None and torch.equal(events, sampler.hazard_event(hazard_values, r.uniform(3, "infection"), where))
 
 
+def test_hazard_move_gives_the_events_moved_and_the_same_derivatives():
+    """`hazard_move_and_derivatives` (straight-through, CPU): the fields after `hazard_event_and_derivatives`' events
+    moved from source to target, the events' pairs and the same derivatives (mask, exp(−h)), bit for bit; the other
+    samplers, drawn uniforms and other devices' hazards give None (the caller moves the events itself)."""
+    from agenttensor.rng import Randomness, Uniforms
+
+    B, N = 2, 70_001
+    r = Randomness.for_agents([1, 5], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(8)
+    source = (torch.rand(B, N, generator=g) < 0.6).float().requires_grad_()
+    target = (torch.rand(B, N, generator=g) < 0.1).float()
+    hazard = (torch.rand(B, N, generator=g) * 0.7).requires_grad_()
+    draws = Uniforms(r, 3, "infection")
+    events, (mask, survival) = StraightThrough().hazard_event_and_derivatives(hazard, draws, source)
+    moved = StraightThrough().hazard_move_and_derivatives(hazard, draws, source, target)
+    assert not moved.source.requires_grad and torch.equal(moved.source, source.detach() - events)
+    assert torch.equal(moved.target, target + events) and 0 < moved.pairs[0].numel() < source.sum()
+    assert all(torch.equal(x, y) for x, y in zip(moved.pairs, events.nonzero(as_tuple=True)))
+    assert torch.equal(moved.derivatives.where_mask, mask) and torch.equal(moved.derivatives.survival, survival)
+    assert StraightThrough().hazard_move_and_derivatives(hazard, r.uniform(3, "infection"), source, target) is None
+    assert Relaxed(0.5).hazard_move_and_derivatives(hazard, draws, source, target) is None
+    assert Hard().hazard_move_and_derivatives(hazard.detach(), draws, source.detach().to(torch.uint8),
+                                              target.to(torch.uint8)) is None
+
+
 def test_native_hazard_event_gives_the_bits_of_the_torch_ops(monkeypatch):
     """agenttensor/csrc/event_kernels.cpp (the straight-through hazard event and its backward, one pass each on
     CPU) against the same node in torch ops: identical events and gradients, bit for bit, with 1 and 2 threads."""

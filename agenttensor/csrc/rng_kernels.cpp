@@ -3,8 +3,11 @@
 // and the path on other devices). Integer arithmetic is exact and the float conversion is one rounded add and an
 // exact scaling, as in the torch ops: the same bits. Plain C, no torch headers.
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "parallel.h"
 #include "uniform.h"
@@ -66,6 +69,35 @@ void event_rows(int64_t B, int64_t N, const int32_t* keys, const float* p, int64
         run(std::false_type());
     });
   });
+}
+
+// One row's agents [i0, i1) of `agenttensor_float_event_move`, in blocks of kMoveBlock: each block's events
+// (branch-free over restrict pointers: vectorised), then its moved agents' (b, n) appended to `pairs`.
+constexpr int64_t kMoveBlock = 1024;
+
+template <int Q>
+void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key,
+              const float* __restrict__ p, float q, const float* __restrict__ from, const float* __restrict__ into,
+              uint8_t* __restrict__ happened, float* __restrict__ from_out, float* __restrict__ into_out,
+              std::vector<int64_t>& pairs) {
+  float moved[kMoveBlock];
+  for (int64_t j0 = i0; j0 < i1; j0 += kMoveBlock) {
+    const int64_t j1 = std::min(i1, j0 + kMoveBlock);
+    for (int64_t n = j0; n < j1; ++n) {
+      const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
+      const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
+      const float e = (event ? 1.f : 0.f) * from[n];  // the events, as `float_event` makes them
+      happened[n] = event;
+      from_out[n] = from[n] - e;
+      into_out[n] = into[n] + e;
+      moved[n - j0] = e;
+    }
+    for (int64_t n = j0; n < j1; ++n)
+      if (moved[n - j0] != 0.f) {
+        pairs.push_back(b);
+        pairs.push_back(n);
+      }
+  }
 }
 
 }  // namespace
@@ -130,6 +162,59 @@ void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const in
                float_event_row<decltype(Q)::value, decltype(Where)::value>(
                    i0, i1, base, key, p_row, q, where ? where + b * N : nullptr, happened + b * N, out + b * N);
              });
+}
+
+// Straight-through events that move agents between two float32 fields (gradient modes' infections, S -> E), drawn
+// for every agent: happened[b, n] = 1[u < q] as in `agenttensor_float_event`, e = happened · from[b, n], and
+// from_out = from − e, into_out = into + e: the numbers of `float_event`'s events and torch's ``from - events``,
+// ``into + events``, in one pass without the events' [B, N]. The (b, n) of the agents with e != 0, row-major, are
+// held for `agenttensor_take_pairs` (*pairs; null if none); returns their count. from, into, from_out, into_out
+// [B, N] contiguous (from_out may be from and into_out into: in place).
+int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
+                                     int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* from,
+                                     const float* into, uint8_t* happened, float* from_out, float* into_out,
+                                     void** pairs, int64_t threads) {
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (chunk start, its pairs)
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> mine;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
+      const uint32_t key = static_cast<uint32_t>(keys[b]);
+      const float* p_row = p + b * p_stride_b;
+      const float q = complement ? 1.f - p_row[0] : p_row[0];
+      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
+      const int64_t o = b * N;
+      auto run = [&](auto Q) {
+        move_row<decltype(Q)::value>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, from_out + o,
+                                     into_out + o, mine);
+      };
+      if (mode == 0) run(std::integral_constant<int, 0>());
+      if (mode == 1) run(std::integral_constant<int, 1>());
+      if (mode == 2) run(std::integral_constant<int, 2>());
+    });
+#pragma omp critical(agenttensor_float_event_move)
+    found.emplace_back(lo, std::move(mine));
+  });
+  std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  size_t total = 0;
+  for (const auto& chunk : found) total += chunk.second.size();
+  *pairs = nullptr;
+  if (total) {
+    auto* all = new std::vector<int64_t>();
+    all->reserve(total);
+    for (const auto& chunk : found) all->insert(all->end(), chunk.second.begin(), chunk.second.end());
+    *pairs = all;
+  }
+  return static_cast<int64_t>(total / 2);
+}
+
+// The pairs `agenttensor_float_event_move` held into b [M] and i [M]; frees them.
+void agenttensor_take_pairs(void* pairs, int64_t* b, int64_t* i) {
+  auto* all = static_cast<std::vector<int64_t>*>(pairs);
+  for (size_t m = 0; m < all->size() / 2; ++m) {
+    b[m] = (*all)[2 * m];
+    i[m] = (*all)[2 * m + 1];
+  }
+  delete all;
 }
 
 }  // extern "C"

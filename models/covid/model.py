@@ -853,7 +853,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = native_hard_progress(state, force, params, ctx)
         if after is not None:
             return after
-    new_E, infection = ctx.hazard_event_and_derivatives(force, "infection", S)
+    # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E)
+    moved = ctx.hazard_move_and_derivatives(force, "infection", S, E)
+    new_E, infection = (None, moved.derivatives) if moved is not None else \
+        ctx.hazard_event_and_derivatives(force, "infection", S)
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
@@ -892,7 +895,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
     stage_end = state.stage_end.clone()
-    infected_b, infected_i = select.nonzero(new_E.detach())
+    infected_b, infected_i = moved.pairs if moved is not None else select.nonzero(new_E.detach())
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
     if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
         next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
@@ -925,7 +928,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     recent[:, t % 7] = reported_by_borough
     # the counts from the infected agents only (gradient modes: `transition` gives them the derivative of the dense
     # sum, d/dp of every susceptible agent's draw)
-    new_infections = by_borough_at(env, infected_b, infected_i, select.values_at(new_E.detach(), infected_b, infected_i), S.shape[0])
+    infected_values = select.values_at((S if new_E is None else new_E).detach(), infected_b, infected_i)  # (new_E = S
+    new_infections = by_borough_at(env, infected_b, infected_i, infected_values, S.shape[0])  # there: 1 · S)
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
@@ -943,7 +947,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
         donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
         return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated,
-                                                  infection, force), versions, ctx)
+                                                  infection, force, None if moved is None else
+                                                  (moved.source, moved.target)), versions, ctx)
 
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated

@@ -46,6 +46,7 @@ s/day for the whole full-NYC backward); the torch ops below stay the reference a
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -189,6 +190,7 @@ class Exits:
     leaving: dict[str, Tensor]
     fields: dict[str, Tensor] | None = None
     handoff: dict[str, Tensor] | None = None
+    moved: tuple[Tensor, Tensor] | None = None  # S − new_E and E + new_E where the infection draws made them
 
 
 class _ExitsAt(torch.autograd.Function):
@@ -266,7 +268,8 @@ class _Transition(torch.autograd.Function):
                               survival if ctx.needs_input_grad[14] else None, b, i)  # (input 14: hazard)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
-        after = {"S": before["S"] - new_E, "E": select.put_at_(before["E"] + new_E, b, i, changes["E"], accumulate=True)}
+        S, E = (before["S"] - new_E, before["E"] + new_E) if exits.moved is None else exits.moved  # (fresh tensors)
+        after = {"S": S, "E": select.put_at_(E, b, i, changes["E"], accumulate=True)}
         for name in STAGES[2:]:  # a donated field (the loop's own, `StepContext.owns`) in place: no [B, N] copy
             after[name] = select.put_at_(before[name].detach() if name in donated else before[name].clone(), b, i,
                                          changes[name], accumulate=True)
@@ -408,15 +411,17 @@ def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tens
             g_new_E if want_new_E else None, g_S0, g_hazard)
 
 
-def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Tensor], params, ctx,
-               donated: tuple[str, ...] = (), infection: EventDerivatives | None = None, hazard: Tensor | None = None):
+def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[str, Tensor], params, ctx,
+               donated: tuple[str, ...] = (), infection: EventDerivatives | None = None, hazard: Tensor | None = None,
+               moved: tuple[Tensor, Tensor] | None = None):
     """Gradient modes: ``after`` (``CovidState``, its other fields already set) with S, E, I_sym, I_asym, H, R, D and
     isolating from ``before``, today's infections ``new_E`` [B, N] and the ``changes`` [M] at the exiting agents
     (``exits``, from `gather_exits`), and with the shadow flows attached (module docstring). ``infection``: the
     infection event's derivatives (`StepContext.hazard_event_and_derivatives`; new_E then carries no graph and this
     node is its only differentiable consumer) w.r.t. S, which this node adds into S's, and w.r.t. the force of
-    infection ``hazard``, whose gradient it returns: no event node reads d new_E, S and exp(−λ) again. Needs
-    ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
+    infection ``hazard``, whose gradient it returns: no event node reads d new_E, S and exp(−λ) again. ``moved``:
+    S − new_E and E + new_E (fresh tensors, values) where the draws made them in their pass (new_E None, ``infection``
+    given: `StepContext.hazard_move_and_derivatives`). Needs ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
     (``new_infections`` the infected agents' per-borough count [B, G]: it gets new_E's derivative here)."""
     k = ShadowConstants(
         env=ctx.env, slot=ctx.step % 7, symptomatic=params.symptomatic_fraction.detach(),
@@ -429,6 +434,10 @@ def transition(before, after, exits: Exits, new_E: Tensor, changes: dict[str, Te
     testing = ctx.lever("testing_isolation")
     fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]
     unit: UnitHazard = ctx.scratch["household_unit_hazard"]
+    if moved is not None:
+        if infection is None or new_E is not None:
+            raise ValueError("transition: `moved` comes with the infection's derivatives and without new_E")
+        exits = dataclasses.replace(exits, moved=moved)
     out = _Transition.apply(
         k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
         before.S.detach().to(torch.float32),
