@@ -104,22 +104,25 @@ def scatter_sum(out: Tensor, index: Tensor, values: Tensor) -> Tensor:
     return out + _prefix_segment_sum(values.reshape(-1, K), index, M, layout).view(out.shape)
 
 
-def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor
-                ) -> tuple[Tensor, Tensor]:
+def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor,
+                scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(coef · per_slot) · sums and the scale coef · per_slot: ([B, S], [S] or [B, S]), the same numbers as those
     two products. ``sums`` [B, S]: `scatter_sum` of ``values`` [M] at flat positions ``index`` [M] (b · S + slot),
-    e.g. a layer's group totals of its few infectious members; ``per_slot`` [S]; ``coef`` [] or [B, 1].
+    e.g. a layer's group totals of its few infectious members; ``per_slot`` [S]; ``coef`` [] or [B, 1]; ``scale``:
+    coef · per_slot's values where the caller has them (e.g. kept from the day before: an [S] product fewer), used
+    where the scale carries no derivative.
 
     Where only ``coef`` carries a derivative (sums and per_slot none), its derivative is read at the M summed values,
     Σ_j g[index_j] per_slot[slot_j] values_j, instead of autograd's [B, S] products, its reduction to [S] and the
     product with per_slot (full NYC household layer, 3.3M slots: ~7 ms per gradient day). The returned scale then
     carries no derivative."""
-    if not (torch.is_grad_enabled() and isinstance(coef, Tensor) and coef.requires_grad) \
-            or per_slot.requires_grad or sums.requires_grad:
-        scale = coef * per_slot
+    coef_grad = torch.is_grad_enabled() and isinstance(coef, Tensor) and coef.requires_grad
+    if not coef_grad or per_slot.requires_grad or sums.requires_grad:
+        scale = coef * per_slot if scale is None or coef_grad or per_slot.requires_grad else scale
         return scale * sums, scale
-    with torch.no_grad():
-        scale = coef * per_slot
+    if scale is None:
+        with torch.no_grad():
+            scale = coef * per_slot
     return _ScaledSums.apply(coef, scale, per_slot, sums, index, values.detach()), scale
 
 

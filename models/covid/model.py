@@ -660,6 +660,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         slots = layer.num_groups + 1
         index = layer.slot.index_select(0, j)
         index = index if B == 1 and device.type == "cpu" else b * slots + index
+        if ctx.sampler.differentiable and device.type == "cpu":  # values only: into the zeros in place (no copy of
+            contribution = contribution.detach()  # them: 13 MB per day for full NYC's households), as index_add adds
+            return torch.zeros(B * slots).index_add_(0, index, contribution).view(B, slots), index, contribution
         totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
         return (totals.detach(), index, contribution.detach()) if ctx.sampler.differentiable else \
             (totals, index, contribution)
@@ -669,17 +672,24 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return iota_away if presence is None else iota_away * presence(sources)
 
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
-    # the group values (β m w_l / (n_g − 1)) · totals; the derivative of β m w_l read at the infectious members
-    household, own_scale["household"] = scaled_sums(beta * params.household_weight, env.household_inv_others,
-                                                    *group_totals(env.household, iota))
+
+    def scaled(name: str, coef: Tensor, per_slot: Tensor, totals: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The group values (β m w_l / (n_g − 1)) · totals and their scale, which is kept while β m w_l's value is
+        unchanged (the multiplier changes weekly); the derivative of β m w_l read at the infectious members."""
+        scale = env.memo(("scale", name), (coef, per_slot), lambda: (coef * per_slot).detach(), values_only=True) \
+            if coef.numel() <= 4096 else None
+        return scaled_sums(coef, per_slot, *totals, scale=scale)
+
+    household, own_scale["household"] = scaled("household", beta * params.household_weight, env.household_inv_others,
+                                                group_totals(env.household, iota))
     layers["household"] = (household, env.household.slot, None)
     if school_day:
         school, _, _ = group_totals(env.school, away("school"))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, presences["school"])
     if work_day:
-        work, own_scale["workplace"] = scaled_sums(beta * params.workplace_weight, env.workplace_inv_others,
-                                                   *group_totals(env.workplace, away("workplace")))
+        work, own_scale["workplace"] = scaled("workplace", beta * params.workplace_weight, env.workplace_inv_others,
+                                              group_totals(env.workplace, away("workplace")))
         layers["workplace"] = (work, env.workplace.slot, presences["workplace"])
     p_community = presences["community"]
     community_all, _, _ = group_totals(env.community, away("community"))
