@@ -80,9 +80,9 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
               const float* __restrict__ p, float q, const float* __restrict__ from, const float* __restrict__ into,
               uint8_t* __restrict__ happened, float* __restrict__ from_out, float* __restrict__ into_out,
               std::vector<int64_t>& pairs) {
-  float moved[kMoveBlock];
   for (int64_t j0 = i0; j0 < i1; j0 += kMoveBlock) {
     const int64_t j1 = std::min(i1, j0 + kMoveBlock);
+    int32_t any = 0;  // the block's moved agents (most blocks have none: no scan)
     for (int64_t n = j0; n < j1; ++n) {
       const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
       const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
@@ -90,10 +90,11 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
       happened[n] = event;
       from_out[n] = from[n] - e;
       into_out[n] = into[n] + e;
-      moved[n - j0] = e;
+      any += e != 0.f;
     }
-    for (int64_t n = j0; n < j1; ++n)
-      if (moved[n - j0] != 0.f) {
+    if (any == 0) continue;
+    for (int64_t n = j0; n < j1; ++n)  // e != 0 where the event happened and from is not 0
+      if (happened[n] && from[n] != 0.f) {
         pairs.push_back(b);
         pairs.push_back(n);
       }
