@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "pairs.h"
 #include "parallel.h"
 #include "uniform.h"
 
@@ -196,26 +197,17 @@ int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, 
     found.emplace_back(lo, std::move(mine));
   });
   std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  std::vector<std::vector<int64_t>> chunks;  // in the agents' order: row-major
   size_t total = 0;
-  for (const auto& chunk : found) total += chunk.second.size();
-  *pairs = nullptr;
-  if (total) {
-    auto* all = new std::vector<int64_t>();
-    all->reserve(total);
-    for (const auto& chunk : found) all->insert(all->end(), chunk.second.begin(), chunk.second.end());
-    *pairs = all;
+  for (auto& chunk : found) {
+    total += chunk.second.size();
+    chunks.push_back(std::move(chunk.second));
   }
+  *pairs = agenttensor::hold_pairs(chunks);
   return static_cast<int64_t>(total / 2);
 }
 
 // The pairs `agenttensor_float_event_move` held into b [M] and i [M]; frees them.
-void agenttensor_take_pairs(void* pairs, int64_t* b, int64_t* i) {
-  auto* all = static_cast<std::vector<int64_t>*>(pairs);
-  for (size_t m = 0; m < all->size() / 2; ++m) {
-    b[m] = (*all)[2 * m];
-    i[m] = (*all)[2 * m + 1];
-  }
-  delete all;
-}
+void agenttensor_take_pairs(void* pairs, int64_t* b, int64_t* i) { agenttensor::take_pairs(pairs, b, i); }
 
 }  // extern "C"

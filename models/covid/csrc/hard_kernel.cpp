@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "pairs.h"
 #include "parallel.h"
 #include "uniform.h"
 
@@ -176,13 +177,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
   size_t infected = 0;
   for (const auto& pairs : found) infected += pairs.size() / 2;
   a.infected = static_cast<int64_t>(infected);
-  a.pairs = nullptr;
-  if (infected) {  // the threads' chunks in order: row-major
-    auto* all = new std::vector<int64_t>();
-    all->reserve(2 * infected);
-    for (const auto& pairs : found) all->insert(all->end(), pairs.begin(), pairs.end());
-    a.pairs = all;
-  }
+  a.pairs = agenttensor::hold_pairs(found);  // the threads' chunks in order: row-major
   for (int64_t k = 0; k < kFlows * cells; ++k) {
     int64_t sum = 0;
     for (int64_t w = 0; w < threads; ++w) sum += counts[w * kFlows * cells + k];
@@ -200,14 +195,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
 }
 
 // Today's infections from `agenttensor_covid_hard_progress` (its ``pairs``) into b [M] and i [M]; frees them.
-void agenttensor_covid_take_pairs(void* pairs, int64_t* b, int64_t* i) {
-  auto* all = static_cast<std::vector<int64_t>*>(pairs);
-  for (size_t m = 0; m < all->size() / 2; ++m) {
-    b[m] = (*all)[2 * m];
-    i[m] = (*all)[2 * m + 1];
-  }
-  delete all;
-}
+void agenttensor_covid_take_pairs(void* pairs, int64_t* b, int64_t* i) { agenttensor::take_pairs(pairs, b, i); }
 
 }  // extern "C"
 
