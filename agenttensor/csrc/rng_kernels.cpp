@@ -171,7 +171,7 @@ void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const in
 // from_out = from − e, into_out = into + e: the numbers of `float_event`'s events and torch's ``from - events``,
 // ``into + events``, in one pass without the events' [B, N]. The (b, n) of the agents with e != 0, row-major, are
 // held for `agenttensor_take_pairs` (*pairs; null if none); returns their count. from, into, from_out, into_out
-// [B, N] contiguous (from_out may be from and into_out into: in place).
+// [B, N] contiguous, the outputs apart from the inputs (restrict).
 int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                                      int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* from,
                                      const float* into, uint8_t* happened, float* from_out, float* into_out,
