@@ -107,27 +107,30 @@ def _definition(base: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return uniform_of_hash(base.unsqueeze(0), keys.view(-1, 1))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.fixture(params=[1, 2])
+def threads(request) -> int:
+    """The test once with 1 and once with 2 torch threads (the kernels' chunks of agents; restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 def test_native_uniforms_are_the_definitions_bits(threads):
     """Every agent and selected pairs, for several seeds and streams, with 1 and 2 threads (chunks of 2^15 agents)."""
     from agenttensor import _rng_kernels
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        base = agent_hash(torch.arange(-3, 200_000, dtype=torch.int32) * 7)
-        keys = torch.tensor([7, -123_456_789, 2**31 - 1, -2**31], dtype=torch.int32)
-        dense = _rng_kernels.uniform(base, keys)
-        assert dense is not None and torch.equal(dense, _definition(base, keys))
-        g = torch.Generator().manual_seed(0)
-        b, i = torch.randint(0, 4, (50_000,), generator=g), torch.randint(0, base.numel(), (50_000,), generator=g)
-        streams = torch.stack([keys, keys.flip(0)])  # [S = 2, B = 4]
-        at_pairs = _rng_kernels.uniform_at(base, streams, b, i)
-        assert at_pairs is not None
-        for s in range(2):
-            assert torch.equal(at_pairs[s], _definition(base, streams[s])[b, i])
-    finally:
-        torch.set_num_threads(old)
+    base = agent_hash(torch.arange(-3, 200_000, dtype=torch.int32) * 7)
+    keys = torch.tensor([7, -123_456_789, 2**31 - 1, -2**31], dtype=torch.int32)
+    dense = _rng_kernels.uniform(base, keys)
+    assert dense is not None and torch.equal(dense, _definition(base, keys))
+    g = torch.Generator().manual_seed(0)
+    b, i = torch.randint(0, 4, (50_000,), generator=g), torch.randint(0, base.numel(), (50_000,), generator=g)
+    streams = torch.stack([keys, keys.flip(0)])  # [S = 2, B = 4]
+    at_pairs = _rng_kernels.uniform_at(base, streams, b, i)
+    assert at_pairs is not None
+    for s in range(2):
+        assert torch.equal(at_pairs[s], _definition(base, streams[s])[b, i])
 
 
 def test_randomness_draws_the_same_numbers_with_kernels_on_and_off(monkeypatch):
@@ -154,73 +157,61 @@ def test_out_of_range_pairs_index_as_torch_does():
         r.uniform_at(5, "x", torch.tensor([0]), torch.tensor([100]))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["hard", "float"])
 def test_native_events_equal_the_torch_ops(threads, kind):
     """Hard events 1[u < p] · where (uint8) and the gradient modes' events (the mask 1[u < p] and 1[u < p] · where as
     float32), each also with 1 − p, for p of every broadcast shape, where absent or holding values other than 0/1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        B, N = 3, 100_003
-        r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
-        g = torch.Generator().manual_seed(1)
-        if kind == "hard":  # a 2 stays a 2, as in the product
-            where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)
-        else:  # −0.75, 0, 0.75, 1.5
-            where = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75
-        u = r.uniform(4, "s")
-        for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(1, N, generator=g),
-                  torch.rand(N, generator=g), torch.tensor(0.3), 0.7):
-            for complement in (False, True):
-                happened = (u < (1 - p if complement else p)).expand(B, N)
-                for w in (where, None):
-                    if kind == "hard":
-                        events = r.hard_event(4, "s", p, w, complement)
-                        expected = happened.to(torch.uint8)
-                        assert events is not None and events.dtype == torch.uint8
-                        assert torch.equal(events, expected if w is None else expected * w)
-                    else:
-                        drawn = r.float_event(4, "s", p, w, complement)
-                        assert drawn is not None and drawn[0].dtype == torch.bool and drawn[1].dtype == torch.float32
-                        assert torch.equal(drawn[0], happened)
-                        assert torch.equal(drawn[1], happened.float() if w is None else happened.float() * w)
-        draw = r.hard_event if kind == "hard" else r.float_event
-        assert draw(4, "s", torch.rand(B, N, dtype=torch.float64), where) is None  # not for the kernel
-        assert draw(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
-        other = where.float() if kind == "hard" else where.to(torch.uint8)
-        assert draw(4, "s", torch.rand(B, N), other) is None  # where of the other kind's dtype
-    finally:
-        torch.set_num_threads(old)
+    B, N = 3, 100_003
+    r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(1)
+    if kind == "hard":  # a 2 stays a 2, as in the product
+        where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)
+    else:  # −0.75, 0, 0.75, 1.5
+        where = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75
+    u = r.uniform(4, "s")
+    for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(1, N, generator=g),
+              torch.rand(N, generator=g), torch.tensor(0.3), 0.7):
+        for complement in (False, True):
+            happened = (u < (1 - p if complement else p)).expand(B, N)
+            for w in (where, None):
+                if kind == "hard":
+                    events = r.hard_event(4, "s", p, w, complement)
+                    expected = happened.to(torch.uint8)
+                    assert events is not None and events.dtype == torch.uint8
+                    assert torch.equal(events, expected if w is None else expected * w)
+                else:
+                    drawn = r.float_event(4, "s", p, w, complement)
+                    assert drawn is not None and drawn[0].dtype == torch.bool and drawn[1].dtype == torch.float32
+                    assert torch.equal(drawn[0], happened)
+                    assert torch.equal(drawn[1], happened.float() if w is None else happened.float() * w)
+    draw = r.hard_event if kind == "hard" else r.float_event
+    assert draw(4, "s", torch.rand(B, N, dtype=torch.float64), where) is None  # not for the kernel
+    assert draw(4, "s", torch.rand(2, N), where) is None  # does not broadcast to [B, N]
+    other = where.float() if kind == "hard" else where.to(torch.uint8)
+    assert draw(4, "s", torch.rand(B, N), other) is None  # where of the other kind's dtype
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_native_event_move_equals_the_events_moved_by_torch_ops(threads):
     """`float_event_move`: the mask and the events e of `float_event` (where = source), source − e and target + e
     as torch's ops give them, and e's nonzero pairs in row-major order; for p of every broadcast shape, source and
     target values other than 0/1, any thread count; None where the kernel does not apply."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        B, N = 3, 100_003
-        r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
-        g = torch.Generator().manual_seed(2)
-        source = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75  # −0.75, 0, 0.75, 1.5
-        target = torch.randn(B, N, generator=g)
-        for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g), 0.7):
-            for complement in (False, True):
-                happened, events = r.float_event(4, "s", p, source, complement)
-                moved = r.float_event_move(4, "s", p, source, target, complement)
-                assert moved is not None
-                mask, source_after, target_after, (b, i) = moved
-                assert torch.equal(mask, happened) and torch.equal(source_after, source - events)
-                assert torch.equal(target_after, target + events)
-                expected_b, expected_i = events.nonzero(as_tuple=True)
-                assert torch.equal(b, expected_b) and torch.equal(i, expected_i) and 0 < b.numel() < B * N
-        assert r.float_event_move(4, "s", 0.5, source, target.double()) is None  # not for the kernel
-        assert r.float_event_move(4, "s", 0.5, source.to(torch.uint8), target) is None
-        assert r.float_event_move(4, "s", torch.rand(2, N), source, target) is None  # p does not broadcast
-        nothing = r.float_event_move(4, "s", 0.0, source, target)  # no event: no pairs
-        assert nothing[3][0].numel() == 0 and torch.equal(nothing[1], source - 0 * source)
-    finally:
-        torch.set_num_threads(old)
+    B, N = 3, 100_003
+    r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(2)
+    source = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75  # −0.75, 0, 0.75, 1.5
+    target = torch.randn(B, N, generator=g)
+    for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g), 0.7):
+        for complement in (False, True):
+            happened, events = r.float_event(4, "s", p, source, complement)
+            moved = r.float_event_move(4, "s", p, source, target, complement)
+            assert moved is not None
+            mask, source_after, target_after, (b, i) = moved
+            assert torch.equal(mask, happened) and torch.equal(source_after, source - events)
+            assert torch.equal(target_after, target + events)
+            expected_b, expected_i = events.nonzero(as_tuple=True)
+            assert torch.equal(b, expected_b) and torch.equal(i, expected_i) and 0 < b.numel() < B * N
+    assert r.float_event_move(4, "s", 0.5, source, target.double()) is None  # not for the kernel
+    assert r.float_event_move(4, "s", 0.5, source.to(torch.uint8), target) is None
+    assert r.float_event_move(4, "s", torch.rand(2, N), source, target) is None  # p does not broadcast
+    nothing = r.float_event_move(4, "s", 0.0, source, target)  # no event: no pairs
+    assert nothing[3][0].numel() == 0 and torch.equal(nothing[1], source - 0 * source)
