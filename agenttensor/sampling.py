@@ -65,9 +65,9 @@ class Sampler:
     def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
                                     ) -> "Moved | None":
         """`hazard_event_and_derivatives` with ``where`` = ``source`` (0/1 memberships [B, N]) whose events e move
-        from ``source`` to ``target`` [B, N] in the same pass (e.g. infections, S → E): `Moved` (source − e, target +
-        e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]. None where this
-        sampler has no such derivatives or no native pass applies (the caller then uses the events)."""
+        from ``source`` to ``target`` [B, N] in the same pass (e.g. infections, S → E): `Moved` (source − e,
+        target + e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]. None where
+        this sampler has no such derivatives or no native pass applies (the caller then uses the events)."""
         return None
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,

@@ -166,8 +166,8 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx, donat
     """Reference for `shadow.transition`: the memberships' changes as autograd ops (accumulating index_put, the
     counts' derivative as the dense sum of new_E; into copies, ``donated`` or not), then the explicit shadow flows.
     With the infection event's derivatives (new_E then has no graph), new_E carries them as zero-valued terms:
-    + mask (S − S) + S exp(−λ) (λ − λ). Where the draws moved the infected agents (``moved``: S − new_E, E + new_E),
-    new_E is S − (S − new_E)."""
+    + mask (S − S) + S exp(−λ) (λ − λ). Where the draws moved the infected agents (``moved``: S − new_E,
+    E + new_E), new_E is S − (S − new_E)."""
     if moved is not None:
         new_E = before.S.detach() - moved[0]
     if infection is not None:

@@ -673,11 +673,10 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
 
-    def scaled(name: str, coef: Tensor, per_slot: Tensor, totals: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def scaled(name: str, coef: Tensor, per_slot: Tensor, totals: tuple) -> tuple[Tensor, Tensor]:
         """The group values (β m w_l / (n_g − 1)) · totals and their scale, which is kept while β m w_l's value is
         unchanged (the multiplier changes weekly); the derivative of β m w_l read at the infectious members."""
-        scale = env.memo(("scale", name), (coef, per_slot), lambda: (coef * per_slot).detach(), values_only=True) \
-            if coef.numel() <= 4096 else None
+        scale = env.memo(("scale", name), (coef, per_slot), lambda: (coef * per_slot).detach(), values_only=True)
         return scaled_sums(coef, per_slot, *totals, scale=scale)
 
     household, own_scale["household"] = scaled("household", beta * params.household_weight, env.household_inv_others,

@@ -421,8 +421,9 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
     node is its only differentiable consumer) w.r.t. S, which this node adds into S's, and w.r.t. the force of
     infection ``hazard``, whose gradient it returns: no event node reads d new_E, S and exp(−λ) again. ``moved``:
     S − new_E and E + new_E (fresh tensors, values) where the draws made them in their pass (new_E None, ``infection``
-    given: `StepContext.hazard_move_and_derivatives`). Needs ``ctx.scratch["household_unit_hazard"]`` from `infection_pressure` and today's counters in ``ctx.scratch``
-    (``new_infections`` the infected agents' per-borough count [B, G]: it gets new_E's derivative here)."""
+    given: `StepContext.hazard_move_and_derivatives`). Needs ``ctx.scratch["household_unit_hazard"]`` from
+    `infection_pressure` and today's counters in ``ctx.scratch`` (``new_infections`` the infected agents' per-borough
+    count [B, G]: it gets new_E's derivative here)."""
     k = ShadowConstants(
         env=ctx.env, slot=ctx.step % 7, symptomatic=params.symptomatic_fraction.detach(),
         hosp_given_symptomatic=params.hosp_given_symptomatic.detach(), death_given_hosp=params.death_given_hosp.detach(),
