@@ -184,7 +184,7 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx, donat
     return explicit_shadow_flows(before, after, params, ctx)
 
 
-def explicit_own_contributions(state, params, presences, testing, groups, packed=None):
+def explicit_own_contributions(state, params, presences, testing, groups, packed=None, timed=False):
     """Reference for `own_contributions`: each agent's contribution per layer as dense products, with the
     zero-valued expected isolation of untaken infections written out, handed to `layered_force` through the
     engine's generic probes (`others_sum_probes`: the others-sum by autograd, not fused)."""
@@ -360,7 +360,8 @@ def test_native_shadow_backward_skips_the_outputs_no_gradient_reaches(population
     compared = []
 
     def both(*args, **kwargs):
-        reference = shadow._transition_backward(*args)  # first: the native pass may write over incoming gradients
+        reference = shadow._transition_backward(*args, timed_flags=kwargs.get("timed_flags"))  # first: the native
+        # pass may write over incoming gradients
         fast = native_backward(*args, **kwargs)
         if fast is None:
             pytest.skip("native kernels unavailable")
@@ -735,9 +736,11 @@ def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
     pack, packed, days = cn.pack, cn.packed, []
     monkeypatch.setattr(cn, "pack", lambda *a: days.append("packed") or pack(*a))
 
-    def checked(I_sym, I_asym, isolating):
-        flags, live = packed(I_sym, I_asym, isolating)
-        assert torch.equal(flags, pack(I_sym.detach(), I_asym.detach(), isolating.detach())) and torch.equal(live, flags)
+    def checked(I_sym, I_asym, isolating, stage_end=None):
+        flags, live = packed(I_sym, I_asym, isolating, stage_end)
+        assert stage_end is not None  # the model's: with the countdowns' sign
+        assert torch.equal(flags, pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end))
+        assert torch.equal(live, flags)
         days.append("day")
         return flags, live
 
@@ -760,6 +763,21 @@ def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
     I_asym[1, 5] = 1 - I_asym[1, 5]  # changed outside the transition
     assert torch.equal(cn.packed(I_sym, I_asym, isolating)[0], pack(I_sym, I_asym, isolating)) and days == ["packed"]
     assert cn.packed(I_sym, I_asym.clone(), isolating)[0] is not None and days == ["packed"] * 2
+    # with the countdowns' sign (bit 3): carried where the exits and the day's infections changed it, packed again
+    # where stage_end changed otherwise
+    stage_end = torch.randint(-1, 5, (B, N), dtype=torch.int16)
+    stage_end[1, 9] = -1
+    flags, live = cn.packed(I_sym, I_asym, isolating, stage_end)
+    assert torch.equal((flags >> 3 & 1).bool(), stage_end >= 0) and torch.equal(flags & 7, pack(I_sym, I_asym, isolating))
+    stage_end[0, 3], stage_end[1, 7], stage_end[1, 9] = -1, 6, 7  # two exits' next countdowns, an infection's
+    cn.carry(live, b, i, I_sym, I_asym, isolating, stage_end, (torch.tensor([1]), torch.tensor([9])))
+    days.clear()
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating, stage_end)[0], pack(I_sym, I_asym, isolating, stage_end))
+    assert not days
+    assert cn.packed(I_sym, I_asym, isolating)[0] is not None and days == ["packed"]  # not the flags of no stage_end
+    stage_end[0, 0] = -1 - int(stage_end[0, 0])  # changed outside the transition
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating, stage_end)[0], pack(I_sym, I_asym, isolating, stage_end))
+    assert days == ["packed"] * 2
 
 
 def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):
@@ -859,3 +877,45 @@ def test_infections_moved_in_the_draws_pass_give_the_same_run_and_gradients(popu
         assert torch.equal(moved[name], apart[name]), name
     for name, a, b in zip(names, moved_grads, apart_grads):
         assert a.abs().sum() > 0 and torch.equal(a, b), name
+
+
+def test_the_countdowns_sign_in_the_packed_flags_gives_the_same_gradients(population, monkeypatch):
+    """Gradient modes save the countdowns' sign (stage_end ≥ 0, all the backward passes read of them) as bit 3 of the
+    own contributions' packed flags, which the transition saves too; stage_end is then saved by no node and updated in
+    place from the second day on (no [B, N] copy a day). The metrics and gradients are those of the nodes saving
+    stage_end itself (copied every day), bit for bit, through the native passes and through the torch ops."""
+    from models.covid import contributions_native, shadow_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "detection_rate", "isolation_effectiveness")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("stay_at_home", 4, 400, 0.3)]
+    own = covid.own_contributions
+
+    def run(timed: bool):
+        monkeypatch.setattr(covid, "own_contributions", lambda *a, **k: own(*a, **{**k, "timed": timed and k["timed"]}))
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=21, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         + 0.1 * res["I_sym"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names], res.final_state.stage_end
+
+    for torch_ops in (False, True):
+        if torch_ops:
+            monkeypatch.setattr(contributions_native, "backward", lambda *a, **k: None)
+            monkeypatch.setattr(shadow_native, "backward", lambda *a, **k: None)
+        clones = []
+        clone = torch.Tensor.clone
+        monkeypatch.setattr(torch.Tensor, "clone", lambda x, *a, **k: clones.append(x.dtype) or clone(x, *a, **k))
+        signed, signed_grads, signed_end = run(True)
+        signed_copies = clones.count(torch.int16)
+        clones.clear()
+        saved, saved_grads, saved_end = run(False)
+        monkeypatch.setattr(torch.Tensor, "clone", clone)
+        assert signed_copies <= 1 < clones.count(torch.int16)  # the first day's only, against one a day
+        assert torch.equal(signed_end, saved_end) and signed["reported_cases"].sum() > 0
+        for name in signed.metrics:
+            assert torch.equal(signed[name], saved[name]), name
+        for name, a, b in zip(names, signed_grads, saved_grads):
+            assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)

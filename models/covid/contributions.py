@@ -65,6 +65,9 @@ class Contributions(NamedTuple):
     handoff: dict
     packed: bool = False  # whether the node saved the fields packed (not themselves): the step may then update them
     live_flags: Tensor | None = None  # the packed flags, for the transition to carry to the next day
+    # the flags the node saved where they also hold stage_end's sign (bit 3; the node did not save stage_end): the
+    # transition saves them in its place, and the step may then update stage_end in place
+    timed_flags: Tensor | None = None
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:
@@ -82,7 +85,7 @@ class _OwnContributions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], handoff: dict, flags: Tensor | None,
-                I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor,
+                I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None, isolate_prob: Tensor,
                 testing: Tensor | None, alpha, eta, detect_asym, *presences: Tensor | None):
         ctx.set_materialize_grads(False)
         # slots are the environment's; the per-day scales are saved tensors, so that gradient checkpointing drops
@@ -97,7 +100,7 @@ class _OwnContributions(torch.autograd.Function):
                               *(x if isinstance(x, Tensor) else None for x in (alpha, eta, detect_asym)), *presences,
                               *(g.scale for g in groups))
         ctx.detect_asym = None if isinstance(detect_asym, Tensor) else detect_asym
-        shape = torch.broadcast_shapes(I_sym.shape, stage_end.shape)
+        shape = torch.broadcast_shapes(I_sym.shape, (flags if stage_end is None else stage_end).shape)
         zeros = lambda *size: I_sym.new_zeros(()).expand(*size)  # noqa: E731 (zero-stride: no memory)
         return (I_sym.view_as(I_sym), I_asym.view_as(I_asym), isolating.view_as(isolating),
                 *(probe for group in groups for probe in
@@ -159,7 +162,7 @@ class _OwnContributions(torch.autograd.Function):
                 D = term.clone() if term is d else term  # d is read again below (d presence): not added into
             else:
                 D.add_(term)
-        real = stage_end >= 0
+        real = stage_end >= 0 if stage_end is not None else (flags >> 3 & 1).bool()  # (stage_end None: in the flags)
         d_iota = None if d_household is None else torch.where(real, d_household, 0.0)
         kept = None if D is None else torch.mul(isolating, eta).neg_().add_(1)  # 1 − η isolating
         if D is not None:
@@ -199,26 +202,30 @@ class _OwnContributions(torch.autograd.Function):
 
 
 def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None,
-                      groups: dict[str, OthersSum], packed: tuple[Tensor | None, Tensor | None] | None = None
-                      ) -> Contributions:
+                      groups: dict[str, OthersSum], packed: tuple[Tensor | None, Tensor | None] | None = None,
+                      timed: bool = False) -> Contributions:
     """The `layered_force` probes of the zero-valued contributions per layer ("household" and every layer in
     ``presences``; module docstring), with I_sym, I_asym and isolating passed through (`Contributions`).
     ``state``: a ``CovidState`` (gradient mode: float memberships); ``presences``: today's non-household layers
     (school, workplace, community) and each one's presence p_l [B | 1, N] (None: 1); ``testing``: the testing lever
     per agent [B, N] or None; ``groups``: each layer's `OthersSum`; ``packed``: `contributions_native.packed` of the
-    state's fields where the caller has it."""
+    state's fields where the caller has it (``timed``: with the state's stage_end, bit 3), else made here (with
+    it)."""
     layers = tuple(name for name in NON_HOUSEHOLD if name in presences)
     names = ("household", *layers)
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
     handoff: dict[str, Tensor] = {}
-    with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields
-        flags, live = packed or contributions_native.packed(state.I_sym, state.I_asym, state.isolating)
+    with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields (and
+        if packed is None:  # stage_end's sign: two bytes)
+            packed, timed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end), True
+        flags, live = packed
+    timed = timed and flags is not None
     out = iter(_OwnContributions.apply(layers, ordered, handoff, flags, state.I_sym, state.I_asym, state.isolating,
-                                       state.stage_end, state.isolate_prob.detach(),
+                                       None if timed else state.stage_end, state.isolate_prob.detach(),
                                        None if testing is None else testing.detach(), params.asymptomatic_infectiousness,
                                        params.isolation_effectiveness, detect_asym, *(presences[name] for name in layers)))
     fields = {name: next(out) for name in PASSED}
     probes = {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
               for name, group in zip(names, ordered)}
-    return Contributions(probes, fields, handoff, flags is not None, live)
+    return Contributions(probes, fields, handoff, flags is not None, live, flags if timed else None)

@@ -42,12 +42,12 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
         + [("testing_stride", _I)] \
         + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
                              "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
-                             "acc_isolating", "flags")]
+                             "acc_isolating", "flags")] + [("flags_timed", _I)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
-    library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _I, _I]
+    library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _P, _I, _I]
     library.agenttensor_covid_pack.restype = _I
 
 
@@ -55,50 +55,67 @@ def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
 
 
-def packed(I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def packed(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None
+           ) -> tuple[Tensor | None, Tensor | None]:
     """(`pack` of the fields, for a node to save; the same flags to carry to the next day, `carry`): from the flags the
-    day's transition carried on I_sym where they are of these very fields at their current versions (a 1-byte copy
-    per agent), else packed (three float32 reads per agent). (None, None) where `pack` gives None."""
+    day's transition carried on I_sym where they are of these very fields (and ``stage_end``, or none) at their
+    current versions (a 1-byte copy per agent), else packed (three float32 reads per agent). (None, None) where
+    `pack` gives None."""
     carried = getattr(I_sym, "_agenttensor_flags", None)
     if carried is not None:
-        live, asym, iso, versions = carried
-        if asym() is I_asym and iso() is isolating and versions == (I_sym._version, I_asym._version, isolating._version):
+        live, asym, iso, timed, versions = carried
+        if asym() is I_asym and iso() is isolating and (stage_end is None if timed is None else timed() is stage_end) \
+                and versions == tuple(x._version for x in (I_sym, I_asym, isolating, stage_end) if x is not None):
             return live.clone(), live
-    flags = pack(I_sym.detach(), I_asym.detach(), isolating.detach())
+    flags = pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end)
     return flags, None if flags is None else flags.clone()
 
 
-def carry(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> None:
+def carry(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor,
+          stage_end: Tensor | None = None, infected: tuple[Tensor, Tensor] | None = None) -> None:
     """The flags ``live`` [B, N] of the fields before the day's transition, updated at the exiting agents (b, i) to
     the fields' values after it (where those are 0/1) and carried on I_sym for the next day's `packed`, with the
-    fields' identities and versions (any other change of them makes `packed` pack again)."""
+    fields' identities and versions (any other change of them makes `packed` pack again). ``stage_end``: the
+    countdowns after it, where the flags carry their sign (bit 3; ``infected``: the agents that entered E today,
+    whose countdown began)."""
     values = [select.values_at(x.detach(), b, i) for x in (I_sym, I_asym, isolating)]
     if not all(bool(((v == 0) | (v == 1)).all()) for v in values):
         return
-    select.put_at_(live, b, i, (values[0] + 2 * values[1] + 4 * values[2]).to(torch.uint8))
+    bits = values[0] + 2 * values[1] + 4 * values[2]
+    if stage_end is not None:
+        bits = bits + 8 * (select.values_at(stage_end, b, i) >= 0)
+    select.put_at_(live, b, i, bits.to(torch.uint8))
+    if stage_end is not None and infected is not None and infected[0].numel():
+        started = select.values_at(live, *infected) | 8
+        select.put_at_(live, *infected, started)
     I_sym._agenttensor_flags = (live, weakref.ref(I_asym), weakref.ref(isolating),
-                                (I_sym._version, I_asym._version, isolating._version))
+                                None if stage_end is None else weakref.ref(stage_end),
+                                tuple(x._version for x in (I_sym, I_asym, isolating, stage_end) if x is not None))
 
 
-def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor) -> Tensor | None:
+def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None) -> Tensor | None:
     """I_sym | I_asym << 1 | isolating << 2 as one byte per agent ([B, N] uint8: what the backward pass reads in
-    place of the three float32 fields, 12 bytes per agent), or None where the fields are not CPU float32 [B, N]
-    (contiguous) with every value exactly +0.0 or 1.0 (e.g. a hand-made fractional state), or the kernel is off."""
+    place of the three float32 fields, 12 bytes per agent), | (stage_end ≥ 0) << 3 where ``stage_end`` (int16
+    [B, N]) is given (then read in its place), or None where the fields are not CPU float32 [B, N] (contiguous) with
+    every value exactly +0.0 or 1.0 (e.g. a hand-made fractional state), or the kernel is off."""
     fields = (I_sym, I_asym, isolating)
     if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape != I_sym.shape
            or not x.is_contiguous() for x in fields):
+        return None
+    if stage_end is not None and (stage_end.device.type != "cpu" or stage_end.dtype != torch.int16
+                                  or stage_end.shape != I_sym.shape or not stage_end.is_contiguous()):
         return None
     library = _library()
     if library is None:
         return None
     flags = torch.empty(I_sym.shape, dtype=torch.uint8)
-    bad = library.agenttensor_covid_pack(*(x.data_ptr() for x in fields), flags.data_ptr(), flags.numel(),
-                                         torch.get_num_threads())
+    bad = library.agenttensor_covid_pack(*(x.data_ptr() for x in fields), None if stage_end is None else
+                                         stage_end.data_ptr(), flags.data_ptr(), flags.numel(), torch.get_num_threads())
     return None if bad else flags
 
 
 def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sym: Tensor, I_asym: Tensor,
-             isolating: Tensor, stage_end: Tensor, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
+             isolating: Tensor, stage_end: Tensor | None, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
              detect_asym, wants: dict[str, bool],
              passed: dict[str, tuple[Tensor | None, bool]] | None = None,
              flags: Tensor | None = None) -> dict[str, Tensor | None] | None:
@@ -109,15 +126,18 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
     None each); ``wants``: which of the outputs above are needed; ``passed``: per field (I_sym, I_asym, isolating)
     a derivative [B, N] already reaching it, or None, and whether it may be added into in place: the output is then
     that plus the contributions' (the same buffer where it may); ``flags``: the three fields packed (`pack`), read in
-    their place (I_sym, I_asym and isolating are then None)."""
+    their place (I_sym, I_asym and isolating are then None), and stage_end's sign where it is None (bit 3)."""
     passed = passed or {}
-    B, N = stage_end.shape
+    if stage_end is None and flags is None:
+        return None
+    B, N = (stage_end if stage_end is not None else flags).shape
     incoming = [g for _, grads in probes.values() for g in grads if g is not None] \
         + [g for g, _ in passed.values() if g is not None]
     fields = [I_sym, I_asym, isolating] if flags is None else []
     dense = [*fields, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) or stage_end.dtype != torch.int16 \
+    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) \
+            or (stage_end is not None and stage_end.dtype != torch.int16) \
             or any(group.slot.dtype != torch.int32 or group.slot.shape != (N,) for group, _ in probes.values()):
         return None
     library = _library()
@@ -168,9 +188,10 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
             setattr(args, f"p_{name}", ptr(p))
             setattr(args, f"p_{name}_stride", stride)
     for name, x in (("I_sym", I_sym), ("I_asym", I_asym), ("isolating", isolating), ("isolate_prob", isolate_prob),
-                    ("stage_end", stage_end), ("flags", flags)):
+                    ("stage_end", stage_end), ("flags", flags)):  # (stage_end None: the flags' bit 3)
         if x is not None:
             setattr(args, name, ptr(x.detach().expand(B, N).contiguous()))
+    args.flags_timed = int(stage_end is None)
     if testing is not None:
         t, args.testing_stride = row(testing)
         args.testing = ptr(t)

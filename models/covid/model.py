@@ -642,8 +642,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     beta = params.transmission_scale * multiplier
     # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
-    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating) if ctx.sampler.differentiable \
-        else (None, None)
+    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end) \
+        if ctx.sampler.differentiable else (None, None)  # (and the countdowns' sign: `own_contributions`)
     b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
         select.nonzero_bits(packed[0], 0b011)
     sources = At(b, j)
@@ -701,7 +701,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         groups = {name: OthersSum(getattr(env, name).slot, torch.atleast_2d(own_scale[name]),
                                   plain=name == "community") for name in names}
         contributions = own_contributions(state, params, dense_presences, lever_per_agent(ctx, "testing_isolation"),
-                                          groups, packed)
+                                          groups, packed, timed=True)
         own = contributions.probes
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
         # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
@@ -710,6 +710,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                                  for name, x in contributions.fields.items()})
         ctx.scratch["fields_packed"] = contributions.packed
         ctx.scratch["live_flags"] = contributions.live_flags  # `shadow.transition` carries them to the next day
+        ctx.scratch["timed_flags"] = contributions.timed_flags  # stage_end's sign: `progress` may update it in place
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain
@@ -902,9 +903,12 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     leave_I = leave_Ia + leave_Is
     isolating_here = isolating_before * (1 - leave_I) + isolate
 
-    # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits)
-    stage_end = state.stage_end.clone()
+    # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits): in place where
+    # they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the packed flags)
+    donate = ctx.sampler.differentiable and ctx.scratch.get("timed_flags") is not None and ctx.owns(state.stage_end)
+    stage_end = state.stage_end if donate else ctx.own(state.stage_end.clone())
     infected_b, infected_i = moved.pairs if moved is not None else select.nonzero(new_E.detach())
+    ctx.scratch["infected"] = (infected_b, infected_i)  # (`shadow.transition` carries their countdowns' sign)
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
     if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
         next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)

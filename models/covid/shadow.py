@@ -191,6 +191,7 @@ class Exits:
     fields: dict[str, Tensor] | None = None
     handoff: dict[str, Tensor] | None = None
     moved: tuple[Tensor, Tensor] | None = None  # S − new_E and E + new_E where the infection draws made them
+    timed_flags: Tensor | None = None  # [B, N] uint8 whose bit 3 is stage_end ≥ 0 before the step, saved in its place
 
 
 class _ExitsAt(torch.autograd.Function):
@@ -264,7 +265,8 @@ class _Transition(torch.autograd.Function):
         b, i = exits.b, exits.i
         ctx.slot = slot  # the environment's (the unit hazard's factors are saved tensors: checkpointing drops them)
         ctx.hazard_shape = None if hazard is None else hazard.shape
-        ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, infection_mask,
+        ctx.save_for_backward(sigma, scale, kept_1, kept_2, susceptible, exits.timed_flags if stage_end is None
+                              else stage_end, vaccinated, testing, infection_mask,
                               survival if ctx.needs_input_grad[14] else None, b, i)  # (input 14: hazard)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
@@ -281,6 +283,7 @@ class _Transition(torch.autograd.Function):
         k: ShadowConstants = ctx.k
         env = k.env
         sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, mask, survival, b, i = ctx.saved_tensors
+        timed_flags = stage_end if stage_end.dtype == torch.uint8 else None  # stage_end's sign in bit 3
         unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None))
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
@@ -295,13 +298,13 @@ class _Transition(torch.autograd.Function):
         half_infectious = 0.5 * (f_mean * d_sym + (1 - f_mean) * d_asym)
         incoming = dict(gS=gS, gE=gE, gIs=gIs, gIa=gIa, gH=gH, gR=gR, gD=gD, g_exposure=g_exposure, g_latent=g_latent,
                         g_infections=g_infections, g_report=g_report, g_admissions=g_admissions, g_deaths=g_deaths)
-        args = (k, unit, susceptible, stage_end, vaccinated, testing, incoming, f_mean, d_sym, d_asym, half_infectious,
-                rate, mask, survival, ctx.needs_input_grad[15])
+        args = (k, unit, susceptible, None if timed_flags is not None else stage_end, vaccinated, testing, incoming,
+                f_mean, d_sym, d_asym, half_infectious, rate, mask, survival, ctx.needs_input_grad[15])
         # the exiting agents' gradients first: the native pass may write the new ones over gE, gI_sym, ...
         at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        fused = shadow_native.backward(*args, reuse=_exclusive(incoming))
+        fused = shadow_native.backward(*args, reuse=_exclusive(incoming), timed_flags=timed_flags)
         if fused is None:  # the same map in torch ops
-            fused = _transition_backward(*args)
+            fused = _transition_backward(*args, timed_flags=timed_flags)
         g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0, g_hazard = fused
         # made here (or registered already, and written over), handed on as one input's gradient: nobody else holds
         # it. (The torch ops may pass gS through as d S0: the caller's, not registered.)
@@ -330,16 +333,18 @@ def _exclusive(incoming: dict[str, Tensor | None]) -> dict[str, Tensor]:
             and EXCLUSIVE_GRADIENTS.get(id(g)) is g and g._base is None and pointers.count(g.data_ptr()) == 1}
 
 
-def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor,
+def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor | None,
                          vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
                          d_sym: float, d_asym: float, half_infectious: float,
                          rate: dict[str, float], infection_mask: Tensor | None = None,
-                         survival: Tensor | None = None, want_new_E: bool = True) -> tuple[Tensor | None, ...]:
+                         survival: Tensor | None = None, want_new_E: bool = True,
+                         timed_flags: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """`_Transition`'s derivatives for E, I_sym, I_asym, H, exposure, latent (before the step) and new_E (None unless
     ``want_new_E``) in torch ops (the reference for shadow_kernel.cpp; the path off CPU): every returned tensor is a
     fresh buffer; with ``infection_mask`` (the infection event's d new_E / d S,
     `Sampler.hazard_event_and_derivatives`), S's: gS + mask · d new_E (else None); with ``survival`` (exp(−λ): d new_E /
-    d λ = S · survival), the force of infection's: d new_E · S · survival (else None)."""
+    d λ = S · survival), the force of infection's: d new_E · S · survival (else None). ``stage_end`` None:
+    ``timed_flags`` carries its sign (bit 3: a countdown runs)."""
     env = k.env
     gS, gE, gIs, gIa, gH, gR, gD = (g[name] for name in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD"))
     g_exposure, g_latent = g["g_exposure"], g["g_latent"]
@@ -348,7 +353,8 @@ def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tens
         return None if x is None else range_broadcast(x, env.borough_slices)
 
     f = k.symptomatic[env.age_group]  # [N]
-    free = (stage_end < 0).to(susceptible.dtype)
+    free = (stage_end < 0).to(susceptible.dtype) if stage_end is not None else \
+        1 - (timed_flags >> 3 & 1).to(susceptible.dtype)
     infections = per_agent(g["g_infections"])
     g_new_E = _combine((1.0, gE), (-1.0, gS), (1.0, infections))
     # infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
@@ -439,10 +445,13 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
         if infection is None or new_E is not None:
             raise ValueError("transition: `moved` comes with the infection's derivatives and without new_E")
         exits = dataclasses.replace(exits, moved=moved)
+    timed_flags = ctx.scratch.get("timed_flags")  # stage_end's sign, saved in its place (it may have been updated
+    if timed_flags is not None:  # in place already: `progress`)
+        exits = dataclasses.replace(exits, timed_flags=timed_flags)
     out = _Transition.apply(
         k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
         before.S.detach().to(torch.float32),
-        before.stage_end, vaccinated, None if testing is None else testing.detach(),
+        None if timed_flags is not None else before.stage_end, vaccinated, None if testing is None else testing.detach(),
         *((None, None, None) if infection is None else (infection.where_mask, infection.survival, hazard)), new_E,
         ctx.scratch["new_infections"].detach(),
         before.household_exposure, before.household_latent, ctx.scratch["reported"], ctx.scratch["admissions"],
@@ -450,6 +459,7 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
     S, E, I_sym, I_asym, H, R, D, isolating, exposure, latent, infections, reported, admissions, deaths, recent = out
     ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
     if ctx.scratch.get("live_flags") is not None:  # the own contributions' packed flags, now of the new fields
-        contributions_native.carry(ctx.scratch.pop("live_flags"), exits.b, exits.i, I_sym, I_asym, isolating)
+        contributions_native.carry(ctx.scratch.pop("live_flags"), exits.b, exits.i, I_sym, I_asym, isolating,
+                                   *((after.stage_end, ctx.scratch.get("infected")) if timed_flags is not None else ()))
     return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, isolating=isolating,
                          reported_recent=recent, household_exposure=exposure, household_latent=latent)

@@ -39,7 +39,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
-        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard")]
+        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard", "timed_flags")]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -77,7 +77,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None,
              survival: Tensor | None = None, want_new_E: bool = True,
-             reuse: dict[str, Tensor] | None = None) -> tuple[Tensor, ...] | None:
+             reuse: dict[str, Tensor] | None = None, timed_flags: Tensor | None = None) -> tuple[Tensor, ...] | None:
     """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E, d S0, d λ), each [B, N] or None where no
     incoming gradient reaches it (`_nonzero_outputs`; d new_E only if ``want_new_E``; d S0 = gS + mask · d new_E only
     with ``infection_mask``, the infection event's d new_E / d S [B, N] bool; d λ = d new_E · S · survival only with
@@ -86,14 +86,15 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     (multiplied out per chunk in the fused pass, else here); ``grads``: the incoming [B, N] (gS ... g_latent) and per-borough [B, G] (g_infections, g_report,
     g_admissions, g_deaths) gradients, None where none arrived. ``reuse``: incoming gradients (by name, of `REUSABLE`'s)
     that nobody reads after this call: each output is written over its own (`REUSABLE`) instead of into a fresh
-    [B, N]: the caller's promise; the buffers must be distinct."""
+    [B, N]: the caller's promise; the buffers must be distinct. ``stage_end`` None: ``timed_flags`` [B, N] uint8
+    carries its sign in bit 3 (`contributions_native.pack`)."""
     if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
     if library is None:
         return None
     env = k.env
-    B, N = stage_end.shape
+    B, N = (stage_end if stage_end is not None else timed_flags).shape
     if survival is not None and (survival.shape != (B, N) or not survival.is_contiguous()
                                  or survival.dtype != torch.float32):
         return None
@@ -146,9 +147,14 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     args.ages = ages
     if vaccinated is not None:
         args.vaccinated, args.efficacy_severe = _ptr(dense(vaccinated)), _ptr(per_element(k.vaccine_efficacy_severe))
-    stage = stage_end.contiguous()
-    keep.append(stage)
-    args.stage_end = _ptr(stage)
+    if stage_end is not None:
+        stage = stage_end.contiguous()
+        keep.append(stage)
+        args.stage_end = _ptr(stage)
+    else:
+        if timed_flags.dtype != torch.uint8 or timed_flags.shape != (B, N):
+            return None
+        args.timed_flags = _ptr(table(timed_flags, torch.uint8))
     S = dense(susceptible)  # read by the attack probabilities and by d λ
     if g["g_exposure"] is not None:
         layer = env.household

@@ -108,8 +108,10 @@ void unpack(int64_t n, const uint8_t* __restrict flags, float (*__restrict out)[
 // `agenttensor_covid_pack` for n agents: whether any value is other than +0.0 or 1.0. Restrict pointers, no
 // branch, 32-bit lanes: it vectorises (as a lambda over the closure's pointers it ran one agent at a time, 21 ms
 // at full NYC).
+// Timed: bit 3 is stage_end[k] >= 0 (a running countdown).
+template <bool Timed>
 int32_t pack_range(int64_t n, const float* __restrict I_sym, const float* __restrict I_asym,
-                   const float* __restrict isolating, uint8_t* __restrict flags) {
+                   const float* __restrict isolating, const int16_t* __restrict stage_end, uint8_t* __restrict flags) {
   constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
   uint32_t other = 0;
   for (int64_t k = 0; k < n; ++k) {
@@ -119,7 +121,8 @@ int32_t pack_range(int64_t n, const float* __restrict I_sym, const float* __rest
     std::memcpy(&i, isolating + k, 4);
     const uint32_t one_s = s == kOne, one_a = a == kOne, one_i = i == kOne;
     other |= (s != 0u && !one_s) | (a != 0u && !one_a) | (i != 0u && !one_i);
-    flags[k] = static_cast<uint8_t>(one_s | one_a << 1 | one_i << 2);
+    const uint32_t timed = Timed ? static_cast<uint32_t>(stage_end[k] >= 0) : 0u;
+    flags[k] = static_cast<uint8_t>(one_s | one_a << 1 | one_i << 2 | timed << 3);
   }
   return other != 0;
 }
@@ -239,21 +242,25 @@ struct OwnArgs {
   // or null: I_sym, I_asym and isolating packed into one byte per agent (bits 0, 1, 2; `agenttensor_covid_pack`),
   // read in place of the three float fields
   const uint8_t* flags;
+  // 1: the flags' bit 3 is stage_end >= 0, read in place of stage_end (null then)
+  int64_t flags_timed;
 };
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
-// (compared as bit patterns, so that unpacking gives the same bits); returns the number of chunks with any other
-// value (0: all packed; else the caller keeps the float fields). One pass, one byte written per agent instead of
-// twelve copied.
-int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const float* isolating, uint8_t* flags,
-                               int64_t n, int64_t threads) {
+// (compared as bit patterns, so that unpacking gives the same bits), | (stage_end[k] >= 0) << 3 where stage_end is
+// given; returns the number of chunks with any other value (0: all packed; else the caller keeps the float fields).
+// One pass, one byte written per agent instead of twelve copied (and two: the countdown's sign).
+int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const float* isolating,
+                               const int16_t* stage_end, uint8_t* flags, int64_t n, int64_t threads) {
   constexpr int64_t kChunk = int64_t(1) << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> bad(chunks, 0);
   agenttensor::parallel(threads, chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t k0 = c * kChunk;
-      bad[c] = pack_range(std::min(kChunk, n - k0), I_sym + k0, I_asym + k0, isolating + k0, flags + k0);
+      const int64_t m = std::min(kChunk, n - k0);
+      bad[c] = stage_end ? pack_range<true>(m, I_sym + k0, I_asym + k0, isolating + k0, stage_end + k0, flags + k0)
+                         : pack_range<false>(m, I_sym + k0, I_asym + k0, isolating + k0, nullptr, flags + k0);
     }
   });
   int64_t total = 0;
@@ -281,6 +288,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
         eta_term[kTile], unpacked[3][kTile];
+    int16_t timed[kTile];  // stage_end's sign from the flags' bit 3 (0: a countdown, −1: none)
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -299,12 +307,15 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           unpack(n, a->flags + k0, unpacked);
           I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
         }
+        const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : timed;
+        if (!a->stage_end)
+          for (int64_t j = 0; j < n; ++j) timed[j] = static_cast<int16_t>(((a->flags[k0 + j] >> 3) & 1) - 1);
         own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0)),
                  others_sum_tile(a->school, b, N, t0, n, d[1], paired(1)),
                  others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2)),
                  others_sum_tile(a->community, b, N, t0, n, d[3], paired(3)), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
-                 a->isolate_prob + k0, a->stage_end + k0,
+                 a->isolate_prob + k0, stage_end,
                  testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
                  field(a->out_I_asym, a->acc_I_asym, 1), field(a->out_isolating, a->acc_isolating, 2),
                  out(a->out_p_school, 4), out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);

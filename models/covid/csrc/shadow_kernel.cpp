@@ -350,6 +350,8 @@ struct ShadowArgs {
   // force of infection's gradient (the event's d new_E / d λ; susceptible is then set in both kernels)
   const float* survival;
   float* out_hazard;
+  // or null: flags [B, N] whose bit 3 is stage_end >= 0 (`agenttensor_covid_pack`), read where stage_end is null
+  const uint8_t* timed_flags;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -389,6 +391,7 @@ struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
       p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
   uint8_t no_mask[kTile];
+  int16_t timed[kTile];  // stage_end's sign from timed_flags (0: a countdown, −1: none)
   float outs[9][kTile];
 };
 
@@ -477,8 +480,11 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   const float* g[9];
   incoming_gradients(a, g);
   for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
+  if (!a->stage_end)
+    for (int64_t j = 0; j < n; ++j) t.timed[j] = static_cast<int16_t>(((a->timed_flags[k0 + j] >> 3) & 1) - 1);
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
-              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym, a->stage_end + k0,
+              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
+              a->stage_end ? a->stage_end + k0 : t.timed,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->survival ? a->susceptible + k0 : t.zero,
               a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
               a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
