@@ -91,11 +91,13 @@ def test_shadow_flows_leave_the_forward_pass_unchanged(population):
 
 def test_checkpointed_gradients_equal_the_full_graph(population):
     """grad_checkpoint_every=k (segment inputs compacted to uint8 values + derivative carriers) gives the
-    gradients of the uncheckpointed run."""
+    gradients of the uncheckpointed run. Each run on an environment of its own: the memos are filled during the
+    checkpointed forward pass and read by its recomputation, which must save the same tensors (a memo computed with
+    autograd on had saved one more in the forward pass)."""
     params = moderate(initial_prevalence=0.01)
-    env = MODEL.setup(population, params.as_tensors(), "cpu")
     grads = []
     for every in (None, 4):
+        env = MODEL.setup(population, params.as_tensors(), "cpu")
         beta = torch.tensor(0.3, requires_grad=True)
         eta = torch.tensor(0.8, requires_grad=True)
         res = at.simulate(MODEL, None, params.replace(transmission_scale=beta, isolation_effectiveness=eta), steps=18,

@@ -676,7 +676,11 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def scaled(name: str, coef: Tensor, per_slot: Tensor, totals: tuple) -> tuple[Tensor, Tensor]:
         """The group values (β m w_l / (n_g − 1)) · totals and their scale, which is kept while β m w_l's value is
         unchanged (the multiplier changes weekly); the derivative of β m w_l read at the infectious members."""
-        scale = env.memo(("scale", name), (coef, per_slot), lambda: (coef * per_slot).detach(), values_only=True)
+        def values() -> Tensor:  # (no autograd node: a checkpointed segment's recomputation, which finds the memo
+            with torch.no_grad():  # filled, must save the tensors its forward pass saved)
+                return coef * per_slot
+
+        scale = env.memo(("scale", name), (coef, per_slot), values, values_only=True)
         return scaled_sums(coef, per_slot, *totals, scale=scale)
 
     household, own_scale["household"] = scaled("household", beta * params.household_weight, env.household_inv_others,
