@@ -166,7 +166,8 @@ def others_scaled(grad: Tensor, scale: Tensor, slot: Tensor, sums: Tensor | None
 
 def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None, want_sigma: bool = False,
                   want: tuple[tuple[bool, bool, bool], ...] = (), sums: tuple[bool, ...] = (),
-                  constant_last: tuple[bool, ...] = (), keep: list | None = None) -> tuple | Tensor | None:
+                  constant_last: tuple[bool, ...] = (), keep: list | None = None,
+                  unwritten: tuple[bool, ...] = ()) -> tuple | Tensor | None:
     """Forward (grad None): σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l -> [B, N]. Backward: (per-layer
     weights grad σ presence factors [B, N], per-layer (d_presence, d_factor, d_factor_all) with None where not in
     ``want[l]``, d_sigma or None, per-layer group sums of the weights [B, S] where ``sums[l]`` and the layer's groups
@@ -174,6 +175,9 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     (then a pass of its own, `segment_sum`, is faster): deterministic, though not always `segment_sum`'s bits).
     ``constant_last[l]``: the layer's table's last slot (its non-members') is a constant (`ForceTerm.
     last_slot_constant`): a layer of few members then leaves that slot's sum 0, without the non-members' pass.
+    ``unwritten[l]`` (backward): the layer's weights are not written (None in their place) and its group sums always
+    come from the pass (households: the runs summed in agent order, `segment_sum`'s bits), for a caller that forms
+    the weights itself.
     ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the last three
     [B | 1, N] or None. ``keep`` (forward): a list the layers' native form is appended to, with the tensors it points
     into, for `layered_shares_at`. None where the kernel does not apply."""
@@ -212,14 +216,15 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         if any(part is None for part in parts) or slot.shape != (N,) or not _slot_ok(slot, table.shape[-1]):
             return None
         asked = want[index] if index < len(want) else (False, False, False)
-        weight = out(True)
+        lazy = index < len(unwritten) and unwritten[index]
+        weight = out(not lazy)
         d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
         S = table.shape[-1]
         summed = members = None
         contiguous = _slot_facts(slot)[1]  # (memoised per slot tensor) a tile inside one group reads its value once
-        if index < len(sums) and sums[index]:  # in the pass where that beats a pass of its own
+        if lazy or (index < len(sums) and sums[index]):  # in the pass where that beats a pass of its own
             members = None if contiguous else _members_of(slot, S)
-            if (contiguous and N >= LONG_RUNS * S) or members is not None:
+            if lazy or (contiguous and N >= LONG_RUNS * S) or members is not None:
                 summed = torch.empty(B, S)
             held.append(members)
         weights.append(weight)

@@ -248,6 +248,29 @@ class ForceTerm:
     # leave its derivative 0 (the native pass then skips the non-members' sum of a layer of few members: full NYC's
     # schools and workplaces, 41.7 -> 37.5 ms per force backward)
     last_slot_constant: bool = False
+    # with member_probe, for a probe owner that forms w in its own pass: a dict in which the backward may leave w as
+    # its `WeightParts` (key "weight") in place of w [B, N] as member_probe's derivative (None then), so that w is
+    # neither written nor read back (native CPU pass; else w is the derivative as usual)
+    weight_handoff: dict | None = None
+
+
+class WeightParts(NamedTuple):
+    """A layer's weight w = (grad σ) (presence (factor factor_all)) as `layered_force`'s backward hands it over
+    (`ForceTerm.weight_handoff`): its parts, each [B | 1, N] (grad [B, N]; presence and factors None: 1)."""
+
+    grad: Tensor
+    sigma: Tensor
+    presence: Tensor | None
+    factor: Tensor | None
+    factor_all: Tensor | None
+
+    def dense(self) -> Tensor:
+        """w [B, N], in the native pass's order of products (the same bits)."""
+        factors = [x for x in (self.factor, self.factor_all) if x is not None]
+        fa = functools.reduce(torch.mul, factors) if factors else None
+        pfa = self.presence if fa is None else fa if self.presence is None else self.presence * fa
+        gs = self.grad * self.sigma
+        return (gs if pfa is None else gs * pfa).expand_as(self.grad)
 
 
 class OthersSumProbes(NamedTuple):
@@ -321,11 +344,13 @@ def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
 class _LayeredForce(torch.autograd.Function):
     """Forward: one native pass over the agents on CPU (torch ops elsewhere). Backward: per layer the weight
     w = grad σ presence factors and its group sums (the table's derivative; both are the probes' derivatives, see
-    `ForceTerm`); those of presence, the factors and σ from the same pass. Saves only inputs."""
+    `ForceTerm`; w as its parts where the term has a ``weight_handoff``); those of presence, the factors and σ from
+    the same pass. Saves only inputs."""
 
     @staticmethod
-    def forward(ctx, sigma: Tensor, *flat_and_constant_last):
-        *flat, ctx.constant_last = flat_and_constant_last  # 7 per term, then each term's last_slot_constant
+    def forward(ctx, sigma: Tensor, *flat_and_per_term):
+        # 7 per term, then each term's last_slot_constant and weight_handoff
+        *flat, ctx.constant_last, ctx.handoffs = flat_and_per_term
         terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
         ctx.terms = len(terms)
         ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all)])
@@ -344,9 +369,11 @@ class _LayeredForce(torch.autograd.Function):
         want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))
         grad = grad.contiguous()
         summed = tuple(wants[1 + 7 * k] or group for k, (_, group) in enumerate(ctx.probes))  # the tables' sums
+        # the weights handed over as their parts (not written), where the probe's owner forms them
+        unwritten = tuple(member and handoff is not None for (member, _), handoff in zip(ctx.probes, ctx.handoffs))
         fused = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
                                                      for t in terms], grad, want_sigma, want, summed,
-                                             ctx.constant_last)
+                                             ctx.constant_last, unwritten=unwritten)
         if fused is None:  # the same derivatives in torch ops
             gs = grad * sigma
             weights, derivatives, total = [], [], 0
@@ -364,6 +391,9 @@ class _LayeredForce(torch.autograd.Function):
             fused = (weights, derivatives, grad * total if want_sigma else None, [None] * len(terms))
         weights, derivatives, d_sigma, group_sums = fused
         out = [_reduce_to(d_sigma, sigma)]
+        for k, (t, w) in enumerate(zip(terms, weights)):
+            if w is None:  # not written: its parts to the probe's owner
+                ctx.handoffs[k]["weight"] = WeightParts(grad, sigma, t.presence, t.factor, t.factor_all)
         for t, w, (d_presence, d_factor, d_factor_all), (member, group), sums in zip(terms, weights, derivatives,
                                                                                       ctx.probes, group_sums):
             if sums is None and (wants[len(out)] or group):  # (unless the native pass summed them)
@@ -371,7 +401,7 @@ class _LayeredForce(torch.autograd.Function):
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None
             out += [d_table, None, _reduce_to(d_presence, t.presence), _reduce_to(d_factor, t.factor),
                     _reduce_to(d_factor_all, t.factor_all), w if member else None, sums if group else None]
-        return (*out, None)
+        return (*out, None, None)
 
 
 def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = None) -> Tensor:
@@ -394,7 +424,8 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = Non
         return _force_torch(sigma, terms) if force is None else force
     flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.member_probe,
                                        t.group_probe)]
-    return _LayeredForce.apply(sigma, *flat, tuple(t.last_slot_constant for t in terms))
+    return _LayeredForce.apply(sigma, *flat, tuple(t.last_slot_constant for t in terms),
+                               tuple(t.weight_handoff if t.member_probe is not None else None for t in terms))
 
 
 def layer_shares_at(kept: list | None, b: Tensor, i: Tensor) -> Tensor | None:

@@ -921,3 +921,47 @@ def test_the_countdowns_sign_in_the_packed_flags_gives_the_same_gradients(popula
             assert torch.equal(signed[name], saved[name]), name
         for name, a, b in zip(names, signed_grads, saved_grads):
             assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
+
+
+def test_the_force_hands_its_weights_to_the_own_contributions_as_parts_with_the_same_gradients(population, monkeypatch):
+    """In gradient modes `layered_force`'s native backward hands each layer's weight w = grad σ presence factors to
+    the own contributions' backward as its parts (`ForceTerm.weight_handoff`, `WeightParts`), which forms w tile by
+    tile: no [B, N] per layer is written and read back. The metrics and gradients are those of the weights written
+    as the member probes' derivatives, bit for bit, through the contributions' native pass and its torch ops."""
+    from models.covid import contributions_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "household_weight", "isolation_effectiveness")
+    interventions = [at.Intervention("testing_isolation", 3, 400, 0.3), at.Intervention("stay_at_home", 4, 400, 0.3),
+                     at.Intervention("transmission_reduction", 2, 400, 0.2, layer="community")]
+    own, native_backward = covid.own_contributions, contributions_native.backward
+    handed = []
+
+    def run(handoff: bool, torch_ops: bool):
+        monkeypatch.setattr(covid, "own_contributions", own if handoff else
+                            lambda *a, **k: own(*a, **k)._replace(weight_handoffs=None))
+
+        def backward(*a, **k):
+            handed.append(tuple(sorted(k.get("weights") or ())))
+            return None if torch_ops else native_backward(*a, **k)
+
+        monkeypatch.setattr(contributions_native, "backward", backward)
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=14, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 0.1 * res["I_sym"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names]
+
+    for torch_ops in (False, True):
+        handed.clear()
+        parts, parts_grads = run(True, torch_ops)
+        assert handed and all(set(h) == {"household", "community"} | ({"school", "workplace"} & set(h))
+                              for h in handed) and any("workplace" in h for h in handed)
+        handed.clear()
+        written, written_grads = run(False, torch_ops)
+        assert handed and not any(handed)
+        for name in parts.metrics:
+            assert torch.equal(parts[name], written[name]), name
+        for name, a, b in zip(names, parts_grads, written_grads):
+            assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)

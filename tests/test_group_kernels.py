@@ -328,6 +328,58 @@ def test_layered_force_backward_sums_groups_in_its_pass_whatever_the_threads():
         torch.testing.assert_close(sums[k].double(), expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("household_index", [torch.int32, torch.int64])  # the vectorised runs / the scalar chain
+def test_layered_force_backward_hands_over_unwritten_weights_with_their_group_sums(household_index):
+    """``unwritten`` layers' weights are not written (None: `WeightParts.dense` gives them, bit for bit) and their
+    group sums come from the pass for every kind of layer: household-like short runs (continued across tiles and
+    threads' pieces) with `segment_sum`'s bits, the others those of the written weights' pass or, for scattered
+    groups of everyone (not summed in the pass otherwise), `segment_sum`'s, up to rounding; the same bits with 1 and
+    2 threads and for a row run alone."""
+    from agenttensor.transmission import WeightParts
+
+    g = torch.Generator().manual_seed(12)
+    B, n = 3, 300_001  # two pieces; the cut moves to a neighbourhood boundary
+    neighbourhoods = torch.sort(torch.randint(0, 300, (n,), generator=g)).values.to(torch.int32)
+    households = torch.sort(torch.randint(0, 100_000, (n,), generator=g)).values.to(household_index)
+    schools = torch.where(torch.rand(n, generator=g) < 0.7, 400, torch.randint(0, 400, (n,), generator=g))
+    everyone = torch.randint(0, 5000, (n,), generator=g).to(torch.int32)
+    slots = [neighbourhoods, households, schools, everyone]
+    rows = lambda k: torch.rand(k, n, generator=g)  # noqa: E731
+    layers = [(torch.rand(1, int(slots[0].max()) + 1, generator=g), slots[0], None, rows(1), None),
+              (torch.rand(1, int(slots[1].max()) + 1, generator=g), slots[1], None, None, None),
+              (torch.rand(1, int(slots[2].max()) + 1, generator=g), slots[2], rows(B), None, None),
+              (torch.rand(1, int(slots[3].max()) + 1, generator=g), slots[3], rows(1), rows(B), rows(1))]
+    sigma, grad = torch.rand(1, n, generator=g), torch.randn(B, n, generator=g)
+    want = ((False, False, False),) * 4
+    written = _group_kernels.layered_force(sigma, layers, grad, False, want, (True,) * 4)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            runs.append(_group_kernels.layered_force(sigma, layers, grad, False, want, (True,) * 4,
+                                                     unwritten=(True,) * 4))
+        row = [(t, s, *(None if x is None else x[-1:].contiguous() for x in rest)) for t, s, *rest in layers]
+        alone = _group_kernels.layered_force(sigma, row, grad[-1:].contiguous(), False, want, (True,) * 4,
+                                             unwritten=(True,) * 4)
+    finally:
+        torch.set_num_threads(threads)
+    (weights, _, _, sums), (_, _, _, sums_2) = runs
+    assert all(w is None for w in weights) and all(s is not None for s in sums)
+    for k in range(4):
+        assert torch.equal(WeightParts(grad, sigma, *layers[k][2:]).dense(), written[0][k])
+        assert torch.equal(sums[k], sums_2[k]) and torch.equal(alone[3][k], sums[k][-1:])
+    # summed in the pass either way: each neighbourhood by one piece (the same bits), the schools per piece (the
+    # pieces' cut moves to a household boundary too: the same up to rounding)
+    assert torch.equal(sums[0], written[3][0])
+    torch.testing.assert_close(sums[2], written[3][2], rtol=1e-5, atol=1e-4)
+    assert written[3][1] is None and torch.equal(sums[1], _group_kernels.segment_sum(written[0][1], households,
+                                                                                     layers[1][0].shape[-1]))
+    expected = torch.zeros(B, layers[3][0].shape[-1], dtype=torch.float64).index_add_(1, everyone,
+                                                                                        written[0][3].double())
+    torch.testing.assert_close(sums[3].double(), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_vector_flags_follow_the_cpu_and_tune_for_fast_gathers_only_where_the_compiler_knows_the_target():
     """AVX-512 builds tune for Sapphire Rapids (vector gathers instead of scalar loads) only on CPUs with its fast
     gathers (AVX512-FP16) and a compiler that accepts the target; AVX2 and older CPUs keep their flags."""

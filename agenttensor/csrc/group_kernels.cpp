@@ -22,13 +22,14 @@ constexpr int64_t kSpread = 8;  // extra cells for the last slot (a layer's non-
 
 // o[0, G + kSpread) += v[i] at slot[i] for agents [lo, hi), with the last slot (non-members: a long chain of
 // dependent adds into one cell otherwise) spread over kSpread cells.
+// ``base``: v holds agents [base, ...) (v[i - base] is agent i's value).
 template <class Index>
-void accumulate(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o) {
+void accumulate(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o, int64_t base = 0) {
   const int64_t last = G - 1;
   for (int64_t i = lo; i < hi; ++i) {
     int64_t s = slot[i];
     s += static_cast<int64_t>(s == last) * (G - last + (i & (kSpread - 1)));
-    o[s] += v[i];
+    o[s] += v[i - base];
   }
 }
 
@@ -51,10 +52,11 @@ __attribute__((noinline)) void last_slot_lanes(const float* __restrict v, const 
 // `accumulate` where most agents are in the last slot, given the others (`members`, sorted agent indices in
 // [m0, m1) for agents [lo, hi)): per tile, the last slot's kSpread cells in one vectorised pass (unless not
 // ``last_too``: they stay 0), then the members' adds. Every cell gets the same additions in the same order as in
-// `accumulate`: the same bits, with a fraction of the scalar adds.
+// `accumulate`: the same bits, with a fraction of the scalar adds. ``base``: v holds agents [base, ...) (v[i - base]
+// is agent i's value).
 template <class Index>
 void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o,
-                        const int32_t* members, int64_t m0, int64_t m1, bool last_too = true) {
+                        const int32_t* members, int64_t m0, int64_t m1, bool last_too = true, int64_t base = 0) {
   constexpr int64_t kTile = 4096;
   const Index last = static_cast<Index>(G - 1);
   float* cells = o + G;  // cell G + c: agents i with i % kSpread == c
@@ -63,11 +65,11 @@ void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t h
     const int64_t t1 = std::min(hi, t0 + kTile);
     const int64_t a = std::min(t1, (t0 + kSpread - 1) & ~(kSpread - 1)), e = std::max(a, t1 & ~(kSpread - 1));
     if (last_too) {
-      for (int64_t i = t0; i < a; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
-      last_slot_lanes(v, slot, a, e, last, cells);
-      for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i] : 0.f;
+      for (int64_t i = t0; i < a; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i - base] : 0.f;
+      last_slot_lanes(v + (a - base), slot + a, 0, e - a, last, cells);
+      for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i - base] : 0.f;
     }
-    for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m]];
+    for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m] - base];
   }
 }
 
@@ -265,7 +267,9 @@ struct ForceLayer {
   int64_t factor_stride;
   const float* factor_all;  // [B | 1, N] or null: a second factor, applied after `factor`
   int64_t factor_all_stride;
-  float* weight;        // backward: [B, N] out, grad σ presence factors (the derivative reaching table and sources)
+  // backward: [B, N] out, grad σ presence factors (the derivative reaching table and sources), or null: not written
+  // (then `sums` is set: the weights are summed per group in the pass, from a tile buffer)
+  float* weight;
   float* d_presence;    // backward: [B, N] out or null, grad σ table[slot] factors
   float* d_factor;      // backward: [B, N] out or null, grad σ table[slot] presence factor_all
   float* d_factor_all;  // backward: [B, N] out or null, grad σ table[slot] presence factor
@@ -350,24 +354,27 @@ void backward_tile(int64_t n, const float* __restrict t, const Index* __restrict
   }
 }
 
-// The layer's part of a backward tile [i0, i1) of row b (see backward_tile); scratch: 3 kTile floats.
+// The layer's part of a backward tile [i0, i1) of row b (see backward_tile); scratch: 4 kTile floats. -> the
+// tile's weights (the layer's `weight` at i0, or the scratch tile they went to where it is null).
 template <bool P, bool F, bool A, bool V, class Index>
-void backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* gs,
-                    float* total, float* scratch) {
+const float* backward_layer(const ForceLayer& layer, int64_t b, int64_t N, int64_t i0, int64_t i1, const float* gs,
+                            float* total, float* scratch) {
   auto rows = [&](const float* x, int64_t stride) { return x ? x + b * stride + i0 : nullptr; };
   auto out = [&](float* x, int k) { return x ? x + b * N + i0 : scratch + k * kTile; };
   const float* table = layer.table + b * layer.table_stride;
   const Index* slot = static_cast<const Index*>(layer.slot) + i0;
+  float* weight = out(layer.weight, 3);
   auto tile = [&](auto one) {
     backward_tile<P, F, A, V, decltype(one)::value, Index>(
         i1 - i0, table, slot, decltype(one)::value ? table[slot[0]] : 0.f, rows(layer.presence, layer.presence_stride),
-        rows(layer.factor, layer.factor_stride), rows(layer.factor_all, layer.factor_all_stride), gs,
-        layer.weight + b * N + i0, out(layer.d_presence, 0), out(layer.d_factor, 1), out(layer.d_factor_all, 2), total);
+        rows(layer.factor, layer.factor_stride), rows(layer.factor_all, layer.factor_all_stride), gs, weight,
+        out(layer.d_presence, 0), out(layer.d_factor, 1), out(layer.d_factor_all, 2), total);
   };
   if (V && one_group<Index>(layer, i0, i1))
     tile(std::true_type());
   else
     tile(std::false_type());
+  return weight;
 }
 
 // fn(key, index): key says which of presence / factor / factor_all exist (bits 1, 2, 4), index is a value of the
@@ -396,8 +403,8 @@ void dispatch(const ForceLayer& layer, Fn&& fn) {
 }
 
 // One backward tile [i0, i1) of row b (see agenttensor_layered_force): gs = grad σ, each layer's outputs
-// (`backward_layer`) followed by `after_layer(l, Index())` (the fused group sums, or nothing), then d_sigma.
-// gs, total: kTile floats; scratch: 3 kTile.
+// (`backward_layer`) followed by `after_layer(l, Index(), the tile's weights)` (the fused group sums, or nothing),
+// then d_sigma. gs, total: kTile floats; scratch: 4 kTile.
 template <class AfterLayer>
 void backward_rows(int64_t N, int64_t L, const ForceLayer* layers, int64_t b, int64_t i0, int64_t i1,
                    const float* sigma_row, const float* grad_row, float* d_sigma, float* gs, float* total,
@@ -410,12 +417,14 @@ void backward_rows(int64_t N, int64_t L, const ForceLayer* layers, int64_t b, in
       constexpr int k = decltype(key)::value;
       using Index = decltype(index);
       const ForceLayer& layer = layers[l];
-      if (d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
-          layer.d_factor_all != nullptr)
-        backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layer, b, N, i0, i1, gs, total, scratch);
-      else
-        backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layer, b, N, i0, i1, gs, total, scratch);
-      after_layer(l, index);
+      const float* weight =
+          d_sigma != nullptr || layer.d_presence != nullptr || layer.d_factor != nullptr ||
+                  layer.d_factor_all != nullptr
+              ? backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, true, Index>(layer, b, N, i0, i1, gs, total,
+                                                                                       scratch)
+              : backward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, false, Index>(layer, b, N, i0, i1, gs, total,
+                                                                                        scratch);
+      after_layer(l, index, weight);
     });
   if (d_sigma != nullptr)
     for (int64_t i = i0; i < i1; ++i) d_sigma[b * N + i] = grad_row[i] * total[i - i0];
@@ -436,10 +445,10 @@ inline void close_run(OpenRun& open, float* o) {
   open.group = -1;
 }
 
-// o[s] = the sum of w over the run of group s for agents [i0, i1), the open run continued, for groups of many agents
-// (e.g. neighbourhoods): a run's agents added into kSpread lanes by agent index (a vectorised loop; one chain in
-// agent order, as contiguous_sum's, is bound by the additions' latency), the lanes added in order when the run
-// closes (`close_run`): a fixed order whatever the tiles and threads, though not contiguous_sum's.
+// o[s] = the sum of w over the run of group s for agents [i0, i1) (w[i - i0]: agent i's), the open run continued, for
+// groups of many agents (e.g. neighbourhoods): a run's agents added into kSpread lanes by agent index (a vectorised
+// loop; one chain in agent order, as contiguous_sum's, is bound by the additions' latency), the lanes added in order
+// when the run closes (`close_run`): a fixed order whatever the tiles and threads, though not contiguous_sum's.
 template <class Index>
 void long_runs(const float* w, const Index* slot, int64_t i0, int64_t i1, float* o, OpenRun& open) {
   for (int64_t i = i0; i < i1;) {
@@ -455,19 +464,49 @@ void long_runs(const float* w, const Index* slot, int64_t i0, int64_t i1, float*
     float lanes[kSpread];
     std::copy(open.lanes, open.lanes + kSpread, lanes);
     int64_t j = i;
-    for (; j < e && (j & (kSpread - 1)); ++j) lanes[j & (kSpread - 1)] += w[j];
+    for (; j < e && (j & (kSpread - 1)); ++j) lanes[j & (kSpread - 1)] += w[j - i0];
     for (; j + kSpread <= e; j += kSpread)
-      for (int64_t c = 0; c < kSpread; ++c) lanes[c] += w[j + c];
-    for (; j < e; ++j) lanes[j & (kSpread - 1)] += w[j];
+      for (int64_t c = 0; c < kSpread; ++c) lanes[c] += w[j - i0 + c];
+    for (; j < e; ++j) lanes[j & (kSpread - 1)] += w[j - i0];
     std::copy(lanes, lanes + kSpread, open.lanes);
     i = e;
   }
 }
 
+// The open runs of a contiguous layer of short runs (households) in a task, continued from tile to tile: every run
+// summed in agent order from +0, as contiguous_sum sums it (the same bits): `VectorRunSums` for int32 slots with
+// AVX-512, else the scalar chain.
+struct ShortRuns {
+#if defined(__AVX512F__)
+  agenttensor::VectorRunSums<1> vector;
+#endif
+  int64_t previous = -1;
+  float acc = 0.f;
+
+  template <class Index>
+  void add(const float* w, const Index* slot, int64_t n, float* o) {  // the next n agents' weights and slots
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<Index, int32_t>) {
+      vector.add(n, {w}, slot, {o});
+      return;
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t group = slot[j];
+      acc = keep(acc, group == previous) + w[j];
+      o[group] = acc;
+      previous = group;
+    }
+  }
+};
+
+constexpr int64_t kLongRuns = 256;  // mean agents per group from which `long_runs` sums them (LONG_RUNS in Python)
+
 // The backward with the group sums of the weights in the same pass (for each layer whose `sums` is set), for the
-// layers where that beats a separate pass over the weights (`_group_kernels.layered_force` picks them): contiguous
-// groups of many agents (`long_runs`) and scattered groups that most agents are not members of (the members' adds
-// only, `accumulate_members`). The agents of a row are cut into `parts` fixed pieces (2 from 2^18 agents, else 1;
+// layers where that beats a separate pass over the weights (`_group_kernels.layered_force` picks them: contiguous
+// groups of many agents, `long_runs`, and scattered groups that most agents are not members of, the members' adds
+// only, `accumulate_members`) and for those whose weights are not written (any layer: short runs, `ShortRuns`, or
+// `accumulate`). The agents of a row are cut into `parts` fixed pieces (2 from 2^18 agents, else 1;
 // one task per row and piece), at a point where every contiguous layer's group changes, so that each of those
 // groups is summed by one task; the scattered layers add into per-task partial sums (with the last slot spread, as
 // in segment_sum) added in piece order at the end. Results do not depend on the thread count.
@@ -500,33 +539,37 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
     if (layers[l].sums && layers[l].contiguous) std::fill(layers[l].sums, layers[l].sums + B * layers[l].groups, 0.f);
   agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
-    std::vector<float> scratch(3 * kTile);
+    std::vector<float> scratch(4 * kTile);
     std::vector<OpenRun> open(L);
+    std::vector<ShortRuns> runs(L);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / parts, part = task % parts, r0 = part == 0 ? 0 : cut, r1 = part == parts - 1 ? N : cut;
       std::fill(open.begin(), open.end(), OpenRun());
+      runs.assign(L, ShortRuns());
       const float* s = sigma + b * sigma_stride;
       const float* g = grad + b * N;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
         const int64_t i1 = std::min(r1, i0 + kTile);
-        backward_rows(N, L, layers, b, i0, i1, s, g, d_sigma, gs, total, scratch.data(), [&](int64_t l, auto index) {
+        backward_rows(N, L, layers, b, i0, i1, s, g, d_sigma, gs, total, scratch.data(),
+                      [&](int64_t l, auto index, const float* w) {  // w: the tile's weights (agent i: w[i - i0])
           using Index = decltype(index);
           const ForceLayer& layer = layers[l];
           if (!layer.sums) return;
-          const float* w = layer.weight + b * N;
           const Index* slot = static_cast<const Index*>(layer.slot);
           const int64_t G = layer.groups;
-          if (layer.contiguous) {
+          if (layer.contiguous && N >= kLongRuns * G) {
             long_runs(w, slot, i0, i1, layer.sums + b * G, open[l]);
             if (i1 == r1) close_run(open[l], layer.sums + b * G);
+          } else if (layer.contiguous) {
+            runs[l].add(w, slot + i0, i1 - i0, layer.sums + b * G);
           } else {
             float* o = partial.data() + offset[l] + task * (G + kSpread);
             if (layer.members) {
               const int32_t *first = layer.members, *past = layer.members + layer.member_count;
               accumulate_members(w, slot, i0, i1, G, o, first, std::lower_bound(first, past, i0) - first,
-                                 std::lower_bound(first, past, i1) - first, !layer.last_constant);
+                                 std::lower_bound(first, past, i1) - first, !layer.last_constant, i0);
             } else {
-              accumulate(w, slot, i0, i1, G, o);
+              accumulate(w, slot, i0, i1, G, o, i0);
             }
           }
         });
@@ -563,7 +606,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
   // (the forward's per-agent work is light: two threads from 2^14 agents on)
   agenttensor::parallel(threads, B * N, int64_t(1) << (grad ? 16 : 14), [&](int64_t lo, int64_t hi) {
     float total[kTile], gs[kTile];
-    std::vector<float> scratch(grad ? 3 * kTile : 0);  // the backward's unwanted outputs
+    std::vector<float> scratch(grad ? 4 * kTile : 0);  // the backward's unwanted outputs
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       const float* s = sigma + b * sigma_stride;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
@@ -580,7 +623,7 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
           for (int64_t i = i0; i < i1; ++i) out[i] = s[i] * total[i - i0];
         } else {
           backward_rows(N, L, layers, b, i0, i1, s, grad + b * N, d_sigma, gs, total, scratch.data(),
-                        [](int64_t, auto) {});
+                        [](int64_t, auto, const float*) {});
         }
       }
     });

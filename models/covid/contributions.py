@@ -68,6 +68,9 @@ class Contributions(NamedTuple):
     # the flags the node saved where they also hold stage_end's sign (bit 3; the node did not save stage_end): the
     # transition saves them in its place, and the step may then update stage_end in place
     timed_flags: Tensor | None = None
+    # per layer, the dict to give its `ForceTerm` as ``weight_handoff``: the backward then forms the layer's weights
+    # from their parts in its own pass (`layered_force` neither writes them nor reads them back)
+    weight_handoffs: dict[str, dict] | None = None
 
 
 def _sum_to(grad: Tensor, like) -> Tensor | None:
@@ -84,13 +87,14 @@ class _OwnContributions(torch.autograd.Function):
     made for this node by the exits, and by nobody else read)."""
 
     @staticmethod
-    def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], handoff: dict, flags: Tensor | None,
+    def forward(ctx, layers: tuple[str, ...], groups: tuple[OthersSum, ...], handoff: dict,
+                weight_handoffs: tuple[dict, ...], flags: Tensor | None,
                 I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None, isolate_prob: Tensor,
                 testing: Tensor | None, alpha, eta, detect_asym, *presences: Tensor | None):
         ctx.set_materialize_grads(False)
         # slots are the environment's; the per-day scales are saved tensors, so that gradient checkpointing drops
         # and recomputes them (held on ctx they stayed alive for the whole run: 13 MB per day at full NYC)
-        ctx.layers, ctx.handoff = layers, handoff
+        ctx.layers, ctx.handoff, ctx.weight_handoffs = layers, handoff, weight_handoffs
         ctx.slots, ctx.plains = tuple(g.slot for g in groups), tuple(g.plain for g in groups)
         ctx.numbers = tuple(None if isinstance(x, Tensor) else x for x in (alpha, eta))
         # the three fields as one packed byte where given (then the step may update them in place: nothing saved
@@ -115,9 +119,9 @@ class _OwnContributions(torch.autograd.Function):
         alpha = ctx.numbers[0] if alpha_t is None else alpha_t
         eta = ctx.numbers[1] if eta_t is None else eta_t
         detect_asym = ctx.detect_asym if detect_t is None else detect_t
-        # (layers, groups, handoff, flags, I_sym, I_asym, isolating, stage_end, isolate_prob, testing, α, η, d_asym,
-        # presences...) -> drop flags: indices as in the chain rule below
-        wants = ctx.needs_input_grad[:3] + ctx.needs_input_grad[4:]
+        # (layers, groups, handoff, weight_handoffs, flags, I_sym, I_asym, isolating, stage_end, isolate_prob, testing,
+        # α, η, d_asym, presences...) -> drop weight_handoffs and flags: indices as in the chain rule below
+        wants = ctx.needs_input_grad[:3] + ctx.needs_input_grad[5:]
         n_fixed = 12
         # the pass-through's derivatives, and whether each may be added into (a buffer the exits made for us)
         passed = {name: (g, g is not None and g is ctx.handoff.get(name)) for name, g in zip(PASSED, grads[:3])}
@@ -127,16 +131,20 @@ class _OwnContributions(torch.autograd.Function):
             n = 3 if group.plain else 2
             probes.append((*grads[k:k + n], None)[:3])
             k += n
-        if all(d is None for p in probes for d in p):
-            return (None,) * 4 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6)
+        # the member derivatives `layered_force` handed over as their parts (`WeightParts`: not written)
+        weights = {name: parts for name, handoff in zip(("household", *ctx.layers), ctx.weight_handoffs)
+                   if (parts := handoff.pop("weight", None)) is not None}
+        if all(d is None for p in probes for d in p) and not weights:
+            return (None,) * 5 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6)
         fused = contributions_native.backward(
             dict(zip(("household", *ctx.layers), zip(groups, probes))), dict(zip(ctx.layers, presences)),
             *((I_sym, I_asym, isolating) if flags is None else (None, None, None)), stage_end, isolate_prob, testing,
             alpha, eta, detect_asym,
             wants=dict(I_sym=wants[3], I_asym=wants[4], isolating=wants[5], alpha_sums=wants[9], eta_sums=wants[10],
                        **{name: wants[n_fixed + k] and presences[k] is not None
-                          and any(d is not None for d in probes[1 + k]) for k, name in enumerate(ctx.layers)}),
-            passed=passed, flags=flags)
+                          and (name in weights or any(d is not None for d in probes[1 + k]))
+                          for k, name in enumerate(ctx.layers)}),
+            passed=passed, flags=flags, weights=weights)
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
                 return None if sums is None else _sum_to(sums.to(torch.float32).view(-1, 1), like)
@@ -145,11 +153,13 @@ class _OwnContributions(torch.autograd.Function):
                 if fused[name] is not None:
                     shadow.EXCLUSIVE_GRADIENTS[id(fused[name])] = fused[name]
 
-            return (None, None, None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
+            return (None, None, None, None, None, fused["I_sym"], fused["I_asym"], fused["isolating"], None, None, None,
                     summed(fused["alpha_sums"], alpha), summed(fused["eta_sums"], eta), None,
                     *(None if fused[name] is None else _sum_to(fused[name], p) for name, p in zip(ctx.layers, presences)))
         if flags is not None:  # the torch ops read the fields as floats
             I_sym, I_asym, isolating = ((flags >> k & 1).to(torch.float32) for k in range(3))
+        probes = [(weights[name].dense(), *p[1:]) if name in weights else p
+                  for name, p in zip(("household", *ctx.layers), probes)]
         # the others-sums d_l (torch ops), then the chain rule
         d_household, *d_layers = (others_sum_derivative(*p, group.slot, group.scale)
                                   for group, p in zip(groups, probes))
@@ -198,7 +208,7 @@ class _OwnContributions(torch.autograd.Function):
         for name, own in zip(PASSED, (d_I_sym, d_I_asym, d_isolating)):  # plus the pass-through's derivative
             g, writable = passed[name]
             totals.append(g if own is None else own if g is None else g.add_(own) if writable else g + own)
-        return (None, None, None, None, *totals, None, None, None, d_alpha, d_eta, None, *d_presences)
+        return (None, None, None, None, None, *totals, None, None, None, d_alpha, d_eta, None, *d_presences)
 
 
 def own_contributions(state, params, presences: dict[str, Tensor | None], testing: Tensor | None,
@@ -216,16 +226,18 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
     handoff: dict[str, Tensor] = {}
+    weight_handoffs = tuple({} for _ in names)  # `ForceTerm.weight_handoff` per layer
     with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields (and
         if packed is None:  # stage_end's sign: two bytes)
             packed, timed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end), True
         flags, live = packed
     timed = timed and flags is not None
-    out = iter(_OwnContributions.apply(layers, ordered, handoff, flags, state.I_sym, state.I_asym, state.isolating,
-                                       None if timed else state.stage_end, state.isolate_prob.detach(),
+    out = iter(_OwnContributions.apply(layers, ordered, handoff, weight_handoffs, flags, state.I_sym, state.I_asym,
+                                       state.isolating, None if timed else state.stage_end, state.isolate_prob.detach(),
                                        None if testing is None else testing.detach(), params.asymptomatic_infectiousness,
                                        params.isolation_effectiveness, detect_asym, *(presences[name] for name in layers)))
     fields = {name: next(out) for name in PASSED}
     probes = {name: OthersSumProbes(next(out), next(out), next(out) if group.plain else None)
               for name, group in zip(names, ordered)}
-    return Contributions(probes, fields, handoff, flags is not None, live, flags if timed else None)
+    return Contributions(probes, fields, handoff, flags is not None, live, flags if timed else None,
+                         dict(zip(names, weight_handoffs)))

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from agenttensor import native, select
 from agenttensor._group_kernels import contiguous_groups
+from agenttensor.transmission import WeightParts
 
 SOURCE = Path(__file__).with_name("csrc") / "contributions_kernel.cpp"
 BLOCK = 1 << 16  # agents per partial sum of d alpha, d eta (fixed: the sums do not depend on the thread count)
@@ -29,8 +30,10 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 
 
 class _OthersSum(ctypes.Structure):  # OthersSumArgs in contributions_kernel.cpp
-    _fields_ = [(n, _P) for n in ("member", "group", "plain", "slot", "scale")] \
-        + [("scale_stride", _I), ("groups", _I), ("runs", _I), ("paired", _I)]
+    _fields_ = [(n, _P) for n in ("member", "group", "plain")] + [("weighted", _I)] \
+        + [(n, _P) for n in ("w_presence", "w_factor", "w_factor_all")] \
+        + [(n, _I) for n in ("w_presence_stride", "w_factor_stride", "w_factor_all_stride")] \
+        + [(n, _P) for n in ("slot", "scale")] + [("scale_stride", _I), ("groups", _I), ("runs", _I), ("paired", _I)]
 
 
 class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for field
@@ -42,7 +45,17 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
         + [("testing_stride", _I)] \
         + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
                              "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
-                             "acc_isolating", "flags")] + [("flags_timed", _I)]
+                             "acc_isolating", "flags")] + [("flags_timed", _I)] \
+        + [("w_grad", _P), ("w_sigma", _P), ("w_sigma_stride", _I)]
+
+
+def _rows_ok(parts: WeightParts, B: int, N: int) -> bool:
+    """Whether the kernel reads ``parts`` as rows: grad a float32 CPU [B, N], σ and the rest [B | 1, N] or [N] (or
+    None)."""
+    rows = [x for x in (parts.sigma, *parts[2:]) if x is not None]
+    return parts.grad.shape == (B, N) and all(x.device.type == "cpu" and x.dtype == torch.float32
+                                              for x in (parts.grad, *rows)) \
+        and all(x.shape == (N,) or (x.dim() == 2 and x.shape[1] == N and x.shape[0] in (1, B)) for x in rows)
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -118,7 +131,8 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
              isolating: Tensor, stage_end: Tensor | None, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
              detect_asym, wants: dict[str, bool],
              passed: dict[str, tuple[Tensor | None, bool]] | None = None,
-             flags: Tensor | None = None) -> dict[str, Tensor | None] | None:
+             flags: Tensor | None = None, weights: dict[str, WeightParts] | None = None
+             ) -> dict[str, Tensor | None] | None:
     """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
     None where not wanted, or None where the kernel does not apply (not CPU float32 with int32 slots, kernels off or
     unbuilt): the caller runs the torch ops. ``probes``: per layer ("household" and ``LAYERS``) its
@@ -126,11 +140,19 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
     None each); ``wants``: which of the outputs above are needed; ``passed``: per field (I_sym, I_asym, isolating)
     a derivative [B, N] already reaching it, or None, and whether it may be added into in place: the output is then
     that plus the contributions' (the same buffer where it may); ``flags``: the three fields packed (`pack`), read in
-    their place (I_sym, I_asym and isolating are then None), and stage_end's sign where it is None (bit 3)."""
+    their place (I_sym, I_asym and isolating are then None), and stage_end's sign where it is None (bit 3);
+    ``weights``: per layer whose member derivative is None, that derivative as the force's `WeightParts`, formed in
+    the pass (tile by tile: not written); where their grad and σ are not all the same tensors, or not float32 CPU
+    rows, the derivative is made dense here."""
     passed = passed or {}
     if stage_end is None and flags is None:
         return None
     B, N = (stage_end if stage_end is not None else flags).shape
+    weights = dict(weights or {})
+    if weights and (len({(id(parts.grad), id(parts.sigma)) for parts in weights.values()}) > 1
+                    or not all(_rows_ok(parts, B, N) for parts in weights.values())):
+        probes = {name: (group, (weights.pop(name).dense() if name in weights else grads[0], *grads[1:]))
+                  for name, (group, grads) in probes.items()}
     incoming = [g for _, grads in probes.values() for g in grads if g is not None] \
         + [g for g, _ in passed.values() if g is not None]
     fields = [I_sym, I_asym, isolating] if flags is None else []
@@ -154,33 +176,43 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         keep.append(x)
         return x.data_ptr()
 
-    def row(x: Tensor) -> tuple[Tensor, int]:  # [B | 1, N] -> contiguous, row stride
-        x = x.detach().contiguous()
+    def row(x: Tensor) -> tuple[Tensor, int]:  # [B | 1, N] or [N] -> contiguous, row stride
+        x = x.detach().reshape(-1, N).contiguous()
         return x, (0 if x.shape[0] == 1 else N)
 
     def per_element(x) -> Tensor:  # scalar or [B, 1] -> [B]
         return torch.as_tensor(x, dtype=torch.float32).detach().reshape(-1).expand(B).contiguous()
 
-    def others_sum(group, member: Tensor | None, sums: Tensor | None, plain: Tensor | None) -> _OthersSum | None:
+    def others_sum(group, member: Tensor | None, sums: Tensor | None, plain: Tensor | None,
+                   parts: WeightParts | None) -> _OthersSum | None:
         S = group.scale.shape[-1]
         runs = contiguous_groups(group.slot)
         if group.scale.dim() != 2 or group.scale.shape[0] not in (1, B) \
                 or any(x is not None and x.shape != (B, S) for x in (sums, plain)) \
                 or (member is not None and member.shape != (B, N)):
             return None
+        factors = [(None, 0) if x is None else (ptr(x[0]), x[1]) for x in
+                   ((None if parts is None or y is None else row(y)) for y in
+                    ((None, None, None) if parts is None else parts[2:]))]
         return _OthersSum(ptr(None if member is None else member.contiguous()),
                           ptr(None if sums is None else sums.contiguous()),
-                          ptr(None if plain is None else plain.contiguous()), ptr(group.slot),
+                          ptr(None if plain is None else plain.contiguous()), int(parts is not None),
+                          *(f[0] for f in factors), *(f[1] for f in factors), ptr(group.slot),
                           ptr(group.scale.contiguous()), 0 if group.scale.shape[0] == 1 else S, S, int(runs),
                           int(S >= PAIRED_GROUPS and not runs))
 
     blocks = -(-N // BLOCK)
     args = _Args(B=B, N=N, threads=torch.get_num_threads(), block=BLOCK)
     for name, (group, grads) in probes.items():
-        layer = others_sum(group, *grads)
+        layer = others_sum(group, *grads, weights.get(name))
         if layer is None:
             return None
         setattr(args, name, layer)
+    if weights:  # (one grad and σ: checked above)
+        parts = next(iter(weights.values()))
+        args.w_grad = ptr(parts.grad.contiguous())
+        sigma, args.w_sigma_stride = row(parts.sigma)
+        args.w_sigma = ptr(sigma)
     for name in LAYERS:
         p = presences.get(name)
         if p is not None:

@@ -697,6 +697,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     p_community = presences["community"]
     community_all, _, _ = group_totals(env.community, away("community"))
     own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
+    weight_handoffs: dict[str, dict] = {}  # and where the force hands each layer's weights to them (`ForceTerm`)
     if ctx.sampler.differentiable:
         # own NTA share only (the borough-wide part is O(1 / borough size))
         own_scale["community"] = F.pad(beta * params.community_weight * (1 - rho) / community_size, (0, 1))
@@ -706,7 +707,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                                   plain=name == "community") for name in names}
         contributions = own_contributions(state, params, dense_presences, lever_per_agent(ctx, "testing_isolation"),
                                           groups, packed, timed=True)
-        own = contributions.probes
+        own, weight_handoffs = contributions.probes, contributions.weight_handoffs or {}
         # the rest of the step reads I_sym, I_asym and isolating through the node, which adds their derivatives to
         # the contributions' (the exits leave it the buffers it may add into); the aliases are owned as their tensors
         # are, and the transition updates them in place only where the node saved them packed (`shadow.donatable`)
@@ -738,6 +739,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
         member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None,
+        weight_handoff=weight_handoffs.get(name),
         last_slot_constant=True)  # every table's non-member slot is a zero: (coef · 0) · sums, or a zero pad
         for name, (group_values, slot, presence) in layers.items()], keep=native_terms)
     ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers), force_terms=native_terms)

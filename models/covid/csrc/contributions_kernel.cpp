@@ -134,6 +134,12 @@ extern "C" {
 // One layer's probes' derivatives (see the top of the file).
 struct OthersSumArgs {
   const float *member, *group, *plain;  // [B, N], [B, S], [B, S] or null
+  // member as the force's weight's parts (`agenttensor.transmission.WeightParts`), where `weighted` is 1 (member is
+  // then null): member = (grad σ) (presence ((1 factor) factor_all)) with OwnArgs' grad and σ, each of these
+  // [B | 1, N] rows (stride N or 0) or null (1): the force's native pass's arithmetic (the same bits)
+  int64_t weighted;
+  const float *w_presence, *w_factor, *w_factor_all;
+  int64_t w_presence_stride, w_factor_stride, w_factor_all_stride;
   const int32_t* slot;                  // [N]
   const float* scale;                   // [B | 1, S]
   int64_t scale_stride, groups;         // 0 or S; S
@@ -168,17 +174,18 @@ void pair_others_sum(int64_t n, const int32_t* __restrict slot, const float* __r
 }
 
 // The layer's d_l for agents [i0, i0 + n) of row b into `out` (zeros where no gradient reached the layer); `pairs`:
-// the layer's interleaved (group, scale) values [B, 2 S] or null (see pair_others_sum). Compiled with
-// -ffp-contract=off: the same arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
+// the layer's interleaved (group, scale) values [B, 2 S] or null (see pair_others_sum); `weights`: the tile's member
+// values where the layer's are `weighted` (see `weights_tile`), else null. Compiled with -ffp-contract=off: the same
+// arithmetic as the torch ops (`others_sum_derivative`), no fused multiply-add.
 const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64_t i0, int64_t n, float* __restrict out,
-                             const float* pairs = nullptr) {
-  const bool any = l.member || l.group || l.plain;
+                             const float* pairs = nullptr, const float* weights = nullptr) {
+  const float* __restrict member = weights ? weights : l.member ? l.member + b * N + i0 : nullptr;
+  const bool any = member || l.group || l.plain;
   if (!any) {
     std::fill(out, out + n, 0.f);
     return out;
   }
   const int32_t* __restrict slot = l.slot + i0;
-  const float* __restrict member = l.member ? l.member + b * N + i0 : nullptr;
   const float* __restrict scale = l.scale + b * l.scale_stride;
   if (l.runs && n > 0 && slot[0] == slot[n - 1]) {  // a tile inside one group: its values read once, not gathered
     const int32_t g = slot[0];
@@ -220,6 +227,16 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   return out;
 }
 
+// A `weighted` layer's member values for a tile of n agents: gs (grad σ) (presence ((1 factor) factor_all)), with
+// ones where a part is null (exact: the force's native pass multiplies by the parts that exist, in this order).
+void weights_tile(int64_t n, const float* __restrict gs, const float* __restrict p, const float* __restrict f,
+                  const float* __restrict a, float* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float fa = (1.f * f[j]) * a[j];
+    out[j] = gs[j] * (p[j] * fa);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -244,6 +261,9 @@ struct OwnArgs {
   const uint8_t* flags;
   // 1: the flags' bit 3 is stage_end >= 0, read in place of stage_end (null then)
   int64_t flags_timed;
+  // the `weighted` layers' grad [B, N] and σ [B | 1, N] (row stride N or 0), or null where none is
+  const float *w_grad, *w_sigma;
+  int64_t w_sigma_stride;
 };
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
@@ -275,7 +295,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   std::vector<float> pairs[4];
   for (int q = 0; q < 4; ++q) {
     const OthersSumArgs& l = *layers[q];
-    if (!l.paired || !l.group || !l.member) continue;
+    if (!l.paired || !l.group || !(l.member || l.weighted)) continue;
     pairs[q].resize(2 * a->B * l.groups);
     for (int64_t b = 0; b < a->B; ++b)
       for (int64_t g = 0; g < l.groups; ++g) {
@@ -287,7 +307,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
-        eta_term[kTile], unpacked[3][kTile];
+        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile];
+    std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts
     int16_t timed[kTile];  // stage_end's sign from the flags' bit 3 (0: a countdown, −1: none)
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
@@ -310,10 +331,21 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : timed;
         if (!a->stage_end)
           for (int64_t j = 0; j < n; ++j) timed[j] = static_cast<int16_t>(((a->flags[k0 + j] >> 3) & 1) - 1);
-        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0)),
-                 others_sum_tile(a->school, b, N, t0, n, d[1], paired(1)),
-                 others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2)),
-                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3)), row_or_one(ps, t0, n, ones[0]),
+        // the weighted layers' member values: gs = grad σ once per tile, then each layer's product
+        if (a->w_grad)
+          for (int64_t j = 0; j < n; ++j) gs[j] = a->w_grad[k0 + j] * a->w_sigma[b * a->w_sigma_stride + t0 + j];
+        auto member = [&](int q) -> const float* {
+          const OthersSumArgs& l = *layers[q];
+          if (!l.weighted) return nullptr;
+          auto part = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : one; };
+          weights_tile(n, gs, part(l.w_presence, l.w_presence_stride), part(l.w_factor, l.w_factor_stride),
+                       part(l.w_factor_all, l.w_factor_all_stride), weights[q]);
+          return weights[q];
+        };
+        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0), member(0)),
+                 others_sum_tile(a->school, b, N, t0, n, d[1], paired(1), member(1)),
+                 others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2), member(2)),
+                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
                  a->isolate_prob + k0, stage_end,
                  testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),

@@ -157,62 +157,14 @@ void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restr
 
 using agenttensor::group_boundary;
 
-#if defined(__AVX512F__)
-// o[k][s] = the sum of v[k][i] over the run of agents i in [0, n) with slot[i] = s, for K arrays: every run summed
-// in agent order from +0, the additions of the scalar chain acc = keep(acc, same run) + v[i] in the same order (the
-// same bits), 16 agents per step. That chain is bound by the latency of its additions (the four streams below:
-// ~2 ns per agent and array over full NYC's households); here all 16 lanes take the step acc = keep(lane before's
-// acc, same run) + v at once, repeated until every lane's value is final (a lane's is once the lane before's is: as
-// many repetitions as the longest chain of continuing agents among the 16, at least five, so most steps take no
-// branch on it). A run's sum is written at its last agent, and at a step's last agent (overwritten where the run
-// goes on). Full NYC's transition backward: 74 -> 61 ms per call (medians of 12 interleaved calls, one day's inputs).
-template <int K>
-void vector_run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict slot, float* const (&o)[K]) {
-  constexpr int kSteps = 5;
-  __m512 carry[K];  // the last 16 lanes' sums: lane 15 continues into the next step's lane 0
-  for (int k = 0; k < K; ++k) carry[k] = _mm512_setzero_ps();
-  __m512i previous = _mm512_set1_epi32(-1);
-  auto repeat = [](__m512& a, const __m512& x, const __m512& before, __mmask16 same) {
-    const __m512 shifted = _mm512_castsi512_ps(  // lane j: lane j - 1's sum (lane 0: the step before's lane 15)
-        _mm512_alignr_epi32(_mm512_castps_si512(a), _mm512_castps_si512(before), 15));
-    a = _mm512_mask_add_ps(a, same, shifted, x);
-  };
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t m = std::min<int64_t>(16, n - i);
-    const __mmask16 valid = static_cast<__mmask16>(m == 16 ? 0xffffu : (1u << m) - 1);
-    const __m512i s = _mm512_maskz_loadu_epi32(valid, slot + i);
-    const __mmask16 same = _mm512_mask_cmpeq_epi32_mask(valid, s, _mm512_alignr_epi32(s, previous, 15));
-    unsigned chain = same;  // lanes whose chain of continuing agents is longer than the repetitions so far
-    for (int r = 0; r < kSteps; ++r) chain &= chain << 1;
-    __m512 x[K], a[K];
-    for (int k = 0; k < K; ++k) {
-      x[k] = _mm512_maskz_loadu_ps(valid, v[k] + i);
-      a[k] = _mm512_add_ps(_mm512_setzero_ps(), x[k]);  // +0 + v: a run's first sum, as `keep` gives it
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < kSteps; ++r)
-      for (int k = 0; k < K; ++k) repeat(a[k], x[k], carry[k], same);
-    for (; chain; chain &= chain << 1)
-      for (int k = 0; k < K; ++k) repeat(a[k], x[k], carry[k], same);
-    const __mmask16 ends = static_cast<__mmask16>(  // the next agent is in another run, or this step's last agent
-        _mm512_mask_cmpneq_epi32_mask(valid, s, _mm512_alignr_epi32(_mm512_set1_epi32(-1), s, 1)) | (1u << (m - 1)));
-    for (int k = 0; k < K; ++k) {
-      _mm512_mask_i32scatter_ps(o[k], ends, s, a[k], 4);
-      carry[k] = a[k];
-    }
-    previous = s;
-  }
-}
-#endif
-
 // o[k][s] = the sum of v[k] over the run of agents of household s (K arrays), for the households whose runs lie in
 // [0, n): each in agent order from 0, the additions of `group_sum`'s pass for contiguous groups (the same bits).
-// With AVX-512 `vector_run_sums`, else four streams cut at household boundaries, advanced together (a
-// run's sum is a chain of dependent additions: one stream at a time is bound by their latency).
+// With AVX-512 `agenttensor::VectorRunSums` (runs.h), else four streams cut at household boundaries, advanced
+// together (a run's sum is a chain of dependent additions: one stream at a time is bound by their latency).
 template <int K>
 void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict household, float* const (&o)[K]) {
 #if defined(__AVX512F__)
-  vector_run_sums<K>(n, v, household, o);
+  agenttensor::VectorRunSums<K>().add(n, v, household, o);
 #else
   constexpr int kStreams = 4;
   int64_t c[kStreams + 1];
