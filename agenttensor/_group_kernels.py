@@ -29,6 +29,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 LONG_RUNS = 256  # mean agents per contiguous group from which `layered_force`'s backward sums the group in its pass
 _checked = Derived(limit=256)  # slot -> (max + 1, contiguous)
 _members = Derived(limit=64)  # (slot, number of groups) -> sorted int32 indices of the agents not in the last slot
+_member_slots = Derived(limit=64)  # members (`_members`) -> their slots, int32
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -46,7 +47,7 @@ class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
     _fields_ = [("table", _P), ("table_stride", _I), ("slot", _P), ("slot_i32", _I), ("presence", _P),
                 ("presence_stride", _I), ("factor", _P), ("factor_stride", _I), ("factor_all", _P), ("factor_all_stride", _I),
                 ("weight", _P), ("d_presence", _P), ("d_factor", _P), ("d_factor_all", _P), ("sums", _P), ("groups", _I),
-                ("contiguous", _I), ("members", _P), ("member_count", _I), ("last_constant", _I)]
+                ("contiguous", _I), ("members", _P), ("member_count", _I), ("last_constant", _I), ("member_slots", _P)]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -209,7 +210,8 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     if sigma_rows is None:
         return None
     weights, derivatives, group_sums = [], [], []
-    held = []  # the members lists the structs point into: alive until the kernel returns (the memo may drop them)
+    held = []  # the members lists (and their slots) the structs point into: alive until the kernel returns (the memos
+    # may drop them)
     for index, (table, slot, presence, factor, factor_all) in enumerate(layers):
         parts = [term_rows(table, B, table.shape[-1]), term_rows(presence, B, N), term_rows(factor, B, N),
                  term_rows(factor_all, B, N)]
@@ -220,13 +222,15 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         weight = out(not lazy)
         d = tuple(out(asked[k] and x is not None) for k, x in enumerate((presence, factor, factor_all)))
         S = table.shape[-1]
-        summed = members = None
+        summed = members = member_slots = None
         contiguous = _slot_facts(slot)[1]  # (memoised per slot tensor) a tile inside one group reads its value once
         if lazy or (index < len(sums) and sums[index]):  # in the pass where that beats a pass of its own
             members = None if contiguous else _members_of(slot, S)
             if lazy or (contiguous and N >= LONG_RUNS * S) or members is not None:
                 summed = torch.empty(B, S)
-            held.append(members)
+            if members is not None:  # each member's slot, read in order where slot[member] was read at random
+                member_slots = _member_slots.get(members, lambda: slot.index_select(0, members).to(torch.int32))
+            held.append((members, member_slots))
         weights.append(weight)
         derivatives.append(d)
         group_sums.append(summed)
@@ -235,7 +239,8 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
                                   *(None if x is None else x.data_ptr() for x in (weight, *d, summed)), S,
                                   int(bool(contiguous)), None if members is None else members.data_ptr(),
                                   0 if members is None else members.numel(),
-                                  int(index < len(constant_last) and bool(constant_last[index]))))
+                                  int(index < len(constant_last) and bool(constant_last[index])),
+                                  None if member_slots is None else member_slots.data_ptr()))
     array = (ForceLayer * len(structs))(*structs)
     d_sigma = out(want_sigma)
     _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1], grad.data_ptr(),

@@ -399,18 +399,25 @@ def test_vector_flags_follow_the_cpu_and_tune_for_fast_gathers_only_where_the_co
 
 
 def test_layered_force_backward_keeps_every_members_list_alive_while_its_kernel_runs(monkeypatch):
-    """The backward's structs point into each few-member layer's list of members, which the `_members` memo holds;
-    a later layer's miss may clear the memo (it holds `limit` entries) in the same call, and an earlier layer's list
-    must still be alive when the kernel reads it (it was not: a use after free that made one group sum in 4 of a test
-    run's first gradient differ, depending on how full the memo was). Here every miss clears the memo; each list the
-    kernel reads is alive at the call, and the sums are `segment_sum`'s."""
+    """The backward's structs point into each few-member layer's list of members and of their slots, which the
+    `_members` and `_member_slots` memos hold; a later layer's miss may clear a memo (it holds `limit` entries) in the
+    same call, and an earlier layer's lists must still be alive when the kernel reads them (they were not: a use after
+    free that made one group sum in 4 of a test run's first gradient differ, depending on how full the memo was).
+    Here every miss clears the memos; each list the kernel reads is alive at the call, and the sums are
+    `segment_sum`'s."""
     import gc
     import weakref
 
     from agenttensor._derived import Derived
 
-    monkeypatch.setattr(_group_kernels, "_members", Derived(limit=1))
     lists = []
+
+    class Recorded(Derived):  # every member slots list it makes, recorded
+        def get(self, tensor, compute, key=None):
+            return super().get(tensor, lambda: (lambda m: lists.append(weakref.ref(m)) or m)(compute()), key)
+
+    monkeypatch.setattr(_group_kernels, "_members", Derived(limit=1))
+    monkeypatch.setattr(_group_kernels, "_member_slots", Recorded(limit=1))
     members_of = _group_kernels._members_of
     monkeypatch.setattr(_group_kernels, "_members_of",
                         lambda slot, groups: (lambda m: lists.append(weakref.ref(m)) or m)(members_of(slot, groups)))
@@ -434,6 +441,6 @@ def test_layered_force_backward_keeps_every_members_list_alive_while_its_kernel_
     layers = [(torch.rand(1, S + 1, generator=g), s, None, None, None) for S, s in zip((40, 60), schools)]
     sigma, grad = torch.rand(B, n, generator=g), torch.randn(B, n, generator=g)
     weights, _, _, sums = _group_kernels.layered_force(sigma, layers, grad, False, ((False,) * 3,) * 2, (True, True))
-    assert len(lists) == 2 and alive_at_call == [[True, True]]
+    assert len(lists) == 4 and alive_at_call == [[True] * 4]
     for w, s, (table, slot, *_) in zip(weights, sums, layers):
         torch.testing.assert_close(s, _group_kernels.segment_sum(w, slot, table.shape[-1]), rtol=1e-5, atol=1e-4)

@@ -56,7 +56,8 @@ __attribute__((noinline)) void last_slot_lanes(const float* __restrict v, const 
 // is agent i's value).
 template <class Index>
 void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t hi, int64_t G, float* o,
-                        const int32_t* members, int64_t m0, int64_t m1, bool last_too = true, int64_t base = 0) {
+                        const int32_t* members, int64_t m0, int64_t m1, bool last_too = true, int64_t base = 0,
+                        const int32_t* member_slots = nullptr) {
   constexpr int64_t kTile = 4096;
   const Index last = static_cast<Index>(G - 1);
   float* cells = o + G;  // cell G + c: agents i with i % kSpread == c
@@ -69,7 +70,10 @@ void accumulate_members(const float* v, const Index* slot, int64_t lo, int64_t h
       last_slot_lanes(v + (a - base), slot + a, 0, e - a, last, cells);
       for (int64_t i = e; i < t1; ++i) cells[i & (kSpread - 1)] += slot[i] == last ? v[i - base] : 0.f;
     }
-    for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m] - base];
+    if (member_slots)
+      for (; m < m1 && members[m] < t1; ++m) o[member_slots[m]] += v[members[m] - base];
+    else
+      for (; m < m1 && members[m] < t1; ++m) o[slot[members[m]]] += v[members[m] - base];
   }
 }
 
@@ -280,6 +284,7 @@ struct ForceLayer {
   const int32_t* members;  // or null: the agents not in the last slot, sorted (see accumulate_members)
   int64_t member_count;
   int64_t last_constant;  // 1: the table's last slot is a constant: with `members`, its sum is left 0 (not summed)
+  const int32_t* member_slots;  // or null: with `members`, each member's slot (read in place of slot[member])
 };
 
 }  // extern "C"
@@ -567,7 +572,8 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
             if (layer.members) {
               const int32_t *first = layer.members, *past = layer.members + layer.member_count;
               accumulate_members(w, slot, i0, i1, G, o, first, std::lower_bound(first, past, i0) - first,
-                                 std::lower_bound(first, past, i1) - first, !layer.last_constant, i0);
+                                 std::lower_bound(first, past, i1) - first, !layer.last_constant, i0,
+                                 layer.member_slots);
             } else {
               accumulate(w, slot, i0, i1, G, o, i0);
             }
