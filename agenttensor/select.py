@@ -21,6 +21,9 @@ _MIN_CHUNK = 1 << 16  # agents per chunk at least: smaller masks run in one chun
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_select_count.argtypes = [_I, _I, _P, _P, _I, _I, _I, _P]
     library.agenttensor_select_fill.argtypes = [_I, _I, _I, _P, _P, _I, _I, _I, _P, _P, _P]
+    library.agenttensor_select_pairs.argtypes = [_I, _I, _I, _P, _P, _I, _I, _I, _P]
+    library.agenttensor_select_pairs.restype = _I
+    library.agenttensor_select_take.argtypes = [_P, _P, _P]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -37,10 +40,22 @@ def _chunk_counts(library: ctypes.CDLL, kind: int, a: Tensor, b: Tensor | None, 
     return counts
 
 
-def _select(kind: int, a: Tensor, b: Tensor | None, value: int) -> tuple[Tensor, Tensor] | None:
+def _select(kind: int, a: Tensor, b: Tensor | None, value: int, sparse: bool = False) -> tuple[Tensor, Tensor] | None:
+    """``sparse``: the hits are expected to be few (e.g. the day's exits): one pass into per-chunk lists, copied out
+    (full NYC's exits 2.1 -> ~1.1 ms); else a counting pass, then one that writes each hit in place (16 bytes)."""
     library = _library()
     if library is None:
         return None
+    if sparse:
+        threads = torch.get_num_threads()
+        chunks = max(1, min(threads, a.numel() // _MIN_CHUNK))
+        lists = _P()
+        total = library.agenttensor_select_pairs(kind, a.numel(), a.shape[-1], a.data_ptr(),
+                                                 None if b is None else b.data_ptr(), value, chunks,
+                                                 min(threads, chunks), ctypes.byref(lists))
+        out_b, out_i = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
+        library.agenttensor_select_take(lists, out_b.data_ptr(), out_i.data_ptr())
+        return out_b, out_i
     counts = _chunk_counts(library, kind, a, b, value)
     total = 0
     for c in range(len(counts)):  # each chunk's count -> its offset
@@ -72,7 +87,7 @@ def nonzero_bits(flags: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     ``(flags & bits).nonzero(as_tuple=True)``, e.g. the infectious agents from packed memberships (one byte read per
     agent where two float32 fields took eight)."""
     if _plain(flags, torch.uint8):
-        out = _select(3, flags, None, bits)
+        out = _select(3, flags, None, bits, sparse=True)
         if out is not None:
             return out
     return (flags & bits).nonzero(as_tuple=True)
@@ -91,7 +106,7 @@ def count(a: Tensor) -> int:
 def equal(x: Tensor, value: int) -> tuple[Tensor, Tensor]:
     """(batch, agent) int64 indices of the entries of x [B, N] equal to ``value``: ``(x == value).nonzero(as_tuple=True)``."""
     if _plain(x, torch.int16) and -2**15 <= value < 2**15:
-        out = _select(2, x, None, value)
+        out = _select(2, x, None, value, sparse=True)
         if out is not None:
             return out
     return (x == value).nonzero(as_tuple=True)

@@ -119,11 +119,25 @@ def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Ten
     coef_grad = torch.is_grad_enabled() and isinstance(coef, Tensor) and coef.requires_grad
     if not coef_grad or per_slot.requires_grad or sums.requires_grad:
         scale = coef * per_slot if scale is None or coef_grad or per_slot.requires_grad else scale
-        return scale * sums, scale
+        return (scale * sums if scale.requires_grad or sums.requires_grad else _product_at(scale, sums, index)), scale
     if scale is None:
         with torch.no_grad():
             scale = coef * per_slot
     return _ScaledSums.apply(coef, scale, per_slot, sums, index, values.detach()), scale
+
+
+def _product_at(scale: Tensor, sums: Tensor, index: Tensor) -> Tensor:
+    """scale · sums [B, S] for sums that are zero outside the flat positions ``index`` [M] (b · S + slot): the products
+    at those positions only, zeros elsewhere (the dense product's numbers where scale is finite and not negative;
+    full NYC's households, 3.3M slots: ~1.5 → ~0.8 ms), or the dense product where M is not small."""
+    B, S = sums.shape
+    if index.numel() * 8 > sums.numel() or scale.dim() not in (1, 2) or scale.shape[-1] != S \
+            or torch.broadcast_shapes(scale.shape, sums.shape) != sums.shape:
+        return scale * sums
+    flat = scale.reshape(-1)
+    at = flat.index_select(0, index if B == 1 or scale.numel() != S else index.remainder(S))
+    out = torch.zeros(B * S, dtype=torch.result_type(scale, sums), device=sums.device)
+    return out.index_put_((index,), at * sums.reshape(-1).index_select(0, index)).view(B, S)
 
 
 class _ScaledSums(torch.autograd.Function):
@@ -131,7 +145,7 @@ class _ScaledSums(torch.autograd.Function):
     def forward(ctx, coef: Tensor, scale: Tensor, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor):
         ctx.coef_shape, ctx.rows = coef.shape, sums.shape[0]
         ctx.save_for_backward(per_slot, index, values)
-        return scale * sums
+        return _product_at(scale, sums, index)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

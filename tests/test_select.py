@@ -15,7 +15,8 @@ def _same(pairs, expected) -> bool:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 300_001), (3, 70_000), (2, 63), (1, 1)])
 def test_pairs_equal_torch_nonzero(threads, shape):
-    """uint8 and float32 masks, one or two of them, int16 equality; chunked counts with 2 threads (≥ 2^16 agents)."""
+    """uint8 and float32 masks, one or two of them, int16 equality and packed bits (one pass: each chunk's hits into a
+    list of its own, no hit and every agent included); chunked counts with 2 threads (≥ 2^16 agents)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -28,6 +29,8 @@ def test_pairs_equal_torch_nonzero(threads, shape):
         assert _same(select.nonzero(a.float(), b.float()), torch.logical_or(a, b).nonzero(as_tuple=True))
         assert _same(select.equal(stage_end, 7), (stage_end == 7).nonzero(as_tuple=True))
         assert _same(select.equal(stage_end, -1), (stage_end == -1).nonzero(as_tuple=True))
+        assert _same(select.equal(stage_end, 999), (stage_end == 999).nonzero(as_tuple=True))  # none
+        assert _same(select.equal(stage_end.clamp_min(0) * 0, 0), torch.ones_like(a).nonzero(as_tuple=True))  # all
         assert select.count(a) == int(torch.count_nonzero(a)) == select.count(a.float())
         assert select.count(torch.ones(shape, dtype=torch.uint8)) == a.numel()
         flags = a | b << 1 | (torch.rand(shape, generator=g) < 0.5).to(torch.uint8) << 2  # packed memberships

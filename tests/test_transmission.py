@@ -130,12 +130,14 @@ def test_scatter_sum_adds_along_the_last_dim():
     assert torch.equal(scatter_sum(torch.zeros(4), index, values[0].detach()), torch.tensor([2.0, 0.0, 4.0, 4.0]))
 
 
+@pytest.mark.parametrize("S", [50, 1000])  # the dense product / the product at the M summed slots only
 @pytest.mark.parametrize("batch, coef_shape", [(1, ()), (3, ()), (3, (3, 1)), (3, (1, 1))])
-def test_scaled_sums_read_the_coefficients_derivative_at_the_summed_values(batch, coef_shape):
-    """(coef · per_slot) · sums: the values and scale of the two products, and d coef (read at the M summed values)
-    that of autograd through them; with a per_slot that carries a derivative, the products themselves."""
+def test_scaled_sums_read_the_coefficients_derivative_at_the_summed_values(batch, coef_shape, S):
+    """(coef · per_slot) · sums: the values and scale of the two products (where few slots were summed, formed at
+    those only: the same numbers), and d coef (read at the M summed values) that of autograd through them; with a
+    per_slot that carries a derivative, the products themselves."""
     torch.manual_seed(0)
-    S, M = 50, 40
+    M = 40
     rows, slot = torch.randint(0, batch, (M,)), torch.randint(0, S, (M,))
     index = slot if batch == 1 else rows * S + slot
     values = torch.rand(M)
@@ -156,8 +158,9 @@ def test_scaled_sums_read_the_coefficients_derivative_at_the_summed_values(batch
     learned = per_slot.clone().requires_grad_()  # per_slot with a derivative: plain products, both derivatives
     got, scale = scaled_sums(coef.detach(), learned, sums, index, values)
     assert scale.requires_grad and "Mul" in type(got.grad_fn).__name__
-    with torch.no_grad():  # no autograd: plain products
+    with torch.no_grad():  # no autograd: plain products (at the summed slots)
         assert torch.equal(scaled_sums(coef, per_slot, sums, index, values)[0], expect.detach())
+        assert torch.equal(scaled_sums(coef, per_slot, sums, index, values, scale=expect_scale)[0], expect.detach())
 
 
 def test_derived_values_are_recomputed_when_the_tensor_changes():

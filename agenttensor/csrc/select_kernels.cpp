@@ -1,9 +1,11 @@
 // Indices of the agents that satisfy a test, for CPU: nonzero((a | b) != 0) and nonzero(x == value) over a [B, N]
-// array, as (batch, agent) int64 pairs in row-major order (torch.nonzero's). Two passes over fixed chunks: count
-// per chunk, then write at the chunk's offset, so the result does not depend on the number of threads. Loaded by
-// agenttensor/_select_kernels.py; plain C, no torch headers.
+// array, as (batch, agent) int64 pairs in row-major order (torch.nonzero's). One pass over fixed chunks, each
+// chunk's hits into a list of its own, the lists joined in chunk order (`agenttensor_select_pairs`), so the result
+// does not depend on the number of threads; or two passes, count per chunk, then write at the chunk's offset. Loaded
+// by agenttensor/select.py; plain C, no torch headers.
 
 #include <cstdint>
+#include <vector>
 
 #include "parallel.h"
 
@@ -21,8 +23,25 @@ void count(int64_t n, int64_t chunks, int64_t threads, int64_t* counts, Test tes
   }
 }
 
-// writes the hits of chunk c from offsets[c] on: out_b = k / N, out_i = k % N; 64 tests at a time into a bit mask,
-// then one write per set bit (the hits are sparse)
+// hit(k) for each hit k of [begin, end) in order: 64 tests at a time into a bit mask, then one call per set bit (the
+// hits are sparse)
+template <class Test, class Hit>
+void hits(int64_t begin, int64_t end, Test test, Hit hit) {
+  for (int64_t k0 = begin; k0 < end; k0 += 64) {
+    const int64_t width = std::min<int64_t>(64, end - k0);
+    int any = 0;  // most blocks have no hit: a vectorised test first
+    for (int64_t j = 0; j < width; ++j) any |= test(k0 + j) ? 1 : 0;
+    if (!any) continue;
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
+    while (bits) {
+      hit(k0 + __builtin_ctzll(bits));
+      bits &= bits - 1;
+    }
+  }
+}
+
+// writes the hits of chunk c from offsets[c] on: out_b = k / N, out_i = k % N
 template <class Test>
 void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* offsets, int64_t* out_b,
           int64_t* out_i, Test test) {
@@ -30,22 +49,26 @@ void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* 
 #pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t at = offsets[c];
-    const int64_t begin = c * size, end = std::min(n, (c + 1) * size);
-    for (int64_t k0 = begin; k0 < end; k0 += 64) {
-      const int64_t width = std::min<int64_t>(64, end - k0);
-      int any = 0;  // most blocks have no hit: a vectorised test first
-      for (int64_t j = 0; j < width; ++j) any |= test(k0 + j) ? 1 : 0;
-      if (!any) continue;
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
-      while (bits) {
-        const int64_t k = k0 + __builtin_ctzll(bits);
-        bits &= bits - 1;
-        out_b[at] = k / N;
-        out_i[at] = k % N;
-        ++at;
-      }
-    }
+    hits(c * size, std::min(n, (c + 1) * size), test, [&](int64_t k) {
+      out_b[at] = k / N;
+      out_i[at] = k % N;
+      ++at;
+    });
+  }
+}
+
+// the hits of each chunk as (k / N, k % N) pairs into its own list: one pass
+template <class Test>
+void collect(int64_t n, int64_t N, int64_t chunks, int64_t threads, std::vector<std::vector<int64_t>>& lists,
+             Test test) {
+  const int64_t size = (n + chunks - 1) / chunks;
+#pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    std::vector<int64_t>& list = lists[c];
+    hits(c * size, std::min(n, (c + 1) * size), test, [&](int64_t k) {
+      list.push_back(k / N);
+      list.push_back(k % N);
+    });
   }
 }
 
@@ -98,6 +121,29 @@ void agenttensor_select_count(int64_t kind, int64_t n, const void* a, const void
 void agenttensor_select_fill(int64_t kind, int64_t n, int64_t N, const void* a, const void* b, int64_t value,
                              int64_t chunks, int64_t threads, const int64_t* offsets, int64_t* out_b, int64_t* out_i) {
   dispatch(kind, a, b, value, [&](auto test) { fill(n, N, chunks, threads, offsets, out_b, out_i, test); });
+}
+
+// The hits in one pass (for sparse hits: a pass fewer than count and fill): their count, and their chunks' lists held
+// for `agenttensor_select_take` (*lists), which copies them out and frees them
+int64_t agenttensor_select_pairs(int64_t kind, int64_t n, int64_t N, const void* a, const void* b, int64_t value,
+                                 int64_t chunks, int64_t threads, void** lists) {
+  auto* held = new std::vector<std::vector<int64_t>>(chunks);
+  dispatch(kind, a, b, value, [&](auto test) { collect(n, N, chunks, threads, *held, test); });
+  *lists = held;
+  int64_t total = 0;
+  for (const auto& list : *held) total += static_cast<int64_t>(list.size()) / 2;
+  return total;
+}
+
+void agenttensor_select_take(void* lists, int64_t* out_b, int64_t* out_i) {
+  auto* held = static_cast<std::vector<std::vector<int64_t>>*>(lists);
+  int64_t m = 0;
+  for (const auto& list : *held)
+    for (size_t k = 0; k < list.size(); k += 2, ++m) {
+      out_b[m] = list[k];
+      out_i[m] = list[k + 1];
+    }
+  delete held;
 }
 
 }  // extern "C"
