@@ -184,14 +184,12 @@ class Randomness:
         return _rng_kernels.float_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
 
     def float_event_move(self, step: int, stream: str | int, p: Tensor | float, source: Tensor, target: Tensor,
-                         complement: bool = False, target_in_place: bool = False
-                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+                         complement: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
         """`float_event` with ``where`` = ``source``, its events e moved from ``source`` to ``target`` in the same
         pass (e.g. infections from S to E): (happened, source − e, target + e, e's (batch, agent) pairs), the same
-        numbers (``target_in_place``: target + e written into ``target``). None where the native pass does not
-        apply."""
+        numbers. None where the native pass does not apply."""
         return _rng_kernels.float_event_move(self.agent_base, self._keys(step, (stream,))[0], p, source, target,
-                                             complement, target_in_place)
+                                             complement)
 
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
@@ -224,10 +222,10 @@ class Uniforms:
         """`Randomness.float_event` of these uniforms."""
         return self.rng.float_event(self.step, self.stream, p, where, complement)
 
-    def float_event_move(self, p: Tensor | float, source: Tensor, target: Tensor, complement: bool = False,
-                         target_in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    def float_event_move(self, p: Tensor | float, source: Tensor, target: Tensor, complement: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
         """`Randomness.float_event_move` of these uniforms."""
-        return self.rng.float_event_move(self.step, self.stream, p, source, target, complement, target_in_place)
+        return self.rng.float_event_move(self.step, self.stream, p, source, target, complement)
 
 
 def drawn(u: "Tensor | Uniforms") -> Tensor:

@@ -62,14 +62,12 @@ class Sampler:
         and write a [B, N] of hazard's gradient; it must then be the events' only differentiable consumer."""
         return self.hazard_event(hazard, u, where), None
 
-    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor,
-                                    target_in_place: bool = False) -> "Moved | None":
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
+                                    ) -> "Moved | None":
         """`hazard_event_and_derivatives` with ``where`` = ``source`` (0/1 memberships [B, N]) whose events e move
         from ``source`` to ``target`` [B, N] in the same pass (e.g. infections, S → E): `Moved` (source − e,
-        target + e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]
-        (``target_in_place``: target + e written into target's storage, for a caller that owns it and whose target
-        no autograd node saved). None where this sampler has no such derivatives or no native pass applies (the
-        caller then uses the events)."""
+        target + e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]. None where
+        this sampler has no such derivatives or no native pass applies (the caller then uses the events)."""
         return None
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,
@@ -120,14 +118,13 @@ class StraightThrough(Sampler):
             survival, happened, events = _hazard_event_values(hazard, u, where)
         return events, EventDerivatives(happened, survival)
 
-    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor,
-                                    target_in_place: bool = False) -> "Moved | None":
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
+                                    ) -> "Moved | None":
         if not (isinstance(hazard, Tensor) and hazard.device.type == "cpu" and isinstance(u, Uniforms)):
             return None
         with torch.no_grad():
             survival = (-hazard).exp_()  # as `_hazard_event_values` makes it: the same bits
-            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True,
-                                       target_in_place=target_in_place)
+            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True)
         if moved is None:
             return None
         happened, source_after, target_after, pairs = moved

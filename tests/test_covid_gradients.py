@@ -169,7 +169,7 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx, donat
     counts' derivative as the dense sum of new_E; into copies, ``donated`` or not), then the explicit shadow flows.
     With the infection event's derivatives (new_E then has no graph), new_E carries them as zero-valued terms:
     + mask (S − S) + S exp(−λ) (λ − λ). Where the draws moved the infected agents (``moved``: S − new_E,
-    E + new_E, the latter in E itself where the loop owns it), new_E is S − (S − new_E)."""
+    E + new_E), new_E is S − (S − new_E)."""
     if moved is not None:
         new_E = before.S.detach() - moved[0]
     if infection is not None:
@@ -179,13 +179,10 @@ def explicit_transition(before, after, exits, new_E, changes, params, ctx, donat
     b, i = exits.b, exits.i
     ctx.scratch["new_infections"] = range_sums(new_E, ctx.env.borough_slices, torch.float32,
                                                known=ctx.scratch["new_infections"])
-    # where the draws wrote E + new_E into E itself (the loop's own), before.E holds those values already: new_E then
-    # only carries its derivative
-    E_moved = before.E + (new_E - new_E.detach() if moved is not None and moved[1].data_ptr() == before.E.data_ptr()
-                          else new_E)
     moved = {name: getattr(before, name).index_put((b, i), changes[name], accumulate=True)
              for name in ("I_sym", "I_asym", "H", "R", "D", "isolating")}
-    after = after.replace(S=before.S - new_E, E=E_moved.index_put((b, i), changes["E"], accumulate=True), **moved)
+    after = after.replace(S=before.S - new_E, E=(before.E + new_E).index_put((b, i), changes["E"], accumulate=True),
+                          **moved)
     return explicit_shadow_flows(before, after, params, ctx)
 
 

@@ -76,11 +76,10 @@ void event_rows(int64_t B, int64_t N, const int32_t* keys, const float* p, int64
 // (branch-free over restrict pointers: vectorised), then its moved agents' (b, n) appended to `pairs`.
 constexpr int64_t kMoveBlock = 1024;
 
-// `into_out` may be `into` (in place: each element read, then written), so neither is restrict.
 template <int Q>
 void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key,
-              const float* __restrict__ p, float q, const float* __restrict__ from, const float* into,
-              uint8_t* __restrict__ happened, float* __restrict__ from_out, float* into_out,
+              const float* __restrict__ p, float q, const float* __restrict__ from, const float* __restrict__ into,
+              uint8_t* __restrict__ happened, float* __restrict__ from_out, float* __restrict__ into_out,
               std::vector<int64_t>& pairs) {
   for (int64_t j0 = i0; j0 < i1; j0 += kMoveBlock) {
     const int64_t j1 = std::min(i1, j0 + kMoveBlock);
@@ -172,7 +171,7 @@ void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const in
 // from_out = from − e, into_out = into + e: the numbers of `float_event`'s events and torch's ``from - events``,
 // ``into + events``, in one pass without the events' [B, N]. The (b, n) of the agents with e != 0, row-major, are
 // held for `agenttensor_take_pairs` (*pairs; null if none); returns their count. from, into, from_out, into_out
-// [B, N] contiguous; from_out apart from the inputs, into_out into itself (in place) or apart from them.
+// [B, N] contiguous, the outputs apart from the inputs (restrict).
 int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                                      int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* from,
                                      const float* into, uint8_t* happened, float* from_out, float* into_out,

@@ -878,12 +878,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = native_hard_progress(state, force, params, ctx)
         if after is not None:
             return after
-    # vaccination's eligibility reads the memberships before today's changes (E may change in place just below)
-    rate = lever_per_agent(ctx, "vaccination")
-    eligible = None if rate is None else (1 - V) * (S + E + Ia + R)
-    # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E);
-    # E + new_E in place where E is the loop's own (no node saves E)
-    moved = ctx.hazard_move_and_derivatives(force, "infection", S, E, target_in_place=ctx.owns(E))
+    # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E)
+    moved = ctx.hazard_move_and_derivatives(force, "infection", S, E)
     new_E, infection = (None, moved.derivatives) if moved is not None else \
         ctx.hazard_event_and_derivatives(force, "infection", S)
 
@@ -937,7 +933,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         select.put_at_(stage_end, b, i, torch.where(timed, (t + duration).to(torch.int16), -1))
 
     # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
+    rate = lever_per_agent(ctx, "vaccination")
     if rate is not None:
+        eligible = (1 - V) * (S + E + Ia + R)
         V = V + event(ctx, eligible, "vaccination", lambda at: at(rate))
 
     # today's per-borough flows at the exiting agents: the reported flows (with their derivative) and the stage
@@ -997,7 +995,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     return owned_after_step(state, after, versions, ctx)
 
 
-IN_PLACE = ("E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donated state's step updates in place
+IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donated state's step updates in place
 
 
 def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, ctx: StepContext
@@ -1050,7 +1048,7 @@ def owned_after_step(before: CovidState, after: CovidState, versions: dict[str, 
     the step's start; the new field is the tensor or, in gradient modes, an alias of it) keep their per-borough
     counts rolling (`CovidEnv.carry_counts`)."""
     moved = {}
-    for name in ("S", *IN_PLACE):
+    for name in ("S", "E", *IN_PLACE):
         x, x0 = getattr(after, name), getattr(before, name)
         if x0._version != versions.get(name, x0._version):
             moved[name] = (x0, versions[name])
