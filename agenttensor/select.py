@@ -30,13 +30,19 @@ def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_select_kernels", _declare)
 
 
-def _chunk_counts(library: ctypes.CDLL, kind: int, a: Tensor, b: Tensor | None, value: int):
-    """The counting pass: hits per fixed chunk of a's entries (a plain ctypes array: no torch calls at small N)."""
+def _chunks(a: Tensor) -> tuple[int, int]:
+    """(fixed chunks of a's entries, threads for them): one chunk per thread from `_MIN_CHUNK` entries each."""
     threads = torch.get_num_threads()
     chunks = max(1, min(threads, a.numel() // _MIN_CHUNK))
+    return chunks, min(threads, chunks)
+
+
+def _chunk_counts(library: ctypes.CDLL, kind: int, a: Tensor, b: Tensor | None, value: int):
+    """The counting pass: hits per fixed chunk of a's entries (a plain ctypes array: no torch calls at small N)."""
+    chunks, threads = _chunks(a)
     counts = (ctypes.c_int64 * chunks)()
     library.agenttensor_select_count(kind, a.numel(), a.data_ptr(), None if b is None else b.data_ptr(), value, chunks,
-                                     min(threads, chunks), counts)
+                                     threads, counts)
     return counts
 
 
@@ -47,12 +53,10 @@ def _select(kind: int, a: Tensor, b: Tensor | None, value: int, sparse: bool = F
     if library is None:
         return None
     if sparse:
-        threads = torch.get_num_threads()
-        chunks = max(1, min(threads, a.numel() // _MIN_CHUNK))
         lists = _P()
         total = library.agenttensor_select_pairs(kind, a.numel(), a.shape[-1], a.data_ptr(),
-                                                 None if b is None else b.data_ptr(), value, chunks,
-                                                 min(threads, chunks), ctypes.byref(lists))
+                                                 None if b is None else b.data_ptr(), value, *_chunks(a),
+                                                 ctypes.byref(lists))
         out_b, out_i = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
         library.agenttensor_select_take(lists, out_b.data_ptr(), out_i.data_ptr())
         return out_b, out_i

@@ -405,11 +405,10 @@ class _LayeredForce(torch.autograd.Function):
             fused = (weights, derivatives, grad * total if want_sigma else None, [None] * len(terms))
         weights, derivatives, d_sigma, group_sums = fused
         out = [_reduce_to(d_sigma, sigma)]
-        for k, (t, w) in enumerate(zip(terms, weights)):
+        for t, w, (d_presence, d_factor, d_factor_all), (member, group), sums, handoff in zip(
+                terms, weights, derivatives, ctx.probes, group_sums, ctx.handoffs):
             if w is None:  # not written: its parts to the probe's owner
-                ctx.handoffs[k]["weight"] = WeightParts(grad, sigma, t.presence, t.factor, t.factor_all)
-        for t, w, (d_presence, d_factor, d_factor_all), (member, group), sums in zip(terms, weights, derivatives,
-                                                                                      ctx.probes, group_sums):
+                handoff["weight"] = WeightParts(grad, sigma, t.presence, t.factor, t.factor_all)
             if sums is None and (wants[len(out)] or group):  # (unless the native pass summed them)
                 sums = _segment_sum(w, t.slot, t.table.shape[-1])
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None

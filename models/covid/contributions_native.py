@@ -191,9 +191,13 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
                 or any(x is not None and x.shape != (B, S) for x in (sums, plain)) \
                 or (member is not None and member.shape != (B, N)):
             return None
-        factors = [(None, 0) if x is None else (ptr(x[0]), x[1]) for x in
-                   ((None if parts is None or y is None else row(y)) for y in
-                    ((None, None, None) if parts is None else parts[2:]))]
+        def part(x: Tensor | None) -> tuple[int | None, int]:  # a weight part [B | 1, N] -> (pointer, row stride)
+            if x is None:
+                return None, 0
+            x, stride = row(x)
+            return ptr(x), stride
+
+        factors = [part(x) for x in (parts[2:] if parts is not None else (None,) * 3)]
         return _OthersSum(ptr(None if member is None else member.contiguous()),
                           ptr(None if sums is None else sums.contiguous()),
                           ptr(None if plain is None else plain.contiguous()), int(parts is not None),
