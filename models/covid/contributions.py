@@ -12,10 +12,11 @@ where the last term is the expected isolation of the derivative mass of untaken 
 running countdown, ``free``; `shadow.py`): symptomatic ones isolate w.p. isolate_prob, asymptomatic ones if
 reported (d_asym, raised by the testing lever). It is zero-valued, as is everything here in the forward pass:
 `layered_force` reads only the contributions' derivatives, which it hands out as the two parts of an others-sum
-(its probes, `agenttensor.transmission.ForceTerm`): the layer's weight w [B, N] and its group sums W [B, S]. So the
-forward returns zero-stride probes and does no [B, N] work (it was ~30 ms of dense products per full-NYC day), and
-the backward applies the chain rule in one go (on CPU one native pass, `contributions_native`, which also forms the
-others-sums, so that none is written to memory and read back), with
+(its probes, `agenttensor.transmission.ForceTerm`): the layer's weight w [B, N] and its group sums W [B, S]. On CPU
+w comes as its parts (`WeightParts`, through `ForceTerm.weight_handoff`), which the native pass multiplies out tile by
+tile: no w is written and read back. So the forward returns zero-stride probes and does no [B, N] work (it was ~30 ms
+of dense products per full-NYC day), and the backward applies the chain rule in one go (on CPU one native pass,
+`contributions_native`, which also forms the others-sums, so that none is written to memory and read back), with
 
     d_l = s_l[g_l] (W_l[g_l] − w_l) + P_l[g_l]      (s_l: the layer's per-group scale; P_l: the ``plain`` probe's
                                                      derivative, community only: the borough-wide mixing)
