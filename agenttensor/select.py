@@ -53,12 +53,12 @@ def _select(kind: int, a: Tensor, b: Tensor | None, value: int, sparse: bool = F
     if library is None:
         return None
     if sparse:
-        lists = _P()
+        pairs = _P()
         total = library.agenttensor_select_pairs(kind, a.numel(), a.shape[-1], a.data_ptr(),
                                                  None if b is None else b.data_ptr(), value, *_chunks(a),
-                                                 ctypes.byref(lists))
+                                                 ctypes.byref(pairs))
         out_b, out_i = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
-        library.agenttensor_select_take(lists, out_b.data_ptr(), out_i.data_ptr())
+        library.agenttensor_select_take(pairs, out_b.data_ptr(), out_i.data_ptr())
         return out_b, out_i
     counts = _chunk_counts(library, kind, a, b, value)
     total = 0

@@ -480,7 +480,7 @@ void long_runs(const float* w, const Index* slot, int64_t i0, int64_t i1, float*
 
 // The open runs of a contiguous layer of short runs (households) in a task, continued from tile to tile: every run
 // summed in agent order from +0, as contiguous_sum sums it (the same bits): `VectorRunSums` for int32 slots with
-// AVX-512, else the scalar chain.
+// AVX-512, else `run_sums`' chain.
 struct ShortRuns {
 #if defined(__AVX512F__)
   agenttensor::VectorRunSums<1> vector;
@@ -496,12 +496,10 @@ struct ShortRuns {
       return;
     }
 #endif
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t group = slot[j];
-      acc = keep(acc, group == previous) + w[j];
-      o[group] = acc;
-      previous = group;
-    }
+    if (n == 0) return;
+    run_sums(w, slot, 0, n, o, previous, acc);
+    previous = slot[n - 1];
+    acc = o[previous];  // (each step stores the run's sum so far)
   }
 };
 

@@ -203,7 +203,7 @@ int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, 
     total += chunk.second.size();
     chunks.push_back(std::move(chunk.second));
   }
-  *pairs = agenttensor::hold_pairs(chunks);
+  *pairs = agenttensor::hold_pairs(std::move(chunks));
   return static_cast<int64_t>(total / 2);
 }
 

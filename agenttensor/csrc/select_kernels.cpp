@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "pairs.h"
 #include "parallel.h"
 
 namespace {
@@ -124,26 +125,20 @@ void agenttensor_select_fill(int64_t kind, int64_t n, int64_t N, const void* a, 
 }
 
 // The hits in one pass (for sparse hits: a pass fewer than count and fill): their count, and their chunks' lists held
-// for `agenttensor_select_take` (*lists), which copies them out and frees them
+// for `agenttensor_select_take` (*pairs, pairs.h; null if none)
 int64_t agenttensor_select_pairs(int64_t kind, int64_t n, int64_t N, const void* a, const void* b, int64_t value,
-                                 int64_t chunks, int64_t threads, void** lists) {
-  auto* held = new std::vector<std::vector<int64_t>>(chunks);
-  dispatch(kind, a, b, value, [&](auto test) { collect(n, N, chunks, threads, *held, test); });
-  *lists = held;
+                                 int64_t chunks, int64_t threads, void** pairs) {
+  std::vector<std::vector<int64_t>> lists(chunks);
+  dispatch(kind, a, b, value, [&](auto test) { collect(n, N, chunks, threads, lists, test); });
   int64_t total = 0;
-  for (const auto& list : *held) total += static_cast<int64_t>(list.size()) / 2;
+  for (const auto& list : lists) total += static_cast<int64_t>(list.size()) / 2;
+  *pairs = agenttensor::hold_pairs(std::move(lists));
   return total;
 }
 
-void agenttensor_select_take(void* lists, int64_t* out_b, int64_t* out_i) {
-  auto* held = static_cast<std::vector<std::vector<int64_t>>*>(lists);
-  int64_t m = 0;
-  for (const auto& list : *held)
-    for (size_t k = 0; k < list.size(); k += 2, ++m) {
-      out_b[m] = list[k];
-      out_i[m] = list[k + 1];
-    }
-  delete held;
+// The pairs `agenttensor_select_pairs` held into b [M] and i [M]; frees them.
+void agenttensor_select_take(void* pairs, int64_t* out_b, int64_t* out_i) {
+  agenttensor::take_pairs(pairs, out_b, out_i);
 }
 
 }  // extern "C"

@@ -177,7 +177,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
   size_t infected = 0;
   for (const auto& pairs : found) infected += pairs.size() / 2;
   a.infected = static_cast<int64_t>(infected);
-  a.pairs = agenttensor::hold_pairs(found);  // the threads' chunks in order: row-major
+  a.pairs = agenttensor::hold_pairs(std::move(found));  // the threads' chunks in order: row-major
   for (int64_t k = 0; k < kFlows * cells; ++k) {
     int64_t sum = 0;
     for (int64_t w = 0; w < threads; ++w) sum += counts[w * kFlows * cells + k];
