@@ -2,6 +2,7 @@
 // their count and a handle from `hold_pairs`; the library's take entry point copies them out with `take_pairs`.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -11,7 +12,7 @@ namespace agenttensor {
 // The chunks' pairs (b0, i0, b1, i1, ... each; the chunks in order), moved to the heap as they are (not joined: one
 // copy fewer): the handle, null if none.
 inline void* hold_pairs(std::vector<std::vector<int64_t>>&& chunks) {
-  size_t total = 0;
+  std::size_t total = 0;
   for (const auto& chunk : chunks) total += chunk.size();
   if (!total) return nullptr;
   return new std::vector<std::vector<int64_t>>(std::move(chunks));
@@ -23,7 +24,7 @@ inline void take_pairs(void* pairs, int64_t* b, int64_t* i) {
   if (chunks == nullptr) return;
   int64_t m = 0;
   for (const auto& chunk : *chunks)
-    for (size_t k = 0; k < chunk.size(); k += 2, ++m) {
+    for (std::size_t k = 0; k < chunk.size(); k += 2, ++m) {
       b[m] = chunk[k];
       i[m] = chunk[k + 1];
     }

@@ -54,6 +54,10 @@ REUSABLE = dict(out_E="gE", out_Is="gIs", out_Ia="gIa", out_H="gH", out_exposure
                 out_S="gS")
 
 
+def _library() -> ctypes.CDLL | None:
+    return native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
+
+
 def _nonzero_outputs(grads: dict[str, Tensor | None]) -> tuple[bool, ...]:
     """Which of (d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E) can be non-zero, given which
     incoming gradients arrived: as `shadow._transition_backward`, which returns None for the others (e.g. d H0
@@ -90,7 +94,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     carries its sign in bit 3 (`contributions_native.pack`)."""
     if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
-    library = native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
+    library = _library()
     if library is None:
         return None
     env = k.env

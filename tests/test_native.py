@@ -1,0 +1,34 @@
+"""Every native kernel source builds and loads where a C++ compiler is present. The kernels' users fall back to torch
+ops (with one logged warning) when a build fails, and their own tests skip then: without this test a source that no
+longer compiles (as select_kernels.cpp did for one commit, after a shared header lost its <cstddef>) passes CI."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+
+import pytest
+
+from agenttensor import _cpu_cache, native
+
+pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="needs a C++ compiler")
+
+LIBRARIES = ["agenttensor._group_kernels", "agenttensor._rng_kernels", "agenttensor._event_kernels",
+             "agenttensor.select", "models.covid.contributions_native", "models.covid.hard_native",
+             "models.covid.shadow_native"]
+
+
+@pytest.mark.parametrize("module", LIBRARIES)
+def test_every_kernel_source_builds_and_loads(module, monkeypatch, caplog):
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "1")
+    monkeypatch.setattr(native, "_loaded", {})  # load afresh: not an earlier test's result
+    mod = importlib.import_module(module)
+    assert mod._library() is not None, caplog.text
+
+
+def test_every_source_under_csrc_is_checked():
+    """A new kernel source must join LIBRARIES (the caching allocator has its own tests: test_cpu_cache.py)."""
+    checked = {importlib.import_module(m).SOURCE.name for m in LIBRARIES} | {_cpu_cache.SOURCE.name}
+    sources = {p.name for p in native.CSRC.glob("*.cpp")}
+    sources |= {p.name for p in (native.CSRC.parents[1] / "models").glob("*/csrc/*.cpp")}
+    assert sources == checked
