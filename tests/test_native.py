@@ -13,7 +13,7 @@ from agenttensor import _cpu_cache, native
 
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="needs a C++ compiler")
 
-LIBRARIES = ["agenttensor._group_kernels", "agenttensor._rng_kernels", "agenttensor._event_kernels",
+LIBRARIES = ["agenttensor._group_kernels", "agenttensor._rng_kernels", "agenttensor._event_kernels", "models.covid.labour_native",
              "agenttensor.select", "models.covid.contributions_native", "models.covid.hard_native",
              "models.covid.shadow_native"]
 

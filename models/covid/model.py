@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       range_sums, scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import contributions_native, disease, hard_native, shadow
+from . import contributions_native, disease, hard_native, labour_native, shadow
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -1098,35 +1098,48 @@ def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[st
 
 
 def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
-    """transition (every `decision_every` days): job loss and rehiring; the dead leave the labour force."""
+    """transition (every `decision_every` days): job loss and rehiring; the dead leave the labour force. On CPU one
+    native pass (`labour_native`, the same numbers and derivatives), else the torch ops of `labour_flows`."""
     if ctx.step % int(params.decision_every):
         return state
     env: CovidEnv = ctx.env
-    employed, unemployed = state.employed, state.unemployed
-    closed = closed_workplaces(ctx)
-    on_site_job = (1 - state.remote.to(torch.float32)) * env.has_workplace.to(torch.float32)
-    stimulus = lever_per_agent(ctx, "stimulus")
+    fields = tuple(getattr(state, name) for name in labour_native.FIELDS)
+    rates = tuple(getattr(params, name) for name in labour_native.RATES)
+    levers = (closed_workplaces(ctx), lever_per_agent(ctx, "stimulus"), lever_per_agent(ctx, "workplace_closure"))
+    has_workplace = env.static("has_workplace_bytes", lambda: env.has_workplace.to(torch.uint8))  # (0/1)
+    moved = labour_native.labour_market(fields, has_workplace, rates, levers, ctx.rng, ctx.step, ctx.sampler,
+                                        reference=labour_flows)
+    employed, unemployed = moved if moved is not None else labour_flows(ctx, *fields, has_workplace, *rates, *levers)
+    return state.replace(employed=employed, unemployed=unemployed)
+
+
+def labour_flows(ctx: StepContext, employed: Tensor, unemployed: Tensor, on_site: Tensor, remote: Tensor, D: Tensor,
+                 has_workplace: Tensor, job_loss_base: Tensor, job_loss_absent: Tensor, job_loss_closed: Tensor,
+                 relief_rate: Tensor, rehire_rate: Tensor, closed: Tensor | None, stimulus: Tensor | None,
+                 closure: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(employed, unemployed) [B, N] after the week's job losses and rehires, in torch ops (`labour_native`'s
+    reference): the fields [B, N], has_workplace [N], the rates (`labour_native.RATES`) and the per-agent levers
+    [B, N] or None (closed workplaces, stimulus, workplace closure)."""
+    on_site_job = (1 - remote.to(torch.float32)) * has_workplace.to(torch.float32)
 
     def job_loss(at: At):
         """base + [absent (1 − on_site) o + closed · closed_i · o] · (1 − relief · s): a stimulus payment
         relieves the pandemic terms (demand support), not the baseline churn."""
-        relief = None if stimulus is None else 1 - at(params.stimulus_job_loss_relief) * at(stimulus)
-        absent = at(params.job_loss_absent) * (1 - at(state.on_site.to(torch.float32))) * at(on_site_job)
-        p = at(params.job_loss_base) + (absent if relief is None else absent * relief)
+        relief = None if stimulus is None else 1 - at(relief_rate) * at(stimulus)
+        absent = at(job_loss_absent) * (1 - at(on_site.to(torch.float32))) * at(on_site_job)
+        p = at(job_loss_base) + (absent if relief is None else absent * relief)
         if closed is not None:
-            shut = at(params.job_loss_closed) * at(closed) * at(on_site_job)
+            shut = at(job_loss_closed) * at(closed) * at(on_site_job)
             p = p + (shut if relief is None else shut * relief)
         return p
 
-    closure = lever_per_agent(ctx, "workplace_closure")
-
     def rehire(at: At):
-        return at(params.rehire_rate) if closure is None else at(params.rehire_rate) * (1 - at(closure))
+        return at(rehire_rate) if closure is None else at(rehire_rate) * (1 - at(closure))
 
     lost = event(ctx, employed, "job-loss", job_loss)
     hired = event(ctx, unemployed, "rehire", rehire)
-    alive = 1 - state.D
-    return state.replace(employed=(employed - lost + hired) * alive, unemployed=(unemployed + lost - hired) * alive)
+    alive = 1 - D
+    return (employed - lost + hired) * alive, (unemployed + lost - hired) * alive
 
 
 # ---- metrics ---------------------------------------------------------------------------------
