@@ -131,23 +131,32 @@ def float_event(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | N
 
 
 def float_event_move(base: Tensor, keys: Tensor, p: Tensor | float, source: Tensor, target: Tensor,
-                     complement: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+                     complement: bool = False, in_place: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
     """`float_event` with ``where`` = ``source`` [B, N] float32, whose events e move from ``source`` to ``target``
     [B, N] float32 in the same pass: (happened bool [B, N], source − e, target + e, the (batch, agent) int64 pairs [M]
-    with e != 0 in row-major order, as ``e.nonzero(as_tuple=True)``), the same numbers without e's [B, N]. None
-    where the kernel does not apply."""
+    with e != 0 in row-major order, as ``e.nonzero(as_tuple=True)``), the same numbers without e's [B, N]. ``in_place``:
+    source − e and target + e written into source and target (at the moved agents only; their versions bumped), which
+    are returned. None where the kernel does not apply."""
     inputs = _event_inputs(base, keys, p, source, torch.float32)
     if inputs is None or not (target.device.type == "cpu" and target.dtype == torch.float32
                               and target.shape == source.shape and target.is_contiguous()):
         return None
     library, p_view = inputs
+    if in_place and (p_view.data_ptr() in (source.data_ptr(), target.data_ptr())
+                     or source.data_ptr() == target.data_ptr()):
+        return None
     happened = torch.empty(p_view.shape, dtype=torch.uint8)
-    source_out, target_out = torch.empty_like(source), torch.empty_like(target)
+    source_out, target_out = (source, target) if in_place else (torch.empty_like(source), torch.empty_like(target))
     pairs = _P()
     M = library.agenttensor_float_event_move(*p_view.shape, base.data_ptr(), keys.data_ptr(), p_view.data_ptr(),
                                              *p_view.stride(), int(complement), source.data_ptr(), target.data_ptr(),
-                                             happened.data_ptr(), source_out.data_ptr(), target_out.data_ptr(),
-                                             ctypes.byref(pairs), torch.get_num_threads())
+                                             happened.data_ptr(), None if in_place else source_out.data_ptr(),
+                                             None if in_place else target_out.data_ptr(), ctypes.byref(pairs),
+                                             torch.get_num_threads())
+    if in_place:
+        for x in (source, target):
+            torch.autograd.graph.increment_version(x)
     b, i = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
     if M:
         library.agenttensor_take_pairs(pairs, b.data_ptr(), i.data_ptr())

@@ -134,13 +134,16 @@ class StepContext:
             return self.sampler.hazard_event_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), where)
         return self.hazard_event(hazard, stream, where), None
 
-    def hazard_move_and_derivatives(self, hazard: Tensor, stream: str, source: Tensor, target: Tensor
-                                    ) -> Moved | None:
+    def hazard_move_and_derivatives(self, hazard: Tensor, stream: str, source: Tensor, target: Tensor,
+                                    in_place: bool = False) -> Moved | None:
         """Gradient modes: `hazard_event_and_derivatives` among ``source`` with its events moved to ``target`` in the
-        same pass (`Sampler.hazard_move_and_derivatives`), or None (hard mode, other samplers, no native pass)."""
+        same pass (`Sampler.hazard_move_and_derivatives`; ``in_place``: into source and target themselves, for a
+        caller that owns them and whose autograd nodes saved neither), or None (hard mode, other samplers, no native
+        pass)."""
         if not self.sampler.differentiable:
             return None
-        return self.sampler.hazard_move_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), source, target)
+        return self.sampler.hazard_move_and_derivatives(hazard, Uniforms(self.rng, self.step, stream), source, target,
+                                                        in_place)
 
 
 @dataclass(frozen=True)

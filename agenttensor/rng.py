@@ -184,12 +184,13 @@ class Randomness:
         return _rng_kernels.float_event(self.agent_base, self._keys(step, (stream,))[0], p, where, complement)
 
     def float_event_move(self, step: int, stream: str | int, p: Tensor | float, source: Tensor, target: Tensor,
-                         complement: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+                         complement: bool = False, in_place: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
         """`float_event` with ``where`` = ``source``, its events e moved from ``source`` to ``target`` in the same
         pass (e.g. infections from S to E): (happened, source − e, target + e, e's (batch, agent) pairs), the same
-        numbers. None where the native pass does not apply."""
+        numbers (``in_place``: written into source and target). None where the native pass does not apply."""
         return _rng_kernels.float_event_move(self.agent_base, self._keys(step, (stream,))[0], p, source, target,
-                                             complement)
+                                             complement, in_place)
 
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
@@ -222,10 +223,10 @@ class Uniforms:
         """`Randomness.float_event` of these uniforms."""
         return self.rng.float_event(self.step, self.stream, p, where, complement)
 
-    def float_event_move(self, p: Tensor | float, source: Tensor, target: Tensor, complement: bool = False
-                         ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    def float_event_move(self, p: Tensor | float, source: Tensor, target: Tensor, complement: bool = False,
+                         in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
         """`Randomness.float_event_move` of these uniforms."""
-        return self.rng.float_event_move(self.step, self.stream, p, source, target, complement)
+        return self.rng.float_event_move(self.step, self.stream, p, source, target, complement, in_place)
 
 
 def drawn(u: "Tensor | Uniforms") -> Tensor:

@@ -62,11 +62,12 @@ class Sampler:
         and write a [B, N] of hazard's gradient; it must then be the events' only differentiable consumer."""
         return self.hazard_event(hazard, u, where), None
 
-    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
-                                    ) -> "Moved | None":
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor,
+                                    in_place: bool = False) -> "Moved | None":
         """`hazard_event_and_derivatives` with ``where`` = ``source`` (0/1 memberships [B, N]) whose events e move
         from ``source`` to ``target`` [B, N] in the same pass (e.g. infections, S → E): `Moved` (source − e,
-        target + e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]. None where
+        target + e, e's (batch, agent) pairs and the derivatives), the same numbers without e's [B, N]; ``in_place``:
+        written into source and target themselves (values only: no autograd node may have saved them). None where
         this sampler has no such derivatives or no native pass applies (the caller then uses the events)."""
         return None
 
@@ -118,16 +119,18 @@ class StraightThrough(Sampler):
             survival, happened, events = _hazard_event_values(hazard, u, where)
         return events, EventDerivatives(happened, survival)
 
-    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor
-                                    ) -> "Moved | None":
+    def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor,
+                                    in_place: bool = False) -> "Moved | None":
         if not (isinstance(hazard, Tensor) and hazard.device.type == "cpu" and isinstance(u, Uniforms)):
             return None
         with torch.no_grad():
             survival = (-hazard).exp_()  # as `_hazard_event_values` makes it: the same bits
-            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True)
+            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True, in_place=in_place)
         if moved is None:
             return None
         happened, source_after, target_after, pairs = moved
+        if in_place:  # the tensors themselves (their detached aliases were written)
+            source_after, target_after = source, target
         return Moved(source_after, target_after, pairs, EventDerivatives(happened, survival))
 
     def event_among(self, p: Tensor | float, u: Tensor | Uniforms, where: Tensor | None = None,

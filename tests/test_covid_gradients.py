@@ -738,10 +738,10 @@ def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
     pack, packed, days = cn.pack, cn.packed, []
     monkeypatch.setattr(cn, "pack", lambda *a: days.append("packed") or pack(*a))
 
-    def checked(I_sym, I_asym, isolating, stage_end=None):
-        flags, live = packed(I_sym, I_asym, isolating, stage_end)
-        assert stage_end is not None  # the model's: with the countdowns' sign
-        assert torch.equal(flags, pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end))
+    def checked(I_sym, I_asym, isolating, stage_end=None, S=None):
+        flags, live = packed(I_sym, I_asym, isolating, stage_end, S)
+        assert stage_end is not None and S is not None  # the model's: with the countdowns' sign and S
+        assert torch.equal(flags, pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end, S.detach()))
         assert torch.equal(live, flags)
         days.append("day")
         return flags, live
@@ -780,6 +780,24 @@ def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
     stage_end[0, 0] = -1 - int(stage_end[0, 0])  # changed outside the transition
     assert torch.equal(cn.packed(I_sym, I_asym, isolating, stage_end)[0], pack(I_sym, I_asym, isolating, stage_end))
     assert days == ["packed"] * 2
+    # with S (bit 4): the day's infections leave it (in place, as the gradient modes' draws move them)
+    S = ((I_sym + I_asym) == 0).float()
+    S[1, 9] = 1.0
+    flags, live = cn.packed(I_sym, I_asym, isolating, stage_end, S)
+    assert torch.equal((flags >> 4 & 1).bool(), S == 1) and torch.equal(flags & 15, pack(I_sym, I_asym, isolating,
+                                                                                          stage_end))
+    S[1, 9] = 0.0  # today's infection
+    cn.carry(live, b, i, I_sym, I_asym, isolating, stage_end, (torch.tensor([1]), torch.tensor([9])), S)
+    days.clear()
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating, stage_end, S)[0], pack(I_sym, I_asym, isolating, stage_end,
+                                                                                  S))
+    assert not days
+    S[0, 1] = 1 - S[0, 1]  # changed outside the transition
+    assert torch.equal(cn.packed(I_sym, I_asym, isolating, stage_end, S)[0], pack(I_sym, I_asym, isolating, stage_end,
+                                                                                  S))
+    assert days == ["packed"]
+    S[0, 2] = 0.5  # not a membership: nothing packed
+    assert cn.packed(I_sym, I_asym, isolating, stage_end, S) == (None, None)
 
 
 def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):
@@ -965,3 +983,39 @@ def test_the_force_hands_its_weights_to_the_own_contributions_as_parts_with_the_
             assert torch.equal(parts[name], written[name]), name
         for name, a, b in zip(names, parts_grads, written_grads):
             assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
+
+
+@pytest.mark.parametrize("checkpoint", [None, 7])
+def test_infections_moved_in_place_give_the_fresh_fields_numbers_and_gradients(population, checkpoint, monkeypatch):
+    """Gradient modes move the day's infections from S to E in place where the loop owns both (the packed flags hold
+    S, bit 4: the transition saves no float32 S) and write at the infected agents only: the metrics and every
+    calibratable parameter's gradient are those of S − new_E and E + new_E written afresh, bit for bit, also where a
+    checkpointed segment recomputes its days (whose input state must stay as it was)."""
+    env = MODEL.setup(population, moderate().as_tensors(), "cpu")
+    move = StepContext.hazard_move_and_derivatives
+    days = []
+
+    def run(allowed: bool):
+        def patched(self, hazard, stream, source, target, in_place=False):
+            days.append(in_place and allowed)
+            return move(self, hazard, stream, source, target, in_place and allowed)
+
+        monkeypatch.setattr(StepContext, "hazard_move_and_derivatives", patched)
+        params = moderate(transmission_multiplier=torch.ones(5)).as_tensors(learn=covid.CALIBRATABLE)
+        kwargs = {} if checkpoint is None else dict(grad_checkpoint_every=checkpoint)
+        res = at.simulate(MODEL, None, params, steps=35, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), **kwargs)
+        loss = sum(res[name].sum() for name in ("new_infections", "reported_cases", "hospital_admissions", "deaths"))
+        (loss + 1000 * res["unemployment_rate"].sum()).backward()
+        return res, [getattr(params, name).grad for name in covid.CALIBRATABLE]
+
+    moved, grads = run(True)
+    assert sum(days) >= 34 and int(moved["new_infections"].sum()) > 0  # every day but the first (the caller's state)
+    days.clear()
+    fresh, fresh_grads = run(False)
+    assert not any(days)
+    for name in fresh.metrics:
+        assert torch.equal(moved[name].detach(), fresh[name].detach()), name
+    assert sum(g is not None for g in grads) >= 10
+    for name, a, b in zip(covid.CALIBRATABLE, grads, fresh_grads):
+        assert (a is None and b is None) or torch.equal(a, b), name

@@ -210,6 +210,15 @@ def test_native_event_move_equals_the_events_moved_by_torch_ops(threads):
             assert torch.equal(target_after, target + events)
             expected_b, expected_i = events.nonzero(as_tuple=True)
             assert torch.equal(b, expected_b) and torch.equal(i, expected_i) and 0 < b.numel() < B * N
+            # in place: the same values, written into source and target themselves (at the moved agents), versions
+            # moved (the step's per-borough counts and memos see the change)
+            here = (source.clone(), target.clone())
+            versions = tuple(x._version for x in here)
+            mask_here, *fields, pairs = r.float_event_move(4, "s", p, *here, complement, in_place=True)
+            assert fields[0] is here[0] and fields[1] is here[1] and torch.equal(mask_here, happened)
+            assert torch.equal(here[0], source_after) and torch.equal(here[1], target_after)
+            assert torch.equal(pairs[0], b) and torch.equal(pairs[1], i)
+            assert all(x._version > v for x, v in zip(here, versions))
     assert r.float_event_move(4, "s", 0.5, source, target.double()) is None  # not for the kernel
     assert r.float_event_move(4, "s", 0.5, source.to(torch.uint8), target) is None
     assert r.float_event_move(4, "s", torch.rand(2, N), source, target) is None  # p does not broadcast

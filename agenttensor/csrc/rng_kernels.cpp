@@ -73,10 +73,25 @@ void event_rows(int64_t B, int64_t N, const int32_t* keys, const float* p, int64
 }
 
 // One row's agents [i0, i1) of `agenttensor_float_event_move`, in blocks of kMoveBlock: each block's events
-// (branch-free over restrict pointers: vectorised), then its moved agents' (b, n) appended to `pairs`.
+// (branch-free over restrict pointers: vectorised), then its moved agents' (b, n) appended to `pairs`. InPlace: the
+// outputs are not written in the first loop; the moved agents' values change in from and into themselves (where
+// the outputs would have been written with from − 0 = from and into + 0 = into elsewhere: the same numbers).
 constexpr int64_t kMoveBlock = 1024;
 
-template <int Q>
+// `move_row`'s scan of a block in place: from and into are the fields themselves (not restrict: written here only)
+inline void move_in_place(int64_t b, int64_t j0, int64_t j1, const uint8_t* happened, float* from, float* into,
+                          std::vector<int64_t>& pairs) {
+  for (int64_t n = j0; n < j1; ++n)
+    if (happened[n] && from[n] != 0.f) {
+      pairs.push_back(b);
+      pairs.push_back(n);
+      const float e = 1.f * from[n];
+      from[n] = from[n] - e;
+      into[n] = into[n] + e;
+    }
+}
+
+template <int Q, bool InPlace>
 void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key,
               const float* __restrict__ p, float q, const float* __restrict__ from, const float* __restrict__ into,
               uint8_t* __restrict__ happened, float* __restrict__ from_out, float* __restrict__ into_out,
@@ -89,11 +104,17 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
       const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
       const float e = (event ? 1.f : 0.f) * from[n];  // the events, as `float_event` makes them
       happened[n] = event;
-      from_out[n] = from[n] - e;
-      into_out[n] = into[n] + e;
+      if (!InPlace) {
+        from_out[n] = from[n] - e;
+        into_out[n] = into[n] + e;
+      }
       any += e != 0.f;
     }
     if (any == 0) continue;
+    if (InPlace) {
+      move_in_place(b, j0, j1, happened, from_out, into_out, pairs);
+      continue;
+    }
     for (int64_t n = j0; n < j1; ++n)  // e != 0 where the event happened and from is not 0
       if (happened[n] && from[n] != 0.f) {
         pairs.push_back(b);
@@ -171,12 +192,14 @@ void agenttensor_float_event(int64_t B, int64_t N, const int32_t* base, const in
 // from_out = from − e, into_out = into + e: the numbers of `float_event`'s events and torch's ``from - events``,
 // ``into + events``, in one pass without the events' [B, N]. The (b, n) of the agents with e != 0, row-major, are
 // held for `agenttensor_take_pairs` (*pairs; null if none); returns their count. from, into, from_out, into_out
-// [B, N] contiguous, the outputs apart from the inputs (restrict).
+// [B, N] contiguous, the outputs apart from the inputs (restrict); from_out and into_out null: in place (from − e,
+// into + e written into from and into, at the moved agents only).
 int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, const int32_t* keys, const float* p,
                                      int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* from,
                                      const float* into, uint8_t* happened, float* from_out, float* into_out,
                                      void** pairs, int64_t threads) {
   std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (chunk start, its pairs)
+  const bool in_place = from_out == nullptr;
   agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> mine;
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
@@ -186,8 +209,12 @@ int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, 
       const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
       const int64_t o = b * N;
       auto run = [&](auto Q) {
-        move_row<decltype(Q)::value>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, from_out + o,
-                                     into_out + o, mine);
+        if (in_place)  // (from and into written at the moved agents, after the first loop read them)
+          move_row<decltype(Q)::value, true>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o,
+                                             const_cast<float*>(from) + o, const_cast<float*>(into) + o, mine);
+        else
+          move_row<decltype(Q)::value, false>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o,
+                                              from_out + o, into_out + o, mine);
       };
       if (mode == 0) run(std::integral_constant<int, 0>());
       if (mode == 1) run(std::integral_constant<int, 1>());

@@ -66,8 +66,8 @@ class Contributions(NamedTuple):
     handoff: dict
     packed: bool = False  # whether the node saved the fields packed (not themselves): the step may then update them
     live_flags: Tensor | None = None  # the packed flags, for the transition to carry to the next day
-    # the flags the node saved where they also hold stage_end's sign (bit 3; the node did not save stage_end): the
-    # transition saves them in its place, and the step may then update stage_end in place
+    # the flags the node saved where they also hold stage_end's sign (bit 3; the node did not save stage_end) and S
+    # (bit 4): the transition saves them in their place, and the step may then update stage_end, S and E in place
     timed_flags: Tensor | None = None
     # per layer, the dict to give its `ForceTerm` as ``weight_handoff``: the backward then forms the layer's weights
     # from their parts in its own pass (`layered_force` neither writes them nor reads them back)
@@ -220,8 +220,8 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     ``state``: a ``CovidState`` (gradient mode: float memberships); ``presences``: today's non-household layers
     (school, workplace, community) and each one's presence p_l [B | 1, N] (None: 1); ``testing``: the testing lever
     per agent [B, N] or None; ``groups``: each layer's `OthersSum`; ``packed``: `contributions_native.packed` of the
-    state's fields where the caller has it (``timed``: with the state's stage_end, bit 3), else made here (with
-    it)."""
+    state's fields where the caller has it (``timed``: with the state's stage_end, bit 3, and S, bit 4), else made
+    here (with them)."""
     layers = tuple(name for name in NON_HOUSEHOLD if name in presences)
     names = ("household", *layers)
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
@@ -230,7 +230,8 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     weight_handoffs = tuple({} for _ in names)  # `ForceTerm.weight_handoff` per layer
     with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields (and
         if packed is None:  # stage_end's sign: two bytes)
-            packed, timed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end), True
+            packed, timed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end,
+                                                        getattr(state, "S", None)), True
         flags, live = packed
     timed = timed and flags is not None
     out = iter(_OwnContributions.apply(layers, ordered, handoff, weight_handoffs, flags, state.I_sym, state.I_asym,

@@ -60,7 +60,7 @@ def _rows_ok(parts: WeightParts, B: int, N: int) -> bool:
 
 def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
-    library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _P, _I, _I]
+    library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I]
     library.agenttensor_covid_pack.restype = _I
 
 
@@ -68,50 +68,58 @@ def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_covid_contributions", _declare, flags=FLAGS)
 
 
-def packed(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None
+def packed(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None, S: Tensor | None = None
            ) -> tuple[Tensor | None, Tensor | None]:
     """(`pack` of the fields, for a node to save; the same flags to carry to the next day, `carry`): from the flags the
-    day's transition carried on I_sym where they are of these very fields (and ``stage_end``, or none) at their
-    current versions (a 1-byte copy per agent), else packed (three float32 reads per agent). (None, None) where
-    `pack` gives None."""
+    day's transition carried on I_sym where they are of these very fields (and ``stage_end`` and ``S``, or none) at
+    their current versions (a 1-byte copy per agent), else packed (three float32 reads per agent, or four, five).
+    (None, None) where `pack` gives None."""
     carried = getattr(I_sym, "_agenttensor_flags", None)
     if carried is not None:
-        live, asym, iso, timed, versions = carried
-        if asym() is I_asym and iso() is isolating and (stage_end is None if timed is None else timed() is stage_end) \
-                and versions == tuple(x._version for x in (I_sym, I_asym, isolating, stage_end) if x is not None):
+        live, others, versions = carried
+        fields = (I_asym, isolating, stage_end, S)
+        if all((x is None) if ref is None else ref() is x for ref, x in zip(others, fields)) \
+                and versions == tuple(x._version for x in (I_sym, *fields) if x is not None):
             return live.clone(), live
-    flags = pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end)
+    flags = pack(I_sym.detach(), I_asym.detach(), isolating.detach(), stage_end, None if S is None else S.detach())
     return flags, None if flags is None else flags.clone()
 
 
 def carry(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor,
-          stage_end: Tensor | None = None, infected: tuple[Tensor, Tensor] | None = None) -> None:
+          stage_end: Tensor | None = None, infected: tuple[Tensor, Tensor] | None = None, S: Tensor | None = None
+          ) -> None:
     """The flags ``live`` [B, N] of the fields before the day's transition, updated at the exiting agents (b, i) to
     the fields' values after it (where those are 0/1) and carried on I_sym for the next day's `packed`, with the
     fields' identities and versions (any other change of them makes `packed` pack again). ``stage_end``: the
     countdowns after it, where the flags carry their sign (bit 3; ``infected``: the agents that entered E today,
-    whose countdown began)."""
+    whose countdown began); ``S``: S after it, where the flags carry it (bit 4: the infected agents left it)."""
     values = [select.values_at(x.detach(), b, i) for x in (I_sym, I_asym, isolating)]
     if not all(bool(((v == 0) | (v == 1)).all()) for v in values):
         return
     bits = values[0] + 2 * values[1] + 4 * values[2]
     if stage_end is not None:
         bits = bits + 8 * (select.values_at(stage_end, b, i) >= 0)
+    if S is not None:  # (an exiting agent is not in S)
+        bits = bits + 16 * (select.values_at(S.detach(), b, i) == 1)
     select.put_at_(live, b, i, bits.to(torch.uint8))
-    if stage_end is not None and infected is not None and infected[0].numel():
-        started = select.values_at(live, *infected) | 8
+    if (stage_end is not None or S is not None) and infected is not None and infected[0].numel():
+        started = select.values_at(live, *infected)
+        started = started | 8 if stage_end is not None else started
+        started = started & ~16 if S is not None else started
         select.put_at_(live, *infected, started)
-    I_sym._agenttensor_flags = (live, weakref.ref(I_asym), weakref.ref(isolating),
-                                None if stage_end is None else weakref.ref(stage_end),
-                                tuple(x._version for x in (I_sym, I_asym, isolating, stage_end) if x is not None))
+    others = (I_asym, isolating, stage_end, S)
+    I_sym._agenttensor_flags = (live, tuple(None if x is None else weakref.ref(x) for x in others),
+                                tuple(x._version for x in (I_sym, *others) if x is not None))
 
 
-def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None) -> Tensor | None:
+def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | None = None, S: Tensor | None = None
+         ) -> Tensor | None:
     """I_sym | I_asym << 1 | isolating << 2 as one byte per agent ([B, N] uint8: what the backward pass reads in
     place of the three float32 fields, 12 bytes per agent), | (stage_end ≥ 0) << 3 where ``stage_end`` (int16
-    [B, N]) is given (then read in its place), or None where the fields are not CPU float32 [B, N] (contiguous) with
-    every value exactly +0.0 or 1.0 (e.g. a hand-made fractional state), or the kernel is off."""
-    fields = (I_sym, I_asym, isolating)
+    [B, N]) is given (then read in its place), | S << 4 where ``S`` is (then saved in its place by the transition), or
+    None where the fields are not CPU float32 [B, N] (contiguous) with every value exactly +0.0 or 1.0 (e.g. a
+    hand-made fractional state), or the kernel is off."""
+    fields = (I_sym, I_asym, isolating) + (() if S is None else (S,))
     if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape != I_sym.shape
            or not x.is_contiguous() for x in fields):
         return None
@@ -122,8 +130,9 @@ def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | N
     if library is None:
         return None
     flags = torch.empty(I_sym.shape, dtype=torch.uint8)
-    bad = library.agenttensor_covid_pack(*(x.data_ptr() for x in fields), None if stage_end is None else
-                                         stage_end.data_ptr(), flags.data_ptr(), flags.numel(), torch.get_num_threads())
+    bad = library.agenttensor_covid_pack(*(x.data_ptr() for x in fields[:3]), None if stage_end is None else
+                                         stage_end.data_ptr(), None if S is None else S.data_ptr(), flags.data_ptr(),
+                                         flags.numel(), torch.get_num_threads())
     return None if bad else flags
 
 

@@ -642,8 +642,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     beta = params.transmission_scale * multiplier
     # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
-    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end) \
-        if ctx.sampler.differentiable else (None, None)  # (and the countdowns' sign: `own_contributions`)
+    packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end, state.S) \
+        if ctx.sampler.differentiable else (None, None)  # (and the countdowns' sign and S: `own_contributions`)
     b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
         select.nonzero_bits(packed[0], 0b011)
     sources = At(b, j)
@@ -724,7 +724,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                                  for name, x in contributions.fields.items()})
         ctx.scratch["fields_packed"] = contributions.packed
         ctx.scratch["live_flags"] = contributions.live_flags  # `shadow.transition` carries them to the next day
-        ctx.scratch["timed_flags"] = contributions.timed_flags  # stage_end's sign: `progress` may update it in place
+        ctx.scratch["timed_flags"] = contributions.timed_flags  # stage_end's sign and S: `progress` may update them in
+        # place (the transition saves the flags in their place)
         ctx.scratch["exit_gradients"] = contributions.handoff
         # the borough-wide community mixing carries the dense derivative of the NTA totals
         community_all = community_all + own["community"].plain
@@ -878,8 +879,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = native_hard_progress(state, force, params, ctx)
         if after is not None:
             return after
-    # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E)
-    moved = ctx.hazard_move_and_derivatives(force, "infection", S, E)
+    # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E); in
+    # place where S and E are the loop's own and the flags hold S (the transition saves them in its place: no node
+    # saves S or E), writing at the infected agents only (S − new_E is S elsewhere: no [B, N] written)
+    in_place = ctx.scratch.get("timed_flags") is not None and ctx.owns(S) and ctx.owns(E)
+    if in_place:
+        versions.update(S=S._version, E=E._version)
+    moved = ctx.hazard_move_and_derivatives(force, "infection", S, E, in_place=in_place)
+    in_place = in_place and moved is not None
     new_E, infection = (None, moved.derivatives) if moved is not None else \
         ctx.hazard_event_and_derivatives(force, "infection", S)
 
@@ -956,8 +963,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     recent[:, t % 7] = reported_by_borough
     # the counts from the infected agents only (gradient modes: `transition` gives them the derivative of the dense
     # sum, d/dp of every susceptible agent's draw)
-    infected_values = select.values_at((S if new_E is None else new_E).detach(), infected_b, infected_i)  # (new_E = S
-    new_infections = by_borough_at(env, infected_b, infected_i, infected_values, S.shape[0])  # there: 1 · S)
+    infected_values = torch.ones(infected_b.shape) if in_place else \
+        select.values_at((S if new_E is None else new_E).detach(), infected_b, infected_i)  # (new_E = 1 · S there;
+    new_infections = by_borough_at(env, infected_b, infected_i, infected_values, S.shape[0])  # in place: S was 1)
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)

@@ -191,7 +191,7 @@ class Exits:
     fields: dict[str, Tensor] | None = None
     handoff: dict[str, Tensor] | None = None
     moved: tuple[Tensor, Tensor] | None = None  # S − new_E and E + new_E where the infection draws made them
-    timed_flags: Tensor | None = None  # [B, N] uint8 whose bit 3 is stage_end ≥ 0 before the step, saved in its place
+    timed_flags: Tensor | None = None  # [B, N] uint8: bit 3 stage_end ≥ 0, bit 4 S, before the step (saved in their place)
 
 
 class _ExitsAt(torch.autograd.Function):
@@ -270,7 +270,9 @@ class _Transition(torch.autograd.Function):
                               survival if ctx.needs_input_grad[14] else None, b, i)  # (input 14: hazard)
         n = len(STAGES)
         before, changes = dict(zip(STAGES, fields_and_changes[:n])), dict(zip(STAGES[1:], fields_and_changes[n:]))
-        S, E = (before["S"] - new_E, before["E"] + new_E) if exits.moved is None else exits.moved  # (fresh tensors)
+        # fresh tensors, or S and E themselves where the draws moved the infected agents in place (the loop's own
+        # fields: their aliases, as for a donated field below)
+        S, E = (before["S"] - new_E, before["E"] + new_E) if exits.moved is None else (x.detach() for x in exits.moved)
         after = {"S": S, "E": select.put_at_(E, b, i, changes["E"], accumulate=True)}
         for name in STAGES[2:]:  # a donated field (the loop's own, `StepContext.owns`) in place: no [B, N] copy
             after[name] = select.put_at_(before[name].detach() if name in donated else before[name].clone(), b, i,
@@ -333,7 +335,7 @@ def _exclusive(incoming: dict[str, Tensor | None]) -> dict[str, Tensor]:
             and EXCLUSIVE_GRADIENTS.get(id(g)) is g and g._base is None and pointers.count(g.data_ptr()) == 1}
 
 
-def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor | None,
+def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor | None,
                          vaccinated: Tensor | None, testing: Tensor | None, g: dict[str, Tensor | None], f_mean: float,
                          d_sym: float, d_asym: float, half_infectious: float,
                          rate: dict[str, float], infection_mask: Tensor | None = None,
@@ -344,8 +346,10 @@ def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tens
     fresh buffer; with ``infection_mask`` (the infection event's d new_E / d S,
     `Sampler.hazard_event_and_derivatives`), S's: gS + mask · d new_E (else None); with ``survival`` (exp(−λ): d new_E /
     d λ = S · survival), the force of infection's: d new_E · S · survival (else None). ``stage_end`` None:
-    ``timed_flags`` carries its sign (bit 3: a countdown runs)."""
+    ``timed_flags`` carries its sign (bit 3: a countdown runs); ``susceptible`` None: they carry S (bit 4)."""
     env = k.env
+    if susceptible is None:  # S in the flags' bit 4 (the transition saved them in its place)
+        susceptible = (timed_flags >> 4 & 1).to(torch.float32)
     gS, gE, gIs, gIa, gH, gR, gD = (g[name] for name in ("gS", "gE", "gIs", "gIa", "gH", "gR", "gD"))
     g_exposure, g_latent = g["g_exposure"], g["g_latent"]
 
@@ -450,7 +454,7 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
         exits = dataclasses.replace(exits, timed_flags=timed_flags)
     out = _Transition.apply(
         k, exits, donated, unit.slot, unit.sigma, unit.scale, *(list(unit.kept) + [None, None])[:2],
-        before.S.detach().to(torch.float32),
+        None if timed_flags is not None else before.S.detach().to(torch.float32),  # (S: the flags' bit 4)
         None if timed_flags is not None else before.stage_end, vaccinated, None if testing is None else testing.detach(),
         *((None, None, None) if infection is None else (infection.where_mask, infection.survival, hazard)), new_E,
         ctx.scratch["new_infections"].detach(),
@@ -460,6 +464,7 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
     ctx.scratch.update(new_infections=infections, reported=reported, admissions=admissions, deaths=deaths)
     if ctx.scratch.get("live_flags") is not None:  # the own contributions' packed flags, now of the new fields
         contributions_native.carry(ctx.scratch.pop("live_flags"), exits.b, exits.i, I_sym, I_asym, isolating,
-                                   *((after.stage_end, ctx.scratch.get("infected")) if timed_flags is not None else ()))
+                                   *((after.stage_end, ctx.scratch.get("infected"), S) if timed_flags is not None
+                                     else ()))
     return after.replace(S=S, E=E, I_sym=I_sym, I_asym=I_asym, H=H, R=R, D=D, isolating=isolating,
                          reported_recent=recent, household_exposure=exposure, household_latent=latent)

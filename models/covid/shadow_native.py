@@ -39,7 +39,8 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _I) for n in ("sigma_stride", "scale_stride", "kept1_stride", "kept2_stride")] \
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
-        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard", "timed_flags")]
+        + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard", "timed_flags")] \
+        + [("susceptible_bit", _I)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -77,7 +78,7 @@ def _ptr(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccinated: Tensor | None,
+def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor, vaccinated: Tensor | None,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None,
              survival: Tensor | None = None, want_new_E: bool = True,
@@ -91,7 +92,8 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     g_admissions, g_deaths) gradients, None where none arrived. ``reuse``: incoming gradients (by name, of `REUSABLE`'s)
     that nobody reads after this call: each output is written over its own (`REUSABLE`) instead of into a fresh
     [B, N]: the caller's promise; the buffers must be distinct. ``stage_end`` None: ``timed_flags`` [B, N] uint8
-    carries its sign in bit 3 (`contributions_native.pack`)."""
+    carries its sign in bit 3 (`contributions_native.pack`); ``susceptible`` None: they carry S in bit 4 (unpacked
+    per tile: no float32 S saved by the transition)."""
     if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = _library()
@@ -159,7 +161,20 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
         if timed_flags.dtype != torch.uint8 or timed_flags.shape != (B, N):
             return None
         args.timed_flags = _ptr(table(timed_flags, torch.uint8))
-    S = dense(susceptible)  # read by the attack probabilities and by d λ
+    # read by the attack probabilities and by d λ; None: bit 4 of the flags (unpacked per tile by the kernels)
+    if susceptible is None and timed_flags is None:
+        return None
+    S = dense(susceptible)
+    args.susceptible_bit = int(S is None)
+
+    def materialized() -> Tensor:  # S as floats, where a pass reads it as an array
+        nonlocal S
+        if S is None:
+            S = ((timed_flags >> 4) & 1).to(torch.float32)
+            keep.append(S)
+            args.susceptible_bit = 0
+        return S
+
     if g["g_exposure"] is not None:
         layer = env.household
         slots = layer.num_groups + 1
@@ -176,13 +191,13 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
                 x = table(x.reshape(-1, length))  # [B | 1, length] rows
                 setattr(args, name, x.data_ptr())
                 setattr(args, f"{name}_stride", 0 if x.shape[0] == 1 else length)
-            args.susceptible, args.alpha = S.data_ptr(), alpha.data_ptr()
+            args.susceptible, args.alpha = _ptr(S), alpha.data_ptr()
             args.d_sym, args.d_asym, args.f_mean = d_sym, d_asym, f_mean
         else:
             u = unit.dense().detach().to(torch.float32).contiguous()
             keep.append(u)
             q_sym, q_asym = torch.empty(B, N), torch.empty(B, N)
-            S_sums = group_sum(S, layer.slot, slots)
+            S_sums = group_sum(materialized(), layer.slot, slots)
             library.agenttensor_covid_attack(B, N, u.data_ptr(), 0 if u.shape[0] == 1 else N, S.data_ptr(),
                                              S_sums.data_ptr(), household.data_ptr(), slots, alpha.data_ptr(), d_sym,
                                              d_asym, f_mean, g["g_exposure"].data_ptr(), q_sym.data_ptr(),
@@ -215,7 +230,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor, stage_end: Tensor, vaccin
     g_hazard = None
     if survival is not None and new_E_reached:  # d λ = d new_E · S · exp(−λ)
         g_hazard = torch.empty(B, N)
-        args.susceptible, args.survival, args.out_hazard = S.data_ptr(), survival.data_ptr(), g_hazard.data_ptr()
+        args.susceptible, args.survival, args.out_hazard = _ptr(S), survival.data_ptr(), g_hazard.data_ptr()
     (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(
         ctypes.byref(args))
     return (*out, g_S0, g_hazard)

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -109,20 +110,22 @@ void unpack(int64_t n, const uint8_t* __restrict flags, float (*__restrict out)[
 // branch, 32-bit lanes: it vectorises (as a lambda over the closure's pointers it ran one agent at a time, 21 ms
 // at full NYC).
 // Timed: bit 3 is stage_end[k] >= 0 (a running countdown).
-template <bool Timed>
+template <bool Timed, bool Susceptible>
 int32_t pack_range(int64_t n, const float* __restrict I_sym, const float* __restrict I_asym,
-                   const float* __restrict isolating, const int16_t* __restrict stage_end, uint8_t* __restrict flags) {
+                   const float* __restrict isolating, const int16_t* __restrict stage_end,
+                   const float* __restrict S, uint8_t* __restrict flags) {
   constexpr uint32_t kOne = 0x3f800000u;  // 1.0f
   uint32_t other = 0;
   for (int64_t k = 0; k < n; ++k) {
-    uint32_t s, a, i;
+    uint32_t s, a, i, u = 0;
     std::memcpy(&s, I_sym + k, 4);
     std::memcpy(&a, I_asym + k, 4);
     std::memcpy(&i, isolating + k, 4);
-    const uint32_t one_s = s == kOne, one_a = a == kOne, one_i = i == kOne;
-    other |= (s != 0u && !one_s) | (a != 0u && !one_a) | (i != 0u && !one_i);
+    if (Susceptible) std::memcpy(&u, S + k, 4);
+    const uint32_t one_s = s == kOne, one_a = a == kOne, one_i = i == kOne, one_u = u == kOne;
+    other |= (s != 0u && !one_s) | (a != 0u && !one_a) | (i != 0u && !one_i) | (u != 0u && !one_u);
     const uint32_t timed = Timed ? static_cast<uint32_t>(stage_end[k] >= 0) : 0u;
-    flags[k] = static_cast<uint8_t>(one_s | one_a << 1 | one_i << 2 | timed << 3);
+    flags[k] = static_cast<uint8_t>(one_s | one_a << 1 | one_i << 2 | timed << 3 | one_u << 4);
   }
   return other != 0;
 }
@@ -268,10 +271,11 @@ struct OwnArgs {
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
 // (compared as bit patterns, so that unpacking gives the same bits), | (stage_end[k] >= 0) << 3 where stage_end is
-// given; returns the number of chunks with any other value (0: all packed; else the caller keeps the float fields).
-// One pass, one byte written per agent instead of twelve copied (and two: the countdown's sign).
+// given, | S[k] << 4 where S is; returns the number of chunks with any other value (0: all packed; else the caller
+// keeps the float fields). One pass, one byte written per agent instead of twelve copied (and two: the countdown's
+// sign; four: S).
 int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const float* isolating,
-                               const int16_t* stage_end, uint8_t* flags, int64_t n, int64_t threads) {
+                               const int16_t* stage_end, const float* S, uint8_t* flags, int64_t n, int64_t threads) {
   constexpr int64_t kChunk = int64_t(1) << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> bad(chunks, 0);
@@ -279,8 +283,14 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
     for (int64_t c = lo; c < hi; ++c) {
       const int64_t k0 = c * kChunk;
       const int64_t m = std::min(kChunk, n - k0);
-      bad[c] = stage_end ? pack_range<true>(m, I_sym + k0, I_asym + k0, isolating + k0, stage_end + k0, flags + k0)
-                         : pack_range<false>(m, I_sym + k0, I_asym + k0, isolating + k0, nullptr, flags + k0);
+      auto range = [&](auto timed, auto susceptible) {
+        return pack_range<decltype(timed)::value, decltype(susceptible)::value>(
+            m, I_sym + k0, I_asym + k0, isolating + k0, stage_end ? stage_end + k0 : nullptr, S ? S + k0 : nullptr,
+            flags + k0);
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      bad[c] = stage_end ? (S ? range(yes(), yes()) : range(yes(), no())) : (S ? range(no(), yes()) : range(no(), no()));
     }
   });
   int64_t total = 0;

@@ -304,6 +304,8 @@ struct ShadowArgs {
   float* out_hazard;
   // or null: flags [B, N] whose bit 3 is stage_end >= 0 (`agenttensor_covid_pack`), read where stage_end is null
   const uint8_t* timed_flags;
+  // 1: susceptible is null, S is bit 4 of timed_flags (the transition saved the flags in its place)
+  int64_t susceptible_bit;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -337,6 +339,11 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
   }
 }
 
+// S [n] as floats 0/1 from bit 4 of the flags (`agenttensor_covid_pack`)
+void unpack_susceptible(int64_t n, const uint8_t* __restrict flags, float* __restrict S) {
+  for (int64_t j = 0; j < n; ++j) S[j] = static_cast<float>((flags[j] >> 4) & 1);
+}
+
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written;
 // ``outs``: the outputs where one is written over its incoming gradient, see `outputs_alias_inputs`)
 struct ShadowTile {
@@ -344,6 +351,7 @@ struct ShadowTile {
       p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
   uint8_t no_mask[kTile];
   int16_t timed[kTile];  // stage_end's sign from timed_flags (0: a countdown, −1: none)
+  float susceptible[kTile];  // S from timed_flags' bit 4 (susceptible_bit)
   float outs[9][kTile];
 };
 
@@ -434,11 +442,17 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
   if (!a->stage_end)
     for (int64_t j = 0; j < n; ++j) t.timed[j] = static_cast<int16_t>(((a->timed_flags[k0 + j] >> 3) & 1) - 1);
+  const float* S = t.zero;  // (read for d λ only)
+  if (a->survival && a->susceptible_bit) {
+    unpack_susceptible(n, a->timed_flags + k0, t.susceptible);
+    S = t.susceptible;
+  } else if (a->survival) {
+    S = a->susceptible + k0;
+  }
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
               a->stage_end ? a->stage_end + k0 : t.timed,
-              a->infection_mask ? a->infection_mask + k0 : t.no_mask, a->survival ? a->susceptible + k0 : t.zero,
-              a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
+              a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
               a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
   if (buffered)
     for (int q = 0; q < 9; ++q)
@@ -485,10 +499,10 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
     ShadowTile tile{};
-    std::vector<float> us, qs, qa, from_sym, from_asym;  // a chunk's unit hazards, q and hand-offs
+    std::vector<float> us, qs, qa, from_sym, from_asym, unpacked;  // a chunk's unit hazards, q, hand-offs (and S)
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
-      const float* S = a->susceptible + b * N;
+      const float* S_row = a->susceptible_bit ? nullptr : a->susceptible + b * N;
       const float* sigma = a->sigma + b * a->sigma_stride;
       const float* scale = a->scale + b * a->scale_stride;
       const float* kept1 = a->kept1 ? a->kept1 + b * a->kept1_stride : nullptr;
@@ -506,12 +520,15 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
           qa.resize(n);
           from_sym.resize(n);
           from_asym.resize(n);
+          unpacked.resize(n);
         }
         const int32_t* household = a->household + c0;
+        const float* S = S_row ? S_row + c0 : unpacked.data();  // the chunk's S
+        if (!S_row) unpack_susceptible(n, a->timed_flags + b * N + c0, unpacked.data());
         unit_hazards(n, sigma + c0, scale, household, kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr,
                      us.data());
-        run_sums<1>(n, {S + c0}, household, {sums});
-        attack_range(0, n, us.data(), S + c0, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
+        run_sums<1>(n, {S}, household, {sums});
+        attack_range(0, n, us.data(), S, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
         hand_offs(n, sums_sym, sums_asym, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
