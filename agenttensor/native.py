@@ -66,6 +66,12 @@ def _compiler() -> str | None:
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
+def status() -> dict[str, bool]:
+    """Each compute-kernel library this process has asked for (`load`): whether it built and loaded. A benchmark
+    records it: a source that failed to compile falls back to torch ops with one warning, slower but correct."""
+    return {name: library is not None for name, library in _loaded.items()}
+
+
 def kernels_enabled() -> bool:
     """False where ``AGENTTENSOR_NATIVE_KERNELS=0`` (read at every call: tests and benchmarks switch it)."""
     return os.environ.get("AGENTTENSOR_NATIVE_KERNELS", "1").strip() != "0"

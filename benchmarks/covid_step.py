@@ -45,10 +45,11 @@ SCENARIO = [Intervention("school_closure", 0, 400, 1.0, ages=(11, 17)),  # step 
 
 
 def native_kernels_built() -> bool:
-    """Whether the native CPU kernels (agenttensor/native.py) are on and built in this process."""
-    from agenttensor import _group_kernels
+    """Whether the native CPU kernels (agenttensor/native.py) are on and every one this process asked for built (one
+    that failed to compile would fall back to torch ops: slower, and not what the row claims)."""
+    from agenttensor import _group_kernels, native
 
-    return _group_kernels.enabled()
+    return _group_kernels.enabled() and all(native.status().values())
 
 
 def env_bytes(env) -> int:
@@ -247,7 +248,14 @@ def main() -> None:
             print(f"vs AgentTorch at {row['agents']:,} agents ({row['threads']} threads): {agenttorch[-1]['speedup']}x"
                   + (f"; per run in a batch of {BATCH} seeds: {agenttorch[-1]['speedup_per_run_in_batch_of_16']}x"
                      if "speedup_per_run_in_batch_of_16" in agenttorch[-1] else ""))
+    from agenttensor import native
+
+    built = native.status()
+    if on_cpu and not all(built.values()):
+        print(f"WARNING: native kernels that did not build (their torch ops ran instead): "
+              f"{sorted(k for k, ok in built.items() if not ok)}", flush=True)
     out = dict(benchmark="covid_step", rows=rows, agenttorch_reference=agenttorch, torch=torch.__version__,
+               native_libraries=built,
                malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                python=platform.python_version(), cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                date=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -32,3 +32,17 @@ def test_every_source_under_csrc_is_checked():
     sources = {p.name for p in native.CSRC.glob("*.cpp")}
     sources |= {p.name for p in (native.CSRC.parents[1] / "models").glob("*/csrc/*.cpp")}
     assert sources == checked
+
+
+def test_status_names_the_libraries_that_did_not_build(monkeypatch, tmp_path, caplog):
+    """`native.status` (what benchmarks record): a source that fails to compile is False there, after its one warning."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("AGENTTENSOR_CACHE_DIR", str(tmp_path / "cache"))
+    from agenttensor import _group_kernels
+
+    assert _group_kernels._library() is not None
+    assert native.load(broken, "broken", lambda library: None) is None
+    assert native.status() == {"agenttensor_group_kernels": True, "broken": False}
+    assert "broken.cpp unavailable" in caplog.text
