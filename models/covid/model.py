@@ -834,9 +834,15 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     )
     decided = env.behavior.decide(env, state, params, ctx, observations)
     isolate_prob, work_prob = decided["isolate_prob"], decided["work_prob"]
-    can_go = state.employed * env.has_workplace.to(state.employed.dtype)
+    can_go = state.employed * has_workplace_as(env, state.employed.dtype)
     on_site = event(ctx, can_go, "work", lambda at: at(work_prob))
     return state.replace(isolate_prob=isolate_prob, work_prob=work_prob, on_site=on_site)
+
+
+def has_workplace_as(env: CovidEnv, dtype: torch.dtype) -> Tensor:
+    """[N] 0/1 in ``dtype`` (the memberships'), once per environment and dtype (a conversion of 35 MB at full NYC in
+    float32 a week, otherwise)."""
+    return env.static(f"has_workplace_{dtype}", lambda: env.has_workplace.to(dtype))
 
 
 def labour_counts(env: CovidEnv, state: CovidState) -> tuple[Tensor, Tensor]:
@@ -1114,7 +1120,7 @@ def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> C
     fields = tuple(getattr(state, name) for name in labour_native.FIELDS)
     rates = tuple(getattr(params, name) for name in labour_native.RATES)
     levers = (closed_workplaces(ctx), lever_per_agent(ctx, "stimulus"), lever_per_agent(ctx, "workplace_closure"))
-    has_workplace = env.static("has_workplace_bytes", lambda: env.has_workplace.to(torch.uint8))  # (0/1)
+    has_workplace = has_workplace_as(env, torch.uint8)  # (0/1 bytes)
     moved = labour_native.labour_market(fields, has_workplace, rates, levers, ctx.rng, ctx.step, ctx.sampler,
                                         reference=labour_flows)
     employed, unemployed = moved if moved is not None else labour_flows(ctx, *fields, has_workplace, *rates, *levers)
@@ -1189,8 +1195,7 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         out[name] = total
         out[f"{name}_by_borough"] = by
 
-    has_workplace = env.memo(("has_workplace", state.employed.dtype), (env.has_workplace,),
-                             lambda: env.has_workplace.to(state.employed.dtype))  # one tensor, not one per step
+    has_workplace = has_workplace_as(env, state.employed.dtype)
 
     def labour() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # values; they change once a week
         employed, on_site = state.employed.detach(), state.on_site.detach()
