@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -1019,3 +1020,34 @@ def test_infections_moved_in_place_give_the_fresh_fields_numbers_and_gradients(p
     assert sum(g is not None for g in grads) >= 10
     for name, a, b in zip(covid.CALIBRATABLE, grads, fresh_grads):
         assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_the_shadow_pass_reads_sigma_by_age_group_with_the_same_gradients(population, monkeypatch):
+    """Without vaccination σ is the susceptibility table at the agents' age groups: the transition's native backward
+    reads it through the age-group bytes (`UnitHazard.sigma_table`) instead of a float32 per agent, with the same
+    gradients bit for bit (and with vaccination, σ per agent, it reads the array)."""
+    env = MODEL.setup(population, moderate().as_tensors(), "cpu")
+    tables = []
+    unit_hazard = shadow.UnitHazard
+
+    def run(by_age: bool, interventions=()):
+        def made(*args, **kwargs):
+            unit = unit_hazard(*args, **kwargs)
+            tables.append(unit.sigma_table is not None)
+            return unit if by_age else dataclasses.replace(unit, sigma_table=None)
+
+        monkeypatch.setattr(shadow, "UnitHazard", made)
+        params = moderate().as_tensors(learn=("transmission_scale", "household_weight", "detection_rate"))
+        res = at.simulate(MODEL, None, params, steps=21, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=list(interventions))
+        (res["new_infections"].sum() + res["reported_cases"].sum()).backward()
+        return [params.transmission_scale.grad, params.household_weight.grad, params.detection_rate.grad]
+
+    by_age = run(True)
+    assert tables and all(tables)
+    per_agent = run(False)
+    for a, b in zip(by_age, per_agent):
+        assert torch.equal(a, b)
+    tables.clear()
+    run(True, [at.Intervention("vaccination", START, START + dt.timedelta(days=30), 0.02)])
+    assert tables and not any(tables)

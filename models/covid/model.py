@@ -758,7 +758,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         kept = (kept_share("household", reductions["household"]), kept_share("all", reduction_all))
         ctx.scratch["household_unit_hazard"] = shadow.UnitHazard(
             sigma.detach(), torch.atleast_2d(own_scale["household"]).detach(), env.household.slot,
-            tuple(x.detach() for x in kept if x is not None))
+            tuple(x.detach() for x in kept if x is not None),
+            None if vaccinated or params.susceptibility.dim() != 1 else params.susceptibility.detach())  # σ by age
     return state
 
 

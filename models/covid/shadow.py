@@ -110,6 +110,8 @@ class UnitHazard:
     scale: Tensor  # [B | 1, H + 1] β m w_h / (n_h − 1) per household slot
     slot: Tensor  # [N] household slots
     kept: tuple[Tensor, ...] = ()  # [B | 1, N] each: 1 − r of the household and the all-layer reductions
+    sigma_table: Tensor | None = None  # [B | 1, A] where σ is this table at the agents' age groups (the native pass reads
+    # one byte per agent then), else None
 
     def dense(self) -> Tensor:
         """u [B | 1, N]."""
@@ -132,6 +134,7 @@ class ShadowConstants:
     asymptomatic_detection_ratio: Tensor | float
     vaccine_efficacy_severe: Tensor | float
     asymptomatic_infectiousness: Tensor | float
+    susceptibility: Tensor | None = None  # [B | 1, A]: σ by age group where σ is that table at the age groups (`UnitHazard`)
 
 
 def _detached(x):
@@ -286,7 +289,7 @@ class _Transition(torch.autograd.Function):
         env = k.env
         sigma, scale, kept_1, kept_2, susceptible, stage_end, vaccinated, testing, mask, survival, b, i = ctx.saved_tensors
         timed_flags = stage_end if stage_end.dtype == torch.uint8 else None  # stage_end's sign in bit 3
-        unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None))
+        unit = UnitHazard(sigma, scale, ctx.slot, tuple(x for x in (kept_1, kept_2) if x is not None), k.susceptibility)
 
         def per_agent(g: Tensor | None) -> Tensor | None:  # adjoint of the per-borough sums: [B, G] -> [B, N]
             return None if g is None else range_broadcast(g, env.borough_slices)
@@ -440,7 +443,8 @@ def transition(before, after, exits: Exits, new_E: Tensor | None, changes: dict[
         detection_rate=_detached(params.detection_rate),
         asymptomatic_detection_ratio=_detached(params.asymptomatic_detection_ratio),
         vaccine_efficacy_severe=_detached(params.vaccine_efficacy_severe),
-        asymptomatic_infectiousness=_detached(params.asymptomatic_infectiousness))
+        asymptomatic_infectiousness=_detached(params.asymptomatic_infectiousness),
+        susceptibility=ctx.scratch["household_unit_hazard"].sigma_table)
     vaccinated = before.vaccinated.detach().to(torch.float32) if ctx.lever("vaccination") is not None else None
     testing = ctx.lever("testing_isolation")
     fields = [exits.fields[name] if name in exits.fields else getattr(before, name) for name in STAGES]

@@ -40,7 +40,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
         + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard", "timed_flags")] \
-        + [("susceptible_bit", _I)]
+        + [("susceptible_bit", _I), ("sigma_table", _P), ("sigma_table_stride", _I)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -192,6 +192,9 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
                 setattr(args, name, x.data_ptr())
                 setattr(args, f"{name}_stride", 0 if x.shape[0] == 1 else length)
             args.susceptible, args.alpha = _ptr(S), alpha.data_ptr()
+            if unit.sigma_table is not None and unit.sigma_table.shape[-1] == ages:  # σ read by age group
+                sigma_table = table(unit.sigma_table.reshape(-1, ages))
+                args.sigma_table, args.sigma_table_stride = sigma_table.data_ptr(), 0 if sigma_table.shape[0] == 1 else ages
             args.d_sym, args.d_asym, args.f_mean = d_sym, d_asym, f_mean
         else:
             u = unit.dense().detach().to(torch.float32).contiguous()

@@ -306,6 +306,10 @@ struct ShadowArgs {
   const uint8_t* timed_flags;
   // 1: susceptible is null, S is bit 4 of timed_flags (the transition saved the flags in its place)
   int64_t susceptible_bit;
+  // or null: σ per age group [B | 1, ages] (row stride 0 or ages), read at age_group in place of sigma (σ = a table
+  // by age: 1 byte per agent read instead of 4)
+  const float* sigma_table;
+  int64_t sigma_table_stride;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -499,11 +503,12 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
     ShadowTile tile{};
-    std::vector<float> us, qs, qa, from_sym, from_asym, unpacked;  // a chunk's unit hazards, q, hand-offs (and S)
+    std::vector<float> us, qs, qa, from_sym, from_asym, unpacked, sigmas;  // a chunk's unit hazards, q, hand-offs
+                                                                           // (and S, σ)
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
       const float* S_row = a->susceptible_bit ? nullptr : a->susceptible + b * N;
-      const float* sigma = a->sigma + b * a->sigma_stride;
+      const float* sigma = a->sigma_table ? nullptr : a->sigma + b * a->sigma_stride;
       const float* scale = a->scale + b * a->scale_stride;
       const float* kept1 = a->kept1 ? a->kept1 + b * a->kept1_stride : nullptr;
       const float* kept2 = a->kept2 ? a->kept2 + b * a->kept2_stride : nullptr;
@@ -521,12 +526,15 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
           from_sym.resize(n);
           from_asym.resize(n);
           unpacked.resize(n);
+          sigmas.resize(n);
         }
         const int32_t* household = a->household + c0;
         const float* S = S_row ? S_row + c0 : unpacked.data();  // the chunk's S
         if (!S_row) unpack_susceptible(n, a->timed_flags + b * N + c0, unpacked.data());
-        unit_hazards(n, sigma + c0, scale, household, kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr,
-                     us.data());
+        if (!sigma)
+          small_table_lookup(n, a->sigma_table + b * a->sigma_table_stride, a->ages, a->age_group + c0, sigmas.data());
+        unit_hazards(n, sigma ? sigma + c0 : sigmas.data(), scale, household, kept1 ? kept1 + c0 : nullptr,
+                     kept2 ? kept2 + c0 : nullptr, us.data());
         run_sums<1>(n, {S}, household, {sums});
         attack_range(0, n, us.data(), S, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
