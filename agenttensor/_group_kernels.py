@@ -39,8 +39,39 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, f"agenttensor_contiguous_groups{suffix}").restype = _I
         getattr(library, f"agenttensor_gather{suffix}").argtypes = [_P, _I, _P, _I, _I, _P, _I]
         getattr(library, f"agenttensor_others_scaled{suffix}").argtypes = [_P, _P, _I, _P, _I, _P, _I, _I, _P, _I]
-    library.agenttensor_layered_force.argtypes = [_I, _I, _I, ctypes.POINTER(ForceLayer), _P, _I, _P, _P, _P, _I]
+    library.agenttensor_layered_force.argtypes = [_I, _I, _I, ctypes.POINTER(ForceLayer), _P, _I,
+                                                  ctypes.POINTER(SigmaTable), _P, _P, _P, _I]
     library.agenttensor_layered_shares_at.argtypes = [_I, _I, ctypes.POINTER(ForceLayer), _I, _P, _P, _P]
+
+
+class SigmaTable(ctypes.Structure):  # SigmaTable in group_kernels.cpp
+    _fields_ = [("table", _P), ("stride", _I), ("size", _I), ("index", _P)]
+
+
+BY_GROUP = "_agenttensor_by_group"  # σ's attribute (`by_group`)
+
+
+def by_group(sigma: Tensor, table: Tensor, index: Tensor) -> Tensor:
+    """Mark ``sigma`` [B | 1, N] (or [N]) as ``table`` [B | 1, size] read at ``index`` [N] (uint8: e.g. the age groups),
+    the caller's promise: the native layered force then reads σ through the byte per agent, 1 byte per agent instead of
+    4 (the same values). Returns sigma."""
+    setattr(sigma, BY_GROUP, (table.detach(), index))
+    return sigma
+
+
+def _sigma_table(sigma: Tensor, B: int, N: int) -> tuple[SigmaTable, list] | None:
+    """`by_group`'s table of ``sigma`` as the kernel's struct (and the tensors it points into), or None: σ's array."""
+    marked = getattr(sigma, BY_GROUP, None)
+    if marked is None:
+        return None
+    table, index = marked
+    table = table.reshape(-1, table.shape[-1])
+    if table.dtype != torch.float32 or table.shape[0] not in (1, B) or index.dtype != torch.uint8 \
+            or index.shape != (N,) or table.shape[-1] > 256:
+        return None
+    table, index = table.contiguous(), index.contiguous()
+    size = table.shape[-1]
+    return SigmaTable(table.data_ptr(), 0 if table.shape[0] == 1 else size, size, index.data_ptr()), [table, index]
 
 
 class ForceLayer(ctypes.Structure):  # ForceLayer in group_kernels.cpp
@@ -182,6 +213,7 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
     ``layers``: (table [B | 1, S], slot [N], presence, factor, factor_all), the last three
     [B | 1, N] or None. ``keep`` (forward): a list the layers' native form is appended to, with the tensors it points
     into, for `layered_shares_at`. None where the kernel does not apply."""
+    marked = sigma
     if sigma.dim() == 1:  # one value per agent
         sigma = sigma[None]
     if not enabled() or sigma.dim() != 2:
@@ -194,8 +226,10 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
         force = torch.empty(B, N)
         if keep is not None:
             keep.append((B, array, layers))
-        _library().agenttensor_layered_force(B, N, len(layers), array, *sigma_rows, None, force.data_ptr(), None,
-                                             torch.get_num_threads())
+        table = _sigma_table(marked, B, N)
+        _library().agenttensor_layered_force(B, N, len(layers), array, *sigma_rows,
+                                             None if table is None else ctypes.byref(table[0]), None,
+                                             force.data_ptr(), None, torch.get_num_threads())
         return force
     B = max([sigma.shape[0]] + [x.shape[0] for layer in layers for x in (layer[0], *layer[2:]) if x is not None])
     N = sigma.shape[1]
@@ -243,7 +277,9 @@ def layered_force(sigma: Tensor, layers: list[tuple], grad: Tensor | None = None
                                   None if member_slots is None else member_slots.data_ptr()))
     array = (ForceLayer * len(structs))(*structs)
     d_sigma = out(want_sigma)
-    _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1], grad.data_ptr(),
+    table = _sigma_table(marked, B, N)
+    _library().agenttensor_layered_force(B, N, len(structs), array, sigma_rows[0], sigma_rows[1],
+                                         None if table is None else ctypes.byref(table[0]), grad.data_ptr(),
                                          None, None if d_sigma is None else d_sigma.data_ptr(), torch.get_num_threads())
     del held
     return weights, derivatives, d_sigma, group_sums

@@ -1022,21 +1022,35 @@ def test_infections_moved_in_place_give_the_fresh_fields_numbers_and_gradients(p
         assert (a is None and b is None) or torch.equal(a, b), name
 
 
-def test_the_shadow_pass_reads_sigma_by_age_group_with_the_same_gradients(population, monkeypatch):
+def test_the_native_passes_read_sigma_by_age_group_with_the_same_numbers(population, monkeypatch):
     """Without vaccination σ is the susceptibility table at the agents' age groups: the transition's native backward
-    reads it through the age-group bytes (`UnitHazard.sigma_table`) instead of a float32 per agent, with the same
-    gradients bit for bit (and with vaccination, σ per agent, it reads the array)."""
+    (`UnitHazard.sigma_table`), the layered force both ways and the own contributions' backward
+    (`_group_kernels.by_group`) read it through the age-group bytes instead of a float32 per agent, with the same
+    metrics (hard mode too) and gradients bit for bit (and with vaccination, σ per agent, they read the array)."""
+    from agenttensor import _group_kernels
+
     env = MODEL.setup(population, moderate().as_tensors(), "cpu")
     tables = []
     unit_hazard = shadow.UnitHazard
+    sigma_table = _group_kernels._sigma_table
 
-    def run(by_age: bool, interventions=()):
+    def run(by_age: bool, interventions=(), sampler=StraightThrough()):
         def made(*args, **kwargs):
             unit = unit_hazard(*args, **kwargs)
             tables.append(unit.sigma_table is not None)
             return unit if by_age else dataclasses.replace(unit, sigma_table=None)
 
+        def read(*args):
+            table = sigma_table(*args)
+            tables.append(table is not None)
+            return table if by_age else None
+
         monkeypatch.setattr(shadow, "UnitHazard", made)
+        monkeypatch.setattr(_group_kernels, "_sigma_table", read)
+        if not sampler.differentiable:
+            env.native.clear()  # (the hard force's kept arguments: made again with or without the table)
+            return at.simulate(MODEL, None, moderate(), steps=21, seeds=[0, 1], env=env, start_date=START,
+                               progress=False)
         params = moderate().as_tensors(learn=("transmission_scale", "household_weight", "detection_rate"))
         res = at.simulate(MODEL, None, params, steps=21, seeds=[0, 1], env=env, start_date=START, progress=False,
                           sampler=StraightThrough(), interventions=list(interventions))
@@ -1048,6 +1062,9 @@ def test_the_shadow_pass_reads_sigma_by_age_group_with_the_same_gradients(popula
     per_agent = run(False)
     for a, b in zip(by_age, per_agent):
         assert torch.equal(a, b)
+    hard, hard_arrays = run(True, sampler=at.Hard()), run(False, sampler=at.Hard())
+    for name in hard.metrics:
+        assert torch.equal(hard[name], hard_arrays[name]), name
     tables.clear()
     run(True, [at.Intervention("vaccination", START, START + dt.timedelta(days=30), 0.02)])
     assert tables and not any(tables)

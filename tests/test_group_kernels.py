@@ -229,6 +229,36 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("rows", [1, 3])  # one table for every batch element, or one per element
+def test_layered_force_reads_sigma_by_group_with_the_same_numbers(rows):
+    """σ marked as a table read at a byte per agent (`by_group`: e.g. susceptibility by age group) gives the force and
+    every derivative of σ given as its [N] array, bit for bit; the kernels then read 1 byte per agent for σ."""
+    from agenttensor.transmission import ForceTerm, layered_force
+
+    g = torch.Generator().manual_seed(8)
+    B, n, groups = 3, 200_003, 11
+    age = torch.randint(0, groups, (n,), generator=g).to(torch.uint8)
+    table = torch.rand(rows, groups, generator=g)
+    households = torch.sort(torch.randint(0, 70_000, (n,), generator=g)).values.to(torch.int32)
+    schools = torch.where(torch.rand(n, generator=g) < 0.7, 300, torch.randint(0, 300, (n,), generator=g))
+    t_h, t_s = torch.rand(1, 70_000, generator=g), torch.rand(B, 301, generator=g)
+    presence, weights = torch.rand(B, n, generator=g), torch.rand(B, n, generator=g)
+
+    def run(marked: bool):
+        t_hh, t_ss = t_h.clone().requires_grad_(), t_s.clone().requires_grad_()
+        sigma = table.index_select(1, age.long()) if rows > 1 else table[0].index_select(0, age.long())
+        if marked:
+            _group_kernels.by_group(sigma, table, age)
+        force = layered_force(sigma, [ForceTerm(t_hh, households, None, None, None, None, None),
+                                      ForceTerm(t_ss, schools, presence, None, None, None, None)])
+        (force * weights).sum().backward()
+        return force.detach(), t_hh.grad, t_ss.grad
+
+    for x, y in zip(run(True), run(False)):
+        assert torch.equal(x, y)
+    assert _group_kernels._sigma_table(_group_kernels.by_group(torch.rand(n), table, age.long()), B, n) is None  # int64
+
+
 def test_others_sum_probes_give_the_derivative_of_the_others_sum():
     """A contribution c read by the *other* members of its group (λ_i = σ_i s[g] Σ_{j ∈ g, j ≠ i} c_j, with a
     borough-like per-group sum of c besides) gets the derivative autograd computes from that explicit form, through

@@ -15,6 +15,7 @@
 
 #include "parallel.h"
 #include "runs.h"
+#include "tables.h"
 
 namespace {
 
@@ -407,15 +408,51 @@ void dispatch(const ForceLayer& layer, Fn&& fn) {
     dispatch_parts<int64_t>(layer, fn);
 }
 
+// σ of a row's agents: an array [N] (row), or a small table [size] read at a byte per agent (index [N], table non-null)
+struct Sigma {
+  const float* row;
+  const float* table;
+  int64_t size;
+  const uint8_t* index;
+
+  // σ for the tile [i0, i1): the row's values there, or the table's read into `buffer` (kTile floats; the same values)
+  const float* tile(int64_t i0, int64_t i1, float* buffer) const {
+    if (!table) return row + i0;
+    agenttensor::small_table_lookup(i1 - i0, table, size, index + i0, buffer);
+    return buffer;
+  }
+};
+
+}  // namespace force_detail
+
+extern "C" {
+
+// σ as a table by group, where the caller has one (e.g. susceptibility by age group): [B | 1, size] (row stride 0 or
+// size), read at index [N] (bytes); table null: σ is the [B | 1, N] array
+struct SigmaTable {
+  const float* table;
+  int64_t stride, size;
+  const uint8_t* index;
+};
+
+}  // extern "C"
+
+namespace force_detail {
+
+inline Sigma sigma_of(const SigmaTable& t, int64_t b, const float* sigma, int64_t sigma_stride) {
+  return t.table ? Sigma{nullptr, t.table + b * t.stride, t.size, t.index} : Sigma{sigma + b * sigma_stride, nullptr, 0,
+                                                                                     nullptr};
+}
+
 // One backward tile [i0, i1) of row b (see agenttensor_layered_force): gs = grad σ, each layer's outputs
 // (`backward_layer`) followed by `after_layer(l, Index(), the tile's weights)` (the fused group sums, or nothing),
 // then d_sigma. gs, total: kTile floats; scratch: 4 kTile.
 template <class AfterLayer>
 void backward_rows(int64_t N, int64_t L, const ForceLayer* layers, int64_t b, int64_t i0, int64_t i1,
-                   const float* sigma_row, const float* grad_row, float* d_sigma, float* gs, float* total,
+                   const float* sigma_tile, const float* grad_row, float* d_sigma, float* gs, float* total,
                    float* scratch, AfterLayer&& after_layer) {
   const int64_t n = i1 - i0;
-  for (int64_t i = i0; i < i1; ++i) gs[i - i0] = grad_row[i] * sigma_row[i];
+  for (int64_t i = i0; i < i1; ++i) gs[i - i0] = grad_row[i] * sigma_tile[i - i0];
   std::fill(total, total + n, 0.f);
   for (int64_t l = 0; l < L; ++l)
     dispatch(layers[l], [&](auto key, auto index) {
@@ -514,7 +551,8 @@ constexpr int64_t kLongRuns = 256;  // mean agents per group from which `long_ru
 // groups is summed by one task; the scattered layers add into per-task partial sums (with the last slot spread, as
 // in segment_sum) added in piece order at the end. Results do not depend on the thread count.
 void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layers, const float* sigma,
-                        int64_t sigma_stride, const float* grad, float* d_sigma, int64_t threads) {
+                        int64_t sigma_stride, const SigmaTable& by_group, const float* grad, float* d_sigma,
+                        int64_t threads) {
   const int64_t parts = N >= (int64_t(1) << 18) ? 2 : 1;
   int64_t cut = parts == 1 ? N : N / 2;
   auto changes = [&](int64_t i) {  // whether every contiguous summed layer starts a new group at agent i
@@ -541,7 +579,7 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
   for (int64_t l = 0; l < L; ++l)
     if (layers[l].sums && layers[l].contiguous) std::fill(layers[l].sums, layers[l].sums + B * layers[l].groups, 0.f);
   agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
-    float total[kTile], gs[kTile];
+    float total[kTile], gs[kTile], sigma_buffer[kTile];
     std::vector<float> scratch(4 * kTile);
     std::vector<OpenRun> open(L);
     std::vector<ShortRuns> runs(L);
@@ -549,11 +587,11 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
       const int64_t b = task / parts, part = task % parts, r0 = part == 0 ? 0 : cut, r1 = part == parts - 1 ? N : cut;
       std::fill(open.begin(), open.end(), OpenRun());
       runs.assign(L, ShortRuns());
-      const float* s = sigma + b * sigma_stride;
+      const Sigma s = sigma_of(by_group, b, sigma, sigma_stride);
       const float* g = grad + b * N;
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
         const int64_t i1 = std::min(r1, i0 + kTile);
-        backward_rows(N, L, layers, b, i0, i1, s, g, d_sigma, gs, total, scratch.data(),
+        backward_rows(N, L, layers, b, i0, i1, s.tile(i0, i1, sigma_buffer), g, d_sigma, gs, total, scratch.data(),
                       [&](int64_t l, auto index, const float* w) {  // w: the tile's weights (agent i: w[i - i0])
           using Index = decltype(index);
           const ForceLayer& layer = layers[l];
@@ -598,23 +636,26 @@ extern "C" {
 // elementwise ops). grad given (backward): each layer's weight, d_presence, d_factor and d_factor_all (where not
 // null), and d_sigma = grad Σ_l (...).
 void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer* layers, const float* sigma,
-                               int64_t sigma_stride, const float* grad, float* force, float* d_sigma,
-                               int64_t threads) {
+                               int64_t sigma_stride, const SigmaTable* by_group, const float* grad, float* force,
+                               float* d_sigma, int64_t threads) {
   using namespace force_detail;
+  const SigmaTable none{nullptr, 0, 0, nullptr};
+  const SigmaTable& table = by_group ? *by_group : none;
   if (grad != nullptr)
     for (int64_t l = 0; l < L; ++l)
       if (layers[l].sums) {
-        backward_with_sums(B, N, L, layers, sigma, sigma_stride, grad, d_sigma, threads);
+        backward_with_sums(B, N, L, layers, sigma, sigma_stride, table, grad, d_sigma, threads);
         return;
       }
   // (the forward's per-agent work is light: two threads from 2^14 agents on)
   agenttensor::parallel(threads, B * N, int64_t(1) << (grad ? 16 : 14), [&](int64_t lo, int64_t hi) {
-    float total[kTile], gs[kTile];
+    float total[kTile], gs[kTile], sigma_buffer[kTile];
     std::vector<float> scratch(grad ? 4 * kTile : 0);  // the backward's unwanted outputs
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
-      const float* s = sigma + b * sigma_stride;
+      const Sigma s = sigma_of(table, b, sigma, sigma_stride);
       for (int64_t i0 = r0; i0 < r1; i0 += kTile) {
         const int64_t i1 = std::min(r1, i0 + kTile), n = i1 - i0;
+        const float* sigma_tile = s.tile(i0, i1, sigma_buffer);
         if (grad == nullptr) {
           if (L == 0) std::fill(total, total + n, 0.f);
           for (int64_t l = 0; l < L; ++l)
@@ -624,9 +665,9 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
               forward_layer<(k & 1) != 0, (k & 2) != 0, (k & 4) != 0, Index>(layers[l], b, i0, i1, l == 0, total);
             });
           float* out = force + b * N;
-          for (int64_t i = i0; i < i1; ++i) out[i] = s[i] * total[i - i0];
+          for (int64_t i = i0; i < i1; ++i) out[i] = sigma_tile[i - i0] * total[i - i0];
         } else {
-          backward_rows(N, L, layers, b, i0, i1, s, grad + b * N, d_sigma, gs, total, scratch.data(),
+          backward_rows(N, L, layers, b, i0, i1, sigma_tile, grad + b * N, d_sigma, gs, total, scratch.data(),
                         [](int64_t, auto, const float*) {});
         }
       }

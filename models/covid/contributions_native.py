@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from agenttensor import native, select
+from agenttensor import _group_kernels, native, select
 from agenttensor._group_kernels import contiguous_groups
 from agenttensor.transmission import WeightParts
 
@@ -46,7 +46,8 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
         + [(n, _P) for n in ("alpha", "eta", "detect_asym", "out_I_sym", "out_I_asym", "out_isolating", "out_p_school",
                              "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
                              "acc_isolating", "flags")] + [("flags_timed", _I)] \
-        + [("w_grad", _P), ("w_sigma", _P), ("w_sigma_stride", _I)]
+        + [("w_grad", _P), ("w_sigma", _P), ("w_sigma_stride", _I)] \
+        + [("w_sigma_table", _P), ("w_sigma_table_stride", _I), ("w_sigma_table_size", _I), ("w_sigma_index", _P)]
 
 
 def _rows_ok(parts: WeightParts, B: int, N: int) -> bool:
@@ -226,6 +227,12 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         args.w_grad = ptr(parts.grad.contiguous())
         sigma, args.w_sigma_stride = row(parts.sigma)
         args.w_sigma = ptr(sigma)
+        by_group = _group_kernels._sigma_table(parts.sigma, B, N)  # σ read by group (`_group_kernels.by_group`)
+        if by_group is not None:
+            table, held = by_group
+            keep.extend(held)
+            args.w_sigma_table, args.w_sigma_table_stride, args.w_sigma_table_size, args.w_sigma_index = (
+                table.table, table.stride, table.size, table.index)
     for name in LAYERS:
         p = presences.get(name)
         if p is not None:

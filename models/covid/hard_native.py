@@ -65,7 +65,8 @@ class _ForceArgs(ctypes.Structure):  # ForceArgs in the kernel, field for field
     _fields_ = [(n, _I) for n in ("B", "N", "L", "threads")] + [(n, _P) for n in ("I_sym", "I_asym", "isolating")] \
         + [("alpha", _Strided), ("eta", _Strided), ("sources", ctypes.POINTER(_SourceLayer)),
            ("tables", ctypes.POINTER(_TableLayer)), ("scale", _P), ("multiplier", _P), ("community", _Community),
-           ("layered_force", _P), ("force_layers", _P), ("sigma", _P), ("sigma_stride", _I), ("force", _P)]
+           ("layered_force", _P), ("force_layers", _P), ("sigma", _P), ("sigma_stride", _I), ("force", _P),
+           ("sigma_by_group", _P)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -249,6 +250,7 @@ class _Plan:
         self.tables: dict[str, Tensor] = {}
         self.structs: tuple = ()  # (sources, table layers, force layers) ctypes arrays
         self.kept: list = []  # `layered_force`'s keep list form, for `layered_shares_at`
+        self.sigma_table: tuple | None = None  # σ as a table by group (`_group_kernels.by_group`), held
 
 
 def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor, eta: Tensor, scale: Tensor,
@@ -379,4 +381,6 @@ def _set_per_agent(plan: _Plan, dynamic: tuple, layers: dict[str, ForceLayerSpec
     if not ok or (grad and any(x is not None and x.requires_grad for x in dynamic)):
         return False
     plan.args.sigma, plan.args.sigma_stride = sigma_rows
+    plan.sigma_table = _group_kernels._sigma_table(sigma, B, N)  # (held: the struct and what it points into)
+    plan.args.sigma_by_group = None if plan.sigma_table is None else ctypes.addressof(plan.sigma_table[0])
     return True

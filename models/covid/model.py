@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
-from agenttensor import select
+from agenttensor import _group_kernels, select
 from agenttensor.interventions import LeverSpec
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force,
                                       range_sums, scaled_sums, scatter_sum)
@@ -609,9 +609,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return value
 
     def susceptibility(at: At) -> Tensor:
+        def by_age() -> Tensor:  # σ = the table at the age groups: the native layered force reads it by age group
+            return _group_kernels.by_group(at.table(params.susceptibility, env.age_group), params.susceptibility,
+                                           age_group_bytes(env))
+
         sigma = at.table(params.susceptibility, env.age_group) if at.i is not None else \
-            env.memo("susceptibility", (params.susceptibility, env.age_group),
-                     lambda: at.table(params.susceptibility, env.age_group))
+            env.memo("susceptibility", (params.susceptibility, env.age_group), by_age)
         if vaccinated:
             sigma = sigma * (1 - at(params.vaccine_efficacy_infection) * at(state.vaccinated).to(torch.float32))
         return sigma
@@ -838,6 +841,11 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     can_go = state.employed * has_workplace_as(env, state.employed.dtype)
     on_site = event(ctx, can_go, "work", lambda at: at(work_prob))
     return state.replace(isolate_prob=isolate_prob, work_prob=work_prob, on_site=on_site)
+
+
+def age_group_bytes(env: CovidEnv) -> Tensor:
+    """[N] uint8: the age groups, one byte per agent (what the native passes read)."""
+    return env.memo("age_group_bytes", (env.age_group,), lambda: env.age_group.to(torch.uint8))
 
 
 def has_workplace_as(env: CovidEnv, dtype: torch.dtype) -> Tensor:

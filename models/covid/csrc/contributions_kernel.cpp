@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "tables.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -267,6 +268,11 @@ struct OwnArgs {
   // the `weighted` layers' grad [B, N] and σ [B | 1, N] (row stride N or 0), or null where none is
   const float *w_grad, *w_sigma;
   int64_t w_sigma_stride;
+  // or null: σ as a table by group [B | 1, size] (row stride 0 or size) read at w_sigma_index [N] (bytes), in place
+  // of w_sigma (`agenttensor._group_kernels.by_group`)
+  const float* w_sigma_table;
+  int64_t w_sigma_table_stride, w_sigma_table_size;
+  const uint8_t* w_sigma_index;
 };
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
@@ -317,7 +323,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
-        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile];
+        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile];
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts
     int16_t timed[kTile];  // stage_end's sign from the flags' bit 3 (0: a countdown, −1: none)
     for (int64_t job = lo; job < hi; ++job) {
@@ -342,8 +348,15 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         if (!a->stage_end)
           for (int64_t j = 0; j < n; ++j) timed[j] = static_cast<int16_t>(((a->flags[k0 + j] >> 3) & 1) - 1);
         // the weighted layers' member values: gs = grad σ once per tile, then each layer's product
-        if (a->w_grad)
-          for (int64_t j = 0; j < n; ++j) gs[j] = a->w_grad[k0 + j] * a->w_sigma[b * a->w_sigma_stride + t0 + j];
+        if (a->w_grad) {
+          const float* sigma = sigmas;
+          if (a->w_sigma_table)
+            agenttensor::small_table_lookup(n, a->w_sigma_table + b * a->w_sigma_table_stride, a->w_sigma_table_size,
+                                            a->w_sigma_index + t0, sigmas);
+          else
+            sigma = a->w_sigma + b * a->w_sigma_stride + t0;
+          for (int64_t j = 0; j < n; ++j) gs[j] = a->w_grad[k0 + j] * sigma[j];
+        }
         auto member = [&](int q) -> const float* {
           const OthersSumArgs& l = *layers[q];
           if (!l.weighted) return nullptr;

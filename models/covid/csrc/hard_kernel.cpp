@@ -229,8 +229,8 @@ struct Community {
   const float* rho;        // the borough-wide share ρ (one value)
 };
 
-typedef void (*LayeredForce)(int64_t, int64_t, int64_t, const void*, const float*, int64_t, const float*, float*,
-                             float*, int64_t);
+typedef void (*LayeredForce)(int64_t, int64_t, int64_t, const void*, const float*, int64_t, const void*, const float*,
+                             float*, float*, int64_t);
 
 // The arguments of `agenttensor_covid_hard_force` (hard_native.py's _ForceArgs, field for field).
 struct ForceArgs {
@@ -246,6 +246,7 @@ struct ForceArgs {
   const float* sigma;
   int64_t sigma_stride;
   float* force;                // [B, N] out
+  const void* sigma_by_group;  // or null: σ as a table by age group (group_kernels.cpp's SigmaTable)
 };
 
 namespace {
@@ -350,7 +351,8 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
       });
     });
   }
-  a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, nullptr, a.force, nullptr, a.threads);
+  a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, a.sigma_by_group, nullptr, a.force, nullptr,
+                  a.threads);
 }
 
 }  // extern "C"
