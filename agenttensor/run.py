@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from . import _cpu_cache
+from . import _cpu_cache, select
 from .errors import ConfigError, InputError
 from .model import Model, StepContext
 from .params import Params
@@ -173,7 +173,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
             carriers, values = _compact_inputs(list(state.tensors().values()))
 
             def segment_fn(*tensors, _start=t, _stop=stop, _keys=key_holder, _template=state, _values=values):
-                tensors = [c if v is None else v.to(c.dtype) + c for c, v in zip(tensors, _values)]
+                tensors = [c if v is None else _Rebuilt.apply(v, c) for c, v in zip(tensors, _values)]
                 s, recs = run_steps(_template.replace(**dict(zip(names, tensors))), _start, _stop)
                 keys = list(recs[0])
                 _keys[:] = keys
@@ -227,6 +227,19 @@ class _DerivativeCarrier(torch.autograd.Function):
         return grad
 
 
+class _Rebuilt(torch.autograd.Function):
+    """A compacted input rebuilt: the values (uint8) as the carrier's dtype, ``values + carrier``'s numbers (the carrier
+    is zeros) in one pass; the gradient passes to the carrier."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, carrier: Tensor) -> Tensor:
+        return values.to(carrier.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, grad
+
+
 def _all_zero_or_one(x: Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
@@ -238,9 +251,11 @@ def _compact_inputs(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor | 
     inputs, uint8 values or None per input)."""
     carriers, values = [], []
     for x in tensors:
-        if x.requires_grad and x.dtype.is_floating_point and x.numel() and _all_zero_or_one(x):
+        compact = select.zero_one_bytes(x.detach()) if x.requires_grad and x.dtype.is_floating_point and x.numel() \
+            else None  # (one native pass on CPU: the check and the bytes)
+        if compact is not None:
             carriers.append(_DerivativeCarrier.apply(x))
-            values.append(x.detach().to(torch.uint8))
+            values.append(compact)
         else:  # an alias, not marked as the run's own: the segment's first step must not update it in place, the
             carriers.append(x.view_as(x))  # recomputation reads it (`StepContext.donate`)
             values.append(None)

@@ -24,10 +24,23 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_select_pairs.argtypes = [_I, _I, _I, _P, _P, _I, _I, _I, _P]
     library.agenttensor_select_pairs.restype = _I
     library.agenttensor_select_take.argtypes = [_P, _P, _P]
+    library.agenttensor_zero_one_bytes.argtypes = [_P, _P, _I, _I]
+    library.agenttensor_zero_one_bytes.restype = _I
 
 
 def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_select_kernels", _declare)
+
+
+def zero_one_bytes(x: Tensor) -> Tensor | None:
+    """x as uint8 where every value is 0 or 1 (memberships), else None: ``x.to(torch.uint8)`` where
+    ``((x == 0) | (x == 1)).all()``, the same bytes; on CPU for float32 one native pass (the check and the bytes)."""
+    library = _library() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() else None
+    if library is None:
+        return x.to(torch.uint8) if bool(((x == 0) | (x == 1)).all()) else None
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    bad = library.agenttensor_zero_one_bytes(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return None if bad else out
 
 
 def _chunks(a: Tensor) -> tuple[int, int]:

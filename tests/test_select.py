@@ -78,3 +78,19 @@ def test_values_at_and_put_at_are_two_index_gathers_and_puts(rows):
             expect = target.clone().index_put_((b, i), values, accumulate=accumulate)
             out = select.put_at_(target, b, i, values, accumulate=accumulate)
             assert out is target and torch.equal(target, expect)
+
+
+def test_zero_one_bytes_are_the_memberships_as_bytes_or_none():
+    """`select.zero_one_bytes` (checkpointed segments compact their 0/1 inputs with it): x.to(uint8) where every value
+    is 0 (-0.0 too) or 1, else None (a fraction, a NaN, a 2), natively and through the torch ops, at any size."""
+    g = torch.Generator().manual_seed(3)
+    for n in (7, 70_001, 300_000):
+        x = (torch.rand(2, n, generator=g) < 0.3).float()
+        x[0, n // 2] = -0.0
+        out = select.zero_one_bytes(x)
+        assert out is not None and out.dtype == torch.uint8 and torch.equal(out, x.to(torch.uint8))
+        assert torch.equal(select.zero_one_bytes(x.double()), x.to(torch.uint8))  # the torch ops
+        for bad in (0.5, float("nan"), 2.0):
+            y = x.clone()
+            y[1, n - 1] = bad
+            assert select.zero_one_bytes(y) is None and select.zero_one_bytes(y.double()) is None, bad

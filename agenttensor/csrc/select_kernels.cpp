@@ -110,6 +110,17 @@ void dispatch(int64_t kind, const void* a, const void* b, int64_t value, Run run
   run(Nonzero<float>{(const float*)a});
 }
 
+// `agenttensor_zero_one_bytes` for n values: whether any is neither 0 nor 1 (restrict pointers: vectorises)
+int32_t zero_one_range(int64_t n, const float* __restrict x, uint8_t* __restrict out) {
+  int32_t other = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = x[k];
+    other |= !(v == 0.f || v == 1.f);
+    out[k] = static_cast<uint8_t>(v == 1.f);
+  }
+  return other != 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -133,6 +144,23 @@ int64_t agenttensor_select_pairs(int64_t kind, int64_t n, int64_t N, const void*
   int64_t total = 0;
   for (const auto& list : lists) total += static_cast<int64_t>(list.size()) / 2;
   *pairs = agenttensor::hold_pairs(std::move(lists));
+  return total;
+}
+
+// out[k] = x[k] as a byte for n values, where each is 0 or 1 (== as floats: -0.0 too); returns the number of chunks with
+// another value (NaN included; then out is not what the caller keeps). One pass, branch-free: it vectorises.
+int64_t agenttensor_zero_one_bytes(const float* x, uint8_t* out, int64_t n, int64_t threads) {
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> bad(chunks, 0);
+  agenttensor::parallel(threads, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t k0 = c * kChunk, m = std::min(kChunk, n - k0);
+      bad[c] = zero_one_range(m, x + k0, out + k0);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += bad[c];
   return total;
 }
 
