@@ -288,6 +288,14 @@ struct ForceLayer {
   const int32_t* member_slots;  // or null: with `members`, each member's slot (read in place of slot[member])
 };
 
+// σ as a table by group, where the caller has one (e.g. susceptibility by age group): [B | 1, size] (row stride 0 or
+// size), read at index [N] (bytes); table null: σ is the [B | 1, N] array
+struct SigmaTable {
+  const float* table;
+  int64_t stride, size;
+  const uint8_t* index;
+};
+
 }  // extern "C"
 
 // Layer-by-layer loops over tiles of agents (a tile's accumulator stays in cache), specialised on which of
@@ -422,22 +430,6 @@ struct Sigma {
     return buffer;
   }
 };
-
-}  // namespace force_detail
-
-extern "C" {
-
-// σ as a table by group, where the caller has one (e.g. susceptibility by age group): [B | 1, size] (row stride 0 or
-// size), read at index [N] (bytes); table null: σ is the [B | 1, N] array
-struct SigmaTable {
-  const float* table;
-  int64_t stride, size;
-  const uint8_t* index;
-};
-
-}  // extern "C"
-
-namespace force_detail {
 
 inline Sigma sigma_of(const SigmaTable& t, int64_t b, const float* sigma, int64_t sigma_stride) {
   return t.table ? Sigma{nullptr, t.table + b * t.stride, t.size, t.index} : Sigma{sigma + b * sigma_stride, nullptr, 0,

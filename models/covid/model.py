@@ -762,7 +762,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         ctx.scratch["household_unit_hazard"] = shadow.UnitHazard(
             sigma.detach(), torch.atleast_2d(own_scale["household"]).detach(), env.household.slot,
             tuple(x.detach() for x in kept if x is not None),
-            None if vaccinated or params.susceptibility.dim() != 1 else params.susceptibility.detach())  # σ by age
+            getattr(sigma, _group_kernels.BY_GROUP, (None,))[0])  # σ's table by age group, where it has one
     return state
 
 
