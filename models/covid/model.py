@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       range_sums, scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import contributions_native, disease, hard_native, labour_native, shadow
+from . import contributions_native, disease, hard_native, labour_native, shadow, shadow_native
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -611,7 +611,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     def susceptibility(at: At) -> Tensor:
         def by_age() -> Tensor:  # σ = the table at the age groups: the native layered force reads it by age group
             return _group_kernels.by_group(at.table(params.susceptibility, env.age_group), params.susceptibility,
-                                           age_group_bytes(env))
+                                           shadow_native.age_group_bytes(env))
 
         sigma = at.table(params.susceptibility, env.age_group) if at.i is not None else \
             env.memo("susceptibility", (params.susceptibility, env.age_group), by_age)
@@ -841,11 +841,6 @@ def behaviour(state: CovidState, params: CovidParams, ctx: StepContext) -> Covid
     can_go = state.employed * has_workplace_as(env, state.employed.dtype)
     on_site = event(ctx, can_go, "work", lambda at: at(work_prob))
     return state.replace(isolate_prob=isolate_prob, work_prob=work_prob, on_site=on_site)
-
-
-def age_group_bytes(env: CovidEnv) -> Tensor:
-    """[N] uint8: the age groups, one byte per agent (what the native passes read)."""
-    return env.memo("age_group_bytes", (env.age_group,), lambda: env.age_group.to(torch.uint8))
 
 
 def has_workplace_as(env: CovidEnv, dtype: torch.dtype) -> Tensor:

@@ -55,6 +55,11 @@ REUSABLE = dict(out_E="gE", out_Is="gIs", out_Ia="gIa", out_H="gH", out_exposure
                 out_S="gS")
 
 
+def age_group_bytes(env) -> Tensor:
+    """[N] uint8: the environment's age groups, one byte per agent (what the native passes read), once per run."""
+    return env.memo("age_group_bytes", (env.age_group,), lambda: env.age_group.to(torch.uint8))
+
+
 def _library() -> ctypes.CDLL | None:
     return native.load(SOURCE, "agenttensor_covid_shadow", _declare, flags=FLAGS)
 
@@ -140,7 +145,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
     ages = k.symptomatic.numel()
     if ages > 256:  # (one byte per agent below; the model's 10 age groups)
         return None
-    args.age_group = _ptr(table(env.memo("age_group_bytes", (env.age_group,), lambda: env.age_group.to(torch.uint8)),
+    args.age_group = _ptr(table(age_group_bytes(env),
                                 torch.uint8))
     slices = env.borough_slices
     if len(slices) == G and all(a == b for (_, a), (b, _) in zip(slices, slices[1:])) and slices[0][0] == 0 \
