@@ -363,15 +363,15 @@ class _LayeredForce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sigma: Tensor, *flat_and_per_term):
-        # 7 per term, then each term's last_slot_constant and weight_handoff
-        *flat, ctx.constant_last, ctx.handoffs = flat_and_per_term
+        # 7 per term, then each term's last_slot_constant and weight_handoff, and the keep list (`layered_force`)
+        *flat, ctx.constant_last, ctx.handoffs, keep = flat_and_per_term
         terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
         ctx.terms = len(terms)
         ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all)])
         ctx.slots = [t.slot for t in terms]
         ctx.probes = [(t.member_probe is not None, t.group_probe is not None) for t in terms]
         layers = [(t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms]
-        force = _group_kernels.layered_force(sigma, layers)
+        force = _group_kernels.layered_force(sigma, layers, keep=keep)
         return _force_torch(sigma, terms) if force is None else force
 
     @staticmethod
@@ -414,7 +414,7 @@ class _LayeredForce(torch.autograd.Function):
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None
             out += [d_table, None, _reduce_to(d_presence, t.presence), _reduce_to(d_factor, t.factor),
                     _reduce_to(d_factor_all, t.factor_all), w if member else None, sums if group else None]
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
 def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = None) -> Tensor:
@@ -424,7 +424,7 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = Non
     Under autograd it is one node (saving its inputs only) instead of ~5 elementwise nodes per layer with their
     [B, N] intermediates; on CPU forward and backward are single native passes. Values are those of the same
     arithmetic in torch ops, bit for bit (same order, no fused multiply-adds). ``keep``: a list that receives the
-    native pass's form of the terms where it ran without autograd (`layer_shares_at` reads it)."""
+    native forward pass's form of the terms (`layer_shares_at` reads it; values only, in every mode)."""
     for t in terms:
         if t.group_probe is not None and t.group_probe.shape[-1] != t.table.shape[-1]:
             raise ValueError(f"layered_force: a ForceTerm's group_probe has {t.group_probe.shape[-1]} groups, its table "
@@ -438,7 +438,7 @@ def layered_force(sigma: Tensor, terms: list[ForceTerm], keep: list | None = Non
     flat = [x for t in terms for x in (t.table, t.slot, t.presence, t.factor, t.factor_all, t.member_probe,
                                        t.group_probe)]
     return _LayeredForce.apply(sigma, *flat, tuple(t.last_slot_constant for t in terms),
-                               tuple(t.weight_handoff if t.member_probe is not None else None for t in terms))
+                               tuple(t.weight_handoff if t.member_probe is not None else None for t in terms), keep)
 
 
 def layer_shares_at(kept: list | None, b: Tensor, i: Tensor) -> Tensor | None:

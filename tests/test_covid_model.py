@@ -696,6 +696,38 @@ def test_the_native_hard_day_gives_the_torch_ops_numbers(env, monkeypatch):
     assert float(native["infections_household"].sum()) > 0 and float(native["infections_school"].sum()) > 0
 
 
+def test_gradient_modes_split_infections_by_layer_in_the_native_pass_with_the_torch_numbers(env, monkeypatch):
+    """Straight-through runs split the day's infections by layer in one native pass too (`layer_shares_at` over the
+    terms the force's `_LayeredForce` node kept): every day, with the numbers and the gradients of the torch ops."""
+    from agenttensor import _group_kernels
+
+    calls = []
+    native_shares = _group_kernels.layered_shares_at
+
+    def counted(*args):
+        out = native_shares(*args)
+        calls.append(out is not None)
+        return out
+
+    def once():
+        params = busy_params(transmission_scale=3.0).as_tensors(learn=("transmission_scale", "school_weight"))
+        results = run(env, params, steps=20, seeds=(0, 1), interventions=ALL_LEVERS, sampler=StraightThrough())
+        (results["new_infections"].sum() + results["reported_cases"].sum()).backward()
+        return results, (params.transmission_scale.grad, params.school_weight.grad)
+
+    monkeypatch.setattr(_group_kernels, "layered_shares_at", counted)
+    native, native_grads = once()
+    assert calls == [True] * 20
+    monkeypatch.setattr(_group_kernels, "layered_shares_at", lambda *args: None)
+    reference, grads = once()
+    layers = [name for name in reference.metrics if name.startswith("infections_")]
+    assert len(layers) == 4 and float(native["infections_school"].sum()) > 0
+    for name in reference.metrics:
+        assert torch.equal(native[name].detach(), reference[name].detach()), name
+    for x, y in zip(native_grads, grads):
+        assert torch.equal(x, y)
+
+
 def test_a_hard_day_with_a_learnable_beta_keeps_its_derivative_through_the_torch_ops(env):
     """The native force declines where a derivative would reach its inputs (a learnable β under a hard sampler): the
     torch ops then give the same force with its derivative, d λ / d β = λ / β."""

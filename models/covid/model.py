@@ -747,7 +747,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # members (``own``). The agent's own term is zero in the forward pass (susceptible agents are not infectious)
     # but not in the backward pass once derivative mass of untaken infections sits in its I stages
     # (`shadow.py`): it is left out, or an agent would "infect itself" in the linearisation.
-    native_terms = None if ctx.sampler.differentiable else []  # hard mode: for `layer_attribution`'s native pass
+    native_terms = []  # the force's native form, for `layer_attribution`'s native pass
     force = layered_force(sigma, [ForceTerm(
         table=group_values, slot=slot, presence=None if presence is None else presence(dense),
         factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
@@ -1102,8 +1102,8 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
 
 
 def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
-    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32); in
-    hard mode on CPU one native pass over the force's terms (`layer_shares_at`, the same numbers)."""
+    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32); on
+    CPU one native pass over the force's terms (`layer_shares_at`, the same numbers), in every mode."""
     names = ctx.scratch["layer_names"]
     shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
     if shares is not None:
