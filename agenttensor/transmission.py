@@ -17,6 +17,7 @@ Shapes: values are [B, N] (batch, agents); group ids [N]; edge_index [2, E].
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -355,6 +356,47 @@ def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
     return sigma * functools.reduce(torch.add, values)
 
 
+class HandedSums(NamedTuple):
+    """Group sums of one term's weights (grad σ presence factors), made by the node that made the force's gradient in a
+    pass of its own (`hand_weight_sums`)."""
+
+    grad: weakref.ref  # the force's gradient [B, N] they were summed from
+    slot: Tensor  # [N] the term's slots
+    parts: tuple  # σ and the factors they were weighted with (factor, factor_all: those present), by `_memory`
+    sums: Tensor  # [B, S]
+
+
+_HANDED: dict[int, HandedSums] = {}  # id(grad) -> its sums (one entry: the latest)
+
+
+def hand_weight_sums(grad: Tensor, slot: Tensor, sigma: Tensor, factors: tuple[Tensor, ...], sums: Tensor) -> None:
+    """Hand `layered_force`'s backward the group sums [B, S] of a term's weights for the gradient ``grad`` [B, N] it is
+    about to receive: the term of slots ``slot`` with no presence, this σ and these ``factors`` (its factor and
+    factor_all, those it has, in that order; the same tensors, compared by memory), weights w = grad σ (the factors'
+    product) summed per group in agent order from +0 (the native pass's arithmetic: the same bits), e.g. by the pass
+    that made grad. The backward then leaves that term out of its own pass where nothing else is asked of it."""
+    _HANDED.clear()
+    _HANDED[id(grad)] = HandedSums(weakref.ref(grad), slot, _memory(sigma, *factors), sums)
+
+
+def _memory(*xs: Tensor | None) -> tuple:
+    """The tensors that are not None, by their memory (data pointer, shape)."""
+    return tuple((x.data_ptr(), tuple(x.shape)) for x in xs if x is not None)
+
+
+def _handed_term(grad: Tensor, sigma: Tensor, terms: list[ForceTerm], only_sums: list[bool]) -> tuple[int, Tensor] | None:
+    """(index of the term, its sums) where `hand_weight_sums` handed sums for ``grad`` and one of ``terms`` of which
+    nothing but the sums is asked (``only_sums``), else None."""
+    handed = _HANDED.pop(id(grad), None)
+    if handed is None or handed.grad() is not grad:
+        return None
+    for index, t in enumerate(terms):
+        if t.slot is handed.slot and t.presence is None and handed.sums.shape == (grad.shape[0], t.table.shape[-1]) \
+                and handed.parts == _memory(sigma, t.factor, t.factor_all) and only_sums[index]:
+            return index, handed.sums
+    return None
+
+
 class _LayeredForce(torch.autograd.Function):
     """Forward: one native pass over the agents on CPU (torch ops elsewhere). Backward: per layer the weight
     w = grad σ presence factors and its group sums (the table's derivative; both are the probes' derivatives, see
@@ -385,9 +427,24 @@ class _LayeredForce(torch.autograd.Function):
         summed = tuple(wants[1 + 7 * k] or group for k, (_, group) in enumerate(ctx.probes))  # the tables' sums
         # the weights handed over as their parts (not written), where the probe's owner forms them
         unwritten = tuple(member and handoff is not None for (member, _), handoff in zip(ctx.probes, ctx.handoffs))
+        # a term whose weights' sums were handed over (`hand_weight_sums`) and of which nothing else is asked: left out
+        handed = _handed_term(grad, sigma, terms, [not (want_sigma or any(asked)) and lazy
+                                                   for asked, lazy in zip(want, unwritten)])
+        kept = [k for k in range(len(terms)) if handed is None or k != handed[0]]
+
+        def without(x: tuple) -> tuple:
+            return tuple(x[k] for k in kept if k < len(x))
+
         fused = _group_kernels.layered_force(sigma, [(t.table, t.slot, t.presence, t.factor, t.factor_all)
-                                                     for t in terms], grad, want_sigma, want, summed,
-                                             ctx.constant_last, unwritten=unwritten)
+                                                     for t in without(terms)], grad, want_sigma, without(want),
+                                             without(summed), without(ctx.constant_last), unwritten=without(unwritten)) \
+            if kept else ([], [], None, [])
+        if fused is not None and handed is not None:  # the handed term's place: its sums, no weights or derivatives
+            weights, derivatives, d_sigma, group_sums = (list(x) if isinstance(x, (list, tuple)) else x for x in fused)
+            weights.insert(handed[0], None)
+            derivatives.insert(handed[0], (None, None, None))
+            group_sums.insert(handed[0], handed[1])
+            fused = weights, derivatives, d_sigma, group_sums
         if fused is None:  # the same derivatives in torch ops
             gs = grad * sigma
             weights, derivatives, total = [], [], 0

@@ -1068,3 +1068,56 @@ def test_the_native_passes_read_sigma_by_age_group_with_the_same_numbers(populat
     tables.clear()
     run(True, [at.Intervention("vaccination", START, START + dt.timedelta(days=30), 0.02)])
     assert tables and not any(tables)
+
+
+@pytest.mark.parametrize("case", ["plain", "kept shares", "vaccination", "learnable sigma", "checkpointed"])
+def test_the_transition_hands_the_household_weight_sums_to_the_force_with_the_same_gradients(population, case,
+                                                                                             monkeypatch):
+    """The transition's fused native pass, which makes d λ household by household, also sums the force's household
+    term's weights (d λ σ) · kept per household (`transmission.hand_weight_sums`), and the force's backward leaves that
+    term out of its own pass: the same gradients bit for bit as the force summing them, with the household and the
+    all-layer kept shares and in checkpointed segments; declined where the force is asked for more of that term (d σ,
+    for a learnable σ or one that carries the vaccinations' derivative). A sum of the wrong weights, or over the wrong
+    agents, fails."""
+    from agenttensor import transmission
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "household_weight", "detection_rate") + \
+        (("susceptibility",) if case == "learnable sigma" else ())
+    interventions = {"plain": [], "vaccination": [at.Intervention("vaccination", 2, 400, 0.02)]}.get(case, [
+        at.Intervention("transmission_reduction", 2, 400, 0.2, layer="household"),
+        at.Intervention("transmission_reduction", 4, 400, 0.1)])
+    hand, handed_term = transmission.hand_weight_sums, transmission._handed_term
+    used = []
+
+    def counted(*args):
+        out = handed_term(*args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(transmission, "_handed_term", counted)
+
+    def run(handing: bool):
+        monkeypatch.setattr(transmission, "hand_weight_sums", hand if handing else lambda *args: None)
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=14, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions,
+                          grad_checkpoint_every=7 if case == "checkpointed" else None)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names]
+
+    handed, handed_grads = run(True)
+    uses, used[:] = list(used), []
+    reference, grads = run(False)
+    assert not any(used)
+    if case == "learnable sigma":
+        assert uses and not any(uses)  # the force makes d σ: it keeps the term
+    elif case == "vaccination":  # σ carries the vaccinations' derivative from day 2 on: d σ, as for a learnable σ
+        assert any(uses) and not all(uses)
+    else:
+        assert sum(uses) >= 12  # every day with a gradient of the force (the last one's has none)
+    for name in reference.metrics:
+        assert torch.equal(handed[name], reference[name]), name
+    for name, a, b in zip(names, handed_grads, grads):
+        assert a.abs().sum() > 0 and torch.equal(a, b), name

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agenttensor import select
+from agenttensor import select, transmission
 from agenttensor.sampling import EventDerivatives
 from agenttensor.transmission import group_gather, range_broadcast
 
@@ -307,7 +307,9 @@ class _Transition(torch.autograd.Function):
                 f_mean, d_sym, d_asym, half_infectious, rate, mask, survival, ctx.needs_input_grad[15])
         # the exiting agents' gradients first: the native pass may write the new ones over gE, gI_sym, ...
         at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
-        fused = shadow_native.backward(*args, reuse=_exclusive(incoming), timed_flags=timed_flags)
+        handed: dict = {}  # the force's household-term weight sums, where the native pass makes them (`hand_weight_sums`)
+        fused = shadow_native.backward(*args, reuse=_exclusive(incoming), timed_flags=timed_flags,
+                                       household_weight_sums=handed)
         if fused is None:  # the same map in torch ops
             fused = _transition_backward(*args, timed_flags=timed_flags)
         g_E0, g_Is0, g_Ia0, g_H0, g_exposure0, g_latent0, g_new_E, g_S0, g_hazard = fused
@@ -319,6 +321,8 @@ class _Transition(torch.autograd.Function):
                 EXCLUSIVE_GRADIENTS[id(g)] = g
         if g_hazard is not None and g_hazard.shape != ctx.hazard_shape:
             g_hazard = g_hazard.sum_to_size(ctx.hazard_shape)
+        elif g_hazard is not None and "sums" in handed:  # the force's backward need not sum them again
+            transmission.hand_weight_sums(g_hazard, ctx.slot, sigma, unit.kept, handed["sums"])
         if mask is None:  # S's gradient passes through (the infection event's node adds its own: relaxed samplers)
             g_S0 = gS
         ctx.handoff.update((name, g) for name, g in (("E", g_E0), ("I_sym", g_Is0), ("I_asym", g_Ia0), ("H", g_H0))

@@ -40,7 +40,7 @@ class _Args(ctypes.Structure):  # ShadowArgs in shadow_kernel.cpp, field for fie
         + [(n, _P) for n in ("susceptible", "alpha")] \
         + [(n, _F) for n in ("d_sym", "d_asym", "f_mean")] + [("susceptible_sums", _P), ("ages", _I)] \
         + [(n, _P) for n in ("infection_mask", "out_S", "borough_starts", "survival", "out_hazard", "timed_flags")] \
-        + [("susceptible_bit", _I), ("sigma_table", _P), ("sigma_table_stride", _I)]
+        + [("susceptible_bit", _I), ("sigma_table", _P), ("sigma_table_stride", _I), ("weight_sums", _P)]
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -87,7 +87,8 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
              testing: Tensor | None, grads: dict[str, Tensor | None], f_mean: float, d_sym: float, d_asym: float,
              half_infectious: float, rate: dict[str, float], infection_mask: Tensor | None = None,
              survival: Tensor | None = None, want_new_E: bool = True,
-             reuse: dict[str, Tensor] | None = None, timed_flags: Tensor | None = None) -> tuple[Tensor, ...] | None:
+             reuse: dict[str, Tensor] | None = None, timed_flags: Tensor | None = None,
+             household_weight_sums: dict | None = None) -> tuple[Tensor, ...] | None:
     """(d E0, d I_sym0, d I_asym0, d H0, d exposure0, d latent0, d new_E, d S0, d λ), each [B, N] or None where no
     incoming gradient reaches it (`_nonzero_outputs`; d new_E only if ``want_new_E``; d S0 = gS + mask · d new_E only
     with ``infection_mask``, the infection event's d new_E / d S [B, N] bool; d λ = d new_E · S · survival only with
@@ -98,7 +99,9 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
     that nobody reads after this call: each output is written over its own (`REUSABLE`) instead of into a fresh
     [B, N]: the caller's promise; the buffers must be distinct. ``stage_end`` None: ``timed_flags`` [B, N] uint8
     carries its sign in bit 3 (`contributions_native.pack`); ``susceptible`` None: they carry S in bit 4 (unpacked
-    per tile: no float32 S saved by the transition)."""
+    per tile: no float32 S saved by the transition). ``household_weight_sums``: a dict that receives, where the pass is
+    the fused one and makes d λ, the household sums of the force's household-term weights (d λ σ) · kept ([B, H + 1],
+    key "sums"; `agenttensor.transmission.hand_weight_sums`)."""
     if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = _library()
@@ -239,6 +242,10 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
     if survival is not None and new_E_reached:  # d λ = d new_E · S · exp(−λ)
         g_hazard = torch.empty(B, N)
         args.susceptible, args.survival, args.out_hazard = _ptr(S), survival.data_ptr(), g_hazard.data_ptr()
+        if household_weight_sums is not None and args.sigma:  # (the fused pass: households as runs of agents)
+            sums = torch.zeros(B, env.household.num_groups + 1)
+            args.weight_sums = sums.data_ptr()
+            household_weight_sums["sums"] = sums
     (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(
         ctypes.byref(args))
     return (*out, g_S0, g_hazard)

@@ -289,6 +289,11 @@ struct ShadowArgs {
   // by age: 1 byte per agent read instead of 4)
   const float* sigma_table;
   int64_t sigma_table_stride;
+  // or null (agenttensor_covid_shadow_backward_fused, with out_hazard): [B, households] out, zeros on entry: each
+  // household's sum of the force's household-term weights w = (d λ σ) (kept1 kept2), kept1, kept2 where not null (the
+  // numbers of the layered force's backward, agenttensor/csrc/group_kernels.cpp: the same products, each household's
+  // run summed in agent order from +0), so that it need not make them in a pass of its own
+  float* weight_sums;
 };
 
 // q_sym = S_k [1 - (1 - T_sym)(1 - T_sym T_mid)^s] g_exposure, the same with T_asym (see attack_probabilities):
@@ -320,6 +325,20 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
     from_sym[j] = sums_sym[household[j]] - q_sym[j];
     from_asym[j] = sums_asym[household[j]] - q_asym[j];
   }
+}
+
+// The weights of the force's household term for n agents, w = (d λ σ) (kept1 kept2) (kept1, kept2 null: absent), as the
+// layered force's backward makes them (grad σ, times 1 · factor · factor_all: the same bits), summed per household
+// into sums (every household a run of agents, whole in these n)
+void household_weight_sums(int64_t n, const float* __restrict d_lambda, const float* __restrict sigma,
+                           const float* __restrict kept1, const float* __restrict kept2, const int32_t* household,
+                           float* __restrict w, float* sums) {
+  for (int64_t j = 0; j < n; ++j) w[j] = d_lambda[j] * sigma[j];
+  if (kept1 && kept2)
+    for (int64_t j = 0; j < n; ++j) w[j] = w[j] * (kept1[j] * kept2[j]);
+  else if (kept1)
+    for (int64_t j = 0; j < n; ++j) w[j] = w[j] * kept1[j];
+  run_sums<1>(n, {w}, household, {sums});
 }
 
 // S [n] as floats 0/1 from bit 4 of the flags (`agenttensor_covid_pack`)
@@ -482,8 +501,8 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
   agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
     ShadowTile tile{};
-    std::vector<float> us, qs, qa, from_sym, from_asym, unpacked, sigmas;  // a chunk's unit hazards, q, hand-offs
-                                                                           // (and S, σ)
+    std::vector<float> us, qs, qa, from_sym, from_asym, unpacked, sigmas, weights;  // a chunk's unit hazards, q,
+                                                                                    // hand-offs (and S, σ, weights)
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
       const float* S_row = a->susceptible_bit ? nullptr : a->susceptible + b * N;
@@ -506,6 +525,7 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
           from_asym.resize(n);
           unpacked.resize(n);
           sigmas.resize(n);
+          weights.resize(n);
         }
         const int32_t* household = a->household + c0;
         const float* S = S_row ? S_row + c0 : unpacked.data();  // the chunk's S
@@ -521,6 +541,10 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
           shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile,
                       buffered);
+        if (a->weight_sums)
+          household_weight_sums(n, a->out_hazard + b * N + c0, sigma ? sigma + c0 : sigmas.data(),
+                                kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr, household, weights.data(),
+                                a->weight_sums + b * H);
         c0 = c1;
       }
     }
