@@ -1121,3 +1121,35 @@ def test_the_transition_hands_the_household_weight_sums_to_the_force_with_the_sa
         assert torch.equal(handed[name], reference[name]), name
     for name, a, b in zip(names, handed_grads, grads):
         assert a.abs().sum() > 0 and torch.equal(a, b), name
+
+
+def test_isolatings_gradient_is_added_in_place_at_the_infectious_agents_only(population, monkeypatch):
+    """The own contributions' native backward adds isolating's part ι D (−η), 0 but at the infectious agents, into the
+    gradient the exits handed it at those agents only: the same gradients as the torch ops, which add it everywhere,
+    with a loss on the isolating share (every agent's isolating carries a derivative of its own). An agent skipped
+    that is infectious, or one whose derivative is lost, fails."""
+    from models.covid import contributions_native
+
+    params = moderate(initial_prevalence=0.02)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "isolation_effectiveness", "detection_rate", "isolate_intercept")
+    native = contributions_native.backward
+    in_place = []
+
+    def spied(*args, **kwargs):
+        g, writable = kwargs["passed"]["isolating"]
+        in_place.append(g is not None and writable)
+        return native(*args, **kwargs)
+
+    def run(torch_ops: bool):
+        monkeypatch.setattr(contributions_native, "backward", (lambda *a, **k: None) if torch_ops else spied)
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=14, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough())
+        (res["new_infections"].sum() + 1e4 * res["isolating_share"].sum()).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    native_grads = run(False)
+    assert sum(in_place) >= 10
+    for name, a, b in zip(names, native_grads, run(True)):
+        assert a.abs().sum() > 0 and torch.equal(a, b), name

@@ -381,6 +381,13 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (!accs[q]) continue;
           const float* acc = accs[q] + k0;  // may be outs[q]: the same element is read, then written
           float* o = outs[q] + k0;
+          if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
+            // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
+            // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
+            for (int64_t j = 0; j < n; ++j)
+              if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = acc[j] + sums[q][j];
+            continue;
+          }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
         }
         if (a->alpha_sums) add_lanes(alpha_sum, alpha_term, n);
