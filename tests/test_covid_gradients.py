@@ -493,13 +493,15 @@ def test_exits_at_never_writes_into_a_shared_gradient():
         assert torch.equal(a, ref)
 
 
-@pytest.mark.parametrize("memberships", ["fractional", "whole"])
+@pytest.mark.parametrize("memberships", ["fractional", "whole", "by size"])
 def test_native_attack_probabilities_match_the_torch_formula(memberships):
     """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
     hazards from 0 to saturation, whole and fractional numbers of other susceptible members (relaxed memberships),
     and 0/1 memberships (whole powers by squaring), with two households of 150 (counts past 64: the exp/log path
     for their tiles). Households scattered over the agents (the fused pass for runs of agents is compared with this
-    one in `test_native_shadow_backward_equals_its_torch_ops`)."""
+    one in `test_native_shadow_backward_equals_its_torch_ops`). "by size": 0/1 memberships in runs of households of
+    one size each (1, 3, 4, 6, 10, 20, 40, 100), so that whole tiles need each number of squaring steps, 0 to 6, and
+    the exp/log path past 64."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native
@@ -510,16 +512,22 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(0)
     n = 50_000
-    household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
-    household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
-    layer = GroupLayer(household[torch.randperm(n, generator=g)])
-    assert not shadow_native.contiguous_groups(layer.slot)
+    if memberships == "by size":  # runs of 6,000 agents per size (whole tiles), households in agent order
+        household = torch.cat([torch.arange(6_000) // size + 10_000 * k
+                               for k, size in enumerate((1, 3, 4, 6, 10, 20, 40, 100))])
+        n = household.numel()
+        layer = GroupLayer(household)
+    else:
+        household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
+        household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
+        layer = GroupLayer(household[torch.randperm(n, generator=g)])
+        assert not shadow_native.contiguous_groups(layer.slot)
     slots = layer.num_groups + 1
     unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
     if memberships == "fractional":
         susceptible = torch.where(torch.rand(1, n, generator=g) < 0.5, 1.0, torch.rand(1, n, generator=g))
     else:
-        susceptible = (torch.rand(1, n, generator=g) < 0.8).float()
+        susceptible = (torch.rand(1, n, generator=g) < (0.8 if memberships == "whole" else 0.95)).float()
     exposure = torch.randn(1, n, generator=g)
     q_sym, q_asym = torch.empty(1, n), torch.empty(1, n)
     sums = group_sum(susceptible, layer.slot, slots)

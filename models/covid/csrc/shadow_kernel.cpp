@@ -70,28 +70,38 @@ inline float power_unit(float x, float n) {
 
 constexpr int64_t kTile = 256;
 
-// x^k for a whole k in [0, 64), by squaring (six branch-free steps: vectorises, and exact to a few ulp)
+// x^k for a whole k in [0, 2^Bits), by squaring (Bits branch-free steps: vectorises, and exact to a few ulp; a
+// step whose bit is 0 multiplies by 1, so any Bits that covers k gives the same bits)
+template <int Bits>
 inline float power_whole(float x, float k) {
   const int32_t bits = static_cast<int32_t>(k);
   float r = 1.f, p = x;
-  for (int bit = 0; bit < 6; ++bit) {
+  for (int bit = 0; bit < Bits; ++bit) {
     r *= ((bits >> bit) & 1) ? p : 1.f;
     p *= p;
   }
   return r;
 }
 
-// Whether every count of the tile is whole and below 64 (always with 0/1 memberships; relaxed ones may not be)
-bool whole_counts(int64_t n, const float* __restrict counts) {
-  int32_t other = 0;
-  for (int64_t j = 0; j < n; ++j)
-    other |= (static_cast<float>(static_cast<int32_t>(counts[j])) != counts[j]) | (counts[j] >= 64.f);
-  return other == 0;
+// The bits the tile's counts need (0 where all are 0), where every count is whole and below 64 (always with 0/1
+// memberships; relaxed ones may not be), else -1
+int whole_count_bits(int64_t n, const float* __restrict counts) {
+  int32_t other = 0, any = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t whole = static_cast<int32_t>(counts[j]);
+    other |= (static_cast<float>(whole) != counts[j]) | (counts[j] >= 64.f);
+    any |= whole;
+  }
+  if (other) return -1;
+  int bits = 0;
+  while (any >> bits) ++bits;
+  return bits;
 }
 
-// q_sym and q_asym of a tile (see agenttensor_covid_attack) from the counts s in `chain`. Whole: s^k by squaring,
-// else exp(s log x): with 0/1 memberships two logs and two exps fewer per agent.
-template <bool Whole>
+// q_sym and q_asym of a tile (see agenttensor_covid_attack) from the counts s in `chain`. Whole (Bits >= 0): s^k by
+// squaring in Bits steps (households are small: most tiles need 3 of the 6), else exp(s log x): with 0/1
+// memberships two logs and two exps fewer per agent.
+template <int Bits>
 void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S, const float* __restrict g,
                  float a_sym, float a_asym, float f_mean, const float* __restrict chain, float* __restrict qs,
                  float* __restrict qa) {
@@ -101,8 +111,8 @@ void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S
     const float T_mid = T_sym * f_mean + T_asym * (1.f - f_mean);
     const float s = chain[i], sg = S[i] * g[i];
     const float x_sym = 1.f - T_sym * T_mid, x_asym = 1.f - T_asym * T_mid;
-    const float p_sym = Whole ? power_whole(x_sym, s) : power_unit(x_sym, s);
-    const float p_asym = Whole ? power_whole(x_asym, s) : power_unit(x_asym, s);
+    const float p_sym = Bits >= 0 ? power_whole<(Bits > 0 ? Bits : 0)>(x_sym, s) : power_unit(x_sym, s);
+    const float p_asym = Bits >= 0 ? power_whole<(Bits > 0 ? Bits : 0)>(x_asym, s) : power_unit(x_asym, s);
     qs[i] = (1.f - p_sym * (1.f - T_sym)) * sg;
     qa[i] = (1.f - p_asym * (1.f - T_asym)) * sg;
   }
@@ -181,10 +191,22 @@ void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const 
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
     chain_counts(n, sums, household + t0, S + t0, chain);
-    if (whole_counts(n, chain))
-      attack_tile<true>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0);
-    else
-      attack_tile<false>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0);
+    switch (whole_count_bits(n, chain)) {
+#define AGENTTENSOR_ATTACK(BITS) \
+  case BITS:                     \
+    attack_tile<BITS>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0); \
+    break;
+      AGENTTENSOR_ATTACK(0)
+      case 1:  // (three steps at least: with one or two, GCC contracts the products into FMAs otherwise, 1 ulp off
+      case 2:  // the six steps' numbers)
+      AGENTTENSOR_ATTACK(3)
+      AGENTTENSOR_ATTACK(4)
+      AGENTTENSOR_ATTACK(5)
+      AGENTTENSOR_ATTACK(6)
+#undef AGENTTENSOR_ATTACK
+      default:
+        attack_tile<-1>(n, u + t0, S + t0, g + t0, a_sym, a_asym, f_mean, chain, qs + t0, qa + t0);
+    }
   }
 }
 
