@@ -243,7 +243,10 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
         g_hazard = torch.empty(B, N)
         args.susceptible, args.survival, args.out_hazard = _ptr(S), survival.data_ptr(), g_hazard.data_ptr()
         if household_weight_sums is not None and args.sigma:  # (the fused pass: households as runs of agents)
-            sums = torch.zeros(B, env.household.num_groups + 1)
+            # the pass writes every slot that has agents: zeros at the others only (no [B, H + 1] fill a day)
+            sums = torch.empty(B, env.household.num_groups + 1)
+            sums[:, env.static("household_slots_without_agents", lambda: torch.nonzero(torch.bincount(
+                env.household.slot, minlength=env.household.num_groups + 1) == 0).flatten())] = 0.0
             args.weight_sums = sums.data_ptr()
             household_weight_sums["sums"] = sums
     (library.agenttensor_covid_shadow_backward_fused if args.sigma else library.agenttensor_covid_shadow_backward)(

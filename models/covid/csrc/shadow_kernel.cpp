@@ -311,7 +311,8 @@ struct ShadowArgs {
   // by age: 1 byte per agent read instead of 4)
   const float* sigma_table;
   int64_t sigma_table_stride;
-  // or null (agenttensor_covid_shadow_backward_fused, with out_hazard): [B, households] out, zeros on entry: each
+  // or null (agenttensor_covid_shadow_backward_fused, with out_hazard): [B, households] out, written at every slot
+  // with agents (the caller zeroes the others: the non-members' slot, any empty household): each
   // household's sum of the force's household-term weights w = (d λ σ) (kept1 kept2), kept1, kept2 where not null (the
   // numbers of the layered force's backward, agenttensor/csrc/group_kernels.cpp: the same products, each household's
   // run summed in agent order from +0), so that it need not make them in a pass of its own
