@@ -500,8 +500,8 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
     and 0/1 memberships (whole powers by squaring), with two households of 150 (counts past 64: the exp/log path
     for their tiles). Households scattered over the agents (the fused pass for runs of agents is compared with this
     one in `test_native_shadow_backward_equals_its_torch_ops`). "by size": 0/1 memberships in runs of households of
-    one size each (1, 3, 4, 6, 10, 20, 40, 100), so that whole tiles need each number of squaring steps, 0 to 6, and
-    the exp/log path past 64."""
+    one size each (1, 3, 4, 6, 10, 20, 40, 100), so that whole tiles need each number of bits, 0 to 6 (run as 0, 3, 4,
+    5 or 6 squaring steps), and the exp/log path past 64."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native

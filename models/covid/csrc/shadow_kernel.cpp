@@ -71,7 +71,8 @@ inline float power_unit(float x, float n) {
 constexpr int64_t kTile = 256;
 
 // x^k for a whole k in [0, 2^Bits), by squaring (Bits branch-free steps: vectorises, and exact to a few ulp; a
-// step whose bit is 0 multiplies by 1, so any Bits that covers k gives the same bits)
+// step whose bit is 0 multiplies by 1, so any Bits that covers k gives the same value, though not always the same
+// compiled arithmetic: see attack_range)
 template <int Bits>
 inline float power_whole(float x, float k) {
   const int32_t bits = static_cast<int32_t>(k);
