@@ -99,6 +99,40 @@ def test_the_native_node_gives_the_torch_ops_derivatives(sampler, binary):
     assert any(bool(x.ne(0).any()) for x in got[5:10])  # the rates' derivatives are not all zero
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("present", range(8))  # which of closed workplaces, stimulus, workplace closure are on
+def test_the_native_backward_gives_the_fields_torch_ops_derivatives(present, threads, monkeypatch):
+    """Where only the fields ask for derivatives (a run's case), one native pass from the packed bytes: the torch ops'
+    derivatives bit for bit, for every lever combination; the pass ran (no recomputation), and a field that asks for
+    none gets None."""
+    torch.set_num_threads(threads)
+    fields, has_workplace, rates, levers = inputs(torch.float32, seed=3)
+    levers = [x if present >> k & 1 else None for k, x in enumerate(levers)]
+    g = torch.Generator().manual_seed(4)
+    weights = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
+    wanted = [True, True, True, True, present != 3]  # (D without a derivative once)
+    leaves = [x.clone().requires_grad_(want) for x, want in zip(fields, wanted)]
+    passes = []
+    original = labour_native._field_derivatives
+    monkeypatch.setattr(labour_native, "_field_derivatives", lambda *a: passes.append(1) or original(*a))
+
+    def derivatives(fn):
+        for x in leaves:
+            x.grad = None
+        xs = [x * 1 if x.requires_grad else x for x in leaves]
+        employed, unemployed = fn(xs, has_workplace, rates, levers, StraightThrough())
+        ((employed * weights[0]).sum() + (unemployed * weights[1]).sum()).backward()
+        return [x.grad for x in leaves]
+
+    expected = derivatives(reference)
+    got = derivatives(native)
+    assert passes == [1]
+    for k, (x, y, want) in enumerate(zip(got, expected, wanted)):
+        assert (x is None) == (y is None) == (not want), k
+        assert x is None or torch.equal(x, y), (k, (x - y).abs().max())
+    assert all(bool(x.ne(0).any()) for x in got if x is not None)
+
+
 def test_the_node_keeps_the_fields_in_one_byte_per_agent():
     fields, has_workplace, rates, levers = inputs(torch.float32)
     employed, _ = native([fields[0].requires_grad_(), *fields[1:]], has_workplace, rates, levers, StraightThrough())

@@ -4,6 +4,7 @@
 // ops of `model.labour_flows` (built with -ffp-contract=off: the same products and sums, in the same order).
 // Loaded by models/covid/labour_native.py. Plain C, no torch headers.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -28,8 +29,22 @@ struct LabourArgs {
   int64_t closed_stride, stimulus_stride, closure_stride;
   void *employed_out, *unemployed_out;  // [B, N], the fields' dtype
   // or null: the five fields packed one byte per agent (bits 0..4: employed, unemployed, on_site, remote, D), where
-  // each is exactly +0.0 or 1.0 (float fields); the return value counts the chunks where one is not
+  // each is exactly +0.0 or 1.0 (float fields), and the two draws (bit 5: u < p, job loss; bit 6: u < q, rehire);
+  // the return value counts the chunks where a field is neither
   uint8_t* packed;
+};
+
+// The straight-through derivatives of the week's (employed, unemployed) with respect to the five fields
+// (agenttensor_covid_labour_backward), from the forward pass's packed bytes
+struct LabourBackwardArgs {
+  int64_t B, N, threads;
+  const uint8_t* packed;         // [B, N]: LabourArgs' packed bytes, draws included
+  const uint8_t* has_workplace;  // [N] (0/1 bytes)
+  const float *g_employed, *g_unemployed;  // [B, N] the incoming gradients, or null (zero)
+  const float *loss_absent, *loss_closed, *relief;  // [B]: job_loss_absent, job_loss_closed, stimulus_job_loss_relief
+  const float *closed, *stimulus;  // [B | 1, N] (row stride N or 0) or null (absent)
+  int64_t closed_stride, stimulus_stride;
+  float *d_employed, *d_unemployed, *d_on_site, *d_remote, *d_D;  // [B, N], or null (not wanted)
 };
 
 }  // extern "C"
@@ -85,7 +100,8 @@ uint32_t labour_span(int64_t n, Row r, const T* __restrict e, const T* __restric
         other |= (v0 != 0u && v0 != kOne) | (v1 != 0u && v1 != kOne) | (v2 != 0u && v2 != kOne) |
                  (v3 != 0u && v3 != kOne) | (v4 != 0u && v4 != kOne);
         packed[j] = static_cast<uint8_t>((v0 == kOne) | (v1 == kOne) << 1 | (v2 == kOne) << 2 | (v3 == kOne) << 3 |
-                                         (v4 == kOne) << 4);
+                                         (v4 == kOne) << 4 | static_cast<uint32_t>(lose) << 5 |
+                                         static_cast<uint32_t>(hire) << 6);
       }
     } else {  // uint8 arithmetic, as torch's (wrapping)
       const int lost = lose ? e[j] : 0, hired = hire ? un[j] : 0, alive = 1 - d[j];
@@ -139,9 +155,72 @@ int64_t dispatch(const LabourArgs& a) {
   }
 }
 
+// The derivatives for n agents, in the order of the operations autograd takes through `model.labour_flows` with
+// straight-through events (`sampling._StraightThroughDrawnEvent`: d event / d p = grad · where, d event / d where =
+// grad · 1[u < p]), so the same bits: for e' = ((e − lost) + hired) a, u' = ((un + lost) − hired) a, a = 1 − D,
+// lost = L e, hired = H un, p = base + [absent (1 − on_site) o + closed · closed_j · o] · relief, o = (1 − remote) hw.
+// Each sum of two terms is exact in either order (the engine's order of accumulation does not matter).
+template <bool Stimulus, bool Closed>
+void labour_backward_span(int64_t n, float r_absent, float r_closed, float r_relief, const uint8_t* __restrict f,
+                          const uint8_t* __restrict hw, const float* __restrict gE, const float* __restrict gU,
+                          const float* __restrict closed, const float* __restrict stimulus, float* __restrict d_e,
+                          float* __restrict d_un, float* __restrict d_os, float* __restrict d_rm,
+                          float* __restrict d_d) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = f[j];
+    const float e = static_cast<float>(bits & 1), un = static_cast<float>((bits >> 1) & 1),
+                os = static_cast<float>((bits >> 2) & 1), rm = static_cast<float>((bits >> 3) & 1),
+                d = static_cast<float>((bits >> 4) & 1);
+    const bool L = (bits >> 5) & 1, H = (bits >> 6) & 1;
+    const float alive = 1.f - d, lost = (L ? 1.f : 0.f) * e, hired = (H ? 1.f : 0.f) * un;
+    const float X = (e - lost) + hired, Y = (un + lost) - hired;
+    const float gX = gE[j] * alive, gY = gU[j] * alive;  // through the products with alive
+    const float g_lost = -gX + gY, g_hired = gX + -gY;
+    d_e[j] = gX + (L ? g_lost : 0.f);  // (where, and the event's d / d where)
+    d_un[j] = gY + (H ? g_hired : 0.f);
+    d_d[j] = -(gE[j] * X + gU[j] * Y);
+    const float g_p = g_lost * e;  // the event's d / d p
+    const float relief = Stimulus ? 1.f - r_relief * stimulus[j] : 1.f;
+    const float g_term = Stimulus ? g_p * relief : g_p;  // (each pandemic term times relief)
+    const float job = (1.f - rm) * static_cast<float>(hw[j]);
+    d_os[j] = -((g_term * job) * r_absent);
+    float g_job = g_term * (r_absent * (1.f - os));
+    if constexpr (Closed) g_job = g_job + g_term * (r_closed * closed[j]);
+    d_rm[j] = -(g_job * static_cast<float>(hw[j]));
+  }
+}
+
+template <bool Stimulus, bool Closed>
+void labour_backward(const LabourBackwardArgs& a) {
+  constexpr int64_t kTile = 1024;
+  agenttensor::parallel(a.threads, a.B * a.N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    float zero[kTile] = {}, unwanted[kTile];
+    agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
+      for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+        const int64_t n = std::min(kTile, i1 - t0), o = b * a.N + t0;
+        auto in = [&](const float* x) { return x ? x + o : zero; };
+        auto out = [&](float* x) { return x ? x + o : unwanted; };
+        auto lever = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : zero; };
+        labour_backward_span<Stimulus, Closed>(
+            n, a.loss_absent[b], a.loss_closed[b], a.relief[b], a.packed + o, a.has_workplace + t0, in(a.g_employed),
+            in(a.g_unemployed), lever(a.closed, a.closed_stride), lever(a.stimulus, a.stimulus_stride),
+            out(a.d_employed), out(a.d_unemployed), out(a.d_on_site), out(a.d_remote), out(a.d_D));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 extern "C" {
+
+// The week's derivatives with respect to the fields (see LabourBackwardArgs), where no rate or lever asks for one
+void agenttensor_covid_labour_backward(const LabourBackwardArgs* a) {
+  if (a->stimulus)
+    a->closed ? labour_backward<true, true>(*a) : labour_backward<true, false>(*a);
+  else
+    a->closed ? labour_backward<false, true>(*a) : labour_backward<false, false>(*a);
+}
 
 // The labour market's week for every agent (see LabourArgs); returns the number of chunks with a packed field that is
 // neither +0.0 nor 1.0 (0 where nothing is packed).
