@@ -26,6 +26,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_select_take.argtypes = [_P, _P, _P]
     library.agenttensor_zero_one_bytes.argtypes = [_P, _P, _I, _I]
     library.agenttensor_zero_one_bytes.restype = _I
+    library.agenttensor_range_counts.argtypes = [_I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _I]
+    library.agenttensor_range_counts.restype = _I
 
 
 def _library() -> ctypes.CDLL | None:
@@ -41,6 +43,52 @@ def zero_one_bytes(x: Tensor) -> Tensor | None:
     out = torch.empty(x.shape, dtype=torch.uint8)
     bad = library.agenttensor_zero_one_bytes(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
     return None if bad else out
+
+
+def range_counts(fields: list, ranges: list[tuple[int, int]]) -> Tensor | None:
+    """Per-range sums of K [B, N] fields of 0/1 values as float32 [K, B, G] (``ranges``: G contiguous agent ranges that
+    tile 0..N in order, e.g. boroughs), each field a tensor or a (field, mask) pair whose product is summed (mask: [N],
+    [1, N] or [B, N] of the field's dtype): ``torch.stack([range_sums(x, ranges, float32) for x in fields])``, the same
+    values (the sums of 0/1 values are whole numbers, exact in float32 below 2^24 per range), in one native pass on CPU
+    over uint8 or float32 fields; None where it does not apply (other devices or dtypes, no library, shapes) or where a
+    float value is neither 0 nor 1."""
+    pairs = [(x, None) if isinstance(x, Tensor) else tuple(x) for x in fields]
+    if not pairs:
+        return None
+    first = pairs[0][0]
+    if first.dim() != 2 or first.device.type != "cpu" or first.dtype not in _KIND:
+        return None
+    B, N = first.shape
+    starts = [a for a, _ in ranges] + [N]
+    if not ranges or starts[0] != 0 or any(b != a for (_, b), a in zip(ranges, starts[1:])):
+        return None
+    keep, masks, strides = [], [], []
+    for x, m in pairs:
+        if x.shape != (B, N) or x.dtype != first.dtype or x.device.type != "cpu":
+            return None
+        keep.append(x.detach().contiguous())
+        if m is None:
+            masks.append(None)
+            strides.append(0)
+            continue
+        if m.dtype != first.dtype or m.device.type != "cpu" or m.shape[-1] != N or m.dim() > 2 \
+                or (m.dim() == 2 and m.shape[0] not in (1, B)):
+            return None
+        m = m.detach().reshape(-1, N).contiguous()
+        masks.append(m)
+        strides.append(0 if m.shape[0] == 1 else N)
+    library = _library()
+    if library is None:
+        return None
+    K, G = len(pairs), len(ranges)
+    pointers = (ctypes.c_void_p * K)(*[x.data_ptr() for x in keep])
+    mask_pointers = (ctypes.c_void_p * K)(*[None if m is None else m.data_ptr() for m in masks])
+    counts = torch.empty(K, B, G, dtype=torch.int64)
+    threads = torch.get_num_threads() if K * B * N >= 1 << 18 else 1
+    bad = library.agenttensor_range_counts(_KIND[first.dtype], K, B, N, pointers, mask_pointers,
+                                           (ctypes.c_int64 * K)(*strides), G, (ctypes.c_int64 * (G + 1))(*starts),
+                                           counts.data_ptr(), threads)
+    return None if bad else counts.to(torch.float32)
 
 
 def _chunks(a: Tensor) -> tuple[int, int]:

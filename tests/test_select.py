@@ -80,6 +80,36 @@ def test_values_at_and_put_at_are_two_index_gathers_and_puts(rows):
             assert out is target and torch.equal(target, expect)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 300_001), (3, 70_000), (2, 50)])
+def test_range_counts_are_the_torch_range_sums(dtype, shape, threads):
+    """Per-range counts of 0/1 fields and of (field, mask) products ([N], [1, N] and [B, N] masks), an empty range
+    included: the values of torch's sums per range, as float32 [K, B, G]; a float field with a value other than 0 or 1
+    (or a range list that does not tile the agents) gives None."""
+    from agenttensor.transmission import range_sums
+
+    torch.set_num_threads(threads)
+    B, N = shape
+    g = torch.Generator().manual_seed(6)
+    cuts = sorted(torch.randint(0, N, (3,), generator=g).tolist())
+    ranges = [(0, cuts[0]), (cuts[0], cuts[0]), (cuts[0], cuts[1]), (cuts[1], cuts[2]), (cuts[2], N)]
+    fields = [(torch.rand(B, N, generator=g) < p).to(dtype) for p in (0.5, 0.01, 0.9)]
+    masks = [(torch.rand(N, generator=g) < 0.7).to(dtype), (torch.rand(1, N, generator=g) < 0.7).to(dtype),
+             (torch.rand(B, N, generator=g) < 0.7).to(dtype)]
+    asked = [fields[0], (fields[1], masks[0]), (fields[2], masks[1]), (fields[0], masks[2]), fields[2]]
+    expected = torch.stack([range_sums(x if isinstance(x, torch.Tensor) else x[0] * x[1], ranges, torch.float32)
+                            for x in asked])
+    got = select.range_counts(asked, ranges)
+    assert got is not None and got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got[:, :, 1].eq(0).all() and got.sum() > 0
+    if dtype == torch.float32:
+        fractional = fields[0].clone()
+        fractional[-1, -1] = 0.5
+        assert select.range_counts([fields[1], fractional], ranges) is None
+    assert select.range_counts(asked, ranges[:-1]) is None  # (does not reach N)
+
+
 def test_zero_one_bytes_are_the_memberships_as_bytes_or_none():
     """`select.zero_one_bytes` (checkpointed segments compact their 0/1 inputs with it): x.to(uint8) where every value
     is 0 (-0.0 too) or 1, else None (a fraction, a NaN, a 2), natively and through the torch ops, at any size."""

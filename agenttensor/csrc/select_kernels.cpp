@@ -4,6 +4,7 @@
 // does not depend on the number of threads; or two passes, count per chunk, then write at the chunk's offset. Loaded
 // by agenttensor/select.py; plain C, no torch headers.
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -121,9 +122,78 @@ int32_t zero_one_range(int64_t n, const float* __restrict x, uint8_t* __restrict
   return other != 0;
 }
 
+// Σ a[j] (· m[j]) over n values. uint8: the sum of the bytes (their products wrap as torch's uint8 ones do); float32:
+// the number of 1.0s, with `other` set where a value (or product) is neither 0 nor 1 (NaN included). n <= 2^16.
+inline int64_t range_total(const uint8_t* __restrict a, const uint8_t* __restrict m, int64_t n, uint32_t&) {
+  uint32_t total = 0;
+  if (m)
+    for (int64_t j = 0; j < n; ++j) total += static_cast<uint8_t>(a[j] * m[j]);
+  else
+    for (int64_t j = 0; j < n; ++j) total += a[j];
+  return total;
+}
+
+inline int64_t range_total(const float* __restrict a, const float* __restrict m, int64_t n, uint32_t& other) {
+  int32_t total = 0, bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = m ? a[j] * m[j] : a[j];
+    total += v == 1.f ? 1 : 0;
+    bad |= (v == 0.f || v == 1.f) ? 0 : 1;
+  }
+  other |= static_cast<uint32_t>(bad);
+  return total;
+}
+
+// One piece of `agenttensor_range_counts`: field k, row b, range g, values [i0, i1) (at most 2^16)
+struct RangePiece {
+  int64_t k, b, g, i0, i1;
+};
+
+template <class T>
+int64_t range_counts(int64_t K, int64_t B, int64_t N, const void* const* fields, const void* const* masks,
+                     const int64_t* mask_strides, int64_t G, const int64_t* starts, int64_t* counts,
+                     int64_t threads) {
+  constexpr int64_t kPiece = int64_t(1) << 16;
+  std::vector<RangePiece> pieces;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = starts[g]; i < starts[g + 1]; i += kPiece)
+          pieces.push_back({k, b, g, i, std::min(starts[g + 1], i + kPiece)});
+  const int64_t P = static_cast<int64_t>(pieces.size());
+  std::vector<int64_t> totals(P, 0);
+  std::vector<uint32_t> other(P, 0);
+  agenttensor::parallel(threads, P, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const RangePiece& r = pieces[p];
+      const T* a = static_cast<const T*>(fields[r.k]) + r.b * N + r.i0;
+      const T* m = masks[r.k] ? static_cast<const T*>(masks[r.k]) + r.b * mask_strides[r.k] + r.i0 : nullptr;
+      totals[p] = range_total(a, m, r.i1 - r.i0, other[p]);
+    }
+  });
+  std::fill(counts, counts + K * B * G, int64_t(0));
+  int64_t bad = 0;
+  for (int64_t p = 0; p < P; ++p) {  // (integer sums: the same in any order)
+    counts[(pieces[p].k * B + pieces[p].b) * G + pieces[p].g] += totals[p];
+    bad += other[p] != 0;
+  }
+  return bad;
+}
+
 }  // namespace
 
 extern "C" {
+
+// counts[(k B + b) G + g] = Σ over agents i in [starts[g], starts[g + 1]) of fields[k][b, i] (· masks[k][b | 0, i]) for
+// K [B, N] arrays of one dtype (kind 0: uint8, 1: float32 of 0/1 values), each with an optional mask of its dtype ([B, N]:
+// mask_strides[k] = N; one row [N]: 0), over G contiguous ranges. Returns the number of pieces with a float value (or
+// product) other than 0 or 1 (then counts is not the sums; 0 for uint8).
+int64_t agenttensor_range_counts(int64_t kind, int64_t K, int64_t B, int64_t N, const void* const* fields,
+                                 const void* const* masks, const int64_t* mask_strides, int64_t G,
+                                 const int64_t* starts, int64_t* counts, int64_t threads) {
+  return kind == 0 ? range_counts<uint8_t>(K, B, N, fields, masks, mask_strides, G, starts, counts, threads)
+                   : range_counts<float>(K, B, N, fields, masks, mask_strides, G, starts, counts, threads);
+}
 
 void agenttensor_select_count(int64_t kind, int64_t n, const void* a, const void* b, int64_t value, int64_t chunks,
                               int64_t threads, int64_t* counts) {
