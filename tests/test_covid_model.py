@@ -246,6 +246,48 @@ def test_behaviour_source_plugs_in(population):
     assert results.final_state.on_site.sum() == 0
 
 
+@pytest.mark.parametrize("levers", [False, True], ids=["no policies", "stay at home and stimulus"])
+def test_heuristic_behaviour_per_profile_is_the_per_agent_formula(env, levers, monkeypatch):
+    """The heuristic's probabilities computed per (borough, age) profile and read by each agent: every agent's profile
+    has its borough, age and policy cell; the values are the per-agent formula's (the same operations; the sigmoid's
+    vectorised and scalar paths may differ by an ulp), and so are the derivatives of the parameters and the incidence."""
+    from models.covid import behavior
+
+    profile, borough, age, cell = behavior.profiles(env)
+    index = profile.long()
+    assert borough.numel() < env.num_agents // 10
+    assert torch.equal(borough.index_select(0, index), env.borough.long())
+    assert torch.equal(age.index_select(0, index), env.age_decades_centered)
+    assert torch.equal(cell.index_select(0, index), env.cell.long())
+    names = ("isolate_intercept", "isolate_incidence_slope", "work_age_slope", "work_stay_home_slope")
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(2, env.num_agents, generator=g), torch.randn(2, env.num_agents, generator=g)
+
+    def decided(per_profile: bool):
+        if not per_profile:
+            monkeypatch.setattr(behavior, "profiles", lambda env: None)
+        params = busy_params().as_tensors(learn=names)
+        cases = (torch.rand(2, 5, generator=torch.Generator().manual_seed(4)) * 100).requires_grad_()
+        A = len(MODEL.age_band_edges)
+        policies = {"stay_at_home": torch.rand(2, 5, A, generator=torch.Generator().manual_seed(5)),
+                    "stimulus": torch.rand(2, 5, A, generator=torch.Generator().manual_seed(6))} if levers else {}
+        out = behavior.HeuristicBehavior().decide(env, None, params, None,
+                                                   dict(cases_per_100k=cases, policies=policies))
+        ((out["isolate_prob"] * weights[0]).sum() + (out["work_prob"] * weights[1]).sum()).backward()
+        monkeypatch.undo()
+        return out, [getattr(params, name).grad for name in names] + [cases.grad]
+
+    (fast, fast_grads), (dense, dense_grads) = decided(True), decided(False)
+    for name in dense:
+        assert fast[name].shape == dense[name].shape
+        assert torch.allclose(fast[name], dense[name], rtol=0, atol=1.2e-7) and (fast[name] != dense[name]).sum() < 10
+    for k, (x, y) in enumerate(zip(fast_grads, dense_grads)):
+        if k == 3 and not levers:  # (no stay-at-home order: its slope has no derivative)
+            assert x is None and y is None
+            continue
+        assert x is not None and torch.allclose(x, y, rtol=1e-4, atol=1e-3) and bool(x.ne(0).any()), k
+
+
 def test_borough_values_are_each_agents_boroughs(env):
     """The heuristic behaviour reads each agent's borough value by ranges (agents sorted by borough): the values of a
     gather by ``env.borough``, and the same derivative."""
