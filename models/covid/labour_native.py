@@ -3,10 +3,13 @@
 `labour_market` returns (employed, unemployed) after the week's job losses and rehires: the numbers of the torch ops
 in `model.labour_flows` (the reference, used on other devices, without a compiler and with
 ``AGENTTENSOR_NATIVE_KERNELS=0``), bit for bit, for hard mode's uint8 memberships and gradient modes' float32 ones.
-Under autograd the pass is one node (`_LabourMarket`) that keeps the five fields it read packed in one byte per agent
-and, only where a gradient reaches it, recomputes the reference's torch ops to take their derivatives: the same
-derivatives as the torch ops', with none of their ~20 [B, N] intermediates made in the forward pass. Full NYC, one
-week's pass: hard 37 → ~5 ms, straight-through 70 → ~8 ms (see benchmarks/HISTORY.md)."""
+Under autograd the pass is one node (`_LabourMarket`) that keeps the five fields it read packed in one byte per agent,
+with the week's two draws, and, only where a gradient reaches it, writes the fields' straight-through derivatives in a
+second native pass (`agenttensor_covid_labour_backward`: autograd's chain of operations written out, the same bits), or
+else (rates or levers asking for derivatives, relaxed samplers, fractional fields) recomputes the reference's torch ops
+to take their derivatives: the same derivatives as the torch ops', with none of their ~20 [B, N] intermediates made in
+the forward pass. Full NYC, one week's pass: hard 37 → ~5 ms, straight-through 70 → ~8 ms; its backward 182 → 13 ms
+(see benchmarks/HISTORY.md)."""
 
 from __future__ import annotations
 
@@ -132,8 +135,8 @@ class _LabourMarket(torch.autograd.Function):
     fields only (a run's case: the rates and levers are constants), one native pass from the packed bytes, which hold
     the draws too (`_field_derivatives`: the same bits as autograd's); else the reference's torch ops recomputed from
     the fields it read (kept packed, one byte per agent; kept as they are where one is neither 0 nor 1), their
-    derivatives taken by autograd (~20 [B, N] intermediates and their derivatives: 87 ms a week at full NYC, against
-    ~5 for the native pass)."""
+    derivatives taken by autograd (~20 [B, N] intermediates and their derivatives: 182 ms a week at full NYC, against
+    13 for the native pass)."""
 
     @staticmethod
     def forward(ctx, prepared, recompute, *tensors):
