@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import Tensor
@@ -187,6 +188,47 @@ def values_at(x: Tensor, b: Tensor, i: Tensor) -> Tensor:
     positions (two-index advanced indexing runs torch's slower general index kernel: 1.4 → 0.8 ms at 300k pairs).
     The same values and derivative."""
     return x.take(_flat(x, b, i))
+
+
+_PASSED_ON: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a gradient `_ReadAndPassOn` made
+
+
+class _ReadAndPassOn(torch.autograd.Function):
+    """x passed on (a view) and its values at (b, i). Backward: the read values' derivative put into the passed-on
+    tensor's, in place where that is a buffer this node made for the next day's node (nobody else holds it), else into
+    a copy or a fresh zero buffer; so a tensor read at a few agents a day and passed on for a week costs one [B, N]
+    fill a week, not a fill, a scatter and an addition a day."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Tensor, i: Tensor):
+        ctx.save_for_backward(b, i)
+        ctx.shape = x.shape
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), x.detach().take(_flat(x, b, i))
+
+    @staticmethod
+    def backward(ctx, passed: Tensor | None, read: Tensor | None):
+        if read is None:
+            return passed, None, None
+        b, i = ctx.saved_tensors
+        if passed is None:
+            g = read.new_zeros(ctx.shape)
+        elif _PASSED_ON.get(id(passed)) is passed and passed.is_contiguous():
+            g = passed
+        else:
+            g = passed.contiguous().clone()
+        put_at_(g, b, i, read, accumulate=True)
+        _PASSED_ON[id(g)] = g
+        return g, None, None
+
+
+def read_and_pass_on(x: Tensor, b: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, ``values_at(x, b, i)``): the same values. Under autograd, with x [B | 1, N] the tensor the next read is of
+    (the passed-on x, e.g. a week's decision in the next day's state), the reads' derivatives accumulate in one buffer
+    handed from node to node (`_ReadAndPassOn`) instead of a zero-filled [B, N] per read that autograd adds up."""
+    if x.requires_grad and torch.is_grad_enabled() and x.dim() == 2:
+        return _ReadAndPassOn.apply(x, b, i)
+    return x, values_at(x, b, i)
 
 
 def put_at_(x: Tensor, b: Tensor, i: Tensor, values: Tensor, accumulate: bool = False) -> Tensor:

@@ -110,6 +110,41 @@ def test_range_counts_are_the_torch_range_sums(dtype, shape, threads):
     assert select.range_counts(asked, ranges[:-1]) is None  # (does not reach N)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dense_use", [False, True], ids=["reads only", "and a dense use"])
+def test_reads_passed_on_give_the_reads_derivatives(rows, dense_use, monkeypatch):
+    """A tensor read at a few agents a day and passed on (`read_and_pass_on`, a week of reads): the values of
+    `values_at` and the derivative of the same reads through it, also where a passed-on tensor is used densely too (its
+    gradient buffer is then not the node's own: copied, not written into); with reads only, one [B, N] of zeros for
+    the whole chain."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(rows, 40, generator=g)
+    days = [select.nonzero((torch.rand(rows, 40, generator=g) < 0.25).to(torch.uint8)) for _ in range(5)]
+    weights = [torch.rand(b.numel(), generator=g) for b, _ in days]
+    dense_weight = torch.rand(rows, 40, generator=g)
+
+    def derivative(pass_on: bool):
+        source = logits.clone().requires_grad_()
+        x, loss = torch.sigmoid(source), 0
+        for k, ((b, i), w) in enumerate(zip(days, weights)):
+            x, read = select.read_and_pass_on(x, b, i) if pass_on else (x, select.values_at(x, b, i))
+            assert torch.equal(read, torch.sigmoid(logits)[b, i])
+            loss = loss + (read * w).sum() + ((x * dense_weight).sum() if dense_use and k == 2 else 0)
+        loss.backward()
+        return source.grad
+
+    made = []  # the [B, N] buffers the chain made: zero-filled or copied
+    real_zeros, real_clone = torch.Tensor.new_zeros, torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "new_zeros", lambda self, *a, **k: made.append("zeros") or real_zeros(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: made.append("copy") or real_clone(self, *a, **k))
+    got = derivative(pass_on=True)
+    monkeypatch.undo()
+    assert torch.allclose(got, derivative(pass_on=False), rtol=1e-6, atol=1e-7) and bool(got.ne(0).any())
+    # (the first copy is the test's own source; with a dense use, autograd may add that use's derivative into the
+    # node's buffer, which stays the node's, or the buffer into the other, which is then copied)
+    assert made[:2] == ["copy", "zeros"] and made[2:] in ([], ["copy"] if dense_use else []), made
+
+
 def test_zero_one_bytes_are_the_memberships_as_bytes_or_none():
     """`select.zero_one_bytes` (checkpointed segments compact their 0/1 inputs with it): x.to(uint8) where every value
     is 0 (-0.0 too) or 1, else None (a fraction, a NaN, a 2), natively and through the torch ops, at any size."""

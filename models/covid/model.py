@@ -936,7 +936,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         p_detect = p_detect + at(testing) * (1 - p_detect)
     reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
     aware = to_Is + reported - to_Is * reported
-    isolate = draw(at(state.isolate_prob), "isolation").to(E.dtype) * aware
+    # (read at the exits and passed on to tomorrow's state: the week's reads' derivatives in one buffer)
+    isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) \
+        if ctx.sampler.differentiable and state.isolate_prob.shape[0] in (1, S.shape[0]) else (state.isolate_prob, None)
+    isolate = draw(at(state.isolate_prob) if isolate_at is None else isolate_at, "isolation").to(E.dtype) * aware
     leave_I = leave_Ia + leave_Is
     isolating_here = isolating_before * (1 - leave_I) + isolate
 
@@ -995,7 +998,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     if ctx.sampler.differentiable:  # one node for the memberships' changes and the shadow flows (`shadow.py`)
         changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
                        isolating=isolating_here - isolating_before)
-        after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent)
+        after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent, isolate_prob=isolate_prob)
         donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
         return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated,
                                                   infection, force, None if moved is None else
