@@ -579,7 +579,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         def p_work(at: At) -> Tensor:
             def value() -> Tensor:
                 on_site = at(state.on_site).to(torch.float32)
-                return on_site if closed is None else on_site * (1 - at(closed))
+                if closed is None:
+                    return on_site
+                # gradient modes make this every work day: the open share kept while closed is unchanged (hard mode
+                # keeps the product for the week instead)
+                open_share = env.memo("open_workplaces", (closed,), lambda: 1 - closed) \
+                    if at.i is None and not hard else 1 - at(closed)
+                return on_site * open_share
 
             if at.i is None:  # dense: changes with the weekly decision only (gradient modes: reused where on_site
                 # carries no derivative, else made once per step)
