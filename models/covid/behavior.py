@@ -98,7 +98,7 @@ def profiles(env) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
 class HeuristicBehavior:
     """Documented parametric heuristic (see module docstring). Its probabilities are a function of the agent's
     (borough, age) profile: computed per profile (~500 at full NYC) and read by each agent (`profiles`; one gather per
-    output where the dense form took ~11 passes over [B, N]: full NYC 43 → ~7 ms a decision), the same arithmetic."""
+    output where the dense form took ~11 passes over [B, N]: full NYC 46 → 9 ms a decision), the same arithmetic."""
 
     stateless = True  # a pure function of its inputs (scenario runs may share a prefix; agenttensor.prefix)
 

@@ -866,7 +866,7 @@ def labour_counts(env: CovidEnv, state: CovidState) -> tuple[Tensor, Tensor]:
 def field_counts(env: CovidEnv, fields: list[Tensor | tuple[Tensor, Tensor]]) -> Tensor:
     """Per-borough sums of K [B, N] fields of one dtype as float32 [K, B, G] (0/1 values: exact); a (field, mask) pair
     counts their product (mask [N] or [B, N]). On CPU one native pass (`select.range_counts`: full NYC's two weekly
-    labour fields 10 → ~1 ms); else, at small N, the fields stacked first (one sum per borough for all of them: fewer
+    labour fields ~8 → ~2 ms); else, at small N, the fields stacked first (one sum per borough for all of them: fewer
     ops), above 2^16 values each field's own (no [K, B, N] copy: at full NYC 8 uint8 fields are 70 MB)."""
     counts = select.range_counts(fields, env.borough_slices)
     if counts is not None:
@@ -943,9 +943,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
     aware = to_Is + reported - to_Is * reported
     # (read at the exits and passed on to tomorrow's state: the week's reads' derivatives in one buffer)
-    isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) \
-        if ctx.sampler.differentiable and state.isolate_prob.shape[0] in (1, S.shape[0]) else (state.isolate_prob, None)
-    isolate = draw(at(state.isolate_prob) if isolate_at is None else isolate_at, "isolation").to(E.dtype) * aware
+    isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) if ctx.sampler.differentiable \
+        else (state.isolate_prob, at(state.isolate_prob))
+    isolate = draw(isolate_at, "isolation").to(E.dtype) * aware
     leave_I = leave_Ia + leave_Is
     isolating_here = isolating_before * (1 - leave_I) + isolate
 
