@@ -190,12 +190,16 @@ def values_at(x: Tensor, b: Tensor, i: Tensor) -> Tensor:
     return x.take(_flat(x, b, i))
 
 
-_PASSED_ON: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a gradient `_ReadAndPassOn` made
+# Gradient buffers a node made and handed on as one input's gradient only (nobody else holds them), so that the node
+# they reach next may write into them in place (`_ReadAndPassOn`; the covid model's `shadow._ExitsAt` and
+# `shadow._Transition`). The engine hands on a sum of several gradients as a new tensor, which is not registered.
+# id -> tensor, held weakly (a WeakSet would compare tensors with ==)
+EXCLUSIVE_GRADIENTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class _ReadAndPassOn(torch.autograd.Function):
     """x passed on (a view) and its values at (b, i). Backward: the read values' derivative put into the passed-on
-    tensor's, in place where that is a buffer this node made for the next day's node (nobody else holds it), else into
+    tensor's, in place where that is a buffer a node made for this one (`EXCLUSIVE_GRADIENTS`: nobody else holds it), else into
     a copy or a fresh zero buffer; so a tensor read at a few agents a day and passed on for a week costs one [B, N]
     fill a week, not a fill, a scatter and an addition a day."""
 
@@ -213,12 +217,12 @@ class _ReadAndPassOn(torch.autograd.Function):
         b, i = ctx.saved_tensors
         if passed is None:
             g = read.new_zeros(ctx.shape)
-        elif _PASSED_ON.get(id(passed)) is passed and passed.is_contiguous():
+        elif EXCLUSIVE_GRADIENTS.get(id(passed)) is passed and passed.is_contiguous():
             g = passed
         else:
             g = passed.contiguous().clone()
         put_at_(g, b, i, read, accumulate=True)
-        _PASSED_ON[id(g)] = g
+        EXCLUSIVE_GRADIENTS[id(g)] = g
         return g, None, None
 
 

@@ -47,7 +47,6 @@ s/day for the whole full-NYC backward); the torch ops below stay the reference a
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,9 +177,8 @@ def donatable(state, ctx, packed: bool) -> tuple[str, ...]:
 # part into the one for isolating in place (it reaches `_ExitsAt` through `_Transition`'s pass-through; the engine
 # hands on a sum of several gradients as a new tensor, which is not registered). Saves a [B, N] copy per day.
 # `_Transition` registers the derivatives it makes for the fields, so that the day before's writes its own over them
-# (`_exclusive`).
-# id -> tensor, held weakly (a WeakSet would compare tensors with ==)
-EXCLUSIVE_GRADIENTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# (`_exclusive`). The registry is `agenttensor.select`'s (id -> tensor, held weakly).
+EXCLUSIVE_GRADIENTS = select.EXCLUSIVE_GRADIENTS
 
 
 @dataclass
