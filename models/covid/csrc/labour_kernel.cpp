@@ -194,17 +194,17 @@ template <bool Stimulus, bool Closed>
 void labour_backward(const LabourBackwardArgs& a) {
   constexpr int64_t kTile = 1024;
   agenttensor::parallel(a.threads, a.B * a.N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
-    float zero[kTile] = {}, unwanted[kTile];
+    float zero[kTile] = {}, unwanted[5][kTile];  // (one row per unwanted output: the outputs are restrict pointers)
     agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), o = b * a.N + t0;
         auto in = [&](const float* x) { return x ? x + o : zero; };
-        auto out = [&](float* x) { return x ? x + o : unwanted; };
+        auto out = [&](float* x, int row) { return x ? x + o : unwanted[row]; };
         auto lever = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : zero; };
         labour_backward_span<Stimulus, Closed>(
             n, a.loss_absent[b], a.loss_closed[b], a.relief[b], a.packed + o, a.has_workplace + t0, in(a.g_employed),
             in(a.g_unemployed), lever(a.closed, a.closed_stride), lever(a.stimulus, a.stimulus_stride),
-            out(a.d_employed), out(a.d_unemployed), out(a.d_on_site), out(a.d_remote), out(a.d_D));
+            out(a.d_employed, 0), out(a.d_unemployed, 1), out(a.d_on_site, 2), out(a.d_remote, 3), out(a.d_D, 4));
       }
     });
   });
