@@ -145,6 +145,52 @@ def test_reads_passed_on_give_the_reads_derivatives(rows, dense_use, monkeypatch
     assert made[:2] == ["copy", "zeros"] and made[2:] in ([], ["copy"] if dense_use else []), made
 
 
+@pytest.mark.parametrize("rows,factor_rows", [(1, 1), (3, 1), (3, 3)])
+@pytest.mark.parametrize("dense_use", [False, True], ids=["products only", "and a dense use"])
+def test_products_passed_on_give_the_products_derivatives(rows, factor_rows, dense_use):
+    """A tensor scaled by a constant factor each day and passed on (`scale_and_pass_on`, a week of products whose values
+    are kept): the product's values as given, the derivative of x · factor's through the chain, bit for bit (each day's
+    addition in the order autograd adds the days' derivatives), the buffer written in place from the second node on
+    where nobody else holds it; shapes that do not match x · factor's are an error; without autograd the values
+    given."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(rows, 50, generator=g)
+    factor = (torch.rand(factor_rows, 50, generator=g) < 0.7).float()
+    weights = [torch.rand(rows, 50, generator=g) for _ in range(5)]
+    dense_weight = torch.rand(rows, 50, generator=g)
+
+    def derivative(pass_on: bool):
+        source = logits.clone().requires_grad_()
+        x, loss = torch.sigmoid(source), 0
+        kept = (x.detach() * factor).clone()
+        for k, w in enumerate(weights):
+            x, product = select.scale_and_pass_on(x, factor, kept) if pass_on else (x, x * factor)
+            assert torch.equal(product, torch.sigmoid(logits) * factor)
+            loss = loss + (product * w).sum() + ((x * dense_weight).sum() if dense_use and k == 2 else 0)
+        loss.backward()
+        return source.grad
+
+    written = []
+    real = select._ScaleAndPassOn.backward
+
+    def spy(ctx, passed, product):
+        written.append(passed is not None and select.EXCLUSIVE_GRADIENTS.get(id(passed)) is passed)
+        return real(ctx, passed, product)
+
+    select._ScaleAndPassOn.backward = staticmethod(spy)
+    try:
+        got = derivative(pass_on=True)
+    finally:
+        select._ScaleAndPassOn.backward = staticmethod(real)
+    assert torch.equal(got, derivative(pass_on=False)) and bool(got.ne(0).any())
+    assert written[0] is False and (all(written[1:]) or dense_use) and sum(written) >= 3, written
+    x = torch.rand(rows, 50, generator=g)
+    with pytest.raises(ValueError, match="not x · factor's shape"):
+        select.scale_and_pass_on(x.requires_grad_(), factor, torch.zeros(50))
+    kept = torch.full((rows, 50), 7.0)  # without autograd: the values given, not recomputed
+    assert select.scale_and_pass_on(x.detach(), factor, kept)[1] is kept
+
+
 def test_zero_one_bytes_are_the_memberships_as_bytes_or_none():
     """`select.zero_one_bytes` (checkpointed segments compact their 0/1 inputs with it): x.to(uint8) where every value
     is 0 (-0.0 too) or 1, else None (a fraction, a NaN, a 2), natively and through the torch ops, at any size."""

@@ -573,6 +573,14 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         household=None, school=presence_of("school_closure") if school_day else None,
         community=presence_of("stay_at_home"))
     closed = closed_workplaces(ctx) if work_day else None
+    work_passed = None  # gradient modes, a decision that carries a derivative: the presence, its values kept
+    if work_day and closed is not None and ctx.sampler.differentiable and state.on_site.requires_grad:
+        # for the week (`select.scale_and_pass_on`: no product made a day; its derivatives into one buffer)
+        open_share = env.memo("open_workplaces", (closed,), lambda: 1 - closed)
+        kept_presence = env.memo("presence_work_values", (select.root(state.on_site), closed),
+                                 lambda: state.on_site.detach() * open_share, values_only=True)
+        on_site, work_passed = select.scale_and_pass_on(state.on_site, open_share, kept_presence)
+        state = state.replace(on_site=on_site)
     if work_day:
         hard = not ctx.sampler.differentiable  # (not `ctx` in the closure: ctx.scratch keeps layer_term, a cycle)
 
@@ -587,6 +595,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                     if at.i is None and not hard else 1 - at(closed)
                 return on_site * open_share
 
+            if at.i is None and work_passed is not None:
+                return work_passed
             if at.i is None:  # dense: changes with the weekly decision only (gradient modes: reused where on_site
                 # carries no derivative, else made once per step)
                 return once("presence_work", at, lambda: env.memo("presence_work", (state.on_site, closed), value,
