@@ -265,7 +265,10 @@ class ForceTerm:
     last_slot_constant: bool = False
     # with member_probe, for a probe owner that forms w in its own pass: a dict in which the backward may leave w as
     # its `WeightParts` (key "weight") in place of w [B, N] as member_probe's derivative (None then), so that w is
-    # neither written nor read back (native CPU pass; else w is the derivative as usual)
+    # neither written nor read back (native CPU pass; else w is the derivative as usual). An owner that reads the same
+    # ``presence`` tensor and sets "take_presence": True there also receives the presence's derivative (key "presence",
+    # a [B, N] buffer nobody else holds, where it has the presence's shape) in place of the presence's gradient: it
+    # must add its own into it and return it as the presence's derivative (autograd's addition of the two saved)
     weight_handoff: dict | None = None
 
 
@@ -466,6 +469,9 @@ class _LayeredForce(torch.autograd.Function):
                 terms, weights, derivatives, ctx.probes, group_sums, ctx.handoffs):
             if w is None:  # not written: its parts to the probe's owner
                 handoff["weight"] = WeightParts(grad, sigma, t.presence, t.factor, t.factor_all)
+            if handoff is not None and handoff.get("take_presence") and d_presence is not None \
+                    and d_presence.shape == t.presence.shape:  # (a fresh buffer: the owner adds its own into it)
+                handoff["presence"], d_presence = d_presence, None
             if sums is None and (wants[len(out)] or group):  # (unless the native pass summed them)
                 sums = _segment_sum(w, t.slot, t.table.shape[-1])
             d_table = _reduce_to(sums, t.table) if wants[len(out)] else None

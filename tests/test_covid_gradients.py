@@ -994,6 +994,54 @@ def test_the_force_hands_its_weights_to_the_own_contributions_as_parts_with_the_
             assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
 
 
+def test_the_force_hands_the_workplace_presences_derivative_to_the_own_contributions(population, monkeypatch):
+    """Where the week's decision carries a derivative, the workplace presence (on_site · open share, kept for the week:
+    `select.scale_and_pass_on`) is read by the force and by the own contributions; the force's backward hands its
+    derivative to the own contributions' (`ForceTerm.weight_handoff`, "take_presence"), which add theirs into it
+    (natively at the infectious agents only) and return it: autograd adds no two [B, N]. Metrics and gradients are
+    those without the hand-over, bit for bit, through the contributions' native pass and their torch ops."""
+    from models.covid import contributions_native
+
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    names = ("transmission_scale", "household_weight", "workplace_weight", "detection_rate")
+    interventions = [at.Intervention("workplace_closure", 3, 400, 0.4)]
+    own, native_backward = covid.own_contributions, contributions_native.backward
+    handed = []
+
+    def run(take: bool, torch_ops: bool):
+        def own_without(*a, **k):
+            out = own(*a, **k)
+            for handoff in out.weight_handoffs.values():
+                handoff.pop("take_presence")
+            return out
+
+        monkeypatch.setattr(covid, "own_contributions", own if take else own_without)
+
+        def backward(*a, **k):
+            handed.append(tuple(sorted(k.get("presences_passed") or ())))
+            return None if torch_ops else native_backward(*a, **k)
+
+        monkeypatch.setattr(contributions_native, "backward", backward)
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=21, seeds=[0], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough(), interventions=interventions)
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + res["hospital_admissions"].sum()).backward()
+        return res, [getattr(learn, name).grad.clone() for name in names]
+
+    for torch_ops in (False, True):
+        handed.clear()
+        taken, taken_grads = run(True, torch_ops)
+        assert ("workplace",) in handed, handed
+        handed.clear()
+        added, added_grads = run(False, torch_ops)
+        assert handed and not any(handed)
+        for name in taken.metrics:
+            assert torch.equal(taken[name], added[name]), name
+        for name, a, b in zip(names, taken_grads, added_grads):
+            assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
+
+
 @pytest.mark.parametrize("checkpoint", [None, 7])
 def test_infections_moved_in_place_give_the_fresh_fields_numbers_and_gradients(population, checkpoint, monkeypatch):
     """Gradient modes move the day's infections from S to E in place where the loop owns both (the packed flags hold

@@ -135,17 +135,22 @@ class _OwnContributions(torch.autograd.Function):
         # the member derivatives `layered_force` handed over as their parts (`WeightParts`: not written)
         weights = {name: parts for name, handoff in zip(("household", *ctx.layers), ctx.weight_handoffs)
                    if (parts := handoff.pop("weight", None)) is not None}
+        # the presences' derivatives the force handed over (`ForceTerm.weight_handoff`), each a buffer of its own: ours
+        # are added into it and it is returned as the presence's (autograd would add the two [B, N])
+        handed = {name: d for name, handoff in zip(ctx.layers, ctx.weight_handoffs[1:])
+                  if (d := handoff.pop("presence", None)) is not None}
         if all(d is None for p in probes for d in p) and not weights:
-            return (None,) * 5 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6)
+            return (None,) * 5 + tuple(passed[name][0] for name in PASSED) + (None,) * (len(wants) - 6 - len(presences)) \
+                + tuple(handed.get(name) for name in ctx.layers)
         fused = contributions_native.backward(
             dict(zip(("household", *ctx.layers), zip(groups, probes))), dict(zip(ctx.layers, presences)),
             *((I_sym, I_asym, isolating) if flags is None else (None, None, None)), stage_end, isolate_prob, testing,
             alpha, eta, detect_asym,
             wants=dict(I_sym=wants[3], I_asym=wants[4], isolating=wants[5], alpha_sums=wants[9], eta_sums=wants[10],
-                       **{name: wants[n_fixed + k] and presences[k] is not None
-                          and (name in weights or any(d is not None for d in probes[1 + k]))
+                       **{name: name in handed or (wants[n_fixed + k] and presences[k] is not None
+                                                   and (name in weights or any(d is not None for d in probes[1 + k])))
                           for k, name in enumerate(ctx.layers)}),
-            passed=passed, flags=flags, weights=weights)
+            passed=passed, flags=flags, weights=weights, presences_passed=handed)
         if fused is not None:  # the same chain rule in one native pass (CPU)
             def summed(sums: Tensor | None, like) -> Tensor | None:  # per-element sums [B] -> like's shape
                 return None if sums is None else _sum_to(sums.to(torch.float32).view(-1, 1), like)
@@ -202,9 +207,11 @@ class _OwnContributions(torch.autograd.Function):
             if wants[10]:
                 d_eta = _sum_to(-(iota_D * isolating), eta)
         d_presences = []
-        for k, (d, p) in enumerate(zip(d_layers, presences)):
+        for k, (d, p, name) in enumerate(zip(d_layers, presences, ctx.layers)):
             want = wants[n_fixed + k] and d is not None and p is not None
-            d_presences.append(_sum_to(d * (iota * kept), p) if want else None)
+            own = _sum_to(d * (iota * kept), p) if want else None
+            given = handed.get(name)
+            d_presences.append(given if own is None else own if given is None else given.add_(own))
         totals = []
         for name, own in zip(PASSED, (d_I_sym, d_I_asym, d_isolating)):  # plus the pass-through's derivative
             g, writable = passed[name]
@@ -227,7 +234,8 @@ def own_contributions(state, params, presences: dict[str, Tensor | None], testin
     detect_asym = _detached(params.detection_rate) * _detached(params.asymptomatic_detection_ratio)
     ordered = tuple(OthersSum(groups[name].slot, groups[name].scale.detach(), groups[name].plain) for name in names)
     handoff: dict[str, Tensor] = {}
-    weight_handoffs = tuple({} for _ in names)  # `ForceTerm.weight_handoff` per layer
+    # `ForceTerm.weight_handoff` per layer; the node takes the presences' derivatives too (it reads the same presences)
+    weight_handoffs = tuple({"take_presence": True} for _ in names)
     with torch.no_grad():  # one byte per agent saved for the backward pass in place of three float32 fields (and
         if packed is None:  # stage_end's sign: two bytes)
             packed, timed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end,

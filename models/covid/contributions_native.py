@@ -47,7 +47,8 @@ class _Args(ctypes.Structure):  # OwnArgs in contributions_kernel.cpp, field for
                              "out_p_workplace", "out_p_community", "alpha_sums", "eta_sums", "acc_I_sym", "acc_I_asym",
                              "acc_isolating", "flags")] + [("flags_timed", _I)] \
         + [("w_grad", _P), ("w_sigma", _P), ("w_sigma_stride", _I)] \
-        + [("w_sigma_table", _P), ("w_sigma_table_stride", _I), ("w_sigma_table_size", _I), ("w_sigma_index", _P)]
+        + [("w_sigma_table", _P), ("w_sigma_table_stride", _I), ("w_sigma_table_size", _I), ("w_sigma_index", _P)] \
+        + [(n, _P) for n in ("acc_p_school", "acc_p_workplace", "acc_p_community")]
 
 
 def _rows_ok(parts: WeightParts, B: int, N: int) -> bool:
@@ -141,8 +142,8 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
              isolating: Tensor, stage_end: Tensor | None, isolate_prob: Tensor, testing: Tensor | None, alpha, eta,
              detect_asym, wants: dict[str, bool],
              passed: dict[str, tuple[Tensor | None, bool]] | None = None,
-             flags: Tensor | None = None, weights: dict[str, WeightParts] | None = None
-             ) -> dict[str, Tensor | None] | None:
+             flags: Tensor | None = None, weights: dict[str, WeightParts] | None = None,
+             presences_passed: dict[str, Tensor] | None = None) -> dict[str, Tensor | None] | None:
     """{"I_sym", "I_asym", "isolating": [B, N]; "alpha_sums", "eta_sums": [B] float64; layer: d presence [B, N]},
     None where not wanted, or None where the kernel does not apply (not CPU float32 with int32 slots, kernels off or
     unbuilt): the caller runs the torch ops. ``probes``: per layer ("household" and ``LAYERS``) its
@@ -153,8 +154,11 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
     their place (I_sym, I_asym and isolating are then None), and stage_end's sign where it is None (bit 3);
     ``weights``: per layer whose member derivative is None, that derivative as the force's `WeightParts`, formed in
     the pass (tile by tile: not written); where their grad and σ are not all the same tensors, or not float32 CPU
-    rows, the derivative is made dense here."""
+    rows, the derivative is made dense here. ``presences_passed``: per layer a derivative [B, N] already reaching its
+    presence (the force's, `ForceTerm.weight_handoff`), a buffer nobody else holds: the contributions' are added into
+    it in place (at the infectious agents only: elsewhere they are 0) and it is the layer's output."""
     passed = passed or {}
+    presences_passed = presences_passed or {}
     if stage_end is None and flags is None:
         return None
     B, N = (stage_end if stage_end is not None else flags).shape
@@ -164,7 +168,7 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         probes = {name: (group, (weights.pop(name).dense() if name in weights else grads[0], *grads[1:]))
                   for name, (group, grads) in probes.items()}
     incoming = [g for _, grads in probes.values() for g in grads if g is not None] \
-        + [g for g, _ in passed.values() if g is not None]
+        + [g for g, _ in passed.values() if g is not None] + list(presences_passed.values())
     fields = [I_sym, I_asym, isolating] if flags is None else []
     dense = [*fields, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
@@ -257,8 +261,12 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
         setattr(args, f"out_{name}", ptr(out[name]))
         setattr(args, f"acc_{name}", ptr(g))
     for name in LAYERS:
-        out[name] = torch.empty(B, N) if wants.get(name) else None
+        g = presences_passed.get(name)
+        if g is not None and (g.shape != (B, N) or not g.is_contiguous()):
+            return None
+        out[name] = g if g is not None else torch.empty(B, N) if wants.get(name) else None
         setattr(args, f"out_p_{name}", ptr(out[name]))
+        setattr(args, f"acc_p_{name}", ptr(g))
     for name in ("alpha_sums", "eta_sums"):
         out[name] = torch.empty(B, blocks, dtype=torch.float64) if wants.get(name) else None
         setattr(args, name, ptr(out[name]))

@@ -273,6 +273,9 @@ struct OwnArgs {
   const float* w_sigma_table;
   int64_t w_sigma_table_stride, w_sigma_table_size;
   const uint8_t* w_sigma_index;
+  // derivatives already reaching the presences (the force's, handed over: `ForceTerm.weight_handoff`) [B, N] or null:
+  // the presence's output is that plus the contributions', added in place where it is the same buffer
+  const float *acc_p_school, *acc_p_workplace, *acc_p_community;
 };
 
 // flags[k] = I_sym[k] | I_asym[k] << 1 | isolating[k] << 2 for n agents whose values are each exactly +0.0 or 1.0
@@ -323,7 +326,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
-        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile];
+        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
+        presence_terms[3][kTile];
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts
     int16_t timed[kTile];  // stage_end's sign from the flags' bit 3 (0: a countdown, −1: none)
     for (int64_t job = lo; job < hi; ++job) {
@@ -337,8 +341,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), k0 = b * N + t0;
         auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
-        // a field with a derivative already: the contributions' into a tile buffer, then added (in place or not)
+        // a field with a derivative already: the contributions' into a tile buffer, then added (in place or not);
+        // every unwanted output into a scratch row of its own (they are restrict pointers)
         auto field = [&](float* p, const float* acc, int slot) { return acc ? sums[slot] : out(p, slot); };
+        auto presence = [&](float* p, const float* acc, int q) { return acc ? presence_terms[q] : out(p, 3 + q); };
         const float *I_sym = a->I_sym + k0, *I_asym = a->I_asym + k0, *isolating = a->isolating + k0;
         if (a->flags) {
           unpack(n, a->flags + k0, unpacked);
@@ -373,7 +379,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  a->isolate_prob + k0, stage_end,
                  testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
                  field(a->out_I_asym, a->acc_I_asym, 1), field(a->out_isolating, a->acc_isolating, 2),
-                 out(a->out_p_school, 4), out(a->out_p_workplace, 5), out(a->out_p_community, 0), alpha_term, eta_term);
+                 presence(a->out_p_school, a->acc_p_school, 0), presence(a->out_p_workplace, a->acc_p_workplace, 1),
+                 presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
 
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
@@ -389,6 +396,21 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
+        }
+        // the presences' with the force's derivative: d_l ι (1 − η isolating) is 0 where ι is, at all but the
+        // infectious agents: those only where it is added in place (as isolating's above)
+        const float* presence_accs[3] = {a->acc_p_school, a->acc_p_workplace, a->acc_p_community};
+        float* presence_outs[3] = {a->out_p_school, a->out_p_workplace, a->out_p_community};
+        for (int q = 0; q < 3; ++q) {
+          if (!presence_accs[q]) continue;
+          const float* acc = presence_accs[q] + k0;
+          float* o = presence_outs[q] + k0;
+          if (acc == o) {
+            for (int64_t j = 0; j < n; ++j)
+              if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = acc[j] + presence_terms[q][j];
+            continue;
+          }
+          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
         }
         if (a->alpha_sums) add_lanes(alpha_sum, alpha_term, n);
         if (a->eta_sums) add_lanes(eta_sum, eta_term, n);
