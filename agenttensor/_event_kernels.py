@@ -1,7 +1,9 @@
 """Native CPU kernels for the straight-through hazard event (agenttensor/csrc/event_kernels.cpp), used by
 `agenttensor.sampling` where they apply: float32 [B, N] tensors of one shape on CPU; every function returns None
 elsewhere and the caller runs torch ops (the same numbers, bit for bit). The forward is one pass instead of four
-(1 − s, the comparison, the conversion and the product), the backward one instead of three.
+(1 − s, the comparison, the conversion and the product), the backward one instead of three (also the drawn event's,
+`sampling._StraightThroughDrawnEvent`: its two derivatives in one pass, where `torch.where` alone took ~10 ms at full
+NYC).
 ``AGENTTENSOR_NATIVE_KERNELS=0`` turns them off."""
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def hazard_event(survival: Tensor, u: Tensor, where: Tensor) -> tuple[Tensor, Te
     return happened, out
 
 
-def hazard_event_backward(grad: Tensor, where: Tensor | None, survival: Tensor | None, happened: Tensor | None
-                          ) -> tuple[Tensor | None, Tensor | None] | None:
+def hazard_event_backward(grad: Tensor, where: Tensor | None, survival: Tensor | None, happened: Tensor | None,
+                          drawn: bool = False) -> tuple[Tensor | None, Tensor | None] | None:
     """(grad · where · survival if survival is given, happened ? grad : 0 if happened is given), or None where the
-    kernel does not apply."""
+    kernel does not apply. ``drawn`` (the event 1[u < p] · where, `sampling._StraightThroughDrawnEvent`): grad · where
+    in the first place (d/dp; survival None), if where is given."""
     dense = [x for x in (grad, where, survival) if x is not None]
     if not _plain(*dense) or (happened is not None and (happened.shape != grad.shape or happened.dtype != torch.bool
                                                         or not happened.is_contiguous())):
@@ -58,7 +61,7 @@ def hazard_event_backward(grad: Tensor, where: Tensor | None, survival: Tensor |
     library = _library()
     if library is None:
         return None
-    d_hazard = torch.empty_like(grad) if survival is not None else None
+    d_hazard = torch.empty_like(grad) if survival is not None or (drawn and where is not None) else None
     d_where = torch.empty_like(grad) if happened is not None else None
     ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
     library.agenttensor_hazard_event_backward(grad.numel(), grad.data_ptr(), ptr(where), ptr(survival), ptr(happened),

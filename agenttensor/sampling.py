@@ -228,6 +228,11 @@ class _StraightThroughDrawnEvent(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         where, happened = ctx.saved_tensors
         p_shape, where_shape = ctx.shapes
+        if p_shape == where_shape == grad.shape:  # both in one native pass on CPU (the same numbers)
+            fused = _event_kernels.hazard_event_backward(grad, where, None, happened, drawn=True)
+            if fused is not None:
+                d_p, d_where = fused
+                return (d_p.neg_() if d_p is not None and ctx.complement else d_p), d_where, None, None
         d_p = d_where = None
         if ctx.needs_input_grad[0]:
             d_p = grad * where

@@ -174,6 +174,43 @@ def test_native_hazard_event_gives_the_bits_of_the_torch_ops(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(result, torch_ops))
 
 
+@pytest.mark.parametrize("complement", [False, True])
+def test_the_drawn_events_derivatives_come_from_one_native_pass_with_the_torch_ops_numbers(monkeypatch, complement):
+    """The straight-through drawn event's backward (d/dp = ±grad · where, d/dwhere = grad where the event happened) as
+    one native pass where p, where and the gradient are [B, N] float32 on CPU (`_event_kernels.hazard_event_backward`,
+    ``drawn``), bit for bit the torch ops' (the pass turned off); only the derivatives asked for are made."""
+    from agenttensor import _event_kernels
+    from agenttensor.rng import Randomness, Uniforms
+
+    B, N = 2, 70_001
+    r = Randomness.for_agents([4, 9], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(5)
+    weights = torch.randn(B, N, generator=g)
+    p_values, where_values = torch.rand(B, N, generator=g), (torch.rand(B, N, generator=g) < 0.7).float()
+    real, calls = _event_kernels.hazard_event_backward, []
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(None if out is None else tuple(x is not None for x in out))
+        return out
+
+    monkeypatch.setattr(_event_kernels, "hazard_event_backward", spy)
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(_event_kernels, "hazard_event_backward", lambda *a, **k: None)
+        for asked in ((True, True), (True, False), (False, True)):
+            p = p_values.clone().requires_grad_(asked[0])
+            where = where_values.clone().requires_grad_(asked[1])
+            events = StraightThrough().event_among(p, Uniforms(r, 6, "x"), where, complement)
+            (events * weights).sum().backward()
+            results.append((events.detach(), p.grad, where.grad))
+    assert calls == [(True, True), (True, False), (False, True)]
+    for a, b in zip(results[:3], results[3:]):
+        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
+    assert results[0][1].ne(0).any() and results[0][2].ne(0).any()
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 def test_undrawn_uniforms_give_the_events_and_gradients_of_drawn_ones(monkeypatch, kernel):
     """`Uniforms` (drawn inside one native pass on CPU, or by the torch ops where it does not apply) against the

@@ -1,5 +1,5 @@
 // The straight-through infection event 1[u < 1 − s] · where (s = exp(−hazard), computed by torch) and its
-// backward, each one pass over the agents, for CPU. Loaded by agenttensor/_event_kernels.py; sampling.py holds the
+// backward (also the drawn event's, 1[u < p] · where: without s), each one pass over the agents, for CPU. Loaded by agenttensor/_event_kernels.py; sampling.py holds the
 // same arithmetic in torch ops (the reference, and the path on other devices). Built without floating-point
 // contraction: the numbers are those of the torch ops, bit for bit. Plain C, no torch headers.
 
@@ -25,6 +25,11 @@ void d_hazard_chunk(int64_t lo, int64_t hi, const float* __restrict__ grad, cons
   for (int64_t k = lo; k < hi; ++k) d_hazard[k] = grad[k] * where[k] * survival[k];
 }
 
+void d_p_chunk(int64_t lo, int64_t hi, const float* __restrict__ grad, const float* __restrict__ where,
+               float* __restrict__ d_p) {
+  for (int64_t k = lo; k < hi; ++k) d_p[k] = grad[k] * where[k];
+}
+
 void d_where_chunk(int64_t lo, int64_t hi, const float* __restrict__ grad, const uint8_t* __restrict__ happened,
                    float* __restrict__ d_where) {
   for (int64_t k = lo; k < hi; ++k) d_where[k] = happened[k] ? grad[k] : 0.f;
@@ -41,11 +46,13 @@ void agenttensor_hazard_event(int64_t n, const float* survival, const float* u, 
                         [&](int64_t lo, int64_t hi) { event_chunk(lo, hi, survival, u, where, happened, out); });
 }
 
-// d_hazard[k] = grad[k] · where[k] · survival[k] (if d_hazard); d_where[k] = happened ? grad[k] : 0 (if d_where)
+// d_hazard[k] = grad[k] · where[k] · survival[k] (if d_hazard; survival null: grad[k] · where[k], the drawn event's
+// d/dp); d_where[k] = happened ? grad[k] : 0 (if d_where)
 void agenttensor_hazard_event_backward(int64_t n, const float* grad, const float* where, const float* survival,
                                        const uint8_t* happened, float* d_hazard, float* d_where, int64_t threads) {
   agenttensor::parallel(threads, n, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    if (d_hazard) d_hazard_chunk(lo, hi, grad, where, survival, d_hazard);
+    if (d_hazard && survival) d_hazard_chunk(lo, hi, grad, where, survival, d_hazard);
+    if (d_hazard && !survival) d_p_chunk(lo, hi, grad, where, d_hazard);
     if (d_where) d_where_chunk(lo, hi, grad, happened, d_where);
   });
 }

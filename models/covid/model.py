@@ -271,7 +271,7 @@ class CovidEnv:
                 and hit[2] == versions:
             return hit[1]
         result = compute()
-        self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else weakref.ref(x)
+        self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else _Viewed.of(x)
                                  if values_only and isinstance(x, Tensor) else x for x in inputs), result, versions)
         return result
 
@@ -332,9 +332,26 @@ class _Small(NamedTuple):
     values: Tensor
 
 
+class _Viewed(NamedTuple):
+    """A large memo input read for its values only: the tensor whose memory it views (a weak reference) and where in it,
+    so that a view of the same elements matches (e.g. a field passed on from day to day as a view by an autograd node,
+    `select.scale_and_pass_on`: it shares its root's version counter, which `memo` compares too)."""
+    root: weakref.ref
+    offset: int
+    shape: tuple
+    stride: tuple
+
+    @staticmethod
+    def of(x: Tensor) -> "_Viewed":
+        return _Viewed(weakref.ref(select.root(x)), x.storage_offset(), tuple(x.shape), x.stride())
+
+
 def _same_input(cached: Any, x: Any) -> bool:
     if isinstance(cached, weakref.ref):
         return cached() is x
+    if isinstance(cached, _Viewed):
+        return isinstance(x, Tensor) and cached.root() is select.root(x) \
+            and cached[1:] == (x.storage_offset(), tuple(x.shape), x.stride())
     if isinstance(cached, _Small):
         if cached.tensor() is x and cached.version == x._version:  # e.g. a lever's value on a step like the one before
             return True
@@ -577,7 +594,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     if work_day and closed is not None and ctx.sampler.differentiable and state.on_site.requires_grad:
         # for the week (`select.scale_and_pass_on`: no product made a day; its derivatives into one buffer)
         open_share = env.memo("open_workplaces", (closed,), lambda: 1 - closed)
-        kept_presence = env.memo("presence_work_values", (select.root(state.on_site), closed),
+        kept_presence = env.memo("presence_work_values", (state.on_site, closed),
                                  lambda: state.on_site.detach() * open_share, values_only=True)
         on_site, work_passed = select.scale_and_pass_on(state.on_site, open_share, kept_presence)
         state = state.replace(on_site=on_site)
