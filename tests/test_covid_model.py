@@ -543,6 +543,30 @@ def test_memoised_per_agent_values_follow_lever_and_labour_changes(population, m
             assert torch.equal(a[name], b[name]), name
 
 
+def test_a_memo_read_for_values_matches_views_of_the_same_elements_only(population):
+    """`CovidEnv.memo` with ``values_only``: an input passed on as a view of the same elements (e.g. the week's decision
+    through `select.scale_and_pass_on`, a new view a day) finds the result; a view of other elements of the same
+    memory, a change in place through any alias and a new tensor with equal values do not."""
+    env = MODEL.setup(population, CovidParams().as_tensors(), "cpu")
+    x = torch.rand(2, 5000).requires_grad_()
+    calls = []
+
+    def memo(of):
+        return env.memo("test_values", (of,), lambda: calls.append(1) or of.detach().sum(), values_only=True)
+
+    first = memo(x)
+    view = x.view_as(x)
+    assert memo(view) is first and memo(view.view_as(view)) is first and len(calls) == 1
+    memo(x[1:])  # other elements of the same memory
+    memo(x)
+    assert len(calls) == 3
+    with torch.no_grad():
+        view[0, 0] += 1.0  # in place through an alias: the root's version moves
+    assert float(memo(x)) == pytest.approx(float(x.detach().sum())) and len(calls) == 4
+    memo(x.detach().clone())  # equal values, another tensor
+    assert len(calls) == 5
+
+
 def test_autograd_nodes_keep_a_days_tensors_only_as_saved_tensors(env):
     """Gradient checkpointing (`simulate(grad_checkpoint_every=...)`) drops a segment's saved tensors and recomputes
     them, but not what a custom autograd node keeps as a plain attribute of its ctx: such a per-day tensor stays alive
