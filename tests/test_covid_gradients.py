@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import agenttensor as at
-from agenttensor import Hard, StraightThrough
+from agenttensor import Hard, StraightThrough, select
 from agenttensor.model import StepContext
 from agenttensor.rng import Randomness
 from agenttensor.transmission import range_sums
@@ -807,6 +807,44 @@ def test_packed_flags_are_carried_from_day_to_day(population, monkeypatch):
     assert days == ["packed"]
     S[0, 2] = 0.5  # not a membership: nothing packed
     assert cn.packed(I_sym, I_asym, isolating, stage_end, S) == (None, None)
+
+
+def test_the_native_carry_updates_the_flags_as_the_torch_ops(monkeypatch):
+    """`contributions_native.carry`'s native pass and its torch ops give the same flags at the exiting and the infected
+    agents (with and without the countdowns' sign and S, one row and two), and both leave them unchanged and carry
+    nothing where a field's value at an exiting agent is not 0 or 1."""
+    from models.covid import contributions_native as cn
+
+    if not shadow_native_enabled():
+        pytest.skip("native kernels unavailable")
+    g = torch.Generator().manual_seed(2)
+    for B in (1, 2):
+        N = 500
+        fields = [(torch.rand(B, N, generator=g) < q).float() for q in (0.2, 0.2, 0.1)]
+        stage_end = torch.randint(-1, 6, (B, N), dtype=torch.int16, generator=g)
+        S = (torch.rand(B, N, generator=g) < 0.5).float()
+        b, i = select.nonzero((torch.rand(B, N, generator=g) < 0.1).to(torch.uint8))
+        infected = select.nonzero((torch.rand(B, N, generator=g) < 0.05).to(torch.uint8))
+        for extra in ((), (stage_end, infected), (stage_end, infected, S)):
+            results = []
+            for native in (True, False):
+                if not native:
+                    monkeypatch.setattr(cn, "_library", lambda: None)
+                live = torch.randint(0, 32, (B, N), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+                I_sym = fields[0].clone()
+                cn.carry(live, b, i, I_sym, *fields[1:], *extra)
+                assert getattr(I_sym, "_agenttensor_flags", None) is not None
+                bad = fields[1].clone()
+                bad[b[0], i[0]] = 0.5
+                before = live.clone()
+                I_sym2 = fields[0].clone()
+                cn.carry(live, b, i, I_sym2, bad, fields[2], *extra)
+                assert torch.equal(live, before) and getattr(I_sym2, "_agenttensor_flags", None) is None
+                results.append(live)
+                monkeypatch.undo()
+            assert torch.equal(*results), (B, len(extra))
+            changed = results[0].view(-1)[select.flat_positions(results[0], b, i)]
+            assert torch.equal(changed & 7, (fields[0] + 2 * fields[1] + 4 * fields[2])[b, i].to(torch.uint8))
 
 
 def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):
