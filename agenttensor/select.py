@@ -254,18 +254,18 @@ class _ScaleAndPassOn(torch.autograd.Function):
         if product is None:
             return passed, None, None
         (factor,) = ctx.saved_tensors
-        if passed is None:
-            g = torch.mul(product, factor).expand(ctx.shape).contiguous()
-        elif EXCLUSIVE_GRADIENTS.get(id(passed)) is passed and passed.is_contiguous() and passed.shape == ctx.shape:
+        if passed is not None and EXCLUSIVE_GRADIENTS.get(id(passed)) is passed and passed.is_contiguous() \
+                and passed.shape == product.shape == ctx.shape:
             g = passed.addcmul_(product, factor)
-        else:
-            g = torch.addcmul(passed, product, factor).expand(ctx.shape).contiguous()
+        else:  # (summed over the rows x was broadcast along)
+            own = torch.mul(product, factor).sum_to_size(ctx.shape)
+            g = own.contiguous() if passed is None else torch.add(passed, own)
         EXCLUSIVE_GRADIENTS[id(g)] = g
         return g, None, None
 
 
 def scale_and_pass_on(x: Tensor, factor: Tensor, product: Tensor) -> tuple[Tensor, Tensor]:
-    """(x, x · factor) for x [B, N] and a constant ``factor`` [B | 1, N], with the product's values given
+    """(x, x · factor) for x [B | 1, N] and a constant ``factor`` [B | 1, N], with the product's values given
     (``product``, detached: x · factor's, e.g. memoised while neither changed). Under autograd, with x the tensor
     the next product is of (the passed-on x, e.g. a week's decision in the next day's state), the products'
     derivatives accumulate in one buffer handed from node to node (`_ScaleAndPassOn`): per day one in-place

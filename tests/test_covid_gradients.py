@@ -988,6 +988,15 @@ def test_the_countdowns_sign_in_the_packed_flags_gives_the_same_gradients(popula
             assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
 
 
+def assert_same_run(a, b, names, label) -> None:
+    """Two runs' (result, parameter gradients) are the same, bit for bit: every metric and every gradient (non-zero)."""
+    (res_a, grads_a), (res_b, grads_b) = a, b
+    for name in res_a.metrics:
+        assert torch.equal(res_a[name], res_b[name]), name
+    for name, x, y in zip(names, grads_a, grads_b):
+        assert x.abs().sum() > 0 and torch.equal(x, y), (label, name)
+
+
 def test_the_force_hands_its_weights_to_the_own_contributions_as_parts_with_the_same_gradients(population, monkeypatch):
     """In gradient modes `layered_force`'s native backward hands each layer's weight w = grad σ presence factors to
     the own contributions' backward as its parts (`ForceTerm.weight_handoff`, `WeightParts`), which forms w tile by
@@ -1026,10 +1035,7 @@ def test_the_force_hands_its_weights_to_the_own_contributions_as_parts_with_the_
         handed.clear()
         written, written_grads = run(False, torch_ops)
         assert handed and not any(handed)
-        for name in parts.metrics:
-            assert torch.equal(parts[name], written[name]), name
-        for name, a, b in zip(names, parts_grads, written_grads):
-            assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
+        assert_same_run((parts, parts_grads), (written, written_grads), names, torch_ops)
 
 
 def test_the_force_hands_the_workplace_presences_derivative_to_the_own_contributions(population, monkeypatch):
@@ -1074,10 +1080,7 @@ def test_the_force_hands_the_workplace_presences_derivative_to_the_own_contribut
         handed.clear()
         added, added_grads = run(False, torch_ops)
         assert handed and not any(handed)
-        for name in taken.metrics:
-            assert torch.equal(taken[name], added[name]), name
-        for name, a, b in zip(names, taken_grads, added_grads):
-            assert a.abs().sum() > 0 and torch.equal(a, b), (torch_ops, name)
+        assert_same_run((taken, taken_grads), (added, added_grads), names, torch_ops)
 
 
 @pytest.mark.parametrize("checkpoint", [None, 7])

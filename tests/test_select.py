@@ -145,7 +145,7 @@ def test_reads_passed_on_give_the_reads_derivatives(rows, dense_use, monkeypatch
     assert made[:2] == ["copy", "zeros"] and made[2:] in ([], ["copy"] if dense_use else []), made
 
 
-@pytest.mark.parametrize("rows,factor_rows", [(1, 1), (3, 1), (3, 3)])
+@pytest.mark.parametrize("rows,factor_rows", [(1, 1), (3, 1), (3, 3), (1, 3)])
 @pytest.mark.parametrize("dense_use", [False, True], ids=["products only", "and a dense use"])
 def test_products_passed_on_give_the_products_derivatives(rows, factor_rows, dense_use):
     """A tensor scaled by a constant factor each day and passed on (`scale_and_pass_on`, a week of products whose values
@@ -183,11 +183,12 @@ def test_products_passed_on_give_the_products_derivatives(rows, factor_rows, den
     finally:
         select._ScaleAndPassOn.backward = staticmethod(real)
     assert torch.equal(got, derivative(pass_on=False)) and bool(got.ne(0).any())
-    assert written[0] is False and (all(written[1:]) or dense_use) and sum(written) >= 3, written
+    if factor_rows <= rows:  # (x broadcast along the rows: each day's derivative is summed into a fresh buffer)
+        assert written[0] is False and (all(written[1:]) or dense_use) and sum(written) >= 3, written
     x = torch.rand(rows, 50, generator=g)
     with pytest.raises(ValueError, match="not x · factor's shape"):
         select.scale_and_pass_on(x.requires_grad_(), factor, torch.zeros(50))
-    kept = torch.full((rows, 50), 7.0)  # without autograd: the values given, not recomputed
+    kept = torch.full(torch.broadcast_shapes((rows, 50), factor.shape), 7.0)  # without autograd: the values given
     assert select.scale_and_pass_on(x.detach(), factor, kept)[1] is kept
 
 
