@@ -98,14 +98,14 @@ def carry(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, iso
     countdowns after it, where the flags carry their sign (bit 3; ``infected``: the agents that entered E today,
     whose countdown began); ``S``: S after it, where the flags carry it (bit 4: the infected agents left it). On CPU one
     native pass over the exiting and infected agents (the same flags; ~25 small torch ops otherwise)."""
-    if not _carry_native(live, b, i, I_sym, I_asym, isolating, stage_end, infected, S):
+    if not _update_flags(live, b, i, I_sym, I_asym, isolating, stage_end, infected, S):
         return
     others = (I_asym, isolating, stage_end, S)
     I_sym._agenttensor_flags = (live, tuple(None if x is None else weakref.ref(x) for x in others),
                                 tuple(x._version for x in (I_sym, *others) if x is not None))
 
 
-def _carry_native(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor,
+def _update_flags(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Tensor, isolating: Tensor,
                   stage_end: Tensor | None, infected: tuple[Tensor, Tensor] | None, S: Tensor | None) -> bool:
     """`carry`'s update of ``live``: True where done (natively, else by the torch ops), False where a field's value at an
     exiting agent is not 0 or 1 (``live`` unchanged: the flags are not carried)."""

@@ -257,7 +257,8 @@ class CovidEnv:
 
     def memo(self, key: Any, inputs: tuple, compute: Callable[[], Any], values_only: bool = False) -> Any:
         """``compute()``, reused while its inputs are unchanged: small tensors (e.g. a [B, G, A] lever) compared
-        by value, anything else (state tensors, random streams) by identity and version. Only on CPU and without
+        by value, anything else (state tensors, random streams) by identity and version (with ``values_only``: by the
+        tensor they view, where in it, and its version, so that a view of the same elements matches, `_Viewed`). Only on CPU and without
         gradients, or with ``values_only`` (compute reads its inputs' values only, detached: inputs may require gradients;
         they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
         per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
