@@ -197,6 +197,12 @@ def values_at(x: Tensor, b: Tensor, i: Tensor) -> Tensor:
 EXCLUSIVE_GRADIENTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+def is_exclusive(g: Tensor | None) -> bool:
+    """Whether g is a gradient buffer registered in `EXCLUSIVE_GRADIENTS` (nobody else holds it: it may be written
+    into in place)."""
+    return g is not None and EXCLUSIVE_GRADIENTS.get(id(g)) is g
+
+
 class _ReadAndPassOn(torch.autograd.Function):
     """x passed on (a view) and its values at (b, i). Backward: the read values' derivative put into the passed-on
     tensor's, in place where that is a buffer a node made for this one (`EXCLUSIVE_GRADIENTS`: nobody else holds it), else into
@@ -217,7 +223,7 @@ class _ReadAndPassOn(torch.autograd.Function):
         b, i = ctx.saved_tensors
         if passed is None:
             g = read.new_zeros(ctx.shape)
-        elif EXCLUSIVE_GRADIENTS.get(id(passed)) is passed and passed.is_contiguous():
+        elif is_exclusive(passed) and passed.is_contiguous():
             g = passed
         else:
             g = passed.contiguous().clone()
@@ -254,8 +260,7 @@ class _ScaleAndPassOn(torch.autograd.Function):
         if product is None:
             return passed, None, None
         (factor,) = ctx.saved_tensors
-        if passed is not None and EXCLUSIVE_GRADIENTS.get(id(passed)) is passed and passed.is_contiguous() \
-                and passed.shape == product.shape == ctx.shape:
+        if is_exclusive(passed) and passed.is_contiguous() and passed.shape == product.shape == ctx.shape:
             g = passed.addcmul_(product, factor)
         else:  # (summed over the rows x was broadcast along)
             own = torch.mul(product, factor).sum_to_size(ctx.shape)

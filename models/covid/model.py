@@ -605,18 +605,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         def p_work(at: At) -> Tensor:
             def value() -> Tensor:
                 on_site = at(state.on_site).to(torch.float32)
-                if closed is None:
-                    return on_site
-                # gradient modes make this every work day: the open share kept while closed is unchanged (hard mode
-                # keeps the product for the week instead)
-                open_share = env.memo("open_workplaces", (closed,), lambda: 1 - closed) \
-                    if at.i is None and not hard else 1 - at(closed)
-                return on_site * open_share
+                return on_site if closed is None else on_site * (1 - at(closed))
 
             if at.i is None and work_passed is not None:
                 return work_passed
             if at.i is None:  # dense: changes with the weekly decision only (gradient modes: reused where on_site
-                # carries no derivative, else made once per step)
+                # carries no derivative, else made once per step where no closure makes it `work_passed`)
                 return once("presence_work", at, lambda: env.memo("presence_work", (state.on_site, closed), value,
                                                                   values_only=hard))
             return value()

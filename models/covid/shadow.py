@@ -216,7 +216,7 @@ class _ExitsAt(torch.autograd.Function):
         out = []
         for name, g, g_exits in zip(EXIT_FIELDS, dense, at_exits):
             # `_Transition`'s own buffer, or one its maker handed to nobody else (else it may be shared)
-            ours = g is not None and (g is ctx.handoff.get(name) or EXCLUSIVE_GRADIENTS.get(id(g)) is g)
+            ours = g is not None and (g is ctx.handoff.get(name) or select.is_exclusive(g))
             if g_exits is not None:
                 if g is None:
                     g = g_exits.new_zeros(ctx.shape)
@@ -337,7 +337,7 @@ def _exclusive(incoming: dict[str, Tensor | None]) -> dict[str, Tensor]:
     dense = {name: g for name, g in incoming.items() if g is not None}
     pointers = [g.data_ptr() for g in dense.values()]
     return {name: g for name, g in dense.items() if name in shadow_native.REUSABLE.values()
-            and EXCLUSIVE_GRADIENTS.get(id(g)) is g and g._base is None and pointers.count(g.data_ptr()) == 1}
+            and select.is_exclusive(g) and g._base is None and pointers.count(g.data_ptr()) == 1}
 
 
 def _transition_backward(k: ShadowConstants, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor | None,
