@@ -60,7 +60,7 @@ from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, 
                                       range_sums, scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
-from . import contributions_native, disease, hard_native, labour_native, shadow, shadow_native
+from . import contributions_native, disease, exits_native, hard_native, labour_native, shadow, shadow_native
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
@@ -935,10 +935,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
-    group = env.age_group.index_select(0, i)
 
     exit_streams = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit")
-    u_exit = dict(zip(exit_streams, ctx.rng.uniforms_at(t, exit_streams, b, i)))  # one hash pass: [M] per stream
+    u_exits = ctx.rng.uniforms_at(t, exit_streams, b, i)  # one hash pass: [6, M]
+    u_exit = dict(zip(exit_streams, u_exits))
 
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
@@ -947,43 +947,57 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                          ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
     leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
                                                               ("E", "I_asym", "I_sym", "H", "isolating"))
-    to_Is = draw(params.symptomatic_fraction.index_select(0, group), "symptoms").to(E.dtype) * leave_E
-    to_Ia = leave_E - to_Is
-    p_hosp = params.hosp_given_symptomatic.index_select(0, group)
-    if ctx.lever("vaccination") is not None:
-        p_hosp = p_hosp * (1 - at(params.vaccine_efficacy_severe) * at(V).to(torch.float32))
-    to_H = draw(p_hosp, "hospitalisation").to(E.dtype) * leave_Is
-    to_D = draw(params.death_given_hosp.index_select(0, group), "death").to(E.dtype) * leave_H
-    to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
 
-    # surveillance and isolation at I entry (the new I agents are among today's E exits)
-    p_detect = at(params.detection_rate) * (to_Is.to(torch.float32)
-                                            + at(params.asymptomatic_detection_ratio) * to_Ia.to(torch.float32))
-    testing = lever_per_agent(ctx, "testing_isolation")
-    if testing is not None:
-        p_detect = p_detect + at(testing) * (1 - p_detect)
-    reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
-    aware = to_Is + reported - to_Is * reported
-    # (read at the exits and passed on to tomorrow's state: the week's reads' derivatives in one buffer)
-    isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) if ctx.sampler.differentiable \
-        else (state.isolate_prob, at(state.isolate_prob))
-    isolate = draw(isolate_at, "isolation").to(E.dtype) * aware
-    leave_I = leave_Ia + leave_Is
-    isolating_here = isolating_before * (1 - leave_I) + isolate
-
-    # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits): in place where
-    # they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the packed flags)
+    # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits, below): in place
+    # where they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the flags)
     donate = ctx.sampler.differentiable and ctx.scratch.get("timed_flags") is not None and ctx.owns(state.stage_end)
     stage_end = state.stage_end if donate else ctx.own(state.stage_end.clone())
     infected_b, infected_i = moved.pairs if moved is not None else select.nonzero(new_E.detach())
     ctx.scratch["infected"] = (infected_b, infected_i)  # (`shadow.transition` carries their countdowns' sign)
     stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
-    if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
-        next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
-        duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS, next_table,
-                                          u_exit["duration-exit"])
-        timed = (to_Ia + to_Is + to_H).detach() > 0
-        select.put_at_(stage_end, b, i, torch.where(timed, (t + duration).to(torch.int16), -1))
+
+    # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
+    native = None
+    if exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end):
+        testing = lever_per_agent(ctx, "testing_isolation")
+        severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
+            else None
+        isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i)
+        native = exits_native.exit_flows(exits.leaving, b, i, u_exits, env, params, at(params.detection_rate),
+                                         at(params.asymptomatic_detection_ratio),
+                                         None if testing is None else at(testing), severe, isolate_at, stage_end, t)
+    else:
+        group = env.age_group.index_select(0, i)
+        to_Is = draw(params.symptomatic_fraction.index_select(0, group), "symptoms").to(E.dtype) * leave_E
+        to_Ia = leave_E - to_Is
+        p_hosp = params.hosp_given_symptomatic.index_select(0, group)
+        if ctx.lever("vaccination") is not None:
+            p_hosp = p_hosp * (1 - at(params.vaccine_efficacy_severe) * at(V).to(torch.float32))
+        to_H = draw(p_hosp, "hospitalisation").to(E.dtype) * leave_Is
+        to_D = draw(params.death_given_hosp.index_select(0, group), "death").to(E.dtype) * leave_H
+        to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
+
+        # surveillance and isolation at I entry (the new I agents are among today's E exits)
+        p_detect = at(params.detection_rate) * (to_Is.to(torch.float32)
+                                                + at(params.asymptomatic_detection_ratio) * to_Ia.to(torch.float32))
+        testing = lever_per_agent(ctx, "testing_isolation")
+        if testing is not None:
+            p_detect = p_detect + at(testing) * (1 - p_detect)
+        reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
+        aware = to_Is + reported - to_Is * reported
+        # (read at the exits and passed on to tomorrow's state: the week's reads' derivatives in one buffer)
+        isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) if ctx.sampler.differentiable \
+            else (state.isolate_prob, at(state.isolate_prob))
+        isolate = draw(isolate_at, "isolation").to(E.dtype) * aware
+        leave_I = leave_Ia + leave_Is
+        isolating_here = isolating_before * (1 - leave_I) + isolate
+
+        if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
+            next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
+            duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS, next_table,
+                                              u_exit["duration-exit"])
+            timed = (to_Ia + to_Is + to_H).detach() > 0
+            select.put_at_(stage_end, b, i, torch.where(timed, (t + duration).to(torch.int16), -1))
 
     # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
     rate = lever_per_agent(ctx, "vaccination")
@@ -995,12 +1009,16 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # changes the metrics roll their counts forward by; in hard mode in one index_add, in gradient modes the reported
     # flows apart (a loss on some of them then sends no zero-valued gradients to the others' exiting agents: a
     # dense zero gradient of H, and its shadow flows, every day for a loss without deaths)
-    changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
-                                    isolating_before)]
-    if ctx.sampler.differentiable:
+    if native is not None:
+        reported_by_borough, admissions, deaths, flows = native.reported, native.admissions, native.deaths, native.flows
+    elif ctx.sampler.differentiable:
+        changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
+                                        isolating_before)]
         reported_by_borough, admissions, deaths = (by_borough_at(env, b, i, x, S.shape[0]) for x in (reported, to_H, to_D))
         flows = by_borough_at(env, b, i, torch.stack(changes), S.shape[0])
     else:
+        changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
+                                        isolating_before)]
         flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
         (reported_by_borough, admissions, deaths), flows = flows[:3].unbind(0), flows[3:]
     out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows.detach().unbind(0)
@@ -1024,8 +1042,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                            stage_count_changes=torch.stack([stage_count_change[name] for name in COUNTED]))
 
     if ctx.sampler.differentiable:  # one node for the memberships' changes and the shadow flows (`shadow.py`)
-        changes = dict(E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
-                       isolating=isolating_here - isolating_before)
+        changes = native.changes if native is not None else dict(
+            E=-leave_E, I_sym=to_Is - leave_Is, I_asym=to_Ia - leave_Ia, H=to_H - leave_H, R=to_R, D=to_D,
+            isolating=isolating_here - isolating_before)
         after = state.replace(vaccinated=V, stage_end=stage_end, reported_recent=recent, isolate_prob=isolate_prob)
         donated = shadow.donatable(state, ctx, ctx.scratch.get("fields_packed", False))
         return owned_after_step(state, transition(state, after, exits, new_E, changes, params, ctx, donated,
