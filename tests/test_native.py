@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++"))
 
 LIBRARIES = ["agenttensor._group_kernels", "agenttensor._rng_kernels", "agenttensor._event_kernels", "models.covid.labour_native",
              "agenttensor.select", "models.covid.contributions_native", "models.covid.hard_native",
-             "models.covid.shadow_native"]
+             "models.covid.shadow_native", "models.covid.exits_native"]
 
 
 @pytest.mark.parametrize("module", LIBRARIES)

@@ -115,6 +115,20 @@ def exit_flows(leaving: dict[str, Tensor], b: Tensor, i: Tensor, u: Tensor, env,
     return ExitFlows(dict(zip(CHANGES, changes)), reported, admissions, deaths, flows)
 
 
+def _reached(g_changes, g_sums) -> list[bool]:
+    """Which of the node's inputs a gradient reaches, from which of its outputs' gradients are None (autograd's None
+    where no gradient reached a tensor: a loss without deaths sends none to H's exits, and none to H; a [M] of zeros
+    here would become a [B, N] of zeros a day in `shadow._ExitsAt`'s backward and the transition's)."""
+    gE, gIs, gIa, gH, gR, gD, giso = (g is not None for g in g_changes)
+    rep, H, D = (g is not None for g in g_sums)
+    reported = rep or giso  # (its consumers: the borough sums, and the awareness behind isolation)
+    to_Ia = gIa or reported
+    to_Is = gIs or giso or reported or to_Ia
+    to_H, to_D = gH or H or gR, gD or D or gR
+    return [gE or to_Ia or to_Is, gIa or giso or gR, gIs or giso or gR or to_H, gH or gR or to_D, giso,
+            to_Is, to_H, to_D, reported, reported, reported, to_H, giso]
+
+
 def _ptr(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
@@ -160,8 +174,9 @@ class _ExitFlows(torch.autograd.Function):
         b, i, lE, lIa, lIs, lH, iso0, events, hosp, detect, ratio, testing, severe = ctx.saved_tensors
         g_changes, g_sums = grads[:len(CHANGES)], grads[len(CHANGES):len(CHANGES) + 3]
         M, G = b.numel(), len(env.group_labels)
-        needs = ctx.needs_input_grad[4:]  # lE, lIa, lIs, lH, iso0, symptomatic, hosp, death, detect, ratio, testing,
-        # severe, isolate: each input's per-exit derivative terms, where asked for
+        needs = [need and reached for need, reached in zip(ctx.needs_input_grad[4:], _reached(g_changes, g_sums))]
+        # lE, lIa, lIs, lH, iso0, symptomatic, hosp, death, detect, ratio, testing, severe, isolate: each input's
+        # per-exit derivative terms, where asked for and a gradient reaches it
         outs = [torch.empty(M) if need else None for need in needs]
         group = env.age_group.index_select(0, i) if any(needs[5:8]) or severe is not None else None
         hosp_at = hosp.index_select(0, group) if severe is not None else None
