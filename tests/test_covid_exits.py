@@ -90,3 +90,8 @@ def test_native_exits_apply_only_to_straight_through_on_cpu(population):
     assert not exits_native.supported(StraightThrough(), {k: v[:0] for k, v in leaving.items()}, u[:, :0], params,
                                       env, stage_end)
     assert not exits_native.supported(StraightThrough(), leaving, u, params, env, stage_end.int())
+    # what is read at the exits: numbers or float32 tensors (a float64 rate keeps the torch ops, which promote)
+    assert exits_native.supported(StraightThrough(), leaving, u, params, env, stage_end, (0.3, None, torch.ones(2))) \
+        == exits_native.native.kernels_enabled()
+    assert not exits_native.supported(StraightThrough(), leaving, u, params, env, stage_end,
+                                      (torch.tensor(0.3, dtype=torch.float64),))

@@ -958,7 +958,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
     native = None
-    if exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end):
+    read = (params.detection_rate, params.asymptomatic_detection_ratio, ctx.lever("testing_isolation"),
+            params.vaccine_efficacy_severe, V, state.isolate_prob)
+    if exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
         testing = lever_per_agent(ctx, "testing_isolation")
         severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
             else None
