@@ -1013,16 +1013,16 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # dense zero gradient of H, and its shadow flows, every day for a loss without deaths)
     if native is not None:
         reported_by_borough, admissions, deaths, flows = native.reported, native.admissions, native.deaths, native.flows
-    elif ctx.sampler.differentiable:
-        changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
-                                        isolating_before)]
-        reported_by_borough, admissions, deaths = (by_borough_at(env, b, i, x, S.shape[0]) for x in (reported, to_H, to_D))
-        flows = by_borough_at(env, b, i, torch.stack(changes), S.shape[0])
     else:
         changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
                                         isolating_before)]
-        flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
-        (reported_by_borough, admissions, deaths), flows = flows[:3].unbind(0), flows[3:]
+        if ctx.sampler.differentiable:
+            reported_by_borough, admissions, deaths = (by_borough_at(env, b, i, x, S.shape[0])
+                                                       for x in (reported, to_H, to_D))
+            flows = by_borough_at(env, b, i, torch.stack(changes), S.shape[0])
+        else:
+            flows = by_borough_at(env, b, i, torch.stack([reported, to_H, to_D, *changes]), S.shape[0])
+            (reported_by_borough, admissions, deaths), flows = flows[:3].unbind(0), flows[3:]
     out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows.detach().unbind(0)
     in_H, in_D = admissions.detach(), deaths.detach()
     recent = state.reported_recent.clone()

@@ -172,36 +172,31 @@ void agenttensor_covid_exits_backward(ExitGradArgs* args) {
       }
       const float g_r2 = g_p * detect;
       const float g_r1 = g_r2;
-      float g_to_Ia = (gIa_c + g_r3) + g_r1 * ratio;
+      const float g_to_Ia = (gIa_c + g_r3) + g_r1 * ratio;
       const float g_to_Is = ((((gIs_c + g_q2 * reported) + g_q1) + g_r3) + g_r2) + -g_to_Ia;
       // to_R = (lIa + (lIs − to_H)) + (lH − to_D)
       const float g_to_D = (gD_c + G_D) + -gR;
       const float g_to_H = (gH_c + G_H) + -gR;
-      const float outs[13] = {
-          ((-gE) + g_to_Ia) + g_to_Is * ev_sym,                  // lE: the change, to_Ia, to_Is
-          ((-gIa_c) + g_leave_I) + gR,                           // lIa: the change, leave_I, to_R
-          (((-gIs_c) + g_leave_I) + gR) + g_to_H * ev_h,         // lIs: the change, leave_I, to_R, to_H
-          ((-gH_c) + gR) + g_to_D * ev_d,                        // lH: the change, to_R, to_D
-          (-giso_c) + g_w2 * (1.f - (lIa + lIs)),                // iso0: the change, iso0 w1
-          g_to_Is * lE,                                          // symptomatic at the exits
-          0.f,                                                   // the hospitalisation table at the exits (below)
-          g_to_D * lH,                                           // the death table at the exits
-          g_p * r2,                                              // detect's terms
-          g_r1 * to_Ia,                                          // ratio's terms
-          g_testing,
-          0.f,                                                   // severe (below)
-          g_ev_i};                                               // isolate
+      // p_hosp = hosp (1 − severe) with severe (efficacy · vaccinated), else hosp
       const float g_p_hosp = g_to_H * lIs;
-      float g_hosp = g_p_hosp, g_severe = 0.f;
-      if (a.severe) {  // p_hosp = hosp (1 − severe)
-        g_hosp = g_p_hosp * (1.f - a.severe[k]);
-        g_severe = -(g_p_hosp * a.hosp_at[k]);
-      }
-      (void)w1;
-      for (int o = 0; o < 13; ++o) {
-        if (a.out[o] == nullptr) continue;
-        a.out[o][k] = o == 6 ? g_hosp : o == 11 ? g_severe : outs[o];
-      }
+      const float g_hosp = a.severe ? g_p_hosp * (1.f - a.severe[k]) : g_p_hosp;
+      const float g_severe = a.severe ? -(g_p_hosp * a.hosp_at[k]) : 0.f;
+      const float outs[13] = {
+          ((-gE) + g_to_Ia) + g_to_Is * ev_sym,           // lE: the change, to_Ia, to_Is
+          ((-gIa_c) + g_leave_I) + gR,                    // lIa: the change, leave_I, to_R
+          (((-gIs_c) + g_leave_I) + gR) + g_to_H * ev_h,  // lIs: the change, leave_I, to_R, to_H
+          ((-gH_c) + gR) + g_to_D * ev_d,                 // lH: the change, to_R, to_D
+          (-giso_c) + g_w2 * w1,                          // iso0: the change, iso0 w1
+          g_to_Is * lE,                                   // symptomatic at the exits
+          g_hosp,                                         // the hospitalisation table at the exits
+          g_to_D * lH,                                    // the death table at the exits
+          g_p * r2,                                       // detect's terms
+          g_r1 * to_Ia,                                   // ratio's terms
+          g_testing,
+          g_severe,
+          g_ev_i};                                        // isolate
+      for (int o = 0; o < 13; ++o)
+        if (a.out[o]) a.out[o][k] = outs[o];
     }
   });
 }
