@@ -80,15 +80,20 @@ def _value_or_per_exit(x: Tensor | float, M: int) -> Tensor | None:
     return x if _f32(x) and (x.dim() == 0 or tuple(x.shape) == (M,)) else None
 
 
+def _inputs(leaving: dict[str, Tensor], params) -> tuple[list[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """The node's field values at the exits and its age tables, in the kernel's argument order."""
+    return ([leaving[name] for name in ("E", "I_asym", "I_sym", "H", "isolating")],
+            (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp))
+
+
 def supported(sampler, leaving: dict[str, Tensor], u: Tensor, params, env, stage_end: Tensor,
               read: tuple = ()) -> bool:
     """Whether `exit_flows` applies: straight-through draws, CPU float32 values at M > 0 exits, the kernel built.
     ``read``: what the caller will read at the exits for it (the detection rate, the asymptomatic ratio, the testing
     lever, the vaccine's efficacy, the vaccinations, the isolation probability), each a number, None or a CPU float32
     tensor (anything else: the torch ops, which promote as torch does)."""
-    fields = [leaving[name] for name in ("E", "I_asym", "I_sym", "H", "isolating")]
+    fields, tables = _inputs(leaving, params)
     M = fields[0].numel()
-    tables = (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp)
     return type(sampler) is StraightThrough and M > 0 and stage_end.dtype == torch.int16 and stage_end.dim() == 2 \
         and stage_end.is_contiguous() and all(_f32(x, (M,)) for x in fields) and _f32(u, (len(STREAMS), M)) \
         and all(_f32(x) and x.dim() == 1 for x in tables) and env.age_group.dtype == torch.int32 \
@@ -107,8 +112,7 @@ def exit_flows(leaving: dict[str, Tensor], b: Tensor, i: Tensor, u: Tensor, env,
     place)."""
     M = b.numel()
     B, N = stage_end.shape
-    fields = [leaving[name] for name in ("E", "I_asym", "I_sym", "H", "isolating")]
-    tables = (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp)
+    fields, tables = _inputs(leaving, params)
     detect, ratio = _value_or_per_exit(detect, M), _value_or_per_exit(ratio, M)
     if detect is None or ratio is None or not all(_f32(x, (M,)) for x in (isolate, testing, severe)):
         raise ValueError("exit_flows: the detection rate, the asymptomatic ratio, the testing lever, efficacy · "

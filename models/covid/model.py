@@ -936,9 +936,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
     at = At(b, i)
 
-    exit_streams = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit")
-    u_exits = ctx.rng.uniforms_at(t, exit_streams, b, i)  # one hash pass: [6, M]
-    u_exit = dict(zip(exit_streams, u_exits))
+    u_exits = ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as the kernel reads them
+    u_exit = dict(zip(exits_native.STREAMS, u_exits))
 
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
