@@ -493,7 +493,7 @@ def test_exits_at_never_writes_into_a_shared_gradient():
         assert torch.equal(a, ref)
 
 
-@pytest.mark.parametrize("memberships", ["fractional", "whole", "by size"])
+@pytest.mark.parametrize("memberships", ["fractional", "whole", "by size", "runs with gaps", "runs numbered at random"])
 def test_native_attack_probabilities_match_the_torch_formula(memberships):
     """The kernel's exp / log polynomials (vectorised) against `attack_probabilities` in float64: household
     hazards from 0 to saturation, whole and fractional numbers of other susceptible members (relaxed memberships),
@@ -501,7 +501,10 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
     for their tiles). Households scattered over the agents (the fused pass for runs of agents is compared with this
     one in `test_native_shadow_backward_equals_its_torch_ops`). "by size": 0/1 memberships in runs of households of
     one size each (1, 3, 4, 6, 10, 20, 40, 100), so that whole tiles need each number of bits, 0 to 6 (run as 0, 3, 4,
-    5 or 6 squaring steps), and the exp/log path past 64."""
+    5 or 6 squaring steps), and the exp/log path past 64; households in agent order are read 16 agents at a time from
+    one window of their table (`agenttensor::run_lookup`, csrc/tables.h), up to its last entry. "runs with gaps": runs
+    in agent order over numbers most of which have no agents, so that 16 agents' numbers span about as many as the
+    window holds (in it or not: then gathered); "runs numbered at random": their numbers shuffled (all gathered)."""
     from agenttensor import native
     from agenttensor.transmission import GroupLayer, group_sum
     from models.covid import shadow_native
@@ -517,6 +520,12 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
                                for k, size in enumerate((1, 3, 4, 6, 10, 20, 40, 100))])
         n = household.numel()
         layer = GroupLayer(household)
+    elif memberships.startswith("runs"):  # runs of agents: 50,000 over 60,000 numbers (~2 agents per household)
+        household = torch.sort(torch.randint(0, 60_000, (n,), generator=g)).values
+        if memberships == "runs numbered at random":
+            household = torch.randperm(60_000, generator=g)[household]
+        layer = GroupLayer(household)
+        assert shadow_native.contiguous_groups(layer.slot)
     else:
         household = torch.sort(torch.randint(0, 9_000, (n,), generator=g)).values  # households of ~5.5
         household[1000:1150], household[30_000:30_150] = 9_000, 9_001  # two large ones (group quarters)
@@ -524,7 +533,7 @@ def test_native_attack_probabilities_match_the_torch_formula(memberships):
         assert not shadow_native.contiguous_groups(layer.slot)
     slots = layer.num_groups + 1
     unit = (torch.rand(1, n, generator=g) ** 3 * 3)  # 0 .. 3: T from 0 to ~1
-    if memberships == "fractional":
+    if memberships == "fractional" or memberships.startswith("runs"):
         susceptible = torch.where(torch.rand(1, n, generator=g) < 0.5, 1.0, torch.rand(1, n, generator=g))
     else:
         susceptible = (torch.rand(1, n, generator=g) < (0.8 if memberships == "whole" else 0.95)).float()

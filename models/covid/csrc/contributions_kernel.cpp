@@ -213,9 +213,13 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   }
   if (l.group) {
     const float* __restrict group = l.group + b * l.groups;
-    if (member && pairs)
+    if (member && pairs) {
       pair_others_sum(n, slot, pairs + b * 2 * l.groups, member, out);
-    else if (member)
+    } else if (member && l.runs) {  // groups as runs of agents (households): the values read by `run_lookup`
+      float values[2][kTile];
+      agenttensor::run_lookup<2>(n, {group, scale}, l.groups, slot, {values[0], values[1]});
+      for (int64_t j = 0; j < n; ++j) out[j] = (values[0][j] - member[j]) * values[1][j];
+    } else if (member)
       for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - member[j]) * scale[slot[j]];
     else
       for (int64_t j = 0; j < n; ++j) out[j] = (group[slot[j]] - 0.f) * scale[slot[j]];
@@ -229,6 +233,26 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
     for (int64_t j = 0; j < n; ++j) out[j] = out[j] + plain[slot[j]];
   }
   return out;
+}
+
+// o[j] += terms[j] at the infectious agents of a tile (I_sym or I_asym not 0: the only ones whose term can be other
+// than 0), in place: with AVX-512 16 agents per step, a masked load, add and store where any of them is (the loop
+// with a branch per agent ran one agent at a time). The same additions.
+void add_where_infectious(int64_t n, const float* __restrict I_sym, const float* __restrict I_asym,
+                          const float* __restrict terms, float* __restrict o) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __mmask16 infectious = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(I_sym + j), zero) |
+                                 _mm512_cmpneq_ps_mask(_mm512_loadu_ps(I_asym + j), zero);  // (NaN: not equal, as !=)
+    if (infectious)
+      _mm512_mask_storeu_ps(o + j, infectious,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(infectious, o + j), _mm512_loadu_ps(terms + j)));
+  }
+#endif
+  for (; j < n; ++j)
+    if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = o[j] + terms[j];
 }
 
 // A `weighted` layer's member values for a tile of n agents: gs (grad σ) (presence ((1 factor) factor_all)), with
@@ -419,8 +443,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            for (int64_t j = 0; j < n; ++j)
-              if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = acc[j] + sums[q][j];
+            add_where_infectious(n, I_sym, I_asym, sums[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
@@ -434,8 +457,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            for (int64_t j = 0; j < n; ++j)
-              if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = acc[j] + presence_terms[q][j];
+            add_where_infectious(n, I_sym, I_asym, presence_terms[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];

@@ -120,10 +120,11 @@ void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S
 }
 
 // s_k: the other susceptible members of k's household besides k and the source (restrict parameters: it vectorises)
-void chain_counts(int64_t n, const float* __restrict sums, const int32_t* __restrict household,
+void chain_counts(int64_t n, const float* __restrict sums, int64_t households, const int32_t* __restrict household,
                   const float* __restrict S, float* __restrict chain) {
+  agenttensor::run_lookup<1>(n, {sums}, households, household, {chain});  // (households are runs of agents)
   for (int64_t i = 0; i < n; ++i) {
-    const float c = sums[household[i]] - S[i] - 1.f;
+    const float c = chain[i] - S[i] - 1.f;
     chain[i] = c > 0.f ? c : 0.f;
   }
 }
@@ -134,10 +135,10 @@ using agenttensor::small_table_lookup;
 
 // u = sigma ((scale[household] kept1) kept2) for n agents (kept1, kept2 null: absent), the order of the torch ops
 // (`shadow.UnitHazard.dense`: products only, so the same bits)
-void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restrict scale,
+void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restrict scale, int64_t households,
                   const int32_t* __restrict household, const float* __restrict kept1, const float* __restrict kept2,
                   float* __restrict u) {
-  for (int64_t j = 0; j < n; ++j) u[j] = scale[household[j]];
+  agenttensor::run_lookup<1>(n, {scale}, households, household, {u});  // (households are runs of agents)
   if (kept1)
     for (int64_t j = 0; j < n; ++j) u[j] *= kept1[j];
   if (kept2)
@@ -186,12 +187,13 @@ void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict h
 
 // q_sym, q_asym for agents [i0, i1) of one row, per tile of kTile: the counts s into a tile buffer, then the
 // arithmetic with whole powers where every s of the tile is whole
-void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const float* sums, const int32_t* household,
-                  const float* g, float a_sym, float a_asym, float f_mean, float* qs, float* qa) {
+void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const float* sums, int64_t households,
+                  const int32_t* household, const float* g, float a_sym, float a_asym, float f_mean, float* qs,
+                  float* qa) {
   float chain[kTile];
   for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
     const int64_t n = std::min(kTile, i1 - t0);
-    chain_counts(n, sums, household + t0, S + t0, chain);
+    chain_counts(n, sums, households, household + t0, S + t0, chain);
     switch (whole_count_bits(n, chain)) {
 #define AGENTTENSOR_ATTACK(BITS) \
   case BITS:                     \
@@ -330,7 +332,8 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
                               float* q_sym, float* q_asym, int64_t threads) {
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-      attack_range(i0, i1, unit + b * unit_stride, susceptible + b * N, susceptible_sums + b * households, household,
+      attack_range(i0, i1, unit + b * unit_stride, susceptible + b * N, susceptible_sums + b * households, households,
+                   household,
                    g_exposure + b * N, -d_sym, -alpha[b] * d_asym, f_mean, q_sym + b * N, q_asym + b * N);
     });
   });
@@ -342,12 +345,13 @@ namespace {
 
 // The hand-off from each agent's household members: from[j] = sums[household[j]] − q[j], for both sources (restrict
 // pointers: the gathers vectorise; written inline, the loop ran one agent at a time)
-void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restrict sums_asym,
+void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restrict sums_asym, int64_t households,
                const int32_t* __restrict household, const float* __restrict q_sym, const float* __restrict q_asym,
                float* __restrict from_sym, float* __restrict from_asym) {
+  agenttensor::run_lookup<2>(n, {sums_sym, sums_asym}, households, household, {from_sym, from_asym});
   for (int64_t j = 0; j < n; ++j) {
-    from_sym[j] = sums_sym[household[j]] - q_sym[j];
-    from_asym[j] = sums_asym[household[j]] - q_asym[j];
+    from_sym[j] = from_sym[j] - q_sym[j];
+    from_asym[j] = from_asym[j] - q_asym[j];
   }
 }
 
@@ -505,7 +509,8 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
           shadow_span(a, b, t0, n, nullptr, nullptr, tile, buffered);
           continue;
         }
-        hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->household + t0,
+        hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->households,
+                  a->household + t0,
                   a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
         shadow_span(a, b, t0, n, from_sym, from_asym, tile, buffered);
       }
@@ -556,12 +561,12 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
         if (!S_row) unpack_susceptible(n, a->timed_flags + b * N + c0, unpacked.data());
         if (!sigma)
           small_table_lookup(n, a->sigma_table + b * a->sigma_table_stride, a->ages, a->age_group + c0, sigmas.data());
-        unit_hazards(n, sigma ? sigma + c0 : sigmas.data(), scale, household, kept1 ? kept1 + c0 : nullptr,
+        unit_hazards(n, sigma ? sigma + c0 : sigmas.data(), scale, H, household, kept1 ? kept1 + c0 : nullptr,
                      kept2 ? kept2 + c0 : nullptr, us.data());
         run_sums<1>(n, {S}, household, {sums});
-        attack_range(0, n, us.data(), S, sums, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
+        attack_range(0, n, us.data(), S, sums, H, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
-        hand_offs(n, sums_sym, sums_asym, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
+        hand_offs(n, sums_sym, sums_asym, H, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
           shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile,
                       buffered);
