@@ -214,42 +214,53 @@ void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const 
 }
 
 // The shadow backward's arithmetic for one tile of agents, from gathered per-agent values (see
-// agenttensor_covid_shadow_backward); restrict pointers and no branches, so it vectorises.
-void shadow_tile(int64_t n, const float* __restrict gS, const float* __restrict gE, const float* __restrict gIs,
-                 const float* __restrict gIa, const float* __restrict gH, const float* __restrict gR,
-                 const float* __restrict gD, const float* __restrict gX, const float* __restrict gL,
+// agenttensor_covid_shadow_backward); no branches, so it vectorises. An output may be written over its own incoming
+// gradient's buffer (out_E over gE, ...: `shadow_native.backward`'s ``reuse``): every input of an agent is read before
+// any of its outputs is written, those pointers are not restrict, and `ivdep` tells the compiler that no agent's
+// outputs are another agent's inputs.
+void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, const float* gIa, const float* gH,
+                 const float* __restrict gR, const float* __restrict gD, const float* gX, const float* gL,
                  const float* __restrict infections, const float* __restrict report,
                  const float* __restrict admissions, const float* __restrict deaths, const float* __restrict f,
                  const float* __restrict p_hosp, const float* __restrict p_death, const float* __restrict d_sym,
                  const float* __restrict d_asym, const float* __restrict from_sym, const float* __restrict from_asym,
                  const int16_t* __restrict stage_end, const uint8_t* __restrict infection_mask,
                  const float* __restrict S, const float* __restrict survival, float half_infectious,
-                 float rate_E, float rate_Is, float rate_Ia, float rate_H, float* __restrict out_E,
-                 float* __restrict out_Is, float* __restrict out_Ia, float* __restrict out_H,
-                 float* __restrict out_exposure0, float* __restrict out_latent0, float* __restrict out_new_E,
-                 float* __restrict out_S, float* __restrict out_hazard) {
+                 float rate_E, float rate_Is, float rate_Ia, float rate_H, float* out_E, float* out_Is, float* out_Ia,
+                 float* out_H, float* out_exposure0, float* out_latent0, float* __restrict out_new_E, float* out_S,
+                 float* __restrict out_hazard) {
+#pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
+    const float s = gS[j], e = gE[j], i_sym = gIs[j], i_asym = gIa[j], h = gH[j], r = gR[j], d = gD[j], x = gX[j],
+                l = gL[j];
     // infected = exposure / half_infectious: leaves S and household_exposure, enters household_latent, counted
-    const float g_infected = -gS[j] + infections[j] - gX[j] + gL[j];
-    out_exposure0[j] = gX[j] + g_infected * (1.f / half_infectious);
+    const float g_infected = -s + infections[j] - x + l;
+    const float exposure0 = x + g_infected * (1.f / half_infectious);
     // entering I, split by f; reported with the detection probabilities
-    const float g_to_Is = gIs[j] + d_sym[j] * report[j], g_to_Ia = gIa[j] + d_asym[j] * report[j];
+    const float g_to_Is = i_sym + d_sym[j] * report[j], g_to_Ia = i_asym + d_asym[j] * report[j];
     const float g_enter = (g_to_Is - g_to_Ia) * f[j] + g_to_Ia;
-    out_latent0[j] = (1.f - rate_E) * gL[j] + rate_E * g_enter;
+    const float latent0 = (1.f - rate_E) * l + rate_E * g_enter;
     // the mass handed to household members (zero without a household hand-off)
     const float g_spread = (from_sym[j] - from_asym[j]) * f[j] + from_asym[j];
     // the stage memberships carry their own gradient through (after = before + today's changes), plus the flows
     const float free = stage_end[j] < 0 ? 1.f : 0.f;
-    out_E[j] = gE[j] + (g_enter - gE[j] + g_spread) * free * rate_E;
-    const float g_to_H = gH[j] - gR[j] + admissions[j];
-    out_Is[j] = gIs[j] + (gR[j] - gIs[j] + p_hosp[j] * g_to_H) * free * rate_Is;
-    out_Ia[j] = gIa[j] + (gR[j] - gIa[j]) * free * rate_Ia;
-    const float g_to_D = gD[j] - gR[j] + deaths[j];
-    out_H[j] = gH[j] + (gR[j] - gH[j] + p_death[j] * g_to_D) * free * rate_H;
+    const float E0 = e + (g_enter - e + g_spread) * free * rate_E;
+    const float g_to_H = h - r + admissions[j];
+    const float Is0 = i_sym + (r - i_sym + p_hosp[j] * g_to_H) * free * rate_Is;
+    const float Ia0 = i_asym + (r - i_asym) * free * rate_Ia;
+    const float g_to_D = d - r + deaths[j];
+    const float H0 = h + (r - h + p_death[j] * g_to_D) * free * rate_H;
     // today's infections new_E: leave S, enter E, counted; the event's derivative w.r.t. S (its mask) added to S's
-    const float g_new_E = gE[j] - gS[j] + infections[j];
+    const float g_new_E = e - s + infections[j];
+    const float S0 = s + (infection_mask[j] ? g_new_E : 0.f);
+    out_exposure0[j] = exposure0;
+    out_latent0[j] = latent0;
+    out_E[j] = E0;
+    out_Is[j] = Is0;
+    out_Ia[j] = Ia0;
+    out_H[j] = H0;
     out_new_E[j] = g_new_E;
-    out_S[j] = gS[j] + (infection_mask[j] ? g_new_E : 0.f);
+    out_S[j] = S0;
     out_hazard[j] = g_new_E * S[j] * survival[j];  // the event's d new_E / d λ = S exp(−λ)
   }
 }
@@ -284,7 +295,7 @@ struct ShadowArgs {
   float half_infectious, rate_E, rate_Is, rate_Ia, rate_H;
   // outputs [B, N], or null where every input they depend on is null (zero: not written); each may be its incoming
   // gradient's buffer (out_E gE, out_Is gIs, out_Ia gIa, out_H gH, out_exposure0 g_exposure, out_latent0 g_latent, out_S
-  // gS: see outputs_alias_inputs)
+  // gS: see shadow_tile)
   float *out_E, *out_Is, *out_Ia, *out_H, *out_exposure0, *out_latent0, *out_new_E;
   // agenttensor_covid_shadow_backward_fused: the attack probabilities' inputs (see agenttensor_covid_attack), the
   // unit hazard as its factors u = sigma ((scale[household] kept1) kept2) (sigma, kept1, kept2 [B | 1, N] rows,
@@ -375,14 +386,13 @@ void unpack_susceptible(int64_t n, const uint8_t* __restrict flags, float* __res
 }
 
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written;
-// ``outs``: the outputs where one is written over its incoming gradient, see `outputs_alias_inputs`)
+// ``unwritten`` takes the null outputs, never read)
 struct ShadowTile {
   float zero[kTile], infections[kTile], report[kTile], admissions[kTile], deaths[kTile], f[kTile], p_hosp[kTile],
       p_death[kTile], d_sym[kTile], d_asym[kTile], from_sym[kTile], from_asym[kTile], unwritten[kTile];
   uint8_t no_mask[kTile];
   int16_t timed[kTile];  // stage_end's sign from timed_flags (0: a countdown, −1: none)
   float susceptible[kTile];  // S from timed_flags' bit 4 (susceptible_bit)
-  float outs[9][kTile];
 };
 
 // The incoming [B, N] gradients in `shadow_tile`'s order (gS ... g_latent)
@@ -398,27 +408,13 @@ inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
   std::copy(o, o + 9, out);
 }
 
-// Whether an output is written over an incoming gradient's buffer (`shadow_native.backward`'s ``reuse``: out_E over gE,
-// out_S over gS, ...: no fresh [B, N] written, whose lines the CPU would read first, ~10 ms per call at full NYC). Each
-// tile's outputs are then computed into tile buffers and copied out after all of the tile's inputs are read.
-bool outputs_alias_inputs(const ShadowArgs* a) {
-  const float* in[9];
-  incoming_gradients(a, in);
-  float* out[9];
-  outputs(a, out);
-  for (const float* o : out)
-    for (const float* i : in)
-      if (o && o == i) return true;
-  return false;
-}
-
 // The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
 // gradients, age tables, detection, household hand-off), zeros for the incoming gradients that are null, then one
 // branch-free loop the compiler vectorises. from_sym, from_asym: the hand-off from the agent's household members
-// (sums[h] - q), or null (none: zeros). ``buffered``: the outputs go through the tile's buffers (an output may be an
-// input's buffer: `outputs_alias_inputs`).
+// (sums[h] - q), or null (none: zeros). The outputs are written in place (one may be its incoming gradient's buffer:
+// `shadow_tile` reads each agent's inputs first).
 void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* from_sym, const float* from_asym,
-                 ShadowTile& t, bool buffered) {
+                 ShadowTile& t) {
   const int64_t N = a->N, G = a->G, k0 = b * N + t0;
   // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single loop
   // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
@@ -466,7 +462,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   float* dst[9];
   outputs(a, dst);
   float* out[9];
-  for (int q = 0; q < 9; ++q) out[q] = buffered ? t.outs[q] : dst[q] ? dst[q] + k0 : t.unwritten;
+  for (int q = 0; q < 9; ++q) out[q] = dst[q] ? dst[q] + k0 : t.unwritten;
   const float* g[9];
   incoming_gradients(a, g);
   for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
@@ -484,9 +480,6 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
               a->stage_end ? a->stage_end + k0 : t.timed,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
               a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
-  if (buffered)
-    for (int q = 0; q < 9; ++q)
-      if (dst[q]) std::memcpy(dst[q] + k0, t.outs[q], n * sizeof(float));
 }
 
 }  // namespace
@@ -497,7 +490,6 @@ extern "C" {
 // (agenttensor_covid_attack, then the sums).
 void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
   const int64_t N = a->N;
-  const bool buffered = outputs_alias_inputs(a);
   agenttensor::parallel(a->threads, a->B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     ShadowTile tile{};
     float* from_sym = tile.from_sym;
@@ -506,13 +498,13 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
       for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
         const int64_t n = std::min(kTile, r1 - t0), k0 = b * N + t0;
         if (!a->q_sym) {
-          shadow_span(a, b, t0, n, nullptr, nullptr, tile, buffered);
+          shadow_span(a, b, t0, n, nullptr, nullptr, tile);
           continue;
         }
         hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->households,
                   a->household + t0,
                   a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
-        shadow_span(a, b, t0, n, from_sym, from_asym, tile, buffered);
+        shadow_span(a, b, t0, n, from_sym, from_asym, tile);
       }
     });
   });
@@ -523,7 +515,6 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
 // [B, N] q_sym, q_asym written and read back, no second read of the household slots).
 void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
   const int64_t N = a->N, H = a->households;
-  const bool buffered = outputs_alias_inputs(a);  // (a chunk's attack pass reads g_exposure before its tiles' outputs)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(a->threads, N >> 16));
   std::vector<int64_t> cut(parts + 1);
   for (int64_t p = 0; p <= parts; ++p)
@@ -568,8 +559,7 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
         hand_offs(n, sums_sym, sums_asym, H, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
-          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile,
-                      buffered);
+          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile);
         if (a->weight_sums)
           household_weight_sums(n, a->out_hazard + b * N + c0, sigma ? sigma + c0 : sigmas.data(),
                                 kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr, household, weights.data(),
