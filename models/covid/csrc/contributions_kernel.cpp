@@ -418,6 +418,14 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         auto member = [&](int q) -> const float* {
           const OthersSumArgs& l = *layers[q];
           if (!l.weighted) return nullptr;
+          // no parts: gs (1 ((1 1) 1)) is gs, bit for bit; a presence only: gs (p ((1 1) 1)) is gs p
+          if (!l.w_presence && !l.w_factor && !l.w_factor_all) return gs;
+          if (!l.w_factor && !l.w_factor_all) {
+            const float* __restrict p = l.w_presence + b * l.w_presence_stride + t0;
+            float* __restrict w = weights[q];
+            for (int64_t j = 0; j < n; ++j) w[j] = gs[j] * p[j];
+            return w;
+          }
           auto part = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : one; };
           weights_tile(n, gs, part(l.w_presence, l.w_presence_stride), part(l.w_factor, l.w_factor_stride),
                        part(l.w_factor_all, l.w_factor_all_stride), weights[q]);
