@@ -122,7 +122,7 @@ void attack_tile(int64_t n, const float* __restrict u, const float* __restrict S
 // s_k: the other susceptible members of k's household besides k and the source (restrict parameters: it vectorises)
 void chain_counts(int64_t n, const float* __restrict sums, int64_t households, const int32_t* __restrict household,
                   const float* __restrict S, float* __restrict chain) {
-  agenttensor::run_lookup<1>(n, {sums}, households, household, {chain});  // (households are runs of agents)
+  agenttensor::run_lookup<1>(n, {sums}, households, household, {chain});  // (a window where households are runs)
   for (int64_t i = 0; i < n; ++i) {
     const float c = chain[i] - S[i] - 1.f;
     chain[i] = c > 0.f ? c : 0.f;
@@ -138,7 +138,7 @@ using agenttensor::small_table_lookup;
 void unit_hazards(int64_t n, const float* __restrict sigma, const float* __restrict scale, int64_t households,
                   const int32_t* __restrict household, const float* __restrict kept1, const float* __restrict kept2,
                   float* __restrict u) {
-  agenttensor::run_lookup<1>(n, {scale}, households, household, {u});  // (households are runs of agents)
+  agenttensor::run_lookup<1>(n, {scale}, households, household, {u});  // (a window where households are runs)
   if (kept1)
     for (int64_t j = 0; j < n; ++j) u[j] *= kept1[j];
   if (kept2)
@@ -344,8 +344,7 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
   agenttensor::parallel(threads, B * N, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
       attack_range(i0, i1, unit + b * unit_stride, susceptible + b * N, susceptible_sums + b * households, households,
-                   household,
-                   g_exposure + b * N, -d_sym, -alpha[b] * d_asym, f_mean, q_sym + b * N, q_asym + b * N);
+                   household, g_exposure + b * N, -d_sym, -alpha[b] * d_asym, f_mean, q_sym + b * N, q_asym + b * N);
     });
   });
 }
@@ -354,8 +353,9 @@ void agenttensor_covid_attack(int64_t B, int64_t N, const float* unit, int64_t u
 
 namespace {
 
-// The hand-off from each agent's household members: from[j] = sums[household[j]] − q[j], for both sources (restrict
-// pointers: the gathers vectorise; written inline, the loop ran one agent at a time)
+// The hand-off from each agent's household members: from[j] = sums[household[j]] − q[j], for both sources (the sums
+// read by `run_lookup`: a window where households are runs of agents, else gathered; restrict pointers: written
+// inline, the loop ran one agent at a time)
 void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restrict sums_asym, int64_t households,
                const int32_t* __restrict household, const float* __restrict q_sym, const float* __restrict q_asym,
                float* __restrict from_sym, float* __restrict from_asym) {
@@ -502,8 +502,7 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
           continue;
         }
         hand_offs(n, a->from_sym_sums + b * a->households, a->from_asym_sums + b * a->households, a->households,
-                  a->household + t0,
-                  a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
+                  a->household + t0, a->q_sym + k0, a->q_asym + k0, from_sym, from_asym);
         shadow_span(a, b, t0, n, from_sym, from_asym, tile);
       }
     });
