@@ -77,8 +77,19 @@ struct VectorRunSums {
       const __mmask16 ends = static_cast<__mmask16>(  // the next agent is in another run, or this step's last agent
           _mm512_mask_cmpneq_epi32_mask(valid, s, _mm512_alignr_epi32(_mm512_set1_epi32(-1), s, 1)) |
           (1u << (m - 1)));
+      // where each agent's run is the one before's or the next number (runs numbered in agent order), the ends' runs
+      // are consecutive numbers from the first end's: their sums compressed into one (masked) store, where a scatter
+      // wrote them one lane at a time (elsewhere it still does). Full NYC's households, 16-lane steps over chunks of
+      // 1024 agents in cache: 0.82 -> 0.75 ns per agent for two arrays.
+      const __mmask16 gaps = _mm512_mask_cmpgt_epu32_mask(  // lanes 1.. whose run is neither the one before's nor next
+          valid & 0xfffeu, _mm512_sub_epi32(s, _mm512_alignr_epi32(s, previous, 15)), _mm512_set1_epi32(1));
+      const int32_t first = gaps ? 0 : _mm512_cvtsi512_si32(_mm512_maskz_compress_epi32(ends, s));
+      const __mmask16 stored = static_cast<__mmask16>((1u << _mm_popcnt_u32(ends)) - 1);
       for (int k = 0; k < K; ++k) {
-        _mm512_mask_i32scatter_ps(o[k], ends, s, a[k], 4);
+        if (gaps)
+          _mm512_mask_i32scatter_ps(o[k], ends, s, a[k], 4);
+        else
+          _mm512_mask_storeu_ps(o[k] + first, stored, _mm512_maskz_compress_ps(ends, a[k]));
         // a short last step: its lane m - 1 is lane 15 for the next step (the lanes above it hold no agent)
         carry[k] = m == 16 ? a[k] : _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(m - 1)), a[k]);
       }
@@ -86,6 +97,32 @@ struct VectorRunSums {
     }
   }
 };
+
+// o[k][s] = the sum of v[k] over the run of slot s, for runs that lie whole in [0, n): `VectorRunSums` over Streams
+// pieces cut at run boundaries, advanced together a step of 16 agents at a time (the steps of one piece form a chain
+// of dependent additions through the carried lane: independent chains overlap). Each run is summed by one piece, in
+// agent order from +0: the same bits. Full NYC's households as above: 0.71 ns per agent in one piece, 0.60 in two,
+// 0.62 in four.
+template <int K, int Streams = 4>
+void vector_run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict slot, float* const (&o)[K]) {
+  int64_t cut[Streams + 1];
+  cut[0] = 0;
+  cut[Streams] = n;
+  for (int q = 1; q < Streams; ++q) cut[q] = std::max(cut[q - 1], group_boundary(slot, n, q * n / Streams));
+  int64_t common = n;
+  for (int q = 0; q < Streams; ++q) common = std::min(common, cut[q + 1] - cut[q]);
+  common &= ~int64_t(15);
+  VectorRunSums<K> piece[Streams];
+  auto step = [&](int q, int64_t i, int64_t m) {
+    const float* in[K];
+    for (int k = 0; k < K; ++k) in[k] = v[k] + cut[q] + i;
+    piece[q].add(m, in, slot + cut[q] + i, o);
+  };
+  for (int64_t i = 0; i < common; i += 16)
+    for (int q = 0; q < Streams; ++q) step(q, i, 16);
+  for (int q = 0; q < Streams; ++q)
+    if (cut[q + 1] - cut[q] > common) step(q, common, cut[q + 1] - cut[q] - common);
+}
 #endif
 
 }  // namespace agenttensor

@@ -150,12 +150,13 @@ using agenttensor::group_boundary;
 
 // o[k][s] = the sum of v[k] over the run of agents of household s (K arrays), for the households whose runs lie in
 // [0, n): each in agent order from 0, the additions of `group_sum`'s pass for contiguous groups (the same bits).
-// With AVX-512 `agenttensor::VectorRunSums` (runs.h), else four streams cut at household boundaries, advanced
-// together (a run's sum is a chain of dependent additions: one stream at a time is bound by their latency).
+// With AVX-512 `agenttensor::vector_run_sums` (runs.h: two pieces of 16-lane steps), else four streams cut at household
+// boundaries, advanced together (a run's sum is a chain of dependent additions: one stream at a time is bound by their
+// latency).
 template <int K>
 void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict household, float* const (&o)[K]) {
 #if defined(__AVX512F__)
-  agenttensor::VectorRunSums<K>().add(n, v, household, o);
+  agenttensor::vector_run_sums<K, 2>(n, v, household, o);
 #else
   constexpr int kStreams = 4;
   int64_t c[kStreams + 1];
