@@ -368,17 +368,14 @@ void hand_offs(int64_t n, const float* __restrict sums_sym, const float* __restr
 }
 
 // The weights of the force's household term for n agents, w = (d λ σ) (kept1 kept2) (kept1, kept2 null: absent), as the
-// layered force's backward makes them (grad σ, times 1 · factor · factor_all: the same bits), summed per household
-// into sums (every household a run of agents, whole in these n)
-void household_weight_sums(int64_t n, const float* __restrict d_lambda, const float* __restrict sigma,
-                           const float* __restrict kept1, const float* __restrict kept2, const int32_t* household,
-                           float* __restrict w, float* sums) {
+// layered force's backward makes them (grad σ, times 1 · factor · factor_all: the same bits)
+void household_weights(int64_t n, const float* __restrict d_lambda, const float* __restrict sigma,
+                       const float* __restrict kept1, const float* __restrict kept2, float* __restrict w) {
   for (int64_t j = 0; j < n; ++j) w[j] = d_lambda[j] * sigma[j];
   if (kept1 && kept2)
     for (int64_t j = 0; j < n; ++j) w[j] = w[j] * (kept1[j] * kept2[j]);
   else if (kept1)
     for (int64_t j = 0; j < n; ++j) w[j] = w[j] * kept1[j];
-  run_sums<1>(n, {w}, household, {sums});
 }
 
 // S [n] as floats 0/1 from bit 4 of the flags (`agenttensor_covid_pack`)
@@ -409,28 +406,49 @@ inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
   std::copy(o, o + 9, out);
 }
 
+// A per-borough [B, G] gradient at agents [t0, t0 + n) of row b: `zero` where it is null, else into `out` (one value
+// where the agents are all in one borough, else read at each agent's)
+const float* borough_values(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* table,
+                            float* __restrict out, const float* zero) {
+  if (!table) return zero;
+  const int64_t G = a->G;
+  for (int64_t g = 0; a->borough_starts && g < G; ++g)
+    if (a->borough_starts[g] <= t0 && t0 + n <= a->borough_starts[g + 1]) {
+      std::fill(out, out + n, table[b * G + g]);
+      return out;
+    }
+  small_table_lookup(n, table + b * G, G, a->borough + t0, out);
+  return out;
+}
+
+// d λ = d new_E · S · exp(−λ) for agents [t0, t0 + n) of row b (n <= kTile) into out: `shadow_tile`'s out_hazard, the
+// same arithmetic (for the fused pass, which sums its household weights before the rest of the tile's arithmetic)
+void hazard_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* __restrict S, ShadowTile& t,
+                 float* __restrict out) {
+  const int64_t k0 = b * a->N + t0;
+  const float* __restrict infections = borough_values(a, b, t0, n, a->g_infections, t.infections, t.zero);
+  const float* __restrict gS = a->gS ? a->gS + k0 : t.zero;
+  const float* __restrict gE = a->gE ? a->gE + k0 : t.zero;
+  const float* __restrict survival = a->survival + k0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float g_new_E = gE[j] - gS[j] + infections[j];
+    out[j] = g_new_E * S[j] * survival[j];
+  }
+}
+
 // The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
 // gradients, age tables, detection, household hand-off), zeros for the incoming gradients that are null, then one
 // branch-free loop the compiler vectorises. from_sym, from_asym: the hand-off from the agent's household members
 // (sums[h] - q), or null (none: zeros). The outputs are written in place (one may be its incoming gradient's buffer:
 // `shadow_tile` reads each agent's inputs first).
 void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* from_sym, const float* from_asym,
-                 ShadowTile& t) {
-  const int64_t N = a->N, G = a->G, k0 = b * N + t0;
+                 ShadowTile& t, bool hazard_written = false) {
+  const int64_t N = a->N, k0 = b * N + t0;
   // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single loop
   // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
-  const int32_t* __restrict borough = a->borough + t0;
   const uint8_t* __restrict age = a->age_group + t0;
-  int64_t tile_borough = -1;  // the tile's borough where all its agents are in one
-  for (int64_t g = 0; a->borough_starts && g < G; ++g)
-    if (a->borough_starts[g] <= t0 && t0 + n <= a->borough_starts[g + 1]) tile_borough = g;
-  auto per_borough = [&](const float* table, float* __restrict out) -> const float* {
-    if (!table) return t.zero;
-    if (tile_borough >= 0)
-      std::fill(out, out + n, table[b * G + tile_borough]);
-    else
-      small_table_lookup(n, table + b * G, G, borough, out);
-    return out;
+  auto per_borough = [&](const float* table, float* out) {
+    return borough_values(a, b, t0, n, table, out, t.zero);
   };
   const float* infections = per_borough(a->g_infections, t.infections);
   const float* report = per_borough(a->g_report, t.report);
@@ -464,6 +482,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   outputs(a, dst);
   float* out[9];
   for (int q = 0; q < 9; ++q) out[q] = dst[q] ? dst[q] + k0 : t.unwritten;
+  if (hazard_written) out[8] = t.unwritten;  // (`hazard_span` wrote d λ: the same values)
   const float* g[9];
   incoming_gradients(a, g);
   for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
@@ -554,16 +573,23 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
           small_table_lookup(n, a->sigma_table + b * a->sigma_table_stride, a->ages, a->age_group + c0, sigmas.data());
         unit_hazards(n, sigma ? sigma + c0 : sigmas.data(), scale, H, household, kept1 ? kept1 + c0 : nullptr,
                      kept2 ? kept2 + c0 : nullptr, us.data());
-        run_sums<1>(n, {S}, household, {sums});
+        // d λ and the household weights first, summed with S in one pass over the runs (each such pass is bound by
+        // its shuffles: one pass fewer per chunk took 40.7 -> 38.9 ms per call off the transition, in situ at full NYC)
+        if (a->weight_sums) {
+          for (int64_t t0 = 0; t0 < n; t0 += kTile)
+            hazard_span(a, b, c0 + t0, std::min(kTile, n - t0), S + t0, tile, a->out_hazard + b * N + c0 + t0);
+          household_weights(n, a->out_hazard + b * N + c0, sigma ? sigma + c0 : sigmas.data(),
+                            kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr, weights.data());
+          run_sums<2>(n, {S, weights.data()}, household, {sums, a->weight_sums + b * H});
+        } else {
+          run_sums<1>(n, {S}, household, {sums});
+        }
         attack_range(0, n, us.data(), S, sums, H, household, g + c0, a_sym, a_asym, a->f_mean, qs.data(), qa.data());
         run_sums<2>(n, {qs.data(), qa.data()}, household, {sums_sym, sums_asym});
         hand_offs(n, sums_sym, sums_asym, H, household, qs.data(), qa.data(), from_sym.data(), from_asym.data());
         for (int64_t t0 = 0; t0 < n; t0 += kTile)
-          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile);
-        if (a->weight_sums)
-          household_weight_sums(n, a->out_hazard + b * N + c0, sigma ? sigma + c0 : sigmas.data(),
-                                kept1 ? kept1 + c0 : nullptr, kept2 ? kept2 + c0 : nullptr, household, weights.data(),
-                                a->weight_sums + b * H);
+          shadow_span(a, b, c0 + t0, std::min(kTile, n - t0), from_sym.data() + t0, from_asym.data() + t0, tile,
+                      a->weight_sums != nullptr);
         c0 = c1;
       }
     }
