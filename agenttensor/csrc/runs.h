@@ -30,6 +30,18 @@ int64_t group_boundary(const Index* slot, int64_t n, int64_t i) {
   return i < n ? i : n;
 }
 
+// Cuts [0, n) into Streams pieces at run boundaries (cut[0] = 0, cut[Streams] = n, non-decreasing: a long run may
+// reach past the next nominal cut) and returns the shortest piece's length
+template <int Streams, class Index>
+int64_t cut_at_runs(const Index* slot, int64_t n, int64_t (&cut)[Streams + 1]) {
+  cut[0] = 0;
+  cut[Streams] = n;
+  for (int q = 1; q < Streams; ++q) cut[q] = std::max(cut[q - 1], group_boundary(slot, n, q * n / Streams));
+  int64_t shortest = n;
+  for (int q = 0; q < Streams; ++q) shortest = std::min(shortest, cut[q + 1] - cut[q]);
+  return shortest;
+}
+
 #if defined(__AVX512F__)
 // o[k][s] = the sum of v[k][i] over the run of agents i with slot[i] = s, for K arrays, over consecutive calls
 // (`add`: agents [0, n) of the next stretch; a run may go on from one call into the next): every run summed in
@@ -103,15 +115,10 @@ struct VectorRunSums {
 // of dependent additions through the carried lane: independent chains overlap). Each run is summed by one piece, in
 // agent order from +0: the same bits. Full NYC's households as above: 0.71 ns per agent in one piece, 0.60 in two,
 // 0.62 in four.
-template <int K, int Streams = 4>
+template <int K, int Streams = 2>
 void vector_run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict slot, float* const (&o)[K]) {
   int64_t cut[Streams + 1];
-  cut[0] = 0;
-  cut[Streams] = n;
-  for (int q = 1; q < Streams; ++q) cut[q] = std::max(cut[q - 1], group_boundary(slot, n, q * n / Streams));
-  int64_t common = n;
-  for (int q = 0; q < Streams; ++q) common = std::min(common, cut[q + 1] - cut[q]);
-  common &= ~int64_t(15);
+  const int64_t common = cut_at_runs<Streams>(slot, n, cut) & ~int64_t(15);
   VectorRunSums<K> piece[Streams];
   auto step = [&](int q, int64_t i, int64_t m) {
     const float* in[K];

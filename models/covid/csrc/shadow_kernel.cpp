@@ -156,15 +156,11 @@ using agenttensor::group_boundary;
 template <int K>
 void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict household, float* const (&o)[K]) {
 #if defined(__AVX512F__)
-  agenttensor::vector_run_sums<K, 2>(n, v, household, o);
+  agenttensor::vector_run_sums<K>(n, v, household, o);
 #else
   constexpr int kStreams = 4;
   int64_t c[kStreams + 1];
-  c[0] = 0;
-  c[kStreams] = n;
-  for (int q = 1; q < kStreams; ++q) c[q] = std::max(c[q - 1], group_boundary(household, n, q * n / kStreams));
-  int64_t common = n;
-  for (int q = 0; q < kStreams; ++q) common = std::min(common, c[q + 1] - c[q]);
+  const int64_t common = agenttensor::cut_at_runs<kStreams>(household, n, c);
   int32_t previous[kStreams] = {-1, -1, -1, -1};
   float acc[kStreams][K] = {};
   auto add = [&](int q, int64_t i) {
