@@ -484,17 +484,19 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   for (int q = 0; q < 9; ++q) g[q] = g[q] ? g[q] + k0 : t.zero;
   if (!a->stage_end)
     for (int64_t j = 0; j < n; ++j) t.timed[j] = static_cast<int16_t>(((a->timed_flags[k0 + j] >> 3) & 1) - 1);
-  const float* S = t.zero;  // (read for d λ only)
-  if (a->survival && a->susceptible_bit) {
+  // S and exp(−λ) are read for d λ only: not where `hazard_span` made it
+  const bool hazard = a->survival && !hazard_written;
+  const float* S = t.zero;
+  if (hazard && a->susceptible_bit) {
     unpack_susceptible(n, a->timed_flags + k0, t.susceptible);
     S = t.susceptible;
-  } else if (a->survival) {
+  } else if (hazard) {
     S = a->susceptible + k0;
   }
   shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
               a->stage_end ? a->stage_end + k0 : t.timed,
-              a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, a->survival ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
+              a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, hazard ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
               a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
 }
 
