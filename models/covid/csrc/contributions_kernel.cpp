@@ -25,7 +25,10 @@
 
 namespace {
 
-constexpr int64_t kTile = 512;
+// agents per tile: the pass's ~31 tile buffers (~31 KB) then stay in L1 (48 KB). In situ at full NYC 512 (~62 KB)
+// took 25.4 ms per call against 23.3 (14 of 14 per-call A/B runs, benchmarks/ab_kernel_calls.py), 128 took 27.4 against
+// 25.0. (A replay of one day's inputs in isolation had shown no difference.)
+constexpr int64_t kTile = 256;
 
 // A tile of an optional [B, N] input as a restrict-able local array: its values, or zeros where it is null (the
 // arithmetic below then runs as one branch-free loop the compiler vectorises; the copies stay in L1).
