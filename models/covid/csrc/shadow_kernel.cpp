@@ -210,6 +210,12 @@ void attack_range(int64_t i0, int64_t i1, const float* u, const float* S, const 
   }
 }
 
+// today's infections new_E leave S, enter E and are counted: d new_E from the gradients of S and E and the per-borough
+// infections' gradient; d λ = d new_E · S · exp(−λ) (the infection event's d new_E / d λ). Shared by `shadow_tile` and
+// `hazard_span`, which must give the same bits.
+inline float new_E_gradient(float gE, float gS, float infections) { return gE - gS + infections; }
+inline float hazard_gradient(float g_new_E, float S, float survival) { return g_new_E * S * survival; }
+
 // The shadow backward's arithmetic for one tile of agents, from gathered per-agent values (see
 // agenttensor_covid_shadow_backward); no branches, so it vectorises. An output may be written over its own incoming
 // gradient's buffer (out_E over gE, ...: `shadow_native.backward`'s ``reuse``): every input of an agent is read before
@@ -247,8 +253,8 @@ void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, 
     const float Ia0 = i_asym + (r - i_asym) * free * rate_Ia;
     const float g_to_D = d - r + deaths[j];
     const float H0 = h + (r - h + p_death[j] * g_to_D) * free * rate_H;
-    // today's infections new_E: leave S, enter E, counted; the event's derivative w.r.t. S (its mask) added to S's
-    const float g_new_E = e - s + infections[j];
+    // today's infections new_E (`new_E_gradient`); the event's derivative w.r.t. S (its mask) added to S's
+    const float g_new_E = new_E_gradient(e, s, infections[j]);
     const float S0 = s + (infection_mask[j] ? g_new_E : 0.f);
     out_exposure0[j] = exposure0;
     out_latent0[j] = latent0;
@@ -258,7 +264,7 @@ void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, 
     out_H[j] = H0;
     out_new_E[j] = g_new_E;
     out_S[j] = S0;
-    out_hazard[j] = g_new_E * S[j] * survival[j];  // the event's d new_E / d λ = S exp(−λ)
+    out_hazard[j] = hazard_gradient(g_new_E, S[j], survival[j]);
   }
 }
 
@@ -418,7 +424,7 @@ const float* borough_values(const ShadowArgs* a, int64_t b, int64_t t0, int64_t 
 }
 
 // d λ = d new_E · S · exp(−λ) for agents [t0, t0 + n) of row b (n <= kTile) into out: `shadow_tile`'s out_hazard, the
-// same arithmetic (for the fused pass, which sums its household weights before the rest of the tile's arithmetic)
+// same functions (for the fused pass, which sums its household weights before the rest of the tile's arithmetic)
 void hazard_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* __restrict S, ShadowTile& t,
                  float* __restrict out) {
   const int64_t k0 = b * a->N + t0;
@@ -426,10 +432,8 @@ void hazard_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   const float* __restrict gS = a->gS ? a->gS + k0 : t.zero;
   const float* __restrict gE = a->gE ? a->gE + k0 : t.zero;
   const float* __restrict survival = a->survival + k0;
-  for (int64_t j = 0; j < n; ++j) {
-    const float g_new_E = gE[j] - gS[j] + infections[j];
-    out[j] = g_new_E * S[j] * survival[j];
-  }
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = hazard_gradient(new_E_gradient(gE[j], gS[j], infections[j]), S[j], survival[j]);
 }
 
 // The shadow backward for agents [t0, t0 + n) of row b (n <= kTile): each agent's gathered values (per-borough
