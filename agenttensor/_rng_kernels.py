@@ -25,6 +25,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_float_event_move.argtypes = [_I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P,
                                                      ctypes.POINTER(_P), _I]
     library.agenttensor_float_event_move.restype = _I
+    library.agenttensor_hazard_event_move.argtypes = [_I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P,
+                                                      ctypes.POINTER(_P), _I]
+    library.agenttensor_hazard_event_move.restype = _I
     library.agenttensor_take_pairs.argtypes = [_P, _P, _P]
 
 
@@ -154,10 +157,46 @@ def float_event_move(base: Tensor, keys: Tensor, p: Tensor | float, source: Tens
                                              happened.data_ptr(), None if in_place else source_out.data_ptr(),
                                              None if in_place else target_out.data_ptr(), ctypes.byref(pairs),
                                              torch.get_num_threads())
+    return happened.view(torch.bool), source_out, target_out, _moved_pairs(library, M, pairs, in_place, source, target)
+
+
+def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor, target: Tensor,
+                      in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    """`float_event_move` at p = exp(−hazard), complement (events ``1[u < 1 − exp(−hazard)]``), with exp(−hazard)
+    made inside the pass, block by block, by torch's own exp (`native.torch_exp`): (exp(−hazard) [B, N], happened,
+    source − e, target + e, the pairs), the same numbers as ``float_event_move((-hazard).exp_(), ...)`` without the
+    negation's and the exp's passes over [B, N]. hazard float32 [B, N] contiguous; None where the kernel does not
+    apply (then the caller makes exp(−hazard) with torch)."""
+    exp = native.torch_exp()
+    inputs = _event_inputs(base, keys, hazard, source, torch.float32) if exp is not None else None
+    if inputs is None or not (hazard.shape == source.shape and hazard.is_contiguous()
+                              and target.device.type == "cpu" and target.dtype == torch.float32
+                              and target.shape == source.shape and target.is_contiguous()):
+        return None
+    library = inputs[0]
+    if in_place and (hazard.data_ptr() in (source.data_ptr(), target.data_ptr()) or source.data_ptr() == target.data_ptr()):
+        return None
+    B, N = hazard.shape
+    survival, happened = torch.empty_like(hazard), torch.empty(B, N, dtype=torch.uint8)
+    source_out, target_out = (source, target) if in_place else (torch.empty_like(source), torch.empty_like(target))
+    pairs = _P()
+    M = library.agenttensor_hazard_event_move(B, N, base.data_ptr(), keys.data_ptr(), hazard.data_ptr(), exp.function, exp.mode,
+                                              exp.local_threads, survival.data_ptr(), source.data_ptr(), target.data_ptr(),
+                                              happened.data_ptr(), None if in_place else source_out.data_ptr(),
+                                              None if in_place else target_out.data_ptr(), ctypes.byref(pairs),
+                                              torch.get_num_threads())
+    return (survival, happened.view(torch.bool), source_out, target_out,
+            _moved_pairs(library, M, pairs, in_place, source, target))
+
+
+def _moved_pairs(library: ctypes.CDLL, M: int, pairs: ctypes.c_void_p, in_place: bool, source: Tensor, target: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """The move kernels' M pairs (b [M], i [M]) taken from ``pairs``; source's and target's versions bumped where
+    they were written in place."""
     if in_place:
         for x in (source, target):
             torch.autograd.graph.increment_version(x)
     b, i = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
     if M:
         library.agenttensor_take_pairs(pairs, b.data_ptr(), i.data_ptr())
-    return happened.view(torch.bool), source_out, target_out, (b, i)
+    return b, i

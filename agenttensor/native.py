@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -138,3 +138,47 @@ def load(source: Path, name: str, declare: Callable[[ctypes.CDLL], None],
             _loaded[name] = None
             log.warning("native kernels %s unavailable (%s); using torch ops", source.name, e)
     return _loaded[name]
+
+
+# MKL's vector-math mode torch's CPU exp calls vmsExp with (aten/src/ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF |
+# VML_ERRMODE_IGNORE
+_VML_TORCH_MODE = 0x2 | 0x140000 | 0x100
+class TorchExp(NamedTuple):
+    """Torch's own float32 exp on CPU for native kernels (`torch_exp`): MKL's ``vmsExp(n, a, r, mode)`` at ``mode``,
+    and ``MKL_Set_Num_Threads_Local(n)``, which a kernel's threads set to 1 around their calls (else each call asks
+    MKL's threading layer whether to fork a team: microseconds a call)."""
+
+    function: int  # address
+    mode: int
+    local_threads: int  # address
+
+
+_torch_exp: TorchExp | None | bool = False  # None: unavailable; False: not looked up yet
+
+
+def torch_exp() -> TorchExp | None:
+    """`TorchExp` where a kernel calling it gives the bits of torch's float32 ``exp`` on CPU (checked once per process
+    against ``torch.exp`` on values that cover the hazards' range, denormal results, 0 and the overflow edge), else
+    None: a torch build without MKL, or one whose exp is not MKL's. Kernels then take exp(x) made by torch, so their
+    numbers never depend on which."""
+    global _torch_exp
+    if _torch_exp is False:
+        _torch_exp = None
+        try:
+            library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+            function, local_threads = library.vmsExp, library.MKL_Set_Num_Threads_Local
+            function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            generator = torch.Generator().manual_seed(0)
+            x = torch.cat([-torch.rand(1 << 16, generator=generator) * torch.rand(1 << 16, generator=generator) * 20,
+                           -torch.rand(4096, generator=generator) * 1e-6, torch.linspace(-110.0, 90.0, 8191),
+                           torch.tensor([0.0, -0.0, 88.72, 88.73, -87.0, -103.0, -104.0, float("inf"), -float("inf")])])
+            out = torch.empty_like(x)
+            function(x.numel(), x.data_ptr(), out.data_ptr(), _VML_TORCH_MODE)
+            if torch.equal(out.view(torch.int32), x.exp().view(torch.int32)):
+                address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+                _torch_exp = TorchExp(address(function), _VML_TORCH_MODE, address(local_threads))
+            else:
+                log.info("torch's exp is not MKL's vmsExp here: kernels take exp from torch")
+        except (OSError, AttributeError):  # no such library or symbol
+            pass
+    return _torch_exp

@@ -192,6 +192,13 @@ class Randomness:
         return _rng_kernels.float_event_move(self.agent_base, self._keys(step, (stream,))[0], p, source, target,
                                              complement, in_place)
 
+    def hazard_event_move(self, step: int, stream: str | int, hazard: Tensor, source: Tensor, target: Tensor,
+                          in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+        """`float_event_move` at p = exp(−hazard), complement, with exp(−hazard) made in the same pass: (exp(−hazard),
+        happened, source − e, target + e, e's pairs), the same numbers. None where the native pass does not apply."""
+        return _rng_kernels.hazard_event_move(self.agent_base, self._keys(step, (stream,))[0], hazard, source, target,
+                                              in_place)
+
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
         stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""
@@ -227,6 +234,11 @@ class Uniforms:
                          in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
         """`Randomness.float_event_move` of these uniforms."""
         return self.rng.float_event_move(self.step, self.stream, p, source, target, complement, in_place)
+
+    def hazard_event_move(self, hazard: Tensor, source: Tensor, target: Tensor, in_place: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+        """`Randomness.hazard_event_move` of these uniforms."""
+        return self.rng.hazard_event_move(self.step, self.stream, hazard, source, target, in_place)
 
 
 def drawn(u: "Tensor | Uniforms") -> Tensor:

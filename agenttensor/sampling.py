@@ -123,12 +123,16 @@ class StraightThrough(Sampler):
                                     in_place: bool = False) -> "Moved | None":
         if not (isinstance(hazard, Tensor) and hazard.device.type == "cpu" and isinstance(u, Uniforms)):
             return None
-        with torch.no_grad():
-            survival = (-hazard).exp_()  # as `_hazard_event_values` makes it: the same bits
-            moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True, in_place=in_place)
+        with torch.no_grad():  # exp(−h) made inside the pass, else as `_hazard_event_values` makes it: the same bits
+            moved = u.hazard_event_move(hazard.detach(), source.detach(), target.detach(), in_place=in_place)
+            if moved is None:
+                survival = (-hazard).exp_()
+                moved = u.float_event_move(survival, source.detach(), target.detach(), complement=True,
+                                           in_place=in_place)
+                moved = None if moved is None else (survival, *moved)
         if moved is None:
             return None
-        happened, source_after, target_after, pairs = moved
+        survival, happened, source_after, target_after, pairs = moved
         if in_place:  # the tensors themselves (their detached aliases were written)
             source_after, target_after = source, target
         return Moved(source_after, target_after, pairs, EventDerivatives(happened, survival))

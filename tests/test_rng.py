@@ -224,3 +224,56 @@ def test_native_event_move_equals_the_events_moved_by_torch_ops(threads):
     assert r.float_event_move(4, "s", torch.rand(2, N), source, target) is None  # p does not broadcast
     nothing = r.float_event_move(4, "s", 0.0, source, target)  # no event: no pairs
     assert nothing[3][0].numel() == 0 and torch.equal(nothing[1], source - 0 * source)
+
+
+def test_torch_exp_is_torchs_exp_bit_for_bit():
+    """`native.torch_exp` (what the hazard kernels call inside their passes) gives torch.exp's bits, on values
+    the self-check at load did not see; where this torch has MKL it is found."""
+    import ctypes
+
+    from agenttensor import native
+
+    found = native.torch_exp()
+    if found is None:
+        assert not torch.backends.mkl.is_available() or native.torch_exp() is None  # (a torch whose exp is not MKL's)
+        pytest.skip("torch's exp is not MKL's vmsExp here")
+    g = torch.Generator().manual_seed(7)
+    x = -torch.rand(300_001, generator=g).pow(4) * 30  # hazards' range, mostly small
+    out = torch.empty_like(x)
+    exp = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(found.function)
+    exp(x.numel(), x.data_ptr(), out.data_ptr(), found.mode)
+    assert torch.equal(out.view(torch.int32), x.exp().view(torch.int32))
+    wrong = torch.empty_like(x)
+    exp(x.numel(), x.data_ptr(), wrong.data_ptr(), 0x1)  # (MKL's low-accuracy mode: other bits, so the check can fail)
+    assert not torch.equal(wrong, out)
+
+
+def test_native_hazard_event_move_makes_exp_inside_with_the_same_numbers(threads):
+    """`hazard_event_move`: exp(−h) made block by block inside the pass (torch's own exp) and the draws at it give the
+    bits of ``float_event_move((-h).exp_(), complement=True)``: survival, mask, fields and pairs, in place and not,
+    across rows and threads' chunks; None where the kernel does not apply (then the caller takes torch's exp)."""
+    from agenttensor import native
+
+    if native.torch_exp() is None:
+        pytest.skip("torch's exp is not MKL's vmsExp here")
+    B, N = 3, 100_003
+    r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(3)
+    hazard = torch.rand(B, N, generator=g).pow(3) * 2
+    source = torch.randint(-1, 3, (B, N), generator=g).float() * 0.75
+    target = torch.randn(B, N, generator=g)
+    survival = (-hazard).exp_()
+    mask, source_after, target_after, (b, i) = r.float_event_move(4, "s", survival, source, target, complement=True)
+    made = r.hazard_event_move(4, "s", hazard, source, target)
+    assert made is not None and torch.equal(made[0].view(torch.int32), survival.view(torch.int32))
+    assert torch.equal(made[1], mask) and torch.equal(made[2], source_after) and torch.equal(made[3], target_after)
+    assert torch.equal(made[4][0], b) and torch.equal(made[4][1], i) and 0 < b.numel() < B * N
+    here = (source.clone(), target.clone())
+    versions = tuple(x._version for x in here)
+    survival_here, mask_here, *fields, pairs = r.hazard_event_move(4, "s", hazard, *here, in_place=True)
+    assert fields[0] is here[0] and fields[1] is here[1] and torch.equal(mask_here, mask)
+    assert torch.equal(survival_here, survival) and torch.equal(here[0], source_after) and torch.equal(here[1], target_after)
+    assert torch.equal(pairs[0], b) and torch.equal(pairs[1], i) and all(x._version > v for x, v in zip(here, versions))
+    assert r.hazard_event_move(4, "s", hazard[:, :1], source, target) is None  # a broadcast hazard: torch's exp
+    assert r.hazard_event_move(4, "s", hazard.t().contiguous().t(), source, target) is None  # not contiguous
+    assert r.hazard_event_move(4, "s", hazard.double(), source, target) is None

@@ -123,6 +123,58 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
   }
 }
 
+// `move_row` of row b's agents [i0, i1) of [B, N] arrays, in place (from_out null) or into the outputs
+template <int Q>
+void move_span(int64_t b, int64_t N, int64_t i0, int64_t i1, const int32_t* base, uint32_t key, const float* p_row,
+               float q, const float* from, const float* into, uint8_t* happened, float* from_out, float* into_out,
+               bool in_place, std::vector<int64_t>& mine) {
+  const int64_t o = b * N;
+  if (in_place)  // (from and into written at the moved agents, after the first loop read them)
+    move_row<Q, true>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, const_cast<float*>(from) + o,
+                      const_cast<float*>(into) + o, mine);
+  else
+    move_row<Q, false>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, from_out + o, into_out + o,
+                       mine);
+}
+
+// The move kernels' loop: row_fn(b, i0, i1, pairs) over each thread's rows, then the moved agents' (b, n) of every
+// thread in the agents' order (row-major), held for `agenttensor_take_pairs`. Returns their count.
+template <class RowFn>
+int64_t moves(int64_t B, int64_t N, int64_t threads, void** pairs, RowFn&& row_fn) {
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (chunk start, its pairs)
+  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> mine;
+    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) { row_fn(b, i0, i1, mine); });
+#pragma omp critical(agenttensor_float_event_move)
+    found.emplace_back(lo, std::move(mine));
+  });
+  std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  std::vector<std::vector<int64_t>> chunks;
+  size_t total = 0;
+  for (auto& chunk : found) {
+    total += chunk.second.size();
+    chunks.push_back(std::move(chunk.second));
+  }
+  *pairs = agenttensor::hold_pairs(std::move(chunks));
+  return static_cast<int64_t>(total / 2);
+}
+
+// MKL's vmsExp(n, a, r, mode) (n: MKL_INT; passed as 64 bits, which an LP64 build reads the low half of)
+using ExpFn = void (*)(int64_t, const float*, float*, int64_t);
+// MKL_Set_Num_Threads_Local(n): the calling thread's MKL thread count (0: back to the global one); returns the previous
+using LocalThreadsFn = int (*)(int);
+constexpr int64_t kExpBlock = 2048;  // agents per exp call: its block and exp(−h) stay in L1 for the draws
+
+// MKL sequential on this thread while in scope: each vmsExp call otherwise asks MKL's threading layer whether to
+// thread it (~0.7 µs a call inside a 2-thread region; outside an active region, as with one thread, it forks its own
+// team: ~35 ns per element at 1,024-element calls)
+struct SequentialMkl {
+  explicit SequentialMkl(LocalThreadsFn set) : set(set), previous(set(1)) {}
+  ~SequentialMkl() { set(previous); }
+  LocalThreadsFn set;
+  int previous;
+};
+
 }  // namespace
 
 extern "C" {
@@ -198,40 +250,44 @@ int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, 
                                      int64_t p_stride_b, int64_t p_stride_n, int64_t complement, const float* from,
                                      const float* into, uint8_t* happened, float* from_out, float* into_out,
                                      void** pairs, int64_t threads) {
-  std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (chunk start, its pairs)
   const bool in_place = from_out == nullptr;
-  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> mine;
-    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) {
-      const uint32_t key = static_cast<uint32_t>(keys[b]);
-      const float* p_row = p + b * p_stride_b;
-      const float q = complement ? 1.f - p_row[0] : p_row[0];
-      const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
-      const int64_t o = b * N;
-      auto run = [&](auto Q) {
-        if (in_place)  // (from and into written at the moved agents, after the first loop read them)
-          move_row<decltype(Q)::value, true>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o,
-                                             const_cast<float*>(from) + o, const_cast<float*>(into) + o, mine);
-        else
-          move_row<decltype(Q)::value, false>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o,
-                                              from_out + o, into_out + o, mine);
-      };
-      if (mode == 0) run(std::integral_constant<int, 0>());
-      if (mode == 1) run(std::integral_constant<int, 1>());
-      if (mode == 2) run(std::integral_constant<int, 2>());
-    });
-#pragma omp critical(agenttensor_float_event_move)
-    found.emplace_back(lo, std::move(mine));
+  return moves(B, N, threads, pairs, [&](int64_t b, int64_t i0, int64_t i1, std::vector<int64_t>& mine) {
+    const uint32_t key = static_cast<uint32_t>(keys[b]);
+    const float* p_row = p + b * p_stride_b;
+    const float q = complement ? 1.f - p_row[0] : p_row[0];
+    const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
+    auto run = [&](auto Q) { move_span<decltype(Q)::value>(b, N, i0, i1, base, key, p_row, q, from, into, happened,
+                                                           from_out, into_out, in_place, mine); };
+    if (mode == 0) run(std::integral_constant<int, 0>());
+    if (mode == 1) run(std::integral_constant<int, 1>());
+    if (mode == 2) run(std::integral_constant<int, 2>());
   });
-  std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
-  std::vector<std::vector<int64_t>> chunks;  // in the agents' order: row-major
-  size_t total = 0;
-  for (auto& chunk : found) {
-    total += chunk.second.size();
-    chunks.push_back(std::move(chunk.second));
-  }
-  *pairs = agenttensor::hold_pairs(std::move(chunks));
-  return static_cast<int64_t>(total / 2);
+}
+
+// `agenttensor_float_event_move` at hazard h [B, N] contiguous, with complement: p = exp(−h) made block by block
+// inside the pass with `exp` (MKL's vmsExp, torch's own exp on CPU: the same bits as torch's ``(-h).exp_()``, which
+// agenttensor/_rng_kernels.py checks before it passes the function) at `exp_mode` and written to survival [B, N]
+// (the backward's exp(−h)), each block read back from L1 by the draws: no separate negation and exp over [B, N].
+int64_t agenttensor_hazard_event_move(int64_t B, int64_t N, const int32_t* base, const int32_t* keys,
+                                      const float* hazard, void* exp, int64_t exp_mode, void* mkl_local_threads,
+                                      float* survival, const float* from, const float* into, uint8_t* happened,
+                                      float* from_out, float* into_out, void** pairs, int64_t threads) {
+  const auto exp_fn = reinterpret_cast<ExpFn>(exp);
+  const auto local_threads = reinterpret_cast<LocalThreadsFn>(mkl_local_threads);
+  const bool in_place = from_out == nullptr;
+  return moves(B, N, threads, pairs, [&](int64_t b, int64_t i0, int64_t i1, std::vector<int64_t>& mine) {
+    const SequentialMkl sequential(local_threads);
+    const uint32_t key = static_cast<uint32_t>(keys[b]);
+    const int64_t o = b * N;
+    alignas(64) float negated[kExpBlock];
+    for (int64_t j0 = i0; j0 < i1; j0 += kExpBlock) {
+      const int64_t j1 = std::min(i1, j0 + kExpBlock);
+      for (int64_t n = j0; n < j1; ++n) negated[n - j0] = -hazard[o + n];
+      exp_fn(j1 - j0, negated, survival + o + j0, exp_mode);
+      move_span<2>(b, N, j0, j1, base, key, survival + o, 0.f, from, into, happened, from_out, into_out, in_place,
+                   mine);
+    }
+  });
 }
 
 // The pairs `agenttensor_float_event_move` held into b [M] and i [M]; frees them.
