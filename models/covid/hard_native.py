@@ -43,7 +43,8 @@ class _Strided(ctypes.Structure):
 class _Args(ctypes.Structure):  # ProgressArgs in hard_kernel.cpp, field for field
     _fields_ = [(n, _I) for n in ("B", "N", "G", "K", "t", "threads")] \
         + [(n, _P) for n in ("S", "E", "Ia", "Is", "H", "R", "D", "isolating", "stage_end")] \
-        + [(n, _P) for n in ("survival", "base", "keys", "age_group", "borough", "symptomatic", "hosp", "death")] \
+        + [(n, _P) for n in ("survival", "hazard", "exp")] + [("exp_mode", _I), ("local_threads", _P)] \
+        + [(n, _P) for n in ("base", "keys", "age_group", "borough", "symptomatic", "hosp", "death")] \
         + [(n, _Strided) for n in ("detect", "detect_asym_ratio", "testing", "isolate", "efficacy_severe")] \
         + [(n, _P) for n in ("vaccinated", "cdf_E", "cdf_exit", "flows")] + [("infected", _I), ("pairs", _P)]
 
@@ -102,13 +103,14 @@ def enabled() -> bool:
     return _library() is not None
 
 
-def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival: Tensor, keys: Tensor, base: Tensor,
+def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, hazard: Tensor, keys: Tensor, base: Tensor,
                   age_group: Tensor, borough: Tensor, G: int, tables: dict[str, Tensor],
                   per_agent: dict[str, Tensor | None], vaccinated: Tensor | None, cdf_E: Tensor, cdf_exit: Tensor,
                   cache: dict | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
     """Update ``fields`` (`FIELDS`, uint8 [B, N]) and ``stage_end`` (int16 [B, N]) in place for step ``t``: the agents
-    of S are infected where u < 1 − ``survival`` (exp(−λ) [B, N] float32; `StepContext.hazard_event`'s draws) and enter
-    E, the agents whose countdown is ``t`` exit their stage. ``keys`` [8, B] int32 are the `STREAMS`' keys at t;
+    of S are infected where u < 1 − exp(−``hazard``) (λ [B, N] float32; `StepContext.hazard_event`'s draws, exp(−λ)
+    made inside the pass by torch's own exp where `native.torch_exp` finds it, else by torch before it) and enter E,
+    the agents whose countdown is ``t`` exit their stage. ``keys`` [8, B] int32 are the `STREAMS`' keys at t;
     ``tables``: symptomatic, hosp, death [A] float32; ``per_agent``: detect, detect_asym_ratio, isolate and (optional)
     testing, efficacy_severe as `At` reads them; ``vaccinated`` [B, N] uint8 with the vaccination lever, else None;
     ``cdf_E`` [K], ``cdf_exit`` [3, K] (I_asym, I_sym, H). -> (the flows and the stage counts' changes [21, B, G]
@@ -148,11 +150,15 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, survival
         args.S, args.E, args.Ia, args.Is, args.H, args.R, args.D, args.isolating, args.stage_end = (
             x.data_ptr() for x in state)
         plan.fields = _refs(state)
-    if not (_cpu(keys, torch.int32, (len(STREAMS), B)) and _cpu(survival, torch.float32, shape)):
+    if not (_cpu(keys, torch.int32, (len(STREAMS), B)) and _cpu(hazard, torch.float32, shape)):
         return None
+    exp = native.torch_exp()
+    survival = (-hazard).exp_() if exp is None else None  # (kept alive through the call)
+    args.survival, args.hazard = (None, hazard.data_ptr()) if survival is None else (survival.data_ptr(), None)
+    if exp is not None:
+        args.exp, args.exp_mode, args.local_threads = exp
     flows = torch.empty(len(FLOWS) + len(CHANGES), B, G, dtype=torch.float32)
-    args.t, args.threads, args.survival, args.keys, args.flows = (t, torch.get_num_threads(), survival.data_ptr(),
-                                                                  keys.data_ptr(), flows.data_ptr())
+    args.t, args.threads, args.keys, args.flows = t, torch.get_num_threads(), keys.data_ptr(), flows.data_ptr()
     library.agenttensor_covid_hard_progress(ctypes.byref(args))
     for x in state:  # in-place writes: the version counters move as index_put_'s would
         torch.autograd.graph.increment_version(x)

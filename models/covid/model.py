@@ -1075,7 +1075,7 @@ IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donat
 def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, ctx: StepContext
                          ) -> CovidState | None:
     """`progress` in hard mode as one native call on CPU (`hard_native.hard_progress`: the infection draws at rate
-    ``force`` [B, N], `StepContext.hazard_event`'s, and the transition; the same numbers as the torch ops below it in
+    ``force`` [B, N], `StepContext.hazard_event`'s (exp(−λ) made inside the pass), and the transition; the same numbers as the torch ops below it in
     `progress`), or None where it does not apply. The fields are updated in place where they are this loop's own
     (`StepContext.owns`), else in copies."""
     env: CovidEnv = ctx.env
@@ -1098,7 +1098,7 @@ def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, 
     owned = {name: x if ctx.owns(x) else x.clone() for name, x in fields.items()}
     stage_end = state.stage_end if ctx.owns(state.stage_end) else state.stage_end.clone()
     drawn = hard_native.hard_progress(
-        owned, stage_end, t, (-force).exp_(), ctx.rng._keys(t, hard_native.STREAMS), ctx.rng.agent_base,
+        owned, stage_end, t, force, ctx.rng._keys(t, hard_native.STREAMS), ctx.rng.agent_base,
         env.age_group, env.borough, len(env.group_labels),
         dict(symptomatic=params.symptomatic_fraction, hosp=params.hosp_given_symptomatic, death=params.death_given_hosp),
         dict(detect=params.detection_rate, detect_asym_ratio=params.asymptomatic_detection_ratio,

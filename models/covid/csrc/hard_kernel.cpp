@@ -9,8 +9,8 @@
 // -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
 // At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents in the
-// transition, ~45 in the force and its tables); these are two calls. The survival exp(−λ) between them stays torch's
-// (its vectorised exp's bits).
+// transition, ~45 in the force and its tables); these are two calls. The survival exp(−λ) between them is torch's:
+// made by torch, or inside the transition's pass by the function torch's own exp calls (MKL's vmsExp, the same bits).
 
 #include <algorithm>
 #include <cstdint>
@@ -41,8 +41,15 @@ struct ProgressArgs {
   // [B, N] memberships (uint8) and countdowns (int16), updated in place
   uint8_t *S, *E, *Ia, *Is, *H, *R, *D, *isolating;
   int16_t* stage_end;
-  // the infection draws: survival exp(−λ) [B, N] (an agent of S is infected where u < 1 − survival)
+  // the infection draws: survival exp(−λ) [B, N] (an agent of S is infected where u < 1 − survival), or null: then
+  // made block by block from the hazard λ [B, N] with `exp` (MKL's vmsExp, torch's own exp on CPU, which
+  // models/covid/hard_native.py passes only where its bits are torch's) at `exp_mode`, MKL sequential on the pass's
+  // threads (`local_threads`: MKL_Set_Num_Threads_Local)
   const float* survival;
+  const float* hazard;
+  void* exp;
+  int64_t exp_mode;
+  void* local_threads;
   // random streams: base [N]; keys [8, B] (symptoms, hospitalisation, death, detection, isolation, duration-exit,
   // duration-E, infection)
   const int32_t *base, *keys;
@@ -142,16 +149,24 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
     const int w = omp_get_thread_num();  // 0 outside a parallel region
     int64_t* count = counts.data() + w * kFlows * cells;
     std::vector<int64_t>& pairs = found[static_cast<size_t>(w)];
+    const bool made = a.survival == nullptr;  // exp(−λ) made here, a block at a time
+    const auto set_local_threads = reinterpret_cast<int (*)(int)>(a.local_threads);
+    const int mkl_threads = made ? set_local_threads(1) : 0;  // (each exp call would ask MKL whether to fork)
+    const auto exp = reinterpret_cast<void (*)(int64_t, const float*, float*, int64_t)>(a.exp);
     agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
       const int64_t row = b * a.N;
       const uint8_t* S = a.S + row;
-      const float* survival = a.survival + row;
       const int16_t* ends = a.stage_end + row;
       const uint32_t infection = keys[7 * a.B + b];
       for (int64_t n0 = i0; n0 < i1; n0 += kBlock) {  // a block's tests (vectorised), then its few hits
         const int64_t width = std::min<int64_t>(kBlock, i1 - n0);
         alignas(64) uint8_t hit[kBlock + 8] = {};
-        tests(a.base + n0, infection, survival + n0, S + n0, ends + n0, today, width, hit);
+        alignas(64) float survival[kBlock];
+        if (made) {
+          for (int64_t j = 0; j < width; ++j) survival[j] = -a.hazard[row + n0 + j];  // exact, as torch's neg
+          exp(width, survival, survival, a.exp_mode);
+        }
+        tests(a.base + n0, infection, made ? survival : a.survival + row + n0, S + n0, ends + n0, today, width, hit);
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
           uint64_t word;
           std::memcpy(&word, hit + j0, 8);
@@ -173,6 +188,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
         }
       }
     });
+    if (made) set_local_threads(mkl_threads);
   });
   size_t infected = 0;
   for (const auto& pairs : found) infected += pairs.size() / 2;
