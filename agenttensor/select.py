@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +26,12 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_select_pairs.argtypes = [_I, _I, _I, _P, _P, _I, _I, _I, _P]
     library.agenttensor_select_pairs.restype = _I
     library.agenttensor_select_take.argtypes = [_P, _P, _P]
+    library.agenttensor_select_sample.argtypes = [_I, _I, _P, _P, _I, _I, _I]
+    library.agenttensor_select_sample.restype = _I
+    library.agenttensor_gather_fields.argtypes = [_I, _P, _I, _P, _I, _P, _I]
+    library.agenttensor_gather_fields.restype = _I
+    library.agenttensor_put_fields.argtypes = [_I, _P, _I, _P, _I, _P, _I, _I]
+    library.agenttensor_put_fields.restype = _I
     library.agenttensor_zero_one_bytes.argtypes = [_P, _P, _I, _I]
     library.agenttensor_zero_one_bytes.restype = _I
     library.agenttensor_range_counts.argtypes = [_I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _I]
@@ -108,12 +115,23 @@ def _chunk_counts(library: ctypes.CDLL, kind: int, a: Tensor, b: Tensor | None, 
     return counts
 
 
+# `_select`'s sample for ``sparse`` selections: windows of entries, and the share of hits above which counting and
+# filling beats one pass into lists (full NYC's 8.7M agents, one row, 2 threads, lists vs counting and filling: 0.2 %
+# 0.56 vs 0.84 ms, 1 % 1.36 vs 1.49, 2 % 1.93 vs 1.84, 5 % 2.54 vs 1.99, 20 % 9.5 vs 2.4)
+_SAMPLE_WINDOWS, _SAMPLE_WIDTH, _DENSE_SHARE = 64, 256, 0.015
+
+
 def _select(kind: int, a: Tensor, b: Tensor | None, value: int, sparse: bool = False) -> tuple[Tensor, Tensor] | None:
-    """``sparse``: the hits are expected to be few (e.g. the day's exits): one pass into per-chunk lists, copied out
-    (full NYC's exits 2.1 -> ~1.1 ms); else a counting pass, then one that writes each hit in place (16 bytes)."""
+    """``sparse``: the hits may be few (e.g. the day's exits): then one pass into per-chunk lists, copied out (full
+    NYC's exits 2.1 -> ~1.1 ms), unless a sample of the entries finds them many (a calibration's peak days); else a
+    counting pass, then one that writes each hit in place (16 bytes). The same pairs either way."""
     library = _library()
     if library is None:
         return None
+    if sparse and a.numel() > _SAMPLE_WINDOWS * _SAMPLE_WIDTH:
+        sampled = library.agenttensor_select_sample(kind, a.numel(), a.data_ptr(), None if b is None else b.data_ptr(),
+                                                    value, _SAMPLE_WINDOWS, _SAMPLE_WIDTH)
+        sparse = sampled <= _DENSE_SHARE * _SAMPLE_WINDOWS * _SAMPLE_WIDTH
     if sparse:
         pairs = _P()
         total = library.agenttensor_select_pairs(kind, a.numel(), a.shape[-1], a.data_ptr(),
@@ -188,6 +206,62 @@ def values_at(x: Tensor, b: Tensor, i: Tensor) -> Tensor:
     positions (two-index advanced indexing runs torch's slower general index kernel: 1.4 → 0.8 ms at 300k pairs).
     The same values and derivative."""
     return x.take(flat_positions(x, b, i))
+
+
+def _fields_for_kernel(xs: Sequence[Tensor], b: Tensor, i: Tensor) -> tuple[ctypes.CDLL, Tensor] | None:
+    """(library, the pairs' flat positions) where the field kernels apply to xs: float32 contiguous CPU [B, N] of one
+    shape, no derivative to carry (grad mode off, or none requires it), int64 pairs; else None."""
+    if not xs or not all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+                         and x.shape == xs[0].shape for x in xs):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return None
+    position = flat_positions(xs[0], b, i)
+    if position.dtype != torch.int64 or position.device.type != "cpu" or position.dim() != 1:
+        return None
+    library = _library()
+    return None if library is None else (library, position.contiguous())
+
+
+def _pointers(xs: Sequence[Tensor]):
+    return (ctypes.c_void_p * len(xs))(*(x.data_ptr() for x in xs))
+
+
+def values_at_fields(xs: Sequence[Tensor], b: Tensor, i: Tensor) -> list[Tensor]:
+    """``[values_at(x, b, i) for x in xs]`` (the same values), on CPU in one native pass where every x is a float32
+    [B, N] of one shape with no derivative to carry (e.g. a day's fields at its exiting agents: each agent's values
+    fetched together, where one ``take`` per field walked the positions K times)."""
+    found = _fields_for_kernel(xs, b, i)
+    if found is not None:
+        library, position = found
+        out = torch.empty(len(xs), position.numel())
+        rows = out.unbind(0)
+        if not library.agenttensor_gather_fields(len(xs), _pointers(xs), xs[0].numel(), position.data_ptr(),
+                                                 position.numel(), _pointers(rows), torch.get_num_threads()):
+            return list(rows)
+    return [values_at(x, b, i) for x in xs]
+
+
+def put_at_fields_(xs: Sequence[Tensor], b: Tensor, i: Tensor, values: Sequence[Tensor], accumulate: bool = False
+                   ) -> None:
+    """``put_at_(x, b, i, v, accumulate)`` for each x and v (the same numbers), on CPU in one native pass where every
+    x is a float32 [B, N] of one shape with no derivative to carry, the values float32 [M] and the pairs in row-major
+    order without repeats (`nonzero`'s, `equal`'s: each position written once, so threads may split them); the
+    versions of the xs move as ``index_put_``'s do."""
+    found = _fields_for_kernel(xs, b, i)
+    if found is not None and len(values) == len(xs) and all(
+            v.device.type == "cpu" and v.dtype == torch.float32 and v.shape == b.shape
+            and not (v.requires_grad and torch.is_grad_enabled()) for v in values):
+        library, position = found
+        values = [v.contiguous() for v in values]
+        if not library.agenttensor_put_fields(len(xs), _pointers(xs), xs[0].numel(), position.data_ptr(),
+                                              position.numel(), _pointers(values), int(accumulate),
+                                              torch.get_num_threads()):
+            for x in xs:
+                torch.autograd.graph.increment_version(x)
+            return
+    for x, v in zip(xs, values, strict=True):
+        put_at_(x, b, i, v, accumulate=accumulate)
 
 
 # Gradient buffers a node made and handed on as one input's gradient only (nobody else holds them), so that the node

@@ -41,6 +41,25 @@ def test_pairs_equal_torch_nonzero(threads, shape):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("share", [0.001, 0.01, 0.3])
+def test_sparse_selections_give_the_same_pairs_by_lists_or_by_counting(share, monkeypatch):
+    """`equal` and `nonzero_bits` pick, from a sample of the entries, one pass into per-chunk lists (few hits) or
+    counting and filling (many): each way gives torch's pairs, across rows and both threads' chunks."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        stage_end = torch.where(torch.rand(3, 90_001, generator=g) < share, 7, -1).to(torch.int16)
+        flags = (torch.rand(3, 90_001, generator=g) < share).to(torch.uint8) * 0b110
+        expected = ((stage_end == 7).nonzero(as_tuple=True), (flags & 0b010).nonzero(as_tuple=True))
+        for dense_share in (2.0, -1.0, select._DENSE_SHARE):  # lists always, counting always, the sample's choice
+            monkeypatch.setattr(select, "_DENSE_SHARE", dense_share)
+            assert _same(select.equal(stage_end, 7), expected[0])
+            assert _same(select.nonzero_bits(flags, 0b010), expected[1])
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_float_masks_count_any_nonzero_value():
     a = torch.tensor([[0.0, -0.0, 0.5, float("nan"), 1.0]])
     assert _same(select.nonzero(a), a.nonzero(as_tuple=True))  # −0 is zero; NaN is not
@@ -206,3 +225,44 @@ def test_zero_one_bytes_are_the_memberships_as_bytes_or_none():
             y = x.clone()
             y[1, n - 1] = bad
             assert select.zero_one_bytes(y) is None and select.zero_one_bytes(y.double()) is None, bad
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fields_read_and_written_at_pairs_in_one_pass_are_torchs_numbers(threads):
+    """`values_at_fields` and `put_at_fields_` (one native pass for several fields at the same pairs) give
+    `values_at`'s and `put_at_`'s numbers, with and without accumulation, across rows and threads' halves; repeated
+    or unsorted pairs and bad indices take torch's ops (sums of repeats, torch's errors), and versions move."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(11)
+        fields = [torch.randn(3, 40_001, generator=g) for _ in range(4)]
+        b, i = (torch.rand(3, 40_001, generator=g) < 0.3).nonzero(as_tuple=True)  # row-major, no repeats
+        values = [torch.randn(b.numel(), generator=g) for _ in fields]
+        read = select.values_at_fields(fields, b, i)
+        assert all(torch.equal(r, select.values_at(x, b, i)) for r, x in zip(read, fields, strict=True))
+        for accumulate in (False, True):
+            here, there = [x.clone() for x in fields], [x.clone() for x in fields]
+            versions = [x._version for x in here]
+            select.put_at_fields_(here, b, i, values, accumulate=accumulate)
+            for x, v in zip(there, values):
+                select.put_at_(x, b, i, v, accumulate=accumulate)
+            assert all(torch.equal(x, y) for x, y in zip(here, there)) and all(
+                x._version > v for x, v in zip(here, versions))
+        # repeats (an agent twice): summed as torch sums them, by torch's ops
+        twice_b, twice_i = torch.cat([b[:5], b[:5]]), torch.cat([i[:5], i[:5]])
+        ones = [torch.ones(10) for _ in fields]
+        here = [x.clone() for x in fields]
+        select.put_at_fields_(here, twice_b, twice_i, ones, accumulate=True)
+        reference = [x.clone().index_put_((twice_b, twice_i), v, accumulate=True) for x, v in zip(fields, ones)]
+        assert all(torch.equal(x, y) for x, y in zip(here, reference))
+        assert not torch.equal(here[0], fields[0])
+        with pytest.raises(IndexError):
+            select.values_at_fields(fields, b[:3], torch.tensor([0, 5, 200_000]))
+        # a field that carries a derivative under autograd: per-field reads, the derivative kept
+        leaf = fields[0].clone().requires_grad_()
+        (picked,) = select.values_at_fields([leaf], b, i)
+        picked.sum().backward()
+        assert float(leaf.grad.sum()) == b.numel()
+    finally:
+        torch.set_num_threads(old)

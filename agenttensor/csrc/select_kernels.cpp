@@ -43,6 +43,21 @@ void hits(int64_t begin, int64_t end, Test test, Hit hit) {
   }
 }
 
+// A flat index k of a [B, N] array as its (k / N, k % N), for increasing k without a division per hit (two 64-bit
+// divisions per hit were a third of a dense selection's time)
+struct RowMajor {
+  RowMajor(int64_t first, int64_t N) : N(N), b(first / N), row(b * N) {}
+  template <class F>
+  void operator()(int64_t k, F&& pair) {
+    while (k >= row + N) {
+      row += N;
+      ++b;
+    }
+    pair(b, k - row);
+  }
+  int64_t N, b, row;
+};
+
 // writes the hits of chunk c from offsets[c] on: out_b = k / N, out_i = k % N
 template <class Test>
 void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* offsets, int64_t* out_b,
@@ -51,9 +66,12 @@ void fill(int64_t n, int64_t N, int64_t chunks, int64_t threads, const int64_t* 
 #pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t at = offsets[c];
+    RowMajor position(c * size, N);
     hits(c * size, std::min(n, (c + 1) * size), test, [&](int64_t k) {
-      out_b[at] = k / N;
-      out_i[at] = k % N;
+      position(k, [&](int64_t b, int64_t i) {
+        out_b[at] = b;
+        out_i[at] = i;
+      });
       ++at;
     });
   }
@@ -67,9 +85,12 @@ void collect(int64_t n, int64_t N, int64_t chunks, int64_t threads, std::vector<
 #pragma omp parallel for num_threads(static_cast<int>(threads)) schedule(static) if (threads > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     std::vector<int64_t>& list = lists[c];
+    RowMajor position(c * size, N);
     hits(c * size, std::min(n, (c + 1) * size), test, [&](int64_t k) {
-      list.push_back(k / N);
-      list.push_back(k % N);
+      position(k, [&](int64_t b, int64_t i) {
+        list.push_back(b);
+        list.push_back(i);
+      });
     });
   }
 }
@@ -232,6 +253,63 @@ int64_t agenttensor_zero_one_bytes(const float* x, uint8_t* out, int64_t n, int6
   int64_t total = 0;
   for (int64_t c = 0; c < chunks; ++c) total += bad[c];
   return total;
+}
+
+// Hits among `windows` windows of `width` entries spread evenly over [0, n) (at most windows · width tests): a
+// density estimate that picks `agenttensor_select_pairs` (few hits) or counting and filling (many), which give the
+// same pairs
+int64_t agenttensor_select_sample(int64_t kind, int64_t n, const void* a, const void* b, int64_t value,
+                                  int64_t windows, int64_t width) {
+  int64_t total = 0;
+  dispatch(kind, a, b, value, [&](auto test) {
+    for (int64_t w = 0; w < windows; ++w) {
+      const int64_t k0 = n * w / windows, k1 = std::min(n, k0 + width);
+      int64_t hits = 0;
+      for (int64_t k = k0; k < k1; ++k) hits += test(k) ? 1 : 0;
+      total += hits;
+    }
+  });
+  return total;
+}
+
+// out[k][m] = x[k][pos[m]] for K float32 arrays of n entries at M flat positions (e.g. several fields read at the
+// day's exiting agents in one pass: each position's K values fetched together). Returns the number of positions
+// outside [0, n) (then nothing is written: the caller runs torch's take, which raises).
+int64_t agenttensor_gather_fields(int64_t K, const float* const* x, int64_t n, const int64_t* pos, int64_t M,
+                                  float* const* out, int64_t threads) {
+  int64_t bad = 0;
+  for (int64_t m = 0; m < M; ++m) bad += (pos[m] < 0) | (pos[m] >= n);
+  if (bad) return bad;
+  agenttensor::parallel(threads, M, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict xk = x[k];
+      float* __restrict ok = out[k];
+      for (int64_t m = lo; m < hi; ++m) ok[m] = xk[pos[m]];
+    }
+  });
+  return 0;
+}
+
+// x[k][pos[m]] = v[k][m], or with `accumulate` x[k][pos[m]] + v[k][m], for K float32 arrays of n entries at M
+// strictly increasing flat positions (each written once: threads may split them, and the sums are torch's
+// ``index_put_(accumulate=True)``'s, one addition each). Returns 1 where a position is out of [0, n) or not above
+// the one before (then nothing is written: the caller runs torch's index_put_).
+int64_t agenttensor_put_fields(int64_t K, float* const* x, int64_t n, const int64_t* pos, int64_t M,
+                               const float* const* v, int64_t accumulate, int64_t threads) {
+  int64_t bad = M > 0 && (pos[0] < 0 || pos[M - 1] >= n);
+  for (int64_t m = 1; m < M; ++m) bad |= pos[m] <= pos[m - 1];
+  if (bad) return 1;
+  agenttensor::parallel(threads, M, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < K; ++k) {
+      float* __restrict xk = x[k];
+      const float* __restrict vk = v[k];
+      if (accumulate)
+        for (int64_t m = lo; m < hi; ++m) xk[pos[m]] = xk[pos[m]] + vk[m];
+      else
+        for (int64_t m = lo; m < hi; ++m) xk[pos[m]] = vk[m];
+    }
+  });
+  return 0;
 }
 
 // The pairs `agenttensor_select_pairs` held into b [M] and i [M]; frees them.

@@ -207,13 +207,13 @@ class _ExitsAt(torch.autograd.Function):
         ctx.handoff, ctx.made, ctx.shape = handoff, made, fields[0].shape
         ctx.save_for_backward(b, i)
         ctx.set_materialize_grads(False)
-        return (*[x.view_as(x) for x in fields], *[select.values_at(x, b, i) for x in fields])
+        return (*[x.view_as(x) for x in fields], *select.values_at_fields(fields, b, i))
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
         b, i = ctx.saved_tensors
         dense, at_exits = grads[:len(grads) // 2], grads[len(grads) // 2:]
-        out = []
+        out, targets, added = [], [], []
         for name, g, g_exits in zip(EXIT_FIELDS, dense, at_exits):
             # `_Transition`'s own buffer, or one its maker handed to nobody else (else it may be shared)
             ours = g is not None and (g is ctx.handoff.get(name) or select.is_exclusive(g))
@@ -223,10 +223,12 @@ class _ExitsAt(torch.autograd.Function):
                 elif not ours:
                     g = g.clone()
                 ours = True
-                select.put_at_(g, b, i, g_exits, accumulate=True)
+                targets.append(g)
+                added.append(g_exits)
             if ours and ctx.made is not None:  # a buffer nobody else reads: the next node may add into it
                 ctx.made[name] = g
             out.append(g)
+        select.put_at_fields_(targets, b, i, added, accumulate=True)  # (one pass for every field)
         ctx.handoff.clear()
         return (None, None, None, None, *out)
 
@@ -274,10 +276,10 @@ class _Transition(torch.autograd.Function):
         # fresh tensors, or S and E themselves where the draws moved the infected agents in place (the loop's own
         # fields: their aliases, as for a donated field below)
         S, E = (before["S"] - new_E, before["E"] + new_E) if exits.moved is None else (x.detach() for x in exits.moved)
-        after = {"S": S, "E": select.put_at_(E, b, i, changes["E"], accumulate=True)}
+        after = {"S": S, "E": E}
         for name in STAGES[2:]:  # a donated field (the loop's own, `StepContext.owns`) in place: no [B, N] copy
-            after[name] = select.put_at_(before[name].detach() if name in donated else before[name].clone(), b, i,
-                                         changes[name], accumulate=True)
+            after[name] = before[name].detach() if name in donated else before[name].clone()
+        select.put_at_fields_(list(after.values())[1:], b, i, [changes[name] for name in STAGES[1:]], accumulate=True)
         return (*after.values(), exposure0, latent0, infections.clone(), reported, admissions, deaths, recent)
 
     @staticmethod
@@ -304,7 +306,9 @@ class _Transition(torch.autograd.Function):
         args = (k, unit, susceptible, None if timed_flags is not None else stage_end, vaccinated, testing, incoming,
                 f_mean, d_sym, d_asym, half_infectious, rate, mask, survival, ctx.needs_input_grad[15])
         # the exiting agents' gradients first: the native pass may write the new ones over gE, gI_sym, ...
-        at_exits = [None if g is None else select.values_at(g, b, i) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
+        arrived = [g for g in (gE, gIs, gIa, gH, gR, gD, g_isolating) if g is not None]
+        read = iter(select.values_at_fields(arrived, b, i) if arrived else ())
+        at_exits = [None if g is None else next(read) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
         handed: dict = {}  # the force's household-term weight sums, where the native pass makes them (`hand_weight_sums`)
         fused = shadow_native.backward(*args, reuse=_exclusive(incoming), timed_flags=timed_flags,
                                        household_weight_sums=handed)
