@@ -828,8 +828,9 @@ def test_the_native_carry_updates_the_flags_as_the_torch_ops(monkeypatch):
     if not shadow_native_enabled():
         pytest.skip("native kernels unavailable")
     g = torch.Generator().manual_seed(2)
-    for B in (1, 2):
-        N = 500
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # (the large case: both threads split the agents)
+    for B, N in ((1, 500), (2, 500), (2, 100_003)):
         fields = [(torch.rand(B, N, generator=g) < q).float() for q in (0.2, 0.2, 0.1)]
         stage_end = torch.randint(-1, 6, (B, N), dtype=torch.int16, generator=g)
         S = (torch.rand(B, N, generator=g) < 0.5).float()
@@ -845,7 +846,7 @@ def test_the_native_carry_updates_the_flags_as_the_torch_ops(monkeypatch):
                 cn.carry(live, b, i, I_sym, *fields[1:], *extra)
                 assert getattr(I_sym, "_agenttensor_flags", None) is not None
                 bad = fields[1].clone()
-                bad[b[0], i[0]] = 0.5
+                bad[b[-1], i[-1]] = 0.5  # (the second thread's half, where there are two)
                 before = live.clone()
                 I_sym2 = fields[0].clone()
                 cn.carry(live, b, i, I_sym2, bad, fields[2], *extra)
@@ -855,6 +856,7 @@ def test_the_native_carry_updates_the_flags_as_the_torch_ops(monkeypatch):
             assert torch.equal(*results), (B, len(extra))
             changed = results[0].view(-1)[select.flat_positions(results[0], b, i)]
             assert torch.equal(changed & 7, (fields[0] + 2 * fields[1] + 4 * fields[2])[b, i].to(torch.uint8))
+    torch.set_num_threads(threads)
 
 
 def test_own_contributions_read_packed_fields_as_the_floats(population, monkeypatch):

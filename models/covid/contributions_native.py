@@ -66,7 +66,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_own_backward.argtypes = [ctypes.POINTER(_Args)]
     library.agenttensor_covid_pack.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I]
     library.agenttensor_covid_pack.restype = _I
-    library.agenttensor_covid_carry.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _I]
+    library.agenttensor_covid_carry.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I]
     library.agenttensor_covid_carry.restype = _I
 
 
@@ -124,7 +124,8 @@ def _update_flags(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Ten
         return not library.agenttensor_covid_carry(
             live.data_ptr(), at.data_ptr(), at.numel(), *(x.data_ptr() for x in fields[:3]),
             None if stage_end is None else stage_end.data_ptr(), None if S is None else fields[3].data_ptr(),
-            None if started is None else started.data_ptr(), 0 if started is None else started.numel())
+            None if started is None else started.data_ptr(), 0 if started is None else started.numel(),
+            torch.get_num_threads())
     values = [select.values_at(x.detach(), b, i) for x in (I_sym, I_asym, isolating)]
     if not all(bool(((v == 0) | (v == 1)).all()) for v in values):
         return False

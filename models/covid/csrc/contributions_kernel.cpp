@@ -339,26 +339,40 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
 // << 3 where stage_end is given, | (S == 1) << 4 where S is), then at the K infected agents (`infected`) bit 3 set
 // (stage_end given: their countdown began) and bit 4 cleared (S given: they left S). Returns 1, writing nothing, where
 // a field's value at an exiting agent is not exactly 0 or 1 (the caller then stops carrying the flags).
+// The exiting and the infected agents are each distinct (a day's pairs): the threads split them.
 int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, const float* I_sym, const float* I_asym,
                                 const float* isolating, const int16_t* stage_end, const float* S,
-                                const int64_t* infected, int64_t K) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t k = at[m];
-    for (const float* x : {I_sym, I_asym, isolating})
-      if (x[k] != 0.f && x[k] != 1.f) return 1;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t k = at[m];
-    int bits = static_cast<int>(I_sym[k]) | static_cast<int>(I_asym[k]) << 1 | static_cast<int>(isolating[k]) << 2;
-    if (stage_end) bits |= (stage_end[k] >= 0) << 3;
-    if (S) bits |= (S[k] == 1.f) << 4;
-    live[k] = static_cast<uint8_t>(bits);
-  }
-  for (int64_t m = 0; m < K; ++m) {
-    uint8_t& f = live[infected[m]];
-    if (stage_end) f = static_cast<uint8_t>(f | 8);
-    if (S) f = static_cast<uint8_t>(f & ~16);
-  }
+                                const int64_t* infected, int64_t K, int64_t threads) {
+  constexpr int64_t kGrain = int64_t(1) << 14;
+  int64_t other = 0;
+  agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
+    int64_t found = 0;
+    for (int64_t m = lo; m < hi; ++m) {
+      const int64_t k = at[m];
+      for (const float* x : {I_sym, I_asym, isolating}) found |= x[k] != 0.f && x[k] != 1.f;
+    }
+    if (found) {
+#pragma omp atomic
+      other += found;
+    }
+  });
+  if (other) return 1;
+  agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      const int64_t k = at[m];
+      int bits = static_cast<int>(I_sym[k]) | static_cast<int>(I_asym[k]) << 1 | static_cast<int>(isolating[k]) << 2;
+      if (stage_end) bits |= (stage_end[k] >= 0) << 3;
+      if (S) bits |= (S[k] == 1.f) << 4;
+      live[k] = static_cast<uint8_t>(bits);
+    }
+  });
+  agenttensor::parallel(threads, K, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      uint8_t& f = live[infected[m]];
+      if (stage_end) f = static_cast<uint8_t>(f | 8);
+      if (S) f = static_cast<uint8_t>(f & ~16);
+    }
+  });
   return 0;
 }
 
