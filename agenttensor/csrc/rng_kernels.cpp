@@ -117,17 +117,21 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
               std::vector<int64_t>& pairs) {
   for (int64_t j0 = i0; j0 < i1; j0 += kMoveBlock) {
     const int64_t j1 = std::min(i1, j0 + kMoveBlock);
-    int32_t any = 0;  // the block's moved agents (most blocks have none: no scan)
+    // the block's moved agents (most blocks have none: no scan); in place, its events: the scan then reads `from` at
+    // them only (the whole [B, N] of it is not read: a quarter of the pass's bytes)
+    int32_t any = 0;
     for (int64_t n = j0; n < j1; ++n) {
       const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
       const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
-      const float e = (event ? 1.f : 0.f) * from[n];  // the events, as `float_event` makes them
       happened[n] = event;
-      if (!InPlace) {
+      if (InPlace) {
+        any += event;
+      } else {
+        const float e = (event ? 1.f : 0.f) * from[n];  // the events, as `float_event` makes them
         from_out[n] = from[n] - e;
         into_out[n] = into[n] + e;
+        any += e != 0.f;
       }
-      any += e != 0.f;
     }
     if (any == 0) continue;
     if (InPlace) {
