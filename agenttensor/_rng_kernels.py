@@ -160,8 +160,8 @@ def float_event_move(base: Tensor, keys: Tensor, p: Tensor | float, source: Tens
     return happened.view(torch.bool), source_out, target_out, _moved_pairs(library, M, pairs, in_place, source, target)
 
 
-def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor, target: Tensor,
-                      in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor, target: Tensor, in_place: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]] | None:
     """`float_event_move` at p = exp(−hazard), complement (events ``1[u < 1 − exp(−hazard)]``), with exp(−hazard)
     made inside the pass, block by block, by torch's own exp (`native.torch_exp`): (exp(−hazard) [B, N], happened,
     source − e, target + e, the pairs), the same numbers as ``float_event_move((-hazard).exp_(), ...)`` without the
@@ -174,15 +174,17 @@ def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor
                               and target.shape == source.shape and target.is_contiguous()):
         return None
     library = inputs[0]
-    if in_place and (hazard.data_ptr() in (source.data_ptr(), target.data_ptr()) or source.data_ptr() == target.data_ptr()):
+    if in_place and (hazard.data_ptr() in (source.data_ptr(), target.data_ptr())
+                     or source.data_ptr() == target.data_ptr()):
         return None
     B, N = hazard.shape
     survival, happened = torch.empty_like(hazard), torch.empty(B, N, dtype=torch.uint8)
     source_out, target_out = (source, target) if in_place else (torch.empty_like(source), torch.empty_like(target))
     pairs = _P()
-    M = library.agenttensor_hazard_event_move(B, N, base.data_ptr(), keys.data_ptr(), hazard.data_ptr(), exp.function, exp.mode,
-                                              exp.local_threads, survival.data_ptr(), source.data_ptr(), target.data_ptr(),
-                                              happened.data_ptr(), None if in_place else source_out.data_ptr(),
+    M = library.agenttensor_hazard_event_move(B, N, base.data_ptr(), keys.data_ptr(), hazard.data_ptr(), exp.function,
+                                              exp.mode, exp.local_threads, survival.data_ptr(), source.data_ptr(),
+                                              target.data_ptr(), happened.data_ptr(),
+                                              None if in_place else source_out.data_ptr(),
                                               None if in_place else target_out.data_ptr(), ctypes.byref(pairs),
                                               torch.get_num_threads())
     return (survival, happened.view(torch.bool), source_out, target_out,

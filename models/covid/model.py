@@ -1075,9 +1075,9 @@ IN_PLACE = ("I_asym", "I_sym", "H", "R", "D", "isolating")  # the fields a donat
 def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, ctx: StepContext
                          ) -> CovidState | None:
     """`progress` in hard mode as one native call on CPU (`hard_native.hard_progress`: the infection draws at rate
-    ``force`` [B, N], `StepContext.hazard_event`'s (exp(−λ) made inside the pass), and the transition; the same numbers as the torch ops below it in
-    `progress`), or None where it does not apply. The fields are updated in place where they are this loop's own
-    (`StepContext.owns`), else in copies."""
+    ``force`` [B, N], `StepContext.hazard_event`'s (exp(−λ) made inside the pass), and the transition; the same
+    numbers as the torch ops below it in `progress`), or None where it does not apply. The fields are updated in place
+    where they are this loop's own (`StepContext.owns`), else in copies."""
     env: CovidEnv = ctx.env
     t = ctx.step
     fields = {name: getattr(state, name) for name in hard_native.FIELDS}
