@@ -10,6 +10,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "pairs.h"
 #include "parallel.h"
 #include "uniform.h"
@@ -110,9 +114,11 @@ inline void move_in_place(int64_t b, int64_t j0, int64_t j1, const uint8_t* happ
   });
 }
 
+// p[n - p_first] is agent n's p (Q 1, 2)
 template <int Q, bool InPlace>
 void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ base, uint32_t key,
-              const float* __restrict__ p, float q, const float* __restrict__ from, const float* __restrict__ into,
+              const float* __restrict__ p, int64_t p_first, float q, const float* __restrict__ from,
+              const float* __restrict__ into,
               uint8_t* __restrict__ happened, float* __restrict__ from_out, float* __restrict__ into_out,
               std::vector<int64_t>& pairs) {
   for (int64_t j0 = i0; j0 < i1; j0 += kMoveBlock) {
@@ -121,7 +127,7 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
     // them only (the whole [B, N] of it is not read: a quarter of the pass's bytes)
     int32_t any = 0;
     for (int64_t n = j0; n < j1; ++n) {
-      const float qn = Q == 0 ? q : Q == 1 ? p[n] : 1.f - p[n];
+      const float qn = Q == 0 ? q : Q == 1 ? p[n - p_first] : 1.f - p[n - p_first];
       const bool event = uniform_of(static_cast<uint32_t>(base[n]) ^ key) < qn;
       happened[n] = event;
       if (InPlace) {
@@ -150,15 +156,26 @@ void move_row(int64_t b, int64_t i0, int64_t i1, const int32_t* __restrict__ bas
 // `move_row` of row b's agents [i0, i1) of [B, N] arrays, in place (from_out null) or into the outputs
 template <int Q>
 void move_span(int64_t b, int64_t N, int64_t i0, int64_t i1, const int32_t* base, uint32_t key, const float* p_row,
-               float q, const float* from, const float* into, uint8_t* happened, float* from_out, float* into_out,
-               bool in_place, std::vector<int64_t>& mine) {
+               int64_t p_first, float q, const float* from, const float* into, uint8_t* happened, float* from_out,
+               float* into_out, bool in_place, std::vector<int64_t>& mine) {
   const int64_t o = b * N;
   if (in_place)  // (from and into written at the moved agents, after the first loop read them)
-    move_row<Q, true>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, const_cast<float*>(from) + o,
-                      const_cast<float*>(into) + o, mine);
+    move_row<Q, true>(b, i0, i1, base, key, p_row, p_first, q, from + o, into + o, happened + o,
+                      const_cast<float*>(from) + o, const_cast<float*>(into) + o, mine);
   else
-    move_row<Q, false>(b, i0, i1, base, key, p_row, q, from + o, into + o, happened + o, from_out + o, into_out + o,
-                       mine);
+    move_row<Q, false>(b, i0, i1, base, key, p_row, p_first, q, from + o, into + o, happened + o, from_out + o,
+                       into_out + o, mine);
+}
+
+// dst[0, n) = src[0, n) with streaming stores where dst is 64-byte aligned (AVX-512): a fresh output the pass writes
+// and nobody reads soon (the backward's exp(−λ)) is not first read into the cache, line by line
+inline void stream_out(float* dst, const float* src, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 63); ++k) dst[k] = src[k];
+  for (; k + 16 <= n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+#endif
+  for (; k < n; ++k) dst[k] = src[k];
 }
 
 // The move kernels' loop: row_fn(b, i0, i1, pairs) over each thread's rows, then the moved agents' (b, n) of every
@@ -280,7 +297,7 @@ int64_t agenttensor_float_event_move(int64_t B, int64_t N, const int32_t* base, 
     const float* p_row = p + b * p_stride_b;
     const float q = complement ? 1.f - p_row[0] : p_row[0];
     const int mode = p_stride_n == 0 ? 0 : complement ? 2 : 1;
-    auto run = [&](auto Q) { move_span<decltype(Q)::value>(b, N, i0, i1, base, key, p_row, q, from, into, happened,
+    auto run = [&](auto Q) { move_span<decltype(Q)::value>(b, N, i0, i1, base, key, p_row, 0, q, from, into, happened,
                                                            from_out, into_out, in_place, mine); };
     if (mode == 0) run(std::integral_constant<int, 0>());
     if (mode == 1) run(std::integral_constant<int, 1>());
@@ -303,14 +320,17 @@ int64_t agenttensor_hazard_event_move(int64_t B, int64_t N, const int32_t* base,
     const SequentialMkl sequential(local_threads);
     const uint32_t key = static_cast<uint32_t>(keys[b]);
     const int64_t o = b * N;
-    alignas(64) float negated[kExpBlock];
+    alignas(64) float block[kExpBlock];  // −h, then exp(−h), of a block of agents (in L1)
     for (int64_t j0 = i0; j0 < i1; j0 += kExpBlock) {
       const int64_t j1 = std::min(i1, j0 + kExpBlock);
-      for (int64_t n = j0; n < j1; ++n) negated[n - j0] = -hazard[o + n];
-      exp_fn(j1 - j0, negated, survival + o + j0, exp_mode);
-      move_span<2>(b, N, j0, j1, base, key, survival + o, 0.f, from, into, happened, from_out, into_out, in_place,
-                   mine);
+      for (int64_t n = j0; n < j1; ++n) block[n - j0] = -hazard[o + n];
+      exp_fn(j1 - j0, block, block, exp_mode);
+      move_span<2>(b, N, j0, j1, base, key, block, j0, 0.f, from, into, happened, from_out, into_out, in_place, mine);
+      stream_out(survival + o + j0, block, j1 - j0);
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // (the streamed stores ordered before the pass returns)
+#endif
   });
 }
 
