@@ -10,12 +10,9 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "pairs.h"
 #include "parallel.h"
+#include "stores.h"
 #include "uniform.h"
 
 namespace {
@@ -167,16 +164,6 @@ void move_span(int64_t b, int64_t N, int64_t i0, int64_t i1, const int32_t* base
                        into_out + o, mine);
 }
 
-// dst[0, n) = src[0, n) with streaming stores where dst is 64-byte aligned (AVX-512): a fresh output the pass writes
-// and nobody reads soon (the backward's exp(−λ)) is not first read into the cache, line by line
-inline void stream_out(float* dst, const float* src, int64_t n) {
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 63); ++k) dst[k] = src[k];
-  for (; k + 16 <= n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
-#endif
-  for (; k < n; ++k) dst[k] = src[k];
-}
 
 // The move kernels' loop: row_fn(b, i0, i1, pairs) over each thread's rows, then the moved agents' (b, n) of every
 // thread in the agents' order (row-major), held for `agenttensor_take_pairs`. Returns their count.
@@ -326,11 +313,9 @@ int64_t agenttensor_hazard_event_move(int64_t B, int64_t N, const int32_t* base,
       for (int64_t n = j0; n < j1; ++n) block[n - j0] = -hazard[o + n];
       exp_fn(j1 - j0, block, block, exp_mode);
       move_span<2>(b, N, j0, j1, base, key, block, j0, 0.f, from, into, happened, from_out, into_out, in_place, mine);
-      stream_out(survival + o + j0, block, j1 - j0);
+      agenttensor::stream_out(survival + o + j0, block, j1 - j0);  // (not read back: streamed)
     }
-#if defined(__AVX512F__)
-    _mm_sfence();  // (the streamed stores ordered before the pass returns)
-#endif
+    agenttensor::stream_fence();
   });
 }
 
