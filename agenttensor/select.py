@@ -210,9 +210,8 @@ def values_at(x: Tensor, b: Tensor, i: Tensor) -> Tensor:
 
 def _fields_for_kernel(xs: Sequence[Tensor], b: Tensor, i: Tensor) -> tuple[ctypes.CDLL, Tensor] | None:
     """(library, the pairs' flat positions) where the field kernels apply to xs: float32 contiguous CPU [B, N] of one
-    shape, no derivative to carry (grad mode off, or none requires it), int64 pairs; else None."""
-    if not xs or not all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
-                         and x.shape == xs[0].shape for x in xs):
+    shape (`_plain`), no derivative to carry (grad mode off, or none requires it), int64 pairs; else None."""
+    if not xs or not all(_plain(x, torch.float32) and x.shape == xs[0].shape for x in xs):
         return None
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return None

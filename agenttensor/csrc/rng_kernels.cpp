@@ -13,6 +13,7 @@
 #include "pairs.h"
 #include "parallel.h"
 #include "stores.h"
+#include "torch_exp.h"
 #include "uniform.h"
 
 namespace {
@@ -187,21 +188,7 @@ int64_t moves(int64_t B, int64_t N, int64_t threads, void** pairs, RowFn&& row_f
   return static_cast<int64_t>(total / 2);
 }
 
-// MKL's vmsExp(n, a, r, mode) (n: MKL_INT; passed as 64 bits, which an LP64 build reads the low half of)
-using ExpFn = void (*)(int64_t, const float*, float*, int64_t);
-// MKL_Set_Num_Threads_Local(n): the calling thread's MKL thread count (0: back to the global one); returns the previous
-using LocalThreadsFn = int (*)(int);
 constexpr int64_t kExpBlock = 2048;  // agents per exp call: its block and exp(−h) stay in L1 for the draws
-
-// MKL sequential on this thread while in scope: each vmsExp call otherwise asks MKL's threading layer whether to
-// thread it (~0.7 µs a call inside a 2-thread region; outside an active region, as with one thread, it forks its own
-// team: ~35 ns per element at 1,024-element calls)
-struct SequentialMkl {
-  explicit SequentialMkl(LocalThreadsFn set) : set(set), previous(set(1)) {}
-  ~SequentialMkl() { set(previous); }
-  LocalThreadsFn set;
-  int previous;
-};
 
 }  // namespace
 
@@ -300,18 +287,15 @@ int64_t agenttensor_hazard_event_move(int64_t B, int64_t N, const int32_t* base,
                                       const float* hazard, void* exp, int64_t exp_mode, void* mkl_local_threads,
                                       float* survival, const float* from, const float* into, uint8_t* happened,
                                       float* from_out, float* into_out, void** pairs, int64_t threads) {
-  const auto exp_fn = reinterpret_cast<ExpFn>(exp);
-  const auto local_threads = reinterpret_cast<LocalThreadsFn>(mkl_local_threads);
   const bool in_place = from_out == nullptr;
   return moves(B, N, threads, pairs, [&](int64_t b, int64_t i0, int64_t i1, std::vector<int64_t>& mine) {
-    const SequentialMkl sequential(local_threads);
+    const agenttensor::SequentialMkl sequential(mkl_local_threads);
     const uint32_t key = static_cast<uint32_t>(keys[b]);
     const int64_t o = b * N;
     alignas(64) float block[kExpBlock];  // −h, then exp(−h), of a block of agents (in L1)
     for (int64_t j0 = i0; j0 < i1; j0 += kExpBlock) {
       const int64_t j1 = std::min(i1, j0 + kExpBlock);
-      for (int64_t n = j0; n < j1; ++n) block[n - j0] = -hazard[o + n];
-      exp_fn(j1 - j0, block, block, exp_mode);
+      agenttensor::exp_of_negated(exp, exp_mode, hazard + o + j0, block, j1 - j0);
       move_span<2>(b, N, j0, j1, base, key, block, j0, 0.f, from, into, happened, from_out, into_out, in_place, mine);
       agenttensor::stream_out(survival + o + j0, block, j1 - j0);  // (not read back: streamed)
     }

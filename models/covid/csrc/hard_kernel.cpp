@@ -19,6 +19,7 @@
 
 #include "pairs.h"
 #include "parallel.h"
+#include "torch_exp.h"
 #include "uniform.h"
 
 namespace {
@@ -150,9 +151,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
     int64_t* count = counts.data() + w * kFlows * cells;
     std::vector<int64_t>& pairs = found[static_cast<size_t>(w)];
     const bool made = a.survival == nullptr;  // exp(−λ) made here, a block at a time
-    const auto set_local_threads = reinterpret_cast<int (*)(int)>(a.local_threads);
-    const int mkl_threads = made ? set_local_threads(1) : 0;  // (each exp call would ask MKL whether to fork)
-    const auto exp = reinterpret_cast<void (*)(int64_t, const float*, float*, int64_t)>(a.exp);
+    const agenttensor::SequentialMkl sequential(made ? a.local_threads : nullptr);
     agenttensor::for_rows(lo, hi, a.N, [&](int64_t b, int64_t i0, int64_t i1) {
       const int64_t row = b * a.N;
       const uint8_t* S = a.S + row;
@@ -162,10 +161,7 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
         const int64_t width = std::min<int64_t>(kBlock, i1 - n0);
         alignas(64) uint8_t hit[kBlock + 8] = {};
         alignas(64) float survival[kBlock];
-        if (made) {
-          for (int64_t j = 0; j < width; ++j) survival[j] = -a.hazard[row + n0 + j];  // exact, as torch's neg
-          exp(width, survival, survival, a.exp_mode);
-        }
+        if (made) agenttensor::exp_of_negated(a.exp, a.exp_mode, a.hazard + row + n0, survival, width);
         tests(a.base + n0, infection, made ? survival : a.survival + row + n0, S + n0, ends + n0, today, width, hit);
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
           uint64_t word;
@@ -188,7 +184,6 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
         }
       }
     });
-    if (made) set_local_threads(mkl_threads);
   });
   size_t infected = 0;
   for (const auto& pairs : found) infected += pairs.size() / 2;
