@@ -165,7 +165,6 @@ void move_span(int64_t b, int64_t N, int64_t i0, int64_t i1, const int32_t* base
                        into_out + o, mine);
 }
 
-
 // The move kernels' loop: row_fn(b, i0, i1, pairs) over each thread's rows, then the moved agents' (b, n) of every
 // thread in the agents' order (row-major), held for `agenttensor_take_pairs`. Returns their count.
 template <class RowFn>
