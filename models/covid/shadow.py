@@ -307,7 +307,7 @@ class _Transition(torch.autograd.Function):
                 f_mean, d_sym, d_asym, half_infectious, rate, mask, survival, ctx.needs_input_grad[15])
         # the exiting agents' gradients first: the native pass may write the new ones over gE, gI_sym, ...
         arrived = [g for g in (gE, gIs, gIa, gH, gR, gD, g_isolating) if g is not None]
-        read = iter(select.values_at_fields(arrived, b, i) if arrived else ())
+        read = iter(select.values_at_fields(arrived, b, i))
         at_exits = [None if g is None else next(read) for g in (gE, gIs, gIa, gH, gR, gD, g_isolating)]
         handed: dict = {}  # the force's household-term weight sums, where the native pass makes them (`hand_weight_sums`)
         fused = shadow_native.backward(*args, reuse=_exclusive(incoming), timed_flags=timed_flags,
