@@ -141,14 +141,10 @@ def float_event_move(base: Tensor, keys: Tensor, p: Tensor | float, source: Tens
     with e != 0 in row-major order, as ``e.nonzero(as_tuple=True)``), the same numbers without e's [B, N]. ``in_place``:
     source − e and target + e written into source and target (at the moved agents only; their versions bumped), which
     are returned. None where the kernel does not apply."""
-    inputs = _event_inputs(base, keys, p, source, torch.float32)
-    if inputs is None or not (target.device.type == "cpu" and target.dtype == torch.float32
-                              and target.shape == source.shape and target.is_contiguous()):
+    inputs = _move_inputs(base, keys, p, source, target, in_place)
+    if inputs is None:
         return None
     library, p_view = inputs
-    if in_place and (p_view.data_ptr() in (source.data_ptr(), target.data_ptr())
-                     or source.data_ptr() == target.data_ptr()):
-        return None
     happened = torch.empty(p_view.shape, dtype=torch.uint8)
     source_out, target_out = (source, target) if in_place else (torch.empty_like(source), torch.empty_like(target))
     pairs = _P()
@@ -168,15 +164,10 @@ def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor
     negation's and the exp's passes over [B, N]. hazard float32 [B, N] contiguous; None where the kernel does not
     apply (then the caller makes exp(−hazard) with torch)."""
     exp = native.torch_exp()
-    inputs = _event_inputs(base, keys, hazard, source, torch.float32) if exp is not None else None
-    if inputs is None or not (hazard.shape == source.shape and hazard.is_contiguous()
-                              and target.device.type == "cpu" and target.dtype == torch.float32
-                              and target.shape == source.shape and target.is_contiguous()):
+    inputs = _move_inputs(base, keys, hazard, source, target, in_place) if exp is not None else None
+    if inputs is None or not (hazard.shape == source.shape and hazard.is_contiguous()):
         return None
     library = inputs[0]
-    if in_place and (hazard.data_ptr() in (source.data_ptr(), target.data_ptr())
-                     or source.data_ptr() == target.data_ptr()):
-        return None
     B, N = hazard.shape
     survival, happened = torch.empty_like(hazard), torch.empty(B, N, dtype=torch.uint8)
     source_out, target_out = (source, target) if in_place else (torch.empty_like(source), torch.empty_like(target))
@@ -189,6 +180,20 @@ def hazard_event_move(base: Tensor, keys: Tensor, hazard: Tensor, source: Tensor
                                               torch.get_num_threads())
     return (survival, happened.view(torch.bool), source_out, target_out,
             _moved_pairs(library, M, pairs, in_place, source, target))
+
+
+def _move_inputs(base: Tensor, keys: Tensor, p: Tensor | float, source: Tensor, target: Tensor, in_place: bool
+                 ) -> tuple[ctypes.CDLL, Tensor] | None:
+    """`_event_inputs` for the move kernels (where = ``source``), with ``target`` a float32 CPU [B, N] contiguous like
+    it and, ``in_place``, source, target and p in three distinct buffers; else None."""
+    inputs = _event_inputs(base, keys, p, source, torch.float32)
+    if inputs is None or not (target.device.type == "cpu" and target.dtype == torch.float32
+                              and target.shape == source.shape and target.is_contiguous()):
+        return None
+    if in_place and (inputs[1].data_ptr() in (source.data_ptr(), target.data_ptr())
+                     or source.data_ptr() == target.data_ptr()):
+        return None
+    return inputs
 
 
 def _moved_pairs(library: ctypes.CDLL, M: int, pairs: ctypes.c_void_p, in_place: bool, source: Tensor, target: Tensor

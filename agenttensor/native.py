@@ -143,6 +143,8 @@ def load(source: Path, name: str, declare: Callable[[ctypes.CDLL], None],
 # MKL's vector-math mode torch's CPU exp calls vmsExp with (aten/src/ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF |
 # VML_ERRMODE_IGNORE
 _VML_TORCH_MODE = 0x2 | 0x140000 | 0x100
+
+
 class TorchExp(NamedTuple):
     """Torch's own float32 exp on CPU for native kernels (`torch_exp`): MKL's ``vmsExp(n, a, r, mode)`` at ``mode``,
     and ``MKL_Set_Num_Threads_Local(n)``, which a kernel's threads set to 1 around their calls (else each call asks
