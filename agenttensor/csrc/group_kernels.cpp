@@ -100,18 +100,13 @@ using agenttensor::group_boundary;
 // (independent chains of dependent adds: ~3x faster than one), so no partial buffers are needed.
 constexpr int64_t kStreams = 4;
 
-using agenttensor::keep;
 
 // o[s] = sum of the run of slot s for agents [a, e), continuing a run of `previous` summed so far to `acc`.
 template <class Index>
 void run_sums(const float* v, const Index* slot, int64_t a, int64_t e, float* o, int64_t previous = -1,
               float acc = 0.f) {
-  for (int64_t i = a; i < e; ++i) {
-    const int64_t s = slot[i];
-    acc = keep(acc, s == previous) + v[i];
-    o[s] = acc;
-    previous = s;
-  }
+  agenttensor::RunChain<1> chain(previous, acc);
+  for (int64_t i = a; i < e; ++i) chain.add(slot[i], {v}, i, {o});
 }
 
 template <class Index>
@@ -133,28 +128,21 @@ void contiguous_sum(const float* values, int64_t row_stride, const Index* slot, 
         run_sums(v, slot, cut[first], cut[first + 1], o);
         continue;
       }
-      // kStreams == 4 chains in scalars (arrays would be reloaded after every store to o, which may alias them)
+      // kStreams == 4 chains in local variables (arrays would be reloaded after every store to o, which may alias them)
       const int64_t* c = cut.data() + first;
       const int64_t common = std::min(std::min(c[1] - c[0], c[2] - c[1]), std::min(c[3] - c[2], c[4] - c[3]));
-      int64_t p0 = -1, p1 = -1, p2 = -1, p3 = -1;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+      agenttensor::RunChain<1> a0, a1, a2, a3;
       for (int64_t step = 0; step < common; ++step) {
         const int64_t i0 = c[0] + step, i1 = c[1] + step, i2 = c[2] + step, i3 = c[3] + step;
-        const int64_t s0 = slot[i0], s1 = slot[i1], s2 = slot[i2], s3 = slot[i3];
-        a0 = keep(a0, s0 == p0) + v[i0];
-        a1 = keep(a1, s1 == p1) + v[i1];
-        a2 = keep(a2, s2 == p2) + v[i2];
-        a3 = keep(a3, s3 == p3) + v[i3];
-        o[s0] = a0;  // a run's last store holds its sum
-        o[s1] = a1;
-        o[s2] = a2;
-        o[s3] = a3;
-        p0 = s0, p1 = s1, p2 = s2, p3 = s3;
+        a0.add(slot[i0], {v}, i0, {o});  // a run's last store holds its sum
+        a1.add(slot[i1], {v}, i1, {o});
+        a2.add(slot[i2], {v}, i2, {o});
+        a3.add(slot[i3], {v}, i3, {o});
       }
-      // the rest of each stream, continuing its open run
-      const float open[kStreams] = {a0, a1, a2, a3};
-      const int64_t last[kStreams] = {p0, p1, p2, p3};
-      for (int64_t j = 0; j < kStreams; ++j) run_sums(v, slot, c[j] + common, c[j + 1], o, last[j], open[j]);
+      // the rest of each stream, continuing its open run (its sum so far: at o[previous], stored at its last step)
+      const int64_t last[kStreams] = {a0.previous, a1.previous, a2.previous, a3.previous};
+      for (int64_t j = 0; j < kStreams; ++j)
+        run_sums(v, slot, c[j] + common, c[j + 1], o, last[j], last[j] < 0 ? 0.f : o[last[j]]);
     }
   });
 }

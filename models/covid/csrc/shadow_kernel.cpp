@@ -129,7 +129,6 @@ void chain_counts(int64_t n, const float* __restrict sums, int64_t households, c
   }
 }
 
-using agenttensor::keep;
 
 using agenttensor::small_table_lookup;
 
@@ -150,35 +149,23 @@ using agenttensor::group_boundary;
 
 // o[k][s] = the sum of v[k] over the run of agents of household s (K arrays), for the households whose runs lie in
 // [0, n): each in agent order from 0, the additions of `group_sum`'s pass for contiguous groups (the same bits).
-// With AVX-512 `agenttensor::vector_run_sums` (runs.h: two pieces of 16-lane steps), else four streams cut at household
+// With AVX-512 `agenttensor::vector_run_sums` (runs.h: two pieces of 16-lane steps), else two streams cut at household
 // boundaries, advanced together (a run's sum is a chain of dependent additions: one stream at a time is bound by their
-// latency).
+// latency; `agenttensor::RunChain`).
 template <int K>
 void run_sums(int64_t n, const float* const (&v)[K], const int32_t* __restrict household, float* const (&o)[K]) {
 #if defined(__AVX512F__)
   agenttensor::vector_run_sums<K>(n, v, household, o);
 #else
-  constexpr int kStreams = 4;
-  int64_t c[kStreams + 1];
-  const int64_t common = agenttensor::cut_at_runs<kStreams>(household, n, c);
-  int32_t previous[kStreams] = {-1, -1, -1, -1};
-  float acc[kStreams][K] = {};
-  auto add = [&](int q, int64_t i) {
-    const int32_t s = household[i];
-    const bool same = s == previous[q];
-#pragma GCC unroll 2
-    for (int k = 0; k < K; ++k) {
-      acc[q][k] = keep(acc[q][k], same) + v[k][i];
-      o[k][s] = acc[q][k];
-    }
-    previous[q] = s;
-  };
+  int64_t c[3];
+  const int64_t common = agenttensor::cut_at_runs<2>(household, n, c);
+  agenttensor::RunChain<K> first, second;  // two chains advanced together (four were slower: `RunChain`)
   for (int64_t step = 0; step < common; ++step) {
-#pragma GCC unroll 4
-    for (int q = 0; q < kStreams; ++q) add(q, c[q] + step);
+    first.add(household[c[0] + step], v, c[0] + step, o);
+    second.add(household[c[1] + step], v, c[1] + step, o);
   }
-  for (int q = 0; q < kStreams; ++q)
-    for (int64_t i = c[q] + common; i < c[q + 1]; ++i) add(q, i);
+  for (int64_t i = c[0] + common; i < c[1]; ++i) first.add(household[i], v, i, o);
+  for (int64_t i = c[1] + common; i < c[2]; ++i) second.add(household[i], v, i, o);
 #endif
 }
 
