@@ -10,17 +10,45 @@
 // takes new memory, first hands back least recently used other sizes while in-use + cached bytes would pass
 // the highest in-use total seen (+ `slack`): the cache can hold what a backward pass frees for the next forward
 // pass without raising the run's peak. Smaller blocks go straight to c10's alloc_cpu / free_cpu.
+//
+// Blocks of 2 MB and more are 2 MB-aligned and marked for transparent huge pages (madvise MADV_HUGEPAGE; Linux), as
+// torch does with THP_MEM_ALLOC_ENABLE=1: where the kernel's THP mode is `madvise` (not `always`), a fresh block was
+// otherwise faulted in 4 KB at a time. A full-NYC calibration epoch takes ~2,800 fresh blocks (tens of GB zeroed and
+// faulted in): on an AMD EPYC VM with THP `madvise`, 55 s of its 98 s were system time.
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 namespace {
+
+constexpr size_t kHugePage = size_t(2) << 20;
+bool huge_pages = true;  // set at installation (agenttensor_cache_install)
+
+// A block of at least min_bytes: 2 MB-aligned and madvised for huge pages where it spans one (else c10's). Freed with
+// c10::free_cpu (free) either way.
+void* alloc_block(size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (huge_pages && nbytes >= kHugePage) {
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHugePage, nbytes) == 0 && ptr != nullptr) {
+      madvise(ptr, (nbytes + 4095) & ~size_t(4095), MADV_HUGEPAGE);  // (advice: a failure leaves 4 KB pages)
+      return ptr;
+    }
+  }
+#endif
+  return c10::alloc_cpu(nbytes);
+}
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
@@ -54,7 +82,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     }
     for (void* block : evicted) c10::free_cpu(block);
     if (ptr == nullptr) {
-      ptr = c10::alloc_cpu(nbytes);
+      ptr = nbytes >= min_bytes_ ? alloc_block(nbytes) : c10::alloc_cpu(nbytes);
     }
     if (nbytes >= min_bytes_) {
       std::lock_guard<std::mutex> guard(mutex_);
@@ -177,8 +205,10 @@ CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
 
 extern "C" {
 
-// Install once per process (later calls only change the cap). Returns 1.
-int agenttensor_cache_install(size_t min_bytes, size_t max_cached, size_t slack) {
+// Install once per process (later calls only change the cap). `huge`: 1 to mark blocks of 2 MB and more for
+// transparent huge pages (see alloc_block; applies to blocks taken from then on). Returns 1.
+int agenttensor_cache_install(size_t min_bytes, size_t max_cached, size_t slack, int huge) {
+  huge_pages = huge != 0;
   if (CachingCPUAllocator::instance == nullptr) {
     // never destroyed: tensors allocated here may be freed at interpreter exit
     CachingCPUAllocator::instance = new CachingCPUAllocator(min_bytes, max_cached, slack);
