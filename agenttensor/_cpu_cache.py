@@ -16,8 +16,8 @@ had cost 4.9 GB of peak).
 
 Blocks of 2 MB and more are 2 MB-aligned and marked for transparent huge pages (``madvise``), so that where the
 kernel's THP mode is ``madvise`` rather than ``always`` a fresh block is not faulted in 4 KB at a time (a full-NYC
-calibration epoch on an AMD EPYC VM with THP ``madvise``, alternating processes: 78.0 / 78.1 → 64.4 / 65.8 s, system time 55 / 49 → 33 / 38 s, the same final loss and peak); ``AGENTTENSOR_CPU_CACHE_HUGE_PAGES=0``
-turns that off.
+calibration epoch on an AMD EPYC VM with THP ``madvise``, alternating processes: 78.0 / 78.1 → 64.4 / 65.8 s, system
+time 55 / 49 → 33 / 38 s, the same final loss and peak); ``AGENTTENSOR_CPU_CACHE_HUGE_PAGES=0`` turns that off.
 
 `simulate` enables it for gradient runs of at least `MIN_AGENTS` agents on CPU. ``AGENTTENSOR_CPU_CACHE=<GB>``
 sets the cap (default `default_cap_gb`: a quarter of physical memory, 2–16 GB), ``AGENTTENSOR_CPU_CACHE=0``

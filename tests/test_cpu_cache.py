@@ -95,6 +95,47 @@ def test_a_miss_hands_back_other_sizes_only_above_the_highest_use_seen(tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+HUGE_PAGES_SCRIPT = textwrap.dedent("""
+    import os, torch
+    from agenttensor import _cpu_cache
+
+    MB = 1 << 20
+    huge = os.environ["AGENTTENSOR_CPU_CACHE_HUGE_PAGES"] != "0"
+    assert _cpu_cache.huge_pages() == huge and _cpu_cache.enable(cap=256 * MB)
+    blocks = [torch.ones(MB + 7 * k) for k in range(1, 6)]  # ~4 MB each, fresh sizes: misses
+    assert all(float(x.sum()) == x.numel() for x in blocks)
+
+    def advised(address):  # the mapping holding `address` is marked for huge pages (smaps' VmFlags: hg)
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "VmFlags:":
+                    return "hg" in line.split()[1:]
+        return False
+
+    if huge:  # 2 MB-aligned and advised, every one
+        assert all(x.data_ptr() % (2 * MB) == 0 and advised(x.data_ptr()) for x in blocks)
+    else:  # c10's blocks: not advised
+        assert not any(advised(x.data_ptr()) for x in blocks)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not (shutil.which("c++") or shutil.which("g++"))
+                    or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="needs Linux with transparent huge pages and a C++ compiler")
+@pytest.mark.parametrize("huge", ["1", "0"])
+def test_blocks_of_2_mb_and_more_are_marked_for_huge_pages_unless_switched_off(tmp_path, huge):
+    env = {**os.environ, "AGENTTENSOR_CACHE_DIR": str(tmp_path), "AGENTTENSOR_CPU_CACHE_HUGE_PAGES": huge}
+    done = subprocess.run([sys.executable, "-c", HUGE_PAGES_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_cap_setting_is_read_from_the_environment(monkeypatch):
     from agenttensor import _cpu_cache
 
