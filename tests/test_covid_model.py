@@ -816,6 +816,71 @@ def test_a_hard_day_with_a_learnable_beta_keeps_its_derivative_through_the_torch
     assert float(plain.sum()) > 0 and abs(float(learn.transmission_scale.grad) - expected) < 1e-4 * expected
 
 
+def _uniform_of(x: torch.Tensor) -> torch.Tensor:
+    """agenttensor/csrc/uniform.h's uniform of uint32 values (int64 tensor): lowbias32, top 24 bits, (k + 0.5) 2^-24."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    x = x ^ (x >> 16)
+    return (((x >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * 2.0 ** -24
+
+
+def test_the_native_hard_infection_draws_decide_as_torchs_exp_does_at_the_threshold(monkeypatch):
+    """The native transition makes exp(−λ) with a fast polynomial and takes torch's exp only for the agents whose
+    decision its error bound leaves open (hard_kernel.cpp `certified_tests`): its infections are those of torch's
+    survival, also where λ puts 1 − exp(−λ) within an ulp of the agent's uniform, for λ negative, NaN, infinite or
+    above 87. The polynomial's error over [-87, 0] stays far below the bound the decisions rely on."""
+    import ctypes
+
+    from agenttensor import native
+    from models.covid import hard_native
+
+    inside = native.torch_exp()
+    if inside is None or hard_native._library() is None:
+        pytest.skip("needs the native kernels and torch's exp (MKL)")
+    library = hard_native._library()
+    error = library.agenttensor_covid_fast_exp_error
+    error.argtypes = [ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    error.restype = ctypes.c_double
+    worst = error(-87.0, 0.0, 97, inside.function, inside.mode, inside.local_threads)  # every 97th float
+    assert 1e-8 < worst < 1e-6  # (kFastExpBound: 4e-6)
+
+    B, N, G, K, t = 2, 200_000, 5, 60, 9
+    keys = torch.randint(-2**31, 2**31 - 1, (8, B), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    base = torch.arange(N, dtype=torch.int32) * 7919
+    u = _uniform_of(base.to(torch.int64)[None, :] ^ keys[7].to(torch.int64)[:, None])  # [B, N]: the infection draws
+    at_threshold = -torch.log1p(-u.double()).float()  # λ with 1 − exp(−λ) ≈ u
+    steps = torch.randint(-4, 5, (B, N), generator=torch.Generator().manual_seed(2)).to(torch.float32)
+    hazard = torch.nextafter(at_threshold, torch.full_like(at_threshold, float("inf")) * steps.sign())
+    for _ in range(3):  # up to 4 ulps either way
+        hazard = torch.where(steps.abs() > _ + 1, torch.nextafter(hazard, torch.full_like(hazard, float("inf")) *
+                                                                  steps.sign()), hazard)
+    hazard[:, :8] = torch.tensor([-0.5, float("nan"), float("inf"), 90.0, 87.5, 0.0, -0.0, 1e-30])
+    survival = torch.exp(-hazard)
+    torch_infected = (u < 1 - survival)
+    flips = (u < 1 - torch.nextafter(survival, torch.zeros_like(survival))) != torch_infected
+    assert int(flips.sum()) > 1000  # many decisions hinge on the last bit of exp(−λ)
+    out = {}
+    for exp in (inside, None):  # in the pass (the fast exp, certified), and made by torch before it
+        monkeypatch.setattr(native, "_torch_exp", exp)
+        f = {name: torch.zeros(B, N, dtype=torch.uint8) for name in ("E", "I_asym", "I_sym", "H", "R", "D", "isolating")}
+        f["S"] = torch.ones(B, N, dtype=torch.uint8)
+        se = torch.full((B, N), -1, dtype=torch.int16)
+        cdf = torch.linspace(0.05, 1.0, K)
+        drawn = hard_native.hard_progress(
+            f, se, t, hazard, keys, base, torch.arange(N, dtype=torch.int32) % 10,
+            (torch.arange(N, dtype=torch.int32) * G) // N, G,
+            dict(symptomatic=torch.full((10,), 0.6), hosp=torch.full((10,), 0.2), death=torch.full((10,), 0.3)),
+            dict(detect=torch.tensor(0.4), detect_asym_ratio=torch.tensor(0.5), isolate=torch.full((B, N), 0.7)),
+            None, cdf, torch.stack([cdf, cdf.sqrt(), cdf ** 2]))
+        assert drawn is not None
+        out[exp is None] = 1 - f["S"]
+    assert torch.equal(out[False], out[True]) and torch.equal(out[True].bool(), torch_infected)
+
+
 def test_the_native_hard_transition_counts_the_same_flows_on_any_number_of_threads(monkeypatch):
     """The native transition's per-borough flows are integer counts per thread, summed after: two threads give one
     thread's numbers, states and infections (a population large enough for two chunks); the infections it returns

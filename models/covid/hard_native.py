@@ -26,6 +26,8 @@ from torch import Tensor
 from agenttensor import native
 
 SOURCE = Path(__file__).with_name("csrc") / "hard_kernel.cpp"
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")  # (-fno-trapping-math: the infection draws' polynomial exp
+# and its comparisons vectorise, `certified_tests`; no result changes: no contraction, no reassociation)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 STREAMS = ("symptoms", "hospitalisation", "death", "detection", "isolation", "duration-exit", "duration-E", "infection")
 FIELDS = ("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating")  # updated in place, uint8 [B, N]
@@ -77,7 +79,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 def _library() -> ctypes.CDLL | None:
-    return native.load(SOURCE, "agenttensor_covid_hard", _declare, flags=("-O3", "-ffp-contract=off"))
+    return native.load(SOURCE, "agenttensor_covid_hard", _declare, flags=FLAGS)
 
 
 def _cpu(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:

@@ -13,10 +13,12 @@
 // made by torch, or inside the transition's pass by the function torch's own exp calls (MKL's vmsExp, the same bits).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "fast_exp.h"
 #include "pairs.h"
 #include "parallel.h"
 #include "torch_exp.h"
@@ -86,6 +88,50 @@ void tests(const int32_t* __restrict__ base, uint32_t key, const float* __restri
   for (int64_t j = 0; j < width; ++j) {
     const uint8_t infected = (uniform_of(static_cast<uint32_t>(base[j]) ^ key) < 1.f - survival[j]) & (S[j] != 0);
     hit[j] = static_cast<uint8_t>(infected | ((ends[j] == today) << 1));
+  }
+}
+
+// A bound on |exp_nonpositive(x) / exp(x) − 1| for x in [-87, 0], exp being torch's (MKL's vmsExp). The largest over
+// every float of that range is 2.53e-7 (`agenttensor_covid_fast_exp_error` with this file's build flags, against MKL's
+// SSE4.2 exp on an AMD Zen 3; 12.8 s). A 16x margin: torch's exp on other CPUs (other MKL paths) is within an ulp of
+// it, and s (1 ± bound) is rounded.
+constexpr float kFastExpBound = 4e-6f;
+
+// `tests` from the hazard λ, without torch's exp for most agents: s = exp_nonpositive(−λ) is within kFastExpBound of
+// exp(−λ), and 1 − x (rounded) does not increase with x, so an agent with u < 1 − s (1 + bound) is infected and one with
+// u >= 1 − s (1 − bound) is not, whatever exp(−λ)'s last bits. Only the agents of S between the two (a band ~1e-5 wide:
+// a few per million), or with λ negative or NaN, take torch's exp (`exp` at `mode`), one call per block that has any:
+// the same decisions as `tests` on torch's survival, bit for bit. Below −87, exp(−87) ≈ 1.6e−38 and every survival
+// there leaves 1 − s = 1 after rounding. Full NYC, AMD Zen 3 (MKL's SSE4.2 exp there): see HISTORY.md.
+void certified_tests(const int32_t* __restrict__ base, uint32_t key, const float* __restrict__ hazard,
+                     const uint8_t* __restrict__ S, const int16_t* __restrict__ ends, int16_t today, int64_t width,
+                     uint8_t* __restrict__ hit, void* exp, int64_t mode) {
+  alignas(64) uint8_t unsure[kBlock];
+  uint32_t any = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    const float x = -hazard[j];
+    const float s = agenttensor::exp_nonpositive(x);
+    const float u = uniform_of(static_cast<uint32_t>(base[j]) ^ key);
+    const float high = s * (1.f + kFastExpBound) + 1e-30f, low = s * (1.f - kFastExpBound);
+    const uint8_t valid = x <= 0.f;  // (NaN: false)
+    const uint8_t in = u < 1.f - high, out = u >= 1.f - low, susceptible = S[j] != 0;
+    unsure[j] = static_cast<uint8_t>((valid & (in | out)) ^ 1) & susceptible;
+    any |= unsure[j];
+    hit[j] = static_cast<uint8_t>((valid & in & susceptible) | ((ends[j] == today) << 1));
+  }
+  if (!any) return;
+  alignas(64) float exact[kBlock];
+  int32_t where[kBlock];
+  int64_t m = 0;
+  for (int64_t j = 0; j < width; ++j)
+    if (unsure[j]) {
+      where[m] = static_cast<int32_t>(j);
+      exact[m++] = -hazard[j];  // (the negation is exact, as torch's)
+    }
+  reinterpret_cast<agenttensor::ExpFn>(exp)(m, exact, exact, mode);
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t j = where[k];
+    hit[j] = static_cast<uint8_t>(hit[j] | (uniform_of(static_cast<uint32_t>(base[j]) ^ key) < 1.f - exact[k]));
   }
 }
 
@@ -160,9 +206,11 @@ void agenttensor_covid_hard_progress(ProgressArgs* args) {
       for (int64_t n0 = i0; n0 < i1; n0 += kBlock) {  // a block's tests (vectorised), then its few hits
         const int64_t width = std::min<int64_t>(kBlock, i1 - n0);
         alignas(64) uint8_t hit[kBlock + 8] = {};
-        alignas(64) float survival[kBlock];
-        if (made) agenttensor::exp_of_negated(a.exp, a.exp_mode, a.hazard + row + n0, survival, width);
-        tests(a.base + n0, infection, made ? survival : a.survival + row + n0, S + n0, ends + n0, today, width, hit);
+        if (made)
+          certified_tests(a.base + n0, infection, a.hazard + row + n0, S + n0, ends + n0, today, width, hit, a.exp,
+                          a.exp_mode);
+        else
+          tests(a.base + n0, infection, a.survival + row + n0, S + n0, ends + n0, today, width, hit);
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
           uint64_t word;
           std::memcpy(&word, hit + j0, 8);
@@ -364,6 +412,37 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
   }
   a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, a.sigma_by_group, nullptr, a.force, nullptr,
                   a.threads);
+}
+
+// The largest |exp_nonpositive(x) / exp(x) − 1| over the floats x in [lo, hi] (−87 <= lo <= hi <= 0), every
+// `stride`-th one (1: all of them), exp being torch's (`exp` at `mode`, MKL sequential via `local_threads`): what
+// kFastExpBound must exceed (tests; measured once over every float of the range).
+double agenttensor_covid_fast_exp_error(float lo, float hi, int64_t stride, void* exp, int64_t mode,
+                                        void* local_threads) {
+  const agenttensor::SequentialMkl sequential(local_threads);
+  uint32_t first, last;  // negative floats: larger magnitude, larger bit pattern
+  std::memcpy(&first, &hi, 4);
+  std::memcpy(&last, &lo, 4);
+  if (hi == 0.f) first = 0x80000000u;
+  double worst = 0.0;
+  constexpr int64_t kChunk = 4096;
+  float x[kChunk], e[kChunk];
+  int64_t n = 0;
+  auto flush = [&]() {
+    reinterpret_cast<agenttensor::ExpFn>(exp)(n, x, e, mode);
+    for (int64_t k = 0; k < n; ++k) {
+      const double error = std::abs(static_cast<double>(agenttensor::exp_nonpositive(x[k])) / e[k] - 1.0);
+      worst = error > worst ? error : worst;
+    }
+    n = 0;
+  };
+  for (uint64_t bits = first; bits <= last; bits += static_cast<uint64_t>(stride)) {
+    const uint32_t b32 = static_cast<uint32_t>(bits);
+    std::memcpy(&x[n++], &b32, 4);
+    if (n == kChunk) flush();
+  }
+  if (n) flush();
+  return worst;
 }
 
 }  // extern "C"

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fast_exp.h"
 #include "parallel.h"
 #include "runs.h"
 #include "tables.h"
@@ -24,26 +25,8 @@ namespace {
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
 
-// exp(x) for x <= 0 (0 below -87): 2^k e^r with |r| <= ln2 / 2, a degree-6 polynomial (relative error ~2e-7).
-// Written out, and branch-free, so that the loops below vectorise (glibc's scalar expf / powf took 3/4 of the
-// kernel's time at full NYC).
-inline float exp_nonpositive(float x) {
-  x = x > -87.f ? x : -87.f;
-  const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
-  const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(k) << 23;
-  std::memcpy(&p, &bits, 4);
-  return p;
-}
+// exp(x) for x <= 0 (fast_exp.h; glibc's scalar expf / powf took 3/4 of the kernel's time at full NYC)
+using agenttensor::exp_nonpositive;
 
 // log(x) for x in (0, 1]: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m - 1) / (m + 1)) to s^9
 // (relative error ~1e-7, and exact near x = 1, where (m - 1) is exact).
