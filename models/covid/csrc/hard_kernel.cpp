@@ -9,8 +9,9 @@
 // -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
 // At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents in the
-// transition, ~45 in the force and its tables); these are two calls. The survival exp(−λ) between them is torch's:
-// made by torch, or inside the transition's pass by the function torch's own exp calls (MKL's vmsExp, the same bits).
+// transition, ~45 in the force and its tables); these are two calls. The infections between them are those of torch's
+// survival exp(−λ): made by torch, or inside the transition's pass (a fast polynomial with a certified test, and the
+// function torch's own exp calls, MKL's vmsExp, for the few agents the test leaves open: `certified_tests`).
 
 #include <algorithm>
 #include <cmath>
@@ -45,9 +46,9 @@ struct ProgressArgs {
   uint8_t *S, *E, *Ia, *Is, *H, *R, *D, *isolating;
   int16_t* stage_end;
   // the infection draws: survival exp(−λ) [B, N] (an agent of S is infected where u < 1 − survival), or null: then
-  // made block by block from the hazard λ [B, N] with `exp` (MKL's vmsExp, torch's own exp on CPU, which
-  // models/covid/hard_native.py passes only where its bits are torch's) at `exp_mode`, MKL sequential on the pass's
-  // threads (`local_threads`: MKL_Set_Num_Threads_Local)
+  // decided block by block from the hazard λ [B, N] (`certified_tests`), with `exp` (MKL's vmsExp, torch's own exp on
+  // CPU, which models/covid/hard_native.py passes only where its bits are torch's) at `exp_mode` where the test leaves
+  // an agent open, MKL sequential on the pass's threads (`local_threads`: MKL_Set_Num_Threads_Local)
   const float* survival;
   const float* hazard;
   void* exp;
