@@ -32,7 +32,7 @@ inline float keep(float x, bool same) {
 // indexed at run time): stores to o may alias memory, which would reload the sums after every store.
 template <int K>
 struct RunChain {
-#if defined(__SSE2__) && !defined(__AVX512F__)
+#if defined(__SSE2__)
   __m128 acc[K];
 #else
   float acc[K];
@@ -41,7 +41,7 @@ struct RunChain {
 
   explicit RunChain(int64_t previous_run = -1, float open = 0.f) : previous(previous_run) {
     for (int k = 0; k < K; ++k) {
-#if defined(__SSE2__) && !defined(__AVX512F__)
+#if defined(__SSE2__)
       acc[k] = _mm_set_ss(open);
 #else
       acc[k] = open;
@@ -50,7 +50,7 @@ struct RunChain {
   }
 
   inline void add(int64_t s, const float* const (&v)[K], int64_t i, float* const (&o)[K]) {
-#if defined(__SSE2__) && !defined(__AVX512F__)
+#if defined(__SSE2__)
     const __m128 same = _mm_castsi128_ps(_mm_cvtsi32_si128(-static_cast<int32_t>(s == previous)));
     for (int k = 0; k < K; ++k) {
       acc[k] = _mm_add_ss(_mm_and_ps(acc[k], same), _mm_load_ss(v[k] + i));

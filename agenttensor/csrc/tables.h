@@ -64,10 +64,11 @@ inline void small_table_lookup(int64_t n, const float* __restrict table, int64_t
 }
 
 // out[k][j] = tables[k][slot[j]] for n agents and K tables of `size` entries, for slots laid out as runs of agents
-// (households of agents sorted by household): where 16 consecutive agents' slots lie within 16 of the first's, as
-// they do unless a run of them is numbered far from the one before, the 16 values from the first's slot on are read
-// with one load and permuted into place (AVX-512; with AVX2 8 agents from one load of 8 values), else gathered (with the own contributions' vectorised sparse adds:
-// full-NYC backward 87.4 -> 85.8 ms/day, benchmarks/HISTORY.md, twenty-fifth round). Exact: the values are copied.
+// (households of agents sorted by household): where 16 consecutive agents' slots lie within 16 of the first's, as they
+// do unless a run of them is numbered far from the one before, the 16 values from the first's slot on are read with one
+// load and permuted into place (AVX-512; with AVX2 8 agents from one load of 8 values), else gathered (with the own
+// contributions' vectorised sparse adds: full-NYC backward 87.4 -> 85.8 ms/day, benchmarks/HISTORY.md, twenty-fifth
+// round). Exact: the values are copied.
 template <int K>
 inline void run_lookup(int64_t n, const float* const (&tables)[K], int64_t size, const int32_t* __restrict slot,
                        float* const (&out)[K]) {
