@@ -816,18 +816,6 @@ def test_a_hard_day_with_a_learnable_beta_keeps_its_derivative_through_the_torch
     assert float(plain.sum()) > 0 and abs(float(learn.transmission_scale.grad) - expected) < 1e-4 * expected
 
 
-def _uniform_of(x: torch.Tensor) -> torch.Tensor:
-    """agenttensor/csrc/uniform.h's uniform of uint32 values (int64 tensor): lowbias32, top 24 bits, (k + 0.5) 2^-24."""
-    m = 0xFFFFFFFF
-    x = x & m
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & m
-    x = x ^ (x >> 16)
-    return (((x >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * 2.0 ** -24
-
-
 def test_the_native_hard_infection_draws_decide_as_torchs_exp_does_at_the_threshold(monkeypatch):
     """The native transition makes exp(−λ) with a fast polynomial and takes torch's exp only for the agents whose
     decision its error bound leaves open (hard_kernel.cpp `certified_tests`): its infections are those of torch's
@@ -836,6 +824,7 @@ def test_the_native_hard_infection_draws_decide_as_torchs_exp_does_at_the_thresh
     import ctypes
 
     from agenttensor import native
+    from agenttensor.rng import uniform_of_hash
     from models.covid import hard_native
 
     inside = native.torch_exp()
@@ -851,7 +840,7 @@ def test_the_native_hard_infection_draws_decide_as_torchs_exp_does_at_the_thresh
     B, N, G, K, t = 2, 200_000, 5, 60, 9
     keys = torch.randint(-2**31, 2**31 - 1, (8, B), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     base = torch.arange(N, dtype=torch.int32) * 7919
-    u = _uniform_of(base.to(torch.int64)[None, :] ^ keys[7].to(torch.int64)[:, None])  # [B, N]: the infection draws
+    u = uniform_of_hash(base[None, :], keys[7][:, None])  # [B, N]: the infection draws (agenttensor/csrc/uniform.h's)
     at_threshold = -torch.log1p(-u.double()).float()  # λ with 1 − exp(−λ) ≈ u
     steps = torch.randint(-4, 5, (B, N), generator=torch.Generator().manual_seed(2)).to(torch.float32)
     hazard = torch.nextafter(at_threshold, torch.full_like(at_threshold, float("inf")) * steps.sign())
