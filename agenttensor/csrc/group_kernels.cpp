@@ -139,10 +139,10 @@ void contiguous_sum(const float* values, int64_t row_stride, const Index* slot, 
         a2.add(slot[i2], {v}, i2, {o});
         a3.add(slot[i3], {v}, i3, {o});
       }
-      // the rest of each stream, continuing its open run (its sum so far: at o[previous], stored at its last step)
-      const int64_t last[kStreams] = {a0.previous, a1.previous, a2.previous, a3.previous};
-      for (int64_t j = 0; j < kStreams; ++j)
-        run_sums(v, slot, c[j] + common, c[j + 1], o, last[j], last[j] < 0 ? 0.f : o[last[j]]);
+      auto rest = [&](agenttensor::RunChain<1>& chain, int64_t j) {  // the rest of stream j, continuing its open run
+        for (int64_t i = c[j] + common; i < c[j + 1]; ++i) chain.add(slot[i], {v}, i, {o});
+      };
+      rest(a0, 0), rest(a1, 1), rest(a2, 2), rest(a3, 3);
     }
   });
 }
