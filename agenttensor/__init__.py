@@ -21,6 +21,7 @@ from .errors import AgentTensorError, BackendError, ConfigError, InputError
 from .model import Model, StepContext, Substep
 from .params import Params, param
 from .population import Population, synthetic
+from .record import PackedLayout, PackedRecord
 from .results import Results
 from .rng import Randomness
 from .sampling import Hard, Relaxed, Sampler, StraightThrough
@@ -33,7 +34,7 @@ from .scenarios import Scenario, ScenarioResults, ScenarioSet, load_scenarios, r
 
 __all__ = [
     "AgentTensorError", "BackendError", "ConfigError", "InputError", "Model", "StepContext", "Substep", "Params",
-    "param", "Population", "synthetic", "Results", "Randomness", "Hard", "Relaxed", "Sampler", "StraightThrough",
+    "param", "Population", "synthetic", "PackedLayout", "PackedRecord", "Results", "Randomness", "Hard", "Relaxed", "Sampler", "StraightThrough",
     "TensorState", "GroupLayer", "edges_from_networkx", "edges_to_networkx", "message_passing", "simulate",
     "load_model", "Intervention", "LeverSpec", "Scenario", "ScenarioSet", "ScenarioResults", "run_scenarios",
     "load_scenarios", "__version__",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
 import torch
@@ -163,7 +164,7 @@ class Model:
     setup: Callable[..., Any]
     init: Callable[[Any, Params, StepContext], TensorState]
     substeps: tuple[Substep, ...]
-    metrics: Callable[[TensorState, TensorState, Params, StepContext], dict[str, Tensor]]
+    metrics: Callable[[TensorState, TensorState, Params, StepContext], Mapping[str, Tensor]]  # a dict or `PackedRecord`
     default_population: Callable[..., Any] | None = None
     description: str = ""
     levers: tuple = ()  # LeverSpec s this model understands (see agenttensor.interventions)
@@ -177,7 +178,7 @@ class Model:
             raise ValueError(f"model {self.name}: substeps must be ordered observe -> decide -> transition, got "
                              f"{[s.kind for s in self.substeps]}")
 
-    def step(self, state: TensorState, params: Params, ctx: StepContext) -> tuple[TensorState, dict[str, Tensor]]:
+    def step(self, state: TensorState, params: Params, ctx: StepContext) -> tuple[TensorState, Mapping[str, Tensor]]:
         """One step: substeps in order, then metrics of (previous, new)."""
         previous = state
         for substep in self.substeps:

@@ -6,6 +6,7 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from . import _cpu_cache, select
 from .errors import ConfigError, InputError
 from .model import Model, StepContext
 from .params import Params
+from .record import PackedLayout, PackedRecord, unpack_stacked
 from .results import Results
 from .rng import Randomness
 from .sampling import Hard, Sampler
@@ -312,24 +314,41 @@ def _given_state(model: Model, env: Any, params: Params, sampler: Sampler, start
 class _Recorder:
     """Per-step metrics. Without gradients they are copied into buffers preallocated for the whole
     run ([T, ...] per metric), so a long run keeps no per-step allocations alive (thousands of small
-    long-lived tensors fragment glibc's heap: a 500-step 1M-agent run grew by ~30 MB per step).
+    long-lived tensors fragment glibc's heap: a 500-step 1M-agent run grew by ~30 MB per step); a
+    `PackedRecord`'s block in one copy ([T, K, ..., G]), its names made once at the end (`stacked`).
     With gradients the step tensors are kept as they are (they carry the graph)."""
 
     def __init__(self, steps: int, keep_graph: bool):
         self.steps, self.keep_graph = steps, keep_graph
-        self.records: list[dict[str, torch.Tensor]] = []
+        self.records: list[Mapping[str, torch.Tensor]] = []
         self.buffers: dict[str, torch.Tensor] | None = None
+        self.packed: tuple[PackedLayout, torch.Tensor] | None = None  # (layout, [T, K, ..., G] blocks)
         self.count = 0
 
-    def append(self, record: dict[str, torch.Tensor]) -> None:
+    def append(self, record: Mapping[str, torch.Tensor]) -> None:
         if self.keep_graph:
             self.records.append(record)
-        else:
-            if self.buffers is None:
-                self.buffers = {k: torch.empty((self.steps, *v.shape), dtype=v.dtype, device=v.device)
-                                for k, v in record.items()}
-            for k, v in record.items():
-                self.buffers[k][self.count].copy_(v)
+            return
+        if self.buffers is None:
+            if isinstance(record, PackedRecord):
+                block = record.block
+                self.packed = (record.layout, torch.empty((self.steps, *block.shape), dtype=block.dtype,
+                                                          device=block.device))
+                values = record.values
+            else:
+                values = record
+            self.buffers = {k: torch.empty((self.steps, *v.shape), dtype=v.dtype, device=v.device)
+                            for k, v in values.items()}
+        if self.packed is not None and isinstance(record, PackedRecord) and record.layout is self.packed[0]:
+            self.packed[1][self.count].copy_(record.block)
+            values = record.values
+        elif self.packed is not None:  # (a model whose records change form: the block's rows from the names)
+            self.packed[1][self.count].copy_(torch.stack([record[name] for name in self.packed[0].by_group]))
+            values = {k: record[k] for k in self.buffers}
+        else:  # (also a packed record after plain ones, e.g. a resumed run's saved steps: name by name)
+            values = record
+        for k, v in values.items():
+            self.buffers[k][self.count].copy_(v)
         self.count += 1
 
     def extend(self, records) -> None:
@@ -339,10 +358,13 @@ class _Recorder:
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> Mapping[str, torch.Tensor]:
         if self.keep_graph:
             return self.records[i]
-        return {k: v[i] for k, v in (self.buffers or {}).items()}
+        values = {k: v[i] for k, v in (self.buffers or {}).items()}
+        if self.packed is not None:
+            return PackedRecord(self.packed[0], self.packed[1][i], values)
+        return values
 
     def __iter__(self):
         return (self[i] for i in range(self.count))
@@ -350,7 +372,10 @@ class _Recorder:
     def stacked(self) -> dict[str, torch.Tensor]:
         if self.keep_graph:
             return {k: torch.stack([r[k] for r in self.records]) for k in (self.records[0] if self.records else {})}
-        return {k: v[: self.count] for k, v in (self.buffers or {}).items()}
+        values = {k: v[: self.count] for k, v in (self.buffers or {}).items()}
+        if self.packed is not None:
+            return {**unpack_stacked(self.packed[0], self.packed[1][: self.count]), **values}
+        return values
 
 
 def _save_checkpoint(path: Path, model: Model, seeds, step: int, state, history, first_step: int = 0) -> None:

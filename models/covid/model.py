@@ -45,6 +45,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import polars as pl
@@ -56,6 +57,7 @@ from torch import Tensor
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
 from agenttensor import _group_kernels, select
 from agenttensor.interventions import LeverSpec
+from agenttensor.record import PackedLayout, PackedRecord
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force,
                                       range_sums, scaled_sums, scatter_sum)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
@@ -1218,9 +1220,14 @@ def labour_flows(ctx: StepContext, employed: Tensor, unemployed: Tensor, on_site
 
 # ---- metrics ---------------------------------------------------------------------------------
 
-def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: StepContext) -> dict[str, Tensor]:
+# hard mode's flows and stage counts as one int64 block [K, B, G] (`PackedRecord`): name_by_borough rows, name totals
+COUNT_LAYOUT = PackedLayout([*METRIC_FLOWS, *STAGES], [f"{name}_by_borough" for name in (*METRIC_FLOWS, *STAGES)])
+
+
+def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: StepContext) -> Mapping[str, Tensor]:
     """Per day: totals [B] and per-borough [B, G] of flows, stage prevalence, isolating share,
-    unemployment rate and on-site work share; plus the expected split of new infections by layer."""
+    unemployment rate and on-site work share; plus the expected split of new infections by layer. Hard mode: a
+    `PackedRecord` (the flows and stage counts as one block, `COUNT_LAYOUT`); gradient modes: a dict."""
     env: CovidEnv = ctx.env
     out: dict[str, Tensor] = {}
     # flows and stage counts per borough [B, G] and their totals [B]; in hard mode stacked, one op for all of them
@@ -1248,12 +1255,12 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         if counts is None:  # (the sums of 0/1 values: exact in any order)
             counts = field_counts(env, list(fields))
         env.record_counts(COUNTED, fields, counts)
-        stacked = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)
-        per_borough, totals = stacked.unbind(0), stacked.sum(2).unbind(0)
+        packed = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)  # `COUNT_LAYOUT`'s
         isolating = counts[len(STAGES)]
-    for name, total, by in zip([*METRIC_FLOWS, *STAGES], totals, per_borough):
-        out[name] = total
-        out[f"{name}_by_borough"] = by
+    if ctx.sampler.differentiable:
+        for name, total, by in zip([*METRIC_FLOWS, *STAGES], totals, per_borough):
+            out[name] = total
+            out[f"{name}_by_borough"] = by
 
     has_workplace = has_workplace_as(env, state.employed.dtype)
 
@@ -1283,7 +1290,7 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         out.update(env.memo("labour_shares", labour_inputs, lambda: shares(*labour()), values_only=True))
     for name, value in ctx.scratch["attributed"].items():
         out[f"infections_{name}"] = value
-    return out
+    return out if ctx.sampler.differentiable else PackedRecord(COUNT_LAYOUT, packed, out)
 
 
 # ---- population and model --------------------------------------------------------------------
