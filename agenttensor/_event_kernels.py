@@ -31,7 +31,7 @@ def _library() -> ctypes.CDLL | None:
 def _plain(*xs: Tensor) -> bool:
     """CPU float32 contiguous tensors of one shape."""
     shape = xs[0].shape
-    return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.shape == shape and x.is_contiguous()
+    return all(x.is_cpu and x.dtype == torch.float32 and x.shape == shape and x.is_contiguous()
                for x in xs)
 
 

@@ -110,13 +110,13 @@ def _slot_facts(slot: Tensor) -> tuple[int, bool]:
 def contiguous_groups(slot: Tensor) -> bool:
     """Whether every group of ``slot`` (a CPU int32 or int64 [N] of non-negative ids, kernels on) is one contiguous
     run of agents (e.g. households of agents sorted by household), checked once per slot tensor."""
-    return (enabled() and slot.device.type == "cpu" and slot.dtype in (torch.int32, torch.int64) and slot.dim() == 1
+    return (enabled() and slot.is_cpu and slot.dtype in (torch.int32, torch.int64) and slot.dim() == 1
             and slot.is_contiguous() and _slot_facts(slot)[1])
 
 
 def _slot_ok(slot: Tensor, num_groups: int) -> bool:
     """slot: a CPU int32 or int64 contiguous [N] with every value in [0, num_groups)."""
-    if (slot.device.type != "cpu" or slot.dtype not in (torch.int32, torch.int64) or slot.dim() != 1
+    if (not slot.is_cpu or slot.dtype not in (torch.int32, torch.int64) or slot.dim() != 1
             or not slot.is_contiguous()):
         return False
     return 0 <= _slot_facts(slot)[0] <= num_groups
@@ -124,7 +124,7 @@ def _slot_ok(slot: Tensor, num_groups: int) -> bool:
 
 def _rows(x: Tensor, n: int) -> int | None:
     """Row stride of a float32 CPU [B, n] tensor with unit column stride (0 for a broadcast row), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n:
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != n:
         return None
     if n > 1 and x.stride(1) != 1:
         return None
@@ -328,7 +328,7 @@ def layered_shares_at(kept: tuple, b: Tensor, i: Tensor) -> Tensor | None:
     (the terms' gathers and products, their sum, clamp and division, and ``index_add``'s sequential sums); None where
     the kernel does not apply."""
     B, array, layers = kept
-    if not (enabled() and all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
+    if not (enabled() and all(x.is_cpu and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
                               for x in (b, i))):
         return None
     out = torch.zeros(len(layers), B)

@@ -36,7 +36,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _int32(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.int32 and x.is_contiguous()
+    return x.is_cpu and x.dtype == torch.int32 and x.is_contiguous()
 
 
 def _hashes(base: Tensor, keys: Tensor) -> bool:
@@ -62,7 +62,7 @@ def uniform_at(base: Tensor, keys: Tensor, batch_index: Tensor, agent_index: Ten
     per stream), or None where the kernel does not apply or an index is out of range (the torch ops then index as
     torch does: negative indices wrap, others raise)."""
     if not (_int32(base) and _int32(keys) and keys.dim() == 2 and base.dim() == 1
-            and all(x.device.type == "cpu" and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
+            and all(x.is_cpu and x.dtype == torch.int64 and x.dim() == 1 and x.is_contiguous()
                     for x in (batch_index, agent_index))):
         return None
     library = _library()
@@ -85,12 +85,12 @@ def _event_inputs(base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor |
     B, N = keys.numel(), base.numel()
     if not _hashes(base, keys):
         return None
-    if where is not None and not (where.device.type == "cpu" and where.dtype == where_dtype
+    if where is not None and not (where.is_cpu and where.dtype == where_dtype
                                   and where.shape == (B, N) and where.is_contiguous()):
         return None
     if not isinstance(p, Tensor):
         p = torch.tensor(float(p), dtype=torch.float32)
-    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() > 2:
+    if not p.is_cpu or p.dtype != torch.float32 or p.dim() > 2:
         return None
     try:
         p_view = p.expand(B, N)
@@ -187,7 +187,7 @@ def _move_inputs(base: Tensor, keys: Tensor, p: Tensor | float, source: Tensor, 
     """`_event_inputs` for the move kernels (where = ``source``), with ``target`` a float32 CPU [B, N] contiguous like
     it and, ``in_place``, source, target and p in three distinct buffers; else None."""
     inputs = _event_inputs(base, keys, p, source, torch.float32)
-    if inputs is None or not (target.device.type == "cpu" and target.dtype == torch.float32
+    if inputs is None or not (target.is_cpu and target.dtype == torch.float32
                               and target.shape == source.shape and target.is_contiguous()):
         return None
     if in_place and (inputs[1].data_ptr() in (source.data_ptr(), target.data_ptr())

@@ -159,7 +159,7 @@ class Randomness:
         prefixes = [_mix32_int(_seed_key(seed) ^ (step & _M32)) for seed in self.seeds]
         keys = array.array("i", [_to_i32(_mix32_int(k ^ (sid & _M32))) for sid in ids for k in prefixes])
         out = torch.frombuffer(keys, dtype=torch.int32).view(len(ids), len(self.seeds))  # (keeps `keys` alive)
-        return out if self.agent_base.device.type == "cpu" else out.to(self.agent_base.device)
+        return out if self.agent_base.is_cpu else out.to(self.agent_base.device)
 
     def uniform(self, step: int, stream: str | int) -> Tensor:
         """Uniforms for every agent: [B, N] float32 in (0, 1)."""

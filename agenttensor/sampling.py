@@ -121,7 +121,7 @@ class StraightThrough(Sampler):
 
     def hazard_move_and_derivatives(self, hazard: Tensor, u: Uniforms, source: Tensor, target: Tensor,
                                     in_place: bool = False) -> "Moved | None":
-        if not (isinstance(hazard, Tensor) and hazard.device.type == "cpu" and isinstance(u, Uniforms)):
+        if not (isinstance(hazard, Tensor) and hazard.is_cpu and isinstance(u, Uniforms)):
             return None
         with torch.no_grad():  # exp(−h) made inside the pass, else as `_hazard_event_values` makes it: the same bits
             moved = u.hazard_event_move(hazard.detach(), source.detach(), target.detach(), in_place=in_place)

@@ -45,7 +45,7 @@ def _library() -> ctypes.CDLL | None:
 def zero_one_bytes(x: Tensor) -> Tensor | None:
     """x as uint8 where every value is 0 or 1 (memberships), else None: ``x.to(torch.uint8)`` where
     ``((x == 0) | (x == 1)).all()``, the same bytes; on CPU for float32 one native pass (the check and the bytes)."""
-    library = _library() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() else None
+    library = _library() if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() else None
     if library is None:
         return x.to(torch.uint8) if bool(((x == 0) | (x == 1)).all()) else None
     out = torch.empty(x.shape, dtype=torch.uint8)
@@ -64,7 +64,7 @@ def range_counts(fields: list, ranges: list[tuple[int, int]]) -> Tensor | None:
     if not pairs:
         return None
     first = pairs[0][0]
-    if first.dim() != 2 or first.device.type != "cpu" or first.dtype not in _KIND:
+    if first.dim() != 2 or not first.is_cpu or first.dtype not in _KIND:
         return None
     B, N = first.shape
     starts = [a for a, _ in ranges] + [N]
@@ -72,14 +72,14 @@ def range_counts(fields: list, ranges: list[tuple[int, int]]) -> Tensor | None:
         return None
     keep, masks, strides = [], [], []
     for x, m in pairs:
-        if x.shape != (B, N) or x.dtype != first.dtype or x.device.type != "cpu":
+        if x.shape != (B, N) or x.dtype != first.dtype or not x.is_cpu:
             return None
         keep.append(x.detach().contiguous())
         if m is None:
             masks.append(None)
             strides.append(0)
             continue
-        if m.dtype != first.dtype or m.device.type != "cpu" or m.shape[-1] != N or m.dim() > 2 \
+        if m.dtype != first.dtype or not m.is_cpu or m.shape[-1] != N or m.dim() > 2 \
                 or (m.dim() == 2 and m.shape[0] not in (1, B)):
             return None
         m = m.detach().reshape(-1, N).contiguous()
@@ -152,7 +152,7 @@ def _select(kind: int, a: Tensor, b: Tensor | None, value: int, sparse: bool = F
 
 
 def _plain(x: Tensor, *dtypes: torch.dtype) -> bool:
-    return x.device.type == "cpu" and x.dtype in dtypes and x.dim() == 2 and x.is_contiguous() and x.numel() > 0
+    return x.is_cpu and x.dtype in dtypes and x.dim() == 2 and x.is_contiguous() and x.numel() > 0
 
 
 def nonzero(a: Tensor, b: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -216,7 +216,7 @@ def _fields_for_kernel(xs: Sequence[Tensor], b: Tensor, i: Tensor) -> tuple[ctyp
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return None
     position = flat_positions(xs[0], b, i)
-    if position.dtype != torch.int64 or position.device.type != "cpu" or position.dim() != 1:
+    if position.dtype != torch.int64 or not position.is_cpu or position.dim() != 1:
         return None
     library = _library()
     return None if library is None else (library, position.contiguous())
@@ -249,7 +249,7 @@ def put_at_fields_(xs: Sequence[Tensor], b: Tensor, i: Tensor, values: Sequence[
     versions of the xs move as ``index_put_``'s do."""
     found = _fields_for_kernel(xs, b, i)
     if found is not None and len(values) == len(xs) and all(
-            v.device.type == "cpu" and v.dtype == torch.float32 and v.shape == b.shape
+            v.is_cpu and v.dtype == torch.float32 and v.shape == b.shape
             and not (v.requires_grad and torch.is_grad_enabled()) for v in values):
         library, position = found
         values = [v.contiguous() for v in values]

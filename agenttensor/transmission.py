@@ -41,7 +41,7 @@ _wide_indices = Derived()
 def _index_add_index(group_of: Tensor) -> Tensor:
     """group_of as torch's CPU ``index_add_`` wants it: int64 (it is ~13x slower with int32 indices, torch 2.13).
     The int64 copy of an int32 index is made once per tensor version (only where the native kernels do not run)."""
-    if group_of.dtype == torch.int64 or group_of.device.type != "cpu":
+    if group_of.dtype == torch.int64 or not group_of.is_cpu:
         return group_of
     return _wide_indices.get(group_of, lambda: group_of.to(torch.int64))
 

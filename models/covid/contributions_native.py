@@ -57,7 +57,7 @@ def _rows_ok(parts: WeightParts, B: int, N: int) -> bool:
     """Whether the kernel reads ``parts`` as rows: grad a float32 CPU [B, N], σ and the rest [B | 1, N] or [N] (or
     None)."""
     rows = [x for x in (parts.sigma, *parts[2:]) if x is not None]
-    return parts.grad.shape == (B, N) and all(x.device.type == "cpu" and x.dtype == torch.float32
+    return parts.grad.shape == (B, N) and all(x.is_cpu and x.dtype == torch.float32
                                               for x in (parts.grad, *rows)) \
         and all(x.shape == (N,) or (x.dim() == 2 and x.shape[1] == N and x.shape[0] in (1, B)) for x in rows)
 
@@ -113,8 +113,8 @@ def _update_flags(live: Tensor, b: Tensor, i: Tensor, I_sym: Tensor, I_asym: Ten
     exiting agent is not 0 or 1 (``live`` unchanged: the flags are not carried)."""
     B, N = live.shape
     fields = [x.detach() for x in (I_sym, I_asym, isolating)] + ([S.detach()] if S is not None else [])
-    library = _library() if live.device.type == "cpu" and live.is_contiguous() and all(
-        x.device.type == "cpu" and x.dtype == torch.float32 and x.shape == (B, N) and x.is_contiguous()
+    library = _library() if live.is_cpu and live.is_contiguous() and all(
+        x.is_cpu and x.dtype == torch.float32 and x.shape == (B, N) and x.is_contiguous()
         for x in fields) and (stage_end is None or (stage_end.dtype == torch.int16 and stage_end.shape == (B, N)
                                                     and stage_end.is_contiguous())) else None
     if library is not None:
@@ -151,10 +151,10 @@ def pack(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, stage_end: Tensor | N
     None where the fields are not CPU float32 [B, N] (contiguous) with every value exactly +0.0 or 1.0 (e.g. a
     hand-made fractional state), or the kernel is off."""
     fields = (I_sym, I_asym, isolating) + (() if S is None else (S,))
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape != I_sym.shape
+    if any(not x.is_cpu or x.dtype != torch.float32 or x.dim() != 2 or x.shape != I_sym.shape
            or not x.is_contiguous() for x in fields):
         return None
-    if stage_end is not None and (stage_end.device.type != "cpu" or stage_end.dtype != torch.int16
+    if stage_end is not None and (not stage_end.is_cpu or stage_end.dtype != torch.int16
                                   or stage_end.shape != I_sym.shape or not stage_end.is_contiguous()):
         return None
     library = _library()
@@ -201,7 +201,7 @@ def backward(probes: dict[str, tuple], presences: dict[str, Tensor | None], I_sy
     fields = [I_sym, I_asym, isolating] if flags is None else []
     dense = [*fields, isolate_prob, *incoming, *(group.scale for group, _ in probes.values()),
              *(p for p in presences.values() if p is not None), *([testing] if testing is not None else [])]
-    if any(x.device.type != "cpu" or x.dtype != torch.float32 for x in dense) \
+    if any(not x.is_cpu or x.dtype != torch.float32 for x in dense) \
             or (stage_end is not None and stage_end.dtype != torch.int16) \
             or any(group.slot.dtype != torch.int32 or group.slot.shape != (N,) for group, _ in probes.values()):
         return None

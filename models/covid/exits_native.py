@@ -69,7 +69,7 @@ class ExitFlows(NamedTuple):
 
 
 def _f32(x: Tensor | None, shape: tuple[int, ...] | None = None) -> bool:
-    return x is None or (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
+    return x is None or (isinstance(x, Tensor) and x.is_cpu and x.dtype == torch.float32
                          and (shape is None or tuple(x.shape) == shape))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import operator
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -83,7 +82,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _cpu(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-    return x.device.type == "cpu" and x.dtype == dtype and tuple(x.shape) == shape and x.is_contiguous()
+    return x.is_cpu and x.dtype == dtype and tuple(x.shape) == shape and x.is_contiguous()
 
 
 def _strided(x: Tensor | None, B: int, N: int) -> _Strided | None:
@@ -91,7 +90,7 @@ def _strided(x: Tensor | None, B: int, N: int) -> _Strided | None:
     None where it is not one."""
     if x is None:
         return _Strided(None, 0, 0)
-    if not (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() <= 2):
+    if not (isinstance(x, Tensor) and x.is_cpu and x.dtype == torch.float32 and x.dim() <= 2):
         return None
     try:
         view = x.detach().expand(B, N)
@@ -162,8 +161,7 @@ def hard_progress(fields: dict[str, Tensor], stage_end: Tensor, t: int, hazard: 
     flows = torch.empty(len(FLOWS) + len(CHANGES), B, G, dtype=torch.float32)
     args.t, args.threads, args.keys, args.flows = t, torch.get_num_threads(), keys.data_ptr(), flows.data_ptr()
     library.agenttensor_covid_hard_progress(ctypes.byref(args))
-    for x in state:  # in-place writes: the version counters move as index_put_'s would
-        torch.autograd.graph.increment_version(x)
+    torch.autograd.graph.increment_version(state)  # in-place writes: the version counters move as index_put_'s would
     infected_b, infected_i = torch.empty(args.infected, dtype=torch.int64), torch.empty(args.infected, dtype=torch.int64)
     if args.infected:
         library.agenttensor_covid_take_pairs(args.pairs, infected_b.data_ptr(), infected_i.data_ptr())
@@ -187,7 +185,12 @@ def _refs(xs: tuple) -> tuple:
 
 def _alive(refs: tuple, xs: tuple) -> bool:
     """Whether ``refs`` (`_refs`) are weak references to the tensors ``xs`` (None for None)."""
-    return len(refs) == len(xs) and all(x is None if r is None else r() is x for r, x in zip(refs, xs))
+    if len(refs) != len(xs):
+        return False
+    for r, x in zip(refs, xs):
+        if (x is not None) if r is None else (r() is not x):
+            return False
+    return True
 
 
 def _progress_plan(shape: tuple[int, int], G: int, static: tuple) -> _ProgressPlan:
@@ -243,7 +246,7 @@ KINDS = {"scaled": 0, "levels": 1, "community": 2}
 
 
 def _one_value(x: Tensor) -> bool:
-    return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == 1
+    return isinstance(x, Tensor) and x.is_cpu and x.dtype == torch.float32 and x.numel() == 1
 
 
 class _Plan:
@@ -304,7 +307,12 @@ def hard_force(cache: dict, fields: tuple[Tensor, Tensor, Tensor], alpha: Tensor
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is not y:
+            return False
+    return True
 
 
 def _plan(shape: tuple[int, int], static: tuple, alpha: Tensor, eta: Tensor, layers: dict[str, ForceLayerSpec],

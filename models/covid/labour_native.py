@@ -80,7 +80,7 @@ def labour_market(fields: tuple[Tensor, ...], has_workplace: Tensor, rates: tupl
 def _prepare(fields, has_workplace, rates, levers, rng: Randomness, step: int):
     """The kernel's arguments and the tensors they point into, or None where it does not apply."""
     employed = fields[0]
-    if employed.device.type != "cpu" or employed.dim() != 2 or employed.dtype not in (torch.uint8, torch.float32):
+    if not employed.is_cpu or employed.dim() != 2 or employed.dtype not in (torch.uint8, torch.float32):
         return None
     B, N = employed.shape
     if any(x.dtype != employed.dtype or x.shape != (B, N) for x in fields) or has_workplace.shape != (N,) \

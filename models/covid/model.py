@@ -265,14 +265,22 @@ class CovidEnv:
         they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
         per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
         35 MB gather at full NYC). The cache holds one result per key."""
-        tensors = [x for x in inputs if isinstance(x, Tensor)]
-        if any((x.requires_grad and not values_only) or x.device.type != "cpu" for x in tensors):
-            return compute()
-        versions = tuple(x._version if isinstance(x, Tensor) and not _small(x) else None for x in inputs)  # in place
+        versions = []  # (loops, not generators: a day makes ~10 calls, most of them hits)
+        for x in inputs:
+            if isinstance(x, Tensor):
+                if (x.requires_grad and not values_only) or not x.is_cpu:
+                    return compute()
+                versions.append(None if x.numel() <= _SMALL else x._version)  # (in-place updates)
+            else:
+                versions.append(None)
+        versions = tuple(versions)
         hit = self.cache.get(key)
-        if hit is not None and len(hit[0]) == len(inputs) and all(map(_same_input, hit[0], inputs)) \
-                and hit[2] == versions:
-            return hit[1]
+        if hit is not None and hit[2] == versions and len(hit[0]) == len(inputs):
+            for cached, x in zip(hit[0], inputs):
+                if not _same_input(cached, x):
+                    break
+            else:
+                return hit[1]
         result = compute()
         self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else _Viewed.of(x)
                                  if values_only and isinstance(x, Tensor) else x for x in inputs), result, versions)
@@ -323,8 +331,11 @@ def _same_memory(a: Tensor | None, b: Tensor) -> bool:
                       and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
+_SMALL = 4096  # a memo input of at most this many elements is compared by value
+
+
 def _small(x: Any) -> bool:
-    return isinstance(x, Tensor) and x.numel() <= 4096
+    return isinstance(x, Tensor) and x.numel() <= _SMALL
 
 
 class _Small(NamedTuple):
@@ -568,7 +579,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     env: CovidEnv = ctx.env
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
-    device = state.S.device
+    device, on_cpu = state.S.device, state.S.is_cpu
     multiplier = params.at_step("transmission_multiplier", ctx.step)
     school_day, work_day = is_school_day(date), is_work_day(date)
     names = ("household", *(("school",) if school_day else ()), *(("workplace",) if work_day else ()), "community")
@@ -663,7 +674,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # hard mode on CPU: the totals, the tables and the force as one native call (`hard_native.hard_force`, the same
     # numbers; where a derivative would reach its inputs, e.g. learnable β under a hard sampler, it declines and the
     # torch ops below carry it)
-    if not (ctx.sampler.differentiable or device.type != "cpu"):
+    if not (ctx.sampler.differentiable or not on_cpu):
         native = native_hard_force(state, params, ctx, multiplier, names, presences, closed, reductions,
                                    kept_share("all", reduction_all), kept_share, level_weight, mixing, community_size,
                                    sigma)
@@ -694,8 +705,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         last call summed at (no [B, G + 1] of zeros a day: 0.7 ms for full NYC's households)."""
         slots = layer.num_groups + 1
         index = layer.slot.index_select(0, j)
-        index = index if B == 1 and device.type == "cpu" else b * slots + index
-        if ctx.sampler.differentiable and device.type == "cpu":  # values only: into the zeros in place (no copy of
+        index = index if B == 1 and on_cpu else b * slots + index
+        if ctx.sampler.differentiable and on_cpu:  # values only: into the zeros in place (no copy of
             contribution = contribution.detach()  # them: 13 MB per day for full NYC's households), as index_add adds
             if reused is None:
                 return torch.zeros(B * slots).index_add_(0, index, contribution).view(B, slots), index, contribution

@@ -102,7 +102,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
     per tile: no float32 S saved by the transition). ``household_weight_sums``: a dict that receives, where the pass is
     the fused one and makes d λ, the household sums of the force's household-term weights (d λ σ) · kept ([B, H + 1],
     key "sums"; `agenttensor.transmission.hand_weight_sums`)."""
-    if unit.sigma.device.type != "cpu" or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
+    if not unit.sigma.is_cpu or any(g is not None and g.dtype != torch.float32 for g in grads.values()):
         return None
     library = _library()
     if library is None:
