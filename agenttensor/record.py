@@ -1,9 +1,10 @@
-"""`PackedRecord`: one step's metrics (name -> tensor) held as one packed block of counts plus a few other values.
+"""`PackedRecord`: one step's metrics (name -> tensor) held as a few packed blocks of rows plus other values.
 
 A model's step returns its metrics as a mapping. A city model reports ~40 of them a day (flows and stage counts, each
-in total [B] and per group [B, G]); as a dict of separate tensors that is ~40 views made by the step and ~40 copies made
-by `simulate`'s recorder, ~0.2 ms a day, most of a small population's day. Packed, the step makes one [K, B, G] block,
-the recorder copies it once, and a name's tensor is made when it is read (`PackedRecord[name]`: the same numbers).
+in total [B] and per group [B, G], the infections by layer...); as a dict of separate tensors that is ~40 views made by
+the step and ~40 copies made by `simulate`'s recorder, ~0.2 ms a day, most of a small population's day. Packed, the
+step makes a few blocks, the recorder copies each once, and a name's tensor is made when it is read
+(`PackedRecord[name]`: the same numbers).
 """
 
 from __future__ import annotations
@@ -14,57 +15,70 @@ from torch import Tensor
 
 
 class PackedLayout:
-    """The names of a packed block's rows: row k of a [K, ..., G] block is the metric ``by_group[k]``, and its sum over
-    the last dim (the groups) is the metric ``totals[k]``. Keys are listed as (totals[k], by_group[k]) pairs, in order."""
+    """The names of a packed block's rows: row k of a [K, ...] block is the metric ``rows[k]``; with ``totals``, row k
+    summed over its last dim (e.g. the groups) is the metric ``totals[k]``, and the keys are listed as (totals[k],
+    rows[k]) pairs, in order."""
 
-    def __init__(self, totals: Sequence[str], by_group: Sequence[str]):
-        if len(totals) != len(by_group) or len({*totals, *by_group}) != 2 * len(totals):
-            raise ValueError(f"a packed layout needs distinct names, one total and one by-group name per row: "
-                             f"{list(totals)}, {list(by_group)}")
-        self.totals, self.by_group = tuple(totals), tuple(by_group)
-        self.keys = tuple(name for pair in zip(self.totals, self.by_group) for name in pair)
-        self.index = {**{name: (k, True) for k, name in enumerate(self.totals)},
-                      **{name: (k, False) for k, name in enumerate(self.by_group)}}
+    def __init__(self, rows: Sequence[str], totals: Sequence[str] | None = None):
+        names = [*rows, *(totals or ())]
+        if (totals is not None and len(totals) != len(rows)) or len(set(names)) != len(names):
+            raise ValueError(f"a packed layout needs distinct names (and one total per row): {list(rows)}, "
+                             f"{None if totals is None else list(totals)}")
+        self.rows, self.totals = tuple(rows), None if totals is None else tuple(totals)
+        self.keys = self.rows if totals is None else tuple(n for pair in zip(self.totals, self.rows) for n in pair)
+        self.index = {**{name: (k, False) for k, name in enumerate(self.rows)},
+                      **{name: (k, True) for k, name in enumerate(self.totals or ())}}
+
+    def unpack(self, blocks: Tensor) -> dict[str, Tensor]:
+        """Steps' blocks stacked [T, K, ...] -> {name: [T, ...]} in key order (the totals in one sum)."""
+        rows = blocks.unbind(1)
+        if self.totals is None:
+            return dict(zip(self.rows, rows))
+        totals = blocks.sum(-1).unbind(1)
+        return {name: x for k in range(len(self.rows)) for name, x in ((self.totals[k], totals[k]),
+                                                                         (self.rows[k], rows[k]))}
+
+
+Part = tuple[PackedLayout, Tensor] | dict[str, Tensor]
 
 
 class PackedRecord(Mapping):
-    """One step's metrics: ``block`` [K, ..., G] (rows named by ``layout``: per group, and summed over the groups for
-    the totals) and ``values`` (name -> tensor, the others). Keys: the layout's, then the values'. A read makes the
-    tensor: a row of the block (a view) or its total (a sum: exact for integer counts)."""
+    """One step's metrics as ``parts``, in key order: packed blocks, each a ``(layout, block)`` pair (a read makes a
+    row's view, or its total: a sum, exact for integer counts), and dicts of other values (name -> tensor)."""
 
-    __slots__ = ("layout", "block", "values")
+    __slots__ = ("parts",)
 
-    def __init__(self, layout: PackedLayout, block: Tensor, values: dict[str, Tensor]):
-        if block.shape[0] != len(layout.totals):
-            raise ValueError(f"a packed block of {block.shape[0]} rows for a layout of {len(layout.totals)}")
-        self.layout, self.block, self.values = layout, block, values
+    def __init__(self, *parts: Part):
+        for part in parts:
+            if isinstance(part, tuple) and part[1].shape[0] != len(part[0].rows):
+                raise ValueError(f"a packed block of {part[1].shape[0]} rows for a layout of {len(part[0].rows)}")
+        self.parts = parts
 
     def __getitem__(self, name: str) -> Tensor:
-        hit = self.layout.index.get(name)
-        if hit is None:
-            return self.values[name]
-        row = self.block[hit[0]]
-        return row.sum(-1) if hit[1] else row
+        for part in self.parts:
+            if isinstance(part, dict):
+                if name in part:
+                    return part[name]
+                continue
+            hit = part[0].index.get(name)
+            if hit is not None:
+                row = part[1][hit[0]]
+                return row.sum(-1) if hit[1] else row
+        raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        yield from self.layout.keys
-        yield from self.values
+        for part in self.parts:
+            yield from part if isinstance(part, dict) else part[0].keys
 
     def __len__(self) -> int:
-        return len(self.layout.keys) + len(self.values)
+        return sum(len(part) if isinstance(part, dict) else len(part[0].keys) for part in self.parts)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.layout.index or name in self.values
+        return any(name in (part if isinstance(part, dict) else part[0].index) for part in self.parts)
 
     def __repr__(self) -> str:
         return f"PackedRecord({list(self)})"
 
-
-def unpack_stacked(layout: PackedLayout, blocks: Tensor) -> dict[str, Tensor]:
-    """Steps' packed blocks stacked [T, K, ..., G] -> {name: [T, ..., G] per group, [T, ...] totals}, in the layout's
-    key order (the totals in one sum)."""
-    totals = blocks.sum(-1)
-    out: dict[str, Tensor] = {}
-    for k, (total, by_group) in enumerate(zip(layout.totals, layout.by_group)):
-        out[total], out[by_group] = totals[:, k], blocks[:, k]
-    return out
+    def form(self) -> tuple:
+        """What a recorder's buffers depend on: each part's layout (by identity) or names."""
+        return tuple(tuple(part) if isinstance(part, dict) else part[0] for part in self.parts)

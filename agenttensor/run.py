@@ -17,7 +17,7 @@ from . import _cpu_cache, select
 from .errors import ConfigError, InputError
 from .model import Model, StepContext
 from .params import Params
-from .record import PackedLayout, PackedRecord, unpack_stacked
+from .record import PackedRecord
 from .results import Results
 from .rng import Randomness
 from .sampling import Hard, Sampler
@@ -315,41 +315,57 @@ class _Recorder:
     """Per-step metrics. Without gradients they are copied into buffers preallocated for the whole
     run ([T, ...] per metric), so a long run keeps no per-step allocations alive (thousands of small
     long-lived tensors fragment glibc's heap: a 500-step 1M-agent run grew by ~30 MB per step); a
-    `PackedRecord`'s block in one copy ([T, K, ..., G]), its names made once at the end (`stacked`).
+    `PackedRecord`'s blocks in one copy each ([T, K, ...]), their names made once at the end (`stacked`).
     With gradients the step tensors are kept as they are (they carry the graph)."""
 
     def __init__(self, steps: int, keep_graph: bool):
         self.steps, self.keep_graph = steps, keep_graph
         self.records: list[Mapping[str, torch.Tensor]] = []
-        self.buffers: dict[str, torch.Tensor] | None = None
-        self.packed: tuple[PackedLayout, torch.Tensor] | None = None  # (layout, [T, K, ..., G] blocks)
+        self.buffers: dict[str, torch.Tensor] | None = None  # plain records: name -> [T, ...]
+        self.parts: list | None = None  # packed records: per part (layout, [T, K, ...]) or {name: [T, ...]}
         self.count = 0
+
+    def _empty(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty((self.steps, *x.shape), dtype=x.dtype, device=x.device)
 
     def append(self, record: Mapping[str, torch.Tensor]) -> None:
         if self.keep_graph:
             self.records.append(record)
             return
-        if self.buffers is None:
+        if self.buffers is None and self.parts is None:
             if isinstance(record, PackedRecord):
-                block = record.block
-                self.packed = (record.layout, torch.empty((self.steps, *block.shape), dtype=block.dtype,
-                                                          device=block.device))
-                values = record.values
+                self.parts = [(p[0], self._empty(p[1])) if isinstance(p, tuple) else
+                              {k: self._empty(v) for k, v in p.items()} for p in record.parts]
             else:
-                values = record
-            self.buffers = {k: torch.empty((self.steps, *v.shape), dtype=v.dtype, device=v.device)
-                            for k, v in values.items()}
-        if self.packed is not None and isinstance(record, PackedRecord) and record.layout is self.packed[0]:
-            self.packed[1][self.count].copy_(record.block)
-            values = record.values
-        elif self.packed is not None:  # (a model whose records change form: the block's rows from the names)
-            self.packed[1][self.count].copy_(torch.stack([record[name] for name in self.packed[0].by_group]))
-            values = {k: record[k] for k in self.buffers}
-        else:  # (also a packed record after plain ones, e.g. a resumed run's saved steps: name by name)
-            values = record
-        for k, v in values.items():
-            self.buffers[k][self.count].copy_(v)
+                self.buffers = {k: self._empty(v) for k, v in record.items()}
+        i = self.count
+        if self.buffers is not None:  # (a packed record after plain ones, e.g. a resumed run's saved steps: by name)
+            for k, buffer in self.buffers.items():
+                buffer[i].copy_(record[k])
+        elif isinstance(record, PackedRecord) and self._same_form(record):
+            for part, buffer in zip(record.parts, self.parts):
+                if isinstance(part, dict):
+                    for k, v in part.items():
+                        buffer[k][i].copy_(v)
+                else:
+                    buffer[1][i].copy_(part[1])
+        else:  # records that changed form: each part by name
+            for buffer in self.parts:
+                if isinstance(buffer, dict):
+                    for k, b in buffer.items():
+                        b[i].copy_(record[k])
+                else:
+                    buffer[1][i].copy_(torch.stack([record[name] for name in buffer[0].rows]))
         self.count += 1
+
+    def _same_form(self, record: PackedRecord) -> bool:
+        if len(record.parts) != len(self.parts):
+            return False
+        for part, buffer in zip(record.parts, self.parts):
+            if isinstance(part, dict) != isinstance(buffer, dict) or \
+                    (part.keys() != buffer.keys() if isinstance(part, dict) else part[0] is not buffer[0]):
+                return False
+        return True
 
     def extend(self, records) -> None:
         for r in records:
@@ -361,10 +377,10 @@ class _Recorder:
     def __getitem__(self, i: int) -> Mapping[str, torch.Tensor]:
         if self.keep_graph:
             return self.records[i]
-        values = {k: v[i] for k, v in (self.buffers or {}).items()}
-        if self.packed is not None:
-            return PackedRecord(self.packed[0], self.packed[1][i], values)
-        return values
+        if self.parts is not None:
+            return PackedRecord(*({k: v[i] for k, v in p.items()} if isinstance(p, dict) else (p[0], p[1][i])
+                                  for p in self.parts))
+        return {k: v[i] for k, v in (self.buffers or {}).items()}
 
     def __iter__(self):
         return (self[i] for i in range(self.count))
@@ -372,10 +388,13 @@ class _Recorder:
     def stacked(self) -> dict[str, torch.Tensor]:
         if self.keep_graph:
             return {k: torch.stack([r[k] for r in self.records]) for k in (self.records[0] if self.records else {})}
-        values = {k: v[: self.count] for k, v in (self.buffers or {}).items()}
-        if self.packed is not None:
-            return {**unpack_stacked(self.packed[0], self.packed[1][: self.count]), **values}
-        return values
+        n = self.count
+        if self.parts is not None:
+            out: dict[str, torch.Tensor] = {}
+            for p in self.parts:
+                out.update({k: v[:n] for k, v in p.items()} if isinstance(p, dict) else p[0].unpack(p[1][:n]))
+            return out
+        return {k: v[:n] for k, v in (self.buffers or {}).items()}
 
 
 def _save_checkpoint(path: Path, model: Model, seeds, step: int, state, history, first_step: int = 0) -> None:

@@ -280,6 +280,11 @@ class CovidEnv:
                 if not _same_input(cached, x):
                     break
             else:
+                if any(isinstance(c, _Small) and c.tensor() is not x for c, x in zip(hit[0], inputs)):
+                    # equal by value, another tensor (e.g. the next run's schedule): held from now on, so that the
+                    # following steps match by identity (no comparison of values a step)
+                    self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, c.values) if isinstance(c, _Small)
+                                             else c for c, x in zip(hit[0], inputs)), hit[1], hit[2])
                 return hit[1]
         result = compute()
         self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else _Viewed.of(x)
@@ -1170,18 +1175,23 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     return scatter_sum(out, b * G + env.borough.index_select(0, i).to(torch.int64), values).view(*lead, batch, G)
 
 
-def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> dict[str, Tensor]:
-    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> {layer: [B]} (float32); on
-    CPU one native pass over the force's terms (`layer_shares_at`, the same numbers), in every mode."""
+def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> Tensor:
+    """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> [len(LAYERS), B] float32
+    (rows in `LAYERS` order; zeros for a layer not active today); on CPU one native pass over the force's terms
+    (`layer_shares_at`, the same numbers), in every mode."""
     names = ctx.scratch["layer_names"]
     shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
-    if shares is not None:
-        return {name: shares[names.index(name)] if name in names else torch.zeros(B, device=b.device) for name in LAYERS}
-    at = At(b, i)
-    parts = {name: ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in ctx.scratch["layer_names"]}
-    total = sum(parts.values()).clamp_min(1e-30) if parts else None
-    return {name: scatter_sum(torch.zeros(B, device=b.device), b, parts[name] / total) if name in parts else
-            torch.zeros(B, device=b.device) for name in LAYERS}
+    if shares is None:
+        at = At(b, i)
+        parts = [ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in names]
+        total = sum(parts).clamp_min(1e-30) if parts else None
+        shares = torch.stack([scatter_sum(torch.zeros(B, device=b.device), b, part / total) for part in parts]) \
+            if parts else torch.zeros(0, B, device=b.device)
+    if names == LAYERS:
+        return shares
+    rows = ctx.env.static(f"layer_rows_{'_'.join(names)}",
+                          lambda: torch.tensor([LAYERS.index(name) for name in names], device=b.device))
+    return torch.zeros(len(LAYERS), B, device=b.device).index_copy_(0, rows, shares)
 
 
 def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:
@@ -1232,7 +1242,8 @@ def labour_flows(ctx: StepContext, employed: Tensor, unemployed: Tensor, on_site
 # ---- metrics ---------------------------------------------------------------------------------
 
 # hard mode's flows and stage counts as one int64 block [K, B, G] (`PackedRecord`): name_by_borough rows, name totals
-COUNT_LAYOUT = PackedLayout([*METRIC_FLOWS, *STAGES], [f"{name}_by_borough" for name in (*METRIC_FLOWS, *STAGES)])
+COUNT_LAYOUT = PackedLayout([f"{name}_by_borough" for name in (*METRIC_FLOWS, *STAGES)], totals=[*METRIC_FLOWS, *STAGES])
+INFECTION_LAYOUT = PackedLayout([f"infections_{name}" for name in LAYERS])  # `layer_attribution`'s rows [B]
 
 
 def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: StepContext) -> Mapping[str, Tensor]:
@@ -1299,9 +1310,10 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
                           range_sums(state.on_site, slices, f32, known=on_site, weight=state.employed)))
     else:  # hard mode: the shares too change once a week
         out.update(env.memo("labour_shares", labour_inputs, lambda: shares(*labour()), values_only=True))
-    for name, value in ctx.scratch["attributed"].items():
-        out[f"infections_{name}"] = value
-    return out if ctx.sampler.differentiable else PackedRecord(COUNT_LAYOUT, packed, out)
+    if ctx.sampler.differentiable:
+        out.update(zip(INFECTION_LAYOUT.rows, ctx.scratch["attributed"].unbind(0)))
+        return out
+    return PackedRecord((COUNT_LAYOUT, packed), out, (INFECTION_LAYOUT, ctx.scratch["attributed"]))
 
 
 # ---- population and model --------------------------------------------------------------------
