@@ -46,3 +46,14 @@ def test_status_names_the_libraries_that_did_not_build(monkeypatch, tmp_path, ca
     assert native.load(broken, "broken", lambda library: None) is None
     assert native.status() == {"agenttensor_group_kernels": True, "broken": False}
     assert "broken.cpp unavailable" in caplog.text
+
+
+def test_the_switch_is_read_at_every_call(monkeypatch):
+    """`kernels_enabled` reads os.environ's own mapping (no per-call encoding): it must still follow every change."""
+    monkeypatch.delenv("AGENTTENSOR_NATIVE_KERNELS", raising=False)
+    assert native.kernels_enabled()
+    for value, expected in (("0", False), ("1", True), (" 0 ", False), ("", True), ("0", False)):
+        monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", value)
+        assert native.kernels_enabled() is expected, value
+    monkeypatch.delenv("AGENTTENSOR_NATIVE_KERNELS")
+    assert native.kernels_enabled()
