@@ -64,6 +64,12 @@ def stream_id(name: str) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
+def _stream_ids(streams: tuple[str | int, ...]) -> tuple[int, ...]:
+    """The streams' 32-bit ids (`stream_id` of a name, an int as uint32 bits)."""
+    return tuple((stream_id(s) if isinstance(s, str) else int(s)) & _M32 for s in streams)
+
+
+@functools.lru_cache(maxsize=1024)
 def _seed_key(seed: int) -> int:
     """The seed's part of `step_key`."""
     return _mix32_int(seed ^ 0x9E3779B9)
@@ -155,9 +161,10 @@ class Randomness:
     def _keys(self, step: int, streams: Sequence[str | int]) -> Tensor:
         """[S, B] int32: the key of each stream (rows) and seed (columns) at this step (`step_key`; the seed and step
         part once per seed)."""
-        ids = [stream_id(s) if isinstance(s, str) else int(s) for s in streams]
+        ids = _stream_ids(tuple(streams))
         prefixes = [_mix32_int(_seed_key(seed) ^ (step & _M32)) for seed in self.seeds]
-        keys = array.array("i", [_to_i32(_mix32_int(k ^ (sid & _M32))) for sid in ids for k in prefixes])
+        # uint32 values read as int32: the bits of `step_key`'s signed keys
+        keys = array.array("I", [_mix32_int(k ^ sid) for sid in ids for k in prefixes])
         out = torch.frombuffer(keys, dtype=torch.int32).view(len(ids), len(self.seeds))  # (keeps `keys` alive)
         return out if self.agent_base.is_cpu else out.to(self.agent_base.device)
 

@@ -265,7 +265,25 @@ class CovidEnv:
         they are held by weak reference, so a run's graph is not kept alive). Interventions change a few times
         per run and the labour market once a week, but their per-agent values cost a [B, N] pass per step (a
         35 MB gather at full NYC). The cache holds one result per key."""
-        versions = []  # (loops, not generators: a day makes ~10 calls, most of them hits)
+        hit = self.cache.get(key)
+        if hit is not None and len(hit[0]) == len(inputs):  # (loops, not generators: ~10 calls a day, most of them hits)
+            refresh = False
+            for cached, version, x in zip(hit[0], hit[2], inputs):
+                if isinstance(x, Tensor):
+                    if (x.requires_grad and not values_only) or not x.is_cpu:
+                        return compute()
+                    if version is not None and version != x._version:  # a large input updated in place
+                        break
+                if not _same_input(cached, x):
+                    break
+                refresh = refresh or (type(cached) is _Small and cached.tensor() is not x)
+            else:
+                if refresh:  # equal by value, another tensor (e.g. the next run's schedule): held from now on, so
+                    # that the following steps match by identity (no comparison of values a step)
+                    self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, c.values) if type(c) is _Small
+                                             else c for c, x in zip(hit[0], inputs)), hit[1], hit[2])
+                return hit[1]
+        versions = []
         for x in inputs:
             if isinstance(x, Tensor):
                 if (x.requires_grad and not values_only) or not x.is_cpu:
@@ -274,18 +292,6 @@ class CovidEnv:
             else:
                 versions.append(None)
         versions = tuple(versions)
-        hit = self.cache.get(key)
-        if hit is not None and hit[2] == versions and len(hit[0]) == len(inputs):
-            for cached, x in zip(hit[0], inputs):
-                if not _same_input(cached, x):
-                    break
-            else:
-                if any(isinstance(c, _Small) and c.tensor() is not x for c, x in zip(hit[0], inputs)):
-                    # equal by value, another tensor (e.g. the next run's schedule): held from now on, so that the
-                    # following steps match by identity (no comparison of values a step)
-                    self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, c.values) if isinstance(c, _Small)
-                                             else c for c, x in zip(hit[0], inputs)), hit[1], hit[2])
-                return hit[1]
         result = compute()
         self.cache[key] = (tuple(_Small(weakref.ref(x), x._version, x.clone()) if _small(x) else _Viewed.of(x)
                                  if values_only and isinstance(x, Tensor) else x for x in inputs), result, versions)
@@ -1126,8 +1132,8 @@ def native_hard_progress(state: CovidState, force: Tensor, params: CovidParams, 
     if drawn is None:
         return None
     flows, (infected_b, infected_i) = drawn
-    recent = state.reported_recent.clone()
-    recent[:, t % 7] = flows[1]  # reported
+    recent = state.reported_recent if ctx.owns(state.reported_recent) else ctx.own(state.reported_recent.clone())
+    recent.select(1, t % 7).copy_(flows[1])  # reported (in place where the loop's own, as the fields)
     ctx.scratch.update(metric_flows=flows[:len(METRIC_FLOWS)], stage_count_changes=flows[len(hard_native.FLOWS):],
                        attributed=layer_attribution(infected_b, infected_i, B=B, ctx=ctx))
     after = state.replace(**owned, vaccinated=V_after, stage_end=ctx.own(stage_end), reported_recent=recent)
