@@ -44,8 +44,8 @@ import datetime as dt
 import functools
 import logging
 import weakref
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import polars as pl
