@@ -10,6 +10,7 @@ own venv (benchmarks/.covasim-venv) on first use.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,9 @@ FULL = {
     "scenario_batch": [],
     "calibration_epoch": [],
     "covasim_side_by_side": [],
+    "instructions_per_day": ["--simulate"],
 }
+NEEDS = {"instructions_per_day": "valgrind"}  # skipped, with a note, where this tool is not on PATH
 QUICK = {
     "engine_seir": ["--sizes", "100000", "--steps", "5"],
     "covid_step": ["--sizes", "100000", "--threads", "2"],
@@ -45,6 +48,9 @@ def main() -> int:
     for name in names:
         extra = QUICK.get(name, FULL[name]) if args.quick else FULL[name]
         if args.quick and name not in QUICK:
+            continue
+        if name in NEEDS and not shutil.which(NEEDS[name]):
+            print(f"\n=== {name}: skipped (needs {NEEDS[name]})", flush=True)
             continue
         print(f"\n=== {name} {' '.join(extra)}", flush=True)
         t0 = time.perf_counter()
