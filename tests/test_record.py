@@ -88,3 +88,21 @@ def test_the_covid_models_hard_records_stack_as_their_names():
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
     assert got["new_infections"].sum() > 0  # an epidemic, not zeros
     assert torch.equal(got["new_infections"], got["new_infections_by_borough"].sum(-1))
+
+
+def test_a_resumed_covid_run_records_what_one_run_does(tmp_path):
+    """A run resumed from a checkpoint (its saved steps are plain dicts, the new ones `PackedRecord`s) gives the
+    metrics of one uninterrupted run: the recorder's name-by-name path."""
+    from models.covid.model import MODEL, CovidParams
+
+    env = MODEL.setup(at.synthetic(3000, seed=2), CovidParams().as_tensors("cpu"), "cpu")
+    params = CovidParams(initial_prevalence=0.01).as_tensors("cpu")
+    run = dict(params=params, env=env, seeds=(0, 1), start_date=dt.date(2020, 3, 2), progress=False)
+    whole = at.simulate(MODEL, steps=10, **run)
+    path = tmp_path / "run.pt"
+    at.simulate(MODEL, steps=4, checkpoint_every=4, checkpoint_path=path, **run)
+    resumed = at.simulate(MODEL, steps=10, checkpoint_every=4, checkpoint_path=path, resume=True, **run)
+    assert list(resumed.metrics) == list(whole.metrics)
+    for name, value in whole.metrics.items():
+        assert resumed.metrics[name].dtype == value.dtype and torch.equal(resumed.metrics[name], value), name
+    assert whole.metrics["new_infections"].sum() > 0
