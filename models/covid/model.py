@@ -936,7 +936,6 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     t = ctx.step
     S, E, Ia, Is, H, R, D = state.S, state.E, state.I_asym, state.I_sym, state.H, state.R, state.D
     V = state.vaccinated
-    versions = {name: getattr(state, name)._version for name in IN_PLACE}  # a donated field's, before its update
     # S → E: ctx.bernoulli(1 − exp(−λ), "infection", where=S); in hard mode drawn for every agent while most are
     # susceptible, at the susceptible agents only once they are few
     # (straight-through: with the derivatives d new_E / d S and d new_E / d λ, which `transition`, new_E's only
@@ -946,6 +945,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         after = native_hard_progress(state, force, params, ctx)
         if after is not None:
             return after
+    versions = {name: getattr(state, name)._version for name in IN_PLACE}  # a donated field's, before its update
     # gradient modes on CPU: the draws and S − new_E, E + new_E in one pass, with the infected agents (no new_E); in
     # place where S and E are the loop's own and the flags hold S (the transition saves them in its place: no node
     # saves S or E), writing at the infected agents only (S − new_E is S elsewhere: no [B, N] written)
