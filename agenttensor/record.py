@@ -1,10 +1,10 @@
 """`PackedRecord`: one step's metrics (name -> tensor) held as a few packed blocks of rows plus other values.
 
-A model's step returns its metrics as a mapping. A city model reports ~40 of them a day (flows and stage counts, each
-in total [B] and per group [B, G], the infections by layer...); as a dict of separate tensors that is ~40 views made by
-the step and ~40 copies made by `simulate`'s recorder, ~0.2 ms a day, most of a small population's day. Packed, the
-step makes a few blocks, the recorder copies each once, and a name's tensor is made when it is read
-(`PackedRecord[name]`: the same numbers).
+A model's step returns its metrics as a mapping. The COVID model reports 32 of them a day (flows and stage counts, each
+in total [B] and per borough [B, G], the infections by layer, shares); as a dict of separate tensors that is ~30 views
+made by the step and 32 copies made by `simulate`'s recorder. Packed, the step makes a few blocks, the recorder copies
+each once, and a name's tensor is made when it is read (`PackedRecord[name]`: the same numbers). At 2,000 agents the
+packing alone took 8 % off the step's instructions (callgrind; benchmarks/HISTORY.md, twenty-ninth round).
 """
 
 from __future__ import annotations
@@ -78,7 +78,3 @@ class PackedRecord(Mapping):
 
     def __repr__(self) -> str:
         return f"PackedRecord({list(self)})"
-
-    def form(self) -> tuple:
-        """What a recorder's buffers depend on: each part's layout (by identity) or names."""
-        return tuple(tuple(part) if isinstance(part, dict) else part[0] for part in self.parts)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
