@@ -1274,7 +1274,9 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
 
         per_borough = [ctx.scratch[key].to(torch.float32) for key in METRIC_FLOWS.values()] \
             + [counts_of(stage) for stage in STAGES]
-        totals = [x.sum(1) for x in per_borough]
+        for name, by in zip([*METRIC_FLOWS, *STAGES], per_borough):
+            out[name] = by.sum(1)
+            out[f"{name}_by_borough"] = by
         isolating = counts_of("isolating")
     else:  # [8, B, G]: the `COUNTED` fields' counts, yesterday's plus today's changes where recorded
         fields = tuple(getattr(state, name) for name in COUNTED)
@@ -1285,10 +1287,6 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         env.record_counts(COUNTED, fields, counts)
         packed = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)  # `COUNT_LAYOUT`'s
         isolating = counts[len(STAGES)]
-    if ctx.sampler.differentiable:
-        for name, total, by in zip([*METRIC_FLOWS, *STAGES], totals, per_borough):
-            out[name] = total
-            out[f"{name}_by_borough"] = by
 
     has_workplace = has_workplace_as(env, state.employed.dtype)
 
