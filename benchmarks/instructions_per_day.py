@@ -134,14 +134,14 @@ def main() -> None:
                                  instructions_per_day=round(total / DAYS)))
                 print(rows[-1], flush=True)
             if args.breakdown:
-                total = next(r["instructions"] for r in rows if r["agents"] == agents and r["loop"] == "timed_steps")
+                loop = next(r for r in rows if r["agents"] == agents and r["loop"] == "timed_steps")
+                total = loop["instructions"]
                 parts = {name: count(agents, f"twice:{name}", control) - total for name in TWICE}
                 parts["metrics"] = total - count(agents, "no_metrics", control)
                 parts["loop (contexts, init, schedule)"] = count(agents, "loop_only", control)
                 parts = {"progress (the remainder)": total - sum(parts.values()), **parts}
-                rows[-2 if args.simulate else -1]["breakdown_per_day"] = {k: round(v / DAYS) for k, v in parts.items()}
-                print(dict(agents=agents, breakdown_per_day=rows[-2 if args.simulate else -1]["breakdown_per_day"]),
-                      flush=True)
+                loop["breakdown_per_day"] = {k: round(v / DAYS) for k, v in parts.items()}
+                print(dict(agents=agents, breakdown_per_day=loop["breakdown_per_day"]), flush=True)
     print("agents | loop | instructions per day")
     for row in rows:
         print(f"{row['agents']:,} | {row['loop']} | {row['instructions_per_day']:,}")
