@@ -163,7 +163,7 @@ namespace {
 // interleaved in `pairs` [2 S]: one 64-bit gather per agent fetches both from one cache line, where two 32-bit
 // gathers touched two (a large layer's slots, workplaces, are random: its tables miss the cache). With AVX2 (no
 // AVX-512, e.g. AMD Zen 3) one 64-bit load per agent, 8 agents' pairs de-interleaved by permutes: the compiler's
-// scalar loop made two 32-bit loads per agent, and its hardware gathers were slower still (full NYC's slots, one
+// scalar loop made two 32-bit loads per agent, and AVX2 hardware gathers were slower still (full NYC's slots, one
 // thread, 256-agent tiles: workplaces 11.5 -> 8.6 ms a pass, gathers 10.7; schools 8.1 -> 5.7, gathers 10.0). The
 // same numbers.
 void pair_others_sum(int64_t n, const int32_t* __restrict slot, const float* __restrict pairs,
