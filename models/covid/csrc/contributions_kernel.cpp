@@ -25,10 +25,18 @@
 
 namespace {
 
-// agents per tile: the pass's ~31 tile buffers (~31 KB) then stay in L1 (48 KB). In situ at full NYC 512 (~62 KB)
-// took 25.4 ms per call against 23.3 (14 of 14 per-call A/B runs, benchmarks/ab_kernel_calls.py), 128 took 27.4 against
-// 25.0. (A replay of one day's inputs in isolation had shown no difference.)
+// agents per tile, as measured per machine (per-call A/Bs in situ at full NYC, benchmarks/ab_kernel_calls.py), the
+// build's vector width standing for the machine. The AVX-512 machine (Intel, 48 KB L1): 256, its ~31 tile buffers
+// (~31 KB) in L1; 512 (~62 KB) took 25.4 ms per call against 23.3 (14 of 14 runs), 128 took 27.4 against 25.0. The
+// AVX2 machine (AMD EPYC Zen 3, 32 KB L1): 512, each array's stretch per tile twice as long for the memory streams;
+// 35.3 -> 31.0 ms per call against 256 (8 of 8 runs; a first A/B: 42.1 -> 36.5, 6 of 6), 384 took 4.1 ms more than
+// 512 (0 of 6 faster), 768 0.7 less (4 of 6), 1024 2.0 more than 256, 128 12.9 more than 256. The same numbers at
+// every tile size (the α and η sums keep their lanes: tiles are multiples of kLanes).
+#if defined(__AVX512F__)
 constexpr int64_t kTile = 256;
+#else
+constexpr int64_t kTile = 512;
+#endif
 
 // A tile of an optional [B, N] input as a restrict-able local array: its values, or zeros where it is null (the
 // arithmetic below then runs as one branch-free loop the compiler vectorises; the copies stay in L1).
