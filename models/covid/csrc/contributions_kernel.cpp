@@ -220,7 +220,10 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   }
   const int32_t* __restrict slot = l.slot + i0;
   const float* __restrict scale = l.scale + b * l.scale_stride;
-  if (l.runs && n > 0 && slot[0] == slot[n - 1]) {  // a tile inside one group: its values read once, not gathered
+  // a tile inside one group: its values read once, not gathered. Asked only where the layer's groups are longer than a
+  // tile on average (a neighbourhood's agents, not a household's): the read of the tile's last slot, ahead of the rest,
+  // missed the cache for every tile of the households' (the general path gives the same numbers).
+  if (l.runs && n > 0 && N > n * l.groups && slot[0] == slot[n - 1]) {
     const int32_t g = slot[0];
     const float sv = scale[g];
     if (l.group) {
