@@ -10,8 +10,11 @@ flags, as `native.load` builds it) and the module's `_library` is switched on ev
 (``--entry``, e.g. `shadow_native.backward`): within one backward pass odd days run one version and even days the other,
 the parity swapped from run to run, so both versions see the same days and the same stretch of the machine. Each
 run's figure is a version's mean time per call (the entry point's wall clock: the kernel and its Python glue); the
-table gives every run and the median of the per-run differences. The outputs are the caller's to compare: a version
-that changes numbers changes the gradients at the end (printed for both parities' last runs).
+table gives every run and the median of the per-run differences, then the same over pairs of consecutive runs (the
+mean of a pair's two differences: B ran on odd days in one and on even days in the other, so a cost that differs
+between odd and even days cancels; the transition's per-run differences alternated in sign by ~±5 ms). The outputs
+are the caller's to compare: a version that changes numbers changes the gradients at the end (printed for both
+parities' last runs).
 
 The two sources must share the module's ctypes declarations (`_declare`): a change to an argument struct cannot be
 compared this way (switch a Python-side constant with a module attribute instead). Both are built against the working
@@ -116,14 +119,22 @@ def main() -> None:
         print(f"run {r}: A {means[0]:.2f}  B {means[1]:.2f} ms per call  (B - A {means[1] - means[0]:+.2f}; "
               f"backward {1e3 * backward:.1f} ms/day)")
     differences = [row["b_minus_a"] for row in rows]
+    # runs 2k and 2k + 1 give B the other parity of days: their mean difference cancels a cost that differs between odd
+    # and even days (the transition's per-run differences have alternated in sign by ~±5 ms, its version effect ~3)
+    pairs = [round((differences[k] + differences[k + 1]) / 2, 3) for k in range(0, len(differences) - 1, 2)]
     summary = dict(a_median=statistics.median(r["a_ms_per_call"] for r in rows),
                    b_median=statistics.median(r["b_ms_per_call"] for r in rows),
                    median_b_minus_a=statistics.median(differences), b_faster_runs=sum(d < 0 for d in differences),
+                   pair_b_minus_a=pairs, median_pair_b_minus_a=statistics.median(pairs) if pairs else None,
+                   b_faster_pairs=sum(d < 0 for d in pairs),
                    runs=len(rows), gradients_equal_across_parities=bool(torch.equal(last[0], last[1]))
                    if len(last) == 2 else None)
     print(f"{args.module}.{args.entry}: A median {summary['a_median']:.2f}, B median {summary['b_median']:.2f} ms per "
           f"call; median B - A {summary['median_b_minus_a']:+.2f}, B faster in {summary['b_faster_runs']} of "
           f"{len(rows)} runs; gradients equal across parities: {summary['gradients_equal_across_parities']}")
+    if pairs:
+        print(f"pairs of runs with the days' parity swapped: B - A {', '.join(f'{d:+.2f}' for d in pairs)}; median "
+              f"{summary['median_pair_b_minus_a']:+.2f}, B faster in {summary['b_faster_pairs']} of {len(pairs)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(benchmark="ab_kernel_calls", module=args.module, entry=args.entry,
                                         a=str(args.a), b=str(args.b), days=args.days, scale=args.scale,

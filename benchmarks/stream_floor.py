@@ -11,8 +11,8 @@ start at staggered offsets (equal offsets put the same agent of every array into
 The table gives GB/s by the number of arrays a pass streams at once (a plain copy is 2) and by tile. Then a **floor per
 gradient-kernel pass**: its bytes moved per agent at full NYC (`PASSES`: the arrays each pass reads and writes in
 `covid_step.py`'s gradient loss, counted from the kernels' argument lists) divided by the measured speed at its number
-of arrays. A pass that takes much longer than its floor is bound by something else (arithmetic, latency); one near it can
-only get faster by moving fewer bytes. At full NYC the three passes are then also timed in this process (one
+of arrays. A pass that takes much longer than its floor is bound by something else (arithmetic, latency); one near it
+can only get faster by moving fewer bytes. At full NYC the three passes are then also timed in this process (one
 backward of a 7-day gradient window, torch's profiler; `--passes-days 0`: not), so that floor and time are measured in
 the same stretch of this VM.
 
@@ -186,12 +186,14 @@ def main() -> None:
         moved = bytes_moved(p)
         gbs = speed(p["arrays"])
         floors[name] = dict(p, bytes_per_agent=moved, gb_per_s=gbs, floor_ms=moved * n / gbs / 1e6)
-        print(f"  {name}: {moved:.1f} B/agent, {p['arrays']} arrays, {gbs:.1f} GB/s -> {floors[name]['floor_ms']:.1f} ms")
+        print(f"  {name}: {moved:.1f} B/agent, {p['arrays']} arrays, {gbs:.1f} GB/s -> "
+              f"{floors[name]['floor_ms']:.1f} ms")
     total = sum(f["floor_ms"] for f in floors.values())
     print(f"  the three together: {total:.1f} ms per day")
     if args.passes_days > 0 and n == FULL_NYC_AGENTS:
         del pool
-        print(f"\nthe passes, timed in a {args.passes_days}-day full-NYC gradient window (torch profiler, ms per call):")
+        print(f"\nthe passes, timed in a {args.passes_days}-day full-NYC gradient window (torch profiler, ms per "
+              "call):")
         for name, ms in measured_passes(args.passes_days, args.threads).items():
             floors[name].update(measured_ms=ms, measured_over_floor=ms / floors[name]["floor_ms"])
             print(f"  {name}: {ms:.1f} ms, {ms / floors[name]['floor_ms']:.2f}x its floor")
