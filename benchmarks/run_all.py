@@ -29,12 +29,15 @@ FULL = {
     "calibration_epoch": [],
     "covasim_side_by_side": [],
     "instructions_per_day": ["--simulate"],
+    "stream_floor": [],
 }
 NEEDS = {"instructions_per_day": "valgrind"}  # skipped, with a note, where this tool is not on PATH
 QUICK = {
     "engine_seir": ["--sizes", "100000", "--steps", "5"],
     "covid_step": ["--sizes", "100000", "--threads", "2"],
     "covasim_side_by_side": ["--n", "50000"],
+    "stream_floor": ["--agents", "1000000", "--passes-days", "0",
+                     "--out", str(HERE / "results" / "stream_floor_quick.json")],
 }
 
 
