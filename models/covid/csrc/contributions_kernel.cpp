@@ -74,7 +74,10 @@ inline double lanes_total(const double* lanes) {
   return total;
 }
 
-// One tile's outputs (null: not wanted) and its per-agent α and η terms (summed in order by the caller).
+// One tile's outputs and its per-agent α and η terms (summed in order by the caller); the presences' outputs only where
+// `Presences`, the terms only where `Terms` (else those pointers are not written: five stores per agent fewer where a run
+// wants neither, as the benchmark's loss).
+template <bool Presences, bool Terms>
 void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __restrict dh, const float* __restrict ds,
               const float* __restrict dw, const float* __restrict dc, const float* __restrict ps,
               const float* __restrict pw, const float* __restrict pc, const float* __restrict I_sym,
@@ -99,12 +102,16 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
     o_asym[j] = d_iota * alpha + expected * (alpha * detect);
     const float iota_D = iota * D;
     o_iso[j] = iota_D * -eta;
-    const float away = iota * kept;
-    o_ps[j] = ds[j] * away;
-    o_pw[j] = dw[j] * away;
-    o_pc[j] = dc[j] * away;
-    alpha_term[j] = I_asym[j] * d_iota;
-    eta_term[j] = iota_D * isolating[j];
+    if constexpr (Presences) {
+      const float away = iota * kept;
+      o_ps[j] = ds[j] * away;
+      o_pw[j] = dw[j] * away;
+      o_pc[j] = dc[j] * away;
+    }
+    if constexpr (Terms) {
+      alpha_term[j] = I_asym[j] * d_iota;
+      eta_term[j] = iota_D * isolating[j];
+    }
   }
 }
 
@@ -421,6 +428,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       }
   }
   auto paired = [&](int q) -> const float* { return pairs[q].empty() ? nullptr : pairs[q].data(); };
+  const bool presences = a->out_p_school || a->out_p_workplace || a->out_p_community;
+  const bool terms = a->alpha_sums || a->eta_sums;
+  auto* const own = presences ? (terms ? &own_tile<true, true> : &own_tile<true, false>)
+                              : (terms ? &own_tile<false, true> : &own_tile<false, false>);
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
@@ -477,7 +488,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                        part(l.w_factor_all, l.w_factor_all_stride), weights[q]);
           return weights[q];
         };
-        own_tile(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0), member(0)),
+        own(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0), member(0)),
                  others_sum_tile(a->school, b, N, t0, n, d[1], paired(1), member(1)),
                  others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2), member(2)),
                  others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), row_or_one(ps, t0, n, ones[0]),
