@@ -191,6 +191,7 @@ inline float hazard_gradient(float g_new_E, float S, float survival) { return g_
 // gradient's buffer (out_E over gE, ...: `shadow_native.backward`'s ``reuse``): every input of an agent is read before
 // any of its outputs is written, those pointers are not restrict, and `ivdep` tells the compiler that no agent's
 // outputs are another agent's inputs.
+template <bool WriteH, bool WriteNewE, bool WriteHazard>
 void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, const float* gIa, const float* gH,
                  const float* __restrict gR, const float* __restrict gD, const float* gX, const float* gL,
                  const float* __restrict infections, const float* __restrict report,
@@ -222,7 +223,6 @@ void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, 
     const float Is0 = i_sym + (r - i_sym + p_hosp[j] * g_to_H) * free * rate_Is;
     const float Ia0 = i_asym + (r - i_asym) * free * rate_Ia;
     const float g_to_D = d - r + deaths[j];
-    const float H0 = h + (r - h + p_death[j] * g_to_D) * free * rate_H;
     // today's infections new_E (`new_E_gradient`); the event's derivative w.r.t. S (its mask) added to S's
     const float g_new_E = new_E_gradient(e, s, infections[j]);
     const float S0 = s + (infection_mask[j] ? g_new_E : 0.f);
@@ -231,10 +231,10 @@ void shadow_tile(int64_t n, const float* gS, const float* gE, const float* gIs, 
     out_E[j] = E0;
     out_Is[j] = Is0;
     out_Ia[j] = Ia0;
-    out_H[j] = H0;
-    out_new_E[j] = g_new_E;
+    if constexpr (WriteH) out_H[j] = h + (r - h + p_death[j] * g_to_D) * free * rate_H;
+    if constexpr (WriteNewE) out_new_E[j] = g_new_E;
     out_S[j] = S0;
-    out_hazard[j] = hazard_gradient(g_new_E, S[j], survival[j]);
+    if constexpr (WriteHazard) out_hazard[j] = hazard_gradient(g_new_E, S[j], survival[j]);
   }
 }
 
@@ -467,7 +467,13 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   } else if (hazard) {
     S = a->susceptible + k0;
   }
-  shadow_tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
+  // the outputs that no gradient reaches (null) or that `hazard_span` wrote are not made (a store per agent each)
+  const int which = (dst[3] ? 1 : 0) | (dst[6] ? 2 : 0) | (dst[8] && !hazard_written ? 4 : 0);
+  auto* const tile = which == 0 ? &shadow_tile<false, false, false> : which == 1 ? &shadow_tile<true, false, false>
+                   : which == 2 ? &shadow_tile<false, true, false> : which == 3 ? &shadow_tile<true, true, false>
+                   : which == 4 ? &shadow_tile<false, false, true> : which == 5 ? &shadow_tile<true, false, true>
+                   : which == 6 ? &shadow_tile<false, true, true> : &shadow_tile<true, true, true>;
+  tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
               a->stage_end ? a->stage_end + k0 : t.timed,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, hazard ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
