@@ -77,15 +77,18 @@ inline double lanes_total(const double* lanes) {
 // One tile's outputs and its per-agent α and η terms (summed in order by the caller); the presences' outputs only where
 // `Presences`, the terms only where `Terms` (else those pointers are not written: five stores per agent fewer where a run
 // wants neither, as the benchmark's loss).
-template <bool Presences, bool Terms>
+template <bool Presences, bool Terms, bool Accumulate>
 void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __restrict dh, const float* __restrict ds,
               const float* __restrict dw, const float* __restrict dc, const float* __restrict ps,
               const float* __restrict pw, const float* __restrict pc, const float* __restrict I_sym,
               const float* __restrict I_asym, const float* __restrict isolating,
               const float* __restrict isolate_prob, const int16_t* __restrict stage_end,
-              const float* __restrict testing, float* __restrict o_sym, float* __restrict o_asym,
+              const float* __restrict testing, float* o_sym, float* o_asym,
               float* __restrict o_iso, float* __restrict o_ps, float* __restrict o_pw, float* __restrict o_pc,
-              float* __restrict alpha_term, float* __restrict eta_term) {
+              float* __restrict alpha_term, float* __restrict eta_term, const float* acc_sym, const float* acc_asym) {
+  // `Accumulate`: o_sym = acc_sym + the contribution, o_asym likewise, each o over its acc or not (an agent's acc is
+  // read before its o is written; `ivdep`: no agent's output is another's input)
+#pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
     // every load unconditional (selects, not branches: the loop vectorises)
     const float household = dh[j], prob = isolate_prob[j];
@@ -97,9 +100,16 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
     const float iota = I_sym[j] + alpha * I_asym[j];
     // expected isolation of untaken infections: −η free isolate_prob D
     const float expected = real ? 0.f : prob * D * -eta;
-    o_sym[j] = d_iota + expected;
     const float detect = detect0 + testing[j] * (1.f - detect0);
-    o_asym[j] = d_iota * alpha + expected * (alpha * detect);
+    const float sym = d_iota + expected, asym = d_iota * alpha + expected * (alpha * detect);
+    if constexpr (Accumulate) {
+      const float before_sym = acc_sym[j], before_asym = acc_asym[j];
+      o_sym[j] = before_sym + sym;
+      o_asym[j] = before_asym + asym;
+    } else {
+      o_sym[j] = sym;
+      o_asym[j] = asym;
+    }
     const float iota_D = iota * D;
     o_iso[j] = iota_D * -eta;
     if constexpr (Presences) {
@@ -430,8 +440,13 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   auto paired = [&](int q) -> const float* { return pairs[q].empty() ? nullptr : pairs[q].data(); };
   const bool presences = a->out_p_school || a->out_p_workplace || a->out_p_community;
   const bool terms = a->alpha_sums || a->eta_sums;
-  auto* const own = presences ? (terms ? &own_tile<true, true> : &own_tile<true, false>)
-                              : (terms ? &own_tile<false, true> : &own_tile<false, false>);
+  // I_sym's and I_asym's derivatives added to the ones already there in the tile's pass (not a tile buffer added after)
+  const bool accumulate = a->acc_I_sym && a->acc_I_asym;
+  using Own = decltype(&own_tile<false, false, false>);
+  const Own owns[8] = {&own_tile<false, false, false>, &own_tile<true, false, false>, &own_tile<false, true, false>,
+                       &own_tile<true, true, false>,   &own_tile<false, false, true>, &own_tile<true, false, true>,
+                       &own_tile<false, true, true>,   &own_tile<true, true, true>};
+  const Own own = owns[(presences ? 1 : 0) | (terms ? 2 : 0) | (accumulate ? 4 : 0)];
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
@@ -494,14 +509,17 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), row_or_one(ps, t0, n, ones[0]),
                  row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
                  a->isolate_prob + k0, stage_end,
-                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]), field(a->out_I_sym, a->acc_I_sym, 0),
-                 field(a->out_I_asym, a->acc_I_asym, 1), field(a->out_isolating, a->acc_isolating, 2),
-                 presence(a->out_p_school, a->acc_p_school, 0), presence(a->out_p_workplace, a->acc_p_workplace, 1),
-                 presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term);
+                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]),
+                 accumulate ? a->out_I_sym + k0 : field(a->out_I_sym, a->acc_I_sym, 0),
+                 accumulate ? a->out_I_asym + k0 : field(a->out_I_asym, a->acc_I_asym, 1),
+                 field(a->out_isolating, a->acc_isolating, 2), presence(a->out_p_school, a->acc_p_school, 0),
+                 presence(a->out_p_workplace, a->acc_p_workplace, 1),
+                 presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term,
+                 accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
 
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
-        for (int q = 0; q < 3; ++q) {
+        for (int q = accumulate ? 2 : 0; q < 3; ++q) {
           if (!accs[q]) continue;
           const float* acc = accs[q] + k0;  // may be outs[q]: the same element is read, then written
           float* o = outs[q] + k0;
