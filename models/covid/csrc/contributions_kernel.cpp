@@ -11,9 +11,11 @@
 // (double), so that they do not depend on the number of threads; the caller adds the blocks in order.
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -77,7 +79,7 @@ inline double lanes_total(const double* lanes) {
 // One tile's outputs and its per-agent α and η terms (summed in order by the caller); the presences' outputs only where
 // `Presences`, the terms only where `Terms` (else those pointers are not written: five stores per agent fewer where a run
 // wants neither, as the benchmark's loss).
-template <bool Presences, bool Terms, bool Accumulate>
+template <bool Presences, bool Terms, bool Accumulate, bool Packed>
 void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __restrict dh, const float* __restrict ds,
               const float* __restrict dw, const float* __restrict dc, const float* __restrict ps,
               const float* __restrict pw, const float* __restrict pc, const float* __restrict I_sym,
@@ -85,19 +87,34 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
               const float* __restrict isolate_prob, const int16_t* __restrict stage_end,
               const float* __restrict testing, float* o_sym, float* o_asym,
               float* __restrict o_iso, float* __restrict o_ps, float* __restrict o_pw, float* __restrict o_pc,
-              float* __restrict alpha_term, float* __restrict eta_term, const float* acc_sym, const float* acc_asym) {
+              float* __restrict alpha_term, float* __restrict eta_term, const float* acc_sym, const float* acc_asym,
+              const uint8_t* __restrict flags) {
   // `Accumulate`: o_sym = acc_sym + the contribution, o_asym likewise, each o over its acc or not (an agent's acc is
   // read before its o is written; `ivdep`: no agent's output is another's input)
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
-    // every load unconditional (selects, not branches: the loop vectorises)
+    // every load unconditional (selects, not branches: the loop vectorises). `Packed`: I_sym, I_asym, isolating and the
+    // countdown's sign from the agent's flags (`agenttensor_covid_pack`: bits 0-3), read here, not unpacked into tiles
     const float household = dh[j], prob = isolate_prob[j];
+    uint8_t f = 0;
+    float I_sym_j, I_asym_j, isolating_j;
+    if constexpr (Packed) {
+      f = flags[j];
+      I_sym_j = static_cast<float>(f & 1), I_asym_j = static_cast<float>((f >> 1) & 1);
+      isolating_j = static_cast<float>((f >> 2) & 1);
+    } else {
+      I_sym_j = I_sym[j], I_asym_j = I_asym[j], isolating_j = isolating[j];
+    }
     // D = Σ_l d_l p_l
     const float D = ds[j] * ps[j] + dw[j] * pw[j] + dc[j] * pc[j];
-    const bool real = stage_end[j] >= 0;
-    const float kept = 1.f - eta * isolating[j];
+    bool real;
+    if constexpr (Packed)
+      real = ((f >> 3) & 1) != 0;
+    else
+      real = stage_end[j] >= 0;
+    const float kept = 1.f - eta * isolating_j;
     const float d_iota = (real ? household : 0.f) + D * kept;
-    const float iota = I_sym[j] + alpha * I_asym[j];
+    const float iota = I_sym_j + alpha * I_asym_j;
     // expected isolation of untaken infections: −η free isolate_prob D
     const float expected = real ? 0.f : prob * D * -eta;
     const float detect = detect0 + testing[j] * (1.f - detect0);
@@ -119,10 +136,21 @@ void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __r
       o_pc[j] = dc[j] * away;
     }
     if constexpr (Terms) {
-      alpha_term[j] = I_asym[j] * d_iota;
-      eta_term[j] = iota_D * isolating[j];
+      alpha_term[j] = I_asym_j * d_iota;
+      eta_term[j] = iota_D * isolating_j;
     }
   }
+}
+
+// own_tile's 16 instantiations, indexed by Presences | Terms << 1 | Accumulate << 2 | Packed << 3
+template <size_t... I>
+constexpr auto own_variants_of(std::index_sequence<I...>) {
+  return std::array<decltype(&own_tile<false, false, false, false>), sizeof...(I)>{
+      &own_tile<(I & 1) != 0, (I & 2) != 0, (I & 4) != 0, (I & 8) != 0>...};
+}
+inline const auto& own_variants() {
+  static constexpr auto variants = own_variants_of(std::make_index_sequence<16>());
+  return variants;
 }
 
 // The packed fields of a tile (`agenttensor_covid_pack`) as floats 0/1, into three tile buffers (stay in L1)
@@ -304,6 +332,20 @@ void add_where_infectious(int64_t n, const float* __restrict I_sym, const float*
     if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = o[j] + terms[j];
 }
 
+// `add_where_infectious` from the agents' flags (bits 0 and 1: I_sym, I_asym), eight agents' bytes tested at a time
+void add_where_flagged(int64_t n, const uint8_t* __restrict flags, const float* __restrict terms, float* __restrict o) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    uint64_t eight;
+    std::memcpy(&eight, flags + j, 8);
+    if ((eight & 0x0303030303030303ull) == 0) continue;
+    for (int64_t k = j; k < j + 8; ++k)
+      if (flags[k] & 3) o[k] = o[k] + terms[k];
+  }
+  for (; j < n; ++j)
+    if (flags[j] & 3) o[j] = o[j] + terms[j];
+}
+
 // A `weighted` layer's member values for a tile of n agents: gs (grad σ) (presence ((1 factor) factor_all)), with
 // ones where a part is null (exact: the force's native pass multiplies by the parts that exist, in this order).
 void weights_tile(int64_t n, const float* __restrict gs, const float* __restrict p, const float* __restrict f,
@@ -442,11 +484,9 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   const bool terms = a->alpha_sums || a->eta_sums;
   // I_sym's and I_asym's derivatives added to the ones already there in the tile's pass (not a tile buffer added after)
   const bool accumulate = a->acc_I_sym && a->acc_I_asym;
-  using Own = decltype(&own_tile<false, false, false>);
-  const Own owns[8] = {&own_tile<false, false, false>, &own_tile<true, false, false>, &own_tile<false, true, false>,
-                       &own_tile<true, true, false>,   &own_tile<false, false, true>, &own_tile<true, false, true>,
-                       &own_tile<false, true, true>,   &own_tile<true, true, true>};
-  const Own own = owns[(presences ? 1 : 0) | (terms ? 2 : 0) | (accumulate ? 4 : 0)];
+  // the flags read in the tile's pass where they carry the countdown's sign too (else unpacked into tile buffers)
+  const bool packed = a->flags && !a->stage_end;
+  const auto own = own_variants()[(presences ? 1 : 0) | (terms ? 2 : 0) | (accumulate ? 4 : 0) | (packed ? 8 : 0)];
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
@@ -470,13 +510,11 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         auto field = [&](float* p, const float* acc, int slot) { return acc ? sums[slot] : out(p, slot); };
         auto presence = [&](float* p, const float* acc, int q) { return acc ? presence_terms[q] : out(p, 3 + q); };
         const float *I_sym = a->I_sym + k0, *I_asym = a->I_asym + k0, *isolating = a->isolating + k0;
-        if (a->flags) {
+        if (a->flags && !packed) {
           unpack(n, a->flags + k0, unpacked);
           I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
         }
-        const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : timed;
-        if (!a->stage_end)
-          for (int64_t j = 0; j < n; ++j) timed[j] = static_cast<int16_t>(((a->flags[k0 + j] >> 3) & 1) - 1);
+        const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : timed;  // (not read where packed)
         // the weighted layers' member values: gs = grad σ once per tile, then each layer's product
         if (a->w_grad) {
           const float* sigma = sigmas;
@@ -515,7 +553,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  field(a->out_isolating, a->acc_isolating, 2), presence(a->out_p_school, a->acc_p_school, 0),
                  presence(a->out_p_workplace, a->acc_p_workplace, 1),
                  presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term,
-                 accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr);
+                 accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr,
+                 packed ? a->flags + k0 : nullptr);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
 
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
@@ -526,7 +565,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            add_where_infectious(n, I_sym, I_asym, sums[q], o);
+            if (packed)
+              add_where_flagged(n, a->flags + k0, sums[q], o);
+            else
+              add_where_infectious(n, I_sym, I_asym, sums[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
@@ -540,7 +582,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            add_where_infectious(n, I_sym, I_asym, presence_terms[q], o);
+            if (packed)
+              add_where_flagged(n, a->flags + k0, presence_terms[q], o);
+            else
+              add_where_infectious(n, I_sym, I_asym, presence_terms[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
