@@ -76,9 +76,9 @@ inline double lanes_total(const double* lanes) {
   return total;
 }
 
-// One tile's outputs and its per-agent α and η terms (summed in order by the caller); the presences' outputs only where
-// `Presences`, the terms only where `Terms` (else those pointers are not written: five stores per agent fewer where a run
-// wants neither, as the benchmark's loss).
+// One tile's outputs and its per-agent α and η terms (summed in order by the caller); the presences' outputs only
+// where `Presences`, the terms only where `Terms` (else those pointers are not written: five stores per agent fewer
+// where a run wants neither, as the benchmark's loss).
 template <bool Presences, bool Terms, bool Accumulate, bool Packed>
 void own_tile(int64_t n, float alpha, float eta, float detect0, const float* __restrict dh, const float* __restrict ds,
               const float* __restrict dw, const float* __restrict dc, const float* __restrict ps,
