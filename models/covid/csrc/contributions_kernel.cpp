@@ -493,7 +493,6 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
         presence_terms[3][kTile];
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts
-    int16_t timed[kTile];  // stage_end's sign from the flags' bit 3 (0: a countdown, −1: none)
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -514,7 +513,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           unpack(n, a->flags + k0, unpacked);
           I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
         }
-        const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : timed;  // (not read where packed)
+        // (without stage_end the flags carry its sign: `packed`, and own_tile reads them)
+        const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : nullptr;
         // the weighted layers' member values: gs = grad σ once per tile, then each layer's product
         if (a->w_grad) {
           const float* sigma = sigmas;

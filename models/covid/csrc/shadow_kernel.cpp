@@ -468,12 +468,11 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
     S = a->susceptible + k0;
   }
   // the outputs that no gradient reaches (null) or that `hazard_span` wrote are not made (a store per agent each)
-  const int which = (dst[3] ? 1 : 0) | (dst[6] ? 2 : 0) | (dst[8] && !hazard_written ? 4 : 0);
-  auto* const tile = which == 0 ? &shadow_tile<false, false, false> : which == 1 ? &shadow_tile<true, false, false>
-                   : which == 2 ? &shadow_tile<false, true, false> : which == 3 ? &shadow_tile<true, true, false>
-                   : which == 4 ? &shadow_tile<false, false, true> : which == 5 ? &shadow_tile<true, false, true>
-                   : which == 6 ? &shadow_tile<false, true, true> : &shadow_tile<true, true, true>;
-  tile(n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
+  static constexpr decltype(&shadow_tile<false, false, false>) tiles[8] = {
+      &shadow_tile<false, false, false>, &shadow_tile<true, false, false>, &shadow_tile<false, true, false>,
+      &shadow_tile<true, true, false>,   &shadow_tile<false, false, true>, &shadow_tile<true, false, true>,
+      &shadow_tile<false, true, true>,   &shadow_tile<true, true, true>};
+  tiles[(dst[3] ? 1 : 0) | (dst[6] ? 2 : 0) | (dst[8] && !hazard_written ? 4 : 0)](n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
               t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
               a->stage_end ? a->stage_end + k0 : t.timed,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, hazard ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
