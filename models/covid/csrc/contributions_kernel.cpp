@@ -40,23 +40,9 @@ constexpr int64_t kTile = 256;
 constexpr int64_t kTile = 512;
 #endif
 
-// A tile of an optional [B, N] input as a restrict-able local array: its values, or zeros where it is null (the
-// arithmetic below then runs as one branch-free loop the compiler vectorises; the copies stay in L1).
-inline const float* tile_of(const float* p, int64_t k0, int64_t n, float* buffer) {
-  if (p == nullptr) {
-    std::fill(buffer, buffer + n, 0.f);
-    return buffer;
-  }
-  return p + k0;
-}
-
-inline const float* row_or_one(const float* p, int64_t i0, int64_t n, float* buffer) {
-  if (p == nullptr) {
-    std::fill(buffer, buffer + n, 1.f);
-    return buffer;
-  }
-  return p + i0;
-}
+// An optional [B | 1, N] row's tile: its values, or a constant tile (zeros, ones: filled once per thread) where it is
+// null (the arithmetic below then runs as one branch-free loop the compiler vectorises; the constants stay in cache).
+inline const float* tile_or(const float* p, int64_t i0, const float* constant) { return p ? p + i0 : constant; }
 
 // The α and η sums of a block: kLanes running sums in double (agent j into lane j % kLanes, tiles are multiples of
 // kLanes), added in lane order at the end: a fixed order, whatever the threads, and independent chains (one serial
@@ -489,10 +475,11 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   const auto own = own_variants()[(presences ? 1 : 0) | (terms ? 2 : 0) | (accumulate ? 4 : 0) | (packed ? 8 : 0)];
   agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
-    float zeros[1][kTile], ones[3][kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
+    float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
         eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
         presence_terms[3][kTile];
-    std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts
+    std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
+    std::fill(zero, zero + kTile, 0.f);  // no testing lever: no extra detection
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -544,10 +531,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
         own(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0), member(0)),
                  others_sum_tile(a->school, b, N, t0, n, d[1], paired(1), member(1)),
                  others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2), member(2)),
-                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), row_or_one(ps, t0, n, ones[0]),
-                 row_or_one(pw, t0, n, ones[1]), row_or_one(pc, t0, n, ones[2]), I_sym, I_asym, isolating,
+                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), tile_or(ps, t0, one),
+                 tile_or(pw, t0, one), tile_or(pc, t0, one), I_sym, I_asym, isolating,
                  a->isolate_prob + k0, stage_end,
-                 testing ? testing + t0 : tile_of(nullptr, 0, n, zeros[0]),
+                 tile_or(testing, t0, zero),
                  accumulate ? a->out_I_sym + k0 : field(a->out_I_sym, a->acc_I_sym, 0),
                  accumulate ? a->out_I_asym + k0 : field(a->out_I_asym, a->acc_I_asym, 1),
                  field(a->out_isolating, a->acc_isolating, 2), presence(a->out_p_school, a->acc_p_school, 0),
