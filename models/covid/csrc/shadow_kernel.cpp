@@ -355,6 +355,26 @@ void unpack_susceptible(int64_t n, const uint8_t* __restrict flags, float* __res
   for (int64_t j = 0; j < n; ++j) S[j] = static_cast<float>((flags[j] >> 4) & 1);
 }
 
+// A tile row that holds one value at every agent (kTile of them: any tile fits), refilled only when asked for another
+// (compared as bits): the per-borough gradients where a tile lies in one borough, the detection probabilities without
+// the testing lever. (Filled per tile, their ~5 rows took ~2 % of the shadow pass's instructions.)
+struct ConstantRow {
+  float values[kTile];
+  uint32_t bits;
+  bool filled;
+};
+
+inline const float* constant_row(ConstantRow& row, float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if (!row.filled || row.bits != bits) {
+    std::fill(row.values, row.values + kTile, value);
+    row.bits = bits;
+    row.filled = true;
+  }
+  return row.values;
+}
+
 // A thread's tile buffers for `shadow_span` (value-initialise it: ``zero`` is read for every null input, never written;
 // ``unwritten`` takes the null outputs, never read)
 struct ShadowTile {
@@ -363,6 +383,7 @@ struct ShadowTile {
   uint8_t no_mask[kTile];
   int16_t timed[kTile];  // stage_end's sign from timed_flags (0: a countdown, −1: none)
   float susceptible[kTile];  // S from timed_flags' bit 4 (susceptible_bit)
+  ConstantRow one_infections, one_report, one_admissions, one_deaths, one_d_sym, one_d_asym;
 };
 
 // The incoming [B, N] gradients in `shadow_tile`'s order (gS ... g_latent)
@@ -378,17 +399,14 @@ inline void outputs(const ShadowArgs* a, float* (&out)[9]) {
   std::copy(o, o + 9, out);
 }
 
-// A per-borough [B, G] gradient at agents [t0, t0 + n) of row b: `zero` where it is null, else into `out` (one value
-// where the agents are all in one borough, else read at each agent's)
+// A per-borough [B, G] gradient at agents [t0, t0 + n) of row b: `zero` where it is null, `one`'s row where the agents
+// are all in one borough, else read at each agent's into `out`
 const float* borough_values(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* table,
-                            float* __restrict out, const float* zero) {
+                            float* __restrict out, ConstantRow& one, const float* zero) {
   if (!table) return zero;
   const int64_t G = a->G;
   for (int64_t g = 0; a->borough_starts && g < G; ++g)
-    if (a->borough_starts[g] <= t0 && t0 + n <= a->borough_starts[g + 1]) {
-      std::fill(out, out + n, table[b * G + g]);
-      return out;
-    }
+    if (a->borough_starts[g] <= t0 && t0 + n <= a->borough_starts[g + 1]) return constant_row(one, table[b * G + g]);
   small_table_lookup(n, table + b * G, G, a->borough + t0, out);
   return out;
 }
@@ -398,7 +416,8 @@ const float* borough_values(const ShadowArgs* a, int64_t b, int64_t t0, int64_t 
 void hazard_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const float* __restrict S, ShadowTile& t,
                  float* __restrict out) {
   const int64_t k0 = b * a->N + t0;
-  const float* __restrict infections = borough_values(a, b, t0, n, a->g_infections, t.infections, t.zero);
+  const float* __restrict infections =
+      borough_values(a, b, t0, n, a->g_infections, t.infections, t.one_infections, t.zero);
   const float* __restrict gS = a->gS ? a->gS + k0 : t.zero;
   const float* __restrict gE = a->gE ? a->gE + k0 : t.zero;
   const float* __restrict survival = a->survival + k0;
@@ -417,13 +436,13 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   // one loop per gathered value, its null checks outside (no branch inside: the loops vectorise; the single loop
   // with every gather and its branches ran one agent at a time, ~half of the kernel's time at full NYC)
   const uint8_t* __restrict age = a->age_group + t0;
-  auto per_borough = [&](const float* table, float* out) {
-    return borough_values(a, b, t0, n, table, out, t.zero);
+  auto per_borough = [&](const float* table, float* out, ConstantRow& one) {
+    return borough_values(a, b, t0, n, table, out, one, t.zero);
   };
-  const float* infections = per_borough(a->g_infections, t.infections);
-  const float* report = per_borough(a->g_report, t.report);
-  const float* admissions = per_borough(a->g_admissions, t.admissions);
-  const float* deaths = per_borough(a->g_deaths, t.deaths);
+  const float* infections = per_borough(a->g_infections, t.infections, t.one_infections);
+  const float* report = per_borough(a->g_report, t.report, t.one_report);
+  const float* admissions = per_borough(a->g_admissions, t.admissions, t.one_admissions);
+  const float* deaths = per_borough(a->g_deaths, t.deaths, t.one_deaths);
   small_table_lookup(n, a->symptomatic, a->ages, age, t.f);
   small_table_lookup(n, a->death, a->ages, age, t.p_death);
   small_table_lookup(n, a->hosp, a->ages, age, t.p_hosp);
@@ -434,6 +453,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   }
   // detection probabilities, raised by testing
   const float ds = a->detect_sym[b], da = a->detect_asym[b];
+  const float *d_sym = t.d_sym, *d_asym = t.d_asym;
   if (a->testing) {
     const float* __restrict testing = a->testing + b * a->cells;
     const int32_t* __restrict cell = a->cell + t0;
@@ -443,8 +463,8 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
       t.d_asym[j] = da + extra * (1.f - da);
     }
   } else {
-    std::fill(t.d_sym, t.d_sym + n, ds);
-    std::fill(t.d_asym, t.d_asym + n, da);
+    d_sym = constant_row(t.one_d_sym, ds);
+    d_asym = constant_row(t.one_d_asym, da);
   }
   if (!from_sym) from_sym = from_asym = t.zero;
   // a null output is zero for every agent (all its inputs are null): not written
@@ -473,7 +493,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
       &shadow_tile<true, true, false>,   &shadow_tile<false, false, true>, &shadow_tile<true, false, true>,
       &shadow_tile<false, true, true>,   &shadow_tile<true, true, true>};
   tiles[(dst[3] ? 1 : 0) | (dst[6] ? 2 : 0) | (dst[8] && !hazard_written ? 4 : 0)](n, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], infections, report, admissions, deaths,
-              t.f, t.p_hosp, t.p_death, t.d_sym, t.d_asym, from_sym, from_asym,
+              t.f, t.p_hosp, t.p_death, d_sym, d_asym, from_sym, from_asym,
               a->stage_end ? a->stage_end + k0 : t.timed,
               a->infection_mask ? a->infection_mask + k0 : t.no_mask, S, hazard ? a->survival + k0 : t.zero, a->half_infectious, a->rate_E, a->rate_Is, a->rate_Ia,
               a->rate_H, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]);
