@@ -444,7 +444,7 @@ void shadow_span(const ShadowArgs* a, int64_t b, int64_t t0, int64_t n, const fl
   const float* admissions = per_borough(a->g_admissions, t.admissions, t.one_admissions);
   const float* deaths = per_borough(a->g_deaths, t.deaths, t.one_deaths);
   small_table_lookup(n, a->symptomatic, a->ages, age, t.f);
-  small_table_lookup(n, a->death, a->ages, age, t.p_death);
+  if (a->out_H) small_table_lookup(n, a->death, a->ages, age, t.p_death);  // (read for H's output only)
   small_table_lookup(n, a->hosp, a->ages, age, t.p_hosp);
   if (a->vaccinated) {
     const float efficacy = a->efficacy_severe[b];
