@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agenttensor import StraightThrough, _cpu_cache, native  # noqa: E402
+from agenttensor import Hard, StraightThrough, _cpu_cache, native  # noqa: E402
 from covid_step import MODEL, CovidParams, timed_steps  # noqa: E402
 
 NAMES = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=28)
     parser.add_argument("--scale", type=float, default=1.0, help="the NYC population's scale (1: full NYC)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hard", action="store_true",
+                        help="hard-mode forward windows (no backward), for the hard forward's kernels: the runs' daily "
+                             "new infections are compared across parities in place of the gradients")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ab_kernel_calls.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,7 +97,12 @@ def main() -> None:
         "cpu", learn=NAMES)
     _cpu_cache.enable_for(env.num_agents, "cpu")
 
+    hard_params = CovidParams(initial_prevalence=1e-3).as_tensors("cpu")
+
     def run() -> tuple[float, torch.Tensor]:
+        if args.hard:  # (the forward's time per day; its outputs for the comparison)
+            wall, _, (_, records) = timed_steps(env, hard_params, Hard(), args.days)
+            return wall / args.days, torch.stack([r["new_infections"] for r in records])
         _, _, (_, records) = timed_steps(env, learn, StraightThrough(), args.days)
         loss = sum(r["new_infections"].sum() + r["reported_cases"].sum() + r["hospital_admissions"].sum()
                    for r in records)
@@ -117,7 +125,7 @@ def main() -> None:
                          b_minus_a=round(means[1] - means[0], 3), backward_ms_per_day=round(1e3 * backward, 2)))
         last[r % 2] = gradients
         print(f"run {r}: A {means[0]:.2f}  B {means[1]:.2f} ms per call  (B - A {means[1] - means[0]:+.2f}; "
-              f"backward {1e3 * backward:.1f} ms/day)")
+              f"{'forward' if args.hard else 'backward'} {1e3 * backward:.1f} ms/day)")
     differences = [row["b_minus_a"] for row in rows]
     # runs 2k and 2k + 1 give B the other parity of days: their mean difference cancels a cost that differs between odd
     # and even days (the transition's per-run differences have alternated in sign by ~±5 ms, its version effect ~3)

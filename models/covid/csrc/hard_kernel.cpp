@@ -313,6 +313,15 @@ namespace {
 
 enum { kScaled = 0, kLevels = 1, kCommunity = 2 };
 
+// Bit k: whether byte k of x (little-endian: the k-th in memory) is not 0. Each byte's high bit set where any bit is
+// (x's high bits, or the low seven's carry into it), then the eight high bits gathered by one multiplication. The
+// serial scan of `source_totals` tested one byte per agent (one thread; the other waits): at full NYC, per-call A/B in
+// hard-mode runs (AMD Zen 3), 19.95 -> 18.75 ms per `hard_force` call (8 of 8 runs faster), the same numbers.
+inline uint64_t nonzero_bytes(uint64_t x) {
+  const uint64_t high = (x | ((x & 0x7f7f7f7f7f7f7f7full) + 0x7f7f7f7f7f7f7f7full)) & 0x8080808080808080ull;
+  return ((high >> 7) * 0x0102040810204080ull) >> 56;
+}
+
 // Every layer's group totals of the infectious agents' contributions (`model.infection_pressure`'s ``group_totals``
 // per layer) in one pass: for each agent with I_sym or I_asym, in (b, n) order, ι = I_sym + α I_asym and ι a = ι (1 − η
 // isolating), times each layer's presence, added at the agent's slot: the torch ops' numbers (their products in
@@ -324,8 +333,18 @@ void source_totals(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_
     const uint8_t *sym = I_sym + b * N, *asym = I_asym + b * N;
     for (int64_t n0 = 0; n0 < N; n0 += 64) {
       const int64_t width = std::min<int64_t>(64, N - n0);
-      uint64_t bits = 0;  // the block's infectious agents (a vectorised test), then each of them in order
-      for (int64_t j = 0; j < width; ++j) bits |= static_cast<uint64_t>((sym[n0 + j] | asym[n0 + j]) != 0) << j;
+      uint64_t bits = 0;  // the block's infectious agents (8 agents' bytes at a time), then each of them in order
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+      if (width == 64) {
+        for (int64_t w = 0; w < 8; ++w) {
+          uint64_t s, x;
+          std::memcpy(&s, sym + n0 + 8 * w, 8);
+          std::memcpy(&x, asym + n0 + 8 * w, 8);
+          bits |= nonzero_bytes(s | x) << (8 * w);
+        }
+      } else
+#endif
+        for (int64_t j = 0; j < width; ++j) bits |= static_cast<uint64_t>((sym[n0 + j] | asym[n0 + j]) != 0) << j;
       while (bits) {
         const int64_t n = n0 + __builtin_ctzll(bits);
         bits &= bits - 1;
