@@ -16,6 +16,10 @@ between odd and even days cancels; the transition's per-run differences alternat
 are the caller's to compare: a version that changes numbers changes the gradients at the end (printed for both
 parities' last runs).
 
+``--hard`` runs hard-mode forward windows instead (no backward pass), for the hard forward's kernels (e.g.
+``--module models.covid.hard_native --entry hard_force``): the per-day figure is then the forward's, and the runs' daily
+new infections are compared across parities in place of the gradients.
+
 The two sources must share the module's ctypes declarations (`_declare`): a change to an argument struct cannot be
 compared this way (switch a Python-side constant with a module attribute instead). Both are built against the working
 tree's shared headers (agenttensor/csrc/*.h): a header's change is compared through a source that includes it, built
