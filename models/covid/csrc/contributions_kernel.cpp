@@ -542,12 +542,6 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term,
                  accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr,
                  packed ? a->flags + k0 : nullptr);
-        auto add_at_infectious = [&](const float* terms, float* o) {  // o += terms at the tile's infectious agents
-          if (packed)
-            add_where_flagged(n, a->flags + k0, terms, o);
-          else
-            add_where_infectious(n, I_sym, I_asym, terms, o);
-        };
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
 
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
@@ -558,7 +552,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            add_at_infectious(sums[q], o);
+            if (packed)
+              add_where_flagged(n, a->flags + k0, sums[q], o);
+            else
+              add_where_infectious(n, I_sym, I_asym, sums[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
@@ -572,7 +569,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            add_at_infectious(presence_terms[q], o);
+            if (packed)
+              add_where_flagged(n, a->flags + k0, presence_terms[q], o);
+            else
+              add_where_infectious(n, I_sym, I_asym, presence_terms[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
