@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace agenttensor {
@@ -24,6 +25,34 @@ void parallel(int64_t threads, int64_t n, int64_t grain, F&& body) {
     const int64_t chunk = (n + count - 1) / count;
     body(std::min(n, w * chunk), std::min(n, (w + 1) * chunk));
   }
+}
+
+// Tasks [0, count) handed out one at a time to whoever asks first (`next`): for work whose tasks' costs differ, or whose
+// threads run at different speeds (this VM's two cores do), where `parallel`'s equal halves leave one thread waiting
+// for the other at the end of every call. A task's result must not depend on the thread that runs it.
+struct TaskQueue {
+  std::atomic<int64_t> taken{0};
+  int64_t count;
+
+  explicit TaskQueue(int64_t tasks) : count(tasks) {}
+  bool next(int64_t& task) {
+    task = taken.fetch_add(1, std::memory_order_relaxed);
+    return task < count;
+  }
+};
+
+// body(queue) on each thread of torch's pool (as `parallel`; at most one thread per task), every thread taking tasks
+// from one `TaskQueue` of `tasks` until none are left: a thread's per-task scratch set up once per thread, in body.
+template <class F>
+void parallel_tasks(int64_t threads, int64_t tasks, F&& body) {
+  TaskQueue queue(tasks);
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
+  if (threads <= 1) {
+    body(queue);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  body(queue);
 }
 
 // body(b, i0, i1) for each row b of a [B, N] array that the flat range [lo, hi) touches, with its agents [i0, i1):

@@ -473,14 +473,15 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   // the flags read in the tile's pass where they carry the countdown's sign too (else unpacked into tile buffers)
   const bool packed = a->flags && !a->stage_end;
   const auto own = own_variants()[(presences ? 1 : 0) | (terms ? 2 : 0) | (accumulate ? 4 : 0) | (packed ? 8 : 0)];
-  agenttensor::parallel(a->threads, a->B * blocks, 1, [&](int64_t lo, int64_t hi) {
+  // the blocks taken by the threads as they come free (`parallel_tasks`: equal halves left one thread waiting)
+  agenttensor::parallel_tasks(a->threads, a->B * blocks, [&](agenttensor::TaskQueue& queue) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
         eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
         presence_terms[3][kTile];
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
     std::fill(zero, zero + kTile, 0.f);  // no testing lever: no extra detection
-    for (int64_t job = lo; job < hi; ++job) {
+    for (int64_t job; queue.next(job);) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
       const float* ps = a->p_school ? a->p_school + b * a->p_school_stride : nullptr;

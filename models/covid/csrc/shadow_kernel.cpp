@@ -531,15 +531,16 @@ void agenttensor_covid_shadow_backward(const ShadowArgs* a) {
 // [B, N] q_sym, q_asym written and read back, no second read of the household slots).
 void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
   const int64_t N = a->N, H = a->households;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(a->threads, N >> 16));
+  // pieces of ~2^16 agents cut at household boundaries, taken by the threads as they come free (`parallel_tasks`)
+  const int64_t parts = std::max<int64_t>(1, N >> 16);
   std::vector<int64_t> cut(parts + 1);
   for (int64_t p = 0; p <= parts; ++p)
     cut[p] = p == parts ? N : std::max(p ? cut[p - 1] : 0, group_boundary(a->household, N, p * (N / parts)));
-  agenttensor::parallel(a->threads, a->B * parts, 1, [&](int64_t lo, int64_t hi) {
+  agenttensor::parallel_tasks(a->threads, a->B * parts, [&](agenttensor::TaskQueue& queue) {
     ShadowTile tile{};
     std::vector<float> us, qs, qa, from_sym, from_asym, unpacked, sigmas, weights;  // a chunk's unit hazards, q,
                                                                                     // hand-offs (and S, σ, weights)
-    for (int64_t k = lo; k < hi; ++k) {
+    for (int64_t k; queue.next(k);) {
       const int64_t b = k / parts, i0 = cut[k % parts], i1 = cut[k % parts + 1];
       const float* S_row = a->susceptible_bit ? nullptr : a->susceptible + b * N;
       const float* sigma = a->sigma_table ? nullptr : a->sigma + b * a->sigma_stride;
