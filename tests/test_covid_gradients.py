@@ -351,6 +351,40 @@ def test_native_shadow_backward_equals_its_torch_ops(population, monkeypatch, sa
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (name, a, b)
 
 
+def test_the_fused_transition_gives_the_same_gradients_on_any_number_of_threads(monkeypatch):
+    """The transition's fused native pass hands its pieces of ~2^16 agents (whole households) to the threads as they
+    come free (`parallel_tasks`): a piece's numbers depend on its agents alone, so one and two threads give the same
+    bits, here with three pieces per row and two rows (seeds)."""
+    from models.covid import shadow_native
+
+    if not shadow_native.native.kernels_enabled():
+        pytest.skip("native kernels unavailable")
+    population = at.synthetic(3 * 2**16, seed=5)
+    params = moderate(initial_prevalence=0.01)
+    env = MODEL.setup(population, params.as_tensors(), "cpu")
+    assert shadow_native.contiguous_groups(env.household.slot)  # (the fused pass's case)
+    names = ("transmission_scale", "detection_rate", "household_weight")
+    calls = []
+    native_backward = shadow_native.backward
+    monkeypatch.setattr(shadow_native, "backward",
+                        lambda *args, **kwargs: calls.append(1) or native_backward(*args, **kwargs))
+
+    def gradients(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        learn = params.as_tensors(learn=names)
+        res = at.simulate(MODEL, None, learn, steps=8, seeds=[0, 1], env=env, start_date=START, progress=False,
+                          sampler=StraightThrough())
+        (res["new_infections"].sum() + 2 * res["reported_cases"].sum() + 10 * res["hospital_admissions"].sum()
+         ).backward()
+        return [getattr(learn, name).grad.clone() for name in names]
+
+    one, two = gradients(1), gradients(2)
+    torch.set_num_threads(1)
+    assert calls and all(g.abs().sum() > 0 for g in one)
+    for name, a, b in zip(names, one, two):
+        assert torch.equal(a, b), (name, a, b)
+
+
 def test_native_shadow_backward_skips_the_outputs_no_gradient_reaches(population, monkeypatch):
     """With a loss on flows only (no deaths), no gradient of H, R, D or deaths reaches most days' transitions (the
     reported flows are summed apart in gradient modes, so the admissions' gradient sends no zeros to the deaths'), and
