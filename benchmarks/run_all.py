@@ -30,6 +30,7 @@ FULL = {
     "covasim_side_by_side": [],
     "instructions_per_day": ["--simulate"],
     "stream_floor": [],
+    "native_calls": [],
 }
 NEEDS = {"instructions_per_day": "valgrind"}  # skipped, with a note, where this tool is not on PATH
 QUICK = {
@@ -38,6 +39,7 @@ QUICK = {
     "covasim_side_by_side": ["--n", "50000"],
     "stream_floor": ["--agents", "1000000", "--passes-days", "0",
                      "--out", str(HERE / "results" / "stream_floor_quick.json")],
+    "native_calls": ["--scale", "0.05", "--days", "7", "--out", str(HERE / "results" / "native_calls_quick.json")],
 }
 
 
