@@ -26,6 +26,10 @@ from agenttensor.rng import Randomness
 from agenttensor.sampling import Sampler, StraightThrough
 
 SOURCE = Path(__file__).with_name("csrc") / "labour_kernel.cpp"
+# -fno-trapping-math: the backward's conditional selects (`L ? x : 0.f`) become vector blends, so that its loop
+# vectorises (without it GCC left it scalar: 30.8 -> 8.9 ms per weekly call at full NYC); no result changes (no
+# contraction, no reassociation), as for the contributions, shadow and hard kernels
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 STREAMS = ("job-loss", "rehire")
 FIELDS = ("employed", "unemployed", "on_site", "remote", "D")  # in the packed bits' order
 RATES = ("job_loss_base", "job_loss_absent", "job_loss_closed", "stimulus_job_loss_relief", "rehire_rate")
@@ -55,7 +59,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 def _library() -> ctypes.CDLL | None:
-    return native.load(SOURCE, "agenttensor_covid_labour", _declare, flags=("-O3", "-ffp-contract=off"))
+    return native.load(SOURCE, "agenttensor_covid_labour", _declare, flags=FLAGS)
 
 
 Reference = Callable[..., tuple[Tensor, Tensor]]

@@ -166,27 +166,18 @@ void labour_backward_span(int64_t n, float r_absent, float r_closed, float r_rel
                           const float* __restrict closed, const float* __restrict stimulus, float* __restrict d_e,
                           float* __restrict d_un, float* __restrict d_os, float* __restrict d_rm,
                           float* __restrict d_d) {
-  // x where the mask is all ones, +0 where it is 0: the selects `L ? x : 0.f` as bit operations (GCC did not vectorise
-  // the loop with the conditional expressions: 28-45 ms a call at full NYC, a scalar pass)
-  auto where = [](float x, uint32_t mask) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    u &= mask;
-    std::memcpy(&x, &u, 4);
-    return x;
-  };
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bits = f[j];
     const float e = static_cast<float>(bits & 1), un = static_cast<float>((bits >> 1) & 1),
                 os = static_cast<float>((bits >> 2) & 1), rm = static_cast<float>((bits >> 3) & 1),
                 d = static_cast<float>((bits >> 4) & 1);
-    const uint32_t L = 0u - ((bits >> 5) & 1), H = 0u - ((bits >> 6) & 1);  // (all ones: the event happened)
-    const float alive = 1.f - d, lost = where(1.f, L) * e, hired = where(1.f, H) * un;
+    const bool L = (bits >> 5) & 1, H = (bits >> 6) & 1;
+    const float alive = 1.f - d, lost = (L ? 1.f : 0.f) * e, hired = (H ? 1.f : 0.f) * un;
     const float X = (e - lost) + hired, Y = (un + lost) - hired;
     const float gX = gE[j] * alive, gY = gU[j] * alive;  // through the products with alive
     const float g_lost = -gX + gY, g_hired = gX + -gY;
-    d_e[j] = gX + where(g_lost, L);  // (where, and the event's d / d where)
-    d_un[j] = gY + where(g_hired, H);
+    d_e[j] = gX + (L ? g_lost : 0.f);  // (where, and the event's d / d where)
+    d_un[j] = gY + (H ? g_hired : 0.f);
     d_d[j] = -(gE[j] * X + gU[j] * Y);
     const float g_p = g_lost * e;  // the event's d / d p
     const float relief = Stimulus ? 1.f - r_relief * stimulus[j] : 1.f;
