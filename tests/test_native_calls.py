@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 import agenttensor as at
 from agenttensor import Hard, StraightThrough, native
+from models.covid import hard_native
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import native_calls  # noqa: E402
@@ -43,7 +45,8 @@ def test_the_timed_windows_give_the_untimed_numbers_and_count_the_kernels():
                 for mode in ("hard", "gradient forward", "backward")]
     finally:
         timer.restore()
-    for a, b in zip(plain[0] + plain[1], timed[0] + timed[1]):
+    (infections, gradients), (timed_infections, timed_gradients) = plain, timed
+    for a, b in zip(infections + gradients, timed_infections + timed_gradients):
         assert torch.equal(a, b)
     assert {"agenttensor_covid_hard_progress", "agenttensor_covid_shadow_backward_fused"} <= entries
     for row in rows:
@@ -51,5 +54,5 @@ def test_the_timed_windows_give_the_untimed_numbers_and_count_the_kernels():
         assert all(c["calls_per_day"] > 0 and c["ms_per_call"] >= 0 for c in row["calls"])
     assert rows[0]["calls"][0]["entry"].startswith("agenttensor_")
     # restored: the libraries' entry points are ctypes functions again
-    library = __import__("models.covid.hard_native", fromlist=["_library"])._library()
-    assert all(type(getattr(library, n)).__name__ != "function" for n in vars(library) if n.startswith("agenttensor_"))
+    library = hard_native._library()
+    assert all(isinstance(getattr(library, n), ctypes._CFuncPtr) for n in vars(library) if n.startswith("agenttensor_"))
