@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("csrc") / "shadow_kernel.cpp"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_household_scratch: dict[tuple, list[Tensor]] = {}  # the fused pass's [B, H] scratch tables, by (B, H, device)
+
+
+def household_scratch(B: int, slots: int, device: torch.device) -> list[Tensor]:
+    """The fused pass's three [B, slots] scratch tables (S, q_sym, q_asym per household), kept from call to call (one
+    shape at a time): allocated per call, they came back from the caching allocator as fresh memory on each backward's
+    first day (the forward in between had evicted their size), and that call spent half its time zeroing new pages
+    (full NYC on the AMD VM: ~100-170 against ~50 ms)."""
+    key = (B, slots, str(device))
+    if key not in _household_scratch:
+        _household_scratch.clear()
+        _household_scratch[key] = [torch.empty(B, slots, device=device) for _ in range(3)]
+    return _household_scratch[key]
 FLAGS = ("-O3", "-fno-trapping-math")  # lets the attack-probability loop (exp, log as polynomials) vectorise
 
 
@@ -191,8 +204,7 @@ def backward(k, unit: UnitHazard, susceptible: Tensor | None, stage_end: Tensor,
         fused = contiguous_groups(layer.slot) and unit.slot is layer.slot and len(unit.kept) <= 2 \
             and unit.scale.shape[-1] == slots  # households as runs of agents: attack, sums and shadow in one pass
         if fused:
-            sums = [torch.empty(B, slots) for _ in range(3)]  # scratch: S, q_sym, q_asym per household
-            keep += sums
+            sums = household_scratch(B, slots, unit.sigma.device)  # scratch: S, q_sym, q_asym per household
             args.susceptible_sums, args.from_sym_sums, args.from_asym_sums = (x.data_ptr() for x in sums)
             for name, x, length in (("sigma", unit.sigma, N), ("scale", unit.scale, slots),
                                     *((f"kept{n + 1}", x, N) for n, x in enumerate(unit.kept))):
