@@ -43,6 +43,25 @@ MODULES = ("agenttensor._event_kernels", "agenttensor._group_kernels", "agentten
 LEARN = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
 
 
+class _Timed:
+    """A ctypes function with a timer: called, it times the call; where code takes the function's address instead
+    (``ctypes.cast(f, c_void_p)``, e.g. the hard force's plan, which calls the layered force through a pointer), it
+    converts to the original's (those calls are then not timed)."""
+
+    def __init__(self, timer: "NativeTimer", entry: str, function):
+        self.timer, self.entry, self.function = timer, entry, function
+        self.argtypes, self.restype = function.argtypes, function.restype
+        self._as_parameter_ = ctypes.cast(function, ctypes.c_void_p)
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        try:
+            return self.function(*args)
+        finally:
+            self.timer.seconds[self.entry] += time.perf_counter() - start
+            self.timer.calls[self.entry] += 1
+
+
 class NativeTimer:
     """Wraps every ``agenttensor_*`` entry point of the loaded kernel libraries (their ctypes functions replaced on
     the library objects, which the modules call through) with a wall-clock timer; `restore` puts them back."""
@@ -62,16 +81,7 @@ class NativeTimer:
                     setattr(library, entry, self._timed(entry, function))
 
     def _timed(self, entry: str, function):
-        def call(*args):
-            start = time.perf_counter()
-            try:
-                return function(*args)
-            finally:
-                self.seconds[entry] += time.perf_counter() - start
-                self.calls[entry] += 1
-
-        call.argtypes, call.restype = function.argtypes, function.restype
-        return call
+        return _Timed(self, entry, function)
 
     def clear(self) -> None:
         self.seconds.clear()
