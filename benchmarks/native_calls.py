@@ -5,11 +5,11 @@ gradient forward window and its backward pass.
 
 Each kernel library the model loads (agenttensor's group, event, random-number and selection kernels; the covid model's
 hard, shadow, contributions, exits and labour kernels) has its ctypes entry points wrapped by a timer, after a warm-up
-window of each mode (a backward included). Then one window of each mode runs on the NYC population: the table gives, per mode, the window's
-wall time per day, the part spent inside native calls and the rest (torch ops and Python), and the slowest entry points
-with their calls per day and time per call. A pass whose time per call is far above what its bytes need at this
-machine's streaming speed (`stream_floor.py`) is the one to look at: this is how the thirty-second round's labour
-market backward (28-45 ms a weekly call for ~22 bytes per agent: its loop was not vectorised) was found.
+window of each mode (a backward included). Then one window of each mode runs on the NYC population: the table gives, per
+mode, the window's wall time per day, the part spent inside native calls and the rest (torch ops and Python), and the
+slowest entry points with their calls per day and time per call. A pass whose time per call is far above what its bytes
+need at this machine's streaming speed (`stream_floor.py`) is the one to look at: this is how the thirty-second round's
+labour market backward (28-45 ms a weekly call for ~22 bytes per agent: its loop was not vectorised) was found.
 
 The wrappers only time: the runs' numbers are the unwrapped ones (tests/test_native_calls.py).
 
@@ -78,10 +78,7 @@ class NativeTimer:
                 function = getattr(library, entry)
                 if isinstance(function, ctypes._CFuncPtr):
                     self._originals.append((library, entry, function))
-                    setattr(library, entry, self._timed(entry, function))
-
-    def _timed(self, entry: str, function):
-        return _Timed(self, entry, function)
+                    setattr(library, entry, _Timed(self, entry, function))
 
     def clear(self) -> None:
         self.seconds.clear()
