@@ -166,6 +166,44 @@ def test_native_kernels_change_no_number(env, threads, monkeypatch):
         assert torch.equal(value, reference[name]), name
 
 
+@pytest.mark.parametrize("seeds,threads", [((0,), 1), ((0, 1), 2)], ids=["one-seed", "two-seeds-two-threads"])
+def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threads, monkeypatch):
+    """Straight-through runs with every lever (closed workplaces, a school closure, a stay-at-home order) and the
+    infectious agents' group totals summed by the native pass (`hard_native.source_totals_at`, its reads at the
+    sources on the threads from 4,096 sources) or by the torch ops (their gathers and index_add): the same metrics and
+    the same gradients, bit for bit, and the native pass ran."""
+    from models.covid import hard_native
+
+    torch.set_num_threads(threads)  # the `one_thread` fixture restores it
+
+    calls = []
+    native = hard_native.source_totals_at
+
+    def counted(*args, **kwargs):
+        out = native(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def both():
+        params = busy_params(transmission_scale=3.0).as_tensors(
+            learn=("transmission_scale", "household_weight", "workplace_weight", "community_weight", "detection_rate"))
+        results = run(env, params, steps=24, seeds=seeds, interventions=ALL_LEVERS, sampler=StraightThrough())
+        (results["new_infections"].sum() + results["reported_cases"].sum()).backward()
+        return results, [params.transmission_scale.grad, params.household_weight.grad, params.workplace_weight.grad,
+                         params.community_weight.grad, params.detection_rate.grad]
+
+    monkeypatch.setattr(hard_native, "source_totals_at", counted)
+    fused, grads = both()
+    assert calls and all(calls)
+    monkeypatch.setattr(hard_native, "source_totals_at", lambda *args, **kwargs: None)
+    reference, reference_grads = both()
+    assert reference["new_infections"].sum() > 0
+    for name, value in fused.metrics.items():
+        assert torch.equal(value.detach(), reference[name].detach()), name
+    for a, b in zip(grads, reference_grads):
+        assert a is not None and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("sampler", [at.Hard(), StraightThrough()], ids=["hard", "straight-through"])
 def test_steps_leave_no_tensors_in_reference_cycles(env, sampler):
     """A closure that captured the step context (whose scratch keeps closures) once kept every day's [B, N] tensors

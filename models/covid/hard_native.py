@@ -55,6 +55,11 @@ class _SourceLayer(ctypes.Structure):  # SourceLayer in the kernel, field for fi
                 ("closed", _Strided), ("out", _P)]
 
 
+class _PairLayer(ctypes.Structure):  # PairLayer in the kernel, field for field
+    _fields_ = [("slot", _P), ("slot_i32", _I), ("slots", _I), ("away", _I), ("lever", _Strided),
+                ("on_site", _Strided), ("closed", _Strided), ("out", _P), ("index", _P), ("values", _P)]
+
+
 class _TableLayer(ctypes.Structure):  # TableLayer in the kernel, field for field
     _fields_ = [("kind", _I), ("weight", _P), ("inv", _P), ("level", _P)]
 
@@ -75,6 +80,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.agenttensor_covid_hard_progress.argtypes = [ctypes.POINTER(_Args)]
     library.agenttensor_covid_take_pairs.argtypes = [_P, _P, _P]
     library.agenttensor_covid_hard_force.argtypes = [ctypes.POINTER(_ForceArgs)]
+    library.agenttensor_covid_source_totals_at.argtypes = [_I, _I, _I, _P, _P, _P, ctypes.POINTER(_Strided),
+                                                           ctypes.POINTER(_Strided), _I, ctypes.POINTER(_PairLayer), _I]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -205,6 +212,59 @@ def _progress_plan(shape: tuple[int, int], G: int, static: tuple) -> _ProgressPl
                  symptomatic=symptomatic.data_ptr(), hosp=hosp.data_ptr(), death=death.data_ptr(),
                  cdf_E=cdf_E.data_ptr(), cdf_exit=cdf_exit.data_ptr())
     return _ProgressPlan(shape, G, static, args)
+
+
+class SourceSpec(NamedTuple):
+    """One layer of `source_totals_at`: ``slot`` [N] int32 or int64 with values in [0, S); ``out`` [B, S] float32
+    contiguous, added into; ``away``: ι a, else ι; times the presence 1 − ``lever`` and, for workplaces, ``on_site``
+    and 1 − ``closed`` (float32, as `At` reads them, or None); ``record``: also each source's flat position and
+    contribution."""
+    slot: Tensor
+    out: Tensor
+    away: bool
+    lever: Tensor | None = None
+    on_site: Tensor | None = None
+    closed: Tensor | None = None
+    record: bool = False
+
+
+def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Tensor, layers: list[SourceSpec]
+                     ) -> list[tuple[Tensor, Tensor] | None] | None:
+    """Gradient modes: each layer's group totals of the contributions of the infectious agents (b, i) [M] int64
+    (`select.nonzero_bits` of ``flags`` [B, N] uint8, `contributions_native.pack`'s bits 0-2: I_sym, I_asym,
+    isolating), ι = I_sym + α I_asym or ι a = ι (1 − η isolating) times the layer's presence, added into each layer's
+    ``out`` at b · S + slot (at the slot where B is 1) in one serial pass: the numbers of `model.infection_pressure`'s
+    gathers, products and index_add. -> per layer (flat positions [M] int64, contributions [M]) where ``record``, else
+    None; or None (nothing written) where the kernel does not apply."""
+    library = _library()
+    if library is None or flags.dim() != 2 or not _cpu(flags, torch.uint8, tuple(flags.shape)):
+        return None
+    B, N = flags.shape
+    M = b.numel()
+    if not (_cpu(b, torch.int64, (M,)) and _cpu(i, torch.int64, (M,))):
+        return None
+    a, e = _strided(alpha, B, N), _strided(eta, B, N)
+    if a is None or e is None or a.p is None or e.p is None:
+        return None
+    keep, structs, recorded = [alpha, eta], [], []
+    for spec in layers:
+        S = spec.out.shape[-1]
+        strided = [_strided(x, B, N) for x in (spec.lever, spec.on_site, spec.closed)]
+        if not (_cpu(spec.out, torch.float32, (B, S)) and spec.slot.dtype in (torch.int32, torch.int64)
+                and _cpu(spec.slot, spec.slot.dtype, (N,))) or any(x is None for x in strided) \
+                or (spec.closed is not None and spec.on_site is None):
+            return None
+        keep += [spec.lever, spec.on_site, spec.closed]
+        index, values = torch.empty(M, dtype=torch.int64), torch.empty(M)  # (every layer's: the kernel's scratch)
+        recorded.append((index, values) if spec.record else None)
+        structs.append(_PairLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away),
+                                  *strided, spec.out.data_ptr(), index.data_ptr(), values.data_ptr()))
+        keep += [index, values]
+    array = (_PairLayer * len(structs))(*structs)
+    library.agenttensor_covid_source_totals_at(B, N, M, b.data_ptr(), i.data_ptr(), flags.data_ptr(),
+                                               ctypes.byref(a), ctypes.byref(e), len(structs), array,
+                                               torch.get_num_threads())
+    return recorded
 
 
 class ForceLayerSpec(NamedTuple):

@@ -702,38 +702,77 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
         select.nonzero_bits(packed[0], 0b011)
     sources = At(b, j)
-    # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating
-    f32 = torch.float32
-    iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
-    iota_away = iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
 
-    def group_totals(layer: GroupLayer, contribution: Tensor, reused: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Σ over each group's infectious members of their ``contribution`` [M]: [B, G + 1] (last slot: non-members),
-        with the flat positions b · (G + 1) + slot [M] it summed at and the contributions. Gradient modes: no
-        derivative here; every agent's contribution carries it (`own_contributions`, the others-sum through
-        `layered_force`'s probes). ``reused`` (CPU gradient modes, for totals read right away and kept by nobody:
-        `scaled`'s): the totals go into the environment's buffer of that name, set back to zeros at the slots the
+    @functools.cache
+    def iotas() -> tuple[Tensor, Tensor]:  # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from
+        f32 = torch.float32  # home, with a = 1 − η isolating
+        iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
+        return iota, iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
+
+    def totals_buffer(layer: GroupLayer, reused: str | None) -> Tensor:
+        """CPU gradient modes: the [B · (G + 1)] zeros the totals are added into. ``reused`` (totals read right away
+        and kept by nobody: `scaled`'s): the environment's buffer of that name, set back to zeros at the slots the
         last call summed at (no [B, G + 1] of zeros a day: 0.7 ms for full NYC's households)."""
+        slots = layer.num_groups + 1
+        if reused is None:
+            return torch.zeros(B * slots)
+        held = env.static(f"totals_{reused}_{B}", lambda: [torch.zeros(B * slots), None])  # (buffer, last index)
+        buffer, summed_at = held
+        if summed_at is not None:
+            buffer.index_fill_(0, summed_at, 0.0)
+        held[1] = None  # (set by the caller, once summed)
+        return buffer
+
+    reused_names = dict(household="household", workplace="workplace")
+    # CPU gradient modes, the memberships packed: every layer's totals in one native pass over the infectious agents
+    # (`hard_native.source_totals_at`: the numbers of the torch ops in `group_totals`, none of their [M] gathers)
+    summed: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+    if packed[0] is not None and on_cpu:
+        specs = {}
+        for name in names:
+            layer = getattr(env, name)
+            lever = lever_per_agent(ctx, "school_closure") if name == "school" else \
+                lever_per_agent(ctx, "stay_at_home") if name == "community" else None
+            work = name == "workplace"
+            specs[name] = hard_native.SourceSpec(layer.slot, totals_buffer(layer, reused_names.get(name)).view(B, -1),
+                                                 name != "household", lever, state.on_site if work else None,
+                                                 closed if work else None, record=name in reused_names)
+        recorded = hard_native.source_totals_at(b, j, packed[0], params.asymptomatic_infectiousness,
+                                                params.isolation_effectiveness, list(specs.values()))
+        if recorded is not None:
+            for (name, spec), kept in zip(specs.items(), recorded):
+                index, contribution = kept if kept is not None else (None, None)
+                if name in reused_names:
+                    env.static(f"totals_{name}_{B}", lambda: None)[1] = index
+                summed[name] = (spec.out.view(B, -1), index, contribution)
+
+    def group_totals(name: str, contribution: Callable[[], Tensor], reused: str | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """Σ over each group's infectious members of their ``contribution()`` [M]: [B, G + 1] (last slot:
+        non-members), with the flat positions b · (G + 1) + slot [M] it summed at and the contributions. Gradient
+        modes: no derivative here; every agent's contribution carries it (`own_contributions`, the others-sum through
+        `layered_force`'s probes)."""
+        if name in summed:
+            return summed[name]
+        layer: GroupLayer = getattr(env, name)
         slots = layer.num_groups + 1
         index = layer.slot.index_select(0, j)
         index = index if B == 1 and on_cpu else b * slots + index
+        values = contribution()
         if ctx.sampler.differentiable and on_cpu:  # values only: into the zeros in place (no copy of
-            contribution = contribution.detach()  # them: 13 MB per day for full NYC's households), as index_add adds
-            if reused is None:
-                return torch.zeros(B * slots).index_add_(0, index, contribution).view(B, slots), index, contribution
-            held = env.static(f"totals_{reused}_{B}", lambda: [torch.zeros(B * slots), None])  # (buffer, last index)
-            buffer, summed_at = held
-            if summed_at is not None:
-                buffer.index_fill_(0, summed_at.long(), 0.0)
-            held[1] = index
-            return buffer.index_add_(0, index, contribution).view(B, slots), index, contribution
-        totals = scatter_sum(torch.zeros(B * slots, device=device), index, contribution).view(B, slots)
-        return (totals.detach(), index, contribution.detach()) if ctx.sampler.differentiable else \
-            (totals, index, contribution)
+            values = values.detach()  # them: 13 MB per day for full NYC's households), as index_add adds
+            buffer = totals_buffer(layer, reused)
+            if reused is not None:
+                env.static(f"totals_{reused}_{B}", lambda: None)[1] = index.long()
+            return buffer.index_add_(0, index, values).view(B, slots), index, values
+        totals = scatter_sum(torch.zeros(B * slots, device=device), index, values).view(B, slots)
+        return (totals.detach(), index, values.detach()) if ctx.sampler.differentiable else (totals, index, values)
 
-    def away(name: str) -> Tensor:  # ι a times the layer's presence at the infectious agents
-        presence = presences[name]
-        return iota_away if presence is None else iota_away * presence(sources)
+    def away(name: str) -> Callable[[], Tensor]:  # ι a times the layer's presence at the infectious agents
+        def value() -> Tensor:
+            presence, iota_away = presences[name], iotas()[1]
+            return iota_away if presence is None else iota_away * presence(sources)
+        return value
 
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
 
@@ -748,18 +787,18 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         return scaled_sums(coef, per_slot, *totals, scale=scale)
 
     household, own_scale["household"] = scaled("household", beta * params.household_weight, env.household_inv_others,
-                                                group_totals(env.household, iota, reused="household"))
+                                                group_totals("household", lambda: iotas()[0], reused="household"))
     layers["household"] = (household, env.household.slot, None)
     if school_day:
-        school, _, _ = group_totals(env.school, away("school"))
+        school, _, _ = group_totals("school", away("school"))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, presences["school"])
     if work_day:
         work, own_scale["workplace"] = scaled("workplace", beta * params.workplace_weight, env.workplace_inv_others,
-                                              group_totals(env.workplace, away("workplace"), reused="workplace"))
+                                              group_totals("workplace", away("workplace"), reused="workplace"))
         layers["workplace"] = (work, env.workplace.slot, presences["workplace"])
     p_community = presences["community"]
-    community_all, _, _ = group_totals(env.community, away("community"))
+    community_all, _, _ = group_totals("community", away("community"))
     own: dict[str, OthersSumProbes] = {}  # gradient modes: the probes of each agent's (zero-valued) contributions
     weight_handoffs: dict[str, dict] = {}  # and where the force hands each layer's weights to them (`ForceTerm`)
     if ctx.sampler.differentiable:

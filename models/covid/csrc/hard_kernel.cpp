@@ -368,6 +368,20 @@ void source_totals(int64_t B, int64_t N, const uint8_t* I_sym, const uint8_t* I_
   }
 }
 
+// One layer of `agenttensor_covid_source_totals_at` (hard_native.py's _PairLayer, field for field).
+struct PairLayer {
+  const void* slot;  // [N]: int64, or int32 where slot_i32 is 1
+  int64_t slot_i32;
+  int64_t slots;     // S
+  int64_t away;      // 1: ι a, 0: ι
+  Strided lever;     // p non-null: times the presence 1 − lever
+  Strided on_site;   // p non-null (workplaces): times on_site, and (closed.p non-null) 1 − closed
+  Strided closed;
+  float* out;        // [B, S]: the totals, added into
+  int64_t* index;    // [M] out: each source's flat position b · S + slot (the slot where B is 1)
+  float* values;     // [M] out: each source's contribution
+};
+
 // torch's sum of a row of n < 8 contiguous float32 (its scalar path, SumKernel.cpp's row_sum: four partial sums
 // over the row read as (-1, 4), the remainder into the first, then the four added in order)
 inline float row_sum(const float* x, int64_t n) {
@@ -432,6 +446,65 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
   }
   a.layered_force(a.B, a.N, a.L, a.force_layers, a.sigma, a.sigma_stride, a.sigma_by_group, nullptr, a.force, nullptr,
                   a.threads);
+}
+
+// Gradient modes' `source_totals`: every layer's group totals of the contributions of the M infectious agents
+// (b_m, n_m) (`select.nonzero_bits`' pairs, in their order), their memberships read from the packed flags [B, N]
+// (`agenttensor_covid_pack`: bit 0 I_sym, 1 I_asym, 2 isolating, each exactly 0 or 1), with each source's flat
+// position and contribution per layer (`index`, `values`), then added at those positions into each layer's `out`
+// in the sources' order: the numbers of `model.infection_pressure`'s gathers at the sources, their products and
+// index_add's sequential sums. The reads at the sources are scattered (a cache miss each): the first phase runs on
+// the threads, its lines fetched ahead; the sums, one serial pass, fetch their totals' lines ahead.
+void agenttensor_covid_source_totals_at(int64_t B, int64_t N, int64_t M, const int64_t* pb, const int64_t* pn,
+                                        const uint8_t* flags, const Strided* alpha, const Strided* eta, int64_t L,
+                                        const PairLayer* layers, int64_t threads) {
+  constexpr int64_t kAhead = 32;
+  auto slot_at = [](const PairLayer& layer, int64_t n) -> const void* {
+    return layer.slot_i32 ? static_cast<const void*>(static_cast<const int32_t*>(layer.slot) + n)
+                          : static_cast<const void*>(static_cast<const int64_t*>(layer.slot) + n);
+  };
+  agenttensor::parallel(threads, M, int64_t(1) << 12, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      if (m + kAhead < hi) {
+        const int64_t b = pb[m + kAhead], n = pn[m + kAhead];
+        __builtin_prefetch(flags + b * N + n);
+        for (int64_t l = 0; l < L; ++l) {
+          const PairLayer& layer = layers[l];
+          __builtin_prefetch(slot_at(layer, n));
+          if (layer.lever.p) __builtin_prefetch(&layer.lever.p[b * layer.lever.sb + n * layer.lever.sn]);
+          if (layer.on_site.p) __builtin_prefetch(&layer.on_site.p[b * layer.on_site.sb + n * layer.on_site.sn]);
+          if (layer.closed.p) __builtin_prefetch(&layer.closed.p[b * layer.closed.sb + n * layer.closed.sn]);
+        }
+      }
+      const int64_t b = pb[m], n = pn[m];
+      const uint32_t f = flags[b * N + n];
+      const float sym = static_cast<float>(f & 1), asym = static_cast<float>((f >> 1) & 1),
+                  isolating = static_cast<float>((f >> 2) & 1);
+      const float iota = sym + read(*alpha, b, n) * asym;
+      const float away = iota * (1.f - read(*eta, b, n) * isolating);
+      for (int64_t l = 0; l < L; ++l) {
+        const PairLayer& layer = layers[l];
+        float value = layer.away ? away : iota;
+        if (layer.lever.p) value = value * (1.f - read(layer.lever, b, n));
+        if (layer.on_site.p) {
+          float present = read(layer.on_site, b, n);
+          if (layer.closed.p) present = present * (1.f - read(layer.closed, b, n));
+          value = value * present;
+        }
+        const int64_t slot = layer.slot_i32 ? static_cast<const int32_t*>(layer.slot)[n]
+                                            : static_cast<const int64_t*>(layer.slot)[n];
+        layer.index[m] = B == 1 ? slot : b * layer.slots + slot;
+        layer.values[m] = value;
+      }
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) {  // (the layers' totals are separate: each in its sources' order)
+    const PairLayer& layer = layers[l];
+    for (int64_t m = 0; m < M; ++m) {
+      if (m + kAhead < M) __builtin_prefetch(layer.out + layer.index[m + kAhead], 1);
+      layer.out[layer.index[m]] += layer.values[m];
+    }
+  }
 }
 
 // The largest |exp_nonpositive(x) / exp(x) − 1| over the floats x in [lo, hi] (−87 <= lo <= hi <= 0), every
