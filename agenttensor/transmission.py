@@ -106,7 +106,7 @@ def scatter_sum(out: Tensor, index: Tensor, values: Tensor) -> Tensor:
 
 
 def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor,
-                scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                scale: Tensor | None = None, product: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(coef · per_slot) · sums and the scale coef · per_slot: ([B, S], [S] or [B, S]), the same numbers as those
     two products. ``sums`` [B, S]: `scatter_sum` of ``values`` [M] at flat positions ``index`` [M] (b · S + slot),
     e.g. a layer's group totals of its few infectious members; ``per_slot`` [S]; ``coef`` [] or [B, 1]; ``scale``:
@@ -116,15 +116,24 @@ def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Ten
     Where only ``coef`` carries a derivative (sums and per_slot none), its derivative is read at the M summed values,
     Σ_j g[index_j] per_slot[slot_j] values_j, instead of autograd's [B, S] products, its reduction to [S] and the
     product with per_slot (full NYC household layer, 3.3M slots: ~7 ms per gradient day). The returned scale then
-    carries no derivative."""
+    carries no derivative.
+
+    ``product``: `_product_at`'s values of ``scale`` · ``sums`` where the caller made them with the sums (e.g. natively,
+    `hard_native.source_totals_at`, which then sets the sums back to zeros): used where neither ``scale``, ``per_slot``
+    nor ``sums`` carries a derivative (else an error: the sums' values may be gone)."""
     coef_grad = torch.is_grad_enabled() and isinstance(coef, Tensor) and coef.requires_grad
+    if product is not None and (per_slot.requires_grad or sums.requires_grad or scale is None or scale.requires_grad):
+        raise ValueError("scaled_sums: a product made by the caller needs a given scale, and per_slot, sums and "
+                         "scale without derivatives")
     if not coef_grad or per_slot.requires_grad or sums.requires_grad:
         scale = coef * per_slot if scale is None or coef_grad or per_slot.requires_grad else scale
-        return (scale * sums if scale.requires_grad or sums.requires_grad else _product_at(scale, sums, index)), scale
+        if scale.requires_grad or sums.requires_grad:
+            return scale * sums, scale
+        return (_product_at(scale, sums, index) if product is None else product), scale
     if scale is None:
         with torch.no_grad():
             scale = coef * per_slot
-    return _ScaledSums.apply(coef, scale, per_slot, sums, index, values.detach()), scale
+    return _ScaledSums.apply(coef, scale, per_slot, sums, index, values.detach(), product), scale
 
 
 def _product_at(scale: Tensor, sums: Tensor, index: Tensor) -> Tensor:
@@ -143,10 +152,11 @@ def _product_at(scale: Tensor, sums: Tensor, index: Tensor) -> Tensor:
 
 class _ScaledSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, coef: Tensor, scale: Tensor, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor):
+    def forward(ctx, coef: Tensor, scale: Tensor, per_slot: Tensor, sums: Tensor, index: Tensor, values: Tensor,
+                product: Tensor | None):
         ctx.coef_shape, ctx.rows = coef.shape, sums.shape[0]
         ctx.save_for_backward(per_slot, index, values)
-        return _product_at(scale, sums, index)
+        return _product_at(scale, sums, index) if product is None else product
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -161,7 +171,7 @@ class _ScaledSums(torch.autograd.Function):
         else:  # [B, 1]: per row
             d_coef = torch.zeros(rows, dtype=terms.dtype, device=terms.device).index_add_(
                 0, torch.div(index, S, rounding_mode="floor"), terms).view(rows, 1).sum_to_size(ctx.coef_shape)
-        return d_coef, None, None, None, None, None
+        return d_coef, None, None, None, None, None, None
 
 
 def _segment_sum(values: Tensor, group_of: Tensor, num_groups: int) -> Tensor:

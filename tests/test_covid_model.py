@@ -170,18 +170,20 @@ def test_native_kernels_change_no_number(env, threads, monkeypatch):
 def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threads, monkeypatch):
     """Straight-through runs with every lever (closed workplaces, a school closure, a stay-at-home order) and the
     infectious agents' group totals summed by the native pass (`hard_native.source_totals_at`, its reads at the
-    sources on the threads from 4,096 sources) or by the torch ops (their gathers and index_add): the same metrics and
-    the same gradients, bit for bit, and the native pass ran."""
+    sources on the threads from 4,096 sources, and the scaled layers' values at the slots summed at while the sources
+    are few) or by the torch ops (their gathers, index_add and `_product_at`): the same metrics and the same
+    gradients, bit for bit, and the native pass ran, both ways."""
     from models.covid import hard_native
 
     torch.set_num_threads(threads)  # the `one_thread` fixture restores it
 
-    calls = []
+    calls, products = [], []
     native = hard_native.source_totals_at
 
     def counted(*args, **kwargs):
         out = native(*args, **kwargs)
         calls.append(out is not None)
+        products.append(any(layer.product is not None for layer in args[-1]))
         return out
 
     def both():
@@ -195,6 +197,7 @@ def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threa
     monkeypatch.setattr(hard_native, "source_totals_at", counted)
     fused, grads = both()
     assert calls and all(calls)
+    assert any(products) and not all(products)  # the scaled layers' values made natively while the sources are few
     monkeypatch.setattr(hard_native, "source_totals_at", lambda *args, **kwargs: None)
     reference, reference_grads = both()
     assert reference["new_infections"].sum() > 0

@@ -161,6 +161,16 @@ def test_scaled_sums_read_the_coefficients_derivative_at_the_summed_values(batch
     with torch.no_grad():  # no autograd: plain products (at the summed slots)
         assert torch.equal(scaled_sums(coef, per_slot, sums, index, values)[0], expect.detach())
         assert torch.equal(scaled_sums(coef, per_slot, sums, index, values, scale=expect_scale)[0], expect.detach())
+    # the product made by the caller (e.g. with the sums, natively): returned as the values, the same d coef
+    made = expect.detach().clone()
+    coef.grad = None
+    got, _ = scaled_sums(coef, per_slot, torch.zeros_like(sums), index, values, scale=expect_scale.detach(),
+                         product=made)
+    assert torch.equal(got, made) and "ScaledSums" in type(got.grad_fn).__name__
+    (got * upstream).sum().backward()
+    assert torch.allclose(coef.grad, reference.grad, rtol=1e-5)
+    with pytest.raises(ValueError, match="product made by the caller"):
+        scaled_sums(coef, learned, sums, index, values, scale=expect_scale.detach(), product=made)
 
 
 def test_derived_values_are_recomputed_when_the_tensor_changes():

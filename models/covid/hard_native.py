@@ -57,7 +57,8 @@ class _SourceLayer(ctypes.Structure):  # SourceLayer in the kernel, field for fi
 
 class _PairLayer(ctypes.Structure):  # PairLayer in the kernel, field for field
     _fields_ = [("slot", _P), ("slot_i32", _I), ("slots", _I), ("away", _I), ("lever", _Strided),
-                ("on_site", _Strided), ("closed", _Strided), ("out", _P), ("index", _P), ("values", _P)]
+                ("on_site", _Strided), ("closed", _Strided), ("out", _P), ("index", _P), ("values", _P),
+                ("product", _P), ("scale", _P), ("scale_stride", _I)]
 
 
 class _TableLayer(ctypes.Structure):  # TableLayer in the kernel, field for field
@@ -218,7 +219,8 @@ class SourceSpec(NamedTuple):
     """One layer of `source_totals_at`: ``slot`` [N] int32 or int64 with values in [0, S); ``out`` [B, S] float32
     contiguous, added into; ``away``: ι a, else ι; times the presence 1 − ``lever`` and, for workplaces, ``on_site``
     and 1 − ``closed`` (float32, as `At` reads them, or None); ``record``: also each source's flat position and
-    contribution."""
+    contribution. ``product`` [B, S] zeros and ``scale`` [S] or [B, S] (float32), or None: scale · totals written at
+    the positions summed at (`transmission._product_at`'s numbers), then ``out`` set back to zeros there."""
     slot: Tensor
     out: Tensor
     away: bool
@@ -226,6 +228,8 @@ class SourceSpec(NamedTuple):
     on_site: Tensor | None = None
     closed: Tensor | None = None
     record: bool = False
+    product: Tensor | None = None
+    scale: Tensor | None = None
 
 
 def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Tensor, layers: list[SourceSpec]
@@ -254,11 +258,19 @@ def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Te
                 and _cpu(spec.slot, spec.slot.dtype, (N,))) or any(x is None for x in strided) \
                 or (spec.closed is not None and spec.on_site is None):
             return None
+        if spec.product is not None and not (
+                _cpu(spec.product, torch.float32, (B, S)) and spec.scale is not None and spec.scale.dim() in (1, 2)
+                and _cpu(spec.scale, torch.float32, tuple(spec.scale.shape)) and spec.scale.shape[-1] == S
+                and (spec.scale.dim() == 1 or spec.scale.shape[0] in (1, B))):
+            return None
         keep += [spec.lever, spec.on_site, spec.closed]
         index, values = torch.empty(M, dtype=torch.int64), torch.empty(M)  # (every layer's: the kernel's scratch)
         recorded.append((index, values) if spec.record else None)
+        product = None if spec.product is None else (spec.product.data_ptr(), spec.scale.data_ptr(),
+                                                      S if spec.scale.dim() == 2 and spec.scale.shape[0] > 1 else 0)
         structs.append(_PairLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away),
-                                  *strided, spec.out.data_ptr(), index.data_ptr(), values.data_ptr()))
+                                  *strided, spec.out.data_ptr(), index.data_ptr(), values.data_ptr(),
+                                  *(product or (None, None, 0))))
         keep += [index, values]
     array = (_PairLayer * len(structs))(*structs)
     library.agenttensor_covid_source_totals_at(B, N, M, b.data_ptr(), i.data_ptr(), flags.data_ptr(),

@@ -723,27 +723,47 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         held[1] = None  # (set by the caller, once summed)
         return buffer
 
-    reused_names = dict(household="household", workplace="workplace")
+    def scale_of(name: str, coef: Tensor, per_slot: Tensor) -> Tensor:
+        """β m w_l / (n_g − 1) per slot, kept while β m w_l's value is unchanged (the multiplier changes weekly)."""
+        def values() -> Tensor:  # (no autograd node: a checkpointed segment's recomputation, which finds the memo
+            with torch.no_grad():  # filled, must save the tensors its forward pass saved)
+                return coef * per_slot
+
+        return env.memo(("scale", name), (coef, per_slot), values, values_only=True)
+
+    # the layers whose group values are scale · totals (`scaled`): their coefficient and 1 / (n_g − 1) per slot
+    scaled_layers = dict(household=(beta * params.household_weight, env.household_inv_others),
+                         **(dict(workplace=(beta * params.workplace_weight, env.workplace_inv_others)) if work_day
+                            else {}))
     # CPU gradient modes, the memberships packed: every layer's totals in one native pass over the infectious agents
-    # (`hard_native.source_totals_at`: the numbers of the torch ops in `group_totals`, none of their [M] gathers)
+    # (`hard_native.source_totals_at`: the numbers of the torch ops in `group_totals`, none of their [M] gathers), and
+    # the scaled layers' values at the slots summed at where those are few (`transmission._product_at`'s)
     summed: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+    products: dict[str, Tensor] = {}  # the scaled layers' values made with their totals (which are then zeros again)
     if packed[0] is not None and on_cpu:
         specs = {}
         for name in names:
             layer = getattr(env, name)
             lever = lever_per_agent(ctx, "school_closure") if name == "school" else \
                 lever_per_agent(ctx, "stay_at_home") if name == "community" else None
-            work = name == "workplace"
-            specs[name] = hard_native.SourceSpec(layer.slot, totals_buffer(layer, reused_names.get(name)).view(B, -1),
+            work, slots = name == "workplace", layer.num_groups + 1
+            product = scale = None
+            if name in scaled_layers and b.numel() * 8 <= B * slots and not scaled_layers[name][1].requires_grad:
+                scale, product = scale_of(name, *scaled_layers[name]), torch.zeros(B, slots)
+            specs[name] = hard_native.SourceSpec(layer.slot, totals_buffer(layer, name if name in scaled_layers else
+                                                                           None).view(B, -1),
                                                  name != "household", lever, state.on_site if work else None,
-                                                 closed if work else None, record=name in reused_names)
+                                                 closed if work else None, record=name in scaled_layers,
+                                                 product=product, scale=scale)
         recorded = hard_native.source_totals_at(b, j, packed[0], params.asymptomatic_infectiousness,
                                                 params.isolation_effectiveness, list(specs.values()))
         if recorded is not None:
             for (name, spec), kept in zip(specs.items(), recorded):
                 index, contribution = kept if kept is not None else (None, None)
-                if name in reused_names:
-                    env.static(f"totals_{name}_{B}", lambda: None)[1] = index
+                if name in scaled_layers:  # (where the kernel made the values, it set the totals back to zeros)
+                    env.static(f"totals_{name}_{B}", lambda: None)[1] = None if spec.product is not None else index
+                if spec.product is not None:
+                    products[name] = spec.product
                 summed[name] = (spec.out.view(B, -1), index, contribution)
 
     def group_totals(name: str, contribution: Callable[[], Tensor], reused: str | None = None
@@ -776,26 +796,22 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
 
     own_scale: dict[str, Tensor] = {}  # gradient modes: the per-group scale of each layer's others-sum
 
-    def scaled(name: str, coef: Tensor, per_slot: Tensor, totals: tuple) -> tuple[Tensor, Tensor]:
-        """The group values (β m w_l / (n_g − 1)) · totals and their scale, which is kept while β m w_l's value is
-        unchanged (the multiplier changes weekly); the derivative of β m w_l read at the infectious members."""
-        def values() -> Tensor:  # (no autograd node: a checkpointed segment's recomputation, which finds the memo
-            with torch.no_grad():  # filled, must save the tensors its forward pass saved)
-                return coef * per_slot
+    def scaled(name: str, totals: tuple) -> tuple[Tensor, Tensor]:
+        """The group values (β m w_l / (n_g − 1)) · totals and their scale (`scale_of`); the derivative of β m w_l read
+        at the infectious members."""
+        coef, per_slot = scaled_layers[name]
+        return scaled_sums(coef, per_slot, *totals, scale=scale_of(name, coef, per_slot), product=products.get(name))
 
-        scale = env.memo(("scale", name), (coef, per_slot), values, values_only=True)
-        return scaled_sums(coef, per_slot, *totals, scale=scale)
-
-    household, own_scale["household"] = scaled("household", beta * params.household_weight, env.household_inv_others,
-                                                group_totals("household", lambda: iotas()[0], reused="household"))
+    household, own_scale["household"] = scaled("household", group_totals("household", lambda: iotas()[0],
+                                                                         reused="household"))
     layers["household"] = (household, env.household.slot, None)
     if school_day:
         school, _, _ = group_totals("school", away("school"))
         own_scale["school"] = beta * params.school_weight * env.school_inv_others * level_weight
         layers["school"] = (own_scale["school"] * school, env.school.slot, presences["school"])
     if work_day:
-        work, own_scale["workplace"] = scaled("workplace", beta * params.workplace_weight, env.workplace_inv_others,
-                                              group_totals("workplace", away("workplace"), reused="workplace"))
+        work, own_scale["workplace"] = scaled("workplace", group_totals("workplace", away("workplace"),
+                                                                        reused="workplace"))
         layers["workplace"] = (work, env.workplace.slot, presences["workplace"])
     p_community = presences["community"]
     community_all, _, _ = group_totals("community", away("community"))

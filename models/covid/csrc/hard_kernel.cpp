@@ -380,6 +380,11 @@ struct PairLayer {
   float* out;        // [B, S]: the totals, added into
   int64_t* index;    // [M] out: each source's flat position b · S + slot (the slot where B is 1)
   float* values;     // [M] out: each source's contribution
+  // or null: [B, S] zeros, into which scale · totals goes at the positions summed at (`transmission._product_at`),
+  // with scale [B | 1, S] (row stride S or 0); then the totals are set back to zeros there
+  float* product;
+  const float* scale;
+  int64_t scale_stride;
 };
 
 // torch's sum of a row of n < 8 contiguous float32 (its scalar path, SumKernel.cpp's row_sum: four partial sums
@@ -504,6 +509,13 @@ void agenttensor_covid_source_totals_at(int64_t B, int64_t N, int64_t M, const i
       if (m + kAhead < M) __builtin_prefetch(layer.out + layer.index[m + kAhead], 1);
       layer.out[layer.index[m]] += layer.values[m];
     }
+    if (!layer.product) continue;
+    const int64_t S = layer.slots;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t flat = layer.index[m], b = B == 1 ? 0 : pb[m];
+      layer.product[flat] = layer.scale[b * layer.scale_stride + (flat - b * S)] * layer.out[flat];
+    }
+    for (int64_t m = 0; m < M; ++m) layer.out[layer.index[m]] = 0.f;
   }
 }
 
