@@ -31,6 +31,7 @@ FULL = {
     "instructions_per_day": ["--simulate"],
     "stream_floor": [],
     "native_calls": [],
+    "ab_source_totals": [],
 }
 NEEDS = {"instructions_per_day": "valgrind"}  # skipped, with a note, where this tool is not on PATH
 QUICK = {
@@ -40,6 +41,8 @@ QUICK = {
     "stream_floor": ["--agents", "1000000", "--passes-days", "0",
                      "--out", str(HERE / "results" / "stream_floor_quick.json")],
     "native_calls": ["--scale", "0.05", "--days", "7", "--out", str(HERE / "results" / "native_calls_quick.json")],
+    "ab_source_totals": ["--scale", "0.05", "--days", "7", "--runs", "1",
+                         "--out", str(HERE / "results" / "ab_source_totals_quick.json")],
 }
 
 
