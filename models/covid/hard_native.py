@@ -5,10 +5,13 @@
   community mixing), and the layered force read from the tables, in one call whose arguments are kept from day to day;
 - `hard_progress`: the transition (`model.progress`): the infection draws, the newly infected agents' entry into E and
   every exiting agent's next stage, detection, isolation and countdown, with the per-borough flows and the stage counts'
-  changes counted in the same pass.
+  changes counted in the same pass;
+- and for gradient modes, `source_totals_at`: `hard_force`'s group totals (no derivative flows through them) from the
+  infectious agents' pairs and packed memberships, with each source's position and contribution that the derivatives
+  read, and the scaled layers' values at the summed slots.
 
-The same bits as the torch ops in `model` (the reference, used on other devices, in gradient modes, without a compiler
-and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a day's torch ops
+The same bits as the torch ops in `model` (the reference, used on other devices, in gradient modes but for the totals,
+without a compiler and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a day's torch ops
 were calls on tens of agents: ~0.6 ms of the transition's, ~0.3 ms of the force's."""
 
 from __future__ import annotations
