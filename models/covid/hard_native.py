@@ -11,8 +11,8 @@
   read, and the scaled layers' values at the summed slots.
 
 The same bits as the torch ops in `model` (the reference, used on other devices, in gradient modes but for the totals,
-without a compiler and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a day's torch ops
-were calls on tens of agents: ~0.6 ms of the transition's, ~0.3 ms of the force's."""
+without a compiler and with ``AGENTTENSOR_NATIVE_KERNELS=0``); tests compare the two. At AgentTorch's 37,518 agents a
+day's torch ops were calls on tens of agents: ~0.6 ms of the transition's, ~0.3 ms of the force's."""
 
 from __future__ import annotations
 
@@ -240,9 +240,10 @@ def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Te
     """Gradient modes: each layer's group totals of the contributions of the infectious agents (b, i) [M] int64
     (`select.nonzero_bits` of ``flags`` [B, N] uint8, `contributions_native.pack`'s bits 0-2: I_sym, I_asym,
     isolating), ι = I_sym + α I_asym or ι a = ι (1 − η isolating) times the layer's presence, added into each layer's
-    ``out`` at b · S + slot (at the slot where B is 1) in one serial pass: the numbers of `model.infection_pressure`'s
-    gathers, products and index_add. -> per layer (flat positions [M] int64, contributions [M]) where ``record``, else
-    None; or None (nothing written) where the kernel does not apply."""
+    ``out`` at b · S + slot (at the slot where B is 1), the reads at the sources on the threads and the sums in one
+    serial pass: the numbers of `model.infection_pressure`'s gathers, products and index_add. -> per layer (flat
+    positions [M] int64, contributions [M]) where ``record``, else None; or None (nothing written) where the kernel does
+    not apply."""
     library = _library()
     if library is None or flags.dim() != 2 or not _cpu(flags, torch.uint8, tuple(flags.shape)):
         return None
@@ -253,7 +254,7 @@ def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Te
     a, e = _strided(alpha, B, N), _strided(eta, B, N)
     if a is None or e is None or a.p is None or e.p is None:
         return None
-    keep, structs, recorded = [alpha, eta], [], []
+    structs, recorded, scratch = [], [], []  # (the pointers: into the caller's tensors, or into scratch)
     for spec in layers:
         S = spec.out.shape[-1]
         strided = [_strided(x, B, N) for x in (spec.lever, spec.on_site, spec.closed)]
@@ -266,7 +267,6 @@ def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Te
                 and _cpu(spec.scale, torch.float32, tuple(spec.scale.shape)) and spec.scale.shape[-1] == S
                 and (spec.scale.dim() == 1 or spec.scale.shape[0] in (1, B))):
             return None
-        keep += [spec.lever, spec.on_site, spec.closed]
         index, values = torch.empty(M, dtype=torch.int64), torch.empty(M)  # (every layer's: the kernel's scratch)
         recorded.append((index, values) if spec.record else None)
         product = None if spec.product is None else (spec.product.data_ptr(), spec.scale.data_ptr(),
@@ -274,7 +274,7 @@ def source_totals_at(b: Tensor, i: Tensor, flags: Tensor, alpha: Tensor, eta: Te
         structs.append(_PairLayer(spec.slot.data_ptr(), int(spec.slot.dtype == torch.int32), S, int(spec.away),
                                   *strided, spec.out.data_ptr(), index.data_ptr(), values.data_ptr(),
                                   *(product or (None, None, 0))))
-        keep += [index, values]
+        scratch.append((index, values))
     array = (_PairLayer * len(structs))(*structs)
     library.agenttensor_covid_source_totals_at(B, N, M, b.data_ptr(), i.data_ptr(), flags.data_ptr(),
                                                ctypes.byref(a), ctypes.byref(e), len(structs), array,

@@ -4,9 +4,9 @@
 // infected agents' entry into E with their countdowns, and every agent whose countdown ends today drawing its next
 // stage, its detection, its isolation and its next countdown; the per-borough flows are counted in the same pass.
 // Loaded by models/covid/hard_native.py; model.py keeps the same arithmetic in torch ops (the reference, and the path
-// on other devices and in gradient modes). Gradient modes use one of these passes: the group totals of the infectious
-// agents (`agenttensor_covid_source_totals_at`), from their memberships packed in one byte. Memberships are uint8 0/1 and are combined in uint8 arithmetic as the
-// torch ops do; probabilities are float32 with the torch ops' operations in their order (built with
+// on other devices and in gradient modes, which use one of these passes: the group totals of the infectious agents,
+// `agenttensor_covid_source_totals_at`). Memberships are uint8 0/1 and are combined in uint8 arithmetic as the torch ops
+// do; probabilities are float32 with the torch ops' operations in their order (built with
 // -ffp-contract=off); the uniforms are agenttensor/rng.py's (uniform.h). The same bits.
 //
 // At a small population the torch ops are a day's fixed cost of calls (37,518 agents: ~60 ops on tens of agents in the
