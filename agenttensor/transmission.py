@@ -410,11 +410,20 @@ def _handed_term(grad: Tensor, sigma: Tensor, terms: list[ForceTerm], only_sums:
     return None
 
 
+def table_kept(sigma: Tensor, presence: Tensor | None, factor: Tensor | None, factor_all: Tensor | None) -> bool:
+    """Whether `layered_force`'s node keeps a term's table for its backward: only where σ, the term's presence or one
+    of its factors asks for a derivative (the table's values are read for those only; its own derivative, the group
+    sums of the weights, is not made from them). A table not kept may be written over once the force is made (e.g.
+    a buffer reused from day to day)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (sigma, presence, factor, factor_all))
+
+
 class _LayeredForce(torch.autograd.Function):
     """Forward: one native pass over the agents on CPU (torch ops elsewhere). Backward: per layer the weight
     w = grad σ presence factors and its group sums (the table's derivative; both are the probes' derivatives, see
     `ForceTerm`; w as its parts where the term has a ``weight_handoff``); those of presence, the factors and σ from
-    the same pass. Saves only inputs."""
+    the same pass. Saves only inputs, a table only where its values are read (`table_kept`)."""
 
     @staticmethod
     def forward(ctx, sigma: Tensor, *flat_and_per_term):
@@ -422,7 +431,11 @@ class _LayeredForce(torch.autograd.Function):
         *flat, ctx.constant_last, ctx.handoffs, keep = flat_and_per_term
         terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
         ctx.terms = len(terms)
-        ctx.save_for_backward(sigma, *[x for t in terms for x in (t.table, t.presence, t.factor, t.factor_all)])
+        ctx.table_shapes = [t.table.shape for t in terms]
+        wants = ctx.needs_input_grad  # (`table_kept`'s test: in here autograd is off, the inputs' wants are these)
+        kept = [wants[0] or any(wants[1 + 7 * k + j] for j in (2, 3, 4)) for k in range(len(terms))]
+        ctx.save_for_backward(sigma, *[x for t, keep_table in zip(terms, kept)
+                                       for x in (t.table if keep_table else None, t.presence, t.factor, t.factor_all)])
         ctx.slots = [t.slot for t in terms]
         ctx.probes = [(t.member_probe is not None, t.group_probe is not None) for t in terms]
         layers = [(t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms]
@@ -432,7 +445,9 @@ class _LayeredForce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         sigma, *saved = ctx.saved_tensors
-        terms = [ForceTerm(saved[4 * k], ctx.slots[k], *saved[4 * k + 1:4 * k + 4]) for k in range(ctx.terms)]
+        # a table not kept: its shape only (its values are not read: no derivative asks for them)
+        terms = [ForceTerm(torch.empty(ctx.table_shapes[k]) if saved[4 * k] is None else saved[4 * k], ctx.slots[k],
+                           *saved[4 * k + 1:4 * k + 4]) for k in range(ctx.terms)]
         wants = ctx.needs_input_grad
         want_sigma = wants[0]
         want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))

@@ -229,6 +229,43 @@ def test_layered_force_kernel_equals_torch_ops_in_value_and_gradients(monkeypatc
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch-ops"])
+def test_layered_force_keeps_a_table_only_where_its_backward_reads_it(native, monkeypatch):
+    """A table whose values no derivative reads (σ, the term's presence and factors constant) is not kept by the
+    force's node (`table_kept`): written over in place once the force is made, it leaves the gradients as they were
+    (the table's, the other term's presence's). Where σ asks for a derivative the table is kept: writing over it then
+    makes autograd refuse the backward."""
+    from agenttensor.transmission import ForceTerm, layered_force, table_kept
+
+    if not native:
+        monkeypatch.setattr(_group_kernels, "layered_force", lambda *a, **k: None)
+    g = torch.Generator().manual_seed(3)
+    B, n = 2, 5_000
+    households = torch.sort(torch.randint(0, 2_000, (n,), generator=g)).values.to(torch.int32)
+    workplaces = torch.randint(0, 300, (n,), generator=g)
+    sigma, presence = torch.rand(n, generator=g), torch.rand(B, n, generator=g)
+    values_h, values_w = torch.rand(B, 2_000, generator=g), torch.rand(B, 300, generator=g)
+    weights = torch.rand(B, n, generator=g)
+
+    def gradients(overwrite: bool, learn_sigma: bool = False):
+        coef = torch.tensor(1.5, requires_grad=True)
+        p, s = presence.clone().requires_grad_(), sigma.clone().requires_grad_(learn_sigma)
+        assert table_kept(s, None, None, None) == learn_sigma and table_kept(s, p, None, None)
+        table_h = coef * values_h
+        force = layered_force(s, [ForceTerm(table_h, households), ForceTerm(values_w, workplaces, p)])
+        if overwrite:
+            with torch.no_grad():
+                table_h.fill_(float("nan"))
+        (force * weights).sum().backward()
+        return coef.grad, p.grad, s.grad
+
+    for got, want in zip(gradients(True), gradients(False)):
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert gradients(False, learn_sigma=True)[2] is not None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        gradients(True, learn_sigma=True)
+
+
 @pytest.mark.parametrize("rows", [1, 3])  # one table for every batch element, or one per element
 def test_layered_force_reads_sigma_by_group_with_the_same_numbers(rows):
     """σ marked as a table read at a byte per agent (`by_group`: e.g. susceptibility by age group) gives the force and
