@@ -166,30 +166,36 @@ def test_native_kernels_change_no_number(env, threads, monkeypatch):
         assert torch.equal(value, reference[name]), name
 
 
-@pytest.mark.parametrize("seeds,threads", [((0,), 1), ((0, 1), 2)], ids=["one-seed", "two-seeds-two-threads"])
-def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threads, monkeypatch):
+@pytest.mark.parametrize("seeds,threads,vaccination", [((0,), 1, True), ((0, 1), 2, True), ((0,), 1, False)],
+                         ids=["one-seed", "two-seeds-two-threads", "no-vaccination"])
+def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threads, vaccination, monkeypatch):
     """Straight-through runs with every lever (closed workplaces, a school closure, a stay-at-home order) and the
     infectious agents' group totals summed by the native pass (`hard_native.source_totals_at`, its reads at the
     sources on the threads from 4,096 sources, and the scaled layers' values at the slots summed at while the sources
     are few) or by the torch ops (their gathers, index_add and `_product_at`): the same metrics and the same
-    gradients, bit for bit, and the native pass ran, both ways."""
+    gradients, bit for bit, and the native pass ran, both ways. Without the vaccination lever σ carries no derivative,
+    so the force keeps no household table (`table_kept`) and the households' values go into one buffer from day to
+    day, set back to zeros where written (with it, new zeros each day)."""
     from models.covid import hard_native
 
     torch.set_num_threads(threads)  # the `one_thread` fixture restores it
 
-    calls, products = [], []
+    calls, products, household_buffers = [], [], []
     native = hard_native.source_totals_at
+    levers = [x for x in ALL_LEVERS if vaccination or x.lever != "vaccination"]
 
     def counted(*args, **kwargs):
         out = native(*args, **kwargs)
         calls.append(out is not None)
         products.append(any(layer.product is not None for layer in args[-1]))
+        if args[-1][0].product is not None:
+            household_buffers.append(args[-1][0].product.data_ptr())
         return out
 
     def both():
         params = busy_params(transmission_scale=3.0).as_tensors(
             learn=("transmission_scale", "household_weight", "workplace_weight", "community_weight", "detection_rate"))
-        results = run(env, params, steps=24, seeds=seeds, interventions=ALL_LEVERS, sampler=StraightThrough())
+        results = run(env, params, steps=24, seeds=seeds, interventions=levers, sampler=StraightThrough())
         (results["new_infections"].sum() + results["reported_cases"].sum()).backward()
         return results, [params.transmission_scale.grad, params.household_weight.grad, params.workplace_weight.grad,
                          params.community_weight.grad, params.detection_rate.grad]
@@ -198,6 +204,7 @@ def test_gradient_mode_source_totals_are_the_torch_ops_numbers(env, seeds, threa
     fused, grads = both()
     assert calls and all(calls)
     assert any(products) and not all(products)  # the scaled layers' values made natively while the sources are few
+    assert (len(set(household_buffers)) == 1) == (not vaccination) and len(household_buffers) > 2
     monkeypatch.setattr(hard_native, "source_totals_at", lambda *args, **kwargs: None)
     reference, reference_grads = both()
     assert reference["new_infections"].sum() > 0

@@ -59,7 +59,7 @@ from agenttensor import _group_kernels, select
 from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force,
-                                      range_sums, scaled_sums, scatter_sum)
+                                      range_sums, scaled_sums, scatter_sum, table_kept)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import contributions_native, disease, exits_native, hard_native, labour_native, shadow, shadow_native
@@ -740,6 +740,21 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # the scaled layers' values at the slots summed at where those are few (`transmission._product_at`'s)
     summed: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
     products: dict[str, Tensor] = {}  # the scaled layers' values made with their totals (which are then zeros again)
+    reused_values: dict[str, list] = {}  # (buffer, the slots written) of the values made into a kept buffer
+
+    def values_buffer(name: str, slots: int) -> Tensor:
+        """[B, G + 1] zeros for a scaled layer's values at the summed slots: for the households, whose table the force
+        keeps for no derivative (`table_kept`: no presence, σ and the reductions constant, as in a run or most
+        calibrations), the environment's buffer, set back to zeros at the slots written the last time (no [B, H + 1]
+        of zeros a day: 13 MB at full NYC); else new zeros."""
+        if name != "household" or table_kept(sigma, None, kept_share(name, reductions[name]),
+                                             kept_share("all", reduction_all)):
+            return torch.zeros(B, slots)
+        held = reused_values[name] = env.static(f"values_{name}_{B}", lambda: [torch.zeros(B, slots), None])
+        if held[1] is not None:
+            held[0].view(-1).index_fill_(0, held[1], 0.0)
+            held[1] = None
+        return held[0]
     if packed[0] is not None and on_cpu:
         specs = {}
         for name in names:
@@ -749,7 +764,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             work, slots = name == "workplace", layer.num_groups + 1
             product = scale = None
             if name in scaled_layers and b.numel() * 8 <= B * slots and not scaled_layers[name][1].requires_grad:
-                scale, product = scale_of(name, *scaled_layers[name]), torch.zeros(B, slots)
+                scale, product = scale_of(name, *scaled_layers[name]), values_buffer(name, slots)
             specs[name] = hard_native.SourceSpec(layer.slot, totals_buffer(layer, name if name in scaled_layers else
                                                                            None).view(B, -1),
                                                  name != "household", lever, state.on_site if work else None,
@@ -764,6 +779,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                     env.static(f"totals_{name}_{B}", lambda: None)[1] = None if spec.product is not None else index
                 if spec.product is not None:
                     products[name] = spec.product
+                    if name in reused_values:  # (its zeros to be set back at these slots before the next use)
+                        reused_values[name][1] = index
                 summed[name] = (spec.out.view(B, -1), index, contribution)
 
     def group_totals(name: str, contribution: Callable[[], Tensor], reused: str | None = None
