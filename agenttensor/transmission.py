@@ -431,7 +431,7 @@ class _LayeredForce(torch.autograd.Function):
         *flat, ctx.constant_last, ctx.handoffs, keep = flat_and_per_term
         terms = [ForceTerm(*flat[k:k + 7]) for k in range(0, len(flat), 7)]
         ctx.terms = len(terms)
-        ctx.table_shapes = [t.table.shape for t in terms]
+        ctx.tables = [(t.table.shape, t.table.dtype, t.table.device) for t in terms]
         wants = ctx.needs_input_grad  # (`table_kept`'s test: in here autograd is off, the inputs' wants are these)
         kept = [wants[0] or any(wants[1 + 7 * k + j] for j in (2, 3, 4)) for k in range(len(terms))]
         ctx.save_for_backward(sigma, *[x for t, keep_table in zip(terms, kept)
@@ -446,8 +446,9 @@ class _LayeredForce(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         sigma, *saved = ctx.saved_tensors
         # a table not kept: its shape only (its values are not read: no derivative asks for them)
-        terms = [ForceTerm(torch.empty(ctx.table_shapes[k]) if saved[4 * k] is None else saved[4 * k], ctx.slots[k],
-                           *saved[4 * k + 1:4 * k + 4]) for k in range(ctx.terms)]
+        terms = [ForceTerm(saved[4 * k] if saved[4 * k] is not None else torch.empty(shape, dtype=dtype, device=device),
+                           ctx.slots[k], *saved[4 * k + 1:4 * k + 4])
+                 for k, (shape, dtype, device) in enumerate(ctx.tables)]
         wants = ctx.needs_input_grad
         want_sigma = wants[0]
         want = tuple((wants[1 + 7 * k + 2], wants[1 + 7 * k + 3], wants[1 + 7 * k + 4]) for k in range(ctx.terms))
@@ -477,10 +478,13 @@ class _LayeredForce(torch.autograd.Function):
             gs = grad * sigma
             weights, derivatives, total = [], [], 0
             for t, asked in zip(terms, want):
-                value = _gather(t.table, t.slot)
                 parts = (t.presence, t.factor, t.factor_all)
                 product = functools.reduce(torch.mul, [x for x in parts if x is not None], 1.0)
                 weights.append((gs * product).expand_as(grad))
+                if not (want_sigma or any(asked)):  # (the table's values are not read: it may not have been kept)
+                    derivatives.append((None, None, None))
+                    continue
+                value = _gather(t.table, t.slot)
 
                 def without(k: int) -> Tensor:  # grad σ value × the other parts
                     return gs * functools.reduce(torch.mul, [x for j, x in enumerate(parts) if j != k and x is not None], value)
