@@ -709,19 +709,21 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
         return iota, iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
 
+    def kept_zeros(key: str, slots: int) -> list:
+        """The environment's buffer ``key`` of [B · slots] zeros, set back to zeros at the positions written the last
+        time: [buffer, None], in which the caller sets the positions it writes (flat, int64)."""
+        held = env.static(key, lambda: [torch.zeros(B * slots), None])
+        if held[1] is not None:
+            held[0].index_fill_(0, held[1], 0.0)
+            held[1] = None
+        return held
+
     def totals_buffer(layer: GroupLayer, reused: str | None) -> Tensor:
         """CPU gradient modes: the [B · (G + 1)] zeros the totals are added into. ``reused`` (totals read right away
-        and kept by nobody: `scaled`'s): the environment's buffer of that name, set back to zeros at the slots the
-        last call summed at (no [B, G + 1] of zeros a day: 0.7 ms for full NYC's households)."""
+        and kept by nobody: `scaled`'s): the environment's buffer of that name (`kept_zeros`: no [B, G + 1] of zeros a
+        day, 0.7 ms for full NYC's households)."""
         slots = layer.num_groups + 1
-        if reused is None:
-            return torch.zeros(B * slots)
-        held = env.static(f"totals_{reused}_{B}", lambda: [torch.zeros(B * slots), None])  # (buffer, last index)
-        buffer, summed_at = held
-        if summed_at is not None:
-            buffer.index_fill_(0, summed_at, 0.0)
-        held[1] = None  # (set by the caller, once summed)
-        return buffer
+        return torch.zeros(B * slots) if reused is None else kept_zeros(f"totals_{reused}_{B}", slots)[0]
 
     def scale_of(name: str, coef: Tensor, per_slot: Tensor) -> Tensor:
         """β m w_l / (n_g − 1) per slot, kept while β m w_l's value is unchanged (the multiplier changes weekly)."""
@@ -750,11 +752,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         if name != "household" or table_kept(sigma, None, kept_share(name, reductions[name]),
                                              kept_share("all", reduction_all)):
             return torch.zeros(B, slots)
-        held = reused_values[name] = env.static(f"values_{name}_{B}", lambda: [torch.zeros(B, slots), None])
-        if held[1] is not None:
-            held[0].view(-1).index_fill_(0, held[1], 0.0)
-            held[1] = None
-        return held[0]
+        reused_values[name] = kept_zeros(f"values_{name}_{B}", slots)
+        return reused_values[name][0].view(B, slots)
+
     if packed[0] is not None and on_cpu:
         specs = {}
         for name in names:
