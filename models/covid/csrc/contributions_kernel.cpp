@@ -426,13 +426,28 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
 int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, const float* I_sym, const float* I_asym,
                                 const float* isolating, const int16_t* stage_end, const float* S,
                                 const int64_t* infected, int64_t K, int64_t threads) {
-  constexpr int64_t kGrain = int64_t(1) << 14;
+  constexpr int64_t kGrain = int64_t(1) << 14, kAhead = 32;
+  // the agents' fields are read once, scattered (a cache miss each: their lines fetched kAhead agents ahead), into
+  // each agent's byte, written to `live` once no field was found other than 0 or 1
+  static thread_local std::vector<uint8_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < M) scratch.resize(M);
+  uint8_t* bytes = scratch.data();
   int64_t other = 0;
   agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     int64_t found = 0;
     for (int64_t m = lo; m < hi; ++m) {
+      if (m + kAhead < hi) {
+        const int64_t ahead = at[m + kAhead];
+        for (const float* x : {I_sym, I_asym, isolating, S})
+          if (x) __builtin_prefetch(x + ahead);
+        if (stage_end) __builtin_prefetch(stage_end + ahead);
+      }
       const int64_t k = at[m];
       for (const float* x : {I_sym, I_asym, isolating}) found |= x[k] != 0.f && x[k] != 1.f;
+      int bits = static_cast<int>(I_sym[k]) | static_cast<int>(I_asym[k]) << 1 | static_cast<int>(isolating[k]) << 2;
+      if (stage_end) bits |= (stage_end[k] >= 0) << 3;
+      if (S) bits |= (S[k] == 1.f) << 4;
+      bytes[m] = static_cast<uint8_t>(bits);
     }
     if (found) {
 #pragma omp atomic
@@ -442,11 +457,8 @@ int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, con
   if (other) return 1;
   agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m) {
-      const int64_t k = at[m];
-      int bits = static_cast<int>(I_sym[k]) | static_cast<int>(I_asym[k]) << 1 | static_cast<int>(isolating[k]) << 2;
-      if (stage_end) bits |= (stage_end[k] >= 0) << 3;
-      if (S) bits |= (S[k] == 1.f) << 4;
-      live[k] = static_cast<uint8_t>(bits);
+      if (m + kAhead < hi) __builtin_prefetch(live + at[m + kAhead], 1);
+      live[at[m]] = bytes[m];
     }
   });
   agenttensor::parallel(threads, K, kGrain, [&](int64_t lo, int64_t hi) {

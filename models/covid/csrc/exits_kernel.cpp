@@ -22,6 +22,7 @@ constexpr int kChanges = 7;  // E, I_sym, I_asym, H, R, D, isolating (shadow.py'
 constexpr int kSums = 12;    // reported, to_H, to_D, then the flows out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R,
                              // isolating after, isolating before
 constexpr int64_t kGrain = 4096;
+constexpr int64_t kAhead = 32;  // exits ahead whose scattered lines the forward fetches
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
 
@@ -85,6 +86,12 @@ void agenttensor_covid_exits_forward(ExitArgs* args) {
   agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     float* sums = partial.data() + omp_get_thread_num() * kSums * cells;
     for (int64_t k = lo; k < hi; ++k) {
+      if (k + kAhead < hi) {  // the exits' scattered lines (age group, borough, countdown), fetched ahead
+        const int64_t ahead = a.i[k + kAhead];
+        __builtin_prefetch(a.age_group + ahead);
+        __builtin_prefetch(a.borough + ahead);
+        __builtin_prefetch(a.stage_end + a.b[k + kAhead] * a.N + ahead, 1);
+      }
       const int64_t b = a.b[k], n = a.i[k];
       const int32_t g = a.age_group[n];
       const float u0 = a.u[k], u1 = a.u[M + k], u2 = a.u[2 * M + k], u3 = a.u[3 * M + k], u4 = a.u[4 * M + k],
