@@ -142,6 +142,7 @@ void agenttensor_covid_exits_backward(ExitGradArgs* args) {
   const int64_t M = a.M;
   agenttensor::parallel(a.threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
+      if (k + kAhead < hi) __builtin_prefetch(a.borough + a.i[k + kAhead]);  // (scattered: fetched ahead)
       const int64_t cell = a.b[k] * a.G + a.borough[a.i[k]];
       const float gE = at(a.g_changes[0], k), gIs_c = at(a.g_changes[1], k), gIa_c = at(a.g_changes[2], k),
                   gH_c = at(a.g_changes[3], k), gR = at(a.g_changes[4], k), gD_c = at(a.g_changes[5], k),
