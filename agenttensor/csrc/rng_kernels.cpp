@@ -211,10 +211,9 @@ int64_t agenttensor_uniform_at(int64_t S, int64_t B, int64_t N, int64_t M, const
   int64_t outside = 0;
   agenttensor::parallel(threads, M, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
     int64_t bad = 0;
-    constexpr int64_t kAhead = 32;  // the agents' hashes are scattered reads: their lines fetched ahead
     for (int64_t m = lo; m < hi; ++m) {
-      if (m + kAhead < hi) {
-        const int64_t ahead = agent[m + kAhead];
+      if (m + agenttensor::kFetchAhead < hi) {  // the agents' hashes are scattered reads
+        const int64_t ahead = agent[m + agenttensor::kFetchAhead];
         if (ahead >= 0 && ahead < N) __builtin_prefetch(base + ahead);
       }
       const int64_t i = agent[m], b = batch[m];

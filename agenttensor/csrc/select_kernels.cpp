@@ -272,8 +272,6 @@ int64_t agenttensor_select_sample(int64_t kind, int64_t n, const void* a, const 
   return total;
 }
 
-constexpr int64_t kFieldsAhead = 32;  // positions ahead whose lines the fields' puts fetch (scattered)
-
 // out[k][m] = x[k][pos[m]] for K float32 arrays of n entries at M flat positions (e.g. several fields read at the
 // day's exiting agents in one pass: each position's K values fetched together). Returns the number of positions
 // outside [0, n) (then nothing is written: the caller runs torch's take, which raises).
@@ -307,12 +305,12 @@ int64_t agenttensor_put_fields(int64_t K, float* const* x, int64_t n, const int6
       const float* __restrict vk = v[k];
       if (accumulate)
         for (int64_t m = lo; m < hi; ++m) {
-          if (m + kFieldsAhead < hi) __builtin_prefetch(xk + pos[m + kFieldsAhead], 1);
+          if (m + agenttensor::kFetchAhead < hi) __builtin_prefetch(xk + pos[m + agenttensor::kFetchAhead], 1);
           xk[pos[m]] = xk[pos[m]] + vk[m];
         }
       else
         for (int64_t m = lo; m < hi; ++m) {
-          if (m + kFieldsAhead < hi) __builtin_prefetch(xk + pos[m + kFieldsAhead], 1);
+          if (m + agenttensor::kFetchAhead < hi) __builtin_prefetch(xk + pos[m + agenttensor::kFetchAhead], 1);
           xk[pos[m]] = vk[m];
         }
     }

@@ -426,7 +426,7 @@ int64_t agenttensor_covid_pack(const float* I_sym, const float* I_asym, const fl
 int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, const float* I_sym, const float* I_asym,
                                 const float* isolating, const int16_t* stage_end, const float* S,
                                 const int64_t* infected, int64_t K, int64_t threads) {
-  constexpr int64_t kGrain = int64_t(1) << 14, kAhead = 32;
+  constexpr int64_t kGrain = int64_t(1) << 14, kAhead = agenttensor::kFetchAhead;
   // the agents' fields are read once, scattered (a cache miss each: their lines fetched kAhead agents ahead), into
   // each agent's byte, written to `live` once no field was found other than 0 or 1
   static thread_local std::vector<uint8_t> scratch;

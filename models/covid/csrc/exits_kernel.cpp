@@ -22,7 +22,7 @@ constexpr int kChanges = 7;  // E, I_sym, I_asym, H, R, D, isolating (shadow.py'
 constexpr int kSums = 12;    // reported, to_H, to_D, then the flows out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R,
                              // isolating after, isolating before
 constexpr int64_t kGrain = 4096;
-constexpr int64_t kAhead = 32;  // exits ahead whose scattered lines the forward fetches
+using agenttensor::kFetchAhead;  // (the exits' scattered lines fetched that many exits ahead)
 
 inline float at(const float* p, int64_t k) { return p ? p[k] : 0.f; }
 
@@ -86,11 +86,11 @@ void agenttensor_covid_exits_forward(ExitArgs* args) {
   agenttensor::parallel(threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     float* sums = partial.data() + omp_get_thread_num() * kSums * cells;
     for (int64_t k = lo; k < hi; ++k) {
-      if (k + kAhead < hi) {  // the exits' scattered lines (age group, borough, countdown), fetched ahead
-        const int64_t ahead = a.i[k + kAhead];
+      if (k + kFetchAhead < hi) {  // the exits' scattered lines (age group, borough, countdown), fetched ahead
+        const int64_t ahead = a.i[k + kFetchAhead];
         __builtin_prefetch(a.age_group + ahead);
         __builtin_prefetch(a.borough + ahead);
-        __builtin_prefetch(a.stage_end + a.b[k + kAhead] * a.N + ahead, 1);
+        __builtin_prefetch(a.stage_end + a.b[k + kFetchAhead] * a.N + ahead, 1);
       }
       const int64_t b = a.b[k], n = a.i[k];
       const int32_t g = a.age_group[n];
@@ -142,7 +142,7 @@ void agenttensor_covid_exits_backward(ExitGradArgs* args) {
   const int64_t M = a.M;
   agenttensor::parallel(a.threads, M, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      if (k + kAhead < hi) __builtin_prefetch(a.borough + a.i[k + kAhead]);  // (scattered: fetched ahead)
+      if (k + kFetchAhead < hi) __builtin_prefetch(a.borough + a.i[k + kFetchAhead]);  // (scattered: fetched ahead)
       const int64_t cell = a.b[k] * a.G + a.borough[a.i[k]];
       const float gE = at(a.g_changes[0], k), gIs_c = at(a.g_changes[1], k), gIa_c = at(a.g_changes[2], k),
                   gH_c = at(a.g_changes[3], k), gR = at(a.g_changes[4], k), gD_c = at(a.g_changes[5], k),

@@ -464,7 +464,7 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
 void agenttensor_covid_source_totals_at(int64_t B, int64_t N, int64_t M, const int64_t* pb, const int64_t* pn,
                                         const uint8_t* flags, const Strided* alpha, const Strided* eta, int64_t L,
                                         const PairLayer* layers, int64_t threads) {
-  constexpr int64_t kAhead = 32;
+  constexpr int64_t kAhead = agenttensor::kFetchAhead;
   auto slot_at = [](const PairLayer& layer, int64_t n) -> const void* {
     return layer.slot_i32 ? static_cast<const void*>(static_cast<const int32_t*>(layer.slot) + n)
                           : static_cast<const void*>(static_cast<const int64_t*>(layer.slot) + n);
