@@ -718,12 +718,17 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             held[1] = None
         return held
 
+    kept_totals: dict[str, list] = {}  # the reused totals' [buffer, positions] (`kept_zeros`), by name
+
     def totals_buffer(layer: GroupLayer, reused: str | None) -> Tensor:
         """CPU gradient modes: the [B · (G + 1)] zeros the totals are added into. ``reused`` (totals read right away
         and kept by nobody: `scaled`'s): the environment's buffer of that name (`kept_zeros`: no [B, G + 1] of zeros a
-        day, 0.7 ms for full NYC's households)."""
+        day, 0.7 ms for full NYC's households); the caller sets the positions it sums at in ``kept_totals``."""
         slots = layer.num_groups + 1
-        return torch.zeros(B * slots) if reused is None else kept_zeros(f"totals_{reused}_{B}", slots)[0]
+        if reused is None:
+            return torch.zeros(B * slots)
+        kept_totals[reused] = kept_zeros(f"totals_{reused}_{B}", slots)
+        return kept_totals[reused][0]
 
     def scale_of(name: str, coef: Tensor, per_slot: Tensor) -> Tensor:
         """β m w_l / (n_g − 1) per slot, kept while β m w_l's value is unchanged (the multiplier changes weekly)."""
@@ -776,7 +781,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             for (name, spec), kept in zip(specs.items(), recorded):
                 index, contribution = kept if kept is not None else (None, None)
                 if name in scaled_layers:  # (where the kernel made the values, it set the totals back to zeros)
-                    env.static(f"totals_{name}_{B}", lambda: None)[1] = None if spec.product is not None else index
+                    kept_totals[name][1] = None if spec.product is not None else index
                 if spec.product is not None:
                     products[name] = spec.product
                     if name in reused_values:  # (its zeros to be set back at these slots before the next use)
@@ -800,7 +805,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             values = values.detach()  # them: 13 MB per day for full NYC's households), as index_add adds
             buffer = totals_buffer(layer, reused)
             if reused is not None:
-                env.static(f"totals_{reused}_{B}", lambda: None)[1] = index.long()
+                kept_totals[reused][1] = index.long()
             return buffer.index_add_(0, index, values).view(B, slots), index, values
         totals = scatter_sum(torch.zeros(B * slots, device=device), index, values).view(B, slots)
         return (totals.detach(), index, values.detach()) if ctx.sampler.differentiable else (totals, index, values)

@@ -36,6 +36,8 @@ def household_scratch(B: int, slots: int, device: torch.device) -> list[Tensor]:
         _household_scratch.clear()
         _household_scratch[key] = [torch.empty(B, slots, device=device) for _ in range(3)]
     return _household_scratch[key]
+
+
 FLAGS = ("-O3", "-fno-trapping-math")  # lets the attack-probability loop (exp, log as polynomials) vectorise
 
 
