@@ -298,47 +298,39 @@ const float* others_sum_tile(const OthersSumArgs& l, int64_t b, int64_t N, int64
   return out;
 }
 
-// o[j] += terms[j] at the infectious agents of a tile (I_sym or I_asym not 0: the only ones whose term can be other
-// than 0), in place: with AVX-512 16 agents per step, a masked load, add and store where any of them is (the loop
-// with a branch per agent ran one agent at a time). The same additions.
-void add_where_infectious(int64_t n, const float* __restrict I_sym, const float* __restrict I_asym,
-                          const float* __restrict terms, float* __restrict o) {
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  const __m512 zero = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    const __mmask16 infectious = _mm512_cmpneq_ps_mask(_mm512_loadu_ps(I_sym + j), zero) |
-                                 _mm512_cmpneq_ps_mask(_mm512_loadu_ps(I_asym + j), zero);  // (NaN: not equal, as !=)
-    if (infectious)
-      _mm512_mask_storeu_ps(o + j, infectious,
-                            _mm512_add_ps(_mm512_maskz_loadu_ps(infectious, o + j), _mm512_loadu_ps(terms + j)));
-  }
+// The positions in a tile of its infectious agents (flags' bits 0 or 1 set, else I_sym or I_asym not 0, NaN counted
+// as not 0, as `!=` does), in order, into `at` [n]; returns how many. With AVX2 32 agents' flags tested at a time and
+// their positions popped from one mask: one test per 32 agents for all of the tile's in-place adds below, where the
+// adds tested and masked 8 agents at a time, each add on its own (four passes of mispredicted branches a tile).
+int64_t infectious_positions(int64_t n, const uint8_t* __restrict flags, const float* __restrict I_sym,
+                             const float* __restrict I_asym, int32_t* __restrict at) {
+  int64_t m = 0, j = 0;
+  if (flags) {
+#if defined(__AVX2__)
+    const __m256i low = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
+    for (; j + 32 <= n; j += 32) {
+      const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + j)), low);
+      uint32_t mask = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bits, zero)));
+      for (; mask; mask &= mask - 1) at[m++] = static_cast<int32_t>(j + __builtin_ctz(mask));
+    }
 #endif
-  for (; j < n; ++j)
-    if (I_sym[j] != 0.f || I_asym[j] != 0.f) o[j] = o[j] + terms[j];
+    for (; j < n; ++j) {
+      at[m] = static_cast<int32_t>(j);
+      m += (flags[j] & 3) != 0;
+    }
+    return m;
+  }
+  for (; j < n; ++j) {
+    at[m] = static_cast<int32_t>(j);
+    m += I_sym[j] != 0.f || I_asym[j] != 0.f;
+  }
+  return m;
 }
 
-// `add_where_infectious` from the agents' flags (bits 0 and 1: I_sym, I_asym), eight agents' bytes tested at a time;
-// with AVX2 the eight agents' additions under a mask (masked load and store: only the flagged agents' o is read and
-// written), not a branch per agent, which mispredicted as the infectious agents grew in number
-void add_where_flagged(int64_t n, const uint8_t* __restrict flags, const float* __restrict terms, float* __restrict o) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    uint64_t eight;
-    std::memcpy(&eight, flags + j, 8);
-    if ((eight & 0x0303030303030303ull) == 0) continue;
-#if defined(__AVX2__)
-    const __m256i bits = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(eight))),
-                                          _mm256_set1_epi32(3));
-    const __m256i flagged = _mm256_cmpgt_epi32(bits, _mm256_setzero_si256());
-    _mm256_maskstore_ps(o + j, flagged, _mm256_add_ps(_mm256_maskload_ps(o + j, flagged), _mm256_loadu_ps(terms + j)));
-#else
-    for (int64_t k = j; k < j + 8; ++k)
-      if (flags[k] & 3) o[k] = o[k] + terms[k];
-#endif
-  }
-  for (; j < n; ++j)
-    if (flags[j] & 3) o[j] = o[j] + terms[j];
+// o[k] += terms[k] at the m positions `at` (the tile's infectious agents: the only ones whose term can be other than 0),
+// in place: only their lines of the [B, N] row are read and written
+void add_at(int64_t m, const int32_t* __restrict at, const float* __restrict terms, float* __restrict o) {
+  for (int64_t k = 0; k < m; ++k) o[at[k]] = o[at[k]] + terms[at[k]];
 }
 
 // A `weighted` layer's member values for a tile of n agents: gs (grad σ) (presence ((1 factor) factor_all)), with
@@ -500,6 +492,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
     float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
         eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
         presence_terms[3][kTile];
+    int32_t positions[kTile];
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
     std::fill(zero, zero + kTile, 0.f);  // no testing lever: no extra detection
     for (int64_t job; queue.next(job);) {
@@ -565,7 +558,12 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr,
                  packed ? a->flags + k0 : nullptr);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
-
+        // the tile's infectious agents' positions, found once for every in-place add below (m < 0: not yet)
+        int64_t m = -1;
+        auto infectious = [&]() -> const int32_t* {
+          if (m < 0) m = infectious_positions(n, a->flags ? a->flags + k0 : nullptr, I_sym, I_asym, positions);
+          return positions;
+        };
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
         for (int q = accumulate ? 2 : 0; q < 3; ++q) {
           if (!accs[q]) continue;
@@ -574,10 +572,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            if (packed)
-              add_where_flagged(n, a->flags + k0, sums[q], o);
-            else
-              add_where_infectious(n, I_sym, I_asym, sums[q], o);
+            const int32_t* at = infectious();
+            add_at(m, at, sums[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
@@ -591,10 +587,8 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            if (packed)
-              add_where_flagged(n, a->flags + k0, presence_terms[q], o);
-            else
-              add_where_infectious(n, I_sym, I_asym, presence_terms[q], o);
+            const int32_t* at = infectious();
+            add_at(m, at, presence_terms[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
