@@ -11,6 +11,10 @@
 #include "pairs.h"
 #include "parallel.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // test(k) over the chunks of [0, n): counts[c] = hits in chunk c (a branch-free loop the compiler vectorises)
@@ -25,17 +29,85 @@ void count(int64_t n, int64_t chunks, int64_t threads, int64_t* counts, Test tes
   }
 }
 
-// hit(k) for each hit k of [begin, end) in order: 64 tests at a time into a bit mask, then one call per set bit (the
-// hits are sparse)
+// The tests of `width` <= 64 values from k0 as a bit mask (bit j: test(k0 + j))
+template <class Test>
+uint64_t generic_bits(const Test& test, int64_t k0, int64_t width) {
+  int any = 0;  // most blocks have no hit: a vectorised test first
+  for (int64_t j = 0; j < width; ++j) any |= test(k0 + j) ? 1 : 0;
+  if (!any) return 0;
+  uint64_t bits = 0;
+  for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
+  return bits;
+}
+
+template <class Test>
+uint64_t block_bits(const Test& test, int64_t k0, int64_t width) {
+  return generic_bits(test, k0, width);
+}
+
+template <class T>
+struct Nonzero {
+  const T* a;
+  bool operator()(int64_t k) const { return a[k] != T(0); }
+};
+
+template <class T>
+struct Either {
+  const T* a;
+  const T* b;
+  bool operator()(int64_t k) const { return (a[k] != T(0)) | (b[k] != T(0)); }
+};
+
+struct AnyBits {
+  const uint8_t* a;
+  uint8_t bits;
+  bool operator()(int64_t k) const { return (a[k] & bits) != 0; }
+};
+
+struct Equal {
+  const int16_t* x;
+  int16_t value;
+  bool operator()(int64_t k) const { return x[k] == value; }
+};
+
+#if defined(__AVX2__)
+// A full block's mask from byte and word comparisons and `movemask` (the same bits): the generic mask's scalar loop
+// ran in most blocks of the infectious agents' flags (1-2 % of them hit: most 64-agent blocks hold one) and of the
+// countdowns that end today
+inline uint64_t block_bits(const AnyBits& test, int64_t k0, int64_t width) {
+  if (width < 64) return generic_bits(test, k0, width);
+  const __m256i bits = _mm256_set1_epi8(static_cast<char>(test.bits)), zero = _mm256_setzero_si256();
+  uint64_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(test.a + k0 + 32 * h));
+    const uint32_t none = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v, bits), zero)));
+    out |= static_cast<uint64_t>(~none) << (32 * h);
+  }
+  return out;
+}
+
+inline uint64_t block_bits(const Equal& test, int64_t k0, int64_t width) {
+  if (width < 64) return generic_bits(test, k0, width);
+  const __m256i value = _mm256_set1_epi16(test.value);
+  uint64_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    const int16_t* x = test.x + k0 + 32 * h;
+    const __m256i low = _mm256_cmpeq_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), value);
+    const __m256i high = _mm256_cmpeq_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)), value);
+    // packs works per 128-bit lane (low 0-7, high 0-7, low 8-15, high 8-15): the permute puts them in order
+    const __m256i both = _mm256_permute4x64_epi64(_mm256_packs_epi16(low, high), 0xD8);
+    out |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(both))) << (32 * h);
+  }
+  return out;
+}
+#endif
+
+// hit(k) for each hit k of [begin, end) in order: 64 tests at a time into a bit mask (`block_bits`), then one call per
+// set bit (the hits are sparse)
 template <class Test, class Hit>
 void hits(int64_t begin, int64_t end, Test test, Hit hit) {
   for (int64_t k0 = begin; k0 < end; k0 += 64) {
-    const int64_t width = std::min<int64_t>(64, end - k0);
-    int any = 0;  // most blocks have no hit: a vectorised test first
-    for (int64_t j = 0; j < width; ++j) any |= test(k0 + j) ? 1 : 0;
-    if (!any) continue;
-    uint64_t bits = 0;
-    for (int64_t j = 0; j < width; ++j) bits |= uint64_t(test(k0 + j)) << j;
+    uint64_t bits = block_bits(test, k0, std::min<int64_t>(64, end - k0));
     while (bits) {
       hit(k0 + __builtin_ctzll(bits));
       bits &= bits - 1;
@@ -95,30 +167,6 @@ void collect(int64_t n, int64_t N, int64_t chunks, int64_t threads, std::vector<
   }
 }
 
-template <class T>
-struct Nonzero {
-  const T* a;
-  bool operator()(int64_t k) const { return a[k] != T(0); }
-};
-
-template <class T>
-struct Either {
-  const T* a;
-  const T* b;
-  bool operator()(int64_t k) const { return (a[k] != T(0)) | (b[k] != T(0)); }
-};
-
-struct AnyBits {
-  const uint8_t* a;
-  uint8_t bits;
-  bool operator()(int64_t k) const { return (a[k] & bits) != 0; }
-};
-
-struct Equal {
-  const int16_t* x;
-  int16_t value;
-  bool operator()(int64_t k) const { return x[k] == value; }
-};
 
 // run(test) with the test of `kind`: 0 uint8 (a | b) != 0, 1 float32 (a | b) != 0 (b may be null), 2 int16 a == value,
 // 3 uint8 (a & value) != 0
