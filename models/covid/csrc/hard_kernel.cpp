@@ -460,7 +460,8 @@ void agenttensor_covid_hard_force(const ForceArgs* args) {
 // position and contribution per layer (`index`, `values`), then added at those positions into each layer's `out`
 // in the sources' order: the numbers of `model.infection_pressure`'s gathers at the sources, their products and
 // index_add's sequential sums. The reads at the sources are scattered (a cache miss each): the first phase runs on
-// the threads, its lines fetched ahead; the sums, one serial pass, fetch their totals' lines ahead.
+// the threads, its lines fetched ahead; the sums, a serial pass per layer (the layers on the threads), fetch their
+// totals' lines ahead.
 void agenttensor_covid_source_totals_at(int64_t B, int64_t N, int64_t M, const int64_t* pb, const int64_t* pn,
                                         const uint8_t* flags, const Strided* alpha, const Strided* eta, int64_t L,
                                         const PairLayer* layers, int64_t threads) {
@@ -504,20 +505,24 @@ void agenttensor_covid_source_totals_at(int64_t B, int64_t N, int64_t M, const i
       }
     }
   });
-  for (int64_t l = 0; l < L; ++l) {  // (the layers' totals are separate: each in its sources' order)
-    const PairLayer& layer = layers[l];
-    for (int64_t m = 0; m < M; ++m) {
-      if (m + kAhead < M) __builtin_prefetch(layer.out + layer.index[m + kAhead], 1);
-      layer.out[layer.index[m]] += layer.values[m];
+  // the layers' totals are separate, each summed in its sources' order: one layer per task, on the threads as they
+  // come free (`parallel_tasks`; one serial pass over the layers left the other thread idle)
+  agenttensor::parallel_tasks(M >= (int64_t(1) << 12) ? threads : 1, L, [&](agenttensor::TaskQueue& queue) {
+    for (int64_t l; queue.next(l);) {
+      const PairLayer& layer = layers[l];
+      for (int64_t m = 0; m < M; ++m) {
+        if (m + kAhead < M) __builtin_prefetch(layer.out + layer.index[m + kAhead], 1);
+        layer.out[layer.index[m]] += layer.values[m];
+      }
+      if (!layer.product) continue;
+      const int64_t S = layer.slots;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t flat = layer.index[m], b = B == 1 ? 0 : pb[m];
+        layer.product[flat] = layer.scale[b * layer.scale_stride + (flat - b * S)] * layer.out[flat];
+      }
+      for (int64_t m = 0; m < M; ++m) layer.out[layer.index[m]] = 0.f;
     }
-    if (!layer.product) continue;
-    const int64_t S = layer.slots;
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t flat = layer.index[m], b = B == 1 ? 0 : pb[m];
-      layer.product[flat] = layer.scale[b * layer.scale_stride + (flat - b * S)] * layer.out[flat];
-    }
-    for (int64_t m = 0; m < M; ++m) layer.out[layer.index[m]] = 0.f;
-  }
+  });
 }
 
 // The largest |exp_nonpositive(x) / exp(x) − 1| over the floats x in [lo, hi] (−87 <= lo <= hi <= 0), every
