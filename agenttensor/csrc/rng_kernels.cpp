@@ -165,24 +165,24 @@ void move_span(int64_t b, int64_t N, int64_t i0, int64_t i1, const int32_t* base
                        into_out + o, mine);
 }
 
-// The move kernels' loop: row_fn(b, i0, i1, pairs) over each thread's rows, then the moved agents' (b, n) of every
-// thread in the agents' order (row-major), held for `agenttensor_take_pairs`. Returns their count.
+// The move kernels' loop: row_fn(b, i0, i1, pairs) over fixed pieces of 2^16 agents, handed to the threads as they
+// come free (`parallel_tasks`: with equal halves one thread waited for the other at the end of each call; an agent's
+// draw depends on its own values only), each piece's moved agents' (b, n) into a list of its own, the lists held in
+// the pieces' order (row-major) for `agenttensor_take_pairs`. Returns their count.
 template <class RowFn>
 int64_t moves(int64_t B, int64_t N, int64_t threads, void** pairs, RowFn&& row_fn) {
-  std::vector<std::pair<int64_t, std::vector<int64_t>>> found;  // (chunk start, its pairs)
-  agenttensor::parallel(threads, B * N, int64_t(1) << 15, [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> mine;
-    agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t i0, int64_t i1) { row_fn(b, i0, i1, mine); });
-#pragma omp critical(agenttensor_float_event_move)
-    found.emplace_back(lo, std::move(mine));
-  });
-  std::sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
-  std::vector<std::vector<int64_t>> chunks;
+  const int64_t n = B * N, piece = int64_t(1) << 16, pieces = (n + piece - 1) / piece;
+  std::vector<std::vector<int64_t>> chunks(pieces);
+  agenttensor::parallel_tasks(std::max<int64_t>(1, std::min<int64_t>(threads, n >> 15)), pieces,
+                              [&](agenttensor::TaskQueue& queue) {
+                                for (int64_t task; queue.next(task);)
+                                  agenttensor::for_rows(task * piece, std::min(n, (task + 1) * piece), N,
+                                                        [&](int64_t b, int64_t i0, int64_t i1) {
+                                                          row_fn(b, i0, i1, chunks[task]);
+                                                        });
+                              });
   size_t total = 0;
-  for (auto& chunk : found) {
-    total += chunk.second.size();
-    chunks.push_back(std::move(chunk.second));
-  }
+  for (const auto& chunk : chunks) total += chunk.size();
   *pairs = agenttensor::hold_pairs(std::move(chunks));
   return static_cast<int64_t>(total / 2);
 }
