@@ -173,14 +173,12 @@ template <class RowFn>
 int64_t moves(int64_t B, int64_t N, int64_t threads, void** pairs, RowFn&& row_fn) {
   const int64_t n = B * N, piece = int64_t(1) << 16, pieces = (n + piece - 1) / piece;
   std::vector<std::vector<int64_t>> chunks(pieces);
-  agenttensor::parallel_tasks(std::max<int64_t>(1, std::min<int64_t>(threads, n >> 15)), pieces,
-                              [&](agenttensor::TaskQueue& queue) {
-                                for (int64_t task; queue.next(task);)
-                                  agenttensor::for_rows(task * piece, std::min(n, (task + 1) * piece), N,
-                                                        [&](int64_t b, int64_t i0, int64_t i1) {
-                                                          row_fn(b, i0, i1, chunks[task]);
-                                                        });
-                              });
+  auto take = [&](agenttensor::TaskQueue& queue) {
+    for (int64_t task; queue.next(task);)
+      agenttensor::for_rows(task * piece, std::min(n, (task + 1) * piece), N,
+                            [&](int64_t b, int64_t i0, int64_t i1) { row_fn(b, i0, i1, chunks[task]); });
+  };
+  agenttensor::parallel_tasks(std::max<int64_t>(1, std::min<int64_t>(threads, n >> 15)), pieces, take);
   size_t total = 0;
   for (const auto& chunk : chunks) total += chunk.size();
   *pairs = agenttensor::hold_pairs(std::move(chunks));

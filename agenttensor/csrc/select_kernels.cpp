@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bits.h"
 #include "pairs.h"
 #include "parallel.h"
 
@@ -76,14 +77,8 @@ struct Equal {
 // countdowns that end today
 inline uint64_t block_bits(const AnyBits& test, int64_t k0, int64_t width) {
   if (width < 64) return generic_bits(test, k0, width);
-  const __m256i bits = _mm256_set1_epi8(static_cast<char>(test.bits)), zero = _mm256_setzero_si256();
-  uint64_t out = 0;
-  for (int h = 0; h < 2; ++h) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(test.a + k0 + 32 * h));
-    const uint32_t none = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v, bits), zero)));
-    out |= static_cast<uint64_t>(~none) << (32 * h);
-  }
-  return out;
+  return agenttensor::flagged32(test.a + k0, test.bits) |
+         static_cast<uint64_t>(agenttensor::flagged32(test.a + k0 + 32, test.bits)) << 32;
 }
 
 inline uint64_t block_bits(const Equal& test, int64_t k0, int64_t width) {
@@ -166,7 +161,6 @@ void collect(int64_t n, int64_t N, int64_t chunks, int64_t threads, std::vector<
     });
   }
 }
-
 
 // run(test) with the test of `kind`: 0 uint8 (a | b) != 0, 1 float32 (a | b) != 0 (b may be null), 2 int16 a == value,
 // 3 uint8 (a & value) != 0

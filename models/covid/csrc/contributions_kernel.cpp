@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "bits.h"
 #include "parallel.h"
 #include "tables.h"
 
@@ -307,12 +308,9 @@ int64_t infectious_positions(int64_t n, const uint8_t* __restrict flags, const f
   int64_t m = 0, j = 0;
   if (flags) {
 #if defined(__AVX2__)
-    const __m256i low = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
-    for (; j + 32 <= n; j += 32) {
-      const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + j)), low);
-      uint32_t mask = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bits, zero)));
-      for (; mask; mask &= mask - 1) at[m++] = static_cast<int32_t>(j + __builtin_ctz(mask));
-    }
+    for (; j + 32 <= n; j += 32)
+      for (uint32_t mask = agenttensor::flagged32(flags + j, 3); mask; mask &= mask - 1)
+        at[m++] = static_cast<int32_t>(j + __builtin_ctz(mask));
 #endif
     for (; j < n; ++j) {
       at[m] = static_cast<int32_t>(j);
