@@ -556,11 +556,12 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
                  accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr,
                  packed ? a->flags + k0 : nullptr);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
-        // the tile's infectious agents' positions, found once for every in-place add below (m < 0: not yet)
-        int64_t m = -1;
-        auto infectious = [&]() -> const int32_t* {
-          if (m < 0) m = infectious_positions(n, a->flags ? a->flags + k0 : nullptr, I_sym, I_asym, positions);
-          return positions;
+        // the tile's infectious agents' positions (into `positions`), found once for every in-place add below: their
+        // count (found < 0: not yet)
+        int64_t found = -1;
+        auto infectious = [&]() {
+          if (found < 0) found = infectious_positions(n, a->flags ? a->flags + k0 : nullptr, I_sym, I_asym, positions);
+          return found;
         };
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
         for (int q = accumulate ? 2 : 0; q < 3; ++q) {
@@ -570,8 +571,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            const int32_t* at = infectious();
-            add_at(m, at, sums[q], o);
+            add_at(infectious(), positions, sums[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
@@ -585,8 +585,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            const int32_t* at = infectious();
-            add_at(m, at, presence_terms[q], o);
+            add_at(infectious(), positions, presence_terms[q], o);
             continue;
           }
           for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
