@@ -85,7 +85,7 @@ def kernels_enabled() -> bool:
     return os.environ.get("AGENTTENSOR_NATIVE_KERNELS", "1").strip() != "0"
 
 
-def vector_flags(cpu_flags: list[str] | None = None) -> tuple[str, ...]:
+def vector_flags(cpu_flags: list[str] | None = None, vendor: str | None = None) -> tuple[str, ...]:
     """The widest vector instructions this CPU has (``cpu_flags``, default: from /proc/cpuinfo): AVX-512 (F, BW, VL,
     DQ, 512-bit vectors preferred), else ``-mavx2 -mfma``, else nothing (SSE2 code). The flags are part of a build's
     cache key, so a machine without them never loads a build made with them. No fused multiply-adds either way (the
@@ -96,18 +96,29 @@ def vector_flags(cpu_flags: list[str] | None = None) -> tuple[str, ...]:
     On Sapphire and Emerald Rapids (AVX512-FP16: their vector gathers are fast) also ``-mtune=sapphirerapids``:
     GCC's generic tuning emulates every gather (``table[slot[i]]``, the kernels' per-agent table reads) with scalar
     loads and inserts. Full NYC, in-process A/B, 6 alternating pairs of 7-day runs: backward 206.5 → 195.7 ms/day,
-    gradient forward 127.8 → 121.3, hard forward 98.6 → 97.4 (medians); the same gradient bits."""
+    gradient forward 127.8 → 121.3, hard forward 98.6 → 97.4 (medians); the same gradient bits.
+
+    On AMD CPUs with AVX-512 (``vendor`` AuthenticAMD: Zen 4, Zen 5) also ``-DAGENTTENSOR_ZEN``: the kernels' AVX-512
+    paths were tuned on Intel, and on Zen 5 some lose to their AVX2 twins (its vector gathers are slower than scalar
+    loads; longer tiles pay). The kernels take their Zen choices under that macro (the own contributions' backward:
+    33.6 → ~21 ms per call at full NYC, the same numbers; benchmarks/HISTORY.md, thirty-sixth round). ``vendor``:
+    /proc/cpuinfo's ``vendor_id`` where ``cpu_flags`` is read from there too, else unknown unless given."""
     flags = cpu_flags
     if flags is None:
         try:
             with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+                lines = f.read().splitlines()
         except OSError:
             return ()
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        if vendor is None:
+            vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
     if not ("avx2" in flags and "fma" in flags):
         return ()
     if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
         wide = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512")
+        if vendor == "AuthenticAMD":
+            return (*wide, "-DAGENTTENSOR_ZEN")
         fast_gathers = "avx512_fp16" in flags and _compiler_accepts("-mtune=sapphirerapids")
         return (*wide, "-mtune=sapphirerapids") if fast_gathers else wide
     return ("-mavx2", "-mfma")

@@ -50,9 +50,11 @@ from covid_step import MODEL, CovidParams, timed_steps  # noqa: E402
 NAMES = ("transmission_scale", "transmission_multiplier", "household_weight", "community_weight", "detection_rate")
 
 
-def built(module, source: Path, tag: str) -> ctypes.CDLL:
-    """``source`` built as ``module``'s kernel library is (its FLAGS, default -O3, and the vector flags)."""
-    flags = (*getattr(module, "FLAGS", ("-O3",)), *native.vector_flags())
+def built(module, source: Path, tag: str, vector_flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
+    """``source`` built as ``module``'s kernel library is (its FLAGS, default -O3, and the vector flags: this CPU's,
+    `native.vector_flags`, unless given)."""
+    vector = native.vector_flags() if vector_flags is None else vector_flags
+    flags = (*getattr(module, "FLAGS", ("-O3",)), *vector)
     library = ctypes.CDLL(str(native.build(source, f"ab_{tag}_{source.stem}", flags=flags)))
     module._declare(library)
     return library
@@ -64,6 +66,10 @@ def main() -> None:
     parser.add_argument("--entry", required=True, help="the module's function whose calls run the kernel")
     parser.add_argument("--a", type=Path, required=True, help="version A's source")
     parser.add_argument("--b", type=Path, required=True, help="version B's source")
+    parser.add_argument("--b-flags", default=None,
+                        help="version B's vector flags in place of this CPU's (`native.vector_flags`), e.g. "
+                             "\"-mavx2 -mfma\" with --b the same source as --a: the source's AVX2 paths against its "
+                             "AVX-512 ones on an AVX-512 CPU")
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--days", type=int, default=28)
     parser.add_argument("--scale", type=float, default=1.0, help="the NYC population's scale (1: full NYC)")
@@ -76,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     module = importlib.import_module(args.module)
-    libraries = [built(module, args.a, "a"), built(module, args.b, "b")]
+    b_flags = None if args.b_flags is None else tuple(args.b_flags.split())
+    libraries = [built(module, args.a, "a"), built(module, args.b, "b", b_flags)]
     entry = getattr(module, args.entry)
     state = {"calls": 0, "parity": 0}
     times: list[list[float]] = [[], []]
@@ -149,7 +156,8 @@ def main() -> None:
               f"{summary['median_pair_b_minus_a']:+.2f}, B faster in {summary['b_faster_pairs']} of {len(pairs)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(benchmark="ab_kernel_calls", module=args.module, entry=args.entry,
-                                        a=str(args.a), b=str(args.b), days=args.days, scale=args.scale,
+                                        a=str(args.a), b=str(args.b), b_flags=args.b_flags,
+                                        vector_flags=list(native.vector_flags()), days=args.days, scale=args.scale,
                                         threads=args.threads, rows=rows, summary=summary,
                                         torch=torch.__version__), indent=1))
     print(f"wrote {args.out}")

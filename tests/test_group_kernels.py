@@ -465,6 +465,19 @@ def test_vector_flags_follow_the_cpu_and_tune_for_fast_gathers_only_where_the_co
         assert not native._compiler_accepts("-mtune=no-such-processor")
 
 
+def test_vector_flags_mark_amd_avx512_builds_for_the_kernels_zen_choices():
+    """On AMD CPUs with AVX-512 (Zen 4, 5) the builds define AGENTTENSOR_ZEN (the kernels' Zen-tuned tiles and loads in
+    place of vector gathers) and do not tune for Sapphire Rapids; AMD's AVX2 CPUs and Intel's keep their flags."""
+    from agenttensor import native
+
+    avx512 = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    zen = native.vector_flags(avx512, vendor="AuthenticAMD")
+    assert zen == (*native.vector_flags(avx512), "-DAGENTTENSOR_ZEN")
+    assert native.vector_flags(avx512 + ["avx512_fp16"], vendor="AuthenticAMD") == zen
+    assert "-DAGENTTENSOR_ZEN" not in native.vector_flags(avx512, vendor="GenuineIntel")
+    assert native.vector_flags(["avx2", "fma"], vendor="AuthenticAMD") == ("-mavx2", "-mfma")
+
+
 def test_layered_force_backward_keeps_every_members_list_alive_while_its_kernel_runs(monkeypatch):
     """The backward's structs point into each few-member layer's list of members and of their slots, which the
     `_members` and `_member_slots` memos hold; a later layer's miss may clear a memo (it holds `limit` entries) in the

@@ -33,9 +33,14 @@ namespace {
 // (~31 KB) in L1; 512 (~62 KB) took 25.4 ms per call against 23.3 (14 of 14 runs), 128 took 27.4 against 25.0. The
 // AVX2 machine (AMD EPYC Zen 3, 32 KB L1): 512, each array's stretch per tile twice as long for the memory streams;
 // 35.3 -> 31.0 ms per call against 256 (8 of 8 runs; a first A/B: 42.1 -> 36.5, 6 of 6), 384 took 4.1 ms more than
-// 512 (0 of 6 faster), 768 0.7 less (4 of 6), 1024 2.0 more than 256, 128 12.9 more than 256. The same numbers at
-// every tile size (the α and η sums keep their lanes: tiles are multiples of kLanes).
-#if defined(__AVX512F__)
+// 512 (0 of 6 faster), 768 0.7 less (4 of 6), 1024 2.0 more than 256, 128 12.9 more than 256. The AVX-512 AMD machine
+// (Zen 5, 48 KB L1, 1 MB L2; `AGENTTENSOR_ZEN`): 2048, each step faster in 6 of 6 runs (with the pairs' scalar loads,
+// `pair_others_sum`): 256 -> 512 -5.0 ms per call, -> 1024 -2.8, -> 2048 -1.5; 4096 0.5 less again (not taken: ~0.5 MB
+// of tile buffers on each thread's stack). The same numbers at every tile size (the α and η sums keep their lanes:
+// tiles are multiples of kLanes).
+#if defined(__AVX512F__) && defined(AGENTTENSOR_ZEN)
+constexpr int64_t kTile = 2048;
+#elif defined(__AVX512F__)
 constexpr int64_t kTile = 256;
 #else
 constexpr int64_t kTile = 512;
@@ -204,12 +209,13 @@ namespace {
 // gathers touched two (a large layer's slots, workplaces, are random: its tables miss the cache). With AVX2 (no
 // AVX-512, e.g. AMD Zen 3) one 64-bit load per agent, 8 agents' pairs de-interleaved by permutes: the compiler's
 // scalar loop made two 32-bit loads per agent, and AVX2 hardware gathers were slower still (full NYC's slots, one
-// thread, 256-agent tiles: workplaces 11.5 -> 8.6 ms a pass, gathers 10.7; schools 8.1 -> 5.7, gathers 10.0). The
-// same numbers.
+// thread, 256-agent tiles: workplaces 11.5 -> 8.6 ms a pass, gathers 10.7; schools 8.1 -> 5.7, gathers 10.0). So too
+// on AMD's AVX-512 CPUs (`AGENTTENSOR_ZEN`; Zen 5, full NYC, 256-agent tiles: the own contributions' backward 38.3 ->
+// 36.2 ms per call with these loads in place of the 512-bit gathers, 6 of 6 runs). The same numbers.
 void pair_others_sum(int64_t n, const int32_t* __restrict slot, const float* __restrict pairs,
                      const float* __restrict member, float* __restrict out) {
   int64_t j = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(AGENTTENSOR_ZEN)
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   const double* table = reinterpret_cast<const double*>(pairs);
