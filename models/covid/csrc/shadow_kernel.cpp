@@ -53,6 +53,16 @@ inline float power_unit(float x, float n) {
 
 constexpr int64_t kTile = 256;
 
+// tiles per chunk of the fused backward (agenttensor_covid_shadow_backward_fused): 16 (~4,096 agents; measured on Zen
+// 3, see there), on AMD's AVX-512 CPUs (`AGENTTENSOR_ZEN`, 1 MB L2) 32: on Zen 5 at full NYC -0.7 ms per call (5 of 6
+// runs; pairs of runs with the days' parity swapped -0.69, -1.28, -1.15), 64 no better again (3 of 6); 512-agent tiles
+// in 16-tile chunks: no change (3 of 6).
+#if defined(AGENTTENSOR_ZEN)
+constexpr int64_t kChunkTiles = 32;
+#else
+constexpr int64_t kChunkTiles = 16;
+#endif
+
 // x^k for a whole k in [0, 2^Bits), by squaring (Bits branch-free steps: vectorises, and exact to a few ulp; a
 // step whose bit is 0 multiplies by 1, so any Bits that covers k gives the same value, though not always the same
 // compiled arithmetic: see attack_range)
@@ -552,12 +562,12 @@ void agenttensor_covid_shadow_backward_fused(const ShadowArgs* a) {
       float* sums_sym = a->from_sym_sums + b * H;
       float* sums_asym = a->from_asym_sums + b * H;
       const float a_sym = -a->d_sym, a_asym = -a->alpha[b] * a->d_asym;
-      // chunks of whole households, about sixteen tiles each (~4,096 agents: each array's stretch per chunk long enough
-      // for the memory streams; the chunk's 8 buffers, 128 KB, in L2). Per-call A/B in situ at full NYC (AMD EPYC
-      // Zen 3), against four tiles: -3.2 ms per call (medians 44.1 -> 41.7; faster in each of 4 pairs of runs with the
-      // days' parity swapped); eight: -2.9. (512-agent tiles in 4,096-agent chunks: +0.4.)
+      // chunks of whole households, about kChunkTiles tiles each (~4,096 agents: each array's stretch per chunk long
+      // enough for the memory streams; the chunk's 8 buffers, 128 KB, in L2). Per-call A/B in situ at full NYC (AMD
+      // EPYC Zen 3), sixteen tiles against four: -3.2 ms per call (medians 44.1 -> 41.7; faster in each of 4 pairs of
+      // runs with the days' parity swapped); eight: -2.9. (512-agent tiles in 4,096-agent chunks: +0.4.)
       for (int64_t c0 = i0; c0 < i1;) {
-        const int64_t c1 = group_boundary(a->household, i1, std::min(i1, c0 + 16 * kTile)), n = c1 - c0;
+        const int64_t c1 = group_boundary(a->household, i1, std::min(i1, c0 + kChunkTiles * kTile)), n = c1 - c0;
         if (static_cast<int64_t>(qs.size()) < n) {
           us.resize(n);
           qs.resize(n);
