@@ -98,11 +98,12 @@ def vector_flags(cpu_flags: list[str] | None = None, vendor: str | None = None) 
     loads and inserts. Full NYC, in-process A/B, 6 alternating pairs of 7-day runs: backward 206.5 → 195.7 ms/day,
     gradient forward 127.8 → 121.3, hard forward 98.6 → 97.4 (medians); the same gradient bits.
 
-    On AMD CPUs with AVX-512 (``vendor`` AuthenticAMD: Zen 4, Zen 5) also ``-DAGENTTENSOR_ZEN``: the kernels' AVX-512
-    paths were tuned on Intel, and on Zen 5 some lose to their AVX2 twins (its vector gathers are slower than scalar
-    loads; longer tiles pay). The kernels take their Zen choices under that macro (the own contributions' backward:
-    33.6 → ~21 ms per call at full NYC, the same numbers; benchmarks/HISTORY.md, thirty-sixth round). ``vendor``:
-    /proc/cpuinfo's ``vendor_id`` where ``cpu_flags`` is read from there too, else unknown unless given."""
+    On AMD CPUs with AVX-512 (``vendor`` AuthenticAMD: Zen 4, Zen 5; measured on Zen 5) also ``-DAGENTTENSOR_ZEN``:
+    the kernels' AVX-512 paths were tuned on Intel, and on Zen 5 some lose to their AVX2 twins (its vector gathers are
+    slower than scalar loads; longer tiles pay). The kernels take their Zen choices under that macro (the own
+    contributions' backward at full NYC: 37.8 → 25.4 ms per call in a per-call A/B, the same numbers;
+    benchmarks/HISTORY.md, thirty-sixth round). ``vendor``: /proc/cpuinfo's ``vendor_id`` where ``cpu_flags`` is read
+    from there too, else unknown unless given."""
     flags = cpu_flags
     if flags is None:
         try:

@@ -37,8 +37,7 @@ namespace {
 // (Zen 5, 48 KB L1, 1 MB L2; `AGENTTENSOR_ZEN`): 2048, each step faster in 6 of 6 runs (with the pairs' scalar loads,
 // `pair_others_sum`): 512 -4.9 ms per call against 256 (the loads and 512 together -7.3, the loads alone -2.4), 1024
 // -2.8 against 512, 2048 -1.5 against 1024; 4096 -0.5 again (not taken: ~0.5 MB of tile buffers on each thread's
-// stack). The same numbers at every tile size (the α and η sums keep their lanes:
-// tiles are multiples of kLanes).
+// stack). The same numbers at every tile size (the α and η sums keep their lanes: tiles are multiples of kLanes).
 #if defined(__AVX512F__) && defined(AGENTTENSOR_ZEN)
 constexpr int64_t kTile = 2048;
 #elif defined(__AVX512F__)
