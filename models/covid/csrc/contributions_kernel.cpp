@@ -14,6 +14,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -34,12 +35,13 @@ namespace {
 // AVX2 machine (AMD EPYC Zen 3, 32 KB L1): 512, each array's stretch per tile twice as long for the memory streams;
 // 35.3 -> 31.0 ms per call against 256 (8 of 8 runs; a first A/B: 42.1 -> 36.5, 6 of 6), 384 took 4.1 ms more than
 // 512 (0 of 6 faster), 768 0.7 less (4 of 6), 1024 2.0 more than 256, 128 12.9 more than 256. The AVX-512 AMD machine
-// (Zen 5, 48 KB L1, 1 MB L2; `AGENTTENSOR_ZEN`): 2048, each step faster in 6 of 6 runs (with the pairs' scalar loads,
+// (Zen 5, 48 KB L1, 1 MB L2; `AGENTTENSOR_ZEN`): 4096, each step faster in 6 of 6 runs (with the pairs' scalar loads,
 // `pair_others_sum`): 512 -4.9 ms per call against 256 (the loads and 512 together -7.3, the loads alone -2.4), 1024
-// -2.8 against 512, 2048 -1.5 against 1024; 4096 -0.5 again (not taken: ~0.5 MB of tile buffers on each thread's
-// stack). The same numbers at every tile size (the α and η sums keep their lanes: tiles are multiples of kLanes).
+// -2.8 against 512, 2048 -1.5 against 1024, 4096 -0.5 and -1.3 against 2048 (two A/Bs), 8192 +0.2 against 4096 (1 of
+// 6). The tile buffers are on the heap (`OwnTileBuffers`, ~0.5 MB a thread at 4096; against the stack: -0.2, 3 of 6).
+// The same numbers at every tile size (the α and η sums keep their lanes: tiles are multiples of kLanes).
 #if defined(__AVX512F__) && defined(AGENTTENSOR_ZEN)
-constexpr int64_t kTile = 2048;
+constexpr int64_t kTile = 4096;
 #elif defined(__AVX512F__)
 constexpr int64_t kTile = 256;
 #else
@@ -467,6 +469,21 @@ int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, con
   return 0;
 }
 
+}  // extern "C"
+
+namespace {
+
+// A thread's tile buffers in `agenttensor_covid_own_backward`
+struct OwnTileBuffers {
+  float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile], eta_term[kTile],
+      unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile], presence_terms[3][kTile];
+  int32_t positions[kTile];
+};
+
+}  // namespace
+
+extern "C" {
+
 void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
   // the group sums and scales of the layers flagged `paired` interleaved (see pair_others_sum)
@@ -493,10 +510,22 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   // the blocks taken by the threads as they come free (`parallel_tasks`: equal halves left one thread waiting)
   agenttensor::parallel_tasks(a->threads, a->B * blocks, [&](agenttensor::TaskQueue& queue) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
-    float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile],
-        eta_term[kTile], unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile],
-        presence_terms[3][kTile];
-    int32_t positions[kTile];
+    // (on the heap: ~30 rows of kTile values, 0.5 MB a thread at 4096)
+    const std::unique_ptr<OwnTileBuffers> buffers(new OwnTileBuffers);
+    OwnTileBuffers& tiles = *buffers;  // (references, not structured bindings: C++17 lambdas cannot capture those)
+    auto& zero = tiles.zero;
+    auto& scratch = tiles.scratch;
+    auto& sums = tiles.sums;
+    auto& d = tiles.d;
+    auto& alpha_term = tiles.alpha_term;
+    auto& eta_term = tiles.eta_term;
+    auto& unpacked = tiles.unpacked;
+    auto& gs = tiles.gs;
+    auto& weights = tiles.weights;
+    auto& one = tiles.one;
+    auto& sigmas = tiles.sigmas;
+    auto& presence_terms = tiles.presence_terms;
+    auto& positions = tiles.positions;
     std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
     std::fill(zero, zero + kTile, 0.f);  // no testing lever: no extra detection
     for (int64_t job; queue.next(job);) {
