@@ -512,22 +512,9 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
     // (on the heap: ~30 rows of kTile values, 0.5 MB a thread at 4096)
     const std::unique_ptr<OwnTileBuffers> buffers(new OwnTileBuffers);
-    OwnTileBuffers& tiles = *buffers;  // (references, not structured bindings: C++17 lambdas cannot capture those)
-    auto& zero = tiles.zero;
-    auto& scratch = tiles.scratch;
-    auto& sums = tiles.sums;
-    auto& d = tiles.d;
-    auto& alpha_term = tiles.alpha_term;
-    auto& eta_term = tiles.eta_term;
-    auto& unpacked = tiles.unpacked;
-    auto& gs = tiles.gs;
-    auto& weights = tiles.weights;
-    auto& one = tiles.one;
-    auto& sigmas = tiles.sigmas;
-    auto& presence_terms = tiles.presence_terms;
-    auto& positions = tiles.positions;
-    std::fill(one, one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
-    std::fill(zero, zero + kTile, 0.f);  // no testing lever: no extra detection
+    OwnTileBuffers& tiles = *buffers;
+    std::fill(tiles.one, tiles.one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
+    std::fill(tiles.zero, tiles.zero + kTile, 0.f);  // no testing lever: no extra detection
     for (int64_t job; queue.next(job);) {
       const int64_t b = job / blocks, i0 = (job % blocks) * block, i1 = i0 + block < N ? i0 + block : N;
       const float alpha = a->alpha[b], eta = a->eta[b], detect0 = a->detect_asym[b];
@@ -538,64 +525,68 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
       double alpha_sum[kLanes] = {}, eta_sum[kLanes] = {};
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), k0 = b * N + t0;
-        auto out = [&](float* p, int slot) { return p ? p + k0 : scratch[slot]; };
+        auto out = [&](float* p, int slot) { return p ? p + k0 : tiles.scratch[slot]; };
         // a field with a derivative already: the contributions' into a tile buffer, then added (in place or not);
         // every unwanted output into a scratch row of its own (they are restrict pointers)
-        auto field = [&](float* p, const float* acc, int slot) { return acc ? sums[slot] : out(p, slot); };
-        auto presence = [&](float* p, const float* acc, int q) { return acc ? presence_terms[q] : out(p, 3 + q); };
+        auto field = [&](float* p, const float* acc, int slot) { return acc ? tiles.sums[slot] : out(p, slot); };
+        auto presence = [&](float* p, const float* acc, int q) {
+          return acc ? tiles.presence_terms[q] : out(p, 3 + q);
+        };
         const float *I_sym = a->I_sym + k0, *I_asym = a->I_asym + k0, *isolating = a->isolating + k0;
         if (a->flags && !packed) {
-          unpack(n, a->flags + k0, unpacked);
-          I_sym = unpacked[0], I_asym = unpacked[1], isolating = unpacked[2];
+          unpack(n, a->flags + k0, tiles.unpacked);
+          I_sym = tiles.unpacked[0], I_asym = tiles.unpacked[1], isolating = tiles.unpacked[2];
         }
         // (without stage_end the flags carry its sign: `packed`, and own_tile reads them)
         const int16_t* stage_end = a->stage_end ? a->stage_end + k0 : nullptr;
         // the weighted layers' member values: gs = grad σ once per tile, then each layer's product
         if (a->w_grad) {
-          const float* sigma = sigmas;
+          const float* sigma = tiles.sigmas;
           if (a->w_sigma_table)
             agenttensor::small_table_lookup(n, a->w_sigma_table + b * a->w_sigma_table_stride, a->w_sigma_table_size,
-                                            a->w_sigma_index + t0, sigmas);
+                                            a->w_sigma_index + t0, tiles.sigmas);
           else
             sigma = a->w_sigma + b * a->w_sigma_stride + t0;
-          for (int64_t j = 0; j < n; ++j) gs[j] = a->w_grad[k0 + j] * sigma[j];
+          for (int64_t j = 0; j < n; ++j) tiles.gs[j] = a->w_grad[k0 + j] * sigma[j];
         }
         auto member = [&](int q) -> const float* {
           const OthersSumArgs& l = *layers[q];
           if (!l.weighted) return nullptr;
           // no parts: gs (1 ((1 1) 1)) is gs, bit for bit; a presence only: gs (p ((1 1) 1)) is gs p
-          if (!l.w_presence && !l.w_factor && !l.w_factor_all) return gs;
+          if (!l.w_presence && !l.w_factor && !l.w_factor_all) return tiles.gs;
           if (!l.w_factor && !l.w_factor_all) {
             const float* __restrict p = l.w_presence + b * l.w_presence_stride + t0;
-            float* __restrict w = weights[q];
-            for (int64_t j = 0; j < n; ++j) w[j] = gs[j] * p[j];
+            float* __restrict w = tiles.weights[q];
+            for (int64_t j = 0; j < n; ++j) w[j] = tiles.gs[j] * p[j];
             return w;
           }
-          auto part = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : one; };
-          weights_tile(n, gs, part(l.w_presence, l.w_presence_stride), part(l.w_factor, l.w_factor_stride),
-                       part(l.w_factor_all, l.w_factor_all_stride), weights[q]);
-          return weights[q];
+          auto part = [&](const float* x, int64_t stride) { return x ? x + b * stride + t0 : tiles.one; };
+          weights_tile(n, tiles.gs, part(l.w_presence, l.w_presence_stride), part(l.w_factor, l.w_factor_stride),
+                       part(l.w_factor_all, l.w_factor_all_stride), tiles.weights[q]);
+          return tiles.weights[q];
         };
-        own(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, d[0], paired(0), member(0)),
-                 others_sum_tile(a->school, b, N, t0, n, d[1], paired(1), member(1)),
-                 others_sum_tile(a->workplace, b, N, t0, n, d[2], paired(2), member(2)),
-                 others_sum_tile(a->community, b, N, t0, n, d[3], paired(3), member(3)), tile_or(ps, t0, one),
-                 tile_or(pw, t0, one), tile_or(pc, t0, one), I_sym, I_asym, isolating,
+        own(n, alpha, eta, detect0, others_sum_tile(a->household, b, N, t0, n, tiles.d[0], paired(0), member(0)),
+                 others_sum_tile(a->school, b, N, t0, n, tiles.d[1], paired(1), member(1)),
+                 others_sum_tile(a->workplace, b, N, t0, n, tiles.d[2], paired(2), member(2)),
+                 others_sum_tile(a->community, b, N, t0, n, tiles.d[3], paired(3), member(3)),
+                 tile_or(ps, t0, tiles.one), tile_or(pw, t0, tiles.one), tile_or(pc, t0, tiles.one),
+                 I_sym, I_asym, isolating,
                  a->isolate_prob + k0, stage_end,
-                 tile_or(testing, t0, zero),
+                 tile_or(testing, t0, tiles.zero),
                  accumulate ? a->out_I_sym + k0 : field(a->out_I_sym, a->acc_I_sym, 0),
                  accumulate ? a->out_I_asym + k0 : field(a->out_I_asym, a->acc_I_asym, 1),
                  field(a->out_isolating, a->acc_isolating, 2), presence(a->out_p_school, a->acc_p_school, 0),
                  presence(a->out_p_workplace, a->acc_p_workplace, 1),
-                 presence(a->out_p_community, a->acc_p_community, 2), alpha_term, eta_term,
+                 presence(a->out_p_community, a->acc_p_community, 2), tiles.alpha_term, tiles.eta_term,
                  accumulate ? a->acc_I_sym + k0 : nullptr, accumulate ? a->acc_I_asym + k0 : nullptr,
                  packed ? a->flags + k0 : nullptr);
         const float* accs[3] = {a->acc_I_sym, a->acc_I_asym, a->acc_isolating};
-        // the tile's infectious agents' positions (into `positions`), found once for every in-place add below: their
-        // count (found < 0: not yet)
+        // the tile's infectious agents' positions (into `tiles.positions`), found once for every in-place add below:
+        // their count (found < 0: not yet)
         int64_t found = -1;
         auto infectious = [&]() {
-          if (found < 0) found = infectious_positions(n, a->flags ? a->flags + k0 : nullptr, I_sym, I_asym, positions);
+          if (found < 0)
+            found = infectious_positions(n, a->flags ? a->flags + k0 : nullptr, I_sym, I_asym, tiles.positions);
           return found;
         };
         float* outs[3] = {a->out_I_sym, a->out_I_asym, a->out_isolating};
@@ -606,10 +597,10 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           if (q == 2 && acc == o) {  // isolating's, added in place: its contribution ι D (−η) is 0 where ι is, at all
             // but the infectious agents (~0.1 %): those only (acc + 0 is acc; where D is not finite the torch ops
             // would give NaN, 0 · ∞, for an agent without infectiousness). No [B, N] read and written back.
-            add_at(infectious(), positions, sums[q], o);
+            add_at(infectious(), tiles.positions, tiles.sums[q], o);
             continue;
           }
-          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + sums[q][j];
+          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + tiles.sums[q][j];
         }
         // the presences' with the force's derivative: d_l ι (1 − η isolating) is 0 where ι is, at all but the
         // infectious agents: those only where it is added in place (as isolating's above)
@@ -620,13 +611,13 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
           const float* acc = presence_accs[q] + k0;
           float* o = presence_outs[q] + k0;
           if (acc == o) {
-            add_at(infectious(), positions, presence_terms[q], o);
+            add_at(infectious(), tiles.positions, tiles.presence_terms[q], o);
             continue;
           }
-          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + presence_terms[q][j];
+          for (int64_t j = 0; j < n; ++j) o[j] = acc[j] + tiles.presence_terms[q][j];
         }
-        if (a->alpha_sums) add_lanes(alpha_sum, alpha_term, n);
-        if (a->eta_sums) add_lanes(eta_sum, eta_term, n);
+        if (a->alpha_sums) add_lanes(alpha_sum, tiles.alpha_term, n);
+        if (a->eta_sums) add_lanes(eta_sum, tiles.eta_term, n);
       }
       if (a->alpha_sums) a->alpha_sums[job] = lanes_total(alpha_sum);
       if (a->eta_sums) a->eta_sums[job] = -lanes_total(eta_sum);
