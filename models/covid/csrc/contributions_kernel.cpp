@@ -48,6 +48,13 @@ constexpr int64_t kTile = 256;
 constexpr int64_t kTile = 512;
 #endif
 
+// A thread's tile buffers in `agenttensor_covid_own_backward` (on the heap: ~0.5 MB at 4096 agents a tile)
+struct OwnTileBuffers {
+  float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile], eta_term[kTile],
+      unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile], presence_terms[3][kTile];
+  int32_t positions[kTile];
+};
+
 // An optional [B | 1, N] row's tile: its values, or a constant tile (zeros, ones: filled once per thread) where it is
 // null (the arithmetic below then runs as one branch-free loop the compiler vectorises; the constants stay in cache).
 inline const float* tile_or(const float* p, int64_t i0, const float* constant) { return p ? p + i0 : constant; }
@@ -469,21 +476,6 @@ int64_t agenttensor_covid_carry(uint8_t* live, const int64_t* at, int64_t M, con
   return 0;
 }
 
-}  // extern "C"
-
-namespace {
-
-// A thread's tile buffers in `agenttensor_covid_own_backward`
-struct OwnTileBuffers {
-  float zero[kTile], scratch[6][kTile], sums[3][kTile], d[4][kTile], alpha_term[kTile], eta_term[kTile],
-      unpacked[3][kTile], gs[kTile], weights[4][kTile], one[kTile], sigmas[kTile], presence_terms[3][kTile];
-  int32_t positions[kTile];
-};
-
-}  // namespace
-
-extern "C" {
-
 void agenttensor_covid_own_backward(const OwnArgs* a) {
   const int64_t N = a->N, block = a->block, blocks = (N + block - 1) / block;
   // the group sums and scales of the layers flagged `paired` interleaved (see pair_others_sum)
@@ -510,7 +502,7 @@ void agenttensor_covid_own_backward(const OwnArgs* a) {
   // the blocks taken by the threads as they come free (`parallel_tasks`: equal halves left one thread waiting)
   agenttensor::parallel_tasks(a->threads, a->B * blocks, [&](agenttensor::TaskQueue& queue) {
     // tiles: optional inputs (zeros or ones where null; the testing lever's detection: 0 extra), unwanted outputs
-    // (on the heap: ~30 rows of kTile values, 0.5 MB a thread at 4096)
+    // (`new`, not make_unique: the rows need no zero fill)
     const std::unique_ptr<OwnTileBuffers> buffers(new OwnTileBuffers);
     OwnTileBuffers& tiles = *buffers;
     std::fill(tiles.one, tiles.one + kTile, 1.f);  // a weighted layer's missing parts, a missing presence
