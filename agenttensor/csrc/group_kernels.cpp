@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -299,12 +300,10 @@ constexpr int64_t kTile = 32768;
 constexpr int64_t kTile = 8192;
 #endif
 
-// A thread's tile buffers: total, gs and sigma_buffer (kTile floats each), on the heap
+// A thread's tile buffers, allocated by `new` (on the heap, as the own contributions' `OwnTileBuffers`: no zero fill;
+// the passes write them before reading them, as they did the stack arrays)
 struct TileBuffers {
-  std::vector<float> storage = std::vector<float>(3 * kTile);
-  float* total = storage.data();
-  float* gs = total + kTile;
-  float* sigma_buffer = gs + kTile;
+  float total[kTile], gs[kTile], sigma_buffer[kTile];
 };
 
 // Whether agents [i0, i1) are all in one group of a layer whose groups are runs of agents (its first and last slot
@@ -578,8 +577,8 @@ void backward_with_sums(int64_t B, int64_t N, int64_t L, const ForceLayer* layer
   for (int64_t l = 0; l < L; ++l)
     if (layers[l].sums && layers[l].contiguous) std::fill(layers[l].sums, layers[l].sums + B * layers[l].groups, 0.f);
   agenttensor::parallel(threads, B * parts, 1, [&](int64_t lo, int64_t hi) {
-    TileBuffers buffers;
-    float *total = buffers.total, *gs = buffers.gs, *sigma_buffer = buffers.sigma_buffer;
+    const std::unique_ptr<TileBuffers> buffers(new TileBuffers);
+    float *total = buffers->total, *gs = buffers->gs, *sigma_buffer = buffers->sigma_buffer;
     std::vector<float> scratch(4 * kTile);
     std::vector<OpenRun> open(L);
     std::vector<ShortRuns> runs(L);
@@ -649,8 +648,8 @@ void agenttensor_layered_force(int64_t B, int64_t N, int64_t L, const ForceLayer
       }
   // (the forward's per-agent work is light: two threads from 2^14 agents on)
   agenttensor::parallel(threads, B * N, int64_t(1) << (grad ? 16 : 14), [&](int64_t lo, int64_t hi) {
-    TileBuffers buffers;
-    float *total = buffers.total, *gs = buffers.gs, *sigma_buffer = buffers.sigma_buffer;
+    const std::unique_ptr<TileBuffers> buffers(new TileBuffers);
+    float *total = buffers->total, *gs = buffers->gs, *sigma_buffer = buffers->sigma_buffer;
     std::vector<float> scratch(grad ? 4 * kTile : 0);  // the backward's unwanted outputs
     agenttensor::for_rows(lo, hi, N, [&](int64_t b, int64_t r0, int64_t r1) {
       const Sigma s = sigma_of(table, b, sigma, sigma_stride);
