@@ -56,6 +56,11 @@ class StepContext:
     # this owner (`owns` / `own`), as JAX's donated buffers; never a caller's state or a checkpointed segment's
     # input. `simulate` passes one owner per loop (``init`` included); a step called directly, without one, is pure.
     donate: object | None = None
+    # no host synchronisation in the step (what a CUDA graph capture of it needs; on a GPU the host then runs ahead of
+    # the device instead of waiting for it): hard-mode events drawn for every agent and sparse sets kept as [B, N]
+    # masks, never as index lists whose length the host must read. The same numbers. Only the torch-op path reads it:
+    # where the native CPU kernels run (they sync nothing a GPU would wait for) they run as before.
+    sync_free: bool = False
 
     def owns(self, x: Tensor) -> bool:
         """Whether this step may update x in place: x was made by an earlier step for this loop (`own`)."""
@@ -110,11 +115,11 @@ class StepContext:
                 return events
         return self.sampler.event_among(p, Uniforms(self.rng, self.step, stream), where, complement)
 
-    @staticmethod
-    def few(where: Tensor) -> bool:
+    def few(self, where: Tensor) -> bool:
         """Whether at most a quarter of ``where`` [B, N] is non-zero: hard-mode events are then drawn at those agents
-        only (``nonzero``, gathers, one scatter), else for every agent in one pass."""
-        return select.count(where) * 4 <= where.numel()
+        only (``nonzero``, gathers, one scatter), else for every agent in one pass (always with `sync_free`: the count
+        is a host synchronisation)."""
+        return not self.sync_free and select.count(where) * 4 <= where.numel()
 
     def hazard_event(self, hazard: Tensor, stream: str, where: Tensor) -> Tensor:
         """Events at rate ``hazard`` [B, N] over this step among ``where`` (0/1): ``bernoulli(1 − exp(−hazard),

@@ -61,7 +61,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
              env: Any = None, start_date: dt.date | None = None, progress: bool | None = None,
              checkpoint_every: int | None = None, checkpoint_path: str | Path | None = None, resume: bool = False,
              grad_checkpoint_every: int | None = None, interventions: Sequence[Any] | Any = None,
-             initial_state: Any = None, first_step: int = 0) -> Results:
+             initial_state: Any = None, first_step: int = 0, sync_free: bool = False) -> Results:
     """Run ``model`` for ``steps`` steps on a batch of seeds (one pass, leading batch dim B).
 
     population: a `Population` (or None for the model's default); env: a prebuilt environment
@@ -84,6 +84,10 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     (``Results.first_step``). State tensors of the right batch are used as they are (models update
     in place only the states their own earlier steps made, `StepContext.donate`); a 0/1 state from
     a hard run is cast to float for gradient modes.
+
+    sync_free: hard-mode steps that read nothing back on the host (`StepContext.sync_free`: masks instead of index
+    lists; the same numbers), for a GPU, whose host may then queue days ahead of the device. CPU runs with the native
+    kernels are unchanged by it.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -147,7 +151,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         records = []
         for t in range(start, stop):
             ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule,
-                              donate=owner)
+                              donate=owner, sync_free=sync_free)
             state, rec = model.step(state, params, ctx)
             records.append(rec)
         return state, records

@@ -136,12 +136,13 @@ def scaled_sums(coef: Tensor | float, per_slot: Tensor, sums: Tensor, index: Ten
     return _ScaledSums.apply(coef, scale, per_slot, sums, index, values.detach(), product), scale
 
 
-def _product_at(scale: Tensor, sums: Tensor, index: Tensor) -> Tensor:
+def _product_at(scale: Tensor, sums: Tensor, index: Tensor | None) -> Tensor:
     """scale · sums [B, S] for sums that are zero outside the flat positions ``index`` [M] (b · S + slot): the products
     at those positions only, zeros elsewhere (the dense product's numbers where scale is finite and not negative;
-    full NYC's households, 3.3M slots: ~1.5 → ~0.8 ms), or the dense product where M is not small."""
+    full NYC's households, 3.3M slots: ~1.5 → ~0.8 ms), or the dense product where M is not small or ``index`` is
+    None (sums made densely)."""
     B, S = sums.shape
-    if index.numel() * 8 > sums.numel() or scale.dim() not in (1, 2) or scale.shape[-1] != S \
+    if index is None or index.numel() * 8 > sums.numel() or scale.dim() not in (1, 2) or scale.shape[-1] != S \
             or torch.broadcast_shapes(scale.shape, sums.shape) != sums.shape:
         return scale * sums
     flat = scale.reshape(-1)

@@ -88,11 +88,11 @@ def profiles(env) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         cell = env.cell.long()
         low = torch.full((P,), cell.max().item() + 1 if cell.numel() else 0).scatter_reduce(0, profile, cell, "amin")
         high = torch.full((P,), -1).scatter_reduce(0, profile, cell, "amax")
-        consistent = torch.tensor(bool((low == high).all()))
+        consistent = bool((low == high).all())  # (a Python bool: no tensor read on the host per decision)
         return profile.to(torch.int32), keys // ages, age_of, low, consistent
 
     *table, consistent = static("behaviour_profiles", make)
-    return tuple(table) if bool(consistent) else None
+    return tuple(table) if consistent else None
 
 
 class HeuristicBehavior:

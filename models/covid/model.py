@@ -58,15 +58,15 @@ from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorS
 from agenttensor import _group_kernels, select
 from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
-from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, layer_shares_at, layered_force,
-                                      range_sums, scaled_sums, scatter_sum, table_kept)
+from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares_at,
+                                      layered_force, range_sums, scaled_sums, scatter_sum, table_kept)
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import contributions_native, disease, exits_native, hard_native, labour_native, shadow, shadow_native
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
-from .shadow import gather_exits, transition
+from .shadow import Exits, gather_exits, transition
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +460,12 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
 def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf: Tensor, ctx: StepContext, stream: str,
                 entry_step: int) -> Tensor:
     """Set the countdown of agents entering a timed stage (a [B, N] mask or its (b, i) indices):
-    stage_end = entry_step + duration."""
+    stage_end = entry_step + duration (with `StepContext.sync_free` and a mask: drawn for every agent, written where
+    the mask is set, in place)."""
+    if ctx.sync_free and not isinstance(entrants, tuple):
+        u = ctx.rng.uniform(ctx.step, stream)
+        ends = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
+        return stage_end.copy_(torch.where(entrants.detach() != 0, ends, stage_end))
     b, i = entrants if isinstance(entrants, tuple) else select.nonzero(entrants.detach())
     if b.numel():
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
@@ -699,7 +704,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # the infectious agents; in gradient modes from the memberships packed for the own contributions (1 byte per agent)
     packed = contributions_native.packed(state.I_sym, state.I_asym, state.isolating, state.stage_end, state.S) \
         if ctx.sampler.differentiable else (None, None)  # (and the countdowns' sign and S: `own_contributions`)
-    b, j = select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
+    # (`StepContext.sync_free`: every agent, whose ι is zero where not infectious: no index list, the same sums)
+    b, j = (None, None) if ctx.sync_free and not ctx.sampler.differentiable else \
+        select.nonzero(state.I_sym.detach(), state.I_asym.detach()) if packed[0] is None else \
         select.nonzero_bits(packed[0], 0b011)
     sources = At(b, j)
 
@@ -798,6 +805,9 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
             return summed[name]
         layer: GroupLayer = getattr(env, name)
         slots = layer.num_groups + 1
+        if j is None:  # every agent's contribution (`sync_free`): a dense group sum, no positions
+            values = contribution().detach().expand(B, -1)
+            return group_sum(values, layer.slot, slots), None, values
         index = layer.slot.index_select(0, j)
         index = index if B == 1 and on_cpu else b * slots + index
         values = contribution()
@@ -1034,17 +1044,23 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     new_E, infection = (None, moved.derivatives) if moved is not None else \
         ctx.hazard_event_and_derivatives(force, "infection", S)
 
-    b, i = select.equal(state.stage_end, t)  # agents whose timed stage ends today
+    # agents whose timed stage ends today; hard mode with `StepContext.sync_free`: every agent, the exits a mask
+    # (``exiting`` [B, N]; the draws and flows made for every agent and kept where it is set: the same numbers)
+    dense = ctx.sync_free and not ctx.sampler.differentiable
+    exiting = state.stage_end == t if dense else None
+    b, i = (None, None) if dense else select.equal(state.stage_end, t)
     at = At(b, i)
 
-    u_exits = ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as the kernel reads them
+    u_exits = ctx.rng.uniforms(t, exits_native.STREAMS) if dense else \
+        ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as the kernel reads them
     u_exit = dict(zip(exits_native.STREAMS, u_exits))
 
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
 
-    exits = gather_exits(dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating), b, i,
-                         ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
+    exiting_fields = dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating)
+    exits = Exits(b, i, {name: x * exiting for name, x in exiting_fields.items()}) if dense else \
+        gather_exits(exiting_fields, b, i, ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
     leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
                                                               ("E", "I_asym", "I_sym", "H", "isolating"))
 
@@ -1052,15 +1068,17 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # where they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the flags)
     donate = ctx.sampler.differentiable and ctx.scratch.get("timed_flags") is not None and ctx.owns(state.stage_end)
     stage_end = state.stage_end if donate else ctx.own(state.stage_end.clone())
-    infected_b, infected_i = moved.pairs if moved is not None else select.nonzero(new_E.detach())
+    infected_b, infected_i = (None, None) if dense else moved.pairs if moved is not None else \
+        select.nonzero(new_E.detach())
     ctx.scratch["infected"] = (infected_b, infected_i)  # (`shadow.transition` carries their countdowns' sign)
-    stage_end = enter_stage(stage_end, (infected_b, infected_i), env.durations["E"], ctx, "duration-E", entry_step=t)
+    stage_end = enter_stage(stage_end, new_E if dense else (infected_b, infected_i), env.durations["E"], ctx,
+                            "duration-E", entry_step=t)
 
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
     native = None
     read = (params.detection_rate, params.asymptomatic_detection_ratio, ctx.lever("testing_isolation"),
             params.vaccine_efficacy_severe, V, state.isolate_prob)
-    if exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
+    if not dense and exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
         testing = lever_per_agent(ctx, "testing_isolation")
         severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
             else None
@@ -1069,7 +1087,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                                          at(params.asymptomatic_detection_ratio),
                                          None if testing is None else at(testing), severe, isolate_at, stage_end, t)
     else:
-        group = env.age_group.index_select(0, i)
+        group = env.age_group if dense else env.age_group.index_select(0, i)
         to_Is = draw(params.symptomatic_fraction.index_select(0, group), "symptoms").to(E.dtype) * leave_E
         to_Ia = leave_E - to_Is
         p_hosp = params.hosp_given_symptomatic.index_select(0, group)
@@ -1094,12 +1112,16 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         leave_I = leave_Ia + leave_Is
         isolating_here = isolating_before * (1 - leave_I) + isolate
 
-        if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
+        if dense or b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
             next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
             duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS, next_table,
                                               u_exit["duration-exit"])
             timed = (to_Ia + to_Is + to_H).detach() > 0
-            select.put_at_(stage_end, b, i, torch.where(timed, (t + duration).to(torch.int16), -1))
+            ends = torch.where(timed, (t + duration).to(torch.int16), -1)
+            if dense:
+                stage_end.copy_(torch.where(exiting, ends, stage_end))
+            else:
+                select.put_at_(stage_end, b, i, ends)
 
     # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
     rate = lever_per_agent(ctx, "vaccination")
@@ -1129,13 +1151,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     recent[:, t % 7] = reported_by_borough
     # the counts from the infected agents only (gradient modes: `transition` gives them the derivative of the dense
     # sum, d/dp of every susceptible agent's draw)
-    infected_values = torch.ones(infected_b.shape) if in_place else \
+    infected_values = new_E.detach() if dense else torch.ones(infected_b.shape) if in_place else \
         select.values_at((S if new_E is None else new_E).detach(), infected_b, infected_i)  # (new_E = 1 · S there;
     new_infections = by_borough_at(env, infected_b, infected_i, infected_values, S.shape[0])  # in place: S was 1)
     infected = new_infections.detach().to(torch.float32)
     stage_count_change = dict(S=-infected, E=infected - out_E, I_asym=in_Ia - out_Ia, I_sym=in_Is - out_Is,
                               H=in_H - out_H, R=in_R, D=in_D, isolating=isolating_after - isolating_prior)
-    ctx.scratch["attributed"] = layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx)
+    ctx.scratch["attributed"] = layer_attribution(infected_b, infected_i, B=S.shape[0], ctx=ctx,
+                                                  infected=new_E.detach() if dense else None)
     if ctx.sampler.differentiable:
         ctx.scratch.update(new_infections=new_infections, reported=reported_by_borough, admissions=admissions,
                            deaths=deaths, stage_count_change=stage_count_change)
@@ -1155,7 +1178,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated
-        state, `StepContext.owns`: a [B, N] copy fewer per field and day)."""
+        state, `StepContext.owns`: a [B, N] copy fewer per field and day); with ``exiting`` (`sync_free`) a new tensor."""
+        if dense:
+            return torch.where(exiting, torch.as_tensor(values, dtype=x.dtype, device=x.device), x)
         if not b.numel():
             return x
         values = torch.as_tensor(values, dtype=x.dtype)
@@ -1244,8 +1269,12 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     (element, borough) are one run of the M values: above `RUNS_ABOVE` pairs, one slice sum per run (its bounds by
     one search), without gathering each agent's borough and scattering (the day's exits and infections at the peak
     of a full-NYC epidemic, ~10^5-10^6 pairs, where the gather and the scatter took 18 ms per day). The values are
-    events (0 or 1 each), so their sums are exact in any order: both ways give the same numbers."""
+    events (0 or 1 each), so their sums are exact in any order: both ways give the same numbers. b and i None: values
+    are every agent's, [..., B, N] (`StepContext.sync_free`), summed over the boroughs' slices."""
     G = len(env.group_labels)
+    if i is None:
+        N = values.shape[-1]
+        return by_borough(env, values.reshape(-1, N), torch.float32).view(*values.shape[:-1], G)
     lead, M = values.shape[:-1], values.shape[-1]
     values = values.to(torch.float32)
     if M > RUNS_ABOVE:
@@ -1258,12 +1287,21 @@ def by_borough_at(env: CovidEnv, b: Tensor, i: Tensor, values: Tensor, batch: in
     return scatter_sum(out, b * G + env.borough.index_select(0, i).to(torch.int64), values).view(*lead, batch, G)
 
 
-def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> Tensor:
+def layer_attribution(b: Tensor | None, i: Tensor | None, B: int, ctx: StepContext, infected: Tensor | None = None
+                      ) -> Tensor:
     """Expected split of today's infections (agents (b, i)) by layer: Σ λ_l,i / Σ_l λ_l,i -> [len(LAYERS), B] float32
     (rows in `LAYERS` order; zeros for a layer not active today); on CPU one native pass over the force's terms
-    (`layer_shares_at`, the same numbers), in every mode."""
+    (`layer_shares_at`, the same numbers), in every mode. b and i None: the infected agents as a mask, ``infected``
+    [B, N] (`StepContext.sync_free`; sums over every agent, in another order: equal to float rounding)."""
     names = ctx.scratch["layer_names"]
-    shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
+    device = ctx.env.agent_ids.device
+    if i is None:
+        parts = [ctx.scratch["layer_term"](name, At()).detach().expand(infected.shape) for name in names]
+        total = sum(parts).clamp_min(1e-30) if parts else None
+        shares = torch.stack([(part / total * infected).sum(-1) for part in parts]) if parts else \
+            torch.zeros(0, B, device=device)
+    else:
+        shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
     if shares is None:
         at = At(b, i)
         parts = [ctx.scratch["layer_term"](name, at).detach().expand(b.shape) for name in names]
@@ -1273,8 +1311,8 @@ def layer_attribution(b: Tensor, i: Tensor, B: int, ctx: StepContext) -> Tensor:
     if names == LAYERS:
         return shares
     rows = ctx.env.static(f"layer_rows_{'_'.join(names)}",
-                          lambda: torch.tensor([LAYERS.index(name) for name in names], device=b.device))
-    return torch.zeros(len(LAYERS), B, device=b.device).index_copy_(0, rows, shares)
+                          lambda: torch.tensor([LAYERS.index(name) for name in names], device=device))
+    return torch.zeros(len(LAYERS), B, device=device).index_copy_(0, rows, shares)
 
 
 def labour_market(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidState:

@@ -1,0 +1,100 @@
+"""Sync-free hard days (`StepContext.sync_free`, ``simulate(..., sync_free=True)``): the torch-op path with the day's
+sparse sets kept as [B, N] masks, so that a GPU's host never waits for the device within a day (what a CUDA graph
+capture of a day needs). These tests check, on the CPU, the two things that make it so: the same numbers as the
+standard path, and no operation in a day whose result the host must read."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import agenttensor as at
+from agenttensor import Hard, Randomness, StepContext
+from agenttensor.interventions import compile_schedule
+from models.covid import model as covid
+from models.covid.model import MODEL, CovidParams
+
+from test_covid_model import ALL_LEVERS, START, busy_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# aten operations whose result the host reads (a device → host copy and a wait for the device's queue): a value
+# (item, bool, comparisons of whole tensors) or a shape that depends on the data (nonzero, boolean indexing, unique)
+HOST_READS = {"nonzero", "_local_scalar_dense", "is_nonzero", "equal", "masked_select", "unique", "_unique",
+              "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "item"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations in `HOST_READS` dispatched while it is active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        if name in HOST_READS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def env():
+    return MODEL.setup(at.synthetic(12_000, seed=4), CovidParams().as_tensors(), "cpu")
+
+
+def run(env, sync_free: bool, steps: int = 30):
+    return at.simulate(MODEL, env=env, params=busy_params(transmission_scale=3.0), steps=steps, seeds=[0, 1],
+                       start_date=START, interventions=ALL_LEVERS, progress=False, sync_free=sync_free)
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-kernels", "torch-ops"])
+def test_sync_free_runs_take_the_same_events(env, native, monkeypatch):
+    """Every lever, two seeds, through the dense phase and the sparse one (most agents infected): the same
+    trajectories bit for bit, with the native kernels (which a CPU run uses either way) and with the torch ops that a
+    GPU runs. The one difference: without the native pass, the split of the day's infections by layer sums its shares
+    over every agent instead of the infected ones, in another order (equal to float rounding)."""
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", native)
+    standard, sync_free = run(env, False), run(env, True)
+    assert standard["S"][-1].max().item() * 4 < env.num_agents  # the sparse phase was reached
+    for name, value in standard.metrics.items():
+        if native == "0" and name.startswith("infections_"):
+            torch.testing.assert_close(sync_free[name], value, rtol=1e-5, atol=1e-4, msg=name)
+        else:
+            assert torch.equal(sync_free[name], value), name
+    for name, value in standard.final_state.tensors().items():
+        assert torch.equal(sync_free.final_state.tensors()[name], value), name
+
+
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync-free", "standard"])
+def test_a_sync_free_day_reads_nothing_back_on_the_host(env, sync_free, monkeypatch):
+    """The torch-op path as a GPU runs it (native kernels off; `CovidEnv.memo`, which compares small tensors on the
+    CPU only, computing its values): no operation of a day from the second on reads a value or a data-dependent
+    shape, with every lever (vaccination, testing, closures, the weekly decisions and labour market). The standard
+    path reads some every day (the exits', the infectious agents' and the infected agents' index lists): the check
+    sees them."""
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
+    days, seeds = 21, [0, 1]  # (every lever starts by day 17)
+    params = busy_params().as_tensors()
+    rng = Randomness.for_agents(seeds, env.agent_ids)
+    schedule = compile_schedule([ALL_LEVERS] * len(seeds), levers=MODEL.levers, steps=days, start_date=START,
+                                group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges)
+
+    def context(t: int) -> StepContext:
+        return StepContext(step=t, env=env, rng=rng, sampler=Hard(), start_date=START, schedule=schedule,
+                           sync_free=sync_free)
+
+    state = MODEL.init(env, params, context(0))
+    reads = []
+    for t in range(days):
+        with HostReads() as mode:
+            state, _ = MODEL.step(state, params, context(t))
+        reads.append(sum(mode.counts.values()))
+    if sync_free:
+        assert reads[1:] == [0] * (days - 1), reads
+    else:
+        assert min(reads[1:]) >= 3, reads
