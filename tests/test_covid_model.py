@@ -389,6 +389,10 @@ def test_one_search_over_stacked_tables_draws_each_tables_durations():
     drawn = disease.draw_durations(disease.stacked_cdf_keys(tables), disease.MAX_DURATION_DAYS, which, u)
     expected = torch.stack([disease.draw_duration(cdf, u) for cdf in tables]).gather(0, which[None])[0]
     assert torch.equal(drawn, expected.to(torch.int64))
+    # every agent's three searches and two selections (the sync-free exits): the same numbers, as [B, N]
+    selected = disease.draw_durations_where(torch.stack(tables), (which == 1).to(torch.uint8).view(1, -1),
+                                            (which == 2).to(torch.uint8).view(1, -1), u.view(1, -1))
+    assert selected.dtype == torch.int32 and torch.equal(selected[0], expected.to(torch.int32))
 
 
 def test_cli_run_writes_results(tmp_path):

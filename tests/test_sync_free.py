@@ -5,14 +5,12 @@ standard path, and no operation in a day whose result the host must read."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import agenttensor as at
 from agenttensor import Hard, Randomness, StepContext
+from agenttensor.host_reads import HostReads
 from agenttensor.interventions import compile_schedule
 from models.covid import model as covid
 from models.covid.model import MODEL, CovidParams
@@ -20,25 +18,6 @@ from models.covid.model import MODEL, CovidParams
 from test_covid_model import ALL_LEVERS, START, busy_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-# aten operations whose result the host reads (a device → host copy and a wait for the device's queue): a value
-# (item, bool, comparisons of whole tensors) or a shape that depends on the data (nonzero, boolean indexing, unique)
-HOST_READS = {"nonzero", "_local_scalar_dense", "is_nonzero", "equal", "masked_select", "unique", "_unique",
-              "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "item"}
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the operations in `HOST_READS` dispatched while it is active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
-        if name in HOST_READS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +77,28 @@ def test_a_sync_free_day_reads_nothing_back_on_the_host(env, sync_free, monkeypa
         assert reads[1:] == [0] * (days - 1), reads
     else:
         assert min(reads[1:]) >= 3, reads
+
+
+def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_one_kernel(env, monkeypatch):
+    """benchmarks/device_path_day.py: it sees the standard path's host reads and none in the sync-free one, and with
+    the hash counted as the fused kernel (``fused_hash``) a uniform draw is one operation that reads the agents' bases
+    and writes its uniforms once, the same uniforms."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import device_path_day
+
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")  # the benchmark's CPU setting: the path a GPU runs
+    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
+    params = busy_params().as_tensors()
+    for sync_free in (False, True):
+        _, eager = device_path_day.days(env, params, sync_free, count="eager")
+        _, fused = device_path_day.days(env, params, sync_free, count="fused")
+        assert fused.ops < eager.ops and fused.bytes < eager.bytes
+        assert (sum(eager.reads.values()) == 0) == sync_free
+    randomness = Randomness.for_agents([0], env.agent_ids)
+    with device_path_day.Dispatched() as mode, device_path_day.fused_hash(mode):
+        u = randomness.uniform(3, "infection")
+    assert mode.ops == 1 and mode.bytes == 4 * env.num_agents * 2 + 4  # agents' bases and uniforms, one key
+    assert torch.equal(u, randomness.uniform(3, "infection"))

@@ -1113,9 +1113,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         isolating_here = isolating_before * (1 - leave_I) + isolate
 
         if dense or b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
-            next_table = (to_Is.detach() + 2 * to_H.detach()).to(torch.int64)
-            duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS, next_table,
-                                              u_exit["duration-exit"])
+            duration = disease.draw_durations_where(env.exit_durations, to_Is.detach(), to_H.detach(),
+                                                    u_exit["duration-exit"]) if dense else \
+                disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
+                                       (to_Is.detach() + 2 * to_H.detach()).to(torch.int64), u_exit["duration-exit"])
             timed = (to_Ia + to_Is + to_H).detach() > 0
             ends = torch.where(timed, (t + duration).to(torch.int16), -1)
             if dense:
@@ -1295,11 +1296,11 @@ def layer_attribution(b: Tensor | None, i: Tensor | None, B: int, ctx: StepConte
     [B, N] (`StepContext.sync_free`; sums over every agent, in another order: equal to float rounding)."""
     names = ctx.scratch["layer_names"]
     device = ctx.env.agent_ids.device
-    if i is None:
+    if i is None:  # Σ_i part_l,i w_i with w = infected / Σ_l part_l: one division, a dot product per layer
         parts = [ctx.scratch["layer_term"](name, At()).detach().expand(infected.shape) for name in names]
-        total = sum(parts).clamp_min(1e-30) if parts else None
-        shares = torch.stack([(part / total * infected).sum(-1) for part in parts]) if parts else \
-            torch.zeros(0, B, device=device)
+        weight = infected / functools.reduce(torch.add, parts).clamp_min(1e-30) if parts else None
+        shares = torch.stack([torch.bmm(part.unsqueeze(1), weight.unsqueeze(2)).view(B) for part in parts]) \
+            if parts else torch.zeros(0, B, device=device)
     else:
         shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
     if shares is None:
