@@ -110,6 +110,8 @@ class Schedule:
         v = self.values.get(key)
         if v is None:
             return None
+        if isinstance(step, Tensor):  # a step's number on the device (`StepContext.clock`): read there
+            return v.index_select(1, step.to(torch.int64).clamp(0, v.shape[1] - 1).view(1)).squeeze(1)
         views = self._steps.get(key)
         if views is None or views[0] is not v:
             same = (v[:, 1:] == v[:, :-1]).flatten(2).all(2).all(0).tolist() if v.shape[1] > 1 else []

@@ -61,6 +61,11 @@ class StepContext:
     # masks, never as index lists whose length the host must read. The same numbers. Only the torch-op path reads it:
     # where the native CPU kernels run (they sync nothing a GPU would wait for) they run as before.
     sync_free: bool = False
+    # the step number as a 0-dim int32 tensor on the run's device, in a step that a CUDA graph may capture and replay
+    # on other days (`agenttensor.graphs`): the step's draws, time-varying parameters, levers and countdown
+    # arithmetic read it (`now`), so a replay computes its own day; Python branches still read ``step``, and the
+    # model's `Model.day_kind` says which steps take the same branches
+    clock: Tensor | None = None
 
     def owns(self, x: Tensor) -> bool:
         """Whether this step may update x in place: x was made by an earlier step for this loop (`own`)."""
@@ -72,9 +77,14 @@ class StepContext:
             x._agenttensor_owner = self.donate
         return x
 
+    @property
+    def now(self) -> int | Tensor:
+        """The step number for arithmetic and draws: `clock` where the step may be captured, else ``step``."""
+        return self.step if self.clock is None else self.clock
+
     def lever(self, name: str, layer: str | None = None) -> Tensor | None:
         """Intervention intensity at this step, [B, G, A] (borough group × age band), or None."""
-        return None if self.schedule is None else self.schedule.at(name, self.step, layer)
+        return None if self.schedule is None else self.schedule.at(name, self.now, layer)
 
     @property
     def date(self) -> dt.date | None:
@@ -82,7 +92,7 @@ class StepContext:
 
     def uniform(self, stream: str) -> Tensor:
         """[B, N] uniforms for this step and stream."""
-        return self.rng.uniform(self.step, stream)
+        return self.rng.uniform(self.now, stream)
 
     def bernoulli(self, p: Tensor, stream: str, where: Tensor | None = None) -> Tensor:
         """Event indicators 1[u < p] in the run's sampling mode, [B, N]; p broadcastable to [B, N].
@@ -110,10 +120,10 @@ class StepContext:
         native pass (uniforms, comparison and product), the same numbers: `Randomness.hard_event` in hard mode,
         `Randomness.float_event` in straight-through (`Sampler.event_among`)."""
         if not self.sampler.differentiable:
-            events = self.rng.hard_event(self.step, stream, p, where, complement)
+            events = self.rng.hard_event(self.now, stream, p, where, complement)
             if events is not None:
                 return events
-        return self.sampler.event_among(p, Uniforms(self.rng, self.step, stream), where, complement)
+        return self.sampler.event_among(p, Uniforms(self.rng, self.now, stream), where, complement)
 
     def few(self, where: Tensor) -> bool:
         """Whether at most a quarter of ``where`` [B, N] is non-zero: hard-mode events are then drawn at those agents
@@ -176,6 +186,9 @@ class Model:
     age_band_edges: tuple[int, ...] = (0,)  # lower age edges of the bands interventions can target
     configure: Callable[[dict], "Model"] | None = None  # CLI options (behavior, llm_url, ...) -> configured model
     run_info: Callable[[], dict] | None = None  # extra facts for summary.json (e.g. LLM call statistics)
+    # steps whose Python branches agree get the same kind (any hashable), so that one captured CUDA graph serves them
+    # (`agenttensor.graphs`); None: the step runs eagerly (e.g. a weekly decision). None here: no step is captured
+    day_kind: Callable[[StepContext, Params], Any] | None = None
 
     def __post_init__(self) -> None:
         kinds = [_ORDER[s.kind] for s in self.substeps]

@@ -147,8 +147,9 @@ class Params:
         return {n: getattr(self, n) for n in self.spec()
                 if isinstance(getattr(self, n), Tensor) and getattr(self, n).requires_grad}
 
-    def at_step(self, name: str, step: int) -> Tensor | float:
-        """Value of a parameter at a step: time-varying ones are indexed (clamped to the last element)."""
+    def at_step(self, name: str, step: int | Tensor) -> Tensor | float:
+        """Value of a parameter at a step: time-varying ones are indexed (clamped to the last element). ``step`` may be
+        a 0-dim integer tensor on the parameter's device (`StepContext.clock`): the same value, indexed there."""
         value = getattr(self, name)
         meta = self.spec()[name].metadata
         if not meta.get("time_varying"):
@@ -157,6 +158,10 @@ class Params:
             value = torch.tensor(value, dtype=torch.float32)
         if value.dim() == 0:
             return value
+        if isinstance(step, Tensor):
+            i = torch.div(step.to(torch.int64), meta.get("period", 1), rounding_mode="floor").clamp(0, value.shape[-1] - 1)
+            picked = value.index_select(-1, i.view(1))
+            return picked.squeeze(-1) if value.dim() == 1 else picked
         i = min(step // meta.get("period", 1), value.shape[-1] - 1)
         return value[..., i] if value.dim() == 1 else value[..., i: i + 1]
 

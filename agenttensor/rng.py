@@ -69,6 +69,13 @@ def _stream_ids(streams: tuple[str | int, ...]) -> tuple[int, ...]:
     return tuple((stream_id(s) if isinstance(s, str) else int(s)) & _M32 for s in streams)
 
 
+@functools.lru_cache(maxsize=64)
+def _seed_keys(seeds: tuple[int, ...], device: torch.device) -> Tensor:
+    """The seeds' `_seed_key` s as int32 [B] on ``device`` (made once: a CUDA graph's capture may not copy from the
+    host)."""
+    return torch.tensor([_to_i32(_seed_key(seed)) for seed in seeds], dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=1024)
 def _seed_key(seed: int) -> int:
     """The seed's part of `step_key`."""
@@ -158,10 +165,15 @@ class Randomness:
     def to(self, device) -> "Randomness":
         return Randomness(self.seeds, self.agent_base.to(device))
 
-    def _keys(self, step: int, streams: Sequence[str | int]) -> Tensor:
+    def _keys(self, step: int | Tensor, streams: Sequence[str | int]) -> Tensor:
         """[S, B] int32: the key of each stream (rows) and seed (columns) at this step (`step_key`; the seed and step
-        part once per seed)."""
+        part once per seed). ``step`` may be a 0-dim integer tensor on the agents' device (a step that a CUDA graph
+        captures, `StepContext.clock`): the same keys, hashed on the device from it (`mix32`), nothing read on the
+        host."""
         ids = _stream_ids(tuple(streams))
+        if isinstance(step, Tensor):
+            prefixes = mix32(_seed_keys(self.seeds, self.agent_base.device) ^ step.to(torch.int32))  # [B]
+            return torch.stack([mix32(prefixes ^ _to_i32(sid)) for sid in ids])
         prefixes = [_mix32_int(_seed_key(seed) ^ (step & _M32)) for seed in self.seeds]
         # uint32 values read as int32: the bits of `step_key`'s signed keys
         keys = array.array("I", [_mix32_int(k ^ sid) for sid in ids for k in prefixes])

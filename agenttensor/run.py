@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from .record import PackedRecord
 from .results import Results
 from .rng import Randomness
 from .sampling import Hard, Sampler
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -61,7 +64,8 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
              env: Any = None, start_date: dt.date | None = None, progress: bool | None = None,
              checkpoint_every: int | None = None, checkpoint_path: str | Path | None = None, resume: bool = False,
              grad_checkpoint_every: int | None = None, interventions: Sequence[Any] | Any = None,
-             initial_state: Any = None, first_step: int = 0, sync_free: bool = False) -> Results:
+             initial_state: Any = None, first_step: int = 0, sync_free: bool = False,
+             cuda_graphs: bool | str = False) -> Results:
     """Run ``model`` for ``steps`` steps on a batch of seeds (one pass, leading batch dim B).
 
     population: a `Population` (or None for the model's default); env: a prebuilt environment
@@ -88,6 +92,10 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     sync_free: hard-mode steps that read nothing back on the host (`StepContext.sync_free`: masks instead of index
     lists; the same numbers), for a GPU, whose host may then queue days ahead of the device. CPU runs with the native
     kernels are unchanged by it.
+
+    cuda_graphs: hard-mode CUDA runs only: each kind of day (`Model.day_kind`) captured as a CUDA graph once and
+    replayed on the others (`agenttensor.graphs`; sync-free steps; the same numbers). ``"emulate"``: the same on any
+    device, replaying recorded operations (for tests; slower than plain steps).
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -121,6 +129,16 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
                                     age_band_edges=model.age_band_edges).to(dev)
     setup_seconds = time.perf_counter() - t0
 
+    graphs = None
+    if cuda_graphs:
+        from .graphs import DayGraphs
+
+        if sampler.differentiable:
+            raise ConfigError("cuda_graphs: hard mode only (a gradient run's autograd graph is built on the host)")
+        if cuda_graphs != "emulate" and dev.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device, not {dev}")
+        graphs = DayGraphs(model, params, backend="emulate" if cuda_graphs == "emulate" else "cuda")
+        sync_free = True
     owner = object()  # this run reads no state its step made after the next step (`StepContext.donate`)
     ctx0 = StepContext(step=0, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule,
                        donate=owner)  # the state init makes is the run's own (the first step may update it in place)
@@ -152,7 +170,7 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         for t in range(start, stop):
             ctx = StepContext(step=t, env=env, rng=rng, sampler=sampler, start_date=start_date, schedule=schedule,
                               donate=owner, sync_free=sync_free)
-            state, rec = model.step(state, params, ctx)
+            state, rec = model.step(state, params, ctx) if graphs is None else graphs.step(state, ctx)
             records.append(rec)
         return state, records
 
@@ -201,13 +219,17 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
             _save_checkpoint(ckpt, model, seeds, t, state, history, first_step)
     if bar is not None:
         bar.close()
+    if graphs is not None:  # (the last day's state may be a graph's output buffers, which a replay would overwrite)
+        state = state.map(torch.clone)
+        log.info("cuda graphs: %s%s", graphs.stats, f" ({graphs.off})" if graphs.off else "")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     run_seconds = time.perf_counter() - t1
     return Results.from_history(history.stacked(), model_name=model.name, params=params, seeds=list(seeds), env=env,
                                 final_state=state, start_date=start_date,
                                 timing=dict(setup_seconds=setup_seconds, run_seconds=run_seconds,
-                                            seconds_per_step=run_seconds / max(steps - first, 1)),
+                                            seconds_per_step=run_seconds / max(steps - first, 1),
+                                            **({} if graphs is None else dict(cuda_graphs=dict(graphs.stats)))),
                                 sampler=type(sampler).__name__, device=str(dev), first_step=first_step)
 
 

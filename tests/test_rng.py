@@ -304,3 +304,16 @@ def test_uniforms_of_several_streams_are_each_streams_uniforms(native, monkeypat
     assert got.shape == (3, 3, 5_000)
     for k, stream in enumerate(streams):
         assert torch.equal(got[k], randomness.uniform(9, stream))
+
+
+def test_keys_hashed_on_the_device_from_a_step_tensor_are_the_hosts():
+    """A step's number as a 0-dim tensor (`StepContext.clock`, a step a CUDA graph captures): the keys hashed from it
+    by torch ops are `step_key`'s, bit for bit, at steps that wrap the 32-bit arithmetic too."""
+    from agenttensor import rng
+
+    randomness = rng.Randomness.for_agents([0, 7, 2**31 - 1], torch.arange(100, dtype=torch.int32))
+    streams = ("infection", "duration-E", 99)
+    for step in (0, 1, 29, 4096, 2**31 - 1):
+        host = randomness._keys(step, streams)
+        assert torch.equal(randomness._keys(torch.tensor(step, dtype=torch.int32), streams), host)
+        assert host[0, 1].item() == rng.step_key(7, step, rng.stream_id("infection"))

@@ -102,3 +102,28 @@ def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_on
         u = randomness.uniform(3, "infection")
     assert mode.ops == 1 and mode.bytes == 4 * env.num_agents * 2 + 4  # agents' bases and uniforms, one key
     assert torch.equal(u, randomness.uniform(3, "infection"))
+
+
+def test_captured_days_replayed_on_other_days_take_those_days_events(env, monkeypatch):
+    """``simulate(..., cuda_graphs="emulate")``: each kind of day (school and work days, weekends; `day_kind`)
+    captured once and replayed on the others, as a CUDA graph would be: the recorded operations re-run on the same
+    input buffers with every Python value as recorded. With every lever, two seeds, 30 days through the dense phase
+    and the sparse one, on the path a GPU runs (torch ops; `memo` computing), the trajectories are the plain run's:
+    nothing a day depends on (its number, its draws' keys, the week's multiplier, the levers) is baked into a
+    captured day."""
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
+    params = busy_params(transmission_scale=3.0, transmission_multiplier=torch.tensor([1.0, 0.7, 1.3, 0.9, 1.1]))
+    plain, replayed = (at.simulate(MODEL, env=env, params=params, steps=30, seeds=[0, 1], start_date=START,
+                                   interventions=ALL_LEVERS, progress=False, **options)
+                       for options in ({}, dict(cuda_graphs="emulate")))
+    stats = replayed.timing["cuda_graphs"]
+    assert stats["captured"] >= 2 and stats["replayed"] >= 15 and stats["failed"] == 0, stats
+    assert stats["eager"] == 5  # the decision days 0, 7, 14, 21, 28
+    for name, value in plain.metrics.items():
+        if name.startswith("infections_"):
+            torch.testing.assert_close(replayed[name], value, rtol=1e-5, atol=1e-4, msg=name)
+        else:
+            assert torch.equal(replayed[name], value), name
+    for name, value in plain.final_state.tensors().items():
+        assert torch.equal(replayed.final_state.tensors()[name], value), name

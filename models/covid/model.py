@@ -463,7 +463,7 @@ def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf
     stage_end = entry_step + duration (with `StepContext.sync_free` and a mask: drawn for every agent, written where
     the mask is set, in place)."""
     if ctx.sync_free and not isinstance(entrants, tuple):
-        u = ctx.rng.uniform(ctx.step, stream)
+        u = ctx.rng.uniform(ctx.now, stream)
         ends = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
         return stage_end.copy_(torch.where(entrants.detach() != 0, ends, stage_end))
     b, i = entrants if isinstance(entrants, tuple) else select.nonzero(entrants.detach())
@@ -596,7 +596,7 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     date = date_of(ctx.start_date, ctx.step)
     B = state.S.shape[0]
     device, on_cpu = state.S.device, state.S.is_cpu
-    multiplier = params.at_step("transmission_multiplier", ctx.step)
+    multiplier = params.at_step("transmission_multiplier", ctx.now)
     school_day, work_day = is_school_day(date), is_work_day(date)
     names = ("household", *(("school",) if school_day else ()), *(("workplace",) if work_day else ()), "community")
     dense_cache: dict[str, Tensor] = {}  # dense presences: computed once per step
@@ -952,7 +952,8 @@ def closed_workplaces(ctx: StepContext) -> Tensor | None:
         B = closure.shape[0]
         W = env.workplace_representative.shape[0]
         b = torch.arange(B, device=closure.device).repeat_interleave(W)
-        u_workplace = ctx.rng.uniform_at(0, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
+        first = 0 if ctx.clock is None else ctx.clock.new_zeros(())  # (step 0's keys made on the device)
+        u_workplace = ctx.rng.uniform_at(first, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
         u_agent = group_gather(u_workplace, env.workplace_of)  # one native pass on CPU (index_select: ~35 ms at NYC)
         return ((u_agent < closure) & env.has_workplace).to(torch.float32)
 
@@ -1047,11 +1048,12 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # agents whose timed stage ends today; hard mode with `StepContext.sync_free`: every agent, the exits a mask
     # (``exiting`` [B, N]; the draws and flows made for every agent and kept where it is set: the same numbers)
     dense = ctx.sync_free and not ctx.sampler.differentiable
-    exiting = state.stage_end == t if dense else None
+    now = ctx.now  # (t, or the step's number on the device where the day may be captured: `StepContext.clock`)
+    exiting = state.stage_end == now if dense else None
     b, i = (None, None) if dense else select.equal(state.stage_end, t)
     at = At(b, i)
 
-    u_exits = ctx.rng.uniforms(t, exits_native.STREAMS) if dense else \
+    u_exits = ctx.rng.uniforms(now, exits_native.STREAMS) if dense else \
         ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as the kernel reads them
     u_exit = dict(zip(exits_native.STREAMS, u_exits))
 
@@ -1072,7 +1074,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         select.nonzero(new_E.detach())
     ctx.scratch["infected"] = (infected_b, infected_i)  # (`shadow.transition` carries their countdowns' sign)
     stage_end = enter_stage(stage_end, new_E if dense else (infected_b, infected_i), env.durations["E"], ctx,
-                            "duration-E", entry_step=t)
+                            "duration-E", entry_step=now)
 
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
     native = None
@@ -1118,7 +1120,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                 disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
                                        (to_Is.detach() + 2 * to_H.detach()).to(torch.int64), u_exit["duration-exit"])
             timed = (to_Ia + to_Is + to_H).detach() > 0
-            ends = torch.where(timed, (t + duration).to(torch.int16), -1)
+            ends = torch.where(timed, (now + duration).to(torch.int16), -1)
             if dense:
                 stage_end.copy_(torch.where(exiting, ends, stage_end))
             else:
@@ -1149,7 +1151,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     out_E, in_Ia, out_Ia, in_Is, out_Is, out_H, in_R, isolating_after, isolating_prior = flows.detach().unbind(0)
     in_H, in_D = admissions.detach(), deaths.detach()
     recent = state.reported_recent.clone()
-    recent[:, t % 7] = reported_by_borough
+    if ctx.clock is None:
+        recent[:, t % 7] = reported_by_borough
+    else:
+        recent.index_copy_(1, torch.remainder(ctx.clock.to(torch.int64), 7).view(1), reported_by_borough.unsqueeze(1))
     # the counts from the infected agents only (gradient modes: `transition` gives them the derivative of the dense
     # sum, d/dp of every susceptible agent's draw)
     infected_values = new_E.detach() if dense else torch.ones(infected_b.shape) if in_place else \
@@ -1180,8 +1185,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated
         state, `StepContext.owns`: a [B, N] copy fewer per field and day); with ``exiting`` (`sync_free`) a new tensor."""
-        if dense:
-            return torch.where(exiting, torch.as_tensor(values, dtype=x.dtype, device=x.device), x)
+        if dense:  # (a number stays a number: no tensor made from the host's value)
+            return torch.where(exiting, values, x)
         if not b.numel():
             return x
         values = torch.as_tensor(values, dtype=x.dtype)
@@ -1396,11 +1401,13 @@ def metrics(previous: CovidState, state: CovidState, params: CovidParams, ctx: S
         isolating = counts_of("isolating")
     else:  # [8, B, G]: the `COUNTED` fields' counts, yesterday's plus today's changes where recorded
         fields = tuple(getattr(state, name) for name in COUNTED)
+        # (a day that may be captured keeps no counts from day to day on the host's side: `StepContext.clock`)
         counts = env.rolled_counts(COUNTED, tuple(getattr(previous, name) for name in COUNTED),
-                                   ctx.scratch.get("stage_count_changes"))
+                                   ctx.scratch.get("stage_count_changes")) if ctx.clock is None else None
         if counts is None:  # (the sums of 0/1 values: exact in any order)
             counts = field_counts(env, list(fields))
-        env.record_counts(COUNTED, fields, counts)
+        if ctx.clock is None:
+            env.record_counts(COUNTED, fields, counts)
         packed = torch.cat((ctx.scratch["metric_flows"], counts[:len(STAGES)])).to(torch.int64)  # `COUNT_LAYOUT`'s
         isolating = counts[len(STAGES)]
 
@@ -1471,6 +1478,15 @@ LEVERS = (
 )
 
 
+def day_kind(ctx: StepContext, params: CovidParams) -> tuple[bool, bool] | None:
+    """Which captured day serves this step (`agenttensor.graphs`): the steps with the same school-day and work-day
+    flags take the same branches; decision days (the behaviour and the labour market) run eagerly (None)."""
+    if ctx.step % int(params.decision_every) == 0:
+        return None
+    date = date_of(ctx.start_date, ctx.step)
+    return is_school_day(date), is_work_day(date)
+
+
 def make_model(behavior: BehaviorSource | None = None, scale: float = 0.05) -> Model:
     """The covid model with a behaviour source (default `HeuristicBehavior`) and the scale of its
     default NYC population."""
@@ -1518,6 +1534,7 @@ def make_model(behavior: BehaviorSource | None = None, scale: float = 0.05) -> M
         age_band_edges=AGE_BAND_EDGES,
         configure=configure,
         run_info=run_info,
+        day_kind=day_kind,
     )
 
 
