@@ -159,7 +159,8 @@ class Params:
         if value.dim() == 0:
             return value
         if isinstance(step, Tensor):
-            i = torch.div(step.to(torch.int64), meta.get("period", 1), rounding_mode="floor").clamp(0, value.shape[-1] - 1)
+            i = torch.div(step.to(torch.int64), meta.get("period", 1), rounding_mode="floor")
+            i = i.clamp(0, value.shape[-1] - 1)
             picked = value.index_select(-1, i.view(1))
             return picked.squeeze(-1) if value.dim() == 1 else picked
         i = min(step // meta.get("period", 1), value.shape[-1] - 1)

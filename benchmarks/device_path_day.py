@@ -15,7 +15,9 @@ operations are the ones a GPU runs. Per mode, over 28-day runs with the benchmar
   its memory bandwidth (an H100 SXM's ~3.35 TB/s: 8.7M agents × 1,000 bytes in 2.6 ms);
 - host ms a day at ``--small`` agents, one thread: the kernels take next to nothing, so this is Python and dispatch,
   the floor of one run on a GPU driven by a host as fast as this one (a CUDA launch costs more than a CPU op);
-- s a day at ``--large`` agents (and at full NYC with ``--nyc``) on the device.
+- s a day at ``--large`` agents (and at full NYC with ``--nyc``) on the device;
+- on CUDA also ms a day with the sync-free days as CUDA graphs (`agenttensor.graphs`: each kind of day captured once,
+  replayed on the others; the weekly decision days eager), the captures made in a run before the timed ones.
 
 Times are the median of ``--pairs`` pairs of runs, the two modes back to back in each. Prints a table and writes
 benchmarks/results/device_path_day.json (device_path_day_cuda.json with --device cuda).
@@ -41,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agenttensor as at  # noqa: E402
 from agenttensor import Hard, Randomness, StepContext  # noqa: E402
+from agenttensor.graphs import DayGraphs  # noqa: E402
 from agenttensor.host_reads import HOST_READS  # noqa: E402
 from agenttensor.interventions import compile_schedule  # noqa: E402
 from covid_step import SCENARIO, START, synchronize  # noqa: E402
@@ -110,9 +113,10 @@ def fused_hash(mode: Dispatched):
     return Swap()
 
 
-def days(env, params, sync_free: bool, count: str | None = None) -> tuple[float, Dispatched | None]:
+def days(env, params, sync_free: bool, count: str | None = None, graphs=None) -> tuple[float, Dispatched | None]:
     """Init, then ``DAYS`` hard days (seed 0, the scenario): (wall seconds of the days, the counts over them; ``count``
-    "eager" or "fused": the hash as its eager operations or as one kernel, `fused_hash`)."""
+    "eager" or "fused": the hash as its eager operations or as one kernel, `fused_hash`). ``graphs``: a
+    `agenttensor.graphs.DayGraphs` that runs the (sync-free) days, kept from run to run (its captures)."""
     device = env.agent_ids.device
     rng = Randomness.for_agents([0], env.agent_ids).to(device)
     schedule = compile_schedule([SCENARIO], levers=MODEL.levers, steps=DAYS, start_date=START,
@@ -134,7 +138,8 @@ def days(env, params, sync_free: bool, count: str | None = None) -> tuple[float,
             if count == "fused":
                 stack.enter_context(fused_hash(mode))
         for t in range(DAYS):
-            state, record = MODEL.step(state, params, context(t))
+            state, record = MODEL.step(state, params, context(t)) if graphs is None else \
+                graphs.step(state, context(t))
             records.append(record)
     synchronize(device)
     return time.perf_counter() - t0, mode
@@ -156,10 +161,19 @@ def row(name: str, population, device: str, pairs: int, count: bool) -> dict:
             out[f"{key}_ops_per_day"] = round(mode.ops / DAYS, 1)
             out[f"{key}_host_reads_per_day"] = round(sum(mode.reads.values()) / DAYS, 2)
             out[f"{key}_host_reads"] = dict(mode.reads)
-    walls = {False: [], True: []}
+    walls = {False: [], True: [], "graphs": []}
+    graphs = DayGraphs(MODEL, params, "cuda") if torch.device(device).type == "cuda" else None
+    if graphs is not None:
+        days(env, params, True, graphs=graphs)  # the captures
     for _ in range(pairs):
         for sync_free in (False, True):
             walls[sync_free].append(days(env, params, sync_free)[0] / DAYS)
+        if graphs is not None:
+            walls["graphs"].append(days(env, params, True, graphs=graphs)[0] / DAYS)
+    if graphs is not None:
+        out.update(graphs_ms_per_day=round(1e3 * statistics.median(walls["graphs"]), 3),
+                   graphs_runs_ms=[round(1e3 * w, 3) for w in walls["graphs"]], graphs_stats=dict(graphs.stats),
+                   graphs_off=graphs.off)
     out.update(standard_ms_per_day=round(1e3 * statistics.median(walls[False]), 3),
                sync_free_ms_per_day=round(1e3 * statistics.median(walls[True]), 3),
                standard_runs_ms=[round(1e3 * w, 3) for w in walls[False]],
@@ -205,7 +219,8 @@ def main() -> None:
         traffic = f"{r['standard_bytes_per_agent_per_day']:.0f} → {r['sync_free_bytes_per_agent_per_day']:.0f}"
         print(f"{r['population']:>20} {r['threads']:>7} {ops:>24} {reads:>15} {traffic:>17} "
               f"{r['standard_ms_per_day']:>10} → {r['sync_free_ms_per_day']:<11} "
-              f"{statistics.median(r['pair_ratios']):>6}")
+              f"{statistics.median(r['pair_ratios']):>6}" +
+              (f"   graphs {r['graphs_ms_per_day']} ms/day {r['graphs_stats']}" if "graphs_ms_per_day" in r else ""))
     result = dict(benchmark="device_path_day", date=dt.datetime.now().isoformat(timespec="seconds"),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or platform.machine(), torch=torch.__version__, days=DAYS, pairs=args.pairs,

@@ -953,7 +953,8 @@ def closed_workplaces(ctx: StepContext) -> Tensor | None:
         W = env.workplace_representative.shape[0]
         b = torch.arange(B, device=closure.device).repeat_interleave(W)
         first = 0 if ctx.clock is None else ctx.clock.new_zeros(())  # (step 0's keys made on the device)
-        u_workplace = ctx.rng.uniform_at(first, "workplace-closure", b, env.workplace_representative.repeat(B)).view(B, W)
+        u_workplace = ctx.rng.uniform_at(first, "workplace-closure", b,
+                                         env.workplace_representative.repeat(B)).view(B, W)
         u_agent = group_gather(u_workplace, env.workplace_of)  # one native pass on CPU (index_select: ~35 ms at NYC)
         return ((u_agent < closure) & env.has_workplace).to(torch.float32)
 
@@ -1114,7 +1115,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         leave_I = leave_Ia + leave_Is
         isolating_here = isolating_before * (1 - leave_I) + isolate
 
-        if dense or b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2: one search); no timed stage (R, D): −1
+        if dense or b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2); no timed stage (R, D): −1
             duration = disease.draw_durations_where(env.exit_durations, to_Is.detach(), to_H.detach(),
                                                     u_exit["duration-exit"]) if dense else \
                 disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
@@ -1184,7 +1185,8 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
 
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated
-        state, `StepContext.owns`: a [B, N] copy fewer per field and day); with ``exiting`` (`sync_free`) a new tensor."""
+        state, `StepContext.owns`: a [B, N] copy fewer per field and day); with ``exiting`` (`sync_free`): a new
+        tensor."""
         if dense:  # (a number stays a number: no tensor made from the host's value)
             return torch.where(exiting, values, x)
         if not b.numel():
