@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                        device=device, start_date=start, progress=not args.no_progress,
                        checkpoint_every=args.checkpoint_every,
                        checkpoint_path=(Path(args.out) / "checkpoint.pt") if args.checkpoint_every or args.resume else None,
-                       resume=args.resume)
+                       resume=args.resume, sync_free=args.sync_free, cuda_graphs=args.cuda_graphs)
     out = Path(args.out)
     extra = dict(population=args.population or "model default", seeds=seeds,
                  wall_seconds=time.perf_counter() - t0, command=" ".join(sys.argv))
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--out", default="runs/latest")
+    run.add_argument("--sync-free", action="store_true",
+                     help="hard mode: steps that read nothing back on the host (a GPU's host queues ahead; same numbers)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="hard mode on CUDA: each kind of day captured as a CUDA graph once, replayed on the others")
     _add_model_specific_options(run)
     run.set_defaults(func=cmd_run)
 

@@ -159,6 +159,8 @@ class DayGraphs:
         self.days: dict[Hashable, _Day] = {}
         self.stats = dict(captured=0, replayed=0, eager=0, failed=0)
         self.off: str | None = None if model.day_kind is not None else f"model {model.name} names no kinds of day"
+        if self.off:
+            log.warning("CUDA graphs off for this run (%s); its days run eagerly", self.off)
 
     def step(self, state, ctx):
         """(state, record) of the step ``ctx.step`` (a hard, sync-free step: ``ctx.sync_free``)."""

@@ -103,6 +103,13 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
         raise ConfigError("at least one seed is required")
     first_step = _check_first_step(first_step, steps, initial_state)
     dev = resolve_device(device)
+    if cuda_graphs:
+        if sampler.differentiable:
+            raise ConfigError("cuda_graphs: hard mode only (a gradient run's autograd graph is built on the host)")
+        if cuda_graphs not in (True, "emulate"):
+            raise ConfigError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
+        if cuda_graphs is True and dev.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device (--device cuda), not {dev}")
     params = (params if params is not None else model.params_type()).validate()
     params = params.as_tensors(dev, learn=tuple(params.learnable()))
     t0 = time.perf_counter()
@@ -133,10 +140,6 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     if cuda_graphs:
         from .graphs import DayGraphs
 
-        if sampler.differentiable:
-            raise ConfigError("cuda_graphs: hard mode only (a gradient run's autograd graph is built on the host)")
-        if cuda_graphs != "emulate" and dev.type != "cuda":
-            raise ConfigError(f"cuda_graphs needs a CUDA device, not {dev}")
         graphs = DayGraphs(model, params, backend="emulate" if cuda_graphs == "emulate" else "cuda")
         sync_free = True
     owner = object()  # this run reads no state its step made after the next step (`StepContext.donate`)

@@ -43,6 +43,8 @@ def test_run_writes_outputs_and_is_bit_identical(tmp_path):
     (["--set", "R0=abc"], "cannot read 'abc'"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--device", "tpu9"], "device"),
+    (["--cuda-graphs"], "cuda_graphs needs a CUDA device"),
+    (["--cuda-graphs", "--mode", "straight-through"], "cuda_graphs: hard mode only"),
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--population", "/nonexistent/pop"], "no population at /nonexistent/pop"),
 ])
