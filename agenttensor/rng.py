@@ -218,14 +218,6 @@ class Randomness:
         return _rng_kernels.hazard_event_move(self.agent_base, self._keys(step, (stream,))[0], hazard, source, target,
                                               in_place)
 
-    def uniforms(self, step: int, streams: Sequence[str | int]) -> Tensor:
-        """`uniform` for several streams: [S, B, N] (row k: stream k), the same numbers."""
-        keys = self._keys(step, streams)  # [S, B]
-        native = [_rng_kernels.uniform(self.agent_base, row) for row in keys]  # (on CPU where built)
-        if all(x is not None for x in native):
-            return torch.stack(native)
-        return _uniform_kernel(self.agent_base.view(1, 1, -1), keys.unsqueeze(-1))
-
     def uniforms_at(self, step: int, streams: Sequence[str | int], batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """`uniform_at` for several streams at the same (batch, agent) pairs in one hash pass: [S, M] (row k:
         stream k). The same numbers; one kernel call instead of S (a step's fixed cost at small N)."""

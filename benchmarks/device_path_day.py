@@ -85,29 +85,40 @@ class Dispatched(TorchDispatchMode):
         self.bytes += sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
 
 
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for v in x for t in _tensors(v)] if isinstance(x, (list, tuple)) else []
+
+
 def fused_hash(mode: Dispatched):
-    """While active, the random numbers' hash (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32)
-    counts as the one kernel that ``AGENTTENSOR_COMPILE=1`` makes of it (`rng.use_compiled_kernels`; torch.compile's
-    Triton kernel on a GPU, the same bits, `tests/test_rng.py`): its inputs read and its uniforms written once."""
+    """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles count as the one kernel each that
+    torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
+    tests/test_sync_free.py): their inputs read and their outputs written once. They are the random numbers' hash
+    (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32, `rng.use_compiled_kernels`) and the
+    sync-free day's exits (`covid.dense_exits`: the hash of six streams, the draws, flows and countdowns)."""
     from agenttensor import rng
 
-    eager = rng._uniform_kernel
+    eager, kernel = rng._uniform_kernel, covid.dense_exits_kernel
 
-    def counted(base, keys):
-        mode.fused += 1
-        try:
-            out = eager(base, keys)
-        finally:
-            mode.fused -= 1
-        mode.count((base, keys, out))
-        return out
+    def counted(fn):
+        def run(*args):
+            mode.fused += 1
+            try:
+                out = fn(*args)
+            finally:
+                mode.fused -= 1
+            mode.count(tuple(_tensors(args) + _tensors(out)))
+            return out
+        return run
 
     class Swap:
         def __enter__(self):
-            rng._uniform_kernel = counted
+            rng._uniform_kernel = counted(eager)
+            covid.dense_exits_kernel = lambda: counted(covid.dense_exits)
 
         def __exit__(self, *exc):
-            rng._uniform_kernel = eager
+            rng._uniform_kernel, covid.dense_exits_kernel = eager, kernel
             return False
 
     return Swap()

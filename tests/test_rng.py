@@ -291,21 +291,6 @@ def test_native_hazard_event_move_makes_exp_inside_with_the_same_numbers(threads
     assert r.hazard_event_move(4, "s", hazard.double(), source, target) is None
 
 
-@pytest.mark.parametrize("native", ["1", "0"])
-def test_uniforms_of_several_streams_are_each_streams_uniforms(native, monkeypatch):
-    """`Randomness.uniforms` ([S, B, N], one broadcast hash pass where the native kernel does not run) draws exactly
-    `uniform`'s numbers, stream by stream."""
-    from agenttensor import rng
-
-    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", native)
-    randomness = rng.Randomness.for_agents([0, 5, 11], torch.arange(5_000, dtype=torch.int32) * 7919)
-    streams = ("symptoms", "death", 12345)
-    got = randomness.uniforms(9, streams)
-    assert got.shape == (3, 3, 5_000)
-    for k, stream in enumerate(streams):
-        assert torch.equal(got[k], randomness.uniform(9, stream))
-
-
 def test_keys_hashed_on_the_device_from_a_step_tensor_are_the_hosts():
     """A step's number as a 0-dim tensor (`StepContext.clock`, a step a CUDA graph captures): the keys hashed from it
     by torch ops are `step_key`'s, bit for bit, at steps that wrap the 32-bit arithmetic too."""

@@ -127,3 +127,25 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, monkey
             assert torch.equal(replayed[name], value), name
     for name, value in plain.final_state.tensors().items():
         assert torch.equal(replayed.final_state.tensors()[name], value), name
+
+
+def test_compiled_dense_exits_take_the_same_events(env, monkeypatch):
+    """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits run as `dense_exits` compiled by torch.compile (on a GPU:
+    fused kernels; here the CPU's): the same trajectories, bit for bit, as the standard path, with every lever."""
+    from models.covid.model import _compiled_dense_exits
+
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    standard = run(env, False, steps=21)
+    monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
+    calls = []
+    compiled = _compiled_dense_exits()
+    monkeypatch.setattr(covid, "_compiled_dense_exits", lambda: lambda *a: (calls.append(1), compiled(*a))[1])
+    sync_free = run(env, True, steps=21)
+    assert len(calls) == 21
+    for name, value in standard.metrics.items():
+        if name.startswith("infections_"):
+            torch.testing.assert_close(sync_free[name], value, rtol=1e-5, atol=1e-4, msg=name)
+        else:
+            assert torch.equal(sync_free[name], value), name
+    for name, value in standard.final_state.tensors().items():
+        assert torch.equal(sync_free.final_state.tensors()[name], value), name

@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,13 +61,14 @@ from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares_at,
                                       layered_force, range_sums, scaled_sums, scatter_sum, table_kept)
+from agenttensor.rng import _uniform_eager, uniform_of_hash
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import contributions_native, disease, exits_native, hard_native, labour_native, shadow, shadow_native
 from .behavior import BehaviorSource, HeuristicBehavior
 from .calendar import DEFAULT_START, date_of, is_school_day, is_work_day
 from .contributions import OthersSum, own_contributions
-from .shadow import Exits, gather_exits, transition
+from .shadow import gather_exits, transition
 
 log = logging.getLogger(__name__)
 
@@ -471,6 +473,63 @@ def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
         select.put_at_(stage_end, b, i, (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16))
     return stage_end
+
+
+def exit_outcomes(draw: Callable[[Tensor, str], Tensor], leave_E: Tensor, leave_Ia: Tensor, leave_Is: Tensor,
+                  leave_H: Tensor, isolating_before: Tensor, p_symptoms: Tensor, p_hosp: Tensor, p_death: Tensor,
+                  detection: Tensor, asymptomatic_ratio: Tensor, testing: Tensor | None, isolate: Tensor
+                  ) -> tuple[Tensor, ...]:
+    """The day's stage exits, for agents leaving E, I_asym, I_sym or H (the ``leave_*`` memberships, at the exiting
+    agents or every agent's masked): E → I_sym w.p. p_symptoms (else I_asym), I_sym → H w.p. p_hosp (else R),
+    H → D w.p. p_death (else R); a new I agent is reported w.p. detection · (1 for I_sym, asymptomatic_ratio for
+    I_asym), raised by ``testing`` to p + testing (1 − p), and isolates w.p. ``isolate`` once aware (symptoms or a
+    report). ``draw(p, stream)``: the sampler's events of that stream's uniforms. -> (to_Ia, to_Is, to_H, to_D, to_R,
+    reported, isolating after), in the memberships' dtype."""
+    f32, dtype = torch.float32, leave_E.dtype
+    to_Is = draw(p_symptoms, "symptoms").to(dtype) * leave_E
+    to_Ia = leave_E - to_Is
+    to_H = draw(p_hosp, "hospitalisation").to(dtype) * leave_Is
+    to_D = draw(p_death, "death").to(dtype) * leave_H
+    to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
+    # surveillance and isolation at I entry (the new I agents are among today's E exits)
+    p_detect = detection * (to_Is.to(f32) + asymptomatic_ratio * to_Ia.to(f32))
+    if testing is not None:
+        p_detect = p_detect + testing * (1 - p_detect)
+    reported = draw(p_detect, "detection").to(dtype) * (to_Ia + to_Is)
+    aware = to_Is + reported - to_Is * reported
+    isolate = draw(isolate, "isolation").to(dtype) * aware
+    return to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_before * (1 - (leave_Ia + leave_Is)) + isolate
+
+
+def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
+                probabilities: tuple, exit_durations: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
+    """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are those whose countdown
+    ``stage_end`` [B, N] equals ``now``; the six exit streams' uniforms hashed from ``agent_base`` [N] and ``keys``
+    [6, B] (`exits_native.STREAMS`' order), their events and flows (`exit_outcomes`, ``probabilities`` its), and the
+    countdowns of the next stage (`disease.draw_durations_where`; −1 where it has none). The numbers of the sparse
+    path's, at every agent (zeros where not exiting). -> (`exit_outcomes`' seven, the five fields' values at the
+    exiting agents (E, I_asym, I_sym, H, isolating: ``fields``' order), the new countdowns where exiting [B, N] int16).
+    Pure: `dense_exits_kernel` may compile it into one pass."""
+    hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
+    u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
+    exiting = stage_end == now
+    leaving = tuple(x * exiting for x in fields)
+    outcomes = exit_outcomes(lambda p, stream: u[stream] < p, *leaving, *probabilities)
+    to_Ia, to_Is, to_H = outcomes[:3]
+    duration = disease.draw_durations_where(exit_durations, to_Is, to_H, u["duration-exit"])
+    return outcomes, leaving, torch.where((to_Ia + to_Is + to_H) > 0, (now + duration).to(torch.int16), -1)
+
+
+@functools.cache
+def _compiled_dense_exits() -> Callable:
+    return torch.compile(dense_exits, dynamic=True)
+
+
+def dense_exits_kernel() -> Callable:
+    """`dense_exits`, compiled by torch.compile where ``AGENTTENSOR_COMPILE=1`` (as the random numbers' hash,
+    `rng.use_compiled_kernels`: on a GPU fused kernels in place of ~60 passes over [B, N]; the same bits, tested on
+    the CPU), else as it is."""
+    return _compiled_dense_exits() if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1" else dense_exits
 
 
 def inv_others(layer: GroupLayer) -> Tensor:
@@ -1054,18 +1113,18 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     b, i = (None, None) if dense else select.equal(state.stage_end, t)
     at = At(b, i)
 
-    u_exits = ctx.rng.uniforms(now, exits_native.STREAMS) if dense else \
-        ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as the kernel reads them
-    u_exit = dict(zip(exits_native.STREAMS, u_exits))
+    # (dense: drawn inside `dense_exits`)
+    u_exits = None if dense else ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as
+    u_exit = None if dense else dict(zip(exits_native.STREAMS, u_exits))  # the kernel reads them
 
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
 
-    exiting_fields = dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating)
-    exits = Exits(b, i, {name: x * exiting for name, x in exiting_fields.items()}) if dense else \
-        gather_exits(exiting_fields, b, i, ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
-    leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
-                                                              ("E", "I_asym", "I_sym", "H", "isolating"))
+    exits = None if dense else gather_exits(dict(E=E, I_asym=Ia, I_sym=Is, H=H, isolating=state.isolating), b, i,
+                                            ctx.sampler.differentiable, made=ctx.scratch.get("exit_gradients"))
+    if not dense:
+        leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (exits.leaving[name] for name in
+                                                                  ("E", "I_asym", "I_sym", "H", "isolating"))
 
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits, below): in place
     # where they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the flags)
@@ -1091,41 +1150,32 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                                          None if testing is None else at(testing), severe, isolate_at, stage_end, t)
     else:
         group = env.age_group if dense else env.age_group.index_select(0, i)
-        to_Is = draw(params.symptomatic_fraction.index_select(0, group), "symptoms").to(E.dtype) * leave_E
-        to_Ia = leave_E - to_Is
         p_hosp = params.hosp_given_symptomatic.index_select(0, group)
         if ctx.lever("vaccination") is not None:
             p_hosp = p_hosp * (1 - at(params.vaccine_efficacy_severe) * at(V).to(torch.float32))
-        to_H = draw(p_hosp, "hospitalisation").to(E.dtype) * leave_Is
-        to_D = draw(params.death_given_hosp.index_select(0, group), "death").to(E.dtype) * leave_H
-        to_R = leave_Ia + (leave_Is - to_H) + (leave_H - to_D)
-
-        # surveillance and isolation at I entry (the new I agents are among today's E exits)
-        p_detect = at(params.detection_rate) * (to_Is.to(torch.float32)
-                                                + at(params.asymptomatic_detection_ratio) * to_Ia.to(torch.float32))
         testing = lever_per_agent(ctx, "testing_isolation")
-        if testing is not None:
-            p_detect = p_detect + at(testing) * (1 - p_detect)
-        reported = draw(p_detect, "detection").to(E.dtype) * (to_Ia + to_Is)
-        aware = to_Is + reported - to_Is * reported
         # (read at the exits and passed on to tomorrow's state: the week's reads' derivatives in one buffer)
         isolate_prob, isolate_at = select.read_and_pass_on(state.isolate_prob, b, i) if ctx.sampler.differentiable \
             else (state.isolate_prob, at(state.isolate_prob))
-        isolate = draw(isolate_at, "isolation").to(E.dtype) * aware
-        leave_I = leave_Ia + leave_Is
-        isolating_here = isolating_before * (1 - leave_I) + isolate
-
-        if dense or b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2); no timed stage (R, D): −1
-            duration = disease.draw_durations_where(env.exit_durations, to_Is.detach(), to_H.detach(),
-                                                    u_exit["duration-exit"]) if dense else \
-                disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
-                                       (to_Is.detach() + 2 * to_H.detach()).to(torch.int64), u_exit["duration-exit"])
+        probabilities = (params.symptomatic_fraction.index_select(0, group), p_hosp,
+                         params.death_given_hosp.index_select(0, group), at(params.detection_rate),
+                         at(params.asymptomatic_detection_ratio), None if testing is None else at(testing), isolate_at)
+        if dense:  # hard mode, every agent: the draws, the exits' flows and countdowns as one function (fused by
+            # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
+            (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, ends = dense_exits_kernel()(
+                ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), state.stage_end, now,
+                (E, Ia, Is, H, state.isolating), probabilities, env.exit_durations)
+            leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
+            stage_end.copy_(torch.where(exiting, ends, stage_end))
+        else:
+            to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here = exit_outcomes(
+                draw, leave_E, leave_Ia, leave_Is, leave_H, isolating_before, *probabilities)
+        if not dense and b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2); no timed stage (R, D): −1
+            duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
+                                              (to_Is.detach() + 2 * to_H.detach()).to(torch.int64),
+                                              u_exit["duration-exit"])
             timed = (to_Ia + to_Is + to_H).detach() > 0
-            ends = torch.where(timed, (now + duration).to(torch.int16), -1)
-            if dense:
-                stage_end.copy_(torch.where(exiting, ends, stage_end))
-            else:
-                select.put_at_(stage_end, b, i, ends)
+            select.put_at_(stage_end, b, i, torch.where(timed, (now + duration).to(torch.int16), -1))
 
     # vaccination: daily probability = lever intensity, among the unvaccinated not currently ill or dead
     rate = lever_per_agent(ctx, "vaccination")
