@@ -1113,9 +1113,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     b, i = (None, None) if dense else select.equal(state.stage_end, t)
     at = At(b, i)
 
-    # (dense: drawn inside `dense_exits`)
-    u_exits = None if dense else ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)  # one hash pass: [6, M], rows as
-    u_exit = None if dense else dict(zip(exits_native.STREAMS, u_exits))  # the kernel reads them
+    # the exits' uniforms in one hash pass: [6, M], rows as the kernel reads them (dense: drawn in `dense_exits`)
+    u_exits = None if dense else ctx.rng.uniforms_at(t, exits_native.STREAMS, b, i)
+    u_exit = None if dense else dict(zip(exits_native.STREAMS, u_exits))
 
     def draw(p: Tensor, stream: str) -> Tensor:
         return ctx.sampler.bernoulli(torch.as_tensor(p, dtype=torch.float32), u_exit[stream])
