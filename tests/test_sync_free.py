@@ -30,6 +30,26 @@ def run(env, sync_free: bool, steps: int = 30):
                        start_date=START, interventions=ALL_LEVERS, progress=False, sync_free=sync_free)
 
 
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """The torch-op path as a GPU runs it: the native kernels off, and `CovidEnv.memo` (which compares small tensors,
+    on the CPU only) computing its values."""
+    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
+
+
+def assert_same_run(reference, other, split_rounded: bool = True) -> None:
+    """The same metrics and final state, bit for bit; with ``split_rounded`` the split of infections by layer equal
+    to float rounding (summed over every agent, in another order, where no native pass sums it at the infected)."""
+    for name, value in reference.metrics.items():
+        if split_rounded and name.startswith("infections_"):
+            torch.testing.assert_close(other[name], value, rtol=1e-5, atol=1e-4, msg=name)
+        else:
+            assert torch.equal(other[name], value), name
+    for name, value in reference.final_state.tensors().items():
+        assert torch.equal(other.final_state.tensors()[name], value), name
+
+
 @pytest.mark.parametrize("native", ["1", "0"], ids=["native-kernels", "torch-ops"])
 def test_sync_free_runs_take_the_same_events(env, native, monkeypatch):
     """Every lever, two seeds, through the dense phase and the sparse one (most agents infected): the same
@@ -39,24 +59,16 @@ def test_sync_free_runs_take_the_same_events(env, native, monkeypatch):
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", native)
     standard, sync_free = run(env, False), run(env, True)
     assert standard["S"][-1].max().item() * 4 < env.num_agents  # the sparse phase was reached
-    for name, value in standard.metrics.items():
-        if native == "0" and name.startswith("infections_"):
-            torch.testing.assert_close(sync_free[name], value, rtol=1e-5, atol=1e-4, msg=name)
-        else:
-            assert torch.equal(sync_free[name], value), name
-    for name, value in standard.final_state.tensors().items():
-        assert torch.equal(sync_free.final_state.tensors()[name], value), name
+    assert_same_run(standard, sync_free, split_rounded=native == "0")
 
 
 @pytest.mark.parametrize("sync_free", [True, False], ids=["sync-free", "standard"])
-def test_a_sync_free_day_reads_nothing_back_on_the_host(env, sync_free, monkeypatch):
+def test_a_sync_free_day_reads_nothing_back_on_the_host(env, sync_free, gpu_path):
     """The torch-op path as a GPU runs it (native kernels off; `CovidEnv.memo`, which compares small tensors on the
     CPU only, computing its values): no operation of a day from the second on reads a value or a data-dependent
     shape, with every lever (vaccination, testing, closures, the weekly decisions and labour market). The standard
     path reads some every day (the exits', the infectious agents' and the infected agents' index lists): the check
     sees them."""
-    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
     days, seeds = 21, [0, 1]  # (every lever starts by day 17)
     params = busy_params().as_tensors()
     rng = Randomness.for_agents(seeds, env.agent_ids)
@@ -79,7 +91,7 @@ def test_a_sync_free_day_reads_nothing_back_on_the_host(env, sync_free, monkeypa
         assert min(reads[1:]) >= 3, reads
 
 
-def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_one_kernel(env, monkeypatch):
+def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_one_kernel(env, gpu_path):
     """benchmarks/device_path_day.py: it sees the standard path's host reads and none in the sync-free one, and with
     the hash counted as the fused kernel (``fused_hash``) a uniform draw is one operation that reads the agents' bases
     and writes its uniforms once, the same uniforms."""
@@ -89,8 +101,6 @@ def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_on
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import device_path_day
 
-    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")  # the benchmark's CPU setting: the path a GPU runs
-    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
     params = busy_params().as_tensors()
     for sync_free in (False, True):
         _, eager = device_path_day.days(env, params, sync_free, count="eager")
@@ -104,15 +114,13 @@ def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_on
     assert torch.equal(u, randomness.uniform(3, "infection"))
 
 
-def test_captured_days_replayed_on_other_days_take_those_days_events(env, monkeypatch):
+def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_path):
     """``simulate(..., cuda_graphs="emulate")``: each kind of day (school and work days, weekends; `day_kind`)
     captured once and replayed on the others, as a CUDA graph would be: the recorded operations re-run on the same
     input buffers with every Python value as recorded. With every lever, two seeds, 30 days through the dense phase
     and the sparse one, on the path a GPU runs (torch ops; `memo` computing), the trajectories are the plain run's:
     nothing a day depends on (its number, its draws' keys, the week's multiplier, the levers) is baked into a
     captured day."""
-    monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(covid.CovidEnv, "memo", lambda self, key, inputs, compute, values_only=False: compute())
     params = busy_params(transmission_scale=3.0, transmission_multiplier=torch.tensor([1.0, 0.7, 1.3, 0.9, 1.1]))
     plain, replayed = (at.simulate(MODEL, env=env, params=params, steps=30, seeds=[0, 1], start_date=START,
                                    interventions=ALL_LEVERS, progress=False, **options)
@@ -120,13 +128,7 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, monkey
     stats = replayed.timing["cuda_graphs"]
     assert stats["captured"] >= 2 and stats["replayed"] >= 15 and stats["failed"] == 0, stats
     assert stats["eager"] == 5  # the decision days 0, 7, 14, 21, 28
-    for name, value in plain.metrics.items():
-        if name.startswith("infections_"):
-            torch.testing.assert_close(replayed[name], value, rtol=1e-5, atol=1e-4, msg=name)
-        else:
-            assert torch.equal(replayed[name], value), name
-    for name, value in plain.final_state.tensors().items():
-        assert torch.equal(replayed.final_state.tensors()[name], value), name
+    assert_same_run(plain, replayed)
 
 
 def test_compiled_dense_exits_take_the_same_events(env, monkeypatch):
@@ -142,10 +144,4 @@ def test_compiled_dense_exits_take_the_same_events(env, monkeypatch):
     monkeypatch.setattr(covid, "_compiled_dense_exits", lambda: lambda *a: (calls.append(1), compiled(*a))[1])
     sync_free = run(env, True, steps=21)
     assert len(calls) == 21
-    for name, value in standard.metrics.items():
-        if name.startswith("infections_"):
-            torch.testing.assert_close(sync_free[name], value, rtol=1e-5, atol=1e-4, msg=name)
-        else:
-            assert torch.equal(sync_free[name], value), name
-    for name, value in standard.final_state.tensors().items():
-        assert torch.equal(sync_free.final_state.tensors()[name], value), name
+    assert_same_run(standard, sync_free)
