@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from . import _group_kernels
+from . import _group_kernels, fused
 from ._derived import Derived
 
 
@@ -360,10 +360,18 @@ def _reduce_to(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
 
 
 def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
+    return force_of_layers(sigma, tuple((t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms))
+
+
+@fused.on_request
+def force_of_layers(sigma: Tensor, layers: tuple) -> Tensor:
+    """σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l in torch ops: sigma [B | 1, N]; layers: (table
+    [B, S], slot [N], presence, factor, factor_all: [B | 1, N] or None) each. One fused kernel where compiled
+    (`fused.on_request`: on a GPU one pass over memory for ~5 per layer), the same numbers."""
     values = []
-    for term in terms:
-        value = _gather(term.table, term.slot)
-        for x in (term.presence, term.factor, term.factor_all):
+    for table, slot, *factors in layers:
+        value = table.index_select(1, slot) if torch.compiler.is_compiling() else _gather(table, slot)
+        for x in factors:
             if x is not None:
                 value = value * x
         values.append(value)

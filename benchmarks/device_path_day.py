@@ -95,11 +95,12 @@ def fused_hash(mode: Dispatched):
     """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles count as the one kernel each that
     torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
     tests/test_sync_free.py): their inputs read and their outputs written once. They are the random numbers' hash
-    (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32, `rng.use_compiled_kernels`) and the
-    sync-free day's exits (`covid.dense_exits`: the hash of six streams, the draws, flows and countdowns)."""
-    from agenttensor import rng
+    (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32, `rng.use_compiled_kernels`), the force of
+    the group layers (`transmission.force_of_layers`) and the sync-free day's exits (`covid.dense_exits`: the hash of
+    six streams, the draws, flows and countdowns)."""
+    from agenttensor import rng, transmission
 
-    eager, kernel = rng._uniform_kernel, covid.dense_exits_kernel
+    eager, exits, force = rng._uniform_kernel, covid.dense_exits, transmission.force_of_layers
 
     def counted(fn):
         def run(*args):
@@ -114,11 +115,11 @@ def fused_hash(mode: Dispatched):
 
     class Swap:
         def __enter__(self):
-            rng._uniform_kernel = counted(eager)
-            covid.dense_exits_kernel = lambda: counted(covid.dense_exits)
+            rng._uniform_kernel, covid.dense_exits = counted(eager), counted(exits.eager)
+            transmission.force_of_layers = counted(force.eager)
 
         def __exit__(self, *exc):
-            rng._uniform_kernel, covid.dense_exits_kernel = eager, kernel
+            rng._uniform_kernel, covid.dense_exits, transmission.force_of_layers = eager, exits, force
             return False
 
     return Swap()

@@ -131,17 +131,17 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_pa
     assert_same_run(plain, replayed)
 
 
-def test_compiled_dense_exits_take_the_same_events(env, monkeypatch):
-    """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits run as `dense_exits` compiled by torch.compile (on a GPU:
-    fused kernels; here the CPU's): the same trajectories, bit for bit, as the standard path, with every lever."""
-    from models.covid.model import _compiled_dense_exits
+def test_compiled_kernels_take_the_same_events(env, monkeypatch):
+    """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits (`dense_exits`) and the force of the group layers
+    (`transmission.force_of_layers`) run compiled by torch.compile (`fused.on_request`; on a GPU fused kernels, here
+    the CPU's): the same trajectories, bit for bit, as the standard path's eager operations, with every lever."""
+    from agenttensor import transmission
 
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     standard = run(env, False, steps=21)
     monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
-    calls = []
-    compiled = _compiled_dense_exits()
-    monkeypatch.setattr(covid, "_compiled_dense_exits", lambda: lambda *a: (calls.append(1), compiled(*a))[1])
+    exits, force = covid.dense_exits.calls["compiled"], transmission.force_of_layers.calls["compiled"]
     sync_free = run(env, True, steps=21)
-    assert len(calls) == 21
+    assert covid.dense_exits.calls["compiled"] - exits == 21
+    assert transmission.force_of_layers.calls["compiled"] - force == 21
     assert_same_run(standard, sync_free)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorState, param
-from agenttensor import _group_kernels, select
+from agenttensor import _group_kernels, fused, select
 from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares_at,
@@ -501,6 +500,7 @@ def exit_outcomes(draw: Callable[[Tensor, str], Tensor], leave_E: Tensor, leave_
     return to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_before * (1 - (leave_Ia + leave_Is)) + isolate
 
 
+@fused.on_request
 def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
                 probabilities: tuple, exit_durations: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
     """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are those whose countdown
@@ -509,7 +509,8 @@ def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | 
     countdowns of the next stage (`disease.draw_durations_where`; −1 where it has none). The numbers of the sparse
     path's, at every agent (zeros where not exiting). -> (`exit_outcomes`' seven, the five fields' values at the
     exiting agents (E, I_asym, I_sym, H, isolating: ``fields``' order), the new countdowns where exiting [B, N] int16).
-    Pure: `dense_exits_kernel` may compile it into one pass."""
+    Pure: compiled into one pass with ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU ~60 passes over [B, N]
+    fewer; the same bits, tested on the CPU)."""
     hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
     exiting = stage_end == now
@@ -518,18 +519,6 @@ def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | 
     to_Ia, to_Is, to_H = outcomes[:3]
     duration = disease.draw_durations_where(exit_durations, to_Is, to_H, u["duration-exit"])
     return outcomes, leaving, torch.where((to_Ia + to_Is + to_H) > 0, (now + duration).to(torch.int16), -1)
-
-
-@functools.cache
-def _compiled_dense_exits() -> Callable:
-    return torch.compile(dense_exits, dynamic=True)
-
-
-def dense_exits_kernel() -> Callable:
-    """`dense_exits`, compiled by torch.compile where ``AGENTTENSOR_COMPILE=1`` (as the random numbers' hash,
-    `rng.use_compiled_kernels`: on a GPU fused kernels in place of ~60 passes over [B, N]; the same bits, tested on
-    the CPU), else as it is."""
-    return _compiled_dense_exits() if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1" else dense_exits
 
 
 def inv_others(layer: GroupLayer) -> Tensor:
@@ -1162,7 +1151,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                          at(params.asymptomatic_detection_ratio), None if testing is None else at(testing), isolate_at)
         if dense:  # hard mode, every agent: the draws, the exits' flows and countdowns as one function (fused by
             # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
-            (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, ends = dense_exits_kernel()(
+            (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, ends = dense_exits(
                 ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), state.stage_end, now,
                 (E, Ia, Is, H, state.isolating), probabilities, env.exit_durations)
             leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
