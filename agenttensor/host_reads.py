@@ -23,14 +23,19 @@ HOST_READS = frozenset({"nonzero", "_local_scalar_dense", "is_nonzero", "equal",
 
 
 class HostReads(TorchDispatchMode):
-    """While active, counts the dispatched operations in `HOST_READS` by name (``counts``)."""
+    """While active, counts the dispatched operations in `HOST_READS` by name (``counts``). A subclass may see every
+    operation with its result by overriding `seen` (calling this one)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.seen(func._overloadpacket.__name__, args, kwargs, out)
+        return out
+
+    def seen(self, name: str, args: tuple, kwargs: dict, out) -> None:
         if name in HOST_READS:
             self.counts[name] += 1
-        return func(*args, **(kwargs or {}))

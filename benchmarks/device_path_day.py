@@ -26,7 +26,6 @@ benchmarks/results/device_path_day.json (device_path_day_cuda.json with --device
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import datetime as dt
 import json
@@ -38,13 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agenttensor as at  # noqa: E402
 from agenttensor import Hard, Randomness, StepContext  # noqa: E402
 from agenttensor.graphs import DayGraphs  # noqa: E402
-from agenttensor.host_reads import HOST_READS  # noqa: E402
+from agenttensor.host_reads import HostReads  # noqa: E402
 from agenttensor.interventions import compile_schedule  # noqa: E402
 from covid_step import SCENARIO, START, synchronize  # noqa: E402
 from models.covid import model as covid  # noqa: E402
@@ -55,29 +53,23 @@ VIEWS = {"view", "_unsafe_view", "as_strided", "t", "expand", "unsqueeze", "sque
          "detach", "permute", "transpose", "lift_fresh", "_reshape_alias", "split", "unbind", "view_as_real"}
 
 
-class Dispatched(TorchDispatchMode):
-    """Counts aten operations (views left out), host reads (`HOST_READS`) and the bytes of the operations' tensors
-    (inputs and outputs, each at most its storage's size: an expanded input counts once) while active."""
+class Dispatched(HostReads):
+    """Counts aten operations (views left out), host reads (`HostReads`: ``counts``) and the bytes of the operations'
+    tensors (inputs and outputs, each at most its storage's size: an expanded input counts once) while active."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.reads, self.bytes = 0, collections.Counter(), 0
+        self.ops, self.bytes = 0, 0
 
     fused = 0  # > 0 while a fused kernel's own operations run (`fused_hash`): not counted one by one
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
-        out = func(*args, **(kwargs or {}))
+    def seen(self, name: str, args: tuple, kwargs: dict, out) -> None:
         if name in VIEWS or self.fused:
-            return out
+            return
+        super().seen(name, args, kwargs, out)
         self.ops += 1
-        if name in HOST_READS:
-            self.reads[name] += 1
-        for x in (*args, *(kwargs or {}).values(), out):
-            for t in (x if isinstance(x, (list, tuple)) else (x,)):
-                if isinstance(t, torch.Tensor):
-                    self.bytes += min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
-        return out
+        self.bytes += sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+                          for t in _tensors((*args, *kwargs.values(), out)))
 
     def count(self, tensors: tuple[torch.Tensor, ...]) -> None:
         """One fused kernel that reads and writes ``tensors`` (each at most its storage's size)."""
@@ -171,8 +163,8 @@ def row(name: str, population, device: str, pairs: int, count: bool) -> dict:
         out[f"{key}_ops_per_day_fused_hash"] = round(fused.ops / DAYS, 1)
         if count:
             out[f"{key}_ops_per_day"] = round(mode.ops / DAYS, 1)
-            out[f"{key}_host_reads_per_day"] = round(sum(mode.reads.values()) / DAYS, 2)
-            out[f"{key}_host_reads"] = dict(mode.reads)
+            out[f"{key}_host_reads_per_day"] = round(sum(mode.counts.values()) / DAYS, 2)
+            out[f"{key}_host_reads"] = dict(mode.counts)
     walls = {False: [], True: [], "graphs": []}
     graphs = DayGraphs(MODEL, params, "cuda") if torch.device(device).type == "cuda" else None
     if graphs is not None:

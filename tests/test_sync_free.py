@@ -106,7 +106,7 @@ def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_on
         _, eager = device_path_day.days(env, params, sync_free, count="eager")
         _, fused = device_path_day.days(env, params, sync_free, count="fused")
         assert fused.ops < eager.ops and fused.bytes < eager.bytes
-        assert (sum(eager.reads.values()) == 0) == sync_free
+        assert (sum(eager.counts.values()) == 0) == sync_free
     randomness = Randomness.for_agents([0], env.agent_ids)
     with device_path_day.Dispatched() as mode, device_path_day.fused_hash(mode):
         u = randomness.uniform(3, "infection")
