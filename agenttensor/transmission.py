@@ -363,11 +363,9 @@ def _force_torch(sigma: Tensor, terms: list[ForceTerm]) -> Tensor:
     return force_of_layers(sigma, tuple((t.table, t.slot, t.presence, t.factor, t.factor_all) for t in terms))
 
 
-@fused.on_request
-def force_of_layers(sigma: Tensor, layers: tuple) -> Tensor:
-    """σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l in torch ops: sigma [B | 1, N]; layers: (table
-    [B, S], slot [N], presence, factor, factor_all: [B | 1, N] or None) each. One fused kernel where compiled
-    (`fused.on_request`: on a GPU one pass over memory for ~5 per layer), the same numbers."""
+def _layer_terms(layers: tuple) -> list[Tensor]:
+    """Each layer's term (table[slot] presence) factor) factor_all, [B | 1, N], of (table, slot, presence, factor,
+    factor_all) tuples (`force_of_layers`)."""
     values = []
     for table, slot, *factors in layers:
         value = table.index_select(1, slot) if torch.compiler.is_compiling() else _gather(table, slot)
@@ -375,7 +373,26 @@ def force_of_layers(sigma: Tensor, layers: tuple) -> Tensor:
             if x is not None:
                 value = value * x
         values.append(value)
-    return sigma * functools.reduce(torch.add, values)
+    return values
+
+
+@fused.on_request
+def force_of_layers(sigma: Tensor, layers: tuple) -> Tensor:
+    """σ Σ_l ((table_l[slot_l] presence_l) factor_l) factor_all_l in torch ops: sigma [B | 1, N]; layers: (table
+    [B, S], slot [N], presence, factor, factor_all: [B | 1, N] or None) each. One fused kernel where compiled
+    (`fused.on_request`: on a GPU one pass over memory for ~5 per layer), the same numbers."""
+    return sigma * functools.reduce(torch.add, _layer_terms(layers))
+
+
+@fused.on_request
+def layer_shares(layers: tuple, where: Tensor) -> Tensor:
+    """Each layer's share of the agents' summed terms (`force_of_layers`' layers), summed over the agents in
+    ``where`` [B, N] (0/1): Σ_i where_i term_l,i / max(Σ_l term_l,i, 1e-30) -> [L, B] float32; `layer_shares_at`'s
+    numbers for every agent at once, no index list (to float rounding: another order of the sums). One fused kernel
+    where compiled."""
+    terms = _layer_terms(layers)
+    weight = where / functools.reduce(torch.add, terms).clamp_min(1e-30)
+    return torch.stack([(term * weight).sum(-1) for term in terms])
 
 
 class HandedSums(NamedTuple):

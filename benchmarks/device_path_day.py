@@ -88,11 +88,14 @@ def fused_hash(mode: Dispatched):
     torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
     tests/test_sync_free.py): their inputs read and their outputs written once. They are the random numbers' hash
     (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32, `rng.use_compiled_kernels`), the force of
-    the group layers (`transmission.force_of_layers`) and the sync-free day's exits (`covid.dense_exits`: the hash of
-    six streams, the draws, flows and countdowns)."""
+    the group layers (`transmission.force_of_layers`), the split of infections by layer (`transmission.layer_shares`,
+    sync-free) and the sync-free day's exits (`covid.dense_exits`: the hash of six streams, the draws, flows and
+    countdowns)."""
     from agenttensor import rng, transmission
 
-    eager, exits, force = rng._uniform_kernel, covid.dense_exits, transmission.force_of_layers
+    eager, exits = rng._uniform_kernel, covid.dense_exits
+    force, shares = transmission.force_of_layers, transmission.layer_shares
+    from models.covid.model import layer_shares as imported  # (the covid model's own name for it)
 
     def counted(fn):
         def run(*args):
@@ -108,10 +111,11 @@ def fused_hash(mode: Dispatched):
     class Swap:
         def __enter__(self):
             rng._uniform_kernel, covid.dense_exits = counted(eager), counted(exits.eager)
-            transmission.force_of_layers = counted(force.eager)
+            transmission.force_of_layers, covid.layer_shares = counted(force.eager), counted(shares.eager)
 
         def __exit__(self, *exc):
-            rng._uniform_kernel, covid.dense_exits, transmission.force_of_layers = eager, exits, force
+            rng._uniform_kernel, covid.dense_exits = eager, exits
+            transmission.force_of_layers, covid.layer_shares = force, imported
             return False
 
     return Swap()

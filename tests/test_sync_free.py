@@ -132,16 +132,17 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_pa
 
 
 def test_compiled_kernels_take_the_same_events(env, monkeypatch):
-    """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits (`dense_exits`) and the force of the group layers
-    (`transmission.force_of_layers`) run compiled by torch.compile (`fused.on_request`; on a GPU fused kernels, here
-    the CPU's): the same trajectories, bit for bit, as the standard path's eager operations, with every lever."""
+    """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits (`dense_exits`), the force of the group layers
+    (`transmission.force_of_layers`) and the split of infections by layer (`transmission.layer_shares`) run compiled
+    by torch.compile (`fused.on_request`; on a GPU fused kernels, here the CPU's): the same trajectories, bit for bit,
+    as the standard path's eager operations, with every lever."""
     from agenttensor import transmission
 
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     standard = run(env, False, steps=21)
     monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
-    exits, force = covid.dense_exits.calls["compiled"], transmission.force_of_layers.calls["compiled"]
+    kernels = (covid.dense_exits, transmission.force_of_layers, transmission.layer_shares)
+    before = [kernel.calls["compiled"] for kernel in kernels]
     sync_free = run(env, True, steps=21)
-    assert covid.dense_exits.calls["compiled"] - exits == 21
-    assert transmission.force_of_layers.calls["compiled"] - force == 21
+    assert [kernel.calls["compiled"] - n for kernel, n in zip(kernels, before)] == [21, 21, 21]
     assert_same_run(standard, sync_free)

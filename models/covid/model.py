@@ -58,8 +58,8 @@ from agenttensor import GroupLayer, Model, Params, StepContext, Substep, TensorS
 from agenttensor import _group_kernels, fused, select
 from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
-from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares_at,
-                                      layered_force, range_sums, scaled_sums, scatter_sum, table_kept)
+from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares,
+                                      layer_shares_at, layered_force, range_sums, scaled_sums, scatter_sum, table_kept)
 from agenttensor.rng import _uniform_eager, uniform_of_hash
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
@@ -735,6 +735,13 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
                       lambda: params.borough_mixing / params.borough_mixing.sum(1, keepdim=True))
     dense = At()
     sigma = susceptibility(dense)
+
+    def force_layers() -> tuple:
+        """The force's layers as `transmission.force_of_layers` reads them (for the dense split of infections by
+        layer, `layer_attribution`), made when asked: (table, slot, presence, factor, factor_all) per layer."""
+        return tuple((table, slot, None if presence is None else presence(dense), kept_share(name, reductions[name]),
+                      kept_share("all", reduction_all)) for name, (table, slot, presence) in layers.items())
+
     # hard mode on CPU: the totals, the tables and the force as one native call (`hard_native.hard_force`, the same
     # numbers; where a derivative would reach its inputs, e.g. learnable β under a hard sampler, it declines and the
     # torch ops below carry it)
@@ -745,7 +752,8 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
         if native is not None:
             force, tables, native_terms = native
             layers.update({name: (tables[name], getattr(env, name).slot, presences[name]) for name in names})
-            ctx.scratch.update(force=force, layer_term=layer_term, layer_names=names, force_terms=native_terms)
+            ctx.scratch.update(force=force, layer_term=layer_term, layer_names=names, force_terms=native_terms,
+                               force_layers=force_layers)
             return state
 
     beta = params.transmission_scale * multiplier
@@ -935,14 +943,15 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     # but not in the backward pass once derivative mass of untaken infections sits in its I stages
     # (`shadow.py`): it is left out, or an agent would "infect itself" in the linearisation.
     native_terms = []  # the force's native form, for `layer_attribution`'s native pass
+    made = force_layers()
     force = layered_force(sigma, [ForceTerm(
-        table=group_values, slot=slot, presence=None if presence is None else presence(dense),
-        factor=kept_share(name, reductions[name]), factor_all=kept_share("all", reduction_all),
+        table=table, slot=slot, presence=presence, factor=factor, factor_all=factor_all,
         member_probe=own[name].member if name in own else None, group_probe=own[name].group if name in own else None,
         weight_handoff=weight_handoffs.get(name),
         last_slot_constant=True)  # every table's non-member slot is a zero: (coef · 0) · sums, or a zero pad
-        for name, (group_values, slot, presence) in layers.items()], keep=native_terms)
-    ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers), force_terms=native_terms)
+        for name, (table, slot, presence, factor, factor_all) in zip(layers, made)], keep=native_terms)
+    ctx.scratch.update(force=force, layer_term=layer_term, layer_names=tuple(layers), force_terms=native_terms,
+                       force_layers=lambda: made)
     if ctx.sampler.differentiable:  # λ_k per unit of one other household member's infectiousness (`shadow.py`),
         # as `layer_term("household", ...)` gives it, factored (multiplied out in the backward pass)
         kept = (kept_share("household", reductions["household"]), kept_share("all", reduction_all))
@@ -1342,11 +1351,8 @@ def layer_attribution(b: Tensor | None, i: Tensor | None, B: int, ctx: StepConte
     [B, N] (`StepContext.sync_free`; sums over every agent, in another order: equal to float rounding)."""
     names = ctx.scratch["layer_names"]
     device = ctx.env.agent_ids.device
-    if i is None:  # Σ_i part_l,i w_i with w = infected / Σ_l part_l: one division, a dot product per layer
-        parts = [ctx.scratch["layer_term"](name, At()).detach().expand(infected.shape) for name in names]
-        weight = infected / functools.reduce(torch.add, parts).clamp_min(1e-30) if parts else None
-        shares = torch.stack([torch.bmm(part.unsqueeze(1), weight.unsqueeze(2)).view(B) for part in parts]) \
-            if parts else torch.zeros(0, B, device=device)
+    if i is None:  # the force's layer terms, summed over the infected agents (one kernel where compiled)
+        shares = layer_shares(ctx.scratch["force_layers"](), infected)
     else:
         shares = layer_shares_at(ctx.scratch.get("force_terms"), b, i)
     if shares is None:
