@@ -32,6 +32,7 @@ FULL = {
     "stream_floor": [],
     "native_calls": [],
     "ab_source_totals": [],
+    "device_path_day": [],
 }
 NEEDS = {"instructions_per_day": "valgrind"}  # skipped, with a note, where this tool is not on PATH
 QUICK = {
@@ -43,6 +44,8 @@ QUICK = {
     "native_calls": ["--scale", "0.05", "--days", "7", "--out", str(HERE / "results" / "native_calls_quick.json")],
     "ab_source_totals": ["--scale", "0.05", "--days", "7", "--runs", "1",
                          "--out", str(HERE / "results" / "ab_source_totals_quick.json")],
+    "device_path_day": ["--large", "100000", "--pairs", "1",
+                        "--out", str(HERE / "results" / "device_path_day_quick.json")],
 }
 
 
