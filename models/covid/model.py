@@ -501,10 +501,10 @@ def exit_outcomes(draw: Callable[[Tensor, str], Tensor], leave_E: Tensor, leave_
 
 
 @fused.on_request
-def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
+def dense_exits(agent_base: Tensor, keys: Tensor, exiting: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
                 probabilities: tuple, exit_durations: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
-    """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are those whose countdown
-    ``stage_end`` [B, N] equals ``now``; the six exit streams' uniforms hashed from ``agent_base`` [N] and ``keys``
+    """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are ``exiting`` [B, N] (bool:
+    the countdown ends at ``now``, the step's number); the six exit streams' uniforms hashed from ``agent_base`` [N] and ``keys``
     [6, B] (`exits_native.STREAMS`' order), their events and flows (`exit_outcomes`, ``probabilities`` its), and the
     countdowns of the next stage (`disease.draw_durations_where`; −1 where it has none). The numbers of the sparse
     path's, at every agent (zeros where not exiting). -> (`exit_outcomes`' seven, the five fields' values at the
@@ -513,7 +513,6 @@ def dense_exits(agent_base: Tensor, keys: Tensor, stage_end: Tensor, now: int | 
     fewer; the same bits, tested on the CPU)."""
     hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
-    exiting = stage_end == now
     leaving = tuple(x * exiting for x in fields)
     outcomes = exit_outcomes(lambda p, stream: u[stream] < p, *leaving, *probabilities)
     to_Ia, to_Is, to_H = outcomes[:3]
@@ -1161,7 +1160,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         if dense:  # hard mode, every agent: the draws, the exits' flows and countdowns as one function (fused by
             # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
             (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, ends = dense_exits(
-                ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), state.stage_end, now,
+                ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now,
                 (E, Ia, Is, H, state.isolating), probabilities, env.exit_durations)
             leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
             stage_end.copy_(torch.where(exiting, ends, stage_end))
