@@ -15,7 +15,9 @@ turns the graphs off for the run, logged and counted: the days then run eagerly,
 
 ``backend="emulate"`` replays on any device by recording the day's aten operations with their arguments and
 re-running them on the same input buffers (`_Replayed`): what a CUDA graph replays, so a test on the CPU checks that
-no per-day value is baked into a captured day.
+no per-day value is baked into a captured day. Its capture refuses what a CUDA capture refuses, on any device: an
+operation whose result the host reads (`host_reads.HOST_READS`) and a tensor made from host data (``torch.tensor``
+of Python values, a copy between devices).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from .host_reads import HostReads
 from .record import PackedRecord
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,18 @@ def _flatten(state, record) -> tuple[list[Tensor], Callable[[list[Tensor]], tupl
     return [getattr(state, name) for name in names] + leaves, rebuild
 
 
-class _Recording(TorchDispatchMode):
-    """Records every aten operation dispatched while active, with its arguments and results."""
+HOST_DATA = frozenset({"lift_fresh", "lift_fresh_copy", "lift"})  # aten's names for a tensor made from host values
+
+
+def _crosses_devices(name: str, args: tuple, kwargs: dict) -> bool:
+    if name == "_to_copy" and kwargs.get("device") is not None:
+        return torch.device(kwargs["device"]) != args[0].device
+    return name == "copy_" and isinstance(args[1], Tensor) and args[1].dim() > 0 and args[0].device != args[1].device
+
+
+class _Recording(HostReads):
+    """Records every aten operation dispatched while active, with its arguments and results; counts (``counts``)
+    those a CUDA capture refuses: host reads, tensors made from host data, copies between devices."""
 
     def __init__(self):
         super().__init__()
@@ -66,17 +78,28 @@ class _Recording(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
+        self.seen(func._overloadpacket.__name__, args, kwargs, out)
         return out
+
+    def seen(self, name: str, args: tuple, kwargs: dict, out) -> None:
+        super().seen(name, args, kwargs, out)
+        if name in HOST_DATA or _crosses_devices(name, args, kwargs):
+            self.counts[name] += 1
 
 
 class _Replayed:
     """The emulated graph: ``fn``'s aten operations, recorded once, re-run on replay with the tensors they made then
     replaced by the ones they make now (the inputs made before the recording, e.g. the input buffers, stay the same
-    tensors, as a CUDA graph's addresses do; every Python value stays the recorded one)."""
+    tensors, as a CUDA graph's addresses do; every Python value stays the recorded one). Its outputs are the
+    recorded ones, overwritten by each replay, as a CUDA graph's are: a caller that kept a replayed day's output
+    finds the next replay's values in it."""
 
     def __init__(self, fn: Callable[[], list[Tensor]]):
         with _Recording() as recording:
             self.outputs = fn()
+        if recording.counts:
+            refused = ", ".join(f"{name} x{n}" for name, n in sorted(recording.counts.items()))
+            raise RuntimeError(f"operation not permitted when stream is capturing (emulated): {refused}")
         self.ops = recording.ops
 
     def replay(self) -> list[Tensor]:
@@ -95,7 +118,10 @@ class _Replayed:
                                   new if isinstance(new, (list, tuple)) else (new,)):
                 if isinstance(old, Tensor):
                     made[id(old)] = fresh
-        return [now(x) for x in self.outputs]
+        for recorded in self.outputs:
+            if now(recorded) is not recorded:
+                recorded.copy_(now(recorded))
+        return self.outputs
 
 
 class _Cuda:

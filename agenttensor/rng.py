@@ -15,16 +15,13 @@ from collections.abc import Sequence
 
 import array
 import functools
-import logging
-import os
-import time
 import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from . import _rng_kernels
+from . import _rng_kernels, fused
 
 _C1 = 0x7FEB352D
 _C2 = 0x846CA68B - (1 << 32)  # as signed int32
@@ -119,33 +116,10 @@ def _uniform_eager(base: Tensor, keys: Tensor) -> Tensor:
     return t.to(torch.float32).add_(0.5).mul_(2.0**-24)
 
 
-_uniform_kernel = _uniform_eager
-log = logging.getLogger(__name__)
-
-
-def use_compiled_kernels(enabled: bool = True) -> bool:
-    """Fuse the hash-to-uniform chain into one kernel with ``torch.compile`` (opt-in, also by
-    ``AGENTTENSOR_COMPILE=1``): the same bits, one pass over memory instead of ~13, at a one-off compile cost of
-    ~20-30 s per process. For where the native CPU kernel (`_rng_kernels`, used first) does not run: other devices,
-    or ``AGENTTENSOR_NATIVE_KERNELS=0``. Returns whether compiled kernels are now in use."""
-    global _uniform_kernel
-    if not enabled:
-        _uniform_kernel = _uniform_eager
-        return False
-    try:
-        compiled = torch.compile(uniform_of_hash, dynamic=True)
-        t0 = time.perf_counter()
-        probe = torch.arange(-5, 5, dtype=torch.int32)
-        keys = torch.tensor([[7], [-3]], dtype=torch.int32)
-        if not torch.equal(compiled(probe, keys), _uniform_eager(probe, keys)):
-            raise RuntimeError("compiled hash differs from the eager one")
-        log.info("compiled the random-number kernel in %.1f s", time.perf_counter() - t0)
-    except Exception as e:  # no C++ compiler, unsupported platform, ...
-        log.warning("torch.compile unavailable for the random-number kernel (%s); using eager kernels", e)
-        _uniform_kernel = _uniform_eager
-        return False
-    _uniform_kernel = compiled
-    return True
+# the hash to uniforms: `uniform_of_hash` compiled into one kernel with AGENTTENSOR_COMPILE=1 (`fused.on_request`: one
+# pass over memory instead of ~13, the same bits), else `_uniform_eager`; for where the native CPU kernel
+# (`_rng_kernels`, used first) does not run: other devices, or AGENTTENSOR_NATIVE_KERNELS=0
+uniform_kernel = fused.on_request(uniform_of_hash, eager=_uniform_eager)
 
 
 @dataclass(frozen=True)
@@ -186,7 +160,7 @@ class Randomness:
         native = _rng_kernels.uniform(self.agent_base, keys[0])  # one native pass on CPU where built (the same bits)
         if native is not None:
             return native
-        return _uniform_kernel(self.agent_base.unsqueeze(0), keys.view(-1, 1))
+        return uniform_kernel(self.agent_base.unsqueeze(0), keys.view(-1, 1))
 
     def hard_event(self, step: int, stream: str | int, p: Tensor | float, where: Tensor | None = None,
                    complement: bool = False) -> Tensor | None:
@@ -225,7 +199,7 @@ class Randomness:
         native = _rng_kernels.uniform_at(self.agent_base, keys, batch_index, agent_index)
         if native is not None:
             return native
-        return _uniform_kernel(self.agent_base[agent_index].unsqueeze(0), keys[:, batch_index])
+        return uniform_kernel(self.agent_base[agent_index].unsqueeze(0), keys[:, batch_index])
 
     def uniform_at(self, step: int, stream: str | int, batch_index: Tensor, agent_index: Tensor) -> Tensor:
         """Uniforms for selected (batch, agent) pairs only: [M] -> [M]; equal to `uniform(...)[b, i]`."""
@@ -264,6 +238,3 @@ def drawn(u: "Tensor | Uniforms") -> Tensor:
     """u as a tensor (`Uniforms` drawn)."""
     return u.tensor() if isinstance(u, Uniforms) else u
 
-
-if os.environ.get("AGENTTENSOR_COMPILE", "0") == "1":
-    use_compiled_kernels(True)

@@ -104,8 +104,9 @@ def simulate(model: Model, population: Any = None, params: Params | None = None,
     first_step = _check_first_step(first_step, steps, initial_state)
     dev = resolve_device(device)
     if cuda_graphs:
-        if sampler.differentiable:
-            raise ConfigError("cuda_graphs: hard mode only (a gradient run's autograd graph is built on the host)")
+        if sampler.differentiable or (params is not None and params.learnable()):
+            raise ConfigError("cuda_graphs: hard mode only, without learnable parameters (a gradient run's autograd "
+                              "graph is built on the host, day by day)")
         if cuda_graphs not in (True, "emulate"):
             raise ConfigError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
         if cuda_graphs is True and dev.type != "cuda":

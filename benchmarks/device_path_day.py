@@ -87,13 +87,13 @@ def fused_hash(mode: Dispatched):
     """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles count as the one kernel each that
     torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
     tests/test_sync_free.py): their inputs read and their outputs written once. They are the random numbers' hash
-    (`rng._uniform_kernel`: ~14 elementwise operations over [..., N] int32, `rng.use_compiled_kernels`), the force of
+    (`rng.uniform_kernel`: ~14 elementwise operations over [..., N] int32), the force of
     the group layers (`transmission.force_of_layers`), the split of infections by layer (`transmission.layer_shares`,
     sync-free) and the sync-free day's exits (`covid.dense_exits`: the hash of six streams, the draws, flows and
     countdowns)."""
     from agenttensor import rng, transmission
 
-    eager, exits = rng._uniform_kernel, covid.dense_exits
+    hash_kernel, exits = rng.uniform_kernel, covid.dense_exits
     force, shares = transmission.force_of_layers, transmission.layer_shares
     from models.covid.model import layer_shares as imported  # (the covid model's own name for it)
 
@@ -110,11 +110,11 @@ def fused_hash(mode: Dispatched):
 
     class Swap:
         def __enter__(self):
-            rng._uniform_kernel, covid.dense_exits = counted(eager), counted(exits.eager)
+            rng.uniform_kernel, covid.dense_exits = counted(hash_kernel.eager), counted(exits.eager)
             transmission.force_of_layers, covid.layer_shares = counted(force.eager), counted(shares.eager)
 
         def __exit__(self, *exc):
-            rng._uniform_kernel, covid.dense_exits = eager, exits
+            rng.uniform_kernel, covid.dense_exits = hash_kernel, exits
             transmission.force_of_layers, covid.layer_shares = force, imported
             return False
 

@@ -82,21 +82,21 @@ def test_step_key_distinct():
 
 def test_compiled_kernel_gives_the_same_bits(monkeypatch):
     """The opt-in torch.compile kernel (AGENTTENSOR_COMPILE=1; used where the native kernel is not, here switched off)
-    must draw exactly the eager numbers."""
+    must draw exactly the eager numbers; its first call checks so itself."""
     from agenttensor import rng
 
     agents = torch.arange(10_000, dtype=torch.int32) * 7919
     eager = rng.Randomness.for_agents([0, 5], agents)
     expected = eager.uniform(3, "infection"), eager.uniform_at(3, "infection", torch.tensor([1, 0]), torch.tensor([9, 4]))
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
-    try:
-        if not rng.use_compiled_kernels(True):
-            pytest.skip("torch.compile is not available here")
-        got = eager.uniform(3, "infection"), eager.uniform_at(3, "infection", torch.tensor([1, 0]), torch.tensor([9, 4]))
-    finally:
-        rng.use_compiled_kernels(False)
+    monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
+    calls = dict(rng.uniform_kernel.calls)
+    got = eager.uniform(3, "infection"), eager.uniform_at(3, "infection", torch.tensor([1, 0]), torch.tensor([9, 4]))
+    if rng.uniform_kernel.off:
+        pytest.skip(f"torch.compile is not available here: {rng.uniform_kernel.off}")
+    assert rng.uniform_kernel.calls["compiled"] == calls["compiled"] + 2
+    assert rng.uniform_kernel.calls["differs"] == 0
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert rng._uniform_kernel is rng._uniform_eager
 
 
 # ---- native kernels (agenttensor/csrc/rng_kernels.cpp) ------------------------------------------------------------

@@ -134,9 +134,10 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_pa
 def test_compiled_kernels_take_the_same_events(env, monkeypatch):
     """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits (`dense_exits`), the force of the group layers
     (`transmission.force_of_layers`) and the split of infections by layer (`transmission.layer_shares`) run compiled
-    by torch.compile (`fused.on_request`; on a GPU fused kernels, here the CPU's): the same trajectories, bit for bit,
-    as the standard path's eager operations, with every lever."""
-    from agenttensor import transmission
+    by torch.compile (`fused.on_request`; on a GPU fused kernels, here the CPU's), and so does the hash of the draws
+    that the native kernels (here off) do not make: the same trajectories, bit for bit, as the standard path's eager
+    operations, with every lever; each kernel's first call found so itself."""
+    from agenttensor import rng, transmission
 
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     standard = run(env, False, steps=21)
@@ -145,4 +146,62 @@ def test_compiled_kernels_take_the_same_events(env, monkeypatch):
     before = [kernel.calls["compiled"] for kernel in kernels]
     sync_free = run(env, True, steps=21)
     assert [kernel.calls["compiled"] - n for kernel, n in zip(kernels, before)] == [21, 21, 21]
+    for kernel in (*kernels, rng.uniform_kernel):
+        assert kernel.off is None and kernel.calls["differs"] == 0 and kernel.calls["checked"] >= 1, kernel.calls
     assert_same_run(standard, sync_free)
+
+
+@pytest.mark.parametrize("refused", ["host read", "host data"])
+def test_a_day_a_capture_refuses_turns_the_graphs_off_with_the_same_numbers(env, gpu_path, refused, monkeypatch,
+                                                                            caplog):
+    """A day with an operation that a CUDA capture refuses (added to the exits here: a value read back on the host, or
+    a tensor made from Python values): its emulated capture fails as a CUDA one would, the run's graphs turn off,
+    logged and counted, and every day runs eagerly with the plain run's numbers."""
+    exits = covid.dense_exits
+
+    def refusing(*args):
+        torch.ones(1).sum().item() if refused == "host read" else torch.tensor([1.0, 2.0])
+        return exits(*args)
+
+    monkeypatch.setattr(covid, "dense_exits", refusing)
+    plain = run(env, True)
+    with caplog.at_level("WARNING", logger="agenttensor.graphs"):
+        emulated = at.simulate(MODEL, env=env, params=busy_params(transmission_scale=3.0), steps=30, seeds=[0, 1],
+                               start_date=START, interventions=ALL_LEVERS, progress=False, cuda_graphs="emulate")
+    stats = emulated.timing["cuda_graphs"]
+    assert stats == dict(captured=0, replayed=0, eager=29, failed=1), stats
+    name = "_local_scalar_dense" if refused == "host read" else "lift_fresh"
+    assert f"capture failed at step 1: RuntimeError: operation not permitted when stream is capturing (emulated): " \
+           f"{name} x" in caplog.text
+    assert_same_run(plain, emulated, split_rounded=False)
+
+
+def test_graphs_refuse_learnable_parameters_and_replay_into_the_same_outputs(env, gpu_path):
+    """A captured day's outputs are the graph's own, overwritten by each replay (a CUDA graph's fixed addresses,
+    emulated): replayed days return the same tensors, the last replay's values in them, which is why `simulate`
+    copies each day's record and clones the final state. Learnable parameters (whose autograd graph a replay would not
+    rebuild) are refused up front."""
+    from agenttensor.graphs import DayGraphs, _flatten
+
+    params = busy_params(transmission_scale=3.0).as_tensors("cpu")
+    with pytest.raises(at.ConfigError, match="without learnable parameters"):
+        at.simulate(MODEL, env=env, params=params.replace(transmission_scale=torch.tensor(3.0, requires_grad=True)),
+                    steps=3, seeds=[0], start_date=START, progress=False, cuda_graphs="emulate")
+    graphs = DayGraphs(MODEL, params, backend="emulate")
+    randomness = Randomness.for_agents([0, 1], env.agent_ids)
+    schedule = compile_schedule([[], []], levers=MODEL.levers, steps=12, start_date=START,
+                                group_labels=env.group_labels, age_band_edges=MODEL.age_band_edges)
+    state = MODEL.init(env, params, StepContext(step=0, env=env, rng=randomness, sampler=Hard(), start_date=START,
+                                               schedule=schedule))
+    days = {}
+    for step in range(1, 12):  # 2020-03-02 (a Monday) to 03-12: work days 1-5 and 8-11, one kind
+        ctx = StepContext(step=step, env=env, rng=randomness, sampler=Hard(), start_date=START, schedule=schedule,
+                          sync_free=True)
+        state, record = graphs.step(state, ctx)
+        outputs = _flatten(state, record)[0]  # the state's tensors and the record's blocks
+        days[step] = outputs, [x.clone() for x in outputs]
+    assert graphs.stats["captured"] == 2 and graphs.stats["replayed"] >= 7, graphs.stats
+    (kept9, copied9), (kept11, copied11) = days[9], days[11]
+    assert [x.data_ptr() for x in kept9] == [x.data_ptr() for x in kept11]
+    assert all(torch.equal(x, y) for x, y in zip(kept9, copied11))  # day 9's outputs hold the last replay's values
+    assert not all(torch.equal(x, y) for x, y in zip(copied9, copied11))
