@@ -154,6 +154,8 @@ class _Day:
             with torch.cuda.stream(side):
                 self.first = self._day()
             torch.cuda.current_stream().wait_stream(side)
+            for x in self.first:  # (made on the side stream, used on this one: not reused before this one is done)
+                x.record_stream(torch.cuda.current_stream())
         else:
             self.first = self._day()
 

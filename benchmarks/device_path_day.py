@@ -16,6 +16,8 @@ operations are the ones a GPU runs. Per mode, over 28-day runs with the benchmar
 - host ms a day at ``--small`` agents, one thread: the kernels take next to nothing, so this is Python and dispatch,
   the floor of one run on a GPU driven by a host as fast as this one (a CUDA launch costs more than a CPU op);
 - s a day at ``--large`` agents (and at full NYC with ``--nyc``) on the device;
+- bytes per agent that a day's allocations hold at their peak (`PeakLive`: its temporaries and outputs), the largest
+  day's: what a CUDA graph of the day keeps in its memory pool, per kind of day;
 - on CUDA also ms a day with the sync-free days as CUDA graphs (`agenttensor.graphs`: each kind of day captured once,
   replayed on the others; the weekly decision days eager), the captures made in a run before the timed ones.
 
@@ -37,6 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agenttensor as at  # noqa: E402
@@ -75,6 +79,36 @@ class Dispatched(HostReads):
         """One fused kernel that reads and writes ``tensors`` (each at most its storage's size)."""
         self.ops += 1
         self.bytes += sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in tensors)
+
+
+class PeakLive(TorchDispatchMode):
+    """The most bytes held at once by tensors that a day's operations allocated (outputs that alias no input), the
+    largest day's (``peak``) after each day is begun with `new_day`: what a CUDA graph of the day keeps in its private
+    memory pool (its temporaries and outputs; the state copied in lives outside it). Device-independent: freed
+    tensors are found by their storages' weak references."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.bytes = self.peak = 0
+
+    def new_day(self) -> None:
+        self.live, self.bytes = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):  # freshly allocated outputs
+            for t in _tensors(out):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live and not self.live[key][0].expired():
+                    continue
+                self.bytes += storage.nbytes() - (self.live[key][1] if key in self.live else 0)
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            self.bytes -= self.live.pop(key)[1]
+        self.peak = max(self.peak, self.bytes)
+        return out
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -123,7 +157,7 @@ def fused_hash(mode: Dispatched):
 
 def days(env, params, sync_free: bool, count: str | None = None, graphs=None) -> tuple[float, Dispatched | None]:
     """Init, then ``DAYS`` hard days (seed 0, the scenario): (wall seconds of the days, the counts over them; ``count``
-    "eager" or "fused": the hash as its eager operations or as one kernel, `fused_hash`). ``graphs``: a
+    "eager" or "fused": the hash as its eager operations or as one kernel, `fused_hash`; "peak": `PeakLive`). ``graphs``: a
     `agenttensor.graphs.DayGraphs` that runs the (sync-free) days, kept from run to run (its captures)."""
     device = env.agent_ids.device
     rng = Randomness.for_agents([0], env.agent_ids).to(device)
@@ -137,7 +171,7 @@ def days(env, params, sync_free: bool, count: str | None = None, graphs=None) ->
 
     state = MODEL.init(env, params, context(0))
     records = []
-    mode = Dispatched() if count else None
+    mode = (PeakLive() if count == "peak" else Dispatched()) if count else None
     synchronize(device)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -146,6 +180,8 @@ def days(env, params, sync_free: bool, count: str | None = None, graphs=None) ->
             if count == "fused":
                 stack.enter_context(fused_hash(mode))
         for t in range(DAYS):
+            if count == "peak":
+                mode.new_day()
             state, record = MODEL.step(state, params, context(t)) if graphs is None else \
                 graphs.step(state, context(t))
             records.append(record)
@@ -165,6 +201,8 @@ def row(name: str, population, device: str, pairs: int, count: bool) -> dict:
         out[f"{key}_bytes_per_agent_per_day"] = round(mode.bytes / DAYS / env.num_agents, 1)
         out[f"{key}_bytes_per_agent_per_day_fused_hash"] = round(fused.bytes / DAYS / env.num_agents, 1)
         out[f"{key}_ops_per_day_fused_hash"] = round(fused.ops / DAYS, 1)
+        out[f"{key}_day_peak_bytes_per_agent"] = round(days(env, params, sync_free, count="peak")[1].peak
+                                                        / env.num_agents, 1)
         if count:
             out[f"{key}_ops_per_day"] = round(mode.ops / DAYS, 1)
             out[f"{key}_host_reads_per_day"] = round(sum(mode.counts.values()) / DAYS, 2)
@@ -172,7 +210,10 @@ def row(name: str, population, device: str, pairs: int, count: bool) -> dict:
     walls = {False: [], True: [], "graphs": []}
     graphs = DayGraphs(MODEL, params, "cuda") if torch.device(device).type == "cuda" else None
     if graphs is not None:
+        reserved = torch.cuda.memory_reserved(device)
         days(env, params, True, graphs=graphs)  # the captures
+        out.update(graphs_reserved_bytes_per_agent=round((torch.cuda.memory_reserved(device) - reserved)
+                                                         / env.num_agents, 1))  # (the graphs' pools, and the run's)
     for _ in range(pairs):
         for sync_free in (False, True):
             walls[sync_free].append(days(env, params, sync_free)[0] / DAYS)
@@ -218,14 +259,15 @@ def main() -> None:
         nyc = load_or_build("populations/built/nyc_scale1", scale=1.0, boroughs=None, seed=0)
         rows.append(dict(row("NYC", nyc, args.device, args.pairs, False), threads=threads))
     header = f"{'population':>20} {'threads':>7} {'ops/day std → sync-free':>24} {'host reads/day':>15} " \
-             f"{'bytes/agent/day':>17} {'ms/day std → sync-free':>24} {'ratio':>6}"
+             f"{'bytes/agent/day':>17} {'day peak B/agent':>17} {'ms/day std → sync-free':>24} {'ratio':>6}"
     print(header)
     for r in rows:
         ops = f"{r['standard_ops_per_day']} → {r['sync_free_ops_per_day']}" if "standard_ops_per_day" in r else ""
         reads = f"{r['standard_host_reads_per_day']} → {r['sync_free_host_reads_per_day']}" \
             if "standard_host_reads_per_day" in r else ""
         traffic = f"{r['standard_bytes_per_agent_per_day']:.0f} → {r['sync_free_bytes_per_agent_per_day']:.0f}"
-        print(f"{r['population']:>20} {r['threads']:>7} {ops:>24} {reads:>15} {traffic:>17} "
+        peak = f"{r['standard_day_peak_bytes_per_agent']:.0f} → {r['sync_free_day_peak_bytes_per_agent']:.0f}"
+        print(f"{r['population']:>20} {r['threads']:>7} {ops:>24} {reads:>15} {traffic:>17} {peak:>17} "
               f"{r['standard_ms_per_day']:>10} → {r['sync_free_ms_per_day']:<11} "
               f"{statistics.median(r['pair_ratios']):>6}" +
               (f"   graphs {r['graphs_ms_per_day']} ms/day {r['graphs_stats']}" if "graphs_ms_per_day" in r else ""))

@@ -112,6 +112,22 @@ def test_the_device_path_benchmark_sees_the_host_reads_and_counts_the_hash_as_on
         u = randomness.uniform(3, "infection")
     assert mode.ops == 1 and mode.bytes == 4 * env.num_agents * 2 + 4  # agents' bases and uniforms, one key
     assert torch.equal(u, randomness.uniform(3, "infection"))
+    x = torch.rand(1000)  # `PeakLive`: the most bytes a day's own allocations hold at once; in-place results add none
+    with device_path_day.PeakLive() as peak:
+        a = x * 2
+        b = a + 1
+        del a
+        c = b * 3
+        c.add_(1)
+        torch.mul(c, 2, out=b)
+        del b
+        d = c.to(torch.float64)
+    assert peak.peak == peak.bytes == 4000 + 8000  # c and d (a and b, 4000 each, freed before d was made)
+    peak.new_day()
+    with peak:
+        e = d + 1
+    assert peak.bytes == 8000 and peak.peak == 12000  # today's e only; the largest day's peak stays
+    del c, e
 
 
 def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_path):
