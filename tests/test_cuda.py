@@ -79,6 +79,26 @@ def test_covid_sync_free_days_and_cuda_graphs_equal_the_plain_cuda_run(populatio
         assert_records_equal(plain.final_state.tensors(), run.final_state.tensors())
 
 
+def test_covid_compiled_kernels_in_cuda_graphs_equal_the_plain_cuda_run(population, monkeypatch):
+    """``AGENTTENSOR_COMPILE=1`` on CUDA: the functions `fused.on_request` marks run as Triton kernels, compiled for
+    eager numerics, inside the captured days too; each one's first call matched its eager call bit for bit, and the
+    run takes the plain run's events. (Written without a GPU to run it on; the CPU's compiled kernels are checked in
+    tests/test_sync_free.py.)"""
+    from agenttensor import rng, transmission
+    from models.covid import model as covid
+
+    plain, _ = covid_run(population, GPU, Hard(), steps=30)
+    monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
+    compiled, _ = covid_run(population, GPU, Hard(), steps=30, cuda_graphs=True)
+    stats = compiled.timing["cuda_graphs"]
+    assert stats["failed"] == 0 and stats["captured"] >= 2 and stats["replayed"] >= 15, stats
+    for kernel in (rng.uniform_kernel, covid.dense_exits, transmission.force_of_layers, transmission.layer_shares):
+        assert kernel.off is None and kernel.calls["compiled"] > 0 and kernel.calls["differs"] == 0, \
+            (kernel.__name__, kernel.calls, kernel.off)
+    assert_records_equal(plain.metrics, compiled.metrics, rtol=1e-4, atol=1e-4)
+    assert_records_equal(plain.final_state.tensors(), compiled.final_state.tensors())
+
+
 @pytest.mark.parametrize("sampler", [StraightThrough(), Relaxed()], ids=["straight_through", "relaxed"])
 def test_covid_gradients_on_cuda_equal_cpu(population, sampler):
     names = ("transmission_scale", "transmission_multiplier", "household_weight", "detection_rate")
