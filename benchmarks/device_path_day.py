@@ -118,18 +118,17 @@ def _tensors(x) -> list[torch.Tensor]:
 
 
 def fused_hash(mode: Dispatched):
-    """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles count as the one kernel each that
-    torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
-    tests/test_sync_free.py): their inputs read and their outputs written once. They are the random numbers' hash
-    (`rng.uniform_kernel`: ~14 elementwise operations over [..., N] int32), the force of
-    the group layers (`transmission.force_of_layers`), the split of infections by layer (`transmission.layer_shares`,
-    sync-free) and the sync-free day's exits (`covid.dense_exits`: the hash of six streams, the draws, flows and
-    countdowns)."""
+    """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles (`fused.on_request`) count as the one
+    kernel each that torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
+    tests/test_sync_free.py): their inputs read and their outputs written once. They are found by name in the modules
+    that call them: the random numbers' hash (`rng.uniform_kernel`: ~14 elementwise operations over [..., N] int32),
+    the force of the group layers (`transmission.force_of_layers`), and in the sync-free day the split of infections
+    by layer (`layer_shares`), the exits (`dense_exits`: the hash of six streams, the draws, flows and countdowns),
+    the new infections' countdowns (`dense_countdowns`) and the infectiousness (`dense_iotas`)."""
     from agenttensor import rng, transmission
 
-    hash_kernel, exits = rng.uniform_kernel, covid.dense_exits
-    force, shares = transmission.force_of_layers, transmission.layer_shares
-    from models.covid.model import layer_shares as imported  # (the covid model's own name for it)
+    marked = [(module, name, value) for module in (rng, transmission, covid) for name, value in vars(module).items()
+              if callable(value) and hasattr(value, "eager") and hasattr(value, "calls")]
 
     def counted(fn):
         def run(*args):
@@ -144,12 +143,12 @@ def fused_hash(mode: Dispatched):
 
     class Swap:
         def __enter__(self):
-            rng.uniform_kernel, covid.dense_exits = counted(hash_kernel.eager), counted(exits.eager)
-            transmission.force_of_layers, covid.layer_shares = counted(force.eager), counted(shares.eager)
+            for module, name, value in marked:
+                setattr(module, name, counted(value.eager))
 
         def __exit__(self, *exc):
-            rng.uniform_kernel, covid.dense_exits = hash_kernel, exits
-            transmission.force_of_layers, covid.layer_shares = force, imported
+            for module, name, value in marked:
+                setattr(module, name, value)
             return False
 
     return Swap()

@@ -149,7 +149,8 @@ def test_captured_days_replayed_on_other_days_take_those_days_events(env, gpu_pa
 
 def test_compiled_kernels_take_the_same_events(env, monkeypatch):
     """With ``AGENTTENSOR_COMPILE=1`` the sync-free exits (`dense_exits`), the force of the group layers
-    (`transmission.force_of_layers`) and the split of infections by layer (`transmission.layer_shares`) run compiled
+    (`transmission.force_of_layers`), the split of infections by layer (`transmission.layer_shares`), the new
+    infections' countdowns (`dense_countdowns`) and the infectiousness (`dense_iotas`) run compiled
     by torch.compile (`fused.on_request`; on a GPU fused kernels, here the CPU's), and so does the hash of the draws
     that the native kernels (here off) do not make: the same trajectories, bit for bit, as the standard path's eager
     operations, with every lever; each kernel's first call found so itself."""
@@ -158,10 +159,11 @@ def test_compiled_kernels_take_the_same_events(env, monkeypatch):
     monkeypatch.setenv("AGENTTENSOR_NATIVE_KERNELS", "0")
     standard = run(env, False, steps=21)
     monkeypatch.setenv("AGENTTENSOR_COMPILE", "1")
-    kernels = (covid.dense_exits, transmission.force_of_layers, transmission.layer_shares)
+    kernels = (covid.dense_exits, transmission.force_of_layers, transmission.layer_shares, covid.dense_countdowns,
+               covid.dense_iotas)
     before = [kernel.calls["compiled"] for kernel in kernels]
     sync_free = run(env, True, steps=21)
-    assert [kernel.calls["compiled"] - n for kernel, n in zip(kernels, before)] == [21, 21, 21]
+    assert [kernel.calls["compiled"] - n for kernel, n in zip(kernels, before)] == [21] * 5
     for kernel in (*kernels, rng.uniform_kernel):
         assert kernel.off is None and kernel.calls["differs"] == 0 and kernel.calls["checked"] >= 1, kernel.calls
     assert_same_run(standard, sync_free)

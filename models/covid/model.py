@@ -400,11 +400,14 @@ def borough_divisor(env: CovidEnv) -> Tensor:
 
 
 def lever_per_agent(ctx: StepContext, name: str, layer: str | None = None) -> Tensor | None:
-    """Intervention intensity per agent [B, N] (gathered from [B, G, A]), or None when unused."""
-    value = ctx.lever(name, layer)
-    if value is None:
-        return None
-    return ctx.env.memo(("lever", name, layer), (value,), lambda: value.flatten(1).index_select(1, ctx.env.cell))
+    """Intervention intensity per agent [B, N] (gathered from [B, G, A]), or None when unused; gathered once a day
+    (`StepContext.scratch`) and, on the CPU, once while it stays the same (`CovidEnv.memo`)."""
+    key = ("lever_per_agent", name, layer, id(ctx.schedule))
+    if key not in ctx.scratch:
+        value = ctx.lever(name, layer)
+        ctx.scratch[key] = None if value is None else ctx.env.memo(
+            ("lever", name, layer), (value,), lambda: value.flatten(1).index_select(1, ctx.env.cell))
+    return ctx.scratch[key]
 
 
 class At:
@@ -461,12 +464,11 @@ def event(ctx: StepContext, where: Tensor, stream: str, probability: Callable[[A
 def enter_stage(stage_end: Tensor, entrants: Tensor | tuple[Tensor, Tensor], cdf: Tensor, ctx: StepContext, stream: str,
                 entry_step: int) -> Tensor:
     """Set the countdown of agents entering a timed stage (a [B, N] mask or its (b, i) indices):
-    stage_end = entry_step + duration (with `StepContext.sync_free` and a mask: drawn for every agent, written where
-    the mask is set, in place)."""
+    stage_end = entry_step + duration, in place (with `StepContext.sync_free` and a mask: drawn for every agent, and
+    a new tensor, ``stage_end``'s values where the mask is not set: `dense_countdowns`)."""
     if ctx.sync_free and not isinstance(entrants, tuple):
-        u = ctx.rng.uniform(ctx.now, stream)
-        ends = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
-        return stage_end.copy_(torch.where(entrants.detach() != 0, ends, stage_end))
+        return dense_countdowns(ctx.rng.agent_base, ctx.rng._keys(ctx.now, (stream,)), entrants.detach(), stage_end,
+                                cdf, entry_step)
     b, i = entrants if isinstance(entrants, tuple) else select.nonzero(entrants.detach())
     if b.numel():
         u = ctx.rng.uniform_at(ctx.step, stream, b, i)
@@ -502,22 +504,58 @@ def exit_outcomes(draw: Callable[[Tensor, str], Tensor], leave_E: Tensor, leave_
 
 @fused.on_request
 def dense_exits(agent_base: Tensor, keys: Tensor, exiting: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
-                probabilities: tuple, exit_durations: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
+                age_group: Tensor, by_age: tuple[Tensor, Tensor, Tensor], severe: tuple[Tensor, Tensor] | None,
+                others: tuple, exit_durations: Tensor, stage_end: Tensor
+                ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
     """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are ``exiting`` [B, N] (bool:
-    the countdown ends at ``now``, the step's number); the six exit streams' uniforms hashed from ``agent_base`` [N] and ``keys``
-    [6, B] (`exits_native.STREAMS`' order), their events and flows (`exit_outcomes`, ``probabilities`` its), and the
-    countdowns of the next stage (`disease.draw_durations_where`; −1 where it has none). The numbers of the sparse
-    path's, at every agent (zeros where not exiting). -> (`exit_outcomes`' seven, the five fields' values at the
-    exiting agents (E, I_asym, I_sym, H, isolating: ``fields``' order), the new countdowns where exiting [B, N] int16).
-    Pure: compiled into one pass with ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU ~60 passes over [B, N]
-    fewer; the same bits, tested on the CPU)."""
+    the countdown ends at ``now``, the step's number); the six exit streams' uniforms hashed from ``agent_base`` [N]
+    and ``keys`` [6, B] (`exits_native.STREAMS`' order), their events and flows (`exit_outcomes`: its age-specific
+    probabilities read from the ``by_age`` tables (symptoms, hospitalisation, death) at ``age_group`` [N], the
+    hospitalisation's scaled by 1 − efficacy · vaccinated where ``severe`` = (efficacy, vaccinated [B, N]) is given,
+    ``others`` its other four), and the countdowns of the next stage (`disease.draw_durations_where`; −1 where it has
+    none) where exiting, ``stage_end`` [B, N] elsewhere. The numbers of the sparse path's, at every agent (zeros where
+    not exiting). -> (`exit_outcomes`' seven, the five fields' values at the exiting agents (E, I_asym, I_sym, H,
+    isolating: ``fields``' order), the countdowns [B, N] int16). Pure: compiled into one pass with
+    ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU ~70 passes over [B, N] fewer; the same bits, tested on
+    the CPU)."""
     hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
     leaving = tuple(x * exiting for x in fields)
-    outcomes = exit_outcomes(lambda p, stream: u[stream] < p, *leaving, *probabilities)
+    p_symptoms, p_hosp, p_death = (table.index_select(0, age_group) for table in by_age)
+    if severe is not None:
+        p_hosp = p_hosp * (1 - severe[0] * severe[1].to(torch.float32))
+    outcomes = exit_outcomes(lambda p, stream: u[stream] < p, *leaving, p_symptoms, p_hosp, p_death, *others)
     to_Ia, to_Is, to_H = outcomes[:3]
     duration = disease.draw_durations_where(exit_durations, to_Is, to_H, u["duration-exit"])
-    return outcomes, leaving, torch.where((to_Ia + to_Is + to_H) > 0, (now + duration).to(torch.int16), -1)
+    ends = torch.where((to_Ia + to_Is + to_H) > 0, (now + duration).to(torch.int16), -1)
+    return outcomes, leaving, torch.where(exiting, ends, stage_end)
+
+
+def iotas_of(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, alpha: Tensor | float, eta: Tensor | float
+             ) -> tuple[Tensor, Tensor]:
+    """Infectiousness ι = I_sym + α I_asym, and ι a away from home, with a = 1 − η isolating (α: the asymptomatic
+    agents' relative infectiousness, η: isolation's effectiveness). -> two float32 of the memberships' shape."""
+    f32 = torch.float32
+    iota = I_sym.to(f32) + alpha * I_asym.to(f32)
+    return iota, iota * (1 - eta * isolating.to(f32))
+
+
+# `iotas_of` for every agent (sync-free days: ι is zero where not infectious): one pass over [B, N] compiled with
+# AGENTTENSOR_COMPILE=1 (on a GPU six fewer), the same numbers
+dense_iotas = fused.on_request(iotas_of)
+
+
+@fused.on_request
+def dense_countdowns(agent_base: Tensor, keys: Tensor, entrants: Tensor, stage_end: Tensor, cdf: Tensor,
+                     entry_step: int | Tensor) -> Tensor:
+    """`enter_stage` for every agent (`StepContext.sync_free`): the stream's uniforms hashed from ``agent_base`` [N]
+    and ``keys`` [1, B], the durations drawn from ``cdf``, and the countdowns ``entry_step`` + duration where
+    ``entrants`` [B, N] is set, ``stage_end``'s elsewhere. -> int16 [B, N]. Pure: one pass with
+    ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU seven fewer), the same bits."""
+    hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
+    u = hashed(agent_base.unsqueeze(0), keys.view(-1, 1))
+    ends = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
+    return torch.where(entrants != 0, ends, stage_end)
 
 
 def inv_others(layer: GroupLayer) -> Tensor:
@@ -766,10 +804,12 @@ def infection_pressure(state: CovidState, params: CovidParams, ctx: StepContext)
     sources = At(b, j)
 
     @functools.cache
-    def iotas() -> tuple[Tensor, Tensor]:  # at the infectious agents [M]: ι = I_sym + α I_asym, and ι a away from
-        f32 = torch.float32  # home, with a = 1 − η isolating
-        iota = sources(state.I_sym).to(f32) + sources(params.asymptomatic_infectiousness) * sources(state.I_asym).to(f32)
-        return iota, iota * (1 - sources(params.isolation_effectiveness) * sources(state.isolating).to(f32))
+    def iotas() -> tuple[Tensor, Tensor]:  # at the infectious agents [M] (sync-free: every agent [B, N])
+        if b is None:
+            return dense_iotas(state.I_sym, state.I_asym, state.isolating, params.asymptomatic_infectiousness,
+                               params.isolation_effectiveness)
+        return iotas_of(*(sources(x) for x in (state.I_sym, state.I_asym, state.isolating,
+                                               params.asymptomatic_infectiousness, params.isolation_effectiveness)))
 
     def kept_zeros(key: str, slots: int) -> list:
         """The environment's buffer ``key`` of [B · slots] zeros, set back to zeros at the positions written the last
@@ -1126,18 +1166,32 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # countdowns of the agents entering E (dense set → its own index) and I / H (among the exits, below): in place
     # where they are the loop's own and no node saved them (gradient modes: the nodes save their sign in the flags)
     donate = ctx.sampler.differentiable and ctx.scratch.get("timed_flags") is not None and ctx.owns(state.stage_end)
-    stage_end = state.stage_end if donate else ctx.own(state.stage_end.clone())
+    stage_end = state.stage_end if donate or dense else ctx.own(state.stage_end.clone())  # (dense: made anew below)
     infected_b, infected_i = (None, None) if dense else moved.pairs if moved is not None else \
         select.nonzero(new_E.detach())
     ctx.scratch["infected"] = (infected_b, infected_i)  # (`shadow.transition` carries their countdowns' sign)
     stage_end = enter_stage(stage_end, new_E if dense else (infected_b, infected_i), env.durations["E"], ctx,
                             "duration-E", entry_step=now)
 
+    if dense:  # hard mode, every agent: the draws, the exits' flows and the countdowns as one function (fused by
+        # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
+        severe = (params.vaccine_efficacy_severe, V) if ctx.lever("vaccination") is not None else None
+        isolate_prob = state.isolate_prob
+        (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, stage_end = dense_exits(
+            ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now, (E, Ia, Is, H, state.isolating),
+            env.age_group, (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp),
+            severe, (params.detection_rate, params.asymptomatic_detection_ratio,
+                     lever_per_agent(ctx, "testing_isolation"), isolate_prob), env.exit_durations, stage_end)
+        leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
+        stage_end = ctx.own(stage_end)
+
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
     native = None
     read = (params.detection_rate, params.asymptomatic_detection_ratio, ctx.lever("testing_isolation"),
             params.vaccine_efficacy_severe, V, state.isolate_prob)
-    if not dense and exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
+    if dense:
+        pass
+    elif exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
         testing = lever_per_agent(ctx, "testing_isolation")
         severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
             else None
@@ -1146,7 +1200,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                                          at(params.asymptomatic_detection_ratio),
                                          None if testing is None else at(testing), severe, isolate_at, stage_end, t)
     else:
-        group = env.age_group if dense else env.age_group.index_select(0, i)
+        group = env.age_group.index_select(0, i)
         p_hosp = params.hosp_given_symptomatic.index_select(0, group)
         if ctx.lever("vaccination") is not None:
             p_hosp = p_hosp * (1 - at(params.vaccine_efficacy_severe) * at(V).to(torch.float32))
@@ -1157,17 +1211,9 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         probabilities = (params.symptomatic_fraction.index_select(0, group), p_hosp,
                          params.death_given_hosp.index_select(0, group), at(params.detection_rate),
                          at(params.asymptomatic_detection_ratio), None if testing is None else at(testing), isolate_at)
-        if dense:  # hard mode, every agent: the draws, the exits' flows and countdowns as one function (fused by
-            # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
-            (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, ends = dense_exits(
-                ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now,
-                (E, Ia, Is, H, state.isolating), probabilities, env.exit_durations)
-            leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
-            stage_end.copy_(torch.where(exiting, ends, stage_end))
-        else:
-            to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here = exit_outcomes(
-                draw, leave_E, leave_Ia, leave_Is, leave_H, isolating_before, *probabilities)
-        if not dense and b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2); no timed stage (R, D): −1
+        to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here = exit_outcomes(
+            draw, leave_E, leave_Ia, leave_Is, leave_H, isolating_before, *probabilities)
+        if b.numel():  # the next stage's table (I_asym 0, I_sym 1, H 2); no timed stage (R, D): −1
             duration = disease.draw_durations(env.exit_duration_keys, disease.MAX_DURATION_DAYS,
                                               (to_Is.detach() + 2 * to_H.detach()).to(torch.int64),
                                               u_exit["duration-exit"])
