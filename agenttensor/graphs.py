@@ -63,7 +63,7 @@ HOST_DATA = frozenset({"lift_fresh", "lift_fresh_copy", "lift"})  # aten's names
 def _crosses_devices(name: str, args: tuple, kwargs: dict) -> bool:
     if name == "_to_copy" and kwargs.get("device") is not None:
         return torch.device(kwargs["device"]) != args[0].device
-    return name == "copy_" and isinstance(args[1], Tensor) and args[1].dim() > 0 and args[0].device != args[1].device
+    return name == "copy_" and isinstance(args[1], Tensor) and args[0].device != args[1].device
 
 
 class _Recording(HostReads):

@@ -1189,9 +1189,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     native = None
     read = (params.detection_rate, params.asymptomatic_detection_ratio, ctx.lever("testing_isolation"),
             params.vaccine_efficacy_severe, V, state.isolate_prob)
-    if dense:
-        pass
-    elif exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
+    if not dense and exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
         testing = lever_per_agent(ctx, "testing_isolation")
         severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
             else None
@@ -1199,7 +1197,7 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         native = exits_native.exit_flows(exits.leaving, b, i, u_exits, env, params, at(params.detection_rate),
                                          at(params.asymptomatic_detection_ratio),
                                          None if testing is None else at(testing), severe, isolate_at, stage_end, t)
-    else:
+    elif not dense:  # the exits at the exiting agents' index lists
         group = env.age_group.index_select(0, i)
         p_hosp = params.hosp_given_symptomatic.index_select(0, group)
         if ctx.lever("vaccination") is not None:
