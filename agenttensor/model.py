@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import select
 from .params import Params
-from .rng import Randomness, Uniforms
+from .rng import Randomness, Uniforms, hard_events, hard_hazard_events
 from .sampling import EventDerivatives, Hard, Moved, Sampler
 from .state import TensorState
 
@@ -123,6 +123,8 @@ class StepContext:
             events = self.rng.hard_event(self.now, stream, p, where, complement)
             if events is not None:
                 return events
+            if type(self.sampler) is Hard:  # (other devices, kernels off: one function, fused on request)
+                return hard_events(self.rng.agent_base, self.rng._keys(self.now, (stream,)), p, where, complement)
         return self.sampler.event_among(p, Uniforms(self.rng, self.now, stream), where, complement)
 
     def few(self, where: Tensor) -> bool:
@@ -136,6 +138,9 @@ class StepContext:
         stream, where)``, the same numbers; in gradient modes one fused node (`Sampler.hazard_event`)."""
         if self.sampler.differentiable:
             return self.sampler.hazard_event(hazard, Uniforms(self.rng, self.step, stream), where)
+        if self.sync_free and type(self.sampler) is Hard:  # every agent: the hash, exp(−λ), the comparison and the
+            # product as one function (`rng.hard_hazard_events`, fused with AGENTTENSOR_COMPILE=1), the same numbers
+            return hard_hazard_events(self.rng.agent_base, self.rng._keys(self.now, (stream,)), hazard, where)
         survival = (-hazard).exp_()
         if not self.few(where):
             return self.dense_bernoulli(survival, stream, where, complement=True)

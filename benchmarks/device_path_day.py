@@ -120,14 +120,14 @@ def _tensors(x) -> list[torch.Tensor]:
 def fused_hash(mode: Dispatched):
     """While active, the functions that ``AGENTTENSOR_COMPILE=1`` compiles (`fused.on_request`) count as the one
     kernel each that torch.compile makes of them (a Triton kernel on a GPU; the same bits, tests/test_rng.py and
-    tests/test_sync_free.py): their inputs read and their outputs written once. They are found by name in the modules
-    that call them: the random numbers' hash (`rng.uniform_kernel`: ~14 elementwise operations over [..., N] int32),
-    the force of the group layers (`transmission.force_of_layers`), and in the sync-free day the split of infections
-    by layer (`layer_shares`), the exits (`dense_exits`: the hash of six streams, the draws, flows and countdowns),
-    the new infections' countdowns (`dense_countdowns`) and the infectiousness (`dense_iotas`)."""
-    from agenttensor import rng, transmission
-
-    marked = [(module, name, value) for module in (rng, transmission, covid) for name, value in vars(module).items()
+    tests/test_sync_free.py): their inputs read and their outputs written once. They are found by name in every
+    loaded module of the project that holds them: the random numbers' hash (`rng.uniform_kernel`: ~14 elementwise
+    operations over [..., N] int32) and hard events (`rng.hard_events`, `rng.hard_hazard_events`), the force of the
+    group layers (`transmission.force_of_layers`), and in the sync-free day the split of infections by layer
+    (`layer_shares`), the exits and transition (`dense_exits`: the hash of six streams, the draws, flows, countdowns
+    and memberships), the new infections' countdowns (`dense_countdowns`) and the infectiousness (`dense_iotas`)."""
+    modules = [m for name, m in list(sys.modules.items()) if name.split(".")[0] in ("agenttensor", "models")]
+    marked = [(module, name, value) for module in modules for name, value in list(vars(module).items())
               if callable(value) and hasattr(value, "eager") and hasattr(value, "calls")]
 
     def counted(fn):

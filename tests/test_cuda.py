@@ -93,7 +93,7 @@ def test_covid_compiled_kernels_in_cuda_graphs_equal_the_plain_cuda_run(populati
     stats = compiled.timing["cuda_graphs"]
     assert stats["failed"] == 0 and stats["captured"] >= 2 and stats["replayed"] >= 15, stats
     for kernel in (rng.uniform_kernel, covid.dense_exits, transmission.force_of_layers, transmission.layer_shares,
-                   covid.dense_countdowns, covid.dense_iotas):
+                   covid.dense_countdowns, covid.dense_iotas, rng.hard_events, rng.hard_hazard_events):
         assert kernel.off is None and kernel.calls["compiled"] > 0 and kernel.calls["differs"] == 0, \
             (kernel.__name__, kernel.calls, kernel.off)
     assert_records_equal(plain.metrics, compiled.metrics, rtol=1e-4, atol=1e-4)

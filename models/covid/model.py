@@ -506,29 +506,38 @@ def exit_outcomes(draw: Callable[[Tensor, str], Tensor], leave_E: Tensor, leave_
 def dense_exits(agent_base: Tensor, keys: Tensor, exiting: Tensor, now: int | Tensor, fields: tuple[Tensor, ...],
                 age_group: Tensor, by_age: tuple[Tensor, Tensor, Tensor], severe: tuple[Tensor, Tensor] | None,
                 others: tuple, exit_durations: Tensor, stage_end: Tensor
-                ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
-    """Hard-mode exits for every agent (`StepContext.sync_free`): today's exiting agents are ``exiting`` [B, N] (bool:
-    the countdown ends at ``now``, the step's number); the six exit streams' uniforms hashed from ``agent_base`` [N]
-    and ``keys`` [6, B] (`exits_native.STREAMS`' order), their events and flows (`exit_outcomes`: its age-specific
-    probabilities read from the ``by_age`` tables (symptoms, hospitalisation, death) at ``age_group`` [N], the
-    hospitalisation's scaled by 1 − efficacy · vaccinated where ``severe`` = (efficacy, vaccinated [B, N]) is given,
-    ``others`` its other four), and the countdowns of the next stage (`disease.draw_durations_where`; −1 where it has
-    none) where exiting, ``stage_end`` [B, N] elsewhere. The numbers of the sparse path's, at every agent (zeros where
-    not exiting). -> (`exit_outcomes`' seven, the five fields' values at the exiting agents (E, I_asym, I_sym, H,
-    isolating: ``fields``' order), the countdowns [B, N] int16). Pure: compiled into one pass with
-    ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU ~70 passes over [B, N] fewer; the same bits, tested on
-    the CPU)."""
+                ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Hard-mode exits and transition for every agent (`StepContext.sync_free`): today's exiting agents are
+    ``exiting`` [B, N] (bool: the countdown ends at ``now``, the step's number); the six exit streams' uniforms hashed
+    from ``agent_base`` [N] and ``keys`` [6, B] (`exits_native.STREAMS`' order), their events and flows
+    (`exit_outcomes`: its age-specific probabilities read from the ``by_age`` tables (symptoms, hospitalisation,
+    death) at ``age_group`` [N], the hospitalisation's scaled by 1 − efficacy · vaccinated where ``severe`` =
+    (efficacy, vaccinated [B, N]) is given, ``others`` its other four), and the countdowns of the next stage
+    (`disease.draw_durations_where`; −1 where it has none) where exiting, ``stage_end`` [B, N] elsewhere. ``fields``:
+    the memberships S, E, I_asym, I_sym, H, R, D, isolating and today's infections new_E, [B, N] each. The numbers of
+    the sparse path's, at every agent (zeros where not exiting). -> (the flows [12, B, N]: reported, to_H, to_D (the
+    metrics' flows), leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating after and before (the stage
+    changes that the counts roll forward by), as `progress` sums them by borough;
+    the eight memberships after the day: S − new_E, and where exiting each flow's target (E: 0), elsewhere the field
+    (E: + new_E); the countdowns [B, N] int16). Pure: compiled into one pass with ``AGENTTENSOR_COMPILE=1``
+    (`fused.on_request`; on a GPU ~85 passes over [B, N] fewer; the same bits, tested on the CPU)."""
+    S, E, Ia, Is, H, R, D, isolating, new_E = fields
     hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
-    leaving = tuple(x * exiting for x in fields)
+    leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (x * exiting for x in (E, Ia, Is, H, isolating))
     p_symptoms, p_hosp, p_death = (table.index_select(0, age_group) for table in by_age)
     if severe is not None:
         p_hosp = p_hosp * (1 - severe[0] * severe[1].to(torch.float32))
-    outcomes = exit_outcomes(lambda p, stream: u[stream] < p, *leaving, p_symptoms, p_hosp, p_death, *others)
-    to_Ia, to_Is, to_H = outcomes[:3]
+    to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_after = exit_outcomes(
+        lambda p, stream: u[stream] < p, leave_E, leave_Ia, leave_Is, leave_H, isolating_before, p_symptoms, p_hosp,
+        p_death, *others)
     duration = disease.draw_durations_where(exit_durations, to_Is, to_H, u["duration-exit"])
     ends = torch.where((to_Ia + to_Is + to_H) > 0, (now + duration).to(torch.int16), -1)
-    return outcomes, leaving, torch.where(exiting, ends, stage_end)
+    flows = torch.stack([reported, to_H, to_D, leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R,
+                         isolating_after, isolating_before])
+    after = (S - new_E, torch.where(exiting, 0, E + new_E), *(torch.where(exiting, flow, x) for x, flow in
+             ((Ia, to_Ia), (Is, to_Is), (H, to_H), (R, to_R), (D, to_D), (isolating, isolating_after))))
+    return flows, after, torch.where(exiting, ends, stage_end)
 
 
 def iotas_of(I_sym: Tensor, I_asym: Tensor, isolating: Tensor, alpha: Tensor | float, eta: Tensor | float
@@ -1177,12 +1186,12 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
         # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
         severe = (params.vaccine_efficacy_severe, V) if ctx.lever("vaccination") is not None else None
         isolate_prob = state.isolate_prob
-        (to_Ia, to_Is, to_H, to_D, to_R, reported, isolating_here), leaving, stage_end = dense_exits(
-            ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now, (E, Ia, Is, H, state.isolating),
-            env.age_group, (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp),
-            severe, (params.detection_rate, params.asymptomatic_detection_ratio,
-                     lever_per_agent(ctx, "testing_isolation"), isolate_prob), env.exit_durations, stage_end)
-        leave_E, leave_Ia, leave_Is, leave_H, isolating_before = leaving
+        flows_at, fields_after, stage_end = dense_exits(
+            ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now,
+            (S, E, Ia, Is, H, R, D, state.isolating, new_E), env.age_group,
+            (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp), severe,
+            (params.detection_rate, params.asymptomatic_detection_ratio, lever_per_agent(ctx, "testing_isolation"),
+             isolate_prob), env.exit_durations, stage_end)
         stage_end = ctx.own(stage_end)
 
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
@@ -1228,7 +1237,10 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     # changes the metrics roll their counts forward by; in hard mode in one index_add, in gradient modes the reported
     # flows apart (a loss on some of them then sends no zero-valued gradients to the others' exiting agents: a
     # dense zero gradient of H, and its shadow flows, every day for a loss without deaths)
-    if native is not None:
+    if dense:  # (`dense_exits`' flows, stacked in this order)
+        flows = by_borough_at(env, None, None, flows_at, S.shape[0])
+        (reported_by_borough, admissions, deaths), flows = flows[:3].unbind(0), flows[3:]
+    elif native is not None:
         reported_by_borough, admissions, deaths, flows = native.reported, native.admissions, native.deaths, native.flows
     else:
         changes = [x.detach() for x in (leave_E, to_Ia, leave_Ia, to_Is, leave_Is, leave_H, to_R, isolating_here,
@@ -1274,12 +1286,14 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
                                                   infection, force, None if moved is None else
                                                   (moved.source, moved.target)), versions, ctx)
 
+    if dense:  # (the memberships after the day, from `dense_exits`)
+        after = state.replace(**dict(zip(("S", "E", "I_asym", "I_sym", "H", "R", "D", "isolating"), fields_after)),
+                              vaccinated=V, stage_end=stage_end, reported_recent=recent)
+        return owned_after_step(state, after, versions, ctx)
+
     def put(x: Tensor, values: Tensor | int, fresh: bool = False) -> Tensor:
         """x with values at the exiting agents: in place where x is a fresh temporary or this loop's own (a donated
-        state, `StepContext.owns`: a [B, N] copy fewer per field and day); with ``exiting`` (`sync_free`): a new
-        tensor."""
-        if dense:  # (a number stays a number: no tensor made from the host's value)
-            return torch.where(exiting, values, x)
+        state, `StepContext.owns`: a [B, N] copy fewer per field and day)."""
         if not b.numel():
             return x
         values = torch.as_tensor(values, dtype=x.dtype)
