@@ -302,3 +302,28 @@ def test_keys_hashed_on_the_device_from_a_step_tensor_are_the_hosts():
         host = randomness._keys(step, streams)
         assert torch.equal(randomness._keys(torch.tensor(step, dtype=torch.int32), streams), host)
         assert host[0, 1].item() == rng.step_key(7, step, rng.stream_id("infection"))
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"], ids=["eager", "compiled"])
+def test_hard_events_off_the_kernels_are_the_native_kernels_numbers(compiled, monkeypatch):
+    """`rng.hard_events` and `rng.hard_hazard_events` (the hard events where the native kernels do not run: other
+    devices, kernels off; one kernel each with ``AGENTTENSOR_COMPILE=1``) give `Randomness.hard_event`'s numbers, for
+    p of every broadcast shape, with 1 − p, where absent or holding a 2, and at p = exp(−hazard), complement."""
+    from agenttensor import rng
+
+    monkeypatch.setenv("AGENTTENSOR_COMPILE", compiled)
+    B, N = 3, 20_011
+    r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
+    g = torch.Generator().manual_seed(2)
+    where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)
+    keys = r._keys(4, ("s",))
+    for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g), 0.7):
+        for complement in (False, True):
+            for w in (where, None):
+                assert torch.equal(rng.hard_events(r.agent_base, keys, p, w, complement),
+                                   r.hard_event(4, "s", p, w, complement))
+    hazard = torch.rand(B, N, generator=g) * 0.5
+    assert torch.equal(rng.hard_hazard_events(r.agent_base, keys, hazard, where),
+                       r.hard_event(4, "s", (-hazard).exp(), where, complement=True))
+    if compiled == "1" and rng.hard_events.off is None:
+        assert rng.hard_events.calls["compiled"] > 0 and rng.hard_events.calls["differs"] == 0
