@@ -57,12 +57,14 @@ def _differences(compiled, eager) -> int:
     return total
 
 
-def on_request(fn: Callable | None = None, *, eager: Callable | None = None) -> Callable:
+def on_request(fn: Callable | None = None, *, eager: Callable | None = None, cpu: bool = True) -> Callable:
     """``fn``, run compiled by ``torch.compile(fn, dynamic=True)`` where `requested`, else as ``eager`` (default:
-    ``fn`` itself; e.g. an in-place version of the same equations). The wrapper keeps the eager function as ``.eager``
-    and counts its compiled calls, first-call checks and fallbacks in ``.calls`` (module docstring)."""
+    ``fn`` itself; e.g. an in-place version of the same equations); ``cpu=False``: compiled off the CPU only (where
+    inductor's C++ for it is slower than the eager version, e.g. comparisons written as bytes). The wrapper keeps the
+    eager function as ``.eager`` and counts its compiled calls, first-call checks and fallbacks in ``.calls``
+    (module docstring)."""
     if fn is None:
-        return functools.partial(on_request, eager=eager)
+        return functools.partial(on_request, eager=eager, cpu=cpu)
     run_eagerly = eager or fn
     compiled: list[Callable] = []
     checked: set[str] = set()  # device types whose first compiled call was compared with the eager one
@@ -70,6 +72,9 @@ def on_request(fn: Callable | None = None, *, eager: Callable | None = None) -> 
     @functools.wraps(fn)
     def call(*args):
         if not requested() or call.off:
+            return run_eagerly(*args)
+        device = next((x.device.type for x in tree_leaves(args) if isinstance(x, torch.Tensor)), "none")
+        if device == "cpu" and not cpu:
             return run_eagerly(*args)
         if not compiled:
             compiled.append(torch.compile(fn, dynamic=True, options=EAGER_NUMERICS))
@@ -83,7 +88,6 @@ def on_request(fn: Callable | None = None, *, eager: Callable | None = None) -> 
                         fn.__qualname__, call.off)
             return out
         call.calls["compiled"] += 1
-        device = next((x.device.type for x in tree_leaves(args) if isinstance(x, torch.Tensor)), "none")
         if device not in checked and not _capturing():  # (a capture cannot read a comparison back)
             checked.add(device)
             differing = _differences(out, run_eagerly(*args))

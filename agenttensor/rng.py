@@ -123,26 +123,27 @@ uniform_kernel = fused.on_request(uniform_of_hash, eager=_uniform_eager)
 
 
 def _hashed(base: Tensor, keys: Tensor) -> Tensor:
-    """`uniform_of_hash` as a compiled function's operations, `_uniform_eager` run eagerly (the same bits)."""
-    return (uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager)(base, keys)
+    """`uniform_of_hash` as a compiled function's operations, `uniform_kernel` run eagerly (the same bits)."""
+    return (uniform_of_hash if torch.compiler.is_compiling() else uniform_kernel)(base, keys)
 
 
 def _hard_events(agent_base: Tensor, keys: Tensor, p: Tensor | float, where: Tensor | None, complement: bool
                  ) -> Tensor:
     """Hard events for every agent, uint8 [B, N]: ``(u < q).to(uint8) · where`` (where None: 1), u the uniforms of
     ``agent_base`` [N] and ``keys`` [1, B] (`Randomness.uniform`'s), q = p or 1 − p with ``complement``: the numbers
-    of `sampling.Hard`'s events (`_rng_kernels.hard_event`'s on CPU). One pass with ``AGENTTENSOR_COMPILE=1``."""
+    of `sampling.Hard`'s events (`_rng_kernels.hard_event`'s on CPU). One pass with ``AGENTTENSOR_COMPILE=1`` off the
+    CPU (on it, the compiled hash and eager comparisons: inductor's C++ writes the comparison's bytes ~10× slower)."""
     events = (_hashed(agent_base.unsqueeze(0), keys.view(-1, 1)) < (1 - p if complement else p)).to(torch.uint8)
     return events if where is None else events * where
 
 
-hard_events = fused.on_request(_hard_events)
+hard_events = fused.on_request(_hard_events, cpu=False)
 
 
-@fused.on_request
+@fused.on_request(cpu=False)
 def hard_hazard_events(agent_base: Tensor, keys: Tensor, hazard: Tensor, where: Tensor) -> Tensor:
     """`hard_events` at p = 1 − exp(−hazard) [B, N] among ``where``, exp(−hazard) made in the same pass: the numbers
-    of `StepContext.hazard_event`'s hard events. One pass with ``AGENTTENSOR_COMPILE=1``."""
+    of `StepContext.hazard_event`'s hard events. One pass with ``AGENTTENSOR_COMPILE=1`` off the CPU."""
     return _hard_events(agent_base, keys, (-hazard).exp(), where, True)
 
 

@@ -137,7 +137,8 @@ def fused_hash(mode: Dispatched):
                 out = fn(*args)
             finally:
                 mode.fused -= 1
-            mode.count(tuple(_tensors(args) + _tensors(out)))
+            if not mode.fused:  # (the outermost: one inside another is part of its kernel)
+                mode.count(tuple(_tensors(args) + _tensors(out)))
             return out
         return run
 

@@ -74,3 +74,9 @@ def test_an_error_of_the_inputs_is_the_eager_functions_own(compile_with):
     with pytest.raises(RuntimeError, match="size of tensor a"):
         marked(X, torch.ones(4))
     assert marked.off is None and marked.calls["fallback"] == 0
+
+
+def test_a_function_marked_for_devices_off_the_cpu_runs_eagerly_on_it(compile_with):
+    compile_with(lambda fn: pytest.fail("compiled for the CPU"))
+    marked = fused.on_request(scaled, cpu=False)
+    assert torch.equal(marked(X, Y)[0], scaled(X, Y)[0]) and marked.calls["compiled"] == 0

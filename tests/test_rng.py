@@ -307,7 +307,7 @@ def test_keys_hashed_on_the_device_from_a_step_tensor_are_the_hosts():
 @pytest.mark.parametrize("compiled", ["0", "1"], ids=["eager", "compiled"])
 def test_hard_events_off_the_kernels_are_the_native_kernels_numbers(compiled, monkeypatch):
     """`rng.hard_events` and `rng.hard_hazard_events` (the hard events where the native kernels do not run: other
-    devices, kernels off; one kernel each with ``AGENTTENSOR_COMPILE=1``) give `Randomness.hard_event`'s numbers, for
+    devices, kernels off; one kernel each with ``AGENTTENSOR_COMPILE=1`` off the CPU, on it the compiled hash) give `Randomness.hard_event`'s numbers, for
     p of every broadcast shape, with 1 − p, where absent or holding a 2, and at p = exp(−hazard), complement."""
     from agenttensor import rng
 
@@ -325,5 +325,4 @@ def test_hard_events_off_the_kernels_are_the_native_kernels_numbers(compiled, mo
     hazard = torch.rand(B, N, generator=g) * 0.5
     assert torch.equal(rng.hard_hazard_events(r.agent_base, keys, hazard, where),
                        r.hard_event(4, "s", (-hazard).exp(), where, complement=True))
-    if compiled == "1" and rng.hard_events.off is None:
-        assert rng.hard_events.calls["compiled"] > 0 and rng.hard_events.calls["differs"] == 0
+    assert rng.hard_events.calls["compiled"] == 0  # (compiled off the CPU only: tests/test_cuda.py)

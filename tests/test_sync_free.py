@@ -164,7 +164,7 @@ def test_compiled_kernels_take_the_same_events(env, monkeypatch):
     before = [kernel.calls["compiled"] for kernel in kernels]
     sync_free = run(env, True, steps=21)
     assert [kernel.calls["compiled"] - n for kernel, n in zip(kernels, before)] == [21] * 5
-    for kernel in (*kernels, rng.uniform_kernel, rng.hard_events, rng.hard_hazard_events):
+    for kernel in (*kernels, rng.uniform_kernel):  # (the hard events compile off the CPU only: test_cuda.py)
         assert kernel.off is None and kernel.calls["differs"] == 0 and kernel.calls["checked"] >= 1, kernel.calls
     assert_same_run(standard, sync_free)
 
