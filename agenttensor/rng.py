@@ -122,8 +122,10 @@ def _uniform_eager(base: Tensor, keys: Tensor) -> Tensor:
 uniform_kernel = fused.on_request(uniform_of_hash, eager=_uniform_eager)
 
 
-def _hashed(base: Tensor, keys: Tensor) -> Tensor:
-    """`uniform_of_hash` as a compiled function's operations, `uniform_kernel` run eagerly (the same bits)."""
+def hashed(base: Tensor, keys: Tensor) -> Tensor:
+    """The uniforms of hashed (base ^ key) pairs inside a function marked `fused.on_request`: `uniform_of_hash`'s
+    operations where it is being compiled (fused into its kernel), `uniform_kernel` where it runs eagerly (the same
+    bits)."""
     return (uniform_of_hash if torch.compiler.is_compiling() else uniform_kernel)(base, keys)
 
 
@@ -133,7 +135,7 @@ def _hard_events(agent_base: Tensor, keys: Tensor, p: Tensor | float, where: Ten
     ``agent_base`` [N] and ``keys`` [1, B] (`Randomness.uniform`'s), q = p or 1 − p with ``complement``: the numbers
     of `sampling.Hard`'s events (`_rng_kernels.hard_event`'s on CPU). One pass with ``AGENTTENSOR_COMPILE=1`` off the
     CPU (on it, the compiled hash and eager comparisons: inductor's C++ writes the comparison's bytes ~10× slower)."""
-    events = (_hashed(agent_base.unsqueeze(0), keys.view(-1, 1)) < (1 - p if complement else p)).to(torch.uint8)
+    events = (hashed(agent_base.unsqueeze(0), keys.view(-1, 1)) < (1 - p if complement else p)).to(torch.uint8)
     return events if where is None else events * where
 
 

@@ -60,7 +60,7 @@ from agenttensor.interventions import LeverSpec
 from agenttensor.record import PackedLayout, PackedRecord
 from agenttensor.transmission import (ForceTerm, OthersSumProbes, group_gather, group_sum, layer_shares,
                                       layer_shares_at, layered_force, range_sums, scaled_sums, scatter_sum, table_kept)
-from agenttensor.rng import _uniform_eager, uniform_of_hash
+from agenttensor.rng import hashed
 from agenttensor.population import BOROUGHS, Population, dense_index, synthetic
 
 from . import contributions_native, disease, exits_native, hard_native, labour_native, shadow, shadow_native
@@ -522,7 +522,6 @@ def dense_exits(agent_base: Tensor, keys: Tensor, exiting: Tensor, now: int | Te
     (E: + new_E); the countdowns [B, N] int16). Pure: compiled into one pass with ``AGENTTENSOR_COMPILE=1``
     (`fused.on_request`; on a GPU ~85 passes over [B, N] fewer; the same bits, tested on the CPU)."""
     S, E, Ia, Is, H, R, D, isolating, new_E = fields
-    hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = dict(zip(exits_native.STREAMS, hashed(agent_base.view(1, 1, -1), keys.unsqueeze(-1))))
     leave_E, leave_Ia, leave_Is, leave_H, isolating_before = (x * exiting for x in (E, Ia, Is, H, isolating))
     p_symptoms, p_hosp, p_death = (table.index_select(0, age_group) for table in by_age)
@@ -561,7 +560,6 @@ def dense_countdowns(agent_base: Tensor, keys: Tensor, entrants: Tensor, stage_e
     and ``keys`` [1, B], the durations drawn from ``cdf``, and the countdowns ``entry_step`` + duration where
     ``entrants`` [B, N] is set, ``stage_end``'s elsewhere. -> int16 [B, N]. Pure: one pass with
     ``AGENTTENSOR_COMPILE=1`` (`fused.on_request`; on a GPU seven fewer), the same bits."""
-    hashed = uniform_of_hash if torch.compiler.is_compiling() else _uniform_eager  # (the same bits)
     u = hashed(agent_base.unsqueeze(0), keys.view(-1, 1))
     ends = (entry_step + disease.draw_duration(cdf, u).to(torch.int32)).to(torch.int16)
     return torch.where(entrants != 0, ends, stage_end)
