@@ -2,9 +2,11 @@
 
 On a GPU a chain of elementwise operations over [B, N] is one pass over memory per operation in eager mode; compiled,
 it is one kernel (Triton's) that reads its inputs and writes its outputs once. The marked functions are pure torch
-code written for it: the random numbers' hash (`rng.uniform_of_hash`), the force of the group layers, the split of
-infections by layer and the sync-free exits. The compilation costs seconds once per process and kind of input, so it
-is opt-in, read at each call.
+code written for it: the random numbers' hash and hard events (`rng.uniform_kernel`, `rng.hard_events`,
+`rng.hard_hazard_events`; inside another marked function the hash is traced into its kernel: `rng.hashed`), the
+force of the group layers, and the sync-free day's exits and transition, countdowns, infectiousness and split of
+infections by layer. The compilation costs seconds once per process and kind of input, so it is opt-in, read at each
+call.
 
 Same numbers: torch.compile is asked for eager numerics (`EAGER_NUMERICS`: no fused multiply-adds, IEEE division, no
 flushed denormals), and the first compiled call on each device is checked against the eager one. Equal, it is
