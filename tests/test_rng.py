@@ -305,10 +305,11 @@ def test_keys_hashed_on_the_device_from_a_step_tensor_are_the_hosts():
 
 
 @pytest.mark.parametrize("compiled", ["0", "1"], ids=["eager", "compiled"])
-def test_hard_events_off_the_kernels_are_the_native_kernels_numbers(compiled, monkeypatch):
+def test_hard_events_off_the_kernels_are_the_definitions_numbers(compiled, monkeypatch):
     """`rng.hard_events` and `rng.hard_hazard_events` (the hard events where the native kernels do not run: other
-    devices, kernels off; one kernel each with ``AGENTTENSOR_COMPILE=1`` off the CPU, on it the compiled hash) give `Randomness.hard_event`'s numbers, for
-    p of every broadcast shape, with 1 − p, where absent or holding a 2, and at p = exp(−hazard), complement."""
+    devices, kernels off; one kernel each with ``AGENTTENSOR_COMPILE=1`` off the CPU, on it the compiled hash) give
+    1[u < q] · where of `Randomness.uniform`'s u, and so the native kernel's numbers where it runs: for p of every
+    broadcast shape, with q = p or 1 − p, where absent or holding a 2, and at p = exp(−hazard), complement."""
     from agenttensor import rng
 
     monkeypatch.setenv("AGENTTENSOR_COMPILE", compiled)
@@ -316,13 +317,19 @@ def test_hard_events_off_the_kernels_are_the_native_kernels_numbers(compiled, mo
     r = Randomness.for_agents([1, 2, 3], torch.arange(N, dtype=torch.int32))
     g = torch.Generator().manual_seed(2)
     where = torch.randint(0, 3, (B, N), generator=g, dtype=torch.uint8)
-    keys = r._keys(4, ("s",))
+    keys, u = r._keys(4, ("s",)), r.uniform(4, "s")
+
+    def expected(q, w):
+        events = (u < q).to(torch.uint8).expand(B, N)
+        return events if w is None else events * w
+
     for p in (torch.rand(B, N, generator=g), torch.rand(B, 1, generator=g), torch.rand(N, generator=g), 0.7):
         for complement in (False, True):
             for w in (where, None):
-                assert torch.equal(rng.hard_events(r.agent_base, keys, p, w, complement),
-                                   r.hard_event(4, "s", p, w, complement))
+                events = rng.hard_events(r.agent_base, keys, p, w, complement)
+                assert torch.equal(events, expected(1 - p if complement else p, w))
+                native = r.hard_event(4, "s", p, w, complement)
+                assert native is None or torch.equal(events, native)
     hazard = torch.rand(B, N, generator=g) * 0.5
-    assert torch.equal(rng.hard_hazard_events(r.agent_base, keys, hazard, where),
-                       r.hard_event(4, "s", (-hazard).exp(), where, complement=True))
+    assert torch.equal(rng.hard_hazard_events(r.agent_base, keys, hazard, where), expected(1 - (-hazard).exp(), where))
     assert rng.hard_events.calls["compiled"] == 0  # (compiled off the CPU only: tests/test_cuda.py)
