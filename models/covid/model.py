@@ -1183,19 +1183,18 @@ def progress(state: CovidState, params: CovidParams, ctx: StepContext) -> CovidS
     if dense:  # hard mode, every agent: the draws, the exits' flows and the countdowns as one function (fused by
         # torch.compile with AGENTTENSOR_COMPILE=1: one pass over memory, on a GPU)
         severe = (params.vaccine_efficacy_severe, V) if ctx.lever("vaccination") is not None else None
-        isolate_prob = state.isolate_prob
         flows_at, fields_after, stage_end = dense_exits(
             ctx.rng.agent_base, ctx.rng._keys(now, exits_native.STREAMS), exiting, now,
             (S, E, Ia, Is, H, R, D, state.isolating, new_E), env.age_group,
             (params.symptomatic_fraction, params.hosp_given_symptomatic, params.death_given_hosp), severe,
             (params.detection_rate, params.asymptomatic_detection_ratio, lever_per_agent(ctx, "testing_isolation"),
-             isolate_prob), env.exit_durations, stage_end)
+             state.isolate_prob), env.exit_durations, stage_end)
         stage_end = ctx.own(stage_end)
 
     # straight-through on CPU: the exits below as one native node (`exits_native`: the same numbers and derivatives)
     native = None
-    read = (params.detection_rate, params.asymptomatic_detection_ratio, ctx.lever("testing_isolation"),
-            params.vaccine_efficacy_severe, V, state.isolate_prob)
+    read = None if dense else (params.detection_rate, params.asymptomatic_detection_ratio,
+                               ctx.lever("testing_isolation"), params.vaccine_efficacy_severe, V, state.isolate_prob)
     if not dense and exits_native.supported(ctx.sampler, exits.leaving, u_exits, params, env, stage_end, read):
         testing = lever_per_agent(ctx, "testing_isolation")
         severe = at(params.vaccine_efficacy_severe) * at(V).to(torch.float32) if ctx.lever("vaccination") is not None \
